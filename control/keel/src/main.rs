@@ -1,0 +1,139 @@
+//! `keel`: the one binary of a keel compute host.
+//!
+//! Parses the command line into typed configuration and hands it to the
+//! library that owns the work; nothing else happens here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use keel_control::server::{up, UpConfig};
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "keel: data-plane-first appliance for private-cloud compute hosts")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "KEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the all-in-one appliance: REST API and embedded state.
+    Up {
+        /// Address the REST API listens on.
+        #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Directory holding all state (SQLite database, locks).
+        #[arg(long, env = "KEEL_STATE_DIR", default_value = "./var/keel")]
+        state_dir: PathBuf,
+    },
+    /// Print the version.
+    Version {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the OpenAPI document of the REST API.
+    Openapi,
+    /// Run a benchmark suite (list them with `keel bench list`).
+    Bench {
+        /// Suite name, or `list`.
+        suite: String,
+        /// Also write machine-readable results to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// A short pass (for CI): proves the suite runs; numbers are rough.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "keel failed");
+            eprintln!("keel: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up { listen, state_dir } => {
+            let runtime = tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
+            runtime.block_on(up(UpConfig { listen, state_dir }, shutdown_signal()))?;
+        }
+        Command::Version { json } => {
+            let version = env!("CARGO_PKG_VERSION");
+            if json {
+                println!("{}", serde_json::json!({ "version": version, "api_version": "v1" }));
+            } else {
+                println!("keel {version}");
+            }
+        }
+        Command::Openapi => {
+            let spec = keel_control::api::openapi();
+            println!("{}", spec.to_pretty_json().context("Cannot render the OpenAPI document")?);
+        }
+        Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
+    }
+    Ok(())
+}
+
+fn bench(suite: &str, json: Option<PathBuf>, quick: bool) -> anyhow::Result<()> {
+    if suite == "list" {
+        for s in keel_bench::suites::ALL {
+            println!("{:<12} {}", s.name, s.about);
+        }
+        return Ok(());
+    }
+    let scale = if quick { keel_bench::Scale::Quick } else { keel_bench::Scale::Full };
+    let report = keel_bench::run(suite, scale)?;
+    print!("{}", report.to_text());
+    if let Some(path) = json {
+        report.write_json(&path)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch SIGTERM; only SIGINT stops keel");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

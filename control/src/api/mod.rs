@@ -1,0 +1,81 @@
+//! The management REST API.
+//!
+//! Each resource family is one module with a `router()` returning an
+//! [`OpenApiRouter`]: its routes and their OpenAPI description come from the
+//! same code, so the published spec cannot drift from what is served. Adding
+//! a resource is one module plus one `.merge()`/`.nest()` line below.
+//! Handlers only read and write the store; they never call a data plane.
+
+pub mod health;
+pub mod problem;
+pub mod version;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::store::Store;
+
+/// Requests bigger than this are refused before a handler runs; bulk data
+/// (images) will get its own chunked upload routes with their own limit.
+const MAX_REQUEST_BODY: usize = 1024 * 1024;
+
+/// A request still running after this is cut off with 503, so one stuck
+/// client cannot hold a connection (and a graceful shutdown) forever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keel management API",
+        description = "Management REST API of a keel compute host. Errors are RFC 9457 problem details (application/problem+json)."
+    ),
+    components(schemas(problem::Problem)),
+    tags((name = "system", description = "Health and version of this keel"))
+)]
+struct ApiDoc;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub version: Arc<version::Version>,
+}
+
+fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::router())
+        .nest("/api/v1", OpenApiRouter::new().merge(version::router()))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of everything [`app`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    parts().1
+}
+
+/// The whole API as one router, with its limits and tracing as layers.
+pub fn app(state: AppState) -> Router {
+    let (router, spec) = parts();
+    let spec = Arc::new(spec);
+    router
+        .route("/api/v1/openapi.json", get(move || async move { Json(spec.as_ref().clone()) }))
+        // Innermost to outermost; the problem rewrite wraps every layer that
+        // can answer on its own, so their bare errors get a problem body too.
+        .layer(CatchPanicLayer::new())
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(RequestBodyLimitLayer::new(MAX_REQUEST_BODY))
+        .layer(middleware::from_fn(problem::problem_for_bare_errors))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,101 @@
+//! `keel up`: the all-in-one appliance process.
+//!
+//! Start-up checks run in an order that changes nothing until every check
+//! has passed: state directory, then the listening socket, then the
+//! database (which may migrate).
+
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, version::Version, AppState};
+use crate::state_dir::{StateDir, StateDirError};
+use crate::store::{Store, StoreError, DB_FILE};
+
+/// After a shutdown signal, in-flight requests get this long to finish; it
+/// matches the per-request timeout, so a request that can finish at all does.
+const DRAIN_GRACE: Duration = api::REQUEST_TIMEOUT;
+
+/// Typed configuration of `keel up`, built from flags and environment.
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error("Cannot listen on {addr}: the port is already in use (is another keel or service running? change it with --listen or KEEL_LISTEN)")]
+    PortInUse { addr: SocketAddr },
+    #[error("Cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("API server failed")]
+    Serve(#[source] io::Error),
+}
+
+/// Runs the appliance until `shutdown` resolves, then drains and flushes.
+pub async fn up(config: UpConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), UpError> {
+    let state_dir = StateDir::acquire(&config.state_dir)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            UpError::PortInUse { addr: config.listen }
+        } else {
+            UpError::Bind { addr: config.listen, source }
+        }
+    })?;
+    let store = Store::open(&state_dir.path().join(DB_FILE)).await?;
+    let run = store.begin_run(env!("CARGO_PKG_VERSION")).await?;
+    if let Some(started) = run.previous_unclean_start {
+        tracing::warn!(previous_start_ms = started, "the previous run did not shut down cleanly");
+    }
+    let version = Version {
+        version: env!("CARGO_PKG_VERSION").into(),
+        api_version: "v1".into(),
+        schema_version: store.schema_version().await?,
+        instance_id: store.instance_id().await?,
+    };
+    let addr = listener.local_addr().map_err(UpError::Serve)?;
+    tracing::info!(
+        %addr,
+        state_dir = %state_dir.path().display(),
+        instance_id = %version.instance_id,
+        schema_version = version.schema_version,
+        "keel is up"
+    );
+
+    let app = api::app(AppState { store: store.clone(), version: Arc::new(version) });
+    let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = signalled_tx.send(true);
+        })
+        .into_future();
+    let drain_deadline = async move {
+        let _ = signalled_rx.wait_for(|signalled| *signalled).await;
+        tokio::time::sleep(DRAIN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(UpError::Serve)?,
+        () = drain_deadline => tracing::warn!(grace = ?DRAIN_GRACE, "requests still running after the grace period; closing them"),
+    }
+
+    store.end_run(run.id).await?;
+    store.close().await?;
+    tracing::info!("state flushed; keel stopped");
+    Ok(())
+}
