@@ -47,8 +47,14 @@ mod tests {
     #[test]
     fn parses_proc_files() {
         let cpu = "processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: x\n";
-        assert_eq!(cpu_model(cpu).as_deref(), Some("AMD EPYC 7B13 64-Core Processor"));
-        assert_eq!(mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24576000 * 1024));
+        assert_eq!(
+            cpu_model(cpu).as_deref(),
+            Some("AMD EPYC 7B13 64-Core Processor")
+        );
+        assert_eq!(
+            mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"),
+            Some(24576000 * 1024)
+        );
         assert_eq!(cpu_model("garbage"), None);
         assert_eq!(mem_total("MemTotal: lots kB"), None);
     }

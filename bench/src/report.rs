@@ -44,7 +44,10 @@ impl Measurement {
 
     pub fn with_peer(mut self, peer_name: &str, peer_value: f64) -> Measurement {
         self.ratio = (peer_value != 0.0).then(|| self.value / peer_value);
-        self.peer = Some(Peer { name: peer_name.into(), value: peer_value });
+        self.peer = Some(Peer {
+            name: peer_name.into(),
+            value: peer_value,
+        });
         self
     }
 }
@@ -83,7 +86,10 @@ impl Report {
             let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
             std::fs::write(path, json)
         };
-        write().map_err(|source| BenchError::WriteResults { path: path.to_owned(), source })
+        write().map_err(|source| BenchError::WriteResults {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// A table for people.
@@ -95,7 +101,10 @@ impl Report {
         for m in &self.results {
             out.push_str(&format!("  {:<40} {:>14.1} {}", m.name, m.value, m.unit));
             if let (Some(peer), Some(ratio)) = (&m.peer, m.ratio) {
-                out.push_str(&format!("   peer {:>14.1} ({})   ratio {:.2}", peer.value, peer.name, ratio));
+                out.push_str(&format!(
+                    "   peer {:>14.1} ({})   ratio {:.2}",
+                    peer.value, peer.name, ratio
+                ));
             }
             out.push('\n');
         }
@@ -119,7 +128,11 @@ mod tests {
     fn json_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.json");
-        let report = Report::new("s", Scale::Quick, vec![Measurement::new("a", "s", false, 1.5)]);
+        let report = Report::new(
+            "s",
+            Scale::Quick,
+            vec![Measurement::new("a", "s", false, 1.5)],
+        );
         report.write_json(&path).unwrap();
         let back: Report = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(back, report);

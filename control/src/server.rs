@@ -47,19 +47,30 @@ pub enum UpError {
 }
 
 /// Runs the appliance until `shutdown` resolves, then drains and flushes.
-pub async fn up(config: UpConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), UpError> {
+pub async fn up(
+    config: UpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), UpError> {
     let state_dir = StateDir::acquire(&config.state_dir)?;
     let listener = TcpListener::bind(config.listen).await.map_err(|source| {
         if source.kind() == io::ErrorKind::AddrInUse {
-            UpError::PortInUse { addr: config.listen }
+            UpError::PortInUse {
+                addr: config.listen,
+            }
         } else {
-            UpError::Bind { addr: config.listen, source }
+            UpError::Bind {
+                addr: config.listen,
+                source,
+            }
         }
     })?;
     let store = Store::open(&state_dir.path().join(DB_FILE)).await?;
     let run = store.begin_run(env!("CARGO_PKG_VERSION")).await?;
     if let Some(started) = run.previous_unclean_start {
-        tracing::warn!(previous_start_ms = started, "the previous run did not shut down cleanly");
+        tracing::warn!(
+            previous_start_ms = started,
+            "the previous run did not shut down cleanly"
+        );
     }
     let version = Version {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -76,7 +87,10 @@ pub async fn up(config: UpConfig, shutdown: impl Future<Output = ()> + Send + 's
         "keel is up"
     );
 
-    let app = api::app(AppState { store: store.clone(), version: Arc::new(version) });
+    let app = api::app(AppState {
+        store: store.clone(),
+        version: Arc::new(version),
+    });
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -34,27 +34,43 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn acquire(path: &Path) -> Result<StateDir, StateDirError> {
-        fs::create_dir_all(path)
-            .map_err(|source| StateDirError::Create { path: path.to_owned(), source })?;
-        probe_writable(path)
-            .map_err(|source| StateDirError::NotWritable { path: path.to_owned(), source })?;
+        fs::create_dir_all(path).map_err(|source| StateDirError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
+        probe_writable(path).map_err(|source| StateDirError::NotWritable {
+            path: path.to_owned(),
+            source,
+        })?;
         let lock_path = path.join("keel.lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| StateDirError::NotWritable { path: path.to_owned(), source })?;
+            .map_err(|source| StateDirError::NotWritable {
+                path: path.to_owned(),
+                source,
+            })?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StateDirError::InUse { path: path.to_owned(), lock: lock_path })
+                return Err(StateDirError::InUse {
+                    path: path.to_owned(),
+                    lock: lock_path,
+                })
             }
             Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StateDirError::NotWritable { path: path.to_owned(), source })
+                return Err(StateDirError::NotWritable {
+                    path: path.to_owned(),
+                    source,
+                })
             }
         }
-        Ok(StateDir { path: path.to_owned(), _lock: lock })
+        Ok(StateDir {
+            path: path.to_owned(),
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {

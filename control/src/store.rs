@@ -11,7 +11,9 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -43,7 +45,11 @@ pub enum StoreError {
         "State database {path} has schema version {found}, newer than this keel knows ({known}); \
          run a keel of that version or newer, or point KEEL_STATE_DIR elsewhere"
     )]
-    SchemaTooNew { path: PathBuf, found: i64, known: i64 },
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("Cannot migrate state database {path}")]
     Migrate {
         path: PathBuf,
@@ -81,7 +87,10 @@ impl Store {
     /// As [`Store::open`], with an explicit migration set (tests use a prefix
     /// of [`MIGRATOR`] to build databases of older schemas).
     pub async fn open_with(path: &Path, migrator: &Migrator) -> Result<Store, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.to_owned(), source };
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(open_err)?
             .filename(path)
@@ -96,12 +105,18 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|source| classify_open_error(path, source))?;
-        let store = Store { pool, path: path.to_owned() };
+        let store = Store {
+            pool,
+            path: path.to_owned(),
+        };
         store.check_schema_not_newer(migrator).await?;
         migrator
             .run(&store.pool)
             .await
-            .map_err(|source| StoreError::Migrate { path: path.to_owned(), source })?;
+            .map_err(|source| StoreError::Migrate {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(store)
     }
 
@@ -112,7 +127,11 @@ impl Store {
             other => other,
         })?;
         if found > known {
-            return Err(StoreError::SchemaTooNew { path: self.path.clone(), found, known });
+            return Err(StoreError::SchemaTooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            });
         }
         Ok(())
     }
@@ -139,10 +158,12 @@ impl Store {
     }
 
     pub async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT value FROM keel_meta WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM keel_meta WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Durably sets one fact (one transaction, fsynced before it returns).
@@ -206,7 +227,10 @@ impl Store {
             .await?
             .try_get::<i64, _>("id")?;
         tx.commit().await?;
-        Ok(RunStart { id, previous_unclean_start })
+        Ok(RunStart {
+            id,
+            previous_unclean_start,
+        })
     }
 
     /// Marks a run as cleanly stopped.
@@ -231,23 +255,34 @@ impl Store {
     /// Checkpoints the WAL into the main file and closes every connection,
     /// so a clean stop leaves one self-contained database file.
     pub async fn close(self) -> Result<(), StoreError> {
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.pool).await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
         self.pool.close().await;
         Ok(())
     }
 }
 
 fn classify_open_error(path: &Path, source: sqlx::Error) -> StoreError {
-    let not_a_db = matches!(&source, sqlx::Error::Database(e) if e.message().contains("not a database"));
+    let not_a_db =
+        matches!(&source, sqlx::Error::Database(e) if e.message().contains("not a database"));
     if not_a_db {
-        StoreError::NotKeel { path: path.to_owned(), source }
+        StoreError::NotKeel {
+            path: path.to_owned(),
+            source,
+        }
     } else {
-        StoreError::Open { path: path.to_owned(), source }
+        StoreError::Open {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
 fn now_ms() -> i64 {
-    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -282,7 +317,11 @@ mod tests {
 
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.schema_version().await.unwrap(), 2);
-        assert_eq!(store.instance_id().await.unwrap(), id, "data survives the migration");
+        assert_eq!(
+            store.instance_id().await.unwrap(),
+            id,
+            "data survives the migration"
+        );
         // The table the newer migration added is usable.
         store.begin_run("test").await.unwrap();
     }
@@ -318,7 +357,11 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         let err = Store::open(&path).await.unwrap_err();
         assert!(matches!(err, StoreError::NotKeel { .. }), "got {err:?}");
-        assert_eq!(std::fs::read(&path).unwrap(), vec![0x5a; 8192], "file untouched");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![0x5a; 8192],
+            "file untouched"
+        );
     }
 
     #[tokio::test]
@@ -340,13 +383,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = db(&dir);
         let store = Store::open(&path).await.unwrap();
-        let batch: Vec<_> = (0..10).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        let batch: Vec<_> = (0..10)
+            .map(|i| (format!("k{i}"), format!("v{i}")))
+            .collect();
         store.put_meta_batch(&batch).await.unwrap();
         store.put_meta("k3", "changed").await.unwrap();
         store.close().await.unwrap();
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.get_meta("k9").await.unwrap().as_deref(), Some("v9"));
-        assert_eq!(store.get_meta("k3").await.unwrap().as_deref(), Some("changed"));
+        assert_eq!(
+            store.get_meta("k3").await.unwrap().as_deref(),
+            Some("changed")
+        );
         assert_eq!(store.get_meta("missing").await.unwrap(), None);
     }
 }

@@ -24,7 +24,10 @@ pub fn capture(args: &[&str]) -> Result<CmdOutput> {
     let output = Command::new(program)
         .args(rest)
         .output()
-        .map_err(|source| FixtureError::Spawn { cmd: args.join(" "), source })?;
+        .map_err(|source| FixtureError::Spawn {
+            cmd: args.join(" "),
+            source,
+        })?;
     Ok(CmdOutput {
         success: output.status.success(),
         code: output.status.code(),
@@ -40,7 +43,9 @@ pub fn check(args: &[&str], output: CmdOutput) -> Result<CmdOutput> {
     } else {
         Err(FixtureError::Command {
             cmd: args.join(" "),
-            status: output.code.map_or_else(|| "killed by a signal".into(), |c| format!("exit {c}")),
+            status: output
+                .code
+                .map_or_else(|| "killed by a signal".into(), |c| format!("exit {c}")),
             stderr: output.stderr.trim().to_owned(),
         })
     }

@@ -219,7 +219,10 @@ impl Guest {
         write_initrd_with_script(&image.initramfs, config.script.as_deref(), &initrd)?;
         let log_path = run_dir.log_path();
 
-        let mem = format!("memory-backend-memfd,id=mem,size={}M,share=on", config.memory_mib);
+        let mem = format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            config.memory_mib
+        );
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-machine", "q35", "-nodefaults", "-no-user-config"])
             .args(accel.qemu_args())
@@ -231,7 +234,15 @@ impl Guest {
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=1"])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"])
+            .args([
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
             .args(&config.qemu_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -247,11 +258,13 @@ impl Guest {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|source| FixtureError::Spawn { cmd: "qemu-system-x86_64".into(), source })?;
+        let mut child = cmd.spawn().map_err(|source| FixtureError::Spawn {
+            cmd: "qemu-system-x86_64".into(),
+            source,
+        })?;
         let console = Arc::new(Console::default());
-        let log = File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
+        let log =
+            File::create(&log_path).map_err(io_err(format!("create {}", log_path.display())))?;
         if let Some(stderr) = child.stderr.take() {
             // QEMU's own complaints go into the same transcript.
             spawn_reader(stderr, log.try_clone().ok(), console.clone(), false);
@@ -260,7 +273,17 @@ impl Guest {
             spawn_reader(stdout, Some(log), console.clone(), true);
         }
         let stdin = child.stdin.take();
-        Ok(Guest { child, stdin, console, log_path, _run_dir: run_dir, accel, exec_seq: 0, shell_ready: false, cursor: 0 })
+        Ok(Guest {
+            child,
+            stdin,
+            console,
+            log_path,
+            _run_dir: run_dir,
+            accel,
+            exec_seq: 0,
+            shell_ready: false,
+            cursor: 0,
+        })
     }
 
     pub fn accel(&self) -> Accel {
@@ -301,11 +324,18 @@ impl Guest {
             }
             let what = String::from_utf8_lossy(marker).into_owned();
             if text.closed {
-                return Err(FixtureError::GuestExited { what, tail: tail(&text.bytes) });
+                return Err(FixtureError::GuestExited {
+                    what,
+                    tail: tail(&text.bytes),
+                });
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(FixtureError::Timeout { what, after: timeout, tail: tail(&text.bytes) });
+                return Err(FixtureError::Timeout {
+                    what,
+                    after: timeout,
+                    tail: tail(&text.bytes),
+                });
             }
             text = self
                 .console
@@ -328,7 +358,10 @@ impl Guest {
             .trim()
             .parse::<i32>()
             .map_err(|_| FixtureError::Image(format!("bad status line {rest:?}")))?;
-        let output = before.strip_suffix(&marker).unwrap_or(&before).replace("\r\n", "\n");
+        let output = before
+            .strip_suffix(&marker)
+            .unwrap_or(&before)
+            .replace("\r\n", "\n");
         Ok((code, output))
     }
 
@@ -373,8 +406,13 @@ impl Guest {
 
     /// Writes raw text to the serial console.
     pub fn send(&mut self, text: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| FixtureError::Image("console closed".into()))?;
-        stdin.write_all(text.as_bytes()).map_err(io_err("write to guest console"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| FixtureError::Image("console closed".into()))?;
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(io_err("write to guest console"))?;
         stdin.flush().map_err(io_err("write to guest console"))
     }
 
@@ -414,7 +452,12 @@ impl Drop for Guest {
 
 /// Copies one of QEMU's outputs into the console buffer and the log; the
 /// serial side (`closes_console`) marks the console closed at EOF.
-fn spawn_reader(mut from: impl Read + Send + 'static, mut log: Option<File>, console: Arc<Console>, closes_console: bool) {
+fn spawn_reader(
+    mut from: impl Read + Send + 'static,
+    mut log: Option<File>,
+    console: Arc<Console>,
+    closes_console: bool,
+) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         loop {
@@ -465,7 +508,12 @@ fn find_kernel() -> Result<(PathBuf, String)> {
         .map_err(io_err("read /boot"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_owned))
-        .filter(|v| Path::new("/lib/modules").join(v).join("modules.dep").exists())
+        .filter(|v| {
+            Path::new("/lib/modules")
+                .join(v)
+                .join("modules.dep")
+                .exists()
+        })
         .collect();
     versions.sort();
     let version = versions.pop().ok_or_else(|| {
@@ -481,11 +529,17 @@ fn resolve_modules(modules_dep: &str, builtin: &str, wanted: &[&str]) -> Result<
         .filter_map(|line| line.split_once(':'))
         .map(|(module, deps)| (module.trim(), deps.split_whitespace().collect()))
         .collect();
-    let by_name: HashMap<String, &str> = deps.keys().map(|path| (module_name(path), *path)).collect();
+    let by_name: HashMap<String, &str> =
+        deps.keys().map(|path| (module_name(path), *path)).collect();
     let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
-    fn visit<'a>(path: &'a str, deps: &HashMap<&'a str, Vec<&'a str>>, seen: &mut BTreeSet<&'a str>, order: &mut Vec<String>) {
+    fn visit<'a>(
+        path: &'a str,
+        deps: &HashMap<&'a str, Vec<&'a str>>,
+        seen: &mut BTreeSet<&'a str>,
+        order: &mut Vec<String>,
+    ) {
         if !seen.insert(path) {
             return;
         }
@@ -499,7 +553,11 @@ fn resolve_modules(modules_dep: &str, builtin: &str, wanted: &[&str]) -> Result<
         match by_name.get(&name) {
             Some(path) => visit(path, &deps, &mut seen, &mut order),
             None if builtin.contains(&name) => {}
-            None => return Err(FixtureError::Image(format!("kernel module {name} not found"))),
+            None => {
+                return Err(FixtureError::Image(format!(
+                    "kernel module {name} not found"
+                )))
+            }
         }
     }
     Ok(order)
@@ -515,7 +573,9 @@ fn build_image_cached() -> Result<GuestImage> {
     let (kernel, version) = find_kernel()?;
     let busybox = Path::new("/bin/busybox");
     if !busybox.exists() {
-        return Err(FixtureError::Image("/bin/busybox missing; install busybox-static".into()));
+        return Err(FixtureError::Image(
+            "/bin/busybox missing; install busybox-static".into(),
+        ));
     }
     let mut key = DefaultHasher::new();
     (INIT, DEFAULT_MODULES, &version).hash(&mut key);
@@ -526,7 +586,11 @@ fn build_image_cached() -> Result<GuestImage> {
     let dir = target_dir().join("keel-guest");
     fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
     let initramfs = dir.join(format!("initramfs-{version}-{:016x}.cpio", key.finish()));
-    let image = GuestImage { kernel, initramfs: initramfs.clone(), kernel_version: version.clone() };
+    let image = GuestImage {
+        kernel,
+        initramfs: initramfs.clone(),
+        kernel_version: version.clone(),
+    };
     if initramfs.exists() {
         return Ok(image);
     }
@@ -541,15 +605,34 @@ fn build_image_cached() -> Result<GuestImage> {
         let path = modules_root.join(name);
         fs::read_to_string(&path).map_err(io_err(format!("read {}", path.display())))
     };
-    let order = resolve_modules(&read("modules.dep")?, &read("modules.builtin").unwrap_or_default(), DEFAULT_MODULES)?;
+    let order = resolve_modules(
+        &read("modules.dep")?,
+        &read("modules.builtin").unwrap_or_default(),
+        DEFAULT_MODULES,
+    )?;
 
     let mut archive = CpioWriter::new(Vec::new());
-    for d in ["bin", "sbin", "dev", "proc", "sys", "etc", "lib", "lib/modules", "tmp", "keel"] {
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "etc",
+        "lib",
+        "lib/modules",
+        "tmp",
+        "keel",
+    ] {
         archive.dir(d)?;
     }
     archive.char_device("dev/console", 5, 1)?;
     archive.file("init", 0o755, INIT.as_bytes())?;
-    archive.file("bin/busybox", 0o755, &fs::read(busybox).map_err(io_err("read /bin/busybox"))?)?;
+    archive.file(
+        "bin/busybox",
+        0o755,
+        &fs::read(busybox).map_err(io_err("read /bin/busybox"))?,
+    )?;
     let mut list = String::new();
     for module in &order {
         let name = format!("{}.ko", module_name(module));
@@ -585,7 +668,10 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
                 .args(["-dc"])
                 .arg(path)
                 .output()
-                .map_err(|source| FixtureError::Spawn { cmd: format!("{tool} -dc {name}"), source })?;
+                .map_err(|source| FixtureError::Spawn {
+                    cmd: format!("{tool} -dc {name}"),
+                    source,
+                })?;
             if !out.status.success() {
                 return Err(FixtureError::Image(format!("cannot decompress {name}")));
             }
@@ -595,7 +681,12 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn probe_kvm_cached() -> Result<Accel> {
-    if File::options().read(true).write(true).open("/dev/kvm").is_err() {
+    if File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Ok(Accel::Tcg);
     }
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
@@ -605,7 +696,11 @@ fn probe_kvm_cached() -> Result<Accel> {
     let lock = File::create(dir.join("probe.lock")).map_err(io_err("create probe lock"))?;
     lock.lock().map_err(io_err("lock kvm probe"))?;
     if let Ok(cached) = fs::read_to_string(&cache) {
-        return Ok(if cached.trim() == "kvm" { Accel::Kvm } else { Accel::Tcg });
+        return Ok(if cached.trim() == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        });
     }
     let mut guest = Guest::start(&GuestConfig::new("kvm-probe"), Accel::Kvm)?;
     let accel = match guest.wait_for(READY, KVM_PROBE_TIMEOUT) {
@@ -631,7 +726,13 @@ impl CpioWriter {
 
     fn entry(&mut self, name: &str, mode: u32) -> cpio::newc::Builder {
         self.ino += 1;
-        cpio::newc::Builder::new(name).ino(self.ino).mode(mode).uid(0).gid(0).nlink(1).mtime(0)
+        cpio::newc::Builder::new(name)
+            .ino(self.ino)
+            .mode(mode)
+            .uid(0)
+            .gid(0)
+            .nlink(1)
+            .mtime(0)
     }
 
     fn dir(&mut self, name: &str) -> Result<()> {
@@ -640,7 +741,10 @@ impl CpioWriter {
     }
 
     fn char_device(&mut self, name: &str, major: u32, minor: u32) -> Result<()> {
-        let builder = self.entry(name, 0o020_600).rdev_major(major).rdev_minor(minor);
+        let builder = self
+            .entry(name, 0o020_600)
+            .rdev_major(major)
+            .rdev_minor(minor);
         self.write(builder, &[])
     }
 
@@ -650,7 +754,8 @@ impl CpioWriter {
     }
 
     fn write(&mut self, builder: cpio::newc::Builder, data: &[u8]) -> Result<()> {
-        let size = u32::try_from(data.len()).map_err(|_| FixtureError::Image("file over 4 GiB".into()))?;
+        let size =
+            u32::try_from(data.len()).map_err(|_| FixtureError::Image("file over 4 GiB".into()))?;
         let out = std::mem::take(&mut self.out);
         let mut writer = builder.write(out, size);
         writer.write_all(data).map_err(io_err("write cpio entry"))?;
@@ -677,14 +782,24 @@ mod tempfile_dir {
 
     impl TempDir {
         pub fn new_in(parent: &Path, label: &str) -> Result<TempDir> {
-            let label: String = label.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
-            let unique = format!("{label}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+            let label: String = label
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            let unique = format!(
+                "{label}-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            );
             let path = parent.join(&unique);
             fs::create_dir_all(&path).map_err(io_err(format!("create {}", path.display())))?;
             let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o755));
             let logs = parent.join("logs");
             fs::create_dir_all(&logs).map_err(io_err(format!("create {}", logs.display())))?;
-            Ok(TempDir { path, logs: logs.join(format!("{unique}.log")) })
+            Ok(TempDir {
+                path,
+                logs: logs.join(format!("{unique}.log")),
+            })
         }
 
         pub fn path(&self) -> &Path {
@@ -721,13 +836,22 @@ kernel/net/core/failover.ko:
 
     #[test]
     fn modules_resolve_dependencies_first_once() {
-        let order = resolve_modules(DEP, "kernel/fs/ext4/ext4.ko\n", &["virtio_blk", "virtio-net", "ext4"]).unwrap();
+        let order = resolve_modules(
+            DEP,
+            "kernel/fs/ext4/ext4.ko\n",
+            &["virtio_blk", "virtio-net", "ext4"],
+        )
+        .unwrap();
         let pos = |n: &str| order.iter().position(|m| module_name(m) == n).unwrap();
         assert!(pos("virtio_ring") < pos("virtio_blk"));
         assert!(pos("virtio") < pos("virtio_blk"));
         assert!(pos("failover") < pos("net_failover"));
         assert!(pos("net_failover") < pos("virtio_net"));
-        assert_eq!(order.len(), 6, "each module once, builtins skipped: {order:?}");
+        assert_eq!(
+            order.len(),
+            6,
+            "each module once, builtins skipped: {order:?}"
+        );
     }
 
     #[test]
@@ -737,7 +861,10 @@ kernel/net/core/failover.ko:
 
     #[test]
     fn module_names() {
-        assert_eq!(module_name("kernel/drivers/net/virtio_net.ko.xz"), "virtio_net");
+        assert_eq!(
+            module_name("kernel/drivers/net/virtio_net.ko.xz"),
+            "virtio_net"
+        );
         assert_eq!(module_name("kernel/x/nf-nat.ko"), "nf_nat");
     }
 

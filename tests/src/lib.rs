@@ -7,6 +7,7 @@
 //! - [`Guest`]: a tiny Linux VM (Debian's kernel, a busybox initramfs) under
 //!   QEMU, with shared guest memory so vhost-user devices can attach, its
 //!   serial console captured, and shell commands run over that console.
+//! - [`KeelProcess`]: the real `keel` binary serving on a loopback port.
 //!
 //! Everything needs root (namespaces) and the packages the README's test
 //! command installs (iproute2, qemu-system-x86, busybox-static,
@@ -14,10 +15,12 @@
 
 mod cmd;
 pub mod guest;
+pub mod keel;
 pub mod netns;
 
 pub use cmd::{run, CmdOutput};
 pub use guest::{Accel, Guest, GuestConfig};
+pub use keel::{keel_bin, KeelProcess};
 pub use netns::{veth_pair, NetnsHost};
 
 use std::path::PathBuf;
@@ -26,7 +29,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum FixtureError {
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Command { cmd: String, status: String, stderr: String },
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     #[error("Cannot run `{cmd}`")]
     Spawn {
         cmd: String,
@@ -40,7 +47,11 @@ pub enum FixtureError {
         source: std::io::Error,
     },
     #[error("Timed out after {after:?} waiting for {what}; console tail:\n{tail}")]
-    Timeout { what: String, after: Duration, tail: String },
+    Timeout {
+        what: String,
+        after: Duration,
+        tail: String,
+    },
     #[error("Guest exited while waiting for {what}; console tail:\n{tail}")]
     GuestExited { what: String, tail: String },
     #[error("Guest image: {0}")]
@@ -57,7 +68,11 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 /// Cargo's target directory, where cached fixture artifacts live.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        },
         PathBuf::from,
     )
 }
@@ -66,7 +81,9 @@ pub fn target_dir() -> PathBuf {
 pub fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // Field 3 is the state; a zombie has exited already.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

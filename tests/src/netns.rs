@@ -32,12 +32,19 @@ impl NetnsHost {
     /// `ip netns list` and is cut to 12 alphanumerics.
     pub fn new(label: &str) -> Result<NetnsHost> {
         SWEPT.call_once(sweep_stale);
-        let label: String = label.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
+        let label: String = label
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let name = format!("{PREFIX}{}-{seq}-{label}", std::process::id());
         run(&["ip", "netns", "add", &name])?;
         // From here on, drop removes the namespace even if set-up fails.
-        let host = NetnsHost { name, children: Mutex::new(Vec::new()) };
+        let host = NetnsHost {
+            name,
+            children: Mutex::new(Vec::new()),
+        };
         host.ip(&["link", "set", "lo", "up"])?;
         Ok(host)
     }
@@ -87,16 +94,24 @@ impl NetnsHost {
     /// the host is dropped. Returns its pid.
     pub fn spawn(&self, args: &[&str]) -> Result<u32> {
         let full = self.wrap(args);
-        let (program, rest) = full.split_first().ok_or_else(|| FixtureError::Image("empty".into()))?;
+        let (program, rest) = full
+            .split_first()
+            .ok_or_else(|| FixtureError::Image("empty".into()))?;
         let child = Command::new(program)
             .args(rest)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|source| FixtureError::Spawn { cmd: full.join(" "), source })?;
+            .map_err(|source| FixtureError::Spawn {
+                cmd: full.join(" "),
+                source,
+            })?;
         let pid = child.id();
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
         Ok(pid)
     }
 
@@ -109,7 +124,12 @@ impl NetnsHost {
 
 impl Drop for NetnsHost {
     fn drop(&mut self) {
-        for mut child in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for mut child in self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -121,7 +141,18 @@ impl Drop for NetnsHost {
 /// local to their namespace, so `eth0` may be used in every host.
 pub fn veth_pair(a: &NetnsHost, a_if: &str, b: &NetnsHost, b_if: &str) -> Result<()> {
     run(&[
-        "ip", "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns",
+        "ip",
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
         b.name(),
     ])?;
     a.ip(&["link", "set", "dev", a_if, "up"])?;
@@ -133,7 +164,11 @@ pub fn veth_pair(a: &NetnsHost, a_if: &str, b: &NetnsHost, b_if: &str) -> Result
 /// interfaces, and the peers of its veths).
 fn remove_namespace(name: &str) {
     if let Ok(out) = capture(&["ip", "netns", "pids", name]) {
-        for pid in out.stdout.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in out
+            .stdout
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: kill(2) with a pid read from the namespace; no memory is involved.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -143,7 +178,9 @@ fn remove_namespace(name: &str) {
 
 /// Namespaces of ours whose creating process is gone.
 pub fn stale_namespaces() -> Vec<String> {
-    let Ok(out) = capture(&["ip", "netns", "list"]) else { return Vec::new() };
+    let Ok(out) = capture(&["ip", "netns", "list"]) else {
+        return Vec::new();
+    };
     out.stdout
         .lines()
         .filter_map(|line| line.split_whitespace().next())
@@ -166,7 +203,9 @@ pub fn sweep_stale() {
 
 /// Every namespace of ours that currently exists, stale or not.
 pub fn our_namespaces() -> Vec<String> {
-    let Ok(out) = capture(&["ip", "netns", "list"]) else { return Vec::new() };
+    let Ok(out) = capture(&["ip", "netns", "list"]) else {
+        return Vec::new();
+    };
     out.stdout
         .lines()
         .filter_map(|line| line.split_whitespace().next())

@@ -1,6 +1,8 @@
 //! Self-tests of the fixtures: real namespaces, a real QEMU guest, and
 //! proof that both clean up after themselves, also when a test panics.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -19,9 +21,13 @@ fn two_hosts_ping_each_other_over_veth() {
     a.add_addr("eth0", "198.18.0.1/24").unwrap();
     b.add_addr("eth0", "198.18.0.2/24").unwrap();
 
-    let out = a.exec(&["ping", "-c", "2", "-W", "5", "198.18.0.2"]).unwrap();
+    let out = a
+        .exec(&["ping", "-c", "2", "-W", "5", "198.18.0.2"])
+        .unwrap();
     assert!(out.stdout.contains("2 received"), "{}", out.stdout);
-    let out = b.exec(&["ping", "-c", "1", "-W", "5", "198.18.0.1"]).unwrap();
+    let out = b
+        .exec(&["ping", "-c", "1", "-W", "5", "198.18.0.1"])
+        .unwrap();
     assert!(out.stdout.contains("1 received"), "{}", out.stdout);
     // The peer is on a link only the two namespaces share.
     let route = a.sh("ip route get 198.18.0.2").unwrap();
@@ -41,17 +47,27 @@ fn routed_hosts_reach_each_other_through_a_router_namespace() {
     right.add_addr("eth0", "198.18.2.2/24").unwrap();
     left.add_route("default", "198.18.1.1").unwrap();
     right.add_route("default", "198.18.2.1").unwrap();
-    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    router
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
 
-    let out = left.exec(&["ping", "-c", "1", "-W", "5", "198.18.2.2"]).unwrap();
+    let out = left
+        .exec(&["ping", "-c", "1", "-W", "5", "198.18.2.2"])
+        .unwrap();
     assert!(out.stdout.contains("1 received"), "{}", out.stdout);
-    assert!(out.stdout.contains("ttl=63"), "one hop through the router: {}", out.stdout);
+    assert!(
+        out.stdout.contains("ttl=63"),
+        "one hop through the router: {}",
+        out.stdout
+    );
 }
 
 #[test]
 fn failing_command_in_namespace_reports_its_stderr() {
     let host = NetnsHost::new("fail").unwrap();
-    let err = host.exec(&["ip", "link", "set", "nonexistent0", "up"]).unwrap_err();
+    let err = host
+        .exec(&["ip", "link", "set", "nonexistent0", "up"])
+        .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("nonexistent0"), "{text}");
     let out = host.capture(&["sh", "-c", "exit 3"]).unwrap();
@@ -64,7 +80,8 @@ fn namespace_and_its_processes_are_removed_on_drop() {
     let name = host.name().to_owned();
     let pid = host.spawn(&["sleep", "600"]).unwrap();
     // A process started behind the fixture's back (not via spawn) is found too.
-    host.sh("setsid sleep 600 </dev/null >/dev/null 2>&1 &").unwrap();
+    host.sh("setsid sleep 600 </dev/null >/dev/null 2>&1 &")
+        .unwrap();
     let stray: Vec<u32> = run(&["ip", "netns", "pids", &name])
         .unwrap()
         .stdout
@@ -117,14 +134,23 @@ fn stale_namespaces_of_dead_runs_are_swept() {
 
 #[test]
 fn guest_boots_runs_commands_and_powers_off() {
-    let mut guest = Guest::boot(GuestConfig::new("selftest").script("echo script-ran-$((6 * 7))\nexit 5")).unwrap();
+    let mut guest =
+        Guest::boot(GuestConfig::new("selftest").script("echo script-ran-$((6 * 7))\nexit 5"))
+            .unwrap();
     guest.wait_for("script-ran-42", EXIT_TIMEOUT).unwrap();
-    guest.wait_for(&format!("{SCRIPT_EXIT}5"), EXIT_TIMEOUT).unwrap();
+    guest
+        .wait_for(&format!("{SCRIPT_EXIT}5"), EXIT_TIMEOUT)
+        .unwrap();
 
     let image = GuestImage::get().unwrap();
     let release = guest.run("uname -r").unwrap();
     assert_eq!(release.trim(), image.kernel_version);
-    let (code, out) = guest.exec("echo to-stderr >&2; exit_with() { return $1; }; exit_with 7", EXIT_TIMEOUT).unwrap();
+    let (code, out) = guest
+        .exec(
+            "echo to-stderr >&2; exit_with() { return $1; }; exit_with 7",
+            EXIT_TIMEOUT,
+        )
+        .unwrap();
     assert_eq!(code, 7);
     assert_eq!(out.trim(), "to-stderr");
     // virtio modules from the image are loaded (the basis of vhost-user tests).
@@ -132,7 +158,11 @@ fn guest_boots_runs_commands_and_powers_off() {
     for m in ["virtio_pci", "virtio_blk", "virtio_net"] {
         assert!(modules.contains(m), "{m} not loaded: {modules}");
     }
-    assert!(!guest.console().contains("KEEL_INSMOD_FAILED"), "{}", guest.console());
+    assert!(
+        !guest.console().contains("KEEL_INSMOD_FAILED"),
+        "{}",
+        guest.console()
+    );
 
     let log = guest.log_path().to_owned();
     let status = guest.poweroff(EXIT_TIMEOUT).unwrap();
@@ -188,7 +218,10 @@ fn guest_sees_a_vhost_user_blk_disk_in_shared_memory() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(sock.exists(), "qemu-storage-daemon did not create its socket");
+    assert!(
+        sock.exists(),
+        "qemu-storage-daemon did not create its socket"
+    );
 
     let chardev = format!("socket,id=vub,path={}", sock.display());
     let config = GuestConfig::new("vublk").qemu_args([
@@ -200,7 +233,9 @@ fn guest_sees_a_vhost_user_blk_disk_in_shared_memory() {
     let mut guest = Guest::boot(config).unwrap();
     let size = guest.run("cat /sys/block/vda/size").unwrap();
     assert_eq!(size.trim(), "16384", "8 MiB in 512-byte sectors");
-    guest.run("echo keel-was-here | dd of=/dev/vda bs=512 seek=1 conv=fsync 2>/dev/null").unwrap();
+    guest
+        .run("echo keel-was-here | dd of=/dev/vda bs=512 seek=1 conv=fsync 2>/dev/null")
+        .unwrap();
     guest.poweroff(EXIT_TIMEOUT).unwrap();
 
     let data = std::fs::read(&img).unwrap();

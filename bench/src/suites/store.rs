@@ -33,14 +33,23 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         Scale::Full => (2000, 200),
     };
     let base = std::env::var_os("KEEL_BENCH_DIR").map_or_else(|| PathBuf::from("."), PathBuf::from);
-    let scratch = tempfile::Builder::new().prefix(".keel-bench-").tempdir_in(base)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".keel-bench-")
+        .tempdir_in(base)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let store = runtime.block_on(Store::open(&scratch.path().join(DB_FILE)))?;
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(scratch.path().join("peer.log"))?;
-    let record = |i: usize| (format!("bench/{i}"), format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "x".repeat(64)));
+    let record = |i: usize| {
+        (
+            format!("bench/{i}"),
+            format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "x".repeat(64)),
+        )
+    };
 
     // Single durable writes, alternating rounds of 10 between keel and peer.
     let (mut keel_time, mut peer_time) = (0.0, 0.0);
@@ -59,8 +68,13 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         }
         peer_time += t.elapsed().as_secs_f64();
     }
-    let single = Measurement::new("durable single writes", "writes/s", true, per_sec(singles, keel_time))
-        .with_peer(PEER, per_sec(singles, peer_time));
+    let single = Measurement::new(
+        "durable single writes",
+        "writes/s",
+        true,
+        per_sec(singles, keel_time),
+    )
+    .with_peer(PEER, per_sec(singles, peer_time));
 
     // Batched: one transaction (keel) / one fdatasync (peer) per BATCH records.
     let (mut keel_time, mut peer_time) = (0.0, 0.0);

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keel_control::server::{up, UpConfig};
 
 #[derive(Parser)]
-#[command(name = "keel", version, about = "keel: data-plane-first appliance for private-cloud compute hosts")]
+#[command(
+    name = "keel",
+    version,
+    about = "keel: data-plane-first appliance for private-cloud compute hosts"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "KEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
@@ -74,20 +78,32 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up { listen, state_dir } => {
-            let runtime = tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
-            runtime.block_on(up(UpConfig { listen, state_dir }, shutdown_signal()))?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = shutdown_signal()?;
+                up(UpConfig { listen, state_dir }, shutdown).await?;
+                anyhow::Ok(())
+            })?;
         }
         Command::Version { json } => {
             let version = env!("CARGO_PKG_VERSION");
             if json {
-                println!("{}", serde_json::json!({ "version": version, "api_version": "v1" }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "version": version, "api_version": "v1" })
+                );
             } else {
                 println!("keel {version}");
             }
         }
         Command::Openapi => {
             let spec = keel_control::api::openapi();
-            println!("{}", spec.to_pretty_json().context("Cannot render the OpenAPI document")?);
+            println!(
+                "{}",
+                spec.to_pretty_json()
+                    .context("Cannot render the OpenAPI document")?
+            );
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
     }
@@ -101,7 +117,11 @@ fn bench(suite: &str, json: Option<PathBuf>, quick: bool) -> anyhow::Result<()> 
         }
         return Ok(());
     }
-    let scale = if quick { keel_bench::Scale::Quick } else { keel_bench::Scale::Full };
+    let scale = if quick {
+        keel_bench::Scale::Quick
+    } else {
+        keel_bench::Scale::Full
+    };
     let report = keel_bench::run(suite, scale)?;
     print!("{}", report.to_text());
     if let Some(path) = json {
@@ -111,27 +131,27 @@ fn bench(suite: &str, json: Option<PathBuf>, quick: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed
+/// here, before the API serves, so a signal that arrives right after start-up
+/// still shuts down gracefully instead of killing the process.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::warn!(%err, "cannot watch SIGTERM; only SIGINT stops keel");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut int = signal(SignalKind::interrupt()).context("Cannot watch SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("Cannot watch SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
+    })
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -32,6 +32,12 @@ pub fn router() -> OpenApiRouter<AppState> {
     )
 )]
 async fn healthz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    state.store.schema_version().await.map_err(ApiError::StoreUnavailable)?;
-    Ok(Json(Health { status: "ok".into() }))
+    state
+        .store
+        .schema_version()
+        .await
+        .map_err(ApiError::StoreUnavailable)?;
+    Ok(Json(Health {
+        status: "ok".into(),
+    }))
 }

@@ -66,7 +66,10 @@ pub fn app(state: AppState) -> Router {
     let (router, spec) = parts();
     let spec = Arc::new(spec);
     router
-        .route("/api/v1/openapi.json", get(move || async move { Json(spec.as_ref().clone()) }))
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { Json(spec.as_ref().clone()) }),
+        )
         // Innermost to outermost; the problem rewrite wraps every layer that
         // can answer on its own, so their bare errors get a problem body too.
         .layer(CatchPanicLayer::new())
@@ -78,4 +81,38 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(problem::problem_for_bare_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_tree_openapi_document_is_current() {
+        let generated = openapi().to_pretty_json().unwrap();
+        let in_tree = include_str!("../../openapi.json");
+        assert!(
+            generated.trim() == in_tree.trim(),
+            "control/openapi.json is stale: run `cargo run -p keel -- openapi > control/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn every_operation_documents_its_responses() {
+        let spec = openapi();
+        assert!(!spec.paths.paths.is_empty());
+        for (path, item) in &spec.paths.paths {
+            let ops = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+            for op in ops.into_iter().flatten() {
+                assert!(
+                    !op.responses.responses.is_empty(),
+                    "{path} has no responses"
+                );
+                assert!(
+                    op.tags.as_ref().is_some_and(|t| !t.is_empty()),
+                    "{path} has no tag"
+                );
+            }
+        }
+    }
 }

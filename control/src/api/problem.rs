@@ -50,7 +50,12 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
-        (status, [(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON))], body).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON))],
+            body,
+        )
+            .into_response()
     }
 }
 
@@ -65,9 +70,10 @@ impl ApiError {
     /// The one mapping from error to wire: status and problem type.
     fn status_and_type(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::StoreUnavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "urn:keel:problem:store-unavailable")
-            }
+            ApiError::StoreUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "urn:keel:problem:store-unavailable",
+            ),
         }
     }
 }
