@@ -69,6 +69,19 @@ step() {
     fi
 }
 
+TEST_LOG=target/keel-test.log
+run_tests() {
+    mkdir -p target
+    cargo test --workspace --locked 2>&1 | tee "$TEST_LOG"
+    return "${PIPESTATUS[0]}"
+}
+
+# Adds up cargo's "test result:" lines.
+test_totals() {
+    awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+         END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$TEST_LOG" 2>/dev/null || echo "0 passed, 0 failed"
+}
+
 no_leftovers() {
     local ns procs
     ns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep '^keelt-' || true)
@@ -87,14 +100,15 @@ cmd_test() {
     export RUST_BACKTRACE=1
     step "format (cargo fmt --check)" cargo fmt --all --check
     step "lint (clippy -D warnings)" cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
-    step "tests (cargo test)" cargo test --workspace --locked
+    step "tests (cargo test)" run_tests
     step "no leftover netns/guests" no_leftovers
 
     echo
     echo "keel test summary"
     printf '  %s\n' "${STEPS[@]}"
     local passed=$(( ${#STEPS[@]} - FAILED ))
-    echo "steps: $passed passed, $FAILED failed"
+    echo "steps: $passed of ${#STEPS[@]} passed"
+    echo "tests: $(test_totals)"
     [ "$FAILED" -eq 0 ]
 }
 
