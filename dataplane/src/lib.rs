@@ -1,2 +1,14 @@
 //! keel's VPC data plane.
+pub mod config;
+#[cfg(test)]
+mod config_tests;
+pub mod counters;
+pub mod fastmap;
+pub mod lpm;
+pub mod model;
 pub mod packet;
+pub mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
+pub mod tables;
+pub mod testutil;

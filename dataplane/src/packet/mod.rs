@@ -9,4 +9,4 @@ pub mod checksum;
 pub mod headers;
 pub mod parse;
 
-pub use parse::{parse, ParseError, Parsed};
+pub use parse::{build, parse, ParseError, Parsed};
