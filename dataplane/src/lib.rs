@@ -1,8 +1,10 @@
 //! keel's VPC data plane.
+pub mod afpacket;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
 pub mod counters;
+pub mod engine;
 pub mod fastmap;
 pub mod lpm;
 pub mod model;
@@ -10,5 +12,6 @@ pub mod packet;
 pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
+pub mod port;
 pub mod tables;
 pub mod testutil;
