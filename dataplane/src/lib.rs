@@ -3,7 +3,9 @@ pub mod afpacket;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
+pub mod control;
 pub mod counters;
+pub mod daemon;
 pub mod engine;
 pub mod fastmap;
 pub mod lpm;
