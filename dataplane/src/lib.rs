@@ -1,5 +1,6 @@
 //! keel's VPC data plane.
 pub mod afpacket;
+pub mod bench;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
