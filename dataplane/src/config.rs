@@ -49,7 +49,7 @@ pub enum ConfigError {
     #[error("IP {ip} is bound twice on switch {switch:?}: {first:?} and {second:?}")]
     DuplicateIp {
         switch: String,
-        ip: Ipv4Addr,
+        ip: std::net::IpAddr,
         first: String,
         second: String,
     },
@@ -172,6 +172,7 @@ pub fn compile(
             members: Vec::new(),
             macs: fastmap::with_capacity(0),
             arp: fastmap::with_capacity(0),
+            nd: fastmap::with_capacity(0),
             gateway: None,
         });
     }
@@ -209,7 +210,7 @@ pub fn compile(
                     .get(sw as usize)
                     .map(|s| s.name.clone())
                     .unwrap_or_default(),
-                ip,
+                ip: ip.into(),
                 first,
                 second: owner.to_string(),
             });
@@ -247,7 +248,13 @@ pub fn compile(
             })?;
         let subnet = switch.subnet;
         let mut ips = Vec::with_capacity(p.ips.len());
+        let mut ips6 = Vec::new();
         for ip in &p.ips {
+            // IPv6 bindings feed the ND responder and port security; IPv6 is not routed.
+            if let Ok(ip6) = ip.parse::<std::net::Ipv6Addr>() {
+                ips6.push(ip6);
+                continue;
+            }
             let ip = parse_ip(&owner, ip)?;
             if !subnet.contains(ip) {
                 return Err(ConfigError::IpOutsideSubnet { owner, ip, subnet });
@@ -262,10 +269,12 @@ pub fn compile(
             port,
             mac,
             ips,
+            ips6,
             port_security: p.port_security,
             learning: mac.is_none(),
         });
     }
+    let mut ip6_owner: HashMap<(u32, std::net::Ipv6Addr), String> = HashMap::new();
     for (id, lp) in lports.iter().enumerate() {
         let id = u32::try_from(id).unwrap_or(u32::MAX);
         if let Some(mac) = lp.mac {
@@ -277,6 +286,19 @@ pub fn compile(
                 claim_ip(lp.switch, *ip, &lp.name, &switches)?;
                 if let Some(s) = switches.get_mut(lp.switch as usize) {
                     s.arp.insert(u32::from(*ip), mac);
+                }
+            }
+            for ip in &lp.ips6 {
+                if let Some(s) = switches.get_mut(lp.switch as usize) {
+                    if let Some(first) = ip6_owner.insert((lp.switch, *ip), lp.name.clone()) {
+                        return Err(ConfigError::DuplicateIp {
+                            switch: s.name.clone(),
+                            ip: (*ip).into(),
+                            first,
+                            second: lp.name.clone(),
+                        });
+                    }
+                    s.nd.insert(u128::from(*ip), mac);
                 }
             }
         }

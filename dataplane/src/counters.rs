@@ -59,6 +59,7 @@ counted_enum!(
         L2Unicast => "l2_unicast",
         L2Flood => "l2_flood",
         ArpReplied => "arp_replied",
+        NdReplied => "nd_replied",
         Routed => "routed",
         RouterEchoReplied => "router_echo_replied",
         IcmpTimeExceeded => "icmp_time_exceeded_sent",

@@ -58,7 +58,8 @@
 //! - At most 64 interfaces per data plane; one worker (multi-worker sharding of
 //!   ports is not implemented).
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
-//! - The router is IPv4 only; IPv6 frames are switched at L2, not routed.
+//! - The router is IPv4 only; IPv6 frames are switched at L2 (with port
+//!   security and an ND responder for bound addresses), not routed.
 pub mod afpacket;
 pub mod bench;
 pub mod config;

@@ -44,7 +44,8 @@ pub struct PortSpec {
     /// Bound MAC; absent for a port whose MACs are learned (uplinks, unknown VMs).
     #[serde(default)]
     pub mac: Option<String>,
-    /// Bound IPv4 addresses (answered by the ARP responder, enforced by port security).
+    /// Bound addresses: IPv4 (ARP responder, port security, routing) and IPv6
+    /// (ND responder, port security; not routed yet).
     #[serde(default)]
     pub ips: Vec<String>,
     /// Drop frames whose source MAC/IP is not bound. Needs `mac`.

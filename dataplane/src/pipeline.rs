@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::counters::{DropReason, Outcome};
 use crate::fastmap::{self, mac_key, FastMap};
-use crate::packet::checksum::{internet_checksum, update16};
+use crate::packet::checksum::{self, internet_checksum, update16};
 use crate::packet::headers::{
     is_group, mac_to_string, Mac, ARP_REPLY, ARP_REQUEST, ETHERTYPE_VLAN, ICMP_DEST_UNREACHABLE,
     ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
@@ -257,6 +257,16 @@ pub fn process<T: Tracer>(
             L3::Ipv4(ip) => Some(ip.src),
             _ => None,
         };
+        if let L3::Ipv6(ip6) = p.l3 {
+            // :: (DAD) and link-local (ND, RS) are always allowed; others must be bound.
+            let link_local = ip6.src.segments()[0] & 0xffc0 == 0xfe80;
+            if !(ip6.src.is_unspecified() || link_local || lp.ips6.contains(&ip6.src)) {
+                tr.note("port_security", || {
+                    format!("drop: source IP {} is not bound", ip6.src)
+                });
+                return drop_(DropReason::SpoofedIp);
+            }
+        }
         // 0.0.0.0 is what a DHCP client or an ARP probe uses before it has an address.
         if let Some(ip) = src_ip.filter(|ip| !ip.is_unspecified()) {
             if !lp.ips.contains(&ip) {
@@ -299,6 +309,38 @@ pub fn process<T: Tracer>(
                 }
             }
             tr.note("arp_responder", || format!("{} is not bound: flood", a.tpa));
+        }
+    }
+
+    if let (
+        L3::Ipv6(ip6),
+        L4::Icmpv6 {
+            ty: ND_NEIGHBOR_SOLICIT,
+            code: 0,
+        },
+    ) = (p.l3, p.l4)
+    {
+        let target = buf
+            .get(p.l4_offset + 8..p.l4_offset + 24)
+            .and_then(|t| <[u8; 16]>::try_from(t).ok());
+        // RFC 4861 7.1.1: hop limit 255; DAD probes (from ::) are left to flood.
+        if let Some(target) = target.filter(|_| ip6.hop_limit == 255 && !ip6.src.is_unspecified()) {
+            if let Some(mac) = sw.nd.get(&u128::from_be_bytes(target)).copied() {
+                if nd_advert_in_place(buf, len, &p, ip6.src, target, mac) {
+                    tr.note("nd_responder", || {
+                        format!(
+                            "{} is-at {}: advert to sender, not flooded",
+                            std::net::Ipv6Addr::from(target),
+                            mac_to_string(&mac)
+                        )
+                    });
+                    return Decision {
+                        verdict: Verdict::Reply,
+                        outcome: Some(Outcome::NdReplied),
+                        learned: learned_now,
+                    };
+                }
+            }
         }
     }
 
@@ -536,6 +578,55 @@ fn set_vlan(buf: &mut [u8], len: &mut usize, tagged: bool, vlan: u16) -> bool {
             put(buf, 12, &ETHERTYPE_VLAN.to_be_bytes()) && put(buf, 14, &v.to_be_bytes())
         }
     }
+}
+
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+
+/// Replaces a neighbor solicitation with the solicited advertisement for
+/// `target` at `mac` (RFC 4861 4.4: solicited + override, target link-layer option).
+fn nd_advert_in_place(
+    buf: &mut [u8],
+    len: &mut usize,
+    p: &Parsed,
+    to: std::net::Ipv6Addr,
+    target: [u8; 16],
+    mac: Mac,
+) -> bool {
+    let l3 = p.l3_offset;
+    let mut icmp = [0u8; 32];
+    icmp[0] = ND_NEIGHBOR_ADVERT;
+    icmp[4] = 0x60; // S and O flags
+    icmp[8..24].copy_from_slice(&target);
+    icmp[24] = 2; // target link-layer address option, 1 unit of 8 bytes
+    icmp[25] = 1;
+    icmp[26..32].copy_from_slice(&mac);
+    let mut sum = checksum::accumulate(0, &target);
+    sum = checksum::accumulate(sum, &to.octets());
+    sum = checksum::accumulate(
+        sum,
+        &[0, 0, 0, 32, 0, 0, 0, crate::packet::headers::IPPROTO_ICMPV6],
+    );
+    sum = checksum::accumulate(sum, &icmp);
+    let c = checksum::finish(sum);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&32u16.to_be_bytes());
+    ip[6] = crate::packet::headers::IPPROTO_ICMPV6;
+    ip[7] = 255;
+    ip[8..24].copy_from_slice(&target);
+    ip[24..40].copy_from_slice(&to.octets());
+    let end = l3 + 40 + 32;
+    let ok = end <= buf.len()
+        && put(buf, 0, &p.src)
+        && put(buf, 6, &mac)
+        && put(buf, l3, &ip)
+        && put(buf, l3 + 40, &icmp);
+    if ok {
+        *len = end;
+    }
+    ok
 }
 
 /// Answers an echo request to a gateway address in place.

@@ -417,3 +417,60 @@ mod hostile {
         }
     }
 }
+
+fn ns_frame(src_ip: &str, target: &str, hop: u8) -> Vec<u8> {
+    let mut f = vec![0x33, 0x33, 0xff, 0, 0, 0x11];
+    f.extend_from_slice(&VM1);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 32, 58, hop]);
+    f.extend_from_slice(&src_ip.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(
+        &"ff02::1:ff00:11"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    f.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(&target.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&[1, 1]);
+    f.extend_from_slice(&VM1);
+    f
+}
+
+#[test]
+fn neighbor_solicitation_for_binding_is_answered() {
+    let mut r = Rig::new();
+    let (d, out) = r.run(P0, &ns_frame("fe80::1", "fd00:1::11", 255));
+    assert_eq!(d.verdict, Verdict::Reply);
+    assert_eq!(d.outcome, Some(Outcome::NdReplied));
+    assert_eq!((&out[0..6], &out[6..12]), (&VM1[..], &VM2[..]));
+    let p = parse(&out).unwrap();
+    let L3::Ipv6(ip6) = p.l3 else { panic!() };
+    assert_eq!(
+        (ip6.src, ip6.dst, ip6.hop_limit),
+        (
+            "fd00:1::11".parse().unwrap(),
+            "fe80::1".parse().unwrap(),
+            255
+        )
+    );
+    assert_eq!(p.l4, L4::Icmpv6 { ty: 136, code: 0 });
+    assert_eq!(&out[54 + 26..54 + 32], &VM2, "target link-layer option");
+    // The checksum over pseudo-header + message verifies.
+    let mut pseudo = out[22..54].to_vec();
+    pseudo.extend_from_slice(&[0, 0, 0, 32, 0, 0, 0, 58]);
+    pseudo.extend_from_slice(&out[54..]);
+    assert_eq!(internet_checksum(&pseudo), 0);
+    // Unbound target, DAD probe, or bad hop limit: not answered (flooded).
+    for f in [
+        ns_frame("fe80::1", "fd00:1::99", 255),
+        ns_frame("::", "fd00:1::11", 255),
+        ns_frame("fe80::1", "fd00:1::11", 64),
+    ] {
+        let (d, _) = r.run(P0, &f);
+        assert!(matches!(d.verdict, Verdict::Flood { .. }), "{d:?}");
+    }
+    // Port security: a global source that is not bound.
+    let (d, _) = r.run(P0, &ns_frame("fd00:1::99", "fd00:1::11", 255));
+    assert_eq!(d.verdict, Verdict::Drop(DropReason::SpoofedIp));
+}

@@ -39,6 +39,8 @@ pub struct Lport {
     pub port: u16,
     pub mac: Option<Mac>,
     pub ips: Vec<Ipv4Addr>,
+    /// Bound IPv6 addresses (ND responder, port security).
+    pub ips6: Vec<std::net::Ipv6Addr>,
     pub port_security: bool,
     /// MACs seen from this port are learned (it has no bound MAC).
     pub learning: bool,
@@ -65,6 +67,8 @@ pub struct Switch {
     pub macs: FastMap<u64, LportId>,
     /// Bound IP → MAC: the ARP responder's answers and the router's neighbors.
     pub arp: FastMap<u32, Mac>,
+    /// Bound IPv6 → MAC: the ND responder's answers.
+    pub nd: FastMap<u128, Mac>,
     pub gateway: Option<Gateway>,
 }
 

@@ -59,7 +59,10 @@ fn desired() -> DesiredState {
                 switch: (*sw).into(),
                 interface: format!("dp{i}"),
                 mac: Some((*mac).into()),
-                ips: vec![ip.split('/').next().unwrap().into()],
+                ips: vec![
+                    ip.split('/').next().unwrap().into(),
+                    format!("fd00:1::1{i}"),
+                ],
                 port_security: true,
             })
             .collect(),
@@ -122,26 +125,39 @@ fn bin() -> &'static str {
 
 impl Lab {
     fn start() -> Lab {
+        Lab::start_with(false)
+    }
+
+    /// `ipv6`: keep IPv6 on and give each VM `fd00:1::1<i>/64`.
+    fn start_with(ipv6: bool) -> Lab {
         let switch = NetnsHost::new("dpsw").unwrap();
         let mut vms = Vec::new();
         for (i, (_, mac, cidr, gw)) in VMS.iter().enumerate() {
             let host = NetnsHost::new(&format!("vm{i}")).unwrap();
             let dp = format!("dp{i}");
             veth_pair(&switch, &dp, &host, "eth0").unwrap();
-            // No IPv6 chatter (RS/MLD floods would muddy the capture checks).
-            host.sh(
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
-            )
-            .unwrap();
             host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
+            if ipv6 {
+                let addr = format!("fd00:1::1{i}/64");
+                host.ip(&["addr", "add", &addr, "dev", "eth0", "nodad"])
+                    .unwrap();
+            } else {
+                // No IPv6 chatter (RS/MLD floods would muddy the capture checks).
+                host.sh(
+                    "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
+                )
+                .unwrap();
+            }
             host.add_addr("eth0", cidr).unwrap();
             host.add_route("default", gw).unwrap();
             // veth pitfall: we do not handle CHECKSUM_PARTIAL frames (no PACKET_VNET_HDR).
             host.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
             switch.exec(&["ethtool", "-K", &dp, "tx", "off"]).unwrap();
-            switch
-                .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
-                .unwrap();
+            if !ipv6 {
+                switch
+                    .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
+                    .unwrap();
+            }
             vms.push(Vm {
                 host,
                 ip: cidr.split('/').next().unwrap(),
@@ -479,4 +495,44 @@ fn trace_over_the_socket() {
     }
     // Tracing sends nothing.
     assert_eq!(lab.stats().port("dp2").unwrap().tx_packets, 0);
+}
+
+#[test]
+fn ipv6_neighbor_discovery_is_answered_by_the_data_plane() {
+    let lab = Lab::start_with(true);
+    let out = lab.vm(0).sh("ping -6 -c 3 -i 0.2 -W 2 fd00:1::11").unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    let stats = lab.stats();
+    assert!(stats.outcomes["nd_replied"] >= 1, "{stats:?}");
+    // A global IPv6 source vm0 does not own is dropped.
+    lab.vm(0)
+        .ip(&["addr", "add", "fd00:1::99/64", "dev", "eth0", "nodad"])
+        .unwrap();
+    let r = lab
+        .vm(0)
+        .capture(&[
+            "ping",
+            "-6",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "fd00:1::99",
+            "fd00:1::11",
+        ])
+        .unwrap();
+    assert!(!r.success, "{r:?}");
+    assert!(
+        lab.stats()
+            .port("dp0")
+            .unwrap()
+            .drops
+            .get("spoofed_ip")
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
 }
