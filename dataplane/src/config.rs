@@ -348,10 +348,10 @@ pub fn compile(
             own_ips.push(ip);
             routes.insert(
                 subnet,
-                Route {
+                vec![Route {
                     switch: sw,
                     next_hop: None,
-                },
+                }],
             );
             if let Some(switch) = switches.get_mut(sw as usize) {
                 switch.arp.insert(u32::from(ip), mac);
@@ -378,13 +378,21 @@ pub fn compile(
                     next_hop: nh,
                 });
             };
-            routes.insert(
-                prefix,
-                Route {
-                    switch: *sw,
-                    next_hop: Some(nh),
-                },
-            );
+            let hop = Route {
+                switch: *sw,
+                next_hop: Some(nh),
+            };
+            // Several static routes for one prefix form an ECMP group.
+            match routes.get_mut(prefix) {
+                Some(group) if group.iter().all(|h: &Route| h.next_hop.is_some()) => {
+                    if !group.contains(&hop) {
+                        group.push(hop);
+                    }
+                }
+                _ => {
+                    routes.insert(prefix, vec![hop]);
+                }
+            }
         }
         routers.push(Router {
             name: r.name.clone(),

@@ -19,7 +19,8 @@
 //!   headers, bounds-checked) → ingress (interface + VLAN → logical port) →
 //!   port security → MAC learning → ARP responder (bindings and gateways,
 //!   answered in place, never flooded) → router (LPM [`lpm::Lpm`], TTL
-//!   decrement with RFC 1624 checksum update, next-hop MAC from bindings, VLAN
+//!   decrement with RFC 1624 checksum update, ECMP over static next hops by
+//!   5-tuple hash, next-hop MAC from bindings, VLAN
 //!   tag push/pop, ICMP time-exceeded / net-unreachable / gateway echo built
 //!   in place) or L2 forward (bound MACs, learned MACs, flood within the switch
 //!   but never back out the ingress interface). Every drop has a reason

@@ -93,6 +93,13 @@ impl<V> Lpm<V> {
             .insert(u32::from(prefix.addr), value)
     }
 
+    /// The value stored for exactly `prefix`.
+    pub fn get_mut(&mut self, prefix: Prefix) -> Option<&mut V> {
+        self.by_len
+            .get_mut(usize::from(prefix.len))?
+            .get_mut(&u32::from(prefix.addr))
+    }
+
     /// The value of the longest prefix containing `ip`.
     // hot path: one hash probe per prefix length in use; no allocation.
     pub fn lookup(&self, ip: Ipv4Addr) -> Option<&V> {

@@ -475,7 +475,14 @@ fn route<T: Tracer>(
             Outcome::IcmpTimeExceeded,
         );
     }
-    let Some(r) = router.routes.lookup(ip.dst) else {
+    let Some(r) = router
+        .routes
+        .lookup(ip.dst)
+        .and_then(|group| match group.len() {
+            1 => group.first().copied(),
+            n => group.get(flow_hash(p, &ip) as usize % n.max(1)).copied(),
+        })
+    else {
         tr.note("router", || {
             format!("no route to {}: ICMP net unreachable to {}", ip.dst, ip.src)
         });
@@ -550,6 +557,22 @@ fn route<T: Tracer>(
         outcome: Some(Outcome::Routed),
         learned: false,
     }
+}
+
+/// Hash of the 5-tuple, for picking an ECMP next hop per flow.
+fn flow_hash(p: &Parsed, ip: &Ipv4Info) -> u32 {
+    use std::hash::Hasher;
+    let (sport, dport) = match p.l4 {
+        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
+        _ => (0, 0),
+    };
+    let mut h = fastmap::FastHasher::default();
+    h.write_u32(u32::from(ip.src));
+    h.write_u32(u32::from(ip.dst));
+    h.write_u16(u16::from(ip.proto));
+    h.write_u32((u32::from(sport) << 16) | u32::from(dport));
+    // The high bits are the best mixed.
+    u32::try_from(h.finish() >> 32).unwrap_or(0)
 }
 
 /// Makes the frame carry `vlan` (0 = untagged), moving the payload by the tag size.

@@ -474,3 +474,62 @@ fn neighbor_solicitation_for_binding_is_answered() {
     let (d, _) = r.run(P0, &ns_frame("fd00:1::99", "fd00:1::11", 255));
     assert_eq!(d.verdict, Verdict::Drop(DropReason::SpoofedIp));
 }
+
+#[test]
+fn ecmp_spreads_flows_and_keeps_each_flow_on_one_hop() {
+    use crate::model::{PortSpec, StaticRouteSpec};
+    let mut state = topology();
+    state.ports.push(PortSpec {
+        name: "vm5".into(),
+        switch: "b".into(),
+        interface: "p3".into(),
+        mac: Some("02:00:00:00:00:05".into()),
+        ips: vec!["10.0.2.11".into()],
+        port_security: true,
+    });
+    state.routers[0].static_routes.push(StaticRouteSpec {
+        prefix: "192.0.2.0/24".into(),
+        next_hop: "10.0.2.11".into(),
+    });
+    let t = compile(&state, &interfaces(), 1).unwrap();
+    let mut learned = Learned::new(0);
+    let mut seen = std::collections::HashMap::new();
+    for sport in 0..64u16 {
+        for _ in 0..2 {
+            let mut udp = [0u8; 8];
+            udp[0..2].copy_from_slice(&(1000 + sport).to_be_bytes());
+            udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+            udp[5] = 8;
+            let f = ipv4(
+                GW_A,
+                VM1,
+                None,
+                ip("10.0.1.10"),
+                ip("192.0.2.9"),
+                64,
+                17,
+                &udp,
+            );
+            let mut buf = vec![0u8; 2048];
+            buf[..f.len()].copy_from_slice(&f);
+            let mut len = f.len();
+            let d = process(&t, &mut learned, P0, &mut buf, &mut len, &mut NoTrace);
+            let Verdict::Unicast { port } = d.verdict else {
+                panic!("{d:?}")
+            };
+            let expect_mac = if port == 2 { VM3 } else { [2, 0, 0, 0, 0, 5] };
+            assert_eq!(&buf[0..6], &expect_mac);
+            assert_eq!(
+                *seen.entry(sport).or_insert(port),
+                port,
+                "a flow changed next hop"
+            );
+        }
+    }
+    let ports: std::collections::HashSet<u16> = seen.values().copied().collect();
+    assert_eq!(
+        ports,
+        [2u16, 3].into_iter().collect(),
+        "both next hops used"
+    );
+}

@@ -72,7 +72,7 @@ pub struct Switch {
     pub gateway: Option<Gateway>,
 }
 
-/// A route's result.
+/// One next hop of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     /// Outgoing switch.
@@ -87,7 +87,8 @@ pub struct Router {
     pub name: String,
     /// Gateway addresses the router owns (answers pings to).
     pub own_ips: Vec<Ipv4Addr>,
-    pub routes: Lpm<Route>,
+    /// Prefix → next hops; more than one is an ECMP group, picked per flow.
+    pub routes: Lpm<Vec<Route>>,
 }
 
 /// One immutable generation of forwarding state.

@@ -65,3 +65,17 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_run_reports_every_scenario_with_its_peer() {
+        let ms = run(Scale::Quick).unwrap();
+        assert_eq!(ms.len(), 6);
+        for m in &ms {
+            assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
+        }
+    }
+}
