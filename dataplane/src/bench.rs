@@ -78,6 +78,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
             name: "a".into(),
             subnet: "10.0.0.0/16".into(),
             vlan: None,
+            subnet6: None,
         }],
         ports: vec![port("src".into(), "a", "gen", SRC, src_ip)],
         routers: vec![],
@@ -102,6 +103,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
             name: "b".into(),
             subnet: "10.1.0.0/16".into(),
             vlan: None,
+            subnet6: None,
         });
         state.routers.push(RouterSpec {
             name: "r".into(),
@@ -110,11 +112,13 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
                     switch: "a".into(),
                     mac: mac_to_string(&GW_A),
                     ip: "10.0.255.254".into(),
+                    ip6: None,
                 },
                 RouterPortSpec {
                     switch: "b".into(),
                     mac: "02:00:00:00:ff:02".into(),
                     ip: "10.1.255.254".into(),
+                    ip6: None,
                 },
             ],
             static_routes: vec![],

@@ -82,6 +82,14 @@ pub enum ConfigError {
         prefix: Prefix,
         next_hop: Ipv4Addr,
     },
+    #[error("{owner}: bad IPv6 prefix or address {value:?}")]
+    BadIpv6 { owner: String, value: String },
+    #[error("Router {router:?}: IPv6 subnets of {first:?} and {second:?} overlap")]
+    OverlappingSubnets6 {
+        router: String,
+        first: String,
+        second: String,
+    },
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -100,6 +108,14 @@ fn parse_unicast_mac(owner: &str, value: &str) -> Result<Mac, ConfigError> {
             owner: owner.to_string(),
             value: value.to_string(),
         })
+}
+
+/// `addr/len` with host bits zero.
+fn parse_prefix6(s: &str) -> Option<(u128, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr = u128::from(addr.parse::<std::net::Ipv6Addr>().ok()?);
+    let len: u8 = len.parse().ok().filter(|l| *l <= 128)?;
+    (addr & crate::tables::mask6(len) == addr).then_some((addr, len))
 }
 
 fn parse_ip(owner: &str, value: &str) -> Result<Ipv4Addr, ConfigError> {
@@ -174,6 +190,16 @@ pub fn compile(
             arp: fastmap::with_capacity(0),
             nd: fastmap::with_capacity(0),
             gateway: None,
+            subnet6: s
+                .subnet6
+                .as_deref()
+                .map(|v| {
+                    parse_prefix6(v).ok_or_else(|| ConfigError::BadIpv6 {
+                        owner: format!("Switch {:?}", s.name),
+                        value: v.to_string(),
+                    })
+                })
+                .transpose()?,
         });
     }
     let switch_of = |owner: &str, name: &str| {
@@ -312,6 +338,8 @@ pub fn compile(
         let rid = u32::try_from(rid).unwrap_or(u32::MAX);
         let mut routes = Lpm::default();
         let mut own_ips = Vec::new();
+        let mut own_ips6 = Vec::new();
+        let mut routes6: Vec<crate::tables::Route6> = Vec::new();
         let mut attached: Vec<(u32, Prefix)> = Vec::new();
         for rp in &r.ports {
             let owner = format!("Router {:?} port on {:?}", r.name, rp.switch);
@@ -353,6 +381,53 @@ pub fn compile(
                     next_hop: None,
                 }],
             );
+            if let Some(v) = &rp.ip6 {
+                let bad = || ConfigError::BadIpv6 {
+                    owner: owner.clone(),
+                    value: v.clone(),
+                };
+                let ip6: std::net::Ipv6Addr = v.parse().map_err(|_| bad())?;
+                let Some((prefix, len)) = switches.get(sw as usize).and_then(|s| s.subnet6) else {
+                    return Err(bad());
+                };
+                if u128::from(ip6) & crate::tables::mask6(len) != prefix {
+                    return Err(bad());
+                }
+                for other in &routes6 {
+                    let l = len.min(other.len);
+                    let m = crate::tables::mask6(l);
+                    if prefix & m == other.prefix & m {
+                        let name = |id: u32| {
+                            switches
+                                .get(id as usize)
+                                .map(|s| s.name.clone())
+                                .unwrap_or_default()
+                        };
+                        return Err(ConfigError::OverlappingSubnets6 {
+                            router: r.name.clone(),
+                            first: name(other.switch),
+                            second: rp.switch.clone(),
+                        });
+                    }
+                }
+                if let Some(first) = ip6_owner.insert((sw, ip6), owner.clone()) {
+                    return Err(ConfigError::DuplicateIp {
+                        switch: rp.switch.clone(),
+                        ip: ip6.into(),
+                        first,
+                        second: owner.clone(),
+                    });
+                }
+                routes6.push(crate::tables::Route6 {
+                    prefix,
+                    len,
+                    switch: sw,
+                });
+                own_ips6.push(ip6);
+                if let Some(switch) = switches.get_mut(sw as usize) {
+                    switch.nd.insert(u128::from(ip6), mac);
+                }
+            }
             if let Some(switch) = switches.get_mut(sw as usize) {
                 switch.arp.insert(u32::from(ip), mac);
                 switch.gateway = Some(Gateway {
@@ -397,6 +472,11 @@ pub fn compile(
         routers.push(Router {
             name: r.name.clone(),
             own_ips,
+            own_ips6,
+            routes6: {
+                routes6.sort_by_key(|r| std::cmp::Reverse(r.len));
+                routes6
+            },
             routes,
         });
     }

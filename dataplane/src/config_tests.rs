@@ -37,11 +37,13 @@ fn every_invalid_reference_is_named() {
         name: "c".into(),
         subnet: "10.0.0.0/16".into(),
         vlan: None,
+        subnet6: None,
     });
     s.routers[0].ports.push(RouterPortSpec {
         switch: "c".into(),
         mac: "02:00:00:00:ff:09".into(),
         ip: "10.0.9.1".into(),
+        ip6: None,
     });
     assert!(matches!(err(&s), ConfigError::OverlappingSubnets { ref router, .. } if router == "r"));
 
@@ -119,4 +121,21 @@ fn desired_state_json_rejects_unknown_fields() {
     let e = serde_json::from_str::<crate::model::DesiredState>(r#"{"switches":[],"bogus":1}"#)
         .unwrap_err();
     assert!(e.to_string().contains("bogus"));
+}
+
+#[test]
+fn ipv6_router_config_is_checked() {
+    let mut s = topology();
+    s.routers[0].ports[0].ip6 = Some("fd00:9::1".into());
+    assert!(matches!(err(&s), ConfigError::BadIpv6 { .. }));
+    let mut s = topology();
+    s.switches[1].subnet6 = Some("fd00:1::/48".into());
+    s.routers[0].ports[1].ip6 = Some("fd00:1:0:1::1".into());
+    assert!(matches!(err(&s), ConfigError::OverlappingSubnets6 { .. }));
+    let mut s = topology();
+    s.switches[0].subnet6 = Some("fd00:1::1/64".into());
+    assert!(matches!(err(&s), ConfigError::BadIpv6 { .. }));
+    let mut s = topology();
+    s.ports[0].ips.push("fd00:1::1".into()); // the gateway's
+    assert!(matches!(err(&s), ConfigError::DuplicateIp { .. }));
 }

@@ -59,8 +59,10 @@
 //! - At most 64 interfaces per data plane; one worker (multi-worker sharding of
 //!   ports is not implemented).
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
-//! - The router is IPv4 only; IPv6 frames are switched at L2 (with port
-//!   security and an ND responder for bound addresses), not routed.
+//! - IPv6: port security, an ND responder (bindings and gateway addresses)
+//!   and forwarding between attached subnets (hop-limit decrement); no IPv6
+//!   static routes, no ICMPv6 errors (expiring hop limits are dropped and
+//!   counted).
 pub mod afpacket;
 pub mod bench;
 pub mod config;

@@ -30,6 +30,9 @@ pub struct SwitchSpec {
     /// 1..=4094; absent for untagged.
     #[serde(default)]
     pub vlan: Option<u16>,
+    /// Optional IPv6 prefix (`fd00:1::/64`) for IPv6 routing.
+    #[serde(default)]
+    pub subnet6: Option<String>,
 }
 
 /// A logical port: a VM NIC (or uplink) attached to a switch through a
@@ -76,6 +79,9 @@ pub struct RouterPortSpec {
     pub mac: String,
     /// Gateway IPv4 address inside the switch's subnet.
     pub ip: String,
+    /// Gateway IPv6 address inside the switch's `subnet6` (answered by ND).
+    #[serde(default)]
+    pub ip6: Option<String>,
 }
 
 /// `prefix` is reached via `next_hop`, a host on an attached subnet.

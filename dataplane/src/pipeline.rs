@@ -422,9 +422,13 @@ fn route<T: Tracer>(
     len: &mut usize,
     tr: &mut T,
 ) -> Decision {
-    let L3::Ipv4(ip) = p.l3 else {
-        tr.note("router", || "drop: only IPv4 is routed".into());
-        return drop_(DropReason::RouterNotIpv4);
+    let ip = match p.l3 {
+        L3::Ipv4(ip) => ip,
+        L3::Ipv6(ip6) => return route6(t, learned, p, &ip6, gw, buf, len, tr),
+        _ => {
+            tr.note("router", || "drop: not IP".into());
+            return drop_(DropReason::RouterNotIpv4);
+        }
     };
     let l3 = p.l3_offset;
     let header_ok = l3
@@ -549,6 +553,88 @@ fn route<T: Tracer>(
             ip.ttl - 1,
             mac_to_string(&out_gw.mac),
             mac_to_string(&nh_mac),
+            out.name
+        )
+    });
+    Decision {
+        verdict: Verdict::Unicast { port: out.port },
+        outcome: Some(Outcome::Routed),
+        learned: false,
+    }
+}
+
+/// IPv6 forwarding over connected subnets: hop-limit decrement (IPv6 has no
+/// header checksum), next-hop MAC from bindings, VLAN fix-up.
+#[allow(clippy::too_many_arguments)]
+fn route6<T: Tracer>(
+    t: &Tables,
+    learned: &Learned,
+    p: &Parsed,
+    ip6: &crate::packet::parse::Ipv6Info,
+    gw: &Gateway,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Decision {
+    let Some(router) = t.routers.get(gw.router as usize) else {
+        return drop_(DropReason::RouterNotIpv4);
+    };
+    if router.own_ips6.contains(&ip6.dst) {
+        tr.note("router", || {
+            format!("drop: to gateway {} (not answered)", ip6.dst)
+        });
+        return drop_(DropReason::RouterLocalUnsupported);
+    }
+    if ip6.hop_limit <= 1 {
+        tr.note("router", || {
+            "drop: hop limit expires (no ICMPv6 error yet)".into()
+        });
+        return drop_(DropReason::HopLimitExceeded);
+    }
+    let dst = u128::from(ip6.dst);
+    let Some(r) = router
+        .routes6
+        .iter()
+        .find(|r| dst & crate::tables::mask6(r.len) == r.prefix)
+    else {
+        tr.note("router", || format!("drop: no IPv6 route to {}", ip6.dst));
+        return drop_(DropReason::NoRoute6);
+    };
+    let Some(out_sw) = t.switches.get(r.switch as usize) else {
+        return drop_(DropReason::NoNeighbor);
+    };
+    let nh_mac = out_sw.nd.get(&dst).copied();
+    let out = nh_mac.and_then(|m| {
+        out_sw
+            .macs
+            .get(&mac_key(&m))
+            .copied()
+            .or_else(|| learned.lookup(r.switch, &m))
+    });
+    let (Some(nh_mac), Some(out), Some(out_gw)) = (
+        nh_mac,
+        out.and_then(|o| t.lports.get(o as usize)),
+        out_sw.gateway,
+    ) else {
+        tr.note("router", || {
+            format!("drop: {} has no bound MAC/port", ip6.dst)
+        });
+        return drop_(DropReason::NoNeighbor);
+    };
+    if !(put(buf, p.l3_offset + 7, &[ip6.hop_limit - 1])
+        && set_vlan(buf, len, p.vlan.is_some(), out_sw.vlan)
+        && put(buf, 0, &nh_mac)
+        && put(buf, 6, &out_gw.mac))
+    {
+        return drop_(DropReason::Oversize);
+    }
+    tr.note("router", || {
+        format!(
+            "IPv6 {} → switch {:?} hop limit {} → {} via {:?}",
+            ip6.dst,
+            out_sw.name,
+            ip6.hop_limit,
+            ip6.hop_limit - 1,
             out.name
         )
     });

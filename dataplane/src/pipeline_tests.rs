@@ -533,3 +533,37 @@ fn ecmp_spreads_flows_and_keeps_each_flow_on_one_hop() {
         "both next hops used"
     );
 }
+
+fn ipv6_udp(dst: Mac, src: Mac, sip: &str, dip: &str, hop: u8) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, hop]);
+    f.extend_from_slice(&sip.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&dip.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&[0x30, 0x39, 0, 53, 0, 8, 0, 0]);
+    f
+}
+
+#[test]
+fn routes_ipv6_across_subnets() {
+    let mut r = Rig::new();
+    // vm2 (fd00:1::11) → vm3 (fd00:2::10) through the router.
+    let f = ipv6_udp(GW_A, VM2, "fd00:1::11", "fd00:2::10", 64);
+    let (d, out) = r.run(1, &f);
+    assert_eq!(d.verdict, Verdict::Unicast { port: 2 });
+    assert_eq!((&out[0..6], &out[6..12]), (&VM3[..], &GW_B[..]));
+    let L3::Ipv6(ip6) = parse(&out).unwrap().l3 else {
+        panic!()
+    };
+    assert_eq!(ip6.hop_limit, 63);
+    assert_eq!(&out[22..], &f[22..], "addresses and payload untouched");
+    let (d, _) = r.run(1, &ipv6_udp(GW_A, VM2, "fd00:1::11", "fd00:2::10", 1));
+    assert_eq!(d.verdict, Verdict::Drop(DropReason::HopLimitExceeded));
+    let (d, _) = r.run(1, &ipv6_udp(GW_A, VM2, "fd00:1::11", "fd00:9::1", 64));
+    assert_eq!(d.verdict, Verdict::Drop(DropReason::NoRoute6));
+    // The gateway's IPv6 address is answered by the ND responder.
+    let (d, out) = r.run(P0, &ns_frame("fe80::1", "fd00:1::1", 255));
+    assert_eq!(d.outcome, Some(Outcome::NdReplied));
+    assert_eq!(&out[6..12], &GW_A);
+}

@@ -70,6 +70,8 @@ pub struct Switch {
     /// Bound IPv6 → MAC: the ND responder's answers.
     pub nd: FastMap<u128, Mac>,
     pub gateway: Option<Gateway>,
+    /// IPv6 prefix as (address bits, length).
+    pub subnet6: Option<(u128, u8)>,
 }
 
 /// One next hop of a route.
@@ -81,12 +83,33 @@ pub struct Route {
     pub next_hop: Option<Ipv4Addr>,
 }
 
+/// A connected IPv6 route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route6 {
+    pub prefix: u128,
+    pub len: u8,
+    pub switch: SwitchId,
+}
+
+/// The network mask of an IPv6 prefix length (0..=128).
+pub fn mask6(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        1..=128 => u128::MAX << (128 - u32::from(len)),
+        _ => u128::MAX,
+    }
+}
+
 /// A compiled logical router.
 #[derive(Debug, Clone)]
 pub struct Router {
     pub name: String,
     /// Gateway addresses the router owns (answers pings to).
     pub own_ips: Vec<Ipv4Addr>,
+    /// Gateway IPv6 addresses the router owns.
+    pub own_ips6: Vec<std::net::Ipv6Addr>,
+    /// Attached IPv6 subnets (connected routes), longest prefix first.
+    pub routes6: Vec<Route6>,
     /// Prefix → next hops; more than one is an ECMP group, picked per flow.
     pub routes: Lpm<Vec<Route>>,
 }

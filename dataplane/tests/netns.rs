@@ -37,6 +37,11 @@ const VMS: [(&str, &str, &str, &str); 4] = [
     ("a", "02:00:00:00:00:12", "10.0.1.12/24", "10.0.1.1"),
 ];
 
+/// VM `i`'s IPv6 address: `fd00:<1 for a, 2 for b>::1<i>`.
+fn ip6_of(switch: &str, i: usize) -> String {
+    format!("fd00:{}::1{i}", if switch == "b" { 2 } else { 1 })
+}
+
 fn desired() -> DesiredState {
     DesiredState {
         switches: vec![
@@ -44,11 +49,13 @@ fn desired() -> DesiredState {
                 name: "a".into(),
                 subnet: "10.0.1.0/24".into(),
                 vlan: None,
+                subnet6: Some("fd00:1::/64".into()),
             },
             SwitchSpec {
                 name: "b".into(),
                 subnet: "10.0.2.0/24".into(),
                 vlan: None,
+                subnet6: Some("fd00:2::/64".into()),
             },
         ],
         ports: VMS
@@ -59,10 +66,7 @@ fn desired() -> DesiredState {
                 switch: (*sw).into(),
                 interface: format!("dp{i}"),
                 mac: Some((*mac).into()),
-                ips: vec![
-                    ip.split('/').next().unwrap().into(),
-                    format!("fd00:1::1{i}"),
-                ],
+                ips: vec![ip.split('/').next().unwrap().into(), ip6_of(sw, i)],
                 port_security: true,
             })
             .collect(),
@@ -73,11 +77,13 @@ fn desired() -> DesiredState {
                     switch: "a".into(),
                     mac: "02:00:00:00:ff:01".into(),
                     ip: "10.0.1.1".into(),
+                    ip6: Some("fd00:1::1".into()),
                 },
                 RouterPortSpec {
                     switch: "b".into(),
                     mac: "02:00:00:00:ff:02".into(),
                     ip: "10.0.2.1".into(),
+                    ip6: Some("fd00:2::1".into()),
                 },
             ],
             static_routes: vec![],
@@ -132,13 +138,13 @@ impl Lab {
     fn start_with(ipv6: bool) -> Lab {
         let switch = NetnsHost::new("dpsw").unwrap();
         let mut vms = Vec::new();
-        for (i, (_, mac, cidr, gw)) in VMS.iter().enumerate() {
+        for (i, (sw, mac, cidr, gw)) in VMS.iter().enumerate() {
             let host = NetnsHost::new(&format!("vm{i}")).unwrap();
             let dp = format!("dp{i}");
             veth_pair(&switch, &dp, &host, "eth0").unwrap();
             host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
             if ipv6 {
-                let addr = format!("fd00:1::1{i}/64");
+                let addr = format!("{}/64", ip6_of(sw, i));
                 host.ip(&["addr", "add", &addr, "dev", "eth0", "nodad"])
                     .unwrap();
             } else {
@@ -200,11 +206,27 @@ impl Lab {
         &self.vms[i].host
     }
 
-    fn stats(&self) -> StatsSnapshot {
+    fn stats_now(&self) -> StatsSnapshot {
         match request(&self.socket, &Request::Stats).unwrap() {
             Response::Stats { stats } => stats,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Counters once they settle: a worker folds its counts after each round,
+    /// so a snapshot taken right after the last packet (on a busy machine,
+    /// with the worker preempted) may still miss that round.
+    fn stats(&self) -> StatsSnapshot {
+        let mut last = self.stats_now();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.stats_now();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     fn ping(&self, from: usize, to: &str) -> String {
@@ -468,6 +490,7 @@ fn config_changes_keep_tcp_alive_and_invalid_config_is_rejected() {
             name: format!("extra{round}"),
             subnet: format!("10.9.{round}.0/24"),
             vlan: None,
+            subnet6: None,
         });
         match request(
             &lab.socket,
@@ -561,4 +584,20 @@ fn ipv6_neighbor_discovery_is_answered_by_the_data_plane() {
             .unwrap_or(0)
             >= 1
     );
+}
+
+#[test]
+fn ipv6_routed_across_subnets() {
+    let lab = Lab::start_with(true);
+    for (i, gw) in [(0, "fd00:1::1"), (2, "fd00:2::1")] {
+        lab.vm(i)
+            .ip(&["-6", "route", "add", "default", "via", gw])
+            .unwrap();
+    }
+    let out = lab.vm(0).sh("ping -6 -c 3 -i 0.2 -W 2 fd00:2::12").unwrap();
+    assert!(out.contains("3 received"), "{out}");
+    // vm2 replies with hop limit 64; the router takes one off.
+    assert!(out.contains("ttl=63"), "{out}");
+    let stats = lab.stats();
+    assert!(stats.outcomes["routed"] >= 6, "{stats:?}");
 }
