@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 UP_PACKAGES=(gcc libc6-dev pkg-config ca-certificates)
 # Packages the test fixtures need: namespaces, QEMU guests, vhost-user peers.
 TEST_PACKAGES=("${UP_PACKAGES[@]}" iproute2 iputils-ping procps util-linux
-    qemu-system-x86 qemu-system-common busybox-static linux-image-amd64 xz-utils)
+    qemu-system-x86 qemu-system-common busybox-static linux-image-amd64 xz-utils
+    ethtool tcpdump)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'keel.sh: error: %s\n' "$*" >&2; exit 1; }

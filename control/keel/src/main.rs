@@ -49,6 +49,8 @@ enum Command {
     },
     /// Print the OpenAPI document of the REST API.
     Openapi,
+    /// Run the VPC data plane on the named interfaces (control: --socket).
+    Dataplane(keel_dataplane::daemon::DaemonArgs),
     /// Run a benchmark suite (list them with `keel bench list`).
     Bench {
         /// Suite name, or `list`.
@@ -106,6 +108,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
+        Command::Dataplane(args) => keel_dataplane::daemon::run(args)?,
     }
     Ok(())
 }

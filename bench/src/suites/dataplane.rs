@@ -1,0 +1,81 @@
+//! `dataplane`: packets through the VPC data plane's worker on one core,
+//! in-memory generator → worker → sink with 64-byte frames, against the peer
+//! generator → sink with no pipeline (the ceiling of the in-memory ports).
+//! The ratio is the share of the I/O ceiling the pipeline keeps.
+//!
+//! Rounds of keel and peer alternate so noise hits both alike.
+
+use keel_dataplane::bench::{run_baseline, run_pipeline, Run, Scenario};
+
+use crate::{BenchError, Measurement, Scale, Suite};
+
+pub const SUITE: Suite = Suite {
+    name: "dataplane",
+    about: "VPC data plane: L2 switching and routing, Mpps vs. generator→sink I/O ceiling",
+    run,
+};
+
+const PEER: &str = "generator→sink, no pipeline (I/O ceiling)";
+const ROUNDS: u64 = 5;
+
+fn total(runs: &[Run]) -> Run {
+    Run {
+        generated: runs.iter().map(|r| r.generated).sum(),
+        delivered: runs.iter().map(|r| r.delivered).sum(),
+        seconds: runs.iter().map(|r| r.seconds).sum(),
+    }
+}
+
+fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
+    let per_round = match scale {
+        Scale::Quick => 100_000,
+        Scale::Full => 4_000_000,
+    };
+    let scenarios = [
+        ("L2 switching, 1 MAC", Scenario::L2 { macs: 1 }),
+        ("L2 switching, 10k MACs", Scenario::L2 { macs: 10_000 }),
+        (
+            "L2 → router → L2, 256 hosts",
+            Scenario::Routed { hosts: 256 },
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, s) in scenarios {
+        let (mut keel, mut peer) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            keel.push(
+                run_pipeline(s, per_round).map_err(|e| BenchError::Io(std::io::Error::other(e)))?,
+            );
+            peer.push(run_baseline(s, per_round));
+        }
+        let (keel, peer) = (total(&keel), total(&peer));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, keel.mpps())
+                .with_peer(PEER, peer.mpps()),
+        );
+        out.push(
+            Measurement::new(
+                &format!("{name}: cost"),
+                "ns/packet",
+                false,
+                keel.ns_per_packet(),
+            )
+            .with_peer(PEER, peer.ns_per_packet()),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_run_reports_every_scenario_with_its_peer() {
+        let ms = run(Scale::Quick).unwrap();
+        assert_eq!(ms.len(), 6);
+        for m in &ms {
+            assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
+        }
+    }
+}

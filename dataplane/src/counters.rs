@@ -1,0 +1,221 @@
+//! Counters: one per outcome and one per drop reason, per interface.
+//!
+//! Workers count into plain arrays and fold them into the shared atomics once
+//! per polling round (Cloud Hypervisor's queue-pair pattern), so the hot path
+//! never touches a shared cache line per packet.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::packet::ParseError;
+
+macro_rules! counted_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant,)* }
+        impl $name {
+            /// Every variant, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+            /// Number of variants.
+            pub const COUNT: usize = Self::ALL.len();
+            /// Counter name.
+            pub fn name(self) -> &'static str {
+                match self { $($name::$variant => $text,)* }
+            }
+            /// Counter index.
+            pub fn index(self) -> usize { self as usize }
+        }
+    };
+}
+
+counted_enum!(
+    /// Why a frame was dropped.
+    DropReason {
+        MalformedEthernet => "malformed_ethernet",
+        MalformedVlan => "malformed_vlan",
+        MalformedArp => "malformed_arp",
+        MalformedIpv4 => "malformed_ipv4",
+        MalformedIpv6 => "malformed_ipv6",
+        MalformedL4 => "malformed_l4",
+        Oversize => "oversize",
+        UnknownIngress => "unknown_ingress",
+        SpoofedMac => "spoofed_mac",
+        SpoofedIp => "spoofed_ip",
+        Hairpin => "hairpin",
+        RouterNotIpv4 => "router_not_ip",
+        HopLimitExceeded => "hop_limit_exceeded",
+        NoRoute6 => "no_route_ipv6",
+        BadIpv4Checksum => "bad_ipv4_checksum",
+        RouterLocalUnsupported => "router_local_unsupported",
+        NoNeighbor => "no_neighbor",
+        IcmpErrorSuppressed => "icmp_error_suppressed",
+        TxFailed => "tx_failed",
+    }
+);
+
+counted_enum!(
+    /// What the pipeline did with a frame that was not dropped.
+    Outcome {
+        L2Unicast => "l2_unicast",
+        L2Flood => "l2_flood",
+        ArpReplied => "arp_replied",
+        NdReplied => "nd_replied",
+        Routed => "routed",
+        RouterEchoReplied => "router_echo_replied",
+        IcmpTimeExceeded => "icmp_time_exceeded_sent",
+        IcmpNetUnreachable => "icmp_net_unreachable_sent",
+        MacLearned => "mac_learned",
+    }
+);
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> DropReason {
+        match e {
+            ParseError::TruncatedEthernet => DropReason::MalformedEthernet,
+            ParseError::TruncatedVlan | ParseError::StackedVlan => DropReason::MalformedVlan,
+            ParseError::TruncatedArp | ParseError::UnsupportedArp => DropReason::MalformedArp,
+            ParseError::TruncatedIpv4 | ParseError::BadIpv4Header | ParseError::BadIpv4Length => {
+                DropReason::MalformedIpv4
+            }
+            ParseError::TruncatedIpv6 | ParseError::BadIpv6Length => DropReason::MalformedIpv6,
+            ParseError::TruncatedL4 => DropReason::MalformedL4,
+        }
+    }
+}
+
+/// A worker's private counts for one interface.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalPortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Default for LocalPortCounters {
+    fn default() -> Self {
+        LocalPortCounters {
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            drops: [0; DropReason::COUNT],
+        }
+    }
+}
+
+/// Shared counters of one interface.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub drops: [AtomicU64; DropReason::COUNT],
+}
+
+/// Shared counters of a data plane.
+#[derive(Debug)]
+pub struct Stats {
+    pub interfaces: Vec<String>,
+    pub ports: Vec<PortCounters>,
+    pub outcomes: [AtomicU64; Outcome::COUNT],
+}
+
+fn add(counter: &AtomicU64, value: &mut u64) {
+    if *value != 0 {
+        counter.fetch_add(*value, Ordering::Relaxed);
+        *value = 0;
+    }
+}
+
+impl Stats {
+    /// Zeroed counters for these interfaces.
+    pub fn new(interfaces: &[String]) -> Stats {
+        Stats {
+            interfaces: interfaces.to_vec(),
+            ports: interfaces.iter().map(|_| PortCounters::default()).collect(),
+            outcomes: Default::default(),
+        }
+    }
+
+    /// Adds and zeroes a worker's local counts (once per polling round).
+    pub fn fold(&self, ports: &mut [LocalPortCounters], outcomes: &mut [u64; Outcome::COUNT]) {
+        for (shared, local) in self.ports.iter().zip(ports.iter_mut()) {
+            add(&shared.rx_packets, &mut local.rx_packets);
+            add(&shared.rx_bytes, &mut local.rx_bytes);
+            add(&shared.tx_packets, &mut local.tx_packets);
+            add(&shared.tx_bytes, &mut local.tx_bytes);
+            for (s, l) in shared.drops.iter().zip(local.drops.iter_mut()) {
+                add(s, l);
+            }
+        }
+        for (s, l) in self.outcomes.iter().zip(outcomes.iter_mut()) {
+            add(s, l);
+        }
+    }
+
+    /// A serialisable copy (zero drop counters omitted).
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            ports: self
+                .interfaces
+                .iter()
+                .zip(&self.ports)
+                .map(|(name, c)| PortSnapshot {
+                    interface: name.clone(),
+                    rx_packets: get(&c.rx_packets),
+                    rx_bytes: get(&c.rx_bytes),
+                    tx_packets: get(&c.tx_packets),
+                    tx_bytes: get(&c.tx_bytes),
+                    drops: DropReason::ALL
+                        .iter()
+                        .filter_map(|r| {
+                            let n = c.drops.get(r.index()).map_or(0, get);
+                            (n != 0).then(|| (r.name().to_string(), n))
+                        })
+                        .collect(),
+                })
+                .collect(),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        o.name().to_string(),
+                        self.outcomes.get(o.index()).map_or(0, get),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Counters of one interface, as reported.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PortSnapshot {
+    pub interface: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Drop reason → count (non-zero only).
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// All counters, as reported.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub ports: Vec<PortSnapshot>,
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+}
+
+impl StatsSnapshot {
+    /// Counters of one interface.
+    pub fn port(&self, interface: &str) -> Option<&PortSnapshot> {
+        self.ports.iter().find(|p| p.interface == interface)
+    }
+}

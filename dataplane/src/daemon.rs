@@ -1,0 +1,108 @@
+//! `keel dataplane`: the data plane as a process. Opens AF_PACKET ports on
+//! the named interfaces, applies an optional JSON desired state, runs one
+//! worker thread and serves the control socket.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::afpacket::AfPacketPort;
+use crate::config::{ConfigError, ConfigHandle};
+use crate::control::Controller;
+use crate::counters::Stats;
+use crate::engine::Worker;
+use crate::model::DesiredState;
+use crate::port::{Port, PortError};
+
+/// Command-line options of `keel dataplane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Interface to forward on (repeat the option); must exist in this namespace.
+    #[arg(long = "interface", required = true)]
+    pub interfaces: Vec<String>,
+    /// Desired state (JSON) to apply at start.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Unix socket serving apply / get / stats / trace requests.
+    #[arg(long)]
+    pub socket: PathBuf,
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("Open port")]
+    OpenPort(#[source] PortError),
+    #[error("Read config {path}")]
+    ReadConfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Parse config {path}")]
+    ParseConfig {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Apply config")]
+    ApplyConfig(#[source] ConfigError),
+    #[error("Bind control socket {path}")]
+    BindSocket {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Spawn worker")]
+    SpawnWorker(#[source] std::io::Error),
+}
+
+/// Runs until killed.
+pub fn run(args: DaemonArgs) -> Result<(), DaemonError> {
+    let mut ports: Vec<Box<dyn Port>> = Vec::with_capacity(args.interfaces.len());
+    for name in &args.interfaces {
+        ports.push(Box::new(
+            AfPacketPort::open(name).map_err(DaemonError::OpenPort)?,
+        ));
+    }
+    let config = ConfigHandle::new(args.interfaces.clone());
+    if let Some(path) = &args.config {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ReadConfig {
+            path: shown.clone(),
+            source,
+        })?;
+        let state: DesiredState =
+            serde_json::from_str(&text).map_err(|source| DaemonError::ParseConfig {
+                path: shown,
+                source,
+            })?;
+        config.apply(state).map_err(DaemonError::ApplyConfig)?;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket).map_err(|source| DaemonError::BindSocket {
+        path: args.socket.display().to_string(),
+        source,
+    })?;
+    let stats = Arc::new(Stats::new(&args.interfaces));
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = Worker::new(ports, config.tables(), Arc::clone(&stats));
+    let _worker = worker.spawn(stop).map_err(DaemonError::SpawnWorker)?;
+    tracing::info!(interfaces = ?args.interfaces, socket = %args.socket.display(), "data plane running");
+    let controller = Controller { config, stats };
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let c = controller.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = c.serve(stream) {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "control accept failed"),
+        }
+    }
+    Ok(())
+}
