@@ -1,6 +1,16 @@
-//! The bootable keel appliance image for compute hosts, and guest boot
-//! firmware selection.
+//! The bootable keel appliance image for compute hosts.
 //!
-//! Empty until the appliance-image issue fills it. The test guest image that
-//! integration tests boot lives in `keel-testkit`, not here: it is a fixture,
-//! not something keel ships.
+//! # Design
+//! - [`cpio`]: a reproducible newc writer ([`cpio::CpioTree`] sorts entries,
+//!   fixes ownership and mtimes) shared by the appliance image and the test
+//!   guest image in `keel-testkit`.
+//! - [`kernel`]: finding Debian's kernel and resolving modules through
+//!   `modules.dep`.
+//!
+//! # Assumptions
+//! The build host runs Debian 12 with the packages `keel.sh` lists
+//! (linux-image-amd64, busybox-static, ...): every file in an image comes
+//! from an installed Debian package or from keel itself.
+
+pub mod cpio;
+pub mod kernel;
