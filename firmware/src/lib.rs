@@ -12,5 +12,8 @@
 //! (linux-image-amd64, busybox-static, ...): every file in an image comes
 //! from an installed Debian package or from keel itself.
 
+pub mod appliance;
 pub mod cpio;
+pub mod disk;
+pub mod guest_firmware;
 pub mod kernel;

@@ -1,0 +1,414 @@
+//! The appliance image, built and booted for real: twice-built images are
+//! byte-identical; the kernel + initramfs pair (QEMU direct-kernel boot)
+//! and the UEFI disk image (OVMF) both boot to a keel API that answers on a
+//! forwarded loopback port; the state partition keeps keel's identity
+//! across a power cycle.
+//!
+//! Needs the `keel` binary built (`cargo build -p keel`, done by
+//! `cargo test --workspace`), QEMU, OVMF and the image tools from keel.sh's
+//! TEST_PACKAGES. The image is cached under `target/keel-firmware/`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use keel_firmware::appliance::{self, ImageConfig, ImageReport};
+use keel_testkit::{keel_bin, target_dir, Accel};
+
+/// Boot to API-ready takes ~10 s direct and ~30 s through OVMF under TCG
+/// on an idle machine; CI builds and boots in parallel.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(90);
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
+fn config(out: &Path) -> ImageConfig {
+    let bin = keel_bin();
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p keel)",
+        bin.display()
+    );
+    let mut config = ImageConfig::new(out, &bin).unwrap();
+    config.source_date_epoch = 1_700_000_000;
+    config
+}
+
+/// The image every boot test uses: built once per test process, and
+/// across runs cached under target/ by its inputs' cache key.
+fn image() -> &'static (PathBuf, ImageReport) {
+    static IMAGE: OnceLock<(PathBuf, ImageReport)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = target_dir().join("keel-firmware");
+        fs::create_dir_all(&root).unwrap();
+        let lock = File::create(root.join("build.lock")).unwrap();
+        lock.lock().unwrap();
+        let probe = config(&root);
+        let dir = root.join(format!("image-{}", probe.cache_key()));
+        let mut config = probe;
+        config.out_dir = dir.clone();
+        let report = appliance::build_cached(&config).unwrap();
+        println!("{report}");
+        (dir, report)
+    })
+}
+
+#[test]
+fn image_builds_byte_identical_from_the_same_inputs() {
+    let (cached, first) = image();
+    let fresh = tempfile::tempdir().unwrap();
+    let mut config = config(fresh.path());
+    config.out_dir = fresh.path().to_owned();
+    let second = appliance::build(&config).unwrap();
+    assert_eq!(first.digest, second.digest);
+    for name in ["vmlinuz", "initramfs.img", "keel.ipxe", "disk.img"] {
+        let a = fs::read(cached.join(name)).unwrap();
+        let b = fs::read(fresh.path().join(name)).unwrap();
+        assert!(a == b, "{name} differs between two builds");
+    }
+    // A different SOURCE_DATE_EPOCH is a different input: different bytes.
+    let other = tempfile::tempdir().unwrap();
+    let mut config = config.clone();
+    config.out_dir = other.path().to_owned();
+    config.source_date_epoch += 1;
+    config.disk = false;
+    let third = appliance::build(&config).unwrap();
+    assert_ne!(third.digest, first.digest);
+}
+
+#[test]
+fn initramfs_holds_the_appliance_and_nothing_to_log_in_with() {
+    let (dir, _) = image();
+    let cpio = zstd::decode_all(File::open(dir.join("initramfs.img")).unwrap()).unwrap();
+    let mut names = Vec::new();
+    let mut rest = &cpio[..];
+    loop {
+        let reader = cpio::newc::Reader::new(rest).unwrap();
+        if reader.entry().is_trailer() {
+            break;
+        }
+        assert_eq!(reader.entry().uid(), 0);
+        assert_eq!(reader.entry().mtime(), 1_700_000_000);
+        names.push(reader.entry().name().to_owned());
+        rest = reader.finish().unwrap();
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for needed in [
+        "init",
+        "usr/bin/keel",
+        "sbin/ip",
+        "lib64/ld-linux-x86-64.so.2",
+        "lib/x86_64-linux-gnu/libc.so.6",
+        "lib/modules/virtio_net.ko",
+        "lib/modules/ext4.ko",
+        "lib/modules/crc32c_generic.ko",
+        "etc/inittab",
+        "etc/keel/rc.sysinit",
+        "etc/acpi/PWRF/00000080",
+    ] {
+        assert!(names.contains(&needed), "{needed} missing from the image");
+    }
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "entries are written in path order");
+    let inittab =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("rootfs/inittab")).unwrap();
+    assert!(
+        !inittab
+            .lines()
+            .any(|l| !l.starts_with('#') && l.contains("getty")),
+        "no login prompt on any console"
+    );
+}
+
+#[test]
+fn direct_kernel_boot_serves_the_api_and_keeps_state_across_a_power_cycle() {
+    let (dir, report) = image();
+    let run = tempfile::tempdir().unwrap();
+    // A private copy: the state partition on it is written.
+    let disk = run.path().join("disk.img");
+    fs::copy(dir.join("disk.img"), &disk).unwrap();
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let boot = |label: &str| {
+        Vm::start(
+            label,
+            &[
+                "-kernel".into(),
+                dir.join("vmlinuz").display().to_string(),
+                "-initrd".into(),
+                dir.join("initramfs.img").display().to_string(),
+                "-append".into(),
+                report.cmdline.clone(),
+                "-drive".into(),
+                drive.clone(),
+            ],
+        )
+    };
+
+    let mut vm = boot("direct-1");
+    vm.wait_api();
+    let first_id = vm.instance_id();
+    let console = vm.console();
+    assert!(
+        console.contains("keel-init: state on /dev/vda2 (persistent)"),
+        "{console}"
+    );
+    assert!(
+        console.contains("keel-init: eth0: dhcp 10.0.2.15/24"),
+        "{console}"
+    );
+    assert!(
+        console.contains("keel-init: root file system is read-only"),
+        "{console}"
+    );
+    assert!(!console.contains("login:"), "{console}");
+    vm.power_button_and_wait();
+    assert!(
+        vm.console().contains("keel-init: stopped"),
+        "{}",
+        vm.console()
+    );
+
+    let mut vm = boot("direct-2");
+    vm.wait_api();
+    assert_eq!(
+        vm.instance_id(),
+        first_id,
+        "state partition kept keel's identity"
+    );
+    vm.power_button_and_wait();
+}
+
+#[test]
+fn direct_kernel_boot_with_a_static_address_and_no_state_disk() {
+    let (dir, report) = image();
+    // QEMU's user network is 10.0.2.0/24 with its gateway at .2; hostfwd
+    // forwards to .15, the address its DHCP server would have handed out.
+    let cmdline = format!("{} keel.ip=10.0.2.15/24 keel.gw=10.0.2.2", report.cmdline);
+    let mut vm = Vm::start(
+        "direct-static",
+        &[
+            "-kernel".into(),
+            dir.join("vmlinuz").display().to_string(),
+            "-initrd".into(),
+            dir.join("initramfs.img").display().to_string(),
+            "-append".into(),
+            cmdline,
+        ],
+    );
+    vm.wait_api();
+    let console = vm.console();
+    assert!(
+        console.contains("keel-init: eth0: static 10.0.2.15/24 via 10.0.2.2"),
+        "{console}"
+    );
+    assert!(console.contains("keel-init: state on tmpfs"), "{console}");
+    assert!(!console.contains("udhcpc"), "{console}");
+    vm.power_button_and_wait();
+}
+
+#[test]
+fn uefi_disk_image_boots_with_ovmf_and_serves_the_api() {
+    let (dir, _) = image();
+    let run = tempfile::tempdir().unwrap();
+    let disk = run.path().join("disk.img");
+    fs::copy(dir.join("disk.img"), &disk).unwrap();
+    let vars = run.path().join("OVMF_VARS.fd");
+    fs::copy(OVMF_VARS, &vars).unwrap();
+    let mut vm = Vm::start(
+        "uefi",
+        &[
+            "-drive".into(),
+            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,file={}", vars.display()),
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio", disk.display()),
+        ],
+    );
+    vm.wait_api();
+    let console = vm.console();
+    assert!(
+        console.contains("keel-init: state on /dev/vda2 (persistent)"),
+        "{console}"
+    );
+    vm.power_button_and_wait();
+}
+
+/// A QEMU VM with its serial console captured, QMP on a socket and the
+/// guest's port 8080 forwarded to a free loopback port; killed on drop.
+struct Vm {
+    child: Child,
+    console: Arc<Mutex<Vec<u8>>>,
+    qmp: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Vm {
+    fn start(label: &str, boot_args: &[String]) -> Vm {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("keel-fw-{label}-"))
+            .tempdir()
+            .unwrap();
+        let qmp = dir.path().join("qmp.sock");
+        let port = free_port();
+        let accel = match Accel::detect().unwrap() {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        };
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-machine", "q35", "-m", "1024", "-smp", "1"])
+            .args(accel)
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-nic")
+            .arg(format!(
+                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:8080"
+            ))
+            .args(boot_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; the child only asks to be
+        // killed when the test thread that spawned it dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let console = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let console = console.clone();
+            std::thread::spawn(move || {
+                let mut pipe = pipe;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    console.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Vm {
+            child,
+            console,
+            qmp,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Polls `GET /healthz` on the forwarded port until it answers 200.
+    fn wait_api(&mut self) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Ok(response) = agent.get(&self.url("/healthz")).call() {
+                assert_eq!(response.status(), 200);
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "QEMU exited ({status}) before the API answered:\n{}",
+                    self.console()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "API not up after {BOOT_TIMEOUT:?}:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn instance_id(&self) -> String {
+        let body: serde_json::Value = ureq::get(&self.url("/api/v1/version"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        body["instance_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Presses the ACPI power button through QMP and waits for the guest to
+    /// power off (acpid → poweroff → init stops keel).
+    fn power_button_and_wait(&mut self) -> ExitStatus {
+        let mut qmp = UnixStream::connect(&self.qmp).unwrap();
+        let mut reader = BufReader::new(qmp.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap(); // greeting
+        for command in ["qmp_capabilities", "system_powerdown"] {
+            writeln!(qmp, "{{\"execute\":\"{command}\"}}").unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if line.contains("\"return\"") || line.contains("\"error\"") {
+                    assert!(line.contains("\"return\""), "{command}: {line}");
+                    break;
+                }
+            }
+        }
+        let deadline = Instant::now() + POWEROFF_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    self.console().contains("keel-init: power button pressed"),
+                    "{}",
+                    self.console()
+                );
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no poweroff after the power button:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
