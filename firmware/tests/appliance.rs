@@ -11,24 +11,19 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use keel_firmware::appliance::{self, ImageConfig, ImageReport};
+use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles};
+use keel_firmware::qemu::QemuVm;
 use keel_testkit::{keel_bin, target_dir, Accel};
 
 /// Boot to API-ready takes ~10 s direct and ~30 s through OVMF under TCG
 /// on an idle machine; CI builds and boots in parallel.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(90);
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
 
 fn config(out: &Path) -> ImageConfig {
     let bin = keel_bin();
@@ -74,14 +69,6 @@ fn image_builds_byte_identical_from_the_same_inputs() {
         let b = fs::read(fresh.path().join(name)).unwrap();
         assert!(a == b, "{name} differs between two builds");
     }
-    // A different SOURCE_DATE_EPOCH is a different input: different bytes.
-    let other = tempfile::tempdir().unwrap();
-    let mut config = config.clone();
-    config.out_dir = other.path().to_owned();
-    config.source_date_epoch += 1;
-    config.disk = false;
-    let third = appliance::build(&config).unwrap();
-    assert_ne!(third.digest, first.digest);
 }
 
 #[test]
@@ -193,17 +180,20 @@ fn direct_kernel_boot_with_a_static_address_and_no_state_disk() {
     // QEMU's user network is 10.0.2.0/24 with its gateway at .2; hostfwd
     // forwards to .15, the address its DHCP server would have handed out.
     let cmdline = format!("{} keel.ip=10.0.2.15/24 keel.gw=10.0.2.2", report.cmdline);
-    let mut vm = Vm::start(
-        "direct-static",
-        &[
-            "-kernel".into(),
-            dir.join("vmlinuz").display().to_string(),
-            "-initrd".into(),
-            dir.join("initramfs.img").display().to_string(),
-            "-append".into(),
-            cmdline,
-        ],
-    );
+    // SeaBIOS, chosen through the guest-firmware selection, runs QEMU's
+    // direct-kernel loader.
+    let mut args = BootFirmware::Bios
+        .qemu_args(&FirmwareFiles::default(), None)
+        .unwrap();
+    args.extend([
+        "-kernel".into(),
+        dir.join("vmlinuz").display().to_string(),
+        "-initrd".into(),
+        dir.join("initramfs.img").display().to_string(),
+        "-append".into(),
+        cmdline,
+    ]);
+    let mut vm = Vm::start("direct-static", &args);
     vm.wait_api();
     let console = vm.console();
     assert!(
@@ -221,19 +211,17 @@ fn uefi_disk_image_boots_with_ovmf_and_serves_the_api() {
     let run = tempfile::tempdir().unwrap();
     let disk = run.path().join("disk.img");
     fs::copy(dir.join("disk.img"), &disk).unwrap();
-    let vars = run.path().join("OVMF_VARS.fd");
-    fs::copy(OVMF_VARS, &vars).unwrap();
-    let mut vm = Vm::start(
-        "uefi",
-        &[
-            "-drive".into(),
-            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
-            "-drive".into(),
-            format!("if=pflash,format=raw,file={}", vars.display()),
-            "-drive".into(),
-            format!("file={},format=raw,if=virtio", disk.display()),
-        ],
-    );
+    // OVMF with this VM's own NVRAM, created from OVMF_VARS.fd by the
+    // guest-firmware module, as keel does for a UEFI guest.
+    let uefi = BootFirmware::Uefi { secure_boot: false };
+    let files = FirmwareFiles::default();
+    let nvram = uefi.ensure_nvram(&files, run.path()).unwrap().unwrap();
+    let mut args = uefi.qemu_args(&files, Some(&nvram)).unwrap();
+    args.extend([
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", disk.display()),
+    ]);
+    let mut vm = Vm::start("uefi", &args);
     vm.wait_api();
     let console = vm.console();
     assert!(
@@ -243,116 +231,29 @@ fn uefi_disk_image_boots_with_ovmf_and_serves_the_api() {
     vm.power_button_and_wait();
 }
 
-/// A QEMU VM with its serial console captured, QMP on a socket and the
-/// guest's port 8080 forwarded to a free loopback port; killed on drop.
-struct Vm {
-    child: Child,
-    console: Arc<Mutex<Vec<u8>>>,
-    qmp: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
+/// The library's VM with the accelerator the fixtures detected; test
+/// failures panic with the console tail.
+struct Vm(QemuVm);
 
 impl Vm {
     fn start(label: &str, boot_args: &[String]) -> Vm {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("keel-fw-{label}-"))
-            .tempdir()
-            .unwrap();
-        let qmp = dir.path().join("qmp.sock");
-        let port = free_port();
         let accel = match Accel::detect().unwrap() {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
             Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
         };
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-machine", "q35", "-m", "1024", "-smp", "1"])
-            .args(accel)
-            .args(["-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-serial", "stdio", "-no-reboot"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .arg("-nic")
-            .arg(format!(
-                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:8080"
-            ))
-            .args(boot_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the child only asks to be
-        // killed when the test thread that spawned it dies.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-        let console = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let console = console.clone();
-            std::thread::spawn(move || {
-                let mut pipe = pipe;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    console.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
-        Vm {
-            child,
-            console,
-            qmp,
-            port,
-            _dir: dir,
-        }
+        Vm(QemuVm::start(label, &accel, boot_args).unwrap())
     }
 
     fn console(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().unwrap()).into_owned()
+        self.0.console()
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// Polls `GET /healthz` on the forwarded port until it answers 200.
     fn wait_api(&mut self) {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .build();
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            if let Ok(response) = agent.get(&self.url("/healthz")).call() {
-                assert_eq!(response.status(), 200);
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "QEMU exited ({status}) before the API answered:\n{}",
-                    self.console()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "API not up after {BOOT_TIMEOUT:?}:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        self.0.wait_api(BOOT_TIMEOUT).unwrap();
     }
 
     fn instance_id(&self) -> String {
-        let body: serde_json::Value = ureq::get(&self.url("/api/v1/version"))
+        let body: serde_json::Value = ureq::get(&self.0.url("/api/v1/version"))
             .call()
             .unwrap()
             .into_json()
@@ -360,55 +261,15 @@ impl Vm {
         body["instance_id"].as_str().unwrap().to_owned()
     }
 
-    /// Presses the ACPI power button through QMP and waits for the guest to
-    /// power off (acpid → poweroff → init stops keel).
-    fn power_button_and_wait(&mut self) -> ExitStatus {
-        let mut qmp = UnixStream::connect(&self.qmp).unwrap();
-        let mut reader = BufReader::new(qmp.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap(); // greeting
-        for command in ["qmp_capabilities", "system_powerdown"] {
-            writeln!(qmp, "{{\"execute\":\"{command}\"}}").unwrap();
-            loop {
-                line.clear();
-                reader.read_line(&mut line).unwrap();
-                if line.contains("\"return\"") || line.contains("\"error\"") {
-                    assert!(line.contains("\"return\""), "{command}: {line}");
-                    break;
-                }
-            }
-        }
-        let deadline = Instant::now() + POWEROFF_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    self.console().contains("keel-init: power button pressed"),
-                    "{}",
-                    self.console()
-                );
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no poweroff after the power button:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    /// Presses the ACPI power button and waits for the guest to power off
+    /// (acpid → poweroff → init stops keel).
+    fn power_button_and_wait(&mut self) {
+        self.0.power_button().unwrap();
+        self.0.wait_exit(POWEROFF_TIMEOUT).unwrap();
+        assert!(
+            self.console().contains("keel-init: power button pressed"),
+            "{}",
+            self.console()
+        );
     }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
