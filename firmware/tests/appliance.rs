@@ -289,3 +289,35 @@ impl Vm {
         );
     }
 }
+
+#[test]
+fn init_restarts_keel_when_it_exits() {
+    let (dir, report) = image();
+    // An API address keel refuses: it exits at once, every time, and init
+    // must keep restarting it (the same path a crash takes).
+    let cmdline = format!("{} keel.listen=not-an-address", report.cmdline);
+    let mut vm = Vm::start(
+        "restart",
+        &[
+            "-kernel".into(),
+            dir.join("vmlinuz").display().to_string(),
+            "-initrd".into(),
+            dir.join("initramfs.img").display().to_string(),
+            "-append".into(),
+            cmdline,
+        ],
+    );
+    let restarted = "keel-init: keel exited; restarting in 1 s";
+    vm.0.wait_console(restarted, BOOT_TIMEOUT).unwrap();
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    while vm.console().matches(restarted).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = vm.console();
+    assert!(
+        console.contains("not-an-address"),
+        "keel's error is on the console: {console}"
+    );
+    vm.power_button_and_wait();
+}
