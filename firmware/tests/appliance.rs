@@ -48,6 +48,13 @@ fn image() -> &'static (PathBuf, ImageReport) {
         lock.lock().unwrap();
         let probe = config(&root);
         let dir = root.join(format!("image-{}", probe.cache_key()));
+        // Images of older inputs are never used again: keep only this one.
+        for entry in fs::read_dir(&root).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("image-") && entry.path() != dir {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         let mut config = probe;
         config.out_dir = dir.clone();
         let report = appliance::build_cached(&config).unwrap();
