@@ -12,7 +12,8 @@ UP_PACKAGES=(gcc libc6-dev pkg-config ca-certificates)
 # Packages the test fixtures need: namespaces, QEMU guests, vhost-user peers.
 TEST_PACKAGES=("${UP_PACKAGES[@]}" iproute2 iputils-ping procps util-linux
     qemu-system-x86 qemu-system-common busybox-static linux-image-amd64 xz-utils
-    ethtool tcpdump)
+    ethtool tcpdump
+    ovmf systemd-boot-efi dosfstools mtools gdisk e2fsprogs binutils)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'keel.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -86,7 +87,7 @@ test_totals() {
 no_leftovers() {
     local ns procs
     ns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep '^keelt-' || true)
-    procs=$(pgrep -a -f 'keel-guest/runs' || true)
+    procs=$(pgrep -a -f 'keel-guest/runs|keel-fw-' || true)
     [ -z "$ns" ] || { echo "leftover namespaces: $ns" >&2; return 1; }
     [ -z "$procs" ] || { echo "leftover guests: $procs" >&2; return 1; }
 }

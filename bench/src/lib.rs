@@ -39,6 +39,12 @@ pub enum BenchError {
     Io(#[from] std::io::Error),
     #[error("State store failed")]
     Store(#[from] keel_control::store::StoreError),
+    #[error("Appliance image build failed")]
+    Image(#[from] keel_firmware::appliance::ImageError),
+    #[error("Appliance image archive failed")]
+    Archive(#[from] keel_firmware::cpio::CpioError),
+    #[error("Appliance VM failed")]
+    Vm(#[from] keel_firmware::qemu::QemuError),
     #[error("Cannot write results to {path}")]
     WriteResults {
         path: std::path::PathBuf,

@@ -11,7 +11,6 @@
 //! machines where `/dev/kvm` exists but nested guests hang, everything runs
 //! under TCG. Guest RAM is a shared memfd so vhost-user backends can map it.
 
-use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
@@ -24,6 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use keel_firmware::cpio::CpioWriter;
+use keel_firmware::kernel::{module_name, Kernel};
 
 use crate::{io_err, target_dir, FixtureError, Result};
 
@@ -494,7 +495,7 @@ fn tail(bytes: &[u8]) -> String {
 fn write_initrd_with_script(base: &Path, script: Option<&str>, out: &Path) -> Result<()> {
     let mut bytes = fs::read(base).map_err(io_err(format!("read {}", base.display())))?;
     if let Some(script) = script {
-        let mut archive = CpioWriter::new(Vec::new());
+        let mut archive = CpioWriter::default();
         archive.dir("keel")?;
         archive.file("keel/test.sh", 0o755, script.as_bytes())?;
         bytes.extend(archive.finish()?);
@@ -502,75 +503,9 @@ fn write_initrd_with_script(base: &Path, script: Option<&str>, out: &Path) -> Re
     fs::write(out, bytes).map_err(io_err(format!("write {}", out.display())))
 }
 
-/// Kernel and its module tree: the newest `/boot/vmlinuz-*` that has modules.
-fn find_kernel() -> Result<(PathBuf, String)> {
-    let mut versions: Vec<String> = fs::read_dir("/boot")
-        .map_err(io_err("read /boot"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_owned))
-        .filter(|v| {
-            Path::new("/lib/modules")
-                .join(v)
-                .join("modules.dep")
-                .exists()
-        })
-        .collect();
-    versions.sort();
-    let version = versions.pop().ok_or_else(|| {
-        FixtureError::Image("no /boot/vmlinuz-* with modules; install linux-image-amd64".into())
-    })?;
-    Ok((PathBuf::from(format!("/boot/vmlinuz-{version}")), version))
-}
-
-/// Module paths (relative to the module tree) in load order: dependencies first.
-fn resolve_modules(modules_dep: &str, builtin: &str, wanted: &[&str]) -> Result<Vec<String>> {
-    let deps: HashMap<&str, Vec<&str>> = modules_dep
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(module, deps)| (module.trim(), deps.split_whitespace().collect()))
-        .collect();
-    let by_name: HashMap<String, &str> =
-        deps.keys().map(|path| (module_name(path), *path)).collect();
-    let builtin: BTreeSet<String> = builtin.lines().map(module_name).collect();
-    let mut order = Vec::new();
-    let mut seen = BTreeSet::new();
-    fn visit<'a>(
-        path: &'a str,
-        deps: &HashMap<&'a str, Vec<&'a str>>,
-        seen: &mut BTreeSet<&'a str>,
-        order: &mut Vec<String>,
-    ) {
-        if !seen.insert(path) {
-            return;
-        }
-        for dep in deps.get(path).into_iter().flatten() {
-            visit(dep, deps, seen, order);
-        }
-        order.push(path.to_owned());
-    }
-    for name in wanted {
-        let name = name.replace('-', "_");
-        match by_name.get(&name) {
-            Some(path) => visit(path, &deps, &mut seen, &mut order),
-            None if builtin.contains(&name) => {}
-            None => {
-                return Err(FixtureError::Image(format!(
-                    "kernel module {name} not found"
-                )))
-            }
-        }
-    }
-    Ok(order)
-}
-
-/// `kernel/drivers/block/virtio_blk.ko.xz` → `virtio_blk`.
-fn module_name(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    file.split(".ko").next().unwrap_or(file).replace('-', "_")
-}
-
 fn build_image_cached() -> Result<GuestImage> {
-    let (kernel, version) = find_kernel()?;
+    let kernel = Kernel::newest_installed()?;
+    let version = kernel.version.clone();
     let busybox = Path::new("/bin/busybox");
     if !busybox.exists() {
         return Err(FixtureError::Image(
@@ -579,7 +514,7 @@ fn build_image_cached() -> Result<GuestImage> {
     }
     let mut key = DefaultHasher::new();
     (INIT, DEFAULT_MODULES, &version).hash(&mut key);
-    for path in [&kernel, &busybox.to_path_buf()] {
+    for path in [&kernel.image, &busybox.to_path_buf()] {
         let meta = fs::metadata(path).map_err(io_err(format!("stat {}", path.display())))?;
         (meta.len(), meta.modified().ok()).hash(&mut key);
     }
@@ -587,7 +522,7 @@ fn build_image_cached() -> Result<GuestImage> {
     fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
     let initramfs = dir.join(format!("initramfs-{version}-{:016x}.cpio", key.finish()));
     let image = GuestImage {
-        kernel,
+        kernel: kernel.image.clone(),
         initramfs: initramfs.clone(),
         kernel_version: version.clone(),
     };
@@ -600,18 +535,9 @@ fn build_image_cached() -> Result<GuestImage> {
         return Ok(image);
     }
 
-    let modules_root = Path::new("/lib/modules").join(&version);
-    let read = |name: &str| {
-        let path = modules_root.join(name);
-        fs::read_to_string(&path).map_err(io_err(format!("read {}", path.display())))
-    };
-    let order = resolve_modules(
-        &read("modules.dep")?,
-        &read("modules.builtin").unwrap_or_default(),
-        DEFAULT_MODULES,
-    )?;
+    let order = kernel.resolve_modules(DEFAULT_MODULES)?;
 
-    let mut archive = CpioWriter::new(Vec::new());
+    let mut archive = CpioWriter::default();
     for d in [
         "bin",
         "sbin",
@@ -636,7 +562,7 @@ fn build_image_cached() -> Result<GuestImage> {
     let mut list = String::new();
     for module in &order {
         let name = format!("{}.ko", module_name(module));
-        let data = read_module(&modules_root.join(module))?;
+        let data = kernel.read_module(module)?;
         archive.file(&format!("lib/modules/{name}"), 0o644, &data)?;
         list.push_str(&name);
         list.push('\n');
@@ -648,36 +574,6 @@ fn build_image_cached() -> Result<GuestImage> {
     fs::write(&partial, bytes).map_err(io_err(format!("write {}", partial.display())))?;
     fs::rename(&partial, &initramfs).map_err(io_err("publish guest image"))?;
     Ok(image)
-}
-
-/// A module file, decompressed if the distribution compresses modules
-/// (busybox's insmod loads only plain ELF).
-fn read_module(path: &Path) -> Result<Vec<u8>> {
-    let name = path.to_string_lossy();
-    let tool = if name.ends_with(".ko.xz") {
-        Some("xz")
-    } else if name.ends_with(".ko.zst") {
-        Some("zstd")
-    } else {
-        None
-    };
-    match tool {
-        None => fs::read(path).map_err(io_err(format!("read {name}"))),
-        Some(tool) => {
-            let out = Command::new(tool)
-                .args(["-dc"])
-                .arg(path)
-                .output()
-                .map_err(|source| FixtureError::Spawn {
-                    cmd: format!("{tool} -dc {name}"),
-                    source,
-                })?;
-            if !out.status.success() {
-                return Err(FixtureError::Image(format!("cannot decompress {name}")));
-            }
-            Ok(out.stdout)
-        }
-    }
 }
 
 fn probe_kvm_cached() -> Result<Accel> {
@@ -710,62 +606,6 @@ fn probe_kvm_cached() -> Result<Accel> {
     drop(guest);
     let _ = fs::write(&cache, if accel == Accel::Kvm { "kvm" } else { "tcg" });
     Ok(accel)
-}
-
-/// newc cpio archive writer over the `cpio` crate, with root ownership and
-/// zero mtimes so the image is reproducible.
-struct CpioWriter {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl CpioWriter {
-    fn new(out: Vec<u8>) -> CpioWriter {
-        CpioWriter { out, ino: 1 }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32) -> cpio::newc::Builder {
-        self.ino += 1;
-        cpio::newc::Builder::new(name)
-            .ino(self.ino)
-            .mode(mode)
-            .uid(0)
-            .gid(0)
-            .nlink(1)
-            .mtime(0)
-    }
-
-    fn dir(&mut self, name: &str) -> Result<()> {
-        let builder = self.entry(name, 0o040_755).nlink(2);
-        self.write(builder, &[])
-    }
-
-    fn char_device(&mut self, name: &str, major: u32, minor: u32) -> Result<()> {
-        let builder = self
-            .entry(name, 0o020_600)
-            .rdev_major(major)
-            .rdev_minor(minor);
-        self.write(builder, &[])
-    }
-
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> Result<()> {
-        let builder = self.entry(name, 0o100_000 | perm);
-        self.write(builder, data)
-    }
-
-    fn write(&mut self, builder: cpio::newc::Builder, data: &[u8]) -> Result<()> {
-        let size =
-            u32::try_from(data.len()).map_err(|_| FixtureError::Image("file over 4 GiB".into()))?;
-        let out = std::mem::take(&mut self.out);
-        let mut writer = builder.write(out, size);
-        writer.write_all(data).map_err(io_err("write cpio entry"))?;
-        self.out = writer.finish().map_err(io_err("finish cpio entry"))?;
-        Ok(())
-    }
-
-    fn finish(self) -> Result<Vec<u8>> {
-        cpio::newc::trailer(self.out).map_err(io_err("write cpio trailer"))
-    }
 }
 
 /// Per-boot scratch directory (the initrd with the script), removed on drop;
@@ -815,75 +655,5 @@ mod tempfile_dir {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.path);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const DEP: &str = "\
-kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
-kernel/drivers/virtio/virtio_pci_modern_dev.ko:
-kernel/drivers/virtio/virtio.ko:
-kernel/drivers/virtio/virtio_ring.ko:
-kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
-kernel/net/core/failover.ko:
-";
-
-    #[test]
-    fn modules_resolve_dependencies_first_once() {
-        let order = resolve_modules(
-            DEP,
-            "kernel/fs/ext4/ext4.ko\n",
-            &["virtio_blk", "virtio-net", "ext4"],
-        )
-        .unwrap();
-        let pos = |n: &str| order.iter().position(|m| module_name(m) == n).unwrap();
-        assert!(pos("virtio_ring") < pos("virtio_blk"));
-        assert!(pos("virtio") < pos("virtio_blk"));
-        assert!(pos("failover") < pos("net_failover"));
-        assert!(pos("net_failover") < pos("virtio_net"));
-        assert_eq!(
-            order.len(),
-            6,
-            "each module once, builtins skipped: {order:?}"
-        );
-    }
-
-    #[test]
-    fn unknown_module_is_an_error() {
-        assert!(resolve_modules(DEP, "", &["nonexistent"]).is_err());
-    }
-
-    #[test]
-    fn module_names() {
-        assert_eq!(
-            module_name("kernel/drivers/net/virtio_net.ko.xz"),
-            "virtio_net"
-        );
-        assert_eq!(module_name("kernel/x/nf-nat.ko"), "nf_nat");
-    }
-
-    #[test]
-    fn cpio_archive_is_reproducible_and_parses() {
-        let build = || {
-            let mut w = CpioWriter::new(Vec::new());
-            w.dir("keel").unwrap();
-            w.file("keel/test.sh", 0o755, b"echo hi\n").unwrap();
-            w.finish().unwrap()
-        };
-        let a = build();
-        assert_eq!(a, build());
-        let reader = cpio::newc::Reader::new(&a[..]).unwrap();
-        assert_eq!(reader.entry().name(), "keel");
-        let rest = reader.finish().unwrap();
-        let reader = cpio::newc::Reader::new(rest).unwrap();
-        assert_eq!(reader.entry().name(), "keel/test.sh");
-        assert_eq!(reader.entry().mode(), 0o100_755);
-        assert_eq!(reader.entry().file_size(), 8);
     }
 }

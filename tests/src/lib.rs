@@ -56,6 +56,10 @@ pub enum FixtureError {
     GuestExited { what: String, tail: String },
     #[error("Guest image: {0}")]
     Image(String),
+    #[error("Guest image archive")]
+    Cpio(#[from] keel_firmware::cpio::CpioError),
+    #[error("Guest kernel")]
+    Kernel(#[from] keel_firmware::kernel::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, FixtureError>;

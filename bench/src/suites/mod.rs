@@ -1,11 +1,12 @@
 //! Every suite `keel bench` knows.
 
 pub mod dataplane;
+pub mod image;
 pub mod store;
 
 use crate::Suite;
 
-pub const ALL: &[Suite] = &[store::SUITE, dataplane::SUITE];
+pub const ALL: &[Suite] = &[store::SUITE, dataplane::SUITE, image::SUITE];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
     ALL.iter().find(|s| s.name == name)

@@ -51,6 +51,11 @@ enum Command {
     Openapi,
     /// Run the VPC data plane on the named interfaces (control: --socket).
     Dataplane(keel_dataplane::daemon::DaemonArgs),
+    /// Build the bootable appliance image (see firmware/README.md).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Run a benchmark suite (list them with `keel bench list`).
     Bench {
         /// Suite name, or `list`.
@@ -61,6 +66,28 @@ enum Command {
         /// A short pass (for CI): proves the suite runs; numbers are rough.
         #[arg(long)]
         quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Kernel + initramfs + iPXE script, and a UEFI GPT disk image.
+    Build {
+        /// Output directory.
+        #[arg(long, default_value = "./keel-image")]
+        out: PathBuf,
+        /// The keel binary to ship (default: this one); it is stripped.
+        #[arg(long)]
+        keel_bin: Option<PathBuf>,
+        /// Skip the disk image.
+        #[arg(long)]
+        no_disk: bool,
+        /// Size of the empty ext4 KEEL_STATE partition on the disk (0: none).
+        #[arg(long, default_value_t = 64)]
+        state_mib: u32,
+        /// Also ship QEMU (about 60 MB uncompressed).
+        #[arg(long)]
+        with_qemu: bool,
     },
 }
 
@@ -106,6 +133,26 @@ fn run(command: Command) -> anyhow::Result<()> {
                 spec.to_pretty_json()
                     .context("Cannot render the OpenAPI document")?
             );
+        }
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    out,
+                    keel_bin,
+                    no_disk,
+                    state_mib,
+                    with_qemu,
+                },
+        } => {
+            let keel_bin = match keel_bin {
+                Some(bin) => bin,
+                None => std::env::current_exe().context("Cannot find this keel binary")?,
+            };
+            let mut config = keel_firmware::appliance::ImageConfig::new(&out, &keel_bin)?;
+            config.disk = !no_disk;
+            config.state_mib = state_mib;
+            config.with_qemu = with_qemu;
+            println!("{}", keel_firmware::appliance::build(&config)?);
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
         Command::Dataplane(args) => keel_dataplane::daemon::run(args)?,
