@@ -1,6 +1,8 @@
 //! In-process contract tests of the management API (`oneshot` against the
 //! real router and a real SQLite store in a temporary directory).
 
+use std::collections::HashSet;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
@@ -1076,7 +1078,12 @@ async fn authorization_matrix() {
     let (own_user, other_user) = (user_id("vuser"), user_id("victim-other"));
 
     // Fresh fixtures per check, so deletes do not affect later rows.
-    async fn fixtures(api: &Api, admin: &str, vdc: &str, tag: &str) -> (String, String) {
+    async fn fixtures(
+        api: &Api,
+        admin: &str,
+        vdc: &str,
+        tag: &str,
+    ) -> (String, String, String, String) {
         let vpc = api
             .post(
                 "/api/v1/vpcs",
@@ -1093,7 +1100,23 @@ async fn authorization_matrix() {
             )
             .await
             .id();
-        (vpc, subnet)
+        let sg = api
+            .post(
+                "/api/v1/security-groups",
+                admin,
+                json!({"name": format!("g{tag}"), "vdc_id": vdc}),
+            )
+            .await
+            .id();
+        let port = api
+            .post(
+                "/api/v1/ports",
+                admin,
+                json!({"name": format!("p{tag}"), "subnet_id": subnet}),
+            )
+            .await
+            .id();
+        (vpc, subnet, sg, port)
     }
 
     #[derive(Clone, Copy, Debug)]
@@ -1121,6 +1144,14 @@ async fn authorization_matrix() {
         ListEvents,
         Audit,
         CreateToken,
+        CreateSg,
+        GetSg,
+        PatchSg,
+        DeleteSg,
+        CreatePort,
+        GetPort,
+        PatchPort,
+        DeletePort,
     }
     use Op::*;
     // (op, [system-admin, vdc-admin, vdc-user] on own VDC, same on the other VDC)
@@ -1144,10 +1175,18 @@ async fn authorization_matrix() {
         (GetSubnet, [200, 200, 200], [200, 404, 404]),
         (CreateSubnet, [201, 201, 201], [201, 422, 422]),
         (PatchSubnet, [200, 200, 200], [200, 404, 404]),
-        (DeleteSubnet, [204, 204, 204], [204, 404, 404]),
+        (DeleteSubnet, [409, 409, 409], [409, 404, 404]),
         (ListEvents, [200, 200, 200], [200, 200, 200]),
         (Audit, [200, 403, 403], [200, 403, 403]),
         (CreateToken, [201, 201, 201], [201, 201, 201]),
+        (CreateSg, [201, 201, 201], [201, 422, 422]),
+        (GetSg, [200, 200, 200], [200, 404, 404]),
+        (PatchSg, [200, 200, 200], [200, 404, 404]),
+        (DeleteSg, [204, 204, 204], [204, 404, 404]),
+        (CreatePort, [201, 201, 201], [201, 422, 422]),
+        (GetPort, [200, 200, 200], [200, 404, 404]),
+        (PatchPort, [200, 200, 200], [200, 404, 404]),
+        (DeletePort, [204, 204, 204], [204, 404, 404]),
     ];
     let roles = [
         ("system-admin", admin.clone()),
@@ -1161,7 +1200,7 @@ async fn authorization_matrix() {
             for (i, (role, token)) in roles.iter().enumerate() {
                 n += 1;
                 let tag = n.to_string();
-                let (vpc, subnet) = fixtures(&api, &admin, vdc, &tag).await;
+                let (vpc, subnet, sg, port) = fixtures(&api, &admin, vdc, &tag).await;
                 // A throwaway user to patch/delete in the VDC under test.
                 let target = api.post("/api/v1/users", &admin, json!({"name": format!("t{tag}"), "password": PW, "role": "vdc-user", "vdc_id": vdc})).await.id();
                 let _ = (&own_user, &other_user);
@@ -1268,6 +1307,46 @@ async fn authorization_matrix() {
                             Some(json!({"name": format!("n{tag}")})),
                             &[],
                         ),
+                        CreateSg => (
+                            Method::POST,
+                            "/api/v1/security-groups".into(),
+                            Some(json!({"name": format!("n{tag}"), "vdc_id": vdc})),
+                            &[],
+                        ),
+                        GetSg => (
+                            Method::GET,
+                            format!("/api/v1/security-groups/{sg}"),
+                            None,
+                            &[],
+                        ),
+                        PatchSg => (
+                            Method::PATCH,
+                            format!("/api/v1/security-groups/{sg}"),
+                            Some(
+                                json!({"rules": [{"direction": "ingress", "protocol": "tcp", "port_range_min": 22, "port_range_max": 22}]}),
+                            ),
+                            &im,
+                        ),
+                        DeleteSg => (
+                            Method::DELETE,
+                            format!("/api/v1/security-groups/{sg}"),
+                            None,
+                            &im,
+                        ),
+                        CreatePort => (
+                            Method::POST,
+                            "/api/v1/ports".into(),
+                            Some(json!({"name": format!("n{tag}"), "subnet_id": subnet})),
+                            &[],
+                        ),
+                        GetPort => (Method::GET, format!("/api/v1/ports/{port}"), None, &[]),
+                        PatchPort => (
+                            Method::PATCH,
+                            format!("/api/v1/ports/{port}"),
+                            Some(json!({"security_group_ids": [sg]})),
+                            &im,
+                        ),
+                        DeletePort => (Method::DELETE, format!("/api/v1/ports/{port}"), None, &im),
                     };
                 let r = api.call(m, &path, Some(token), headers, body).await;
                 check(&mut failures, *op, role, scope, expected[i], &r);
@@ -1311,4 +1390,207 @@ async fn authorization_matrix() {
         failures.join("\n")
     );
     assert_eq!(n, matrix.len() * 6);
+}
+
+#[tokio::test]
+async fn security_group_rules_are_validated() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let rule = |extra: Value| {
+        let mut r = json!({"direction": "ingress", "protocol": "tcp"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        json!({"name": "g", "vdc_id": vdc, "rules": [r]})
+    };
+    for (extra, field) in [
+        (
+            json!({"protocol": "icmp", "port_range_min": 1, "port_range_max": 2}),
+            "rules[0].port_range_min",
+        ),
+        (
+            json!({"port_range_min": 90, "port_range_max": 80}),
+            "rules[0].port_range_min",
+        ),
+        (
+            json!({"port_range_min": 0, "port_range_max": 80}),
+            "rules[0].port_range_min",
+        ),
+        (json!({"port_range_min": 80}), "rules[0].port_range_max"),
+        (
+            json!({"remote_cidr": "10.0.0.0/33"}),
+            "rules[0].remote_cidr",
+        ),
+        (
+            json!({"remote_cidr": "10.0.0.1/24"}),
+            "rules[0].remote_cidr",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/security-groups", &admin, rule(extra.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{extra}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            rule(json!({"direction": "sideways"})),
+        )
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    let dup = json!({"name": "g", "vdc_id": vdc, "rules": [{"direction": "egress", "protocol": "any"}, {"direction": "egress", "protocol": "any"}]});
+    let r = api.post("/api/v1/security-groups", &admin, dup).await;
+    assert_eq!(r.body["field"], "rules[1]");
+    let ok = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            rule(json!({"port_range_min": 443, "port_range_max": 443, "remote_cidr": "fd00::/8"})),
+        )
+        .await;
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    assert_eq!(ok.body["status"], "PENDING");
+}
+
+#[tokio::test]
+async fn ports_get_unique_macs_and_valid_addresses() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vpc = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await
+        .id();
+    let subnet = api
+        .post("/api/v1/subnets", &admin, json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/29", "reserved_ips": ["10.0.0.4"]}))
+        .await;
+    assert_eq!(subnet.status, 201, "{}", subnet.body);
+    let subnet = subnet.id();
+    let port = |name: &str, extra: Value| {
+        let mut b = json!({"name": name, "subnet_id": subnet});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let mut macs = HashSet::new();
+    let mut ips = Vec::new();
+    let mut ids = Vec::new();
+    // Pool .2-.6 minus reserved .4: four addresses, then exhausted.
+    for i in 0..4 {
+        let r = api
+            .post("/api/v1/ports", &admin, port(&format!("p{i}"), json!({})))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let mac = r.body["mac_address"].as_str().unwrap().to_owned();
+        assert!(mac.starts_with("fa:16:3e:") && mac.len() == 17, "{mac}");
+        assert!(macs.insert(mac));
+        ips.push(r.body["fixed_ip"].as_str().unwrap().to_owned());
+        ids.push(r.id());
+        assert_eq!(r.body["status"], "PENDING");
+    }
+    assert_eq!(ips, ["10.0.0.2", "10.0.0.3", "10.0.0.5", "10.0.0.6"]);
+    let r = api
+        .post("/api/v1/ports", &admin, port("full", json!({})))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    for (ip, status, code) in [
+        ("10.0.0.1", 422, "invalid-field"), // gateway
+        ("10.0.0.4", 422, "invalid-field"), // reserved
+        ("10.0.0.7", 422, "invalid-field"), // broadcast
+        ("10.0.1.2", 422, "invalid-field"), // outside
+        ("10.0.0.3", 409, "conflict"),      // taken
+    ] {
+        let r = api
+            .post("/api/v1/ports", &admin, port("x", json!({"fixed_ip": ip})))
+            .await;
+        assert_problem(&r, status, code);
+        if status == 422 {
+            assert_eq!(r.body["field"], "fixed_ip");
+        }
+    }
+    // Deleting a port frees its address; a requested one is honoured.
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/ports/{}", ids[1]),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = api
+        .post(
+            "/api/v1/ports",
+            &admin,
+            port("again", json!({"fixed_ip": "10.0.0.3"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // Security groups must be in the port's VDC; a used group cannot go.
+    let foreign = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "f", "vdc_id": other}),
+        )
+        .await
+        .id();
+    let own = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "o", "vdc_id": vdc}),
+        )
+        .await
+        .id();
+    let path = format!("/api/v1/ports/{}", ids[0]);
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"security_group_ids": [foreign]})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "security_group_ids[0]");
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"security_group_ids": [own]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/security-groups/{own}"),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // A subnet with ports cannot go either.
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/subnets/{subnet}"),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
 }

@@ -14,9 +14,11 @@ pub mod health;
 pub mod idempotency;
 pub mod listing;
 pub mod networks;
+pub mod ports;
 pub mod problem;
 pub mod records;
 pub mod respond;
+pub mod security_groups;
 pub mod tokens;
 pub mod users;
 pub mod vdcs;
@@ -56,7 +58,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
         (name = "system", description = "Health and version of this keel"),
         (name = "auth", description = "Login, refresh and API tokens"),
         (name = "tenancy", description = "VDCs (with quotas) and users"),
-        (name = "networks", description = "VPCs and subnets; PENDING until a data plane realizes them"),
+        (name = "networks", description = "VPCs, subnets, security groups and ports; PENDING until a data plane realizes them"),
         (name = "events", description = "Change feed (also as Server-Sent Events) and audit log"),
     )
 )]
@@ -106,6 +108,8 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vdcs::router())
                 .merge(users::router())
                 .merge(networks::router())
+                .merge(security_groups::router())
+                .merge(ports::router())
                 .merge(events::router())
                 .merge(audit::router()),
         )

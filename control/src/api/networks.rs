@@ -356,7 +356,7 @@ fn to_subnet(record: Record) -> Result<Subnet, ApiError> {
     })
 }
 
-fn as_u128(ip: IpAddr) -> u128 {
+pub(crate) fn as_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => u128::from(v6),
@@ -365,7 +365,7 @@ fn as_u128(ip: IpAddr) -> u128 {
 
 /// Host addresses usable in `net`: IPv4 excludes network and broadcast
 /// (except /31 and /32), IPv6 excludes the subnet-router anycast address.
-fn usable(net: &IpNet, ip: IpAddr) -> bool {
+pub(crate) fn usable(net: &IpNet, ip: IpAddr) -> bool {
     if !net.contains(&ip) {
         return false;
     }
@@ -382,7 +382,7 @@ fn first_host(net: &IpNet) -> Option<IpAddr> {
     net.hosts().find(|ip| usable(net, *ip))
 }
 
-fn from_u128(v: u128, like: &IpNet) -> Option<IpAddr> {
+pub(crate) fn from_u128(v: u128, like: &IpNet) -> Option<IpAddr> {
     match like {
         IpNet::V4(_) => u32::try_from(v)
             .ok()

@@ -337,3 +337,19 @@ pub async fn list(
     };
     Ok(Page { items, next_cursor })
 }
+
+/// Every resource of `kind` owned by `vdc_id`.
+pub async fn in_vdc(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    vdc_id: &str,
+) -> Result<Vec<Record>, ApiError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM resources WHERE kind = ? AND vdc_id = ?"
+    ))
+    .bind(kind)
+    .bind(vdc_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(record_from_row).collect()
+}
