@@ -1149,6 +1149,7 @@ async fn authorization_matrix() {
         PatchSg,
         DeleteSg,
         CreatePort,
+        CreateRouter,
         GetPort,
         PatchPort,
         DeletePort,
@@ -1187,6 +1188,7 @@ async fn authorization_matrix() {
         (GetPort, [200, 200, 200], [200, 404, 404]),
         (PatchPort, [200, 200, 200], [200, 404, 404]),
         (DeletePort, [204, 204, 204], [204, 404, 404]),
+        (CreateRouter, [201, 201, 201], [201, 422, 422]),
     ];
     let roles = [
         ("system-admin", admin.clone()),
@@ -1347,6 +1349,14 @@ async fn authorization_matrix() {
                             &im,
                         ),
                         DeletePort => (Method::DELETE, format!("/api/v1/ports/{port}"), None, &im),
+                        CreateRouter => (
+                            Method::POST,
+                            "/api/v1/routers".into(),
+                            Some(
+                                json!({"name": format!("n{tag}"), "vdc_id": vdc, "interfaces": [{"subnet_id": subnet}]}),
+                            ),
+                            &[],
+                        ),
                     };
                 let r = api.call(m, &path, Some(token), headers, body).await;
                 check(&mut failures, *op, role, scope, expected[i], &r);
@@ -1593,4 +1603,194 @@ async fn ports_get_unique_macs_and_valid_addresses() {
         )
         .await;
     assert_problem(&r, 409, "conflict");
+}
+
+#[tokio::test]
+async fn routers_attach_subnets_and_check_routes() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vpc = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await
+        .id();
+    let subnet = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await
+        .id();
+    let v6 = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s6", "vpc_id": vpc, "cidr": "fd00::/64"}),
+        )
+        .await
+        .id();
+    let other_vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "o", "vdc_id": other}),
+        )
+        .await
+        .id();
+    let foreign = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "f", "vpc_id": other_vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await
+        .id();
+    let port = api
+        .post(
+            "/api/v1/ports",
+            &admin,
+            json!({"name": "p", "subnet_id": subnet}),
+        )
+        .await;
+    assert_eq!(port.body["fixed_ip"], "10.0.0.2");
+
+    let router = |interfaces: Value, routes: Value| json!({"name": "r", "vdc_id": vdc, "interfaces": interfaces, "routes": routes});
+    let ifs = json!([{"subnet_id": subnet}, {"subnet_id": v6}]);
+    for (body, field) in [
+        (
+            router(json!([{"subnet_id": foreign}]), json!([])),
+            "interfaces[0].subnet_id",
+        ),
+        (
+            router(
+                json!([{"subnet_id": subnet}, {"subnet_id": subnet}]),
+                json!([]),
+            ),
+            "interfaces[1].subnet_id",
+        ),
+        (
+            router(
+                json!([{"subnet_id": subnet, "ip_address": "10.0.1.1"}]),
+                json!([]),
+            ),
+            "interfaces[0].ip_address",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "172.16.0.1"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "fd00::9"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.1/16", "nexthop": "10.0.0.9"}]),
+            ),
+            "routes[0].destination",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.1"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.9"}, {"destination": "192.168.0.0/16", "nexthop": "10.0.0.8"}]),
+            ),
+            "routes[1].destination",
+        ),
+    ] {
+        let r = api.post("/api/v1/routers", &admin, body.clone()).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    // An interface cannot take a port's address.
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &admin,
+            router(
+                json!([{"subnet_id": subnet, "ip_address": "10.0.0.2"}]),
+                json!([]),
+            ),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+
+    let r = api.post("/api/v1/routers", &admin, router(ifs.clone(), json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.9"}, {"destination": "fd10::/48", "nexthop": "fd00::9"}]))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    assert_eq!(
+        r.body["interfaces"][0]["ip_address"], "10.0.0.1",
+        "gateway by default"
+    );
+    let id = r.id();
+    // A second router cannot take the same gateway address.
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &admin,
+            json!({"name": "r2", "vdc_id": vdc, "interfaces": [{"subnet_id": subnet}]}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // An attached subnet cannot be deleted.
+    let path = format!("/api/v1/subnets/{v6}");
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // Detaching (PATCH the interface list) frees it; routes must still fit.
+    let rpath = format!("/api/v1/routers/{id}");
+    let r = api
+        .call(
+            Method::PATCH,
+            &rpath,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"interfaces": [{"subnet_id": subnet}]})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "routes[1].nexthop");
+    let r = api
+        .call(
+            Method::PATCH,
+            &rpath,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"interfaces": [{"subnet_id": subnet}], "routes": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["revision"], 2);
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
 }

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod problem;
 pub mod records;
 pub mod respond;
+pub mod routers;
 pub mod security_groups;
 pub mod tokens;
 pub mod users;
@@ -58,7 +59,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
         (name = "system", description = "Health and version of this keel"),
         (name = "auth", description = "Login, refresh and API tokens"),
         (name = "tenancy", description = "VDCs (with quotas) and users"),
-        (name = "networks", description = "VPCs, subnets, security groups and ports; PENDING until a data plane realizes them"),
+        (name = "networks", description = "VPCs, subnets, routers, security groups and ports; PENDING until a data plane realizes them"),
         (name = "events", description = "Change feed (also as Server-Sent Events) and audit log"),
     )
 )]
@@ -110,6 +111,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(networks::router())
                 .merge(security_groups::router())
                 .merge(ports::router())
+                .merge(routers::router())
                 .merge(events::router())
                 .merge(audit::router()),
         )

@@ -699,6 +699,11 @@ async fn delete_subnet(
     )
     .await?;
     check_revision(&record, expected)?;
+    if super::routers::subnet_in_use(&mut tx, &record).await? {
+        return Err(ApiError::Conflict(format!(
+            "subnet {id} has a router interface"
+        )));
+    }
     records::delete(&mut tx, &record, "subnet").await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
