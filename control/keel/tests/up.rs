@@ -358,7 +358,7 @@ fn bench_writes_a_result_file() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("Unknown suite \"nonexistent\" (known: store)"),
+        stderr.contains("Unknown suite \"nonexistent\" (known: store, control)"),
         "{stderr}"
     );
 }
