@@ -153,6 +153,16 @@ impl Store {
         Ok(version.unwrap_or(0))
     }
 
+    /// Starts a write transaction that takes SQLite's write lock up front
+    /// (`BEGIN IMMEDIATE`): a deferred one that reads first and then writes
+    /// fails with SQLITE_BUSY when another writer committed in between,
+    /// instead of waiting its turn.
+    pub async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     /// The connection pool, for the API's resource queries.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool

@@ -138,7 +138,7 @@ fn kill_9_during_creates_loses_no_acknowledged_resource() {
         })
         .collect();
     // Kill while the writers are still going.
-    while acked.lock().unwrap().len() < 60 {
+    while acked.lock().unwrap().len() < 60 && !writers.iter().all(|w| w.is_finished()) {
         std::thread::sleep(Duration::from_millis(5));
     }
     keel.signal(libc::SIGKILL).unwrap();
@@ -148,6 +148,12 @@ fn kill_9_during_creates_loses_no_acknowledged_resource() {
         w.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 60,
+        "writers stopped early: {}",
+        keel.stderr()
+    );
+    eprintln!("{} creates acknowledged before kill -9", acked.len());
 
     let keel = KeelProcess::up(state.path()).unwrap();
     let token = login(&keel, &admin_password(state.path()));

@@ -326,7 +326,7 @@ async fn issue_pair(state: &AppState, user_id: &str) -> Result<Tokens, ApiError>
     let access = new_secret("keela");
     let refresh = new_secret("keelr");
     let now = now_ms();
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     // Expired session tokens are swept here rather than by a timer.
     sqlx::query("DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < ?")
         .bind(now)
@@ -454,7 +454,7 @@ pub async fn bootstrap_admin(
     let hash = hash_password(password.clone()).await?;
     let now = now_ms();
     let id = uuid::Uuid::new_v4().to_string();
-    let mut tx = store.pool().begin().await?;
+    let mut tx = store.begin_write().await?;
     sqlx::query(
         "INSERT INTO users (id, name, password_hash, role, vdc_id, revision, created_at, updated_at) \
          VALUES (?, 'admin', ?, 'system-admin', NULL, 1, ?, ?)",

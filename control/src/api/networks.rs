@@ -115,7 +115,7 @@ async fn create_vpc(
         .vdc_id
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     // Counted inside the transaction that inserts: SQLite serializes
     // writers, so two racing creates cannot both pass the check.
@@ -203,7 +203,7 @@ async fn update_vpc(
     ValidJson(body): ValidJson<VpcUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -241,7 +241,7 @@ async fn delete_vpc(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -549,7 +549,7 @@ async fn create_subnet(
     check_name("name", &body.name)?;
     let name = body.name.clone();
     let spec = validate_subnet(body)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let vpc = match records::get(&mut tx, "vpc", &spec.vpc_id).await? {
         Some(vpc) if principal.sees(vpc.meta.vdc_id.as_deref()) => vpc,
         _ => {
@@ -642,7 +642,7 @@ async fn update_subnet(
     ValidJson(body): ValidJson<SubnetUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -688,7 +688,7 @@ async fn delete_subnet(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,

@@ -223,7 +223,7 @@ async fn create_port(
             "must be at most 255 characters",
         ));
     }
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let subnet = match records::get(&mut tx, "subnet", &body.subnet_id).await? {
         Some(s) if principal.sees(s.meta.vdc_id.as_deref()) => s,
         _ => {
@@ -338,7 +338,7 @@ async fn update_port(
     ValidJson(body): ValidJson<PortUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -384,7 +384,7 @@ async fn delete_port(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,

@@ -301,7 +301,7 @@ async fn create_router(
         .vdc_id
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let (interfaces, routes) =
         resolve(&mut tx, &vdc_id, None, &body.interfaces, &body.routes).await?;
@@ -384,7 +384,7 @@ async fn update_router(
     ValidJson(body): ValidJson<RouterUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -440,7 +440,7 @@ async fn delete_router(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,

@@ -192,7 +192,7 @@ async fn create_sg(
         .vdc_id
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let record = records::insert(
         &mut tx,
@@ -271,7 +271,7 @@ async fn update_sg(
     ValidJson(body): ValidJson<SecurityGroupUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,
@@ -313,7 +313,7 @@ async fn delete_sg(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(
         &mut tx,
         &principal,

@@ -149,7 +149,7 @@ async fn create_user(
         },
     };
     let hash = hash_password(body.password).await?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     if let Some(vdc) = &vdc_id {
         referenced_vdc(&mut tx, &principal, "vdc_id", vdc).await?;
     }
@@ -266,7 +266,7 @@ async fn update_user(
         }
         None => None,
     };
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let user = load(&mut tx, &principal, Action::Update, &id).await?;
     if user.revision != expected {
         return Err(ApiError::RevisionMismatch {
@@ -345,7 +345,7 @@ async fn delete_user(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let user = load(&mut tx, &principal, Action::Delete, &id).await?;
     check_grant(&principal, user.role)?;
     if user.id == principal.user_id {

@@ -154,7 +154,7 @@ async fn create_vdc(
     principal.require(Family::Vdc, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     if let Some(parent) = &body.parent_id {
         let parent =
             super::respond::referenced_vdc(&mut tx, &principal, "parent_id", parent).await?;
@@ -231,7 +231,7 @@ async fn update_vdc(
     ValidJson(body): ValidJson<VdcUpdate>,
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(&mut tx, &principal, Family::Vdc, Action::Update, KIND, &id).await?;
     check_revision(&record, expected)?;
     let mut spec: VdcSpec = record.spec()?;
@@ -279,7 +279,7 @@ async fn delete_vdc(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let expected = if_match(&headers)?;
-    let mut tx = state.store.pool().begin().await?;
+    let mut tx = state.store.begin_write().await?;
     let record = load(&mut tx, &principal, Family::Vdc, Action::Delete, KIND, &id).await?;
     check_revision(&record, expected)?;
     let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE vdc_id = ?")
