@@ -8,7 +8,6 @@ use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -26,7 +25,13 @@ const DRAIN_GRACE: Duration = api::REQUEST_TIMEOUT;
 pub struct UpConfig {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// Password of the bootstrap `admin` (from `KEEL_ADMIN_PASSWORD`); one is
+    /// generated into `<state_dir>/admin-password` when absent.
+    pub admin_password: Option<String>,
 }
+
+/// File (mode 0600) holding a generated bootstrap admin password.
+pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -42,6 +47,14 @@ pub enum UpError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("Cannot create the bootstrap admin")]
+    Bootstrap(#[source] api::problem::ApiError),
+    #[error("Cannot write the admin password file {path}")]
+    AdminPasswordFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("API server failed")]
     Serve(#[source] io::Error),
 }
@@ -72,6 +85,17 @@ pub async fn up(
             "the previous run did not shut down cleanly"
         );
     }
+    if let Some(password) = api::auth::bootstrap_admin(&store, config.admin_password.clone())
+        .await
+        .map_err(UpError::Bootstrap)?
+    {
+        let path = state_dir.path().join(ADMIN_PASSWORD_FILE);
+        write_secret(&path, &password).map_err(|source| UpError::AdminPasswordFile {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::warn!(path = %path.display(), "created user admin; its generated password is in this file");
+    }
     let version = Version {
         version: env!("CARGO_PKG_VERSION").into(),
         api_version: "v1".into(),
@@ -87,10 +111,8 @@ pub async fn up(
         "keel is up"
     );
 
-    let app = api::app(AppState {
-        store: store.clone(),
-        version: Arc::new(version),
-    });
+    let app = api::app(AppState::new(store.clone(), version))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -112,4 +134,19 @@ pub async fn up(
     store.close().await?;
     tracing::info!("state flushed; keel stopped");
     Ok(())
+}
+
+/// Writes a secret readable by the owner only (created 0600, never wider).
+fn write_secret(path: &std::path::Path, secret: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
 }

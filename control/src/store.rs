@@ -153,6 +153,21 @@ impl Store {
         Ok(version.unwrap_or(0))
     }
 
+    /// Starts a write transaction that takes SQLite's write lock up front
+    /// (`BEGIN IMMEDIATE`): a deferred one that reads first and then writes
+    /// fails with SQLITE_BUSY when another writer committed in between,
+    /// instead of waiting its turn.
+    pub async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// The connection pool, for the API's resource queries.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -316,7 +331,7 @@ mod tests {
         old.close().await.unwrap();
 
         let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 2);
+        assert_eq!(store.schema_version().await.unwrap(), 3);
         assert_eq!(
             store.instance_id().await.unwrap(),
             id,
@@ -344,7 +359,7 @@ mod tests {
         match err {
             StoreError::SchemaTooNew { found, known, .. } => {
                 assert_eq!(found, 9999);
-                assert_eq!(known, 2);
+                assert_eq!(known, 3);
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }

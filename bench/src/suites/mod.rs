@@ -1,12 +1,13 @@
 //! Every suite `keel bench` knows.
 
+pub mod control;
 pub mod dataplane;
 pub mod image;
 pub mod store;
 
 use crate::Suite;
 
-pub const ALL: &[Suite] = &[store::SUITE, dataplane::SUITE, image::SUITE];
+pub const ALL: &[Suite] = &[store::SUITE, control::SUITE, dataplane::SUITE, image::SUITE];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
     ALL.iter().find(|s| s.name == name)

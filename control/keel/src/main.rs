@@ -111,7 +111,16 @@ fn run(command: Command) -> anyhow::Result<()> {
                 tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal()?;
-                up(UpConfig { listen, state_dir }, shutdown).await?;
+                let admin_password = std::env::var("KEEL_ADMIN_PASSWORD").ok();
+                up(
+                    UpConfig {
+                        listen,
+                        state_dir,
+                        admin_password,
+                    },
+                    shutdown,
+                )
+                .await?;
                 anyhow::Ok(())
             })?;
         }

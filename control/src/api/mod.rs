@@ -6,8 +6,23 @@
 //! a resource is one module plus one `.merge()`/`.nest()` line below.
 //! Handlers only read and write the store; they never call a data plane.
 
+pub mod audit;
+pub mod auth;
+pub mod events;
+pub mod extract;
 pub mod health;
+pub mod idempotency;
+pub mod listing;
+pub mod networks;
+pub mod ports;
 pub mod problem;
+pub mod records;
+pub mod respond;
+pub mod routers;
+pub mod security_groups;
+pub mod tokens;
+pub mod users;
+pub mod vdcs;
 pub mod version;
 
 use std::sync::Arc;
@@ -18,6 +33,7 @@ use axum::{middleware, Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -38,21 +54,67 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
         description = "Management REST API of a keel compute host. Errors are RFC 9457 problem details (application/problem+json)."
     ),
     components(schemas(problem::Problem)),
-    tags((name = "system", description = "Health and version of this keel"))
+    modifiers(&BearerAuth),
+    tags(
+        (name = "system", description = "Health and version of this keel"),
+        (name = "auth", description = "Login, refresh and API tokens"),
+        (name = "tenancy", description = "VDCs (with quotas) and users"),
+        (name = "networks", description = "VPCs, subnets, routers, security groups and ports; PENDING until a data plane realizes them"),
+        (name = "events", description = "Change feed (also as Server-Sent Events) and audit log"),
+    )
 )]
 struct ApiDoc;
+
+/// Declares the `bearer` scheme the operations refer to.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
     pub version: Arc<version::Version>,
+    /// Woken after every mutating call, so event streams look for news.
+    pub changes: Arc<tokio::sync::Notify>,
+}
+
+impl AppState {
+    pub fn new(store: Store, version: version::Version) -> AppState {
+        AppState {
+            store,
+            version: Arc::new(version),
+            changes: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
 }
 
 fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
-        .nest("/api/v1", OpenApiRouter::new().merge(version::router()))
+        .nest(
+            "/api/v1",
+            OpenApiRouter::new()
+                .merge(version::router())
+                .merge(auth::router())
+                .merge(tokens::router())
+                .merge(vdcs::router())
+                .merge(users::router())
+                .merge(networks::router())
+                .merge(security_groups::router())
+                .merge(ports::router())
+                .merge(routers::router())
+                .merge(events::router())
+                .merge(audit::router()),
+        )
         .split_for_parts()
 }
 
@@ -73,6 +135,15 @@ pub fn app(state: AppState) -> Router {
         // Innermost to outermost; the problem rewrite wraps every layer that
         // can answer on its own, so their bare errors get a problem body too.
         .layer(CatchPanicLayer::new())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::replay_or_record,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::identify,
+        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
@@ -82,6 +153,9 @@ pub fn app(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
+
+#[cfg(test)]
+mod contract_tests;
 
 #[cfg(test)]
 mod tests {

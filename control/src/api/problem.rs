@@ -31,6 +31,12 @@ pub struct Problem {
     /// The request path the problem occurred on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// Stable machine-readable error code (`not-found`, `invalid-field`, ...).
+    #[serde(default)]
+    pub code: String,
+    /// The request field the problem is about, as a dotted path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 impl Problem {
@@ -42,6 +48,8 @@ impl Problem {
             status: status.as_u16(),
             detail: None,
             instance,
+            code: code_for_status(status).into(),
+            field: None,
         }
     }
 }
@@ -59,38 +67,137 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The code of a problem that is only its HTTP status (answered by a layer).
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad-request",
+        401 => "unauthenticated",
+        403 => "forbidden",
+        404 => "not-found",
+        405 => "method-not-allowed",
+        408 => "timeout",
+        413 => "body-too-large",
+        415 => "unsupported-media-type",
+        500 => "internal",
+        503 => "unavailable",
+        _ => "http-error",
+    }
+}
+
 /// Errors a handler can answer with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("The state store is unavailable")]
     StoreUnavailable(#[source] crate::store::StoreError),
+    #[error("The request body is not valid JSON for this operation")]
+    BadJson(String),
+    #[error("A field is invalid")]
+    InvalidField { field: String, message: String },
+    #[error("A query parameter is invalid")]
+    InvalidQuery(String),
+    #[error("Authentication required")]
+    Unauthenticated,
+    #[error("Invalid user name or password")]
+    BadCredentials,
+    #[error("The account is locked after too many failed logins")]
+    AccountLocked,
+    #[error("Not allowed for this role")]
+    Forbidden,
+    #[error("Resource not found")]
+    NotFound,
+    #[error("Conflicts with existing state")]
+    Conflict(String),
+    #[error("Quota exceeded")]
+    QuotaExceeded { resource: &'static str, limit: u64 },
+    #[error("If-Match header required")]
+    IfMatchRequired,
+    #[error("The resource changed since it was read")]
+    RevisionMismatch { current: i64 },
+    #[error("Idempotency-Key reused with a different request")]
+    IdempotencyKeyReused,
+    #[error("Internal error")]
+    Internal(String),
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::StoreUnavailable(e)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::StoreUnavailable(crate::store::StoreError::Query(e))
+    }
 }
 
 impl ApiError {
-    /// The one mapping from error to wire: status and problem type.
-    fn status_and_type(&self) -> (StatusCode, &'static str) {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError::InvalidField {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The one mapping from error to wire: status and stable code. The
+    /// problem `type` is `urn:keel:problem:<code>`.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            ApiError::StoreUnavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "urn:keel:problem:store-unavailable",
+            ApiError::StoreUnavailable(_) => (S::SERVICE_UNAVAILABLE, "store-unavailable"),
+            ApiError::BadJson(_) => (S::BAD_REQUEST, "bad-json"),
+            ApiError::InvalidField { .. } => (S::UNPROCESSABLE_ENTITY, "invalid-field"),
+            ApiError::InvalidQuery(_) => (S::BAD_REQUEST, "invalid-query"),
+            ApiError::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
+            ApiError::BadCredentials => (S::UNAUTHORIZED, "bad-credentials"),
+            ApiError::AccountLocked => (S::TOO_MANY_REQUESTS, "account-locked"),
+            ApiError::Forbidden => (S::FORBIDDEN, "forbidden"),
+            ApiError::NotFound => (S::NOT_FOUND, "not-found"),
+            ApiError::Conflict(_) => (S::CONFLICT, "conflict"),
+            ApiError::QuotaExceeded { .. } => (S::CONFLICT, "quota-exceeded"),
+            ApiError::IfMatchRequired => (S::PRECONDITION_REQUIRED, "if-match-required"),
+            ApiError::RevisionMismatch { .. } => (S::PRECONDITION_FAILED, "revision-mismatch"),
+            ApiError::IdempotencyKeyReused => (S::UNPROCESSABLE_ENTITY, "idempotency-key-reused"),
+            ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    fn detail_and_field(&self) -> (Option<String>, Option<String>) {
+        match self {
+            ApiError::BadJson(m) | ApiError::InvalidQuery(m) | ApiError::Conflict(m) => {
+                (Some(m.clone()), None)
+            }
+            ApiError::InvalidField { field, message } => {
+                (Some(message.clone()), Some(field.clone()))
+            }
+            ApiError::QuotaExceeded { resource, limit } => (
+                Some(format!("The VDC quota for {resource} is {limit}")),
+                Some(format!("quota.{resource}")),
             ),
+            ApiError::RevisionMismatch { current } => {
+                (Some(format!("Current revision is {current}")), None)
+            }
+            _ => (None, None),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, kind) = self.status_and_type();
+        let (status, code) = self.status_and_code();
         if status.is_server_error() {
             // The cause chain is for the operator's log, not for clients.
             tracing::error!(error = ?self, "request failed");
         }
+        let (detail, field) = self.detail_and_field();
         Problem {
-            kind: kind.into(),
+            kind: format!("urn:keel:problem:{code}"),
             title: self.to_string(),
             status: status.as_u16(),
-            detail: None,
+            detail,
             instance: None,
+            code: code.into(),
+            field,
         }
         .into_response()
     }

@@ -1,0 +1,1796 @@
+//! In-process contract tests of the management API (`oneshot` against the
+//! real router and a real SQLite store in a temporary directory).
+
+use std::collections::HashSet;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::{app, AppState};
+use crate::store::Store;
+
+const ADMIN_PW: &str = "Root-secret-pw-1";
+const PW: &str = "Tenant-password-1";
+
+struct Api {
+    app: Router,
+    state: AppState,
+    _dir: tempfile::TempDir,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn etag(&self) -> String {
+        self.headers["etag"].to_str().unwrap().to_owned()
+    }
+    fn id(&self) -> String {
+        self.body["id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Api {
+    async fn new() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("keel.db")).await.unwrap();
+        super::auth::bootstrap_admin(&store, Some(ADMIN_PW.into()))
+            .await
+            .unwrap();
+        let version = super::version::Version {
+            version: "test".into(),
+            api_version: "v1".into(),
+            schema_version: 3,
+            instance_id: uuid::Uuid::new_v4(),
+        };
+        let state = AppState::new(store, version);
+        Api {
+            app: app(state.clone()),
+            state,
+            _dir: dir,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .app
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Reply {
+        self.call(Method::GET, path, Some(token), &[], None).await
+    }
+    async fn post(&self, path: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(token), &[], Some(body))
+            .await
+    }
+
+    async fn login(&self, user: &str, password: &str) -> Reply {
+        self.call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            &[],
+            Some(json!({"username": user, "password": password})),
+        )
+        .await
+    }
+
+    async fn token(&self, user: &str, password: &str) -> String {
+        let r = self.login(user, password).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn admin(&self) -> String {
+        self.token("admin", ADMIN_PW).await
+    }
+
+    async fn vdc(&self, admin: &str, name: &str, quota: Value) -> String {
+        let r = self
+            .post("/api/v1/vdcs", admin, json!({"name": name, "quota": quota}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.id()
+    }
+
+    async fn user(&self, admin: &str, name: &str, role: &str, vdc: &str) -> String {
+        let r = self
+            .post(
+                "/api/v1/users",
+                admin,
+                json!({"name": name, "password": PW, "role": role, "vdc_id": vdc}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        self.token(name, PW).await
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(self.state.store.pool())
+            .await
+            .unwrap()
+    }
+}
+
+fn assert_problem(r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status.as_u16(), status, "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(r.body["code"], code, "{}", r.body);
+    assert_eq!(r.body["status"], status);
+}
+
+#[tokio::test]
+async fn login_refresh_and_lockout() {
+    let api = Api::new().await;
+    assert_problem(
+        &api.login("admin", "wrong-password-1").await,
+        401,
+        "bad-credentials",
+    );
+    assert_problem(&api.login("nobody", ADMIN_PW).await, 401, "bad-credentials");
+    let r = api.login("admin", ADMIN_PW).await;
+    assert_eq!(r.status, 200);
+    let refresh = r.body["refresh_token"].as_str().unwrap().to_owned();
+    let access = r.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(api.get("/api/v1/vdcs", &access).await.status, 200);
+    // A refresh token is not a bearer token and works exactly once.
+    assert_problem(
+        &api.get("/api/v1/vdcs", &refresh).await,
+        401,
+        "unauthenticated",
+    );
+    let body = json!({"refresh_token": refresh});
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/auth/refresh",
+            None,
+            &[],
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let again = api
+        .call(Method::POST, "/api/v1/auth/refresh", None, &[], Some(body))
+        .await;
+    assert_problem(&again, 401, "unauthenticated");
+
+    // Five failures lock the account, even against the right password.
+    for _ in 0..super::auth::LOCKOUT_AFTER {
+        assert_problem(
+            &api.login("admin", "wrong-password-1").await,
+            401,
+            "bad-credentials",
+        );
+    }
+    assert_problem(&api.login("admin", ADMIN_PW).await, 429, "account-locked");
+    // Tokens issued before the lockout still work (the lock guards logins).
+    assert_eq!(api.get("/api/v1/vdcs", &access).await.status, 200);
+}
+
+#[tokio::test]
+async fn public_and_protected_endpoints() {
+    let api = Api::new().await;
+    for path in ["/healthz", "/api/v1/version", "/api/v1/openapi.json"] {
+        let r = api.call(Method::GET, path, None, &[], None).await;
+        assert_eq!(r.status, 200, "{path}");
+    }
+    for path in [
+        "/api/v1/vdcs",
+        "/api/v1/users",
+        "/api/v1/vpcs",
+        "/api/v1/events",
+        "/api/v1/tokens",
+    ] {
+        let r = api.call(Method::GET, path, None, &[], None).await;
+        assert_problem(&r, 401, "unauthenticated");
+    }
+    let r = api.get("/api/v1/vdcs", "keela_forged").await;
+    assert_problem(&r, 401, "unauthenticated");
+}
+
+#[tokio::test]
+async fn password_policy_and_user_rules() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    for (password, why) in [
+        ("short-1A", "12"),
+        ("alice-Password-1", "user name"),
+        ("alllowercaseletters", "two of"),
+    ] {
+        let r = api
+            .post(
+                "/api/v1/users",
+                &admin,
+                json!({"name": "alice", "password": password, "role": "vdc-user", "vdc_id": vdc}),
+            )
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], "password");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(why),
+            "{}",
+            r.body
+        );
+    }
+    let r = api
+        .post(
+            "/api/v1/users",
+            &admin,
+            json!({"name": "root2", "password": PW, "role": "system-admin", "vdc_id": vdc}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let vadmin = api.user(&admin, "va", "vdc-admin", &vdc).await;
+    // A VDC admin cannot mint system admins.
+    let r = api
+        .post(
+            "/api/v1/users",
+            &vadmin,
+            json!({"name": "root3", "password": PW, "role": "system-admin"}),
+        )
+        .await;
+    assert_problem(&r, 403, "forbidden");
+    // ...but creates users in its own VDC by default.
+    let r = api
+        .post(
+            "/api/v1/users",
+            &vadmin,
+            json!({"name": "bob", "password": PW, "role": "vdc-user"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["vdc_id"], vdc.as_str());
+    assert!(r.body.get("password_hash").is_none() && r.body.get("password").is_none());
+    let dup = api
+        .post(
+            "/api/v1/users",
+            &vadmin,
+            json!({"name": "bob", "password": PW, "role": "vdc-user"}),
+        )
+        .await;
+    assert_problem(&dup, 409, "conflict");
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users WHERE name = 'bob'")
+        .fetch_one(api.state.store.pool())
+        .await
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_precisely_and_creates_nothing() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "net", "vdc_id": vdc}),
+        )
+        .await;
+    assert_eq!(vpc.status, 201);
+    let vpc = vpc.id();
+    let resources = api.count("resources").await;
+    let events = api.count("events").await;
+
+    let r = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "x", "vdc_id": vdc, "colour": "red"}),
+        )
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `colour`"),
+        "{}",
+        r.body
+    );
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/vpcs",
+            Some(&admin),
+            &[("content-type", "application/json")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    let r = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "-bad name", "vdc_id": vdc}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "name");
+    let r = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "x", "vdc_id": "no-such-vdc"}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "vdc_id");
+
+    let subnet = |extra: Value| {
+        let mut body = json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (extra, field, needle) in [
+        (
+            json!({"cidr": "10.0.0.300/24"}),
+            "cidr",
+            "not an IPv4 or IPv6 CIDR",
+        ),
+        (
+            json!({"cidr": "10.0.0.5/24"}),
+            "cidr",
+            "did you mean 10.0.0.0/24",
+        ),
+        (json!({"cidr": "10.0.0.0/32"}), "cidr", "prefix too long"),
+        (
+            json!({"gateway_ip": "10.0.1.1"}),
+            "gateway_ip",
+            "inside 10.0.0.0/24",
+        ),
+        (
+            json!({"gateway_ip": "10.0.0.255"}),
+            "gateway_ip",
+            "not a host address",
+        ),
+        (
+            json!({"allocation_pools": [{"start": "10.0.0.10", "end": "10.0.0.5"}]}),
+            "allocation_pools[0]",
+            "after end",
+        ),
+        (
+            json!({"allocation_pools": [{"start": "10.0.0.1", "end": "10.0.0.9"}]}),
+            "allocation_pools[0]",
+            "gateway",
+        ),
+        (
+            json!({"allocation_pools": [{"start": "10.0.0.10", "end": "10.0.1.9"}]}),
+            "allocation_pools[0]",
+            "inside",
+        ),
+        (
+            json!({"allocation_pools": [{"start": "10.0.0.10", "end": "10.0.0.20"}, {"start": "10.0.0.20", "end": "10.0.0.30"}]}),
+            "allocation_pools[1]",
+            "overlaps",
+        ),
+        (
+            json!({"reserved_ips": ["10.0.0.7", "10.0.0.7"]}),
+            "reserved_ips[1]",
+            "twice",
+        ),
+        (
+            json!({"reserved_ips": ["192.168.0.1"]}),
+            "reserved_ips[0]",
+            "inside",
+        ),
+        (
+            json!({"cidr": "fd00::/64", "gateway_ip": "fd01::1"}),
+            "gateway_ip",
+            "inside",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/subnets", &admin, subnet(extra.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{extra}: {}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(needle),
+            "{extra}: {}",
+            r.body
+        );
+    }
+    assert_eq!(
+        api.count("resources").await,
+        resources,
+        "nothing half-created"
+    );
+    assert_eq!(
+        api.count("events").await,
+        events,
+        "no event for a failed create"
+    );
+
+    // A valid one, then overlaps (v4 and v6) within the VPC are conflicts.
+    let r = api.post("/api/v1/subnets", &admin, subnet(json!({}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["gateway_ip"], "10.0.0.1");
+    assert_eq!(
+        r.body["allocation_pools"],
+        json!([{"start": "10.0.0.2", "end": "10.0.0.254"}])
+    );
+    assert_eq!(r.body["enable_dhcp"], true);
+    let r = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            subnet(json!({"name": "s2", "cidr": "10.0.0.128/25"})),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let v6 = api
+        .post("/api/v1/subnets", &admin, subnet(json!({"name": "v6", "cidr": "fd00:1::/64", "gateway_ip": null, "dns_servers": ["fd00::53"]})))
+        .await;
+    assert_eq!(v6.status, 201, "{}", v6.body);
+    assert_eq!(v6.body["gateway_ip"], Value::Null);
+    let r = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            subnet(json!({"name": "v6b", "cidr": "fd00::/16"})),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // Gateway in the middle: the default pools go around it.
+    let r = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            subnet(json!({"name": "mid", "cidr": "10.1.0.0/29", "gateway_ip": "10.1.0.3"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["allocation_pools"],
+        json!([{"start": "10.1.0.1", "end": "10.1.0.2"}, {"start": "10.1.0.4", "end": "10.1.0.6"}])
+    );
+
+    // Bad queries.
+    assert_problem(
+        &api.get("/api/v1/vpcs?limit=0", &admin).await,
+        400,
+        "invalid-query",
+    );
+    assert_problem(
+        &api.get("/api/v1/vpcs?sort=colour", &admin).await,
+        400,
+        "invalid-query",
+    );
+    assert_problem(
+        &api.get("/api/v1/vpcs?cursor=zz", &admin).await,
+        400,
+        "invalid-query",
+    );
+    assert_problem(
+        &api.get("/api/v1/vpcs?bogus=1", &admin).await,
+        400,
+        "invalid-query",
+    );
+}
+
+#[tokio::test]
+async fn network_resources_are_never_reported_active() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "net", "vdc_id": vdc}),
+        )
+        .await;
+    assert_eq!(vpc.body["status"], "PENDING");
+    assert!(vpc.body["status_reason"]
+        .as_str()
+        .unwrap()
+        .contains("not realized"));
+    let s = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s", "vpc_id": vpc.id(), "cidr": "10.0.0.0/24"}),
+        )
+        .await;
+    assert_eq!(s.body["status"], "PENDING");
+    let vdc_body = api.get(&format!("/api/v1/vdcs/{vdc}"), &admin).await;
+    assert_eq!(vdc_body.body["status"], "READY");
+}
+
+#[tokio::test]
+async fn etag_and_if_match() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let path = format!("/api/v1/vdcs/{vdc}");
+    let r = api.get(&path, &admin).await;
+    assert_eq!(r.etag(), "\"1\"");
+    let patch = json!({"description": "first"});
+    let none = api
+        .call(Method::PATCH, &path, Some(&admin), &[], Some(patch.clone()))
+        .await;
+    assert_problem(&none, 428, "if-match-required");
+    let stale = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"7\"")],
+            Some(patch.clone()),
+        )
+        .await;
+    assert_problem(&stale, 412, "revision-mismatch");
+    let ok = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(patch.clone()),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.etag(), "\"2\"");
+    assert_eq!(ok.body["revision"], 2);
+    assert_eq!(ok.body["description"], "first");
+    // The writer that read revision 1 loses.
+    let lost = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"description": "second"})),
+        )
+        .await;
+    assert_problem(&lost, 412, "revision-mismatch");
+    let del = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&del, 412, "revision-mismatch");
+    let del = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"2\"")],
+            None,
+        )
+        .await;
+    assert_eq!(del.status, 204);
+    assert_problem(&api.get(&path, &admin).await, 404, "not-found");
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_and_refuses_a_different_body() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let body = json!({"name": "net", "vdc_id": vdc});
+    let key = [("idempotency-key", "k-1")];
+    let first = api
+        .call(
+            Method::POST,
+            "/api/v1/vpcs",
+            Some(&admin),
+            &key,
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(first.status, 201);
+    let again = api
+        .call(
+            Method::POST,
+            "/api/v1/vpcs",
+            Some(&admin),
+            &key,
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.headers["location"], first.headers["location"]);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    let other = api
+        .call(
+            Method::POST,
+            "/api/v1/vpcs",
+            Some(&admin),
+            &key,
+            Some(json!({"name": "other", "vdc_id": vdc})),
+        )
+        .await;
+    assert_problem(&other, 422, "idempotency-key-reused");
+    let list = api.get("/api/v1/vpcs", &admin).await;
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "created once"
+    );
+    // Keys are per caller: another user's identical key is a new request.
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let theirs = api
+        .call(
+            Method::POST,
+            "/api/v1/vpcs",
+            Some(&tenant),
+            &key,
+            Some(json!({"name": "net2"})),
+        )
+        .await;
+    assert_eq!(theirs.status, 201, "{}", theirs.body);
+}
+
+#[tokio::test]
+async fn quotas_are_enforced_at_create_and_nest() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api
+        .vdc(&admin, "acme", json!({"networks": 2, "vcpus": 8}))
+        .await;
+    for name in ["a", "b"] {
+        let r = api
+            .post("/api/v1/vpcs", &admin, json!({"name": name, "vdc_id": vdc}))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let r = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "c", "vdc_id": vdc}))
+        .await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.networks");
+    // Lowering a quota below use is refused; a child cannot exceed its parent.
+    let path = format!("/api/v1/vdcs/{vdc}");
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"quota": {"networks": 1}})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api
+        .post(
+            "/api/v1/vdcs",
+            &admin,
+            json!({"name": "child", "parent_id": vdc, "quota": {"networks": 1, "vcpus": 16}}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "quota.vcpus");
+    let r = api
+        .post(
+            "/api/v1/vdcs",
+            &admin,
+            json!({"name": "child", "parent_id": vdc, "quota": {"networks": 1, "vcpus": 4}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["parent_id"], vdc.as_str());
+    // A VDC that still contains things cannot go.
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+}
+
+#[tokio::test]
+async fn pagination_sort_filter_and_search() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let names = ["delta", "alpha", "echo", "charlie", "bravo"];
+    for name in names {
+        let r = api
+            .post("/api/v1/vpcs", &admin, json!({"name": name, "vdc_id": vdc}))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    for (sort, expected) in [
+        ("name", vec!["alpha", "bravo", "charlie", "delta", "echo"]),
+        ("-name", vec!["echo", "delta", "charlie", "bravo", "alpha"]),
+        ("created_at", names.to_vec()),
+    ] {
+        let mut seen = Vec::new();
+        let mut url = format!("/api/v1/vpcs?limit=2&sort={sort}");
+        let mut pages = 0;
+        loop {
+            let r = api.get(&url, &admin).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            pages += 1;
+            for item in r.body["items"].as_array().unwrap() {
+                seen.push(item["name"].as_str().unwrap().to_owned());
+            }
+            match r.body["next_cursor"].as_str() {
+                Some(c) => url = format!("/api/v1/vpcs?limit=2&sort={sort}&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "sort {sort}");
+        assert_eq!(pages, 3);
+    }
+    let r = api.get("/api/v1/vpcs?q=HAR", &admin).await;
+    let found: Vec<_> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].clone())
+        .collect();
+    assert_eq!(found, vec![json!("charlie")]);
+    let r = api.get("/api/v1/vpcs?name=echo", &admin).await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1);
+    let r = api.get("/api/v1/vpcs?status=ACTIVE", &admin).await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 0);
+    let r = api
+        .get(&format!("/api/v1/vpcs?vdc_id={vdc}&status=PENDING"), &admin)
+        .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 5);
+    // A cursor of one sort is refused for another.
+    let r = api.get("/api/v1/vpcs?limit=2&sort=name", &admin).await;
+    let c = r.body["next_cursor"].as_str().unwrap();
+    assert_problem(
+        &api.get(&format!("/api/v1/vpcs?cursor={c}"), &admin).await,
+        400,
+        "invalid-query",
+    );
+}
+
+#[tokio::test]
+async fn events_follow_changes_and_respect_tenancy() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let a = api.vdc(&admin, "a", json!({})).await;
+    let b = api.vdc(&admin, "b", json!({})).await;
+    let ta = api.user(&admin, "ua", "vdc-user", &a).await;
+    let start = api.get("/api/v1/events", &admin).await;
+    let last = start.body.as_array().unwrap().last().unwrap()["seq"]
+        .as_i64()
+        .unwrap();
+    let vpc_a = api
+        .post("/api/v1/vpcs", &ta, json!({"name": "na"}))
+        .await
+        .id();
+    let vpc_b = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "nb", "vdc_id": b}))
+        .await
+        .id();
+    let path = format!("/api/v1/vpcs/{vpc_a}");
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&ta),
+            &[("if-match", "\"1\"")],
+            Some(json!({"description": "x"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&ta),
+            &[("if-match", "\"2\"")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+
+    let all = api
+        .get(&format!("/api/v1/events?after={last}"), &admin)
+        .await;
+    let got: Vec<_> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["resource_id"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["revision"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (vpc_a.clone(), "created".into(), 1),
+            (vpc_b.clone(), "created".into(), 1),
+            (vpc_a.clone(), "updated".into(), 2),
+            (vpc_a.clone(), "deleted".into(), 3),
+        ]
+    );
+    let seqs: Vec<i64> = all
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    // The tenant sees only its own VDC's changes.
+    let theirs = api.get(&format!("/api/v1/events?after={last}"), &ta).await;
+    assert!(theirs
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["vdc_id"] == a.as_str()));
+    assert_eq!(theirs.body.as_array().unwrap().len(), 3);
+    // Resume after the second one.
+    let r = api
+        .get(&format!("/api/v1/events?after={}", seqs[1]), &admin)
+        .await;
+    assert_eq!(r.body.as_array().unwrap().len(), 2);
+}
+
+/// Reads SSE frames until `n` `change` events arrived.
+async fn sse_events(body: &mut Body, n: usize) -> Vec<Value> {
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), body.frame())
+            .await
+            .expect("event within 30 s")
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push(serde_json::from_str(data).unwrap());
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn event_stream_pushes_live_changes_and_resumes() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let req = Request::get("/api/v1/events/stream?after=0")
+        .header("authorization", format!("Bearer {admin}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = response.into_body();
+    // History first: the admin user and the VDC.
+    let history = sse_events(&mut body, 2).await;
+    assert_eq!(history[1]["resource_id"], vdc.as_str());
+    // Then a change made while the stream is open.
+    let vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "live", "vdc_id": vdc}),
+        )
+        .await
+        .id();
+    let live = sse_events(&mut body, 1).await;
+    assert_eq!(live[0]["resource_id"], vpc.as_str());
+    assert_eq!(live[0]["action"], "created");
+    drop(body);
+
+    // Reconnecting with Last-Event-ID gets only what came after it.
+    let resume = history[1]["seq"].as_i64().unwrap().to_string();
+    let req = Request::get("/api/v1/events/stream")
+        .header("authorization", format!("Bearer {admin}"))
+        .header("last-event-id", resume)
+        .body(Body::empty())
+        .unwrap();
+    let mut body = api.app.clone().oneshot(req).await.unwrap().into_body();
+    let resumed = sse_events(&mut body, 1).await;
+    assert_eq!(resumed[0]["resource_id"], vpc.as_str());
+}
+
+#[tokio::test]
+async fn every_mutating_call_is_audited() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    api.post(
+        "/api/v1/vpcs",
+        &admin,
+        json!({"name": "-bad", "vdc_id": vdc}),
+    )
+    .await;
+    let r = api.get("/api/v1/audit", &admin).await;
+    let entries: Vec<(String, String, String, i64)> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["principal"].as_str().unwrap().into(),
+                e["method"].as_str().unwrap().into(),
+                e["path"].as_str().unwrap().into(),
+                e["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            (
+                "anonymous".into(),
+                "POST".into(),
+                "/api/v1/auth/login".into(),
+                200
+            ),
+            ("admin".into(), "POST".into(), "/api/v1/vdcs".into(), 201),
+            ("admin".into(), "POST".into(), "/api/v1/vpcs".into(), 422),
+        ]
+    );
+    assert!(r.body[0]["remote"].is_string());
+    let tenant = api.user(&admin, "ann", "vdc-admin", &vdc).await;
+    assert_problem(&api.get("/api/v1/audit", &tenant).await, 403, "forbidden");
+}
+
+#[tokio::test]
+async fn api_tokens_authenticate_until_revoked() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let r = api
+        .post(
+            "/api/v1/tokens",
+            &admin,
+            json!({"name": "ci", "expires_in_days": 30}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let secret = r.body["token"].as_str().unwrap().to_owned();
+    let id = r.id();
+    assert_eq!(api.get("/api/v1/vdcs", &secret).await.status, 200);
+    let list = api.get("/api/v1/tokens", &admin).await;
+    assert_eq!(list.body[0]["name"], "ci");
+    assert!(
+        list.body[0].get("token").is_none(),
+        "secret shown only once"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE hash = ?")
+        .bind(&secret)
+        .fetch_one(api.state.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "only the hash is stored");
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/tokens/{id}"),
+            Some(&admin),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    assert_problem(
+        &api.get("/api/v1/vdcs", &secret).await,
+        401,
+        "unauthenticated",
+    );
+    let r = api
+        .post(
+            "/api/v1/tokens",
+            &admin,
+            json!({"name": "ci", "expires_in_days": 0}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+}
+
+/// Every role × every endpoint × own/other VDC. Expectations are written
+/// out here by hand, independently of the policy table.
+#[tokio::test]
+async fn authorization_matrix() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let own = api.vdc(&admin, "own", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vadmin = api.user(&admin, "vadmin", "vdc-admin", &own).await;
+    let vuser = api.user(&admin, "vuser", "vdc-user", &own).await;
+    let victim_other = api.user(&admin, "victim-other", "vdc-user", &other).await;
+    let _ = victim_other;
+    let users = api.get("/api/v1/users", &admin).await;
+    let user_id = |name: &str| {
+        users.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (own_user, other_user) = (user_id("vuser"), user_id("victim-other"));
+
+    // Fresh fixtures per check, so deletes do not affect later rows.
+    async fn fixtures(
+        api: &Api,
+        admin: &str,
+        vdc: &str,
+        tag: &str,
+    ) -> (String, String, String, String) {
+        let vpc = api
+            .post(
+                "/api/v1/vpcs",
+                admin,
+                json!({"name": format!("v{tag}"), "vdc_id": vdc}),
+            )
+            .await
+            .id();
+        let subnet = api
+            .post(
+                "/api/v1/subnets",
+                admin,
+                json!({"name": format!("s{tag}"), "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+            )
+            .await
+            .id();
+        let sg = api
+            .post(
+                "/api/v1/security-groups",
+                admin,
+                json!({"name": format!("g{tag}"), "vdc_id": vdc}),
+            )
+            .await
+            .id();
+        let port = api
+            .post(
+                "/api/v1/ports",
+                admin,
+                json!({"name": format!("p{tag}"), "subnet_id": subnet}),
+            )
+            .await
+            .id();
+        (vpc, subnet, sg, port)
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        ListVdcs,
+        GetVdc,
+        CreateVdc,
+        PatchVdc,
+        DeleteVdc,
+        ListUsers,
+        GetUser,
+        CreateUser,
+        PatchUser,
+        DeleteUser,
+        ListVpcs,
+        GetVpc,
+        CreateVpc,
+        PatchVpc,
+        DeleteVpc,
+        ListSubnets,
+        GetSubnet,
+        CreateSubnet,
+        PatchSubnet,
+        DeleteSubnet,
+        ListEvents,
+        Audit,
+        CreateToken,
+        CreateSg,
+        GetSg,
+        PatchSg,
+        DeleteSg,
+        CreatePort,
+        CreateRouter,
+        GetPort,
+        PatchPort,
+        DeletePort,
+    }
+    use Op::*;
+    // (op, [system-admin, vdc-admin, vdc-user] on own VDC, same on the other VDC)
+    let matrix: &[(Op, [u16; 3], [u16; 3])] = &[
+        (ListVdcs, [200, 200, 200], [200, 200, 200]),
+        (GetVdc, [200, 200, 200], [200, 404, 404]),
+        (CreateVdc, [201, 403, 403], [201, 403, 403]),
+        (PatchVdc, [200, 403, 403], [200, 404, 404]),
+        (DeleteVdc, [409, 403, 403], [409, 404, 404]),
+        (ListUsers, [200, 200, 200], [200, 200, 200]),
+        (GetUser, [200, 200, 200], [200, 404, 404]),
+        (CreateUser, [201, 201, 403], [201, 422, 403]),
+        (PatchUser, [200, 200, 403], [200, 404, 404]),
+        (DeleteUser, [204, 204, 403], [204, 404, 404]),
+        (ListVpcs, [200, 200, 200], [200, 200, 200]),
+        (GetVpc, [200, 200, 200], [200, 404, 404]),
+        (CreateVpc, [201, 201, 201], [201, 422, 422]),
+        (PatchVpc, [200, 200, 200], [200, 404, 404]),
+        (DeleteVpc, [409, 409, 409], [409, 404, 404]),
+        (ListSubnets, [200, 200, 200], [200, 200, 200]),
+        (GetSubnet, [200, 200, 200], [200, 404, 404]),
+        (CreateSubnet, [201, 201, 201], [201, 422, 422]),
+        (PatchSubnet, [200, 200, 200], [200, 404, 404]),
+        (DeleteSubnet, [409, 409, 409], [409, 404, 404]),
+        (ListEvents, [200, 200, 200], [200, 200, 200]),
+        (Audit, [200, 403, 403], [200, 403, 403]),
+        (CreateToken, [201, 201, 201], [201, 201, 201]),
+        (CreateSg, [201, 201, 201], [201, 422, 422]),
+        (GetSg, [200, 200, 200], [200, 404, 404]),
+        (PatchSg, [200, 200, 200], [200, 404, 404]),
+        (DeleteSg, [204, 204, 204], [204, 404, 404]),
+        (CreatePort, [201, 201, 201], [201, 422, 422]),
+        (GetPort, [200, 200, 200], [200, 404, 404]),
+        (PatchPort, [200, 200, 200], [200, 404, 404]),
+        (DeletePort, [204, 204, 204], [204, 404, 404]),
+        (CreateRouter, [201, 201, 201], [201, 422, 422]),
+    ];
+    let roles = [
+        ("system-admin", admin.clone()),
+        ("vdc-admin", vadmin.clone()),
+        ("vdc-user", vuser.clone()),
+    ];
+    let mut n = 0;
+    let mut failures = Vec::new();
+    for (op, on_own, on_other) in matrix {
+        for (scope, expected, vdc) in [("own", on_own, &own), ("other", on_other, &other)] {
+            for (i, (role, token)) in roles.iter().enumerate() {
+                n += 1;
+                let tag = n.to_string();
+                let (vpc, subnet, sg, port) = fixtures(&api, &admin, vdc, &tag).await;
+                // A throwaway user to patch/delete in the VDC under test.
+                let target = api.post("/api/v1/users", &admin, json!({"name": format!("t{tag}"), "password": PW, "role": "vdc-user", "vdc_id": vdc})).await.id();
+                let _ = (&own_user, &other_user);
+                let im = [("if-match", "\"1\"")];
+                let (m, path, body, headers): (Method, String, Option<Value>, &[(&str, &str)]) =
+                    match op {
+                        ListVdcs => (Method::GET, "/api/v1/vdcs".into(), None, &[]),
+                        GetVdc => (Method::GET, format!("/api/v1/vdcs/{vdc}"), None, &[]),
+                        CreateVdc => (
+                            Method::POST,
+                            "/api/v1/vdcs".into(),
+                            Some(json!({"name": format!("c{tag}"), "parent_id": vdc})),
+                            &[],
+                        ),
+                        PatchVdc => {
+                            let rev = api.get(&format!("/api/v1/vdcs/{vdc}"), &admin).await.etag();
+                            let r = api
+                                .call(
+                                    Method::PATCH,
+                                    &format!("/api/v1/vdcs/{vdc}"),
+                                    Some(token),
+                                    &[("if-match", &rev)],
+                                    Some(json!({"description": tag})),
+                                )
+                                .await;
+                            check(&mut failures, *op, role, scope, expected[i], &r);
+                            continue;
+                        }
+                        DeleteVdc => {
+                            let rev = api.get(&format!("/api/v1/vdcs/{vdc}"), &admin).await.etag();
+                            let r = api
+                                .call(
+                                    Method::DELETE,
+                                    &format!("/api/v1/vdcs/{vdc}"),
+                                    Some(token),
+                                    &[("if-match", &rev)],
+                                    None,
+                                )
+                                .await;
+                            check(&mut failures, *op, role, scope, expected[i], &r);
+                            continue;
+                        }
+                        ListUsers => (Method::GET, "/api/v1/users".into(), None, &[]),
+                        GetUser => (Method::GET, format!("/api/v1/users/{target}"), None, &[]),
+                        CreateUser => (
+                            Method::POST,
+                            "/api/v1/users".into(),
+                            Some(
+                                json!({"name": format!("n{tag}"), "password": PW, "role": "vdc-user", "vdc_id": vdc}),
+                            ),
+                            &[],
+                        ),
+                        PatchUser => (
+                            Method::PATCH,
+                            format!("/api/v1/users/{target}"),
+                            Some(json!({"unlock": true})),
+                            &im,
+                        ),
+                        DeleteUser => {
+                            (Method::DELETE, format!("/api/v1/users/{target}"), None, &im)
+                        }
+                        ListVpcs => (Method::GET, "/api/v1/vpcs".into(), None, &[]),
+                        GetVpc => (Method::GET, format!("/api/v1/vpcs/{vpc}"), None, &[]),
+                        CreateVpc => (
+                            Method::POST,
+                            "/api/v1/vpcs".into(),
+                            Some(json!({"name": format!("n{tag}"), "vdc_id": vdc})),
+                            &[],
+                        ),
+                        PatchVpc => (
+                            Method::PATCH,
+                            format!("/api/v1/vpcs/{vpc}"),
+                            Some(json!({"description": "d"})),
+                            &im,
+                        ),
+                        DeleteVpc => (Method::DELETE, format!("/api/v1/vpcs/{vpc}"), None, &im),
+                        ListSubnets => (Method::GET, "/api/v1/subnets".into(), None, &[]),
+                        GetSubnet => (Method::GET, format!("/api/v1/subnets/{subnet}"), None, &[]),
+                        CreateSubnet => (
+                            Method::POST,
+                            "/api/v1/subnets".into(),
+                            Some(
+                                json!({"name": format!("n{tag}"), "vpc_id": vpc, "cidr": "10.9.0.0/24"}),
+                            ),
+                            &[],
+                        ),
+                        PatchSubnet => (
+                            Method::PATCH,
+                            format!("/api/v1/subnets/{subnet}"),
+                            Some(json!({"enable_dhcp": false})),
+                            &im,
+                        ),
+                        DeleteSubnet => (
+                            Method::DELETE,
+                            format!("/api/v1/subnets/{subnet}"),
+                            None,
+                            &im,
+                        ),
+                        ListEvents => (Method::GET, "/api/v1/events".into(), None, &[]),
+                        Audit => (Method::GET, "/api/v1/audit".into(), None, &[]),
+                        CreateToken => (
+                            Method::POST,
+                            "/api/v1/tokens".into(),
+                            Some(json!({"name": format!("n{tag}")})),
+                            &[],
+                        ),
+                        CreateSg => (
+                            Method::POST,
+                            "/api/v1/security-groups".into(),
+                            Some(json!({"name": format!("n{tag}"), "vdc_id": vdc})),
+                            &[],
+                        ),
+                        GetSg => (
+                            Method::GET,
+                            format!("/api/v1/security-groups/{sg}"),
+                            None,
+                            &[],
+                        ),
+                        PatchSg => (
+                            Method::PATCH,
+                            format!("/api/v1/security-groups/{sg}"),
+                            Some(
+                                json!({"rules": [{"direction": "ingress", "protocol": "tcp", "port_range_min": 22, "port_range_max": 22}]}),
+                            ),
+                            &im,
+                        ),
+                        DeleteSg => (
+                            Method::DELETE,
+                            format!("/api/v1/security-groups/{sg}"),
+                            None,
+                            &im,
+                        ),
+                        CreatePort => (
+                            Method::POST,
+                            "/api/v1/ports".into(),
+                            Some(json!({"name": format!("n{tag}"), "subnet_id": subnet})),
+                            &[],
+                        ),
+                        GetPort => (Method::GET, format!("/api/v1/ports/{port}"), None, &[]),
+                        PatchPort => (
+                            Method::PATCH,
+                            format!("/api/v1/ports/{port}"),
+                            Some(json!({"security_group_ids": [sg]})),
+                            &im,
+                        ),
+                        DeletePort => (Method::DELETE, format!("/api/v1/ports/{port}"), None, &im),
+                        CreateRouter => (
+                            Method::POST,
+                            "/api/v1/routers".into(),
+                            Some(
+                                json!({"name": format!("n{tag}"), "vdc_id": vdc, "interfaces": [{"subnet_id": subnet}]}),
+                            ),
+                            &[],
+                        ),
+                    };
+                let r = api.call(m, &path, Some(token), headers, body).await;
+                check(&mut failures, *op, role, scope, expected[i], &r);
+                // Lists never leak the other VDC.
+                if matches!(
+                    op,
+                    ListVpcs | ListSubnets | ListUsers | ListVdcs | ListEvents
+                ) && *role != "system-admin"
+                {
+                    let items = r.body["items"].as_array().or(r.body.as_array()).unwrap();
+                    assert!(
+                        items
+                            .iter()
+                            .all(|it| it["vdc_id"] == own.as_str() || it["id"] == own.as_str()),
+                        "{op:?} {role} leaks: {}",
+                        r.body
+                    );
+                }
+            }
+        }
+    }
+    fn check(
+        failures: &mut Vec<String>,
+        op: Op,
+        role: &str,
+        scope: &str,
+        expected: u16,
+        r: &Reply,
+    ) {
+        if r.status.as_u16() != expected {
+            failures.push(format!(
+                "{op:?} {role} {scope}: expected {expected}, got {} {}",
+                r.status, r.body
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} cells wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(n, matrix.len() * 6);
+}
+
+#[tokio::test]
+async fn security_group_rules_are_validated() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let rule = |extra: Value| {
+        let mut r = json!({"direction": "ingress", "protocol": "tcp"});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        json!({"name": "g", "vdc_id": vdc, "rules": [r]})
+    };
+    for (extra, field) in [
+        (
+            json!({"protocol": "icmp", "port_range_min": 1, "port_range_max": 2}),
+            "rules[0].port_range_min",
+        ),
+        (
+            json!({"port_range_min": 90, "port_range_max": 80}),
+            "rules[0].port_range_min",
+        ),
+        (
+            json!({"port_range_min": 0, "port_range_max": 80}),
+            "rules[0].port_range_min",
+        ),
+        (json!({"port_range_min": 80}), "rules[0].port_range_max"),
+        (
+            json!({"remote_cidr": "10.0.0.0/33"}),
+            "rules[0].remote_cidr",
+        ),
+        (
+            json!({"remote_cidr": "10.0.0.1/24"}),
+            "rules[0].remote_cidr",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/security-groups", &admin, rule(extra.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{extra}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            rule(json!({"direction": "sideways"})),
+        )
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    let dup = json!({"name": "g", "vdc_id": vdc, "rules": [{"direction": "egress", "protocol": "any"}, {"direction": "egress", "protocol": "any"}]});
+    let r = api.post("/api/v1/security-groups", &admin, dup).await;
+    assert_eq!(r.body["field"], "rules[1]");
+    let ok = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            rule(json!({"port_range_min": 443, "port_range_max": 443, "remote_cidr": "fd00::/8"})),
+        )
+        .await;
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    assert_eq!(ok.body["status"], "PENDING");
+}
+
+#[tokio::test]
+async fn ports_get_unique_macs_and_valid_addresses() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vpc = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await
+        .id();
+    let subnet = api
+        .post("/api/v1/subnets", &admin, json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/29", "reserved_ips": ["10.0.0.4"]}))
+        .await;
+    assert_eq!(subnet.status, 201, "{}", subnet.body);
+    let subnet = subnet.id();
+    let port = |name: &str, extra: Value| {
+        let mut b = json!({"name": name, "subnet_id": subnet});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let mut macs = HashSet::new();
+    let mut ips = Vec::new();
+    let mut ids = Vec::new();
+    // Pool .2-.6 minus reserved .4: four addresses, then exhausted.
+    for i in 0..4 {
+        let r = api
+            .post("/api/v1/ports", &admin, port(&format!("p{i}"), json!({})))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let mac = r.body["mac_address"].as_str().unwrap().to_owned();
+        assert!(mac.starts_with("fa:16:3e:") && mac.len() == 17, "{mac}");
+        assert!(macs.insert(mac));
+        ips.push(r.body["fixed_ip"].as_str().unwrap().to_owned());
+        ids.push(r.id());
+        assert_eq!(r.body["status"], "PENDING");
+    }
+    assert_eq!(ips, ["10.0.0.2", "10.0.0.3", "10.0.0.5", "10.0.0.6"]);
+    let r = api
+        .post("/api/v1/ports", &admin, port("full", json!({})))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    for (ip, status, code) in [
+        ("10.0.0.1", 422, "invalid-field"), // gateway
+        ("10.0.0.4", 422, "invalid-field"), // reserved
+        ("10.0.0.7", 422, "invalid-field"), // broadcast
+        ("10.0.1.2", 422, "invalid-field"), // outside
+        ("10.0.0.3", 409, "conflict"),      // taken
+    ] {
+        let r = api
+            .post("/api/v1/ports", &admin, port("x", json!({"fixed_ip": ip})))
+            .await;
+        assert_problem(&r, status, code);
+        if status == 422 {
+            assert_eq!(r.body["field"], "fixed_ip");
+        }
+    }
+    // Deleting a port frees its address; a requested one is honoured.
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/ports/{}", ids[1]),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = api
+        .post(
+            "/api/v1/ports",
+            &admin,
+            port("again", json!({"fixed_ip": "10.0.0.3"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // Security groups must be in the port's VDC; a used group cannot go.
+    let foreign = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "f", "vdc_id": other}),
+        )
+        .await
+        .id();
+    let own = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "o", "vdc_id": vdc}),
+        )
+        .await
+        .id();
+    let path = format!("/api/v1/ports/{}", ids[0]);
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"security_group_ids": [foreign]})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "security_group_ids[0]");
+    let r = api
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"security_group_ids": [own]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/security-groups/{own}"),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // A subnet with ports cannot go either.
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/subnets/{subnet}"),
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+}
+
+#[tokio::test]
+async fn routers_attach_subnets_and_check_routes() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vpc = api
+        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await
+        .id();
+    let subnet = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await
+        .id();
+    let v6 = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s6", "vpc_id": vpc, "cidr": "fd00::/64"}),
+        )
+        .await
+        .id();
+    let other_vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "o", "vdc_id": other}),
+        )
+        .await
+        .id();
+    let foreign = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "f", "vpc_id": other_vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await
+        .id();
+    let port = api
+        .post(
+            "/api/v1/ports",
+            &admin,
+            json!({"name": "p", "subnet_id": subnet}),
+        )
+        .await;
+    assert_eq!(port.body["fixed_ip"], "10.0.0.2");
+
+    let router = |interfaces: Value, routes: Value| json!({"name": "r", "vdc_id": vdc, "interfaces": interfaces, "routes": routes});
+    let ifs = json!([{"subnet_id": subnet}, {"subnet_id": v6}]);
+    for (body, field) in [
+        (
+            router(json!([{"subnet_id": foreign}]), json!([])),
+            "interfaces[0].subnet_id",
+        ),
+        (
+            router(
+                json!([{"subnet_id": subnet}, {"subnet_id": subnet}]),
+                json!([]),
+            ),
+            "interfaces[1].subnet_id",
+        ),
+        (
+            router(
+                json!([{"subnet_id": subnet, "ip_address": "10.0.1.1"}]),
+                json!([]),
+            ),
+            "interfaces[0].ip_address",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "172.16.0.1"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "fd00::9"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.1/16", "nexthop": "10.0.0.9"}]),
+            ),
+            "routes[0].destination",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.1"}]),
+            ),
+            "routes[0].nexthop",
+        ),
+        (
+            router(
+                ifs.clone(),
+                json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.9"}, {"destination": "192.168.0.0/16", "nexthop": "10.0.0.8"}]),
+            ),
+            "routes[1].destination",
+        ),
+    ] {
+        let r = api.post("/api/v1/routers", &admin, body.clone()).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    // An interface cannot take a port's address.
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &admin,
+            router(
+                json!([{"subnet_id": subnet, "ip_address": "10.0.0.2"}]),
+                json!([]),
+            ),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+
+    let r = api.post("/api/v1/routers", &admin, router(ifs.clone(), json!([{"destination": "192.168.0.0/16", "nexthop": "10.0.0.9"}, {"destination": "fd10::/48", "nexthop": "fd00::9"}]))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    assert_eq!(
+        r.body["interfaces"][0]["ip_address"], "10.0.0.1",
+        "gateway by default"
+    );
+    let id = r.id();
+    // A second router cannot take the same gateway address.
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &admin,
+            json!({"name": "r2", "vdc_id": vdc, "interfaces": [{"subnet_id": subnet}]}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // An attached subnet cannot be deleted.
+    let path = format!("/api/v1/subnets/{v6}");
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // Detaching (PATCH the interface list) frees it; routes must still fit.
+    let rpath = format!("/api/v1/routers/{id}");
+    let r = api
+        .call(
+            Method::PATCH,
+            &rpath,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"interfaces": [{"subnet_id": subnet}]})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "routes[1].nexthop");
+    let r = api
+        .call(
+            Method::PATCH,
+            &rpath,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            Some(json!({"interfaces": [{"subnet_id": subnet}], "routes": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["revision"], 2);
+    let r = api
+        .call(
+            Method::DELETE,
+            &path,
+            Some(&admin),
+            &[("if-match", "\"1\"")],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+}

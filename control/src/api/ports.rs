@@ -1,0 +1,401 @@
+//! `/ports`: a NIC's place on a subnet. The MAC is generated (locally
+//! administered, unicast, unique); the fixed IP is given or allocated from
+//! the subnet's pools, always inside the subnet and never the gateway, a
+//! reserved address or another port's. PENDING until a data plane plugs it.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::listing::{ListQuery, Page};
+use super::networks::{as_u128, from_u128, usable, SubnetSpec, NOT_REALIZED};
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record, PENDING};
+use super::respond::{check_revision, created, load, with_etag};
+use super::AppState;
+
+const KIND: &str = "port";
+/// OpenStack's locally administered prefix, so keel MACs are recognisable.
+const MAC_PREFIX: [u8; 3] = [0xfa, 0x16, 0x3e];
+const MAX_GROUPS: usize = 16;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PortSpec {
+    pub subnet_id: String,
+    pub vpc_id: String,
+    pub mac_address: String,
+    #[schema(value_type = String)]
+    pub fixed_ip: IpAddr,
+    pub security_group_ids: Vec<String>,
+    pub description: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Port {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[serde(flatten)]
+    pub spec: PortSpec,
+    pub status_reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortCreate {
+    pub name: String,
+    pub subnet_id: String,
+    /// Allocated from the subnet's pools when absent.
+    #[schema(value_type = Option<String>)]
+    pub fixed_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub security_group_ids: Vec<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub security_group_ids: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortPage {
+    pub items: Vec<Port>,
+    pub next_cursor: Option<String>,
+}
+
+fn to_port(record: Record) -> Result<Port, ApiError> {
+    Ok(Port {
+        spec: record.spec()?,
+        meta: record.meta,
+        status_reason: NOT_REALIZED.into(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Whether any port of the group's VDC uses the group.
+pub async fn group_in_use(conn: &mut SqliteConnection, group: &Record) -> Result<bool, ApiError> {
+    let vdc = group.meta.vdc_id.as_deref().unwrap_or("");
+    for port in records::in_vdc(conn, KIND, vdc).await? {
+        let spec: PortSpec = port.spec()?;
+        if spec.security_group_ids.contains(&group.meta.id) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Security groups must exist in the port's own VDC.
+async fn check_groups(
+    conn: &mut SqliteConnection,
+    vdc_id: Option<&str>,
+    ids: &[String],
+) -> Result<(), ApiError> {
+    if ids.len() > MAX_GROUPS {
+        return Err(ApiError::invalid(
+            "security_group_ids",
+            format!("at most {MAX_GROUPS}"),
+        ));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if ids[..i].contains(id) {
+            return Err(ApiError::invalid(
+                format!("security_group_ids[{i}]"),
+                "listed twice",
+            ));
+        }
+        match records::get(conn, "security_group", id).await? {
+            Some(g) if g.meta.vdc_id.as_deref() == vdc_id => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("security_group_ids[{i}]"),
+                    format!("no security group {id} in the port's VDC"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn random_mac() -> String {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    let [a, b, c] = MAC_PREFIX;
+    format!(
+        "{a:02x}:{b:02x}:{c:02x}:{:02x}:{:02x}:{:02x}",
+        bytes[0], bytes[1], bytes[2]
+    )
+}
+
+/// Picks the fixed IP: checks a requested one, or takes the first free
+/// address of the pools. Work is bounded by the number of ports + 1 per pool.
+fn choose_ip(
+    subnet: &SubnetSpec,
+    used: &HashSet<IpAddr>,
+    requested: Option<IpAddr>,
+) -> Result<IpAddr, ApiError> {
+    let taken = |ip: &IpAddr| {
+        used.contains(ip) || subnet.reserved_ips.contains(ip) || subnet.gateway_ip == Some(*ip)
+    };
+    if let Some(ip) = requested {
+        if !usable(&subnet.cidr, ip) {
+            return Err(ApiError::invalid(
+                "fixed_ip",
+                format!("{ip} is not a host address inside {}", subnet.cidr),
+            ));
+        }
+        if subnet.gateway_ip == Some(ip) {
+            return Err(ApiError::invalid(
+                "fixed_ip",
+                format!("{ip} is the subnet's gateway"),
+            ));
+        }
+        if subnet.reserved_ips.contains(&ip) {
+            return Err(ApiError::invalid("fixed_ip", format!("{ip} is reserved")));
+        }
+        if used.contains(&ip) {
+            return Err(ApiError::Conflict(format!(
+                "{ip} is already used by another port"
+            )));
+        }
+        return Ok(ip);
+    }
+    for pool in &subnet.allocation_pools {
+        let (start, end) = (as_u128(pool.start), as_u128(pool.end));
+        let mut candidate = start;
+        while candidate <= end {
+            if let Some(ip) = from_u128(candidate, &subnet.cidr) {
+                if !taken(&ip) {
+                    return Ok(ip);
+                }
+            }
+            candidate = match candidate.checked_add(1) {
+                Some(c) => c,
+                None => break,
+            };
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "subnet {} has no free address left in its pools",
+        subnet.cidr
+    )))
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_port, list_ports))
+        .routes(routes!(get_port, update_port, delete_port))
+}
+
+#[utoipa::path(post, path = "/ports", tag = "networks", request_body = PortCreate,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
+    responses(
+        (status = 201, description = "Stored; PENDING until a data plane plugs it", body = Port),
+        (status = 409, description = "Address taken or pool exhausted", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_port(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<PortCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Network, Action::Create)?;
+    check_name("name", &body.name)?;
+    if body.description.chars().count() > 255 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 255 characters",
+        ));
+    }
+    let mut tx = state.store.begin_write().await?;
+    let subnet = match records::get(&mut tx, "subnet", &body.subnet_id).await? {
+        Some(s) if principal.sees(s.meta.vdc_id.as_deref()) => s,
+        _ => {
+            return Err(ApiError::invalid(
+                "subnet_id",
+                format!("no subnet {}", body.subnet_id),
+            ))
+        }
+    };
+    let subnet_spec: SubnetSpec = subnet.spec()?;
+    check_groups(
+        &mut tx,
+        subnet.meta.vdc_id.as_deref(),
+        &body.security_group_ids,
+    )
+    .await?;
+    let siblings = records::children(&mut tx, KIND, &subnet.meta.id).await?;
+    let mut used = HashSet::new();
+    for p in &siblings {
+        used.insert(p.spec::<PortSpec>()?.fixed_ip);
+    }
+    let fixed_ip = choose_ip(&subnet_spec, &used, body.fixed_ip)?;
+    let vdc_ports =
+        records::in_vdc(&mut tx, KIND, subnet.meta.vdc_id.as_deref().unwrap_or("")).await?;
+    let macs: HashSet<String> = vdc_ports
+        .iter()
+        .filter_map(|p| p.spec::<PortSpec>().ok().map(|s| s.mac_address))
+        .collect();
+    let mac_address = (0..8)
+        .map(|_| random_mac())
+        .find(|m| !macs.contains(m))
+        .ok_or_else(|| ApiError::Internal("no unique MAC after 8 tries".into()))?;
+    let spec = PortSpec {
+        subnet_id: subnet.meta.id.clone(),
+        vpc_id: subnet_spec.vpc_id.clone(),
+        mac_address,
+        fixed_ip,
+        security_group_ids: body.security_group_ids,
+        description: body.description,
+    };
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: subnet.meta.vdc_id.as_deref(),
+            parent_id: Some(&subnet.meta.id),
+            name: &body.name,
+            spec: to_json(&spec)?,
+            status: PENDING,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let location = format!("/api/v1/ports/{}", record.meta.id);
+    let revision = record.meta.revision;
+    Ok(created(&location, revision, &to_port(record)?))
+}
+
+#[utoipa::path(get, path = "/ports", tag = "networks", params(ListQuery),
+    responses((status = 200, description = "One page; filter by subnet with parent_id", body = PortPage)), security(("bearer" = [])))]
+async fn list_ports(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<PortPage>, ApiError> {
+    principal.require(Family::Network, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } =
+        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
+    Ok(Json(PortPage {
+        items: items.into_iter().map(to_port).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/ports/{id}", tag = "networks", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The port", body = Port),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_port(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(
+        &mut conn,
+        &principal,
+        Family::Network,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_port(record)?))
+}
+
+#[utoipa::path(patch, path = "/ports/{id}", tag = "networks", request_body = PortUpdate,
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 200, description = "Updated", body = Port),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+        (status = 428, description = "If-Match missing", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn update_port(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<PortUpdate>,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    let mut spec: PortSpec = record.spec()?;
+    let name = body.name.unwrap_or_else(|| record.meta.name.clone());
+    check_name("name", &name)?;
+    if let Some(d) = body.description {
+        if d.chars().count() > 255 {
+            return Err(ApiError::invalid(
+                "description",
+                "must be at most 255 characters",
+            ));
+        }
+        spec.description = d;
+    }
+    if let Some(groups) = body.security_group_ids {
+        check_groups(&mut tx, record.meta.vdc_id.as_deref(), &groups).await?;
+        spec.security_group_ids = groups;
+    }
+    let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
+    tx.commit().await?;
+    let revision = updated.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_port(updated)?))
+}
+
+#[utoipa::path(delete, path = "/ports/{id}", tag = "networks",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 204, description = "Deleted; its address is free again"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_port(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Delete,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    records::delete(&mut tx, &record, KIND).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,457 @@
+//! `/routers`: VPC routers with interfaces on subnets and static routes.
+//! An interface takes the subnet's gateway address unless one is given;
+//! a route's next hop must lie in a subnet the router is attached to.
+//! Interfaces and routes are replaced as a whole through PATCH + If-Match.
+//! PENDING until a data plane routes for it.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::listing::{ListQuery, Page};
+use super::networks::{usable, SubnetSpec, NOT_REALIZED};
+use super::ports::PortSpec;
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record, PENDING};
+use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::AppState;
+
+const KIND: &str = "router";
+const MAX_ROUTES: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceRequest {
+    pub subnet_id: String,
+    /// Defaults to the subnet's gateway address.
+    #[schema(value_type = Option<String>)]
+    pub ip_address: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Interface {
+    pub subnet_id: String,
+    #[schema(value_type = String)]
+    pub ip_address: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRoute {
+    #[schema(value_type = String)]
+    pub destination: String,
+    #[schema(value_type = String)]
+    pub nexthop: IpAddr,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RouterSpec {
+    description: String,
+    interfaces: Vec<Interface>,
+    routes: Vec<StaticRoute>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Router {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub description: String,
+    pub interfaces: Vec<Interface>,
+    pub routes: Vec<StaticRoute>,
+    pub status_reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouterCreate {
+    pub name: String,
+    pub vdc_id: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceRequest>,
+    #[serde(default)]
+    pub routes: Vec<StaticRoute>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouterUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Replaces every interface.
+    pub interfaces: Option<Vec<InterfaceRequest>>,
+    /// Replaces every static route.
+    pub routes: Option<Vec<StaticRoute>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterPage {
+    pub items: Vec<Router>,
+    pub next_cursor: Option<String>,
+}
+
+fn to_router(record: Record) -> Result<Router, ApiError> {
+    let spec: RouterSpec = record.spec()?;
+    Ok(Router {
+        meta: record.meta,
+        description: spec.description,
+        interfaces: spec.interfaces,
+        routes: spec.routes,
+        status_reason: NOT_REALIZED.into(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Whether a router has an interface on the subnet (blocks its deletion).
+pub async fn subnet_in_use(conn: &mut SqliteConnection, subnet: &Record) -> Result<bool, ApiError> {
+    let vdc = subnet.meta.vdc_id.as_deref().unwrap_or("");
+    for router in records::in_vdc(conn, KIND, vdc).await? {
+        let spec: RouterSpec = router.spec()?;
+        if spec
+            .interfaces
+            .iter()
+            .any(|i| i.subnet_id == subnet.meta.id)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Resolves interface requests and checks routes against them.
+async fn resolve(
+    conn: &mut SqliteConnection,
+    vdc_id: &str,
+    router_id: Option<&str>,
+    requests: &[InterfaceRequest],
+    routes: &[StaticRoute],
+) -> Result<(Vec<Interface>, Vec<StaticRoute>), ApiError> {
+    let mut interfaces = Vec::new();
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    let mut seen_vpcs = HashSet::new();
+    let other_routers: Vec<RouterSpec> = records::in_vdc(conn, KIND, vdc_id)
+        .await?
+        .into_iter()
+        .filter(|r| Some(r.meta.id.as_str()) != router_id)
+        .map(|r| r.spec())
+        .collect::<Result<_, _>>()?;
+    for (i, req) in requests.iter().enumerate() {
+        let field = |f: &str| format!("interfaces[{i}].{f}");
+        if requests[..i].iter().any(|r| r.subnet_id == req.subnet_id) {
+            return Err(ApiError::invalid(
+                field("subnet_id"),
+                "subnet attached twice",
+            ));
+        }
+        let subnet = match records::get(conn, "subnet", &req.subnet_id).await? {
+            Some(s) if s.meta.vdc_id.as_deref() == Some(vdc_id) => s,
+            _ => {
+                return Err(ApiError::invalid(
+                    field("subnet_id"),
+                    format!("no subnet {} in the router's VDC", req.subnet_id),
+                ))
+            }
+        };
+        let spec: SubnetSpec = subnet.spec()?;
+        seen_vpcs.insert(spec.vpc_id.clone());
+        let ip = match req.ip_address.or(spec.gateway_ip) {
+            Some(ip) => ip,
+            None => {
+                return Err(ApiError::invalid(
+                    field("ip_address"),
+                    "the subnet has no gateway; give an address",
+                ))
+            }
+        };
+        if !usable(&spec.cidr, ip) {
+            return Err(ApiError::invalid(
+                field("ip_address"),
+                format!("{ip} is not a host address inside {}", spec.cidr),
+            ));
+        }
+        if spec.reserved_ips.contains(&ip) {
+            return Err(ApiError::invalid(
+                field("ip_address"),
+                format!("{ip} is reserved"),
+            ));
+        }
+        let by_router = other_routers.iter().any(|r| {
+            r.interfaces
+                .iter()
+                .any(|x| x.subnet_id == req.subnet_id && x.ip_address == ip)
+        });
+        let mut by_port = false;
+        for port in records::children(conn, "port", &subnet.meta.id).await? {
+            by_port |= port.spec::<PortSpec>()?.fixed_ip == ip;
+        }
+        if by_router || by_port {
+            return Err(ApiError::Conflict(format!(
+                "{ip} on subnet {} is already in use",
+                req.subnet_id
+            )));
+        }
+        cidrs.push(spec.cidr);
+        interfaces.push(Interface {
+            subnet_id: req.subnet_id.clone(),
+            ip_address: ip,
+        });
+    }
+    if seen_vpcs.len() > 1 {
+        return Err(ApiError::invalid(
+            "interfaces",
+            "all subnets must belong to one VPC (peering is a separate resource)",
+        ));
+    }
+    if routes.len() > MAX_ROUTES {
+        return Err(ApiError::invalid("routes", format!("at most {MAX_ROUTES}")));
+    }
+    let mut out = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        let field = |f: &str| format!("routes[{i}].{f}");
+        let dest: IpNet = route.destination.parse().map_err(|_| {
+            ApiError::invalid(
+                field("destination"),
+                format!("{:?} is not a CIDR", route.destination),
+            )
+        })?;
+        if dest.trunc() != dest {
+            return Err(ApiError::invalid(
+                field("destination"),
+                format!("host bits set: did you mean {}?", dest.trunc()),
+            ));
+        }
+        if dest.addr().is_ipv4() != route.nexthop.is_ipv4() {
+            return Err(ApiError::invalid(
+                field("nexthop"),
+                "must be of the destination's address family",
+            ));
+        }
+        if !cidrs.iter().any(|c| c.contains(&route.nexthop)) {
+            return Err(ApiError::invalid(
+                field("nexthop"),
+                format!("{} is in no subnet attached to the router", route.nexthop),
+            ));
+        }
+        if interfaces.iter().any(|x| x.ip_address == route.nexthop) {
+            return Err(ApiError::invalid(
+                field("nexthop"),
+                "is the router's own address",
+            ));
+        }
+        if routes[..i]
+            .iter()
+            .any(|r| r.destination == route.destination)
+        {
+            return Err(ApiError::invalid(
+                field("destination"),
+                "two routes for one destination (ECMP is not supported yet)",
+            ));
+        }
+        out.push(StaticRoute {
+            destination: dest.to_string(),
+            nexthop: route.nexthop,
+        });
+    }
+    Ok((interfaces, out))
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_router, list_routers))
+        .routes(routes!(get_router, update_router, delete_router))
+}
+
+#[utoipa::path(post, path = "/routers", tag = "networks", request_body = RouterCreate,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
+    responses(
+        (status = 201, description = "Stored; PENDING until a data plane routes for it", body = Router),
+        (status = 409, description = "Interface address in use", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_router(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<RouterCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Network, Action::Create)?;
+    check_name("name", &body.name)?;
+    if body.description.chars().count() > 255 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 255 characters",
+        ));
+    }
+    let vdc_id = body
+        .vdc_id
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let mut tx = state.store.begin_write().await?;
+    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let (interfaces, routes) =
+        resolve(&mut tx, &vdc_id, None, &body.interfaces, &body.routes).await?;
+    let spec = RouterSpec {
+        description: body.description,
+        interfaces,
+        routes,
+    };
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: Some(&vdc_id),
+            name: &body.name,
+            spec: to_json(&spec)?,
+            status: PENDING,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let location = format!("/api/v1/routers/{}", record.meta.id);
+    let revision = record.meta.revision;
+    Ok(created(&location, revision, &to_router(record)?))
+}
+
+#[utoipa::path(get, path = "/routers", tag = "networks", params(ListQuery),
+    responses((status = 200, description = "One page", body = RouterPage)), security(("bearer" = [])))]
+async fn list_routers(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<RouterPage>, ApiError> {
+    principal.require(Family::Network, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } =
+        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
+    Ok(Json(RouterPage {
+        items: items.into_iter().map(to_router).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/routers/{id}", tag = "networks", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The router", body = Router),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_router(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(
+        &mut conn,
+        &principal,
+        Family::Network,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_router(record)?))
+}
+
+#[utoipa::path(patch, path = "/routers/{id}", tag = "networks", request_body = RouterUpdate,
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 200, description = "Updated", body = Router),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+        (status = 428, description = "If-Match missing", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn update_router(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<RouterUpdate>,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    let mut spec: RouterSpec = record.spec()?;
+    let name = body.name.unwrap_or_else(|| record.meta.name.clone());
+    check_name("name", &name)?;
+    if let Some(d) = body.description {
+        if d.chars().count() > 255 {
+            return Err(ApiError::invalid(
+                "description",
+                "must be at most 255 characters",
+            ));
+        }
+        spec.description = d;
+    }
+    let requests = body.interfaces.unwrap_or_else(|| {
+        spec.interfaces
+            .iter()
+            .map(|i| InterfaceRequest {
+                subnet_id: i.subnet_id.clone(),
+                ip_address: Some(i.ip_address),
+            })
+            .collect()
+    });
+    let routes = body.routes.unwrap_or_else(|| spec.routes.clone());
+    let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
+    let (interfaces, routes) = resolve(&mut tx, &vdc_id, Some(&id), &requests, &routes).await?;
+    spec.interfaces = interfaces;
+    spec.routes = routes;
+    let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
+    tx.commit().await?;
+    let revision = updated.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_router(updated)?))
+}
+
+#[utoipa::path(delete, path = "/routers/{id}", tag = "networks",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_router(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Delete,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    records::delete(&mut tx, &record, KIND).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

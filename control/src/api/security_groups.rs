@@ -1,0 +1,335 @@
+//! `/security-groups`: per-VDC packet filters with their rules embedded
+//! (rules change through PATCH of the group, guarded by `If-Match`, so a
+//! rule set is replaced atomically). PENDING until a data plane enforces them.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::listing::{ListQuery, Page};
+use super::networks::NOT_REALIZED;
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record, PENDING};
+use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::AppState;
+
+const KIND: &str = "security_group";
+const MAX_RULES: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub direction: Direction,
+    pub protocol: Protocol,
+    /// TCP/UDP only; both or neither.
+    pub port_range_min: Option<u16>,
+    pub port_range_max: Option<u16>,
+    /// Peer addresses; absent means any (of the rule's family: any family).
+    #[schema(value_type = Option<String>)]
+    pub remote_cidr: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SgSpec {
+    description: String,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SecurityGroup {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub description: String,
+    pub rules: Vec<Rule>,
+    pub status_reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupCreate {
+    pub name: String,
+    pub vdc_id: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Replaces the whole rule set.
+    pub rules: Option<Vec<Rule>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecurityGroupPage {
+    pub items: Vec<SecurityGroup>,
+    pub next_cursor: Option<String>,
+}
+
+fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
+    if rules.len() > MAX_RULES {
+        return Err(ApiError::invalid("rules", format!("at most {MAX_RULES}")));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        let field = |f: &str| format!("rules[{i}].{f}");
+        let ports = matches!(rule.protocol, Protocol::Tcp | Protocol::Udp);
+        match (rule.port_range_min, rule.port_range_max) {
+            (None, None) => {}
+            (Some(_), Some(_)) if !ports => {
+                return Err(ApiError::invalid(
+                    field("port_range_min"),
+                    "ports only apply to tcp and udp",
+                ))
+            }
+            (Some(lo), Some(hi)) if lo == 0 || lo > hi => {
+                return Err(ApiError::invalid(
+                    field("port_range_min"),
+                    "must be 1..=port_range_max",
+                ))
+            }
+            (Some(_), Some(_)) => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    field("port_range_max"),
+                    "give both port_range_min and port_range_max, or neither",
+                ))
+            }
+        }
+        if let Some(cidr) = &rule.remote_cidr {
+            let net: IpNet = cidr.parse().map_err(|_| {
+                ApiError::invalid(field("remote_cidr"), format!("{cidr:?} is not a CIDR"))
+            })?;
+            if net.trunc() != net {
+                return Err(ApiError::invalid(
+                    field("remote_cidr"),
+                    format!("host bits set: did you mean {}?", net.trunc()),
+                ));
+            }
+        }
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        if rules[..i].contains(rule) {
+            return Err(ApiError::invalid(format!("rules[{i}]"), "duplicate rule"));
+        }
+    }
+    Ok(())
+}
+
+fn to_sg(record: Record) -> Result<SecurityGroup, ApiError> {
+    let spec: SgSpec = record.spec()?;
+    Ok(SecurityGroup {
+        meta: record.meta,
+        description: spec.description,
+        rules: spec.rules,
+        status_reason: NOT_REALIZED.into(),
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn check_description(description: &str) -> Result<(), ApiError> {
+    if description.chars().count() > 255 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 255 characters",
+        ));
+    }
+    Ok(())
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_sg, list_sgs))
+        .routes(routes!(get_sg, update_sg, delete_sg))
+}
+
+#[utoipa::path(post, path = "/security-groups", tag = "networks", request_body = SecurityGroupCreate,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
+    responses(
+        (status = 201, description = "Stored; PENDING until a data plane enforces it", body = SecurityGroup),
+        (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_sg(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<SecurityGroupCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Network, Action::Create)?;
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    validate_rules(&body.rules)?;
+    let vdc_id = body
+        .vdc_id
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let mut tx = state.store.begin_write().await?;
+    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: Some(&vdc_id),
+            name: &body.name,
+            spec: to_json(&SgSpec {
+                description: body.description,
+                rules: body.rules,
+            })?,
+            status: PENDING,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let location = format!("/api/v1/security-groups/{}", record.meta.id);
+    let revision = record.meta.revision;
+    Ok(created(&location, revision, &to_sg(record)?))
+}
+
+#[utoipa::path(get, path = "/security-groups", tag = "networks", params(ListQuery),
+    responses((status = 200, description = "One page", body = SecurityGroupPage)), security(("bearer" = [])))]
+async fn list_sgs(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<SecurityGroupPage>, ApiError> {
+    principal.require(Family::Network, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } =
+        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
+    Ok(Json(SecurityGroupPage {
+        items: items.into_iter().map(to_sg).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/security-groups/{id}", tag = "networks", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The security group", body = SecurityGroup),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_sg(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(
+        &mut conn,
+        &principal,
+        Family::Network,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_sg(record)?))
+}
+
+#[utoipa::path(patch, path = "/security-groups/{id}", tag = "networks", request_body = SecurityGroupUpdate,
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 200, description = "Updated", body = SecurityGroup),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+        (status = 428, description = "If-Match missing", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn update_sg(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<SecurityGroupUpdate>,
+) -> Result<Response, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    let mut spec: SgSpec = record.spec()?;
+    let name = body.name.unwrap_or_else(|| record.meta.name.clone());
+    check_name("name", &name)?;
+    if let Some(d) = body.description {
+        check_description(&d)?;
+        spec.description = d;
+    }
+    if let Some(rules) = body.rules {
+        validate_rules(&rules)?;
+        spec.rules = rules;
+    }
+    let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
+    tx.commit().await?;
+    let revision = updated.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_sg(updated)?))
+}
+
+#[utoipa::path(delete, path = "/security-groups/{id}", tag = "networks",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "Still used by a port", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_sg(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Network,
+        Action::Delete,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    if super::ports::group_in_use(&mut tx, &record).await? {
+        return Err(ApiError::Conflict(format!(
+            "security group {id} is used by a port"
+        )));
+    }
+    records::delete(&mut tx, &record, KIND).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
