@@ -1,0 +1,4 @@
+//! placeholder
+pub struct Cbt;
+#[derive(Debug)]
+pub struct CbtError;
