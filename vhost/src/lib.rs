@@ -44,4 +44,7 @@ pub use cbt::{Cbt, CbtError};
 pub use device::{BlockDevice, DiskShared, QueueConfig};
 pub use disk::{create_raw_volume, DiskError, DiskOptions, Provisioning, RawDisk};
 pub use hook::{NoHook, WriteData, WriteHook};
-pub use server::{serve, ServeConfig, ServeError, StopHandle};
+pub use server::{
+    cbt_path, serve, serve_disk, DiskServeOptions, ServeConfig, ServeDiskError, ServeError,
+    StopHandle,
+};

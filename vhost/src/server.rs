@@ -23,11 +23,13 @@ pub enum ServeError {
     #[error("Cannot create device")]
     Device(#[source] DeviceError),
     /// The daemon could not be created.
+    /// (vhost-user-backend's error is neither `Sync` nor `std::error::Error`,
+    /// so its message is kept.)
     #[error("Cannot create daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
+    Daemon(String),
     /// Accepting / starting a connection failed.
     #[error("Cannot accept frontend: {0}")]
-    Accept(vhost_user_backend::Error),
+    Accept(String),
     /// The final fdatasync failed.
     #[error("Final flush failed")]
     Flush(#[source] std::io::Error),
@@ -104,8 +106,12 @@ pub fn serve<H: WriteHook + Clone>(
         );
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("keel-vhost-blk".into(), device, mem)
-            .map_err(ServeError::Daemon)?;
-        daemon.start(&mut listener).map_err(ServeError::Accept)?;
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        if let Err(e) = daemon.start(&mut listener) {
+            // Worker threads are joined when the daemon drops: end them first.
+            stop_workers(&daemon);
+            return Err(ServeError::Accept(e.to_string()));
+        }
         if let Ok(mut c) = stop.inner.connection.lock() {
             *c = daemon.shutdown_handle();
         }
@@ -119,9 +125,83 @@ pub fn serve<H: WriteHook + Clone>(
         if let Ok(mut c) = stop.inner.connection.lock() {
             *c = None;
         }
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
+        stop_workers(&daemon);
     }
     shared.disk.sync().map_err(ServeError::Flush)
+}
+
+/// Ends the worker threads of a daemon (they are joined on drop).
+fn stop_workers<H: WriteHook>(daemon: &VhostUserDaemon<Arc<BlockDevice<H>>>) {
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+}
+
+/// Everything needed to serve one raw image (what `keel vhost-blk` and the
+/// control plane pass).
+#[derive(Debug, Clone)]
+pub struct DiskServeOptions {
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Image and open mode.
+    pub disk: crate::disk::DiskOptions,
+    /// Request queues.
+    pub queues: u16,
+    /// GET_ID answer.
+    pub serial: String,
+    /// Track changed blocks at this granularity, persisted in
+    /// [`cbt_path`]`(image)`.
+    pub cbt_granularity: Option<u64>,
+}
+
+/// Where the CBT bitmaps of `image` live.
+pub fn cbt_path(image: &std::path::Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".cbt");
+    PathBuf::from(p)
+}
+
+/// Errors of [`serve_disk`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeDiskError {
+    /// Opening the image failed.
+    #[error("Cannot open disk")]
+    OpenDisk(#[source] crate::disk::DiskError),
+    /// Opening the CBT file failed.
+    #[error("Cannot open changed-block tracking")]
+    OpenCbt(#[source] crate::cbt::CbtError),
+    /// Serving failed.
+    #[error("Cannot serve disk")]
+    Serve(#[source] ServeError),
+    /// Saving the CBT bitmaps at shutdown failed.
+    #[error("Cannot save changed-block tracking")]
+    PersistCbt(#[source] crate::cbt::CbtError),
+}
+
+/// Opens the image (and its CBT file), serves it until `stop`, then
+/// flushes and saves the bitmaps as cleanly shut down.
+pub fn serve_disk(opts: &DiskServeOptions, stop: &StopHandle) -> Result<(), ServeDiskError> {
+    let disk = crate::disk::RawDisk::open(opts.disk.clone()).map_err(ServeDiskError::OpenDisk)?;
+    let config = ServeConfig {
+        socket: opts.socket.clone(),
+        queues: QueueConfig::new(opts.queues),
+    };
+    let capacity = disk.capacity();
+    let shared = Arc::new(DiskShared::new(disk, &opts.serial));
+    match opts.cbt_granularity {
+        None => serve(&config, shared, crate::hook::NoHook, stop).map_err(ServeDiskError::Serve),
+        Some(gran) => {
+            let cbt = Arc::new(
+                crate::cbt::Cbt::open(&cbt_path(&opts.disk.path), capacity, gran)
+                    .map_err(ServeDiskError::OpenCbt)?,
+            );
+            if !cbt.opened_clean() {
+                tracing::warn!("changed-block bitmaps invalid after an unclean shutdown: next backup must be full");
+            }
+            let served = serve(&config, shared, cbt.clone(), stop).map_err(ServeDiskError::Serve);
+            // Only a clean stop (final flush succeeded) marks the bitmaps valid.
+            served?;
+            cbt.persist_clean().map_err(ServeDiskError::PersistCbt)
+        }
+    }
 }
