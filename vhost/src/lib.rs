@@ -1,5 +1,50 @@
-//! keel's vhost-user backends: the virtio-blk disks (and later virtio-net
-//! NICs) that QEMU guests use.
+//! keel's vhost-user backends: the virtio-blk disks QEMU guests use.
 //!
-//! Empty until the vhost-user-blk issue fills it. Every completed guest write
-//! and flush will pass one hook in the write path; CDP and CBT hang there.
+//! # Design
+//! - [`request`] parses one virtio-blk descriptor chain into a validated
+//!   request (the guest is hostile: every address, length and sector is
+//!   checked; a bad request gets `VIRTIO_BLK_S_IOERR`/`UNSUPP`, never a
+//!   panic).
+//! - [`worker`] is the I/O engine: one io_uring per worker thread, one
+//!   pre-allocated request slot per queue entry, one submit per queue kick.
+//! - [`device`] implements rust-vmm's `VhostUserBackend` (features, config
+//!   space, queue-to-thread mapping); [`server`] runs it on a socket across
+//!   frontend reconnects.
+//! - [`hook`] is the single write-path seam: every completed write,
+//!   discard, write-zeroes and flush passes a [`WriteHook`]; [`cbt`] is the
+//!   changed-block-tracking implementation on it.
+//! - [`disk`] creates and opens raw images (thin or thick).
+//!
+//! # Threading model
+//! vhost-user-backend runs one thread for the vhost-user socket and one
+//! epoll thread per entry of `queues_per_thread` (queue `i` on worker
+//! `i % threads`). Each worker owns its io_uring and slots (a `Mutex` taken
+//! once per kick, uncontended). A kick is served to completion on that
+//! thread: parse the whole available ring, submit, wait, complete, notify.
+//!
+//! # Assumptions
+//! - Guest memory is shared (memfd) and stays mapped while a batch runs
+//!   (the worker holds the memory guard for the batch).
+//! - Write-back semantics: a completed write may sit in the host page cache
+//!   until the guest's FLUSH (fdatasync). After a failed fdatasync the disk
+//!   is marked failed and every later request fails.
+//! - Requests in flight when the backend dies are not in the used ring;
+//!   QEMU resubmits them from the last used index on reconnect.
+
+pub mod cbt;
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod hook;
+pub mod request;
+pub mod server;
+pub mod worker;
+
+pub use cbt::{Cbt, CbtError};
+pub use device::{BlockDevice, DiskShared, QueueConfig};
+pub use disk::{create_raw_volume, DiskError, DiskOptions, Provisioning, RawDisk};
+pub use hook::{NoHook, WriteData, WriteHook};
+pub use server::{
+    cbt_path, serve, serve_disk, DiskServeOptions, ServeConfig, ServeDiskError, ServeError,
+    StopHandle,
+};

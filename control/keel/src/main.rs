@@ -67,6 +67,33 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Serve one raw disk image as a vhost-user-blk device until SIGTERM.
+    VhostBlk(VhostBlkArgs),
+}
+
+#[derive(clap::Args)]
+struct VhostBlkArgs {
+    /// vhost-user socket to listen on (QEMU connects to it).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Raw image file.
+    #[arg(long)]
+    image: PathBuf,
+    /// Expose the disk read-only.
+    #[arg(long)]
+    readonly: bool,
+    /// Request queues (one worker thread per queue, up to the CPU count).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Bypass the host page cache (O_DIRECT).
+    #[arg(long)]
+    direct: bool,
+    /// Serial number the guest reads (GET_ID).
+    #[arg(long, default_value = "keel")]
+    serial: String,
+    /// Track changed blocks at this granularity in bytes (bitmaps in IMAGE.cbt).
+    #[arg(long)]
+    cbt_granularity: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -165,6 +192,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
         Command::Dataplane(args) => keel_dataplane::daemon::run(args)?,
+        Command::VhostBlk(args) => vhost_blk(args)?,
     }
     Ok(())
 }
@@ -187,6 +215,37 @@ fn bench(suite: &str, json: Option<PathBuf>, quick: bool) -> anyhow::Result<()> 
         report.write_json(&path)?;
         println!("results written to {}", path.display());
     }
+    Ok(())
+}
+
+fn vhost_blk(args: VhostBlkArgs) -> anyhow::Result<()> {
+    let opts = keel_vhost::DiskServeOptions {
+        socket: args.socket,
+        disk: keel_vhost::DiskOptions {
+            path: args.image,
+            readonly: args.readonly,
+            direct: args.direct,
+        },
+        queues: args.queues,
+        serial: args.serial,
+        cbt_granularity: args.cbt_granularity,
+    };
+    let stop = keel_vhost::StopHandle::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("Cannot start the signal runtime")?;
+    let signal = runtime.block_on(async { shutdown_signal() })?;
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || keel_vhost::serve_disk(&opts, &stop))
+    };
+    tracing::info!("serving vhost-user-blk");
+    runtime.block_on(signal);
+    stop.stop();
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("vhost-blk server thread panicked"))??;
     Ok(())
 }
 

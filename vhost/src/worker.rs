@@ -1,0 +1,339 @@
+//! One worker thread's I/O engine: its own io_uring and a pre-allocated
+//! request slot per queue entry. A queue kick drains the available ring into
+//! slots, submits every request's SQEs with one `io_uring_enter`, waits for
+//! the batch, then completes all requests and signals the guest once.
+
+use std::sync::atomic::Ordering;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::device::DiskShared;
+use crate::hook::{WriteData, WriteHook};
+use crate::request::{DiskView, ParseError, Request, RequestKind, STATUS_IOERR, STATUS_OK};
+
+/// Guest memory as the vhost-user-backend crate hands it to us.
+pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// SQEs one request may need: a discard of `MAX_DISCARD_SEGS` ranges, or a
+/// write plus its write-through fsync.
+const MAX_SQES_PER_REQUEST: usize = crate::config::MAX_DISCARD_SEGS as usize;
+
+/// user_data layout: slot index << 1 | 1 for the data op, 0 for an fsync.
+const UD_DATA: u64 = 1;
+
+/// Errors of the worker (the queue is left as is; the guest sees no
+/// completion for the batch in flight only if the ring itself broke).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// io_uring setup failed.
+    #[error("Cannot create io_uring")]
+    CreateRing(#[source] std::io::Error),
+    /// Waiting for completions failed.
+    #[error("io_uring submit failed")]
+    Submit(#[source] std::io::Error),
+    /// The guest's available ring is invalid.
+    #[error("Invalid available ring")]
+    AvailRing(#[source] virtio_queue::Error),
+    /// Putting a completion on the used ring failed.
+    #[error("Cannot add used descriptor")]
+    AddUsed(#[source] virtio_queue::Error),
+    /// Notifying the guest failed.
+    #[error("Cannot signal used queue")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Per-request outcome state that lives next to the slot.
+#[derive(Default, Clone, Copy)]
+struct SlotState {
+    parse: Option<ParseError>,
+    pending: u32,
+    io_failed: bool,
+}
+
+/// The per-thread engine.
+pub(crate) struct Worker {
+    ring: IoUring,
+    slots: Vec<Request>,
+    states: Vec<SlotState>,
+    pub(crate) mem: Option<GuestMem>,
+}
+
+impl Worker {
+    pub(crate) fn new(queue_size: u16) -> Result<Self, WorkerError> {
+        let entries = u32::from(queue_size).next_power_of_two().max(64);
+        let ring = IoUring::new(entries).map_err(WorkerError::CreateRing)?;
+        let slots = (0..queue_size).map(|_| Request::default()).collect();
+        Ok(Self {
+            ring,
+            slots,
+            states: vec![SlotState::default(); usize::from(queue_size)],
+            mem: None,
+        })
+    }
+
+    /// Serves a kicked queue until it is empty.
+    ///
+    /// hot path: no allocation, one io_uring_enter per batch, one guest
+    /// notification per batch.
+    pub(crate) fn process_queue<H: WriteHook>(
+        &mut self,
+        vring: &VringRwLock<GuestMem>,
+        disk: &DiskShared,
+        hook: &H,
+        event_idx: bool,
+    ) -> Result<(), WorkerError> {
+        let Some(atomic) = self.mem.clone() else {
+            return Ok(());
+        };
+        let mem = vm_memory::GuestAddressSpace::memory(&atomic);
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(WorkerError::AvailRing)?;
+            }
+            let more = self.run_batch(vring, &mem, disk, hook, event_idx)?;
+            if more {
+                continue;
+            }
+            if !event_idx
+                || !vring
+                    .enable_notification()
+                    .map_err(WorkerError::AvailRing)?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One batch; returns true when it stopped because slots or SQ space ran
+    /// out (more requests may be waiting).
+    fn run_batch<H: WriteHook>(
+        &mut self,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestMemoryMmap<()>,
+        disk: &DiskShared,
+        hook: &H,
+        event_idx: bool,
+    ) -> Result<bool, WorkerError> {
+        let view = DiskView {
+            sectors: disk.disk.sectors(),
+            readonly: disk.disk.readonly(),
+            failed: disk.disk.failed(),
+            serial: &disk.serial,
+        };
+        let writethrough = !disk.wce.load(Ordering::Relaxed);
+        let fd = types::Fd(disk.disk.raw_fd());
+        let sq_cap = self.ring.params().sq_entries() as usize;
+
+        // Phase 1: pop and parse chains, queue their SQEs.
+        let mut n = 0usize;
+        let mut sqes = 0usize;
+        let mut more = false;
+        {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let mut iter = queue.iter(mem).map_err(WorkerError::AvailRing)?;
+            loop {
+                if n == self.slots.len() || sq_cap - sqes < MAX_SQES_PER_REQUEST {
+                    more = true;
+                    break;
+                }
+                let Some(chain) = iter.next() else { break };
+                let head = chain.head_index();
+                let (slot, st) = (&mut self.slots[n], &mut self.states[n]);
+                *st = SlotState::default();
+                match slot.parse(head, chain, mem, &view) {
+                    Ok(()) => {
+                        let pushed = push_sqes(&mut self.ring, slot, n, fd, writethrough);
+                        st.pending = pushed;
+                        sqes += pushed as usize;
+                    }
+                    Err(e) => st.parse = Some(e),
+                }
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+
+        // Phase 2: one submit for the whole batch, reap until all done.
+        let mut outstanding = sqes;
+        while outstanding > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(WorkerError::Submit(e)),
+            }
+            for cqe in self.ring.completion() {
+                outstanding -= 1;
+                let ud = cqe.user_data();
+                let Ok(idx) = usize::try_from(ud >> 1) else {
+                    continue;
+                };
+                let (Some(slot), Some(st)) = (self.slots.get(idx), self.states.get_mut(idx)) else {
+                    continue;
+                };
+                st.pending = st.pending.saturating_sub(1);
+                let res = cqe.result();
+                let ok = if ud & UD_DATA != 0 {
+                    match slot.kind {
+                        RequestKind::Read | RequestKind::Write => {
+                            u64::try_from(res).is_ok_and(|r| r == slot.len)
+                        }
+                        _ => res >= 0,
+                    }
+                } else {
+                    // An fsync: a failure (other than cancellation after a
+                    // failed linked write) means written-back data may be
+                    // lost, so the disk is failed for good.
+                    if res < 0 && res != -libc::ECANCELED {
+                        disk.disk.mark_failed();
+                    }
+                    res >= 0
+                };
+                if !ok {
+                    st.io_failed = true;
+                }
+            }
+        }
+
+        // Phase 3: complete to the guest, hook first.
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        for i in 0..n {
+            let (slot, st) = (&self.slots[i], self.states[i]);
+            let status = match st.parse {
+                Some(e) => e.status(),
+                None if st.io_failed => Some(STATUS_IOERR),
+                None => {
+                    run_hook(hook, slot);
+                    Some(STATUS_OK)
+                }
+            };
+            let used = match (status, slot.status_addr) {
+                (Some(s), Some(addr)) if mem.write_slice(&[s], addr).is_ok() => slot.used_len(s),
+                _ => 0,
+            };
+            queue
+                .add_used(mem, slot.head, used)
+                .map_err(WorkerError::AddUsed)?;
+        }
+        let notify = if event_idx {
+            queue
+                .needs_notification(mem)
+                .map_err(WorkerError::AddUsed)?
+        } else {
+            true
+        };
+        if notify {
+            state.signal_used_queue().map_err(WorkerError::Signal)?;
+        }
+        Ok(more)
+    }
+}
+
+/// Queues the SQEs of one parsed request; returns how many.
+fn push_sqes(
+    ring: &mut IoUring,
+    req: &Request,
+    idx: usize,
+    fd: types::Fd,
+    writethrough: bool,
+) -> u32 {
+    let ud = (idx as u64) << 1;
+    let mut entries: [Option<squeue::Entry>; MAX_SQES_PER_REQUEST] =
+        [const { None }; MAX_SQES_PER_REQUEST];
+    let mut k = 0usize;
+    let iov_ptr = req.iovecs.0.as_ptr();
+    // ≤ MAX_IOVECS, checked by the parser.
+    let iov_cnt = u32::try_from(req.iovecs.0.len()).unwrap_or(0);
+    let fsync = || {
+        opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(ud)
+    };
+    match req.kind {
+        RequestKind::GetId => {}
+        RequestKind::Flush => {
+            entries[0] = Some(fsync());
+            k = 1;
+        }
+        RequestKind::Read => {
+            entries[0] = Some(
+                opcode::Readv::new(fd, iov_ptr, iov_cnt)
+                    .offset(req.offset)
+                    .build()
+                    .user_data(ud | UD_DATA),
+            );
+            k = 1;
+        }
+        RequestKind::Write => {
+            let w = opcode::Writev::new(fd, iov_ptr, iov_cnt)
+                .offset(req.offset)
+                .build()
+                .user_data(ud | UD_DATA);
+            if writethrough {
+                entries[0] = Some(w.flags(squeue::Flags::IO_LINK));
+                entries[1] = Some(fsync());
+                k = 2;
+            } else {
+                entries[0] = Some(w);
+                k = 1;
+            }
+        }
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            for seg in &req.segments[..req.nsegs] {
+                let mode = if req.kind == RequestKind::Discard || seg.unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                entries[k] = Some(
+                    opcode::Fallocate::new(fd, seg.len)
+                        .offset(seg.offset)
+                        .mode(mode)
+                        .build()
+                        .user_data(ud | UD_DATA),
+                );
+                k += 1;
+            }
+        }
+    }
+    let mut sq = ring.submission();
+    let mut pushed = 0;
+    for e in entries.iter().take(k).flatten() {
+        // SAFETY: the iovec array and the guest buffers it points to stay
+        // valid until the completion is reaped: the slot is not reused and
+        // the guest memory guard is held until the whole batch completed.
+        // Space was checked by the caller (MAX_SQES_PER_REQUEST free).
+        if unsafe { sq.push(e) }.is_ok() {
+            pushed += 1;
+        }
+    }
+    pushed
+}
+
+/// Passes a successfully completed request to the write hook.
+fn run_hook<H: WriteHook>(hook: &H, req: &Request) {
+    match req.kind {
+        RequestKind::Write => hook.on_write(req.offset, req.len, &WriteData::new(&req.iovecs.0)),
+        RequestKind::Discard => {
+            for s in &req.segments[..req.nsegs] {
+                hook.on_discard(s.offset, s.len);
+            }
+        }
+        RequestKind::WriteZeroes => {
+            for s in &req.segments[..req.nsegs] {
+                hook.on_write_zeroes(s.offset, s.len);
+            }
+        }
+        RequestKind::Flush => hook.on_flush(),
+        RequestKind::Read | RequestKind::GetId => {}
+    }
+}
