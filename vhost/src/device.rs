@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::{device_features, ConfigSpace, CONFIG_WCE_OFFSET};
 use crate::disk::RawDisk;
@@ -72,6 +75,9 @@ pub enum DeviceError {
     /// A worker's io_uring could not be set up.
     #[error("Cannot create worker")]
     CreateWorker(#[source] WorkerError),
+    /// A worker's exit event could not be created.
+    #[error("Cannot create worker exit event")]
+    CreateExitEvent(#[source] io::Error),
     /// Bad queue configuration.
     #[error("Invalid queue configuration")]
     QueueConfig,
@@ -83,6 +89,10 @@ pub struct BlockDevice<H: WriteHook> {
     hook: H,
     queues: QueueConfig,
     workers: Vec<Mutex<Worker>>,
+    /// One per worker thread: without them the vring threads never leave
+    /// their epoll loop and dropping the daemon (after a disconnect or a
+    /// stop) blocks forever joining them.
+    exit_events: Vec<(EventConsumer, EventNotifier)>,
     event_idx: AtomicBool,
 }
 
@@ -101,11 +111,16 @@ impl<H: WriteHook> BlockDevice<H> {
             .map(|_| Worker::new(queues.queue_size).map(Mutex::new))
             .collect::<Result<_, _>>()
             .map_err(DeviceError::CreateWorker)?;
+        let exit_events = (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<Result<_, _>>()
+            .map_err(DeviceError::CreateExitEvent)?;
         Ok(Self {
             shared,
             hook,
             queues: QueueConfig { threads, ..queues },
             workers,
+            exit_events,
             event_idx: AtomicBool::new(false),
         })
     }
@@ -173,6 +188,11 @@ impl<H: WriteHook> VhostUserBackend for BlockDevice<H> {
                 .mem = Some(mem.clone());
         }
         Ok(())
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
