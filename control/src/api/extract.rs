@@ -68,6 +68,17 @@ pub fn etag(revision: i64) -> String {
     format!("\"{revision}\"")
 }
 
+/// Validates a free-text description: at most 255 characters.
+pub fn check_description(description: &str) -> Result<(), ApiError> {
+    if description.chars().count() > 255 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 255 characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a resource name: 1..=63 chars of `[A-Za-z0-9._-]`, starting
 /// with a letter or digit.
 pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {

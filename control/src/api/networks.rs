@@ -17,7 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, Meta, NewRecord, Record, PENDING};
@@ -84,16 +84,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_vpc, update_vpc, delete_vpc))
         .routes(routes!(create_subnet, list_subnets))
         .routes(routes!(get_subnet, update_subnet, delete_subnet))
-}
-
-fn check_description(description: &str) -> Result<(), ApiError> {
-    if description.chars().count() > 255 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 255 characters",
-        ));
-    }
-    Ok(())
 }
 
 #[utoipa::path(post, path = "/vpcs", tag = "networks", request_body = VpcCreate,

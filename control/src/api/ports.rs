@@ -17,7 +17,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::{as_u128, from_u128, usable, SubnetSpec, NOT_REALIZED};
 use super::problem::{ApiError, Problem};
@@ -217,12 +217,7 @@ async fn create_port(
 ) -> Result<Response, ApiError> {
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
-    if body.description.chars().count() > 255 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 255 characters",
-        ));
-    }
+    check_description(&body.description)?;
     let mut tx = state.store.begin_write().await?;
     let subnet = match records::get(&mut tx, "subnet", &body.subnet_id).await? {
         Some(s) if principal.sees(s.meta.vdc_id.as_deref()) => s,
@@ -353,12 +348,7 @@ async fn update_port(
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
     if let Some(d) = body.description {
-        if d.chars().count() > 255 {
-            return Err(ApiError::invalid(
-                "description",
-                "must be at most 255 characters",
-            ));
-        }
+        check_description(&d)?;
         spec.description = d;
     }
     if let Some(groups) = body.security_group_ids {

@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::{usable, SubnetSpec, NOT_REALIZED};
 use super::ports::PortSpec;
@@ -291,12 +291,7 @@ async fn create_router(
 ) -> Result<Response, ApiError> {
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
-    if body.description.chars().count() > 255 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 255 characters",
-        ));
-    }
+    check_description(&body.description)?;
     let vdc_id = body
         .vdc_id
         .or_else(|| principal.vdc_id.clone())
@@ -399,12 +394,7 @@ async fn update_router(
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
     if let Some(d) = body.description {
-        if d.chars().count() > 255 {
-            return Err(ApiError::invalid(
-                "description",
-                "must be at most 255 characters",
-            ));
-        }
+        check_description(&d)?;
         spec.description = d;
     }
     let requests = body.interfaces.unwrap_or_else(|| {

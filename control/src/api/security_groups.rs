@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::NOT_REALIZED;
 use super::problem::{ApiError, Problem};
@@ -155,16 +155,6 @@ fn to_sg(record: Record) -> Result<SecurityGroup, ApiError> {
 
 fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
     serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
-}
-
-fn check_description(description: &str) -> Result<(), ApiError> {
-    if description.chars().count() > 255 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 255 characters",
-        ));
-    }
-    Ok(())
 }
 
 pub fn router() -> OpenApiRouter<AppState> {

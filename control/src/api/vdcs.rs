@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, Meta, NewRecord, Record, READY};
@@ -126,16 +126,6 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_vdc, list_vdcs))
         .routes(routes!(get_vdc, update_vdc, delete_vdc))
-}
-
-fn check_description(description: &str) -> Result<(), ApiError> {
-    if description.chars().count() > 255 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 255 characters",
-        ));
-    }
-    Ok(())
 }
 
 /// Creates a VDC (system admins).
