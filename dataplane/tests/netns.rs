@@ -191,14 +191,15 @@ impl Lab {
             dir,
             _switch: switch,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(
-            request(&lab.socket, &Request::Get),
-            Ok(Response::State { .. })
-        ) {
-            assert!(Instant::now() < deadline, "data plane did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(
+            || {
+                matches!(
+                    request(&lab.socket, &Request::Get),
+                    Ok(Response::State { .. })
+                )
+            },
+            "the data plane to come up",
+        );
         lab
     }
 
