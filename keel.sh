@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Packages the appliance needs at build and run time.
-UP_PACKAGES=(gcc libc6-dev pkg-config ca-certificates)
+# libvirt + QEMU + OVMF + qemu-utils: the host agent runs VMs (and links libvirt).
+UP_PACKAGES=(gcc libc6-dev pkg-config ca-certificates libvirt-dev libvirt-daemon-system
+    qemu-system-x86 qemu-utils ovmf seabios)
 # Packages the test fixtures need: namespaces, QEMU guests, vhost-user peers.
 TEST_PACKAGES=("${UP_PACKAGES[@]}" iproute2 iputils-ping procps util-linux
     qemu-system-x86 qemu-system-common busybox-static linux-image-amd64 xz-utils

@@ -55,14 +55,23 @@ pub enum UpError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot start the host agent")]
+    Services(#[source] io::Error),
     #[error("API server failed")]
     Serve(#[source] io::Error),
 }
+
+/// Host-side services (the host agent) started once the store is open,
+/// given the store and the state directory. The returned closure stops
+/// them; it runs after the API has drained.
+pub type HostServices =
+    Box<dyn FnOnce(Store, PathBuf) -> io::Result<Box<dyn FnOnce() + Send>> + Send>;
 
 /// Runs the appliance until `shutdown` resolves, then drains and flushes.
 pub async fn up(
     config: UpConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    services: Option<HostServices>,
 ) -> Result<(), UpError> {
     let state_dir = StateDir::acquire(&config.state_dir)?;
     let listener = TcpListener::bind(config.listen).await.map_err(|source| {
@@ -111,6 +120,12 @@ pub async fn up(
         "keel is up"
     );
 
+    let stop_services = match services {
+        Some(start) => {
+            Some(start(store.clone(), state_dir.path().to_owned()).map_err(UpError::Services)?)
+        }
+        None => None,
+    };
     let app = api::app(AppState::new(store.clone(), version))
         .into_make_service_with_connect_info::<SocketAddr>();
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
@@ -130,6 +145,10 @@ pub async fn up(
         () = drain_deadline => tracing::warn!(grace = ?DRAIN_GRACE, "requests still running after the grace period; closing them"),
     }
 
+    if let Some(stop) = stop_services {
+        // The agent waits on libvirt and child processes: off the runtime.
+        let _ = tokio::task::spawn_blocking(stop).await;
+    }
     store.end_run(run.id).await?;
     store.close().await?;
     tracing::info!("state flushed; keel stopped");

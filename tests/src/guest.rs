@@ -657,3 +657,36 @@ mod tempfile_dir {
         }
     }
 }
+
+/// Builds a UEFI-bootable GPT disk image of the guest (Debian kernel +
+/// busybox initramfs with `script` run at boot, booted by systemd-boot
+/// under OVMF) at `out`, with an empty `data_mib` MiB second partition
+/// (`/dev/vda2` in the guest) for tests to write to: the image an operator
+/// would upload to keel.
+pub fn guest_disk_image(out: &Path, script: &str, data_mib: u32) -> Result<()> {
+    let image = GuestImage::get()?;
+    let stage = tempfile_dir::TempDir::new_in(
+        &crate::target_dir().join("keel-guest").join("runs"),
+        "disk",
+    )?;
+    let initrd = stage.path().join("initrd");
+    write_initrd_with_script(&image.initramfs, Some(script), &initrd)?;
+    let mut key = DefaultHasher::new();
+    (script, data_mib, &image.kernel_version).hash(&mut key);
+    let seed = key.finish().to_le_bytes();
+    let mut digest = [0u8; 32];
+    for (i, b) in digest.iter_mut().enumerate() {
+        *b = seed[i % 8] ^ u8::try_from(i).unwrap_or(0);
+    }
+    keel_firmware::disk::build(&keel_firmware::disk::DiskConfig {
+        out: out.to_owned(),
+        kernel: image.kernel.clone(),
+        initramfs: initrd,
+        cmdline: "console=ttyS0 panic=-1 quiet loglevel=1".into(),
+        source_date_epoch: 0,
+        state_mib: data_mib,
+        digest,
+    })
+    .map_err(|e| FixtureError::Image(format!("guest disk image: {e}")))?;
+    Ok(())
+}

@@ -87,8 +87,15 @@ impl KeelProcess {
     /// Starts `keel up` on 127.0.0.1 port 0 with `state_dir`, and waits until
     /// it serves.
     pub fn up(state_dir: &Path) -> Result<KeelProcess> {
+        KeelProcess::up_with(state_dir, &[])
+    }
+
+    /// As [`KeelProcess::up`], with more `keel up` options.
+    pub fn up_with(state_dir: &Path, extra: &[&str]) -> Result<KeelProcess> {
         let dir = state_dir.to_string_lossy().into_owned();
-        let mut keel = KeelProcess::spawn(&["up", "--listen", "127.0.0.1:0", "--state-dir", &dir])?;
+        let mut args = vec!["up", "--listen", "127.0.0.1:0", "--state-dir", &dir];
+        args.extend_from_slice(extra);
+        let mut keel = KeelProcess::spawn(&args)?;
         let line = keel.wait_for_line("keel is up", START_TIMEOUT)?;
         keel.addr = serde_json_field(&line, "addr");
         if keel.addr.is_none() {

@@ -19,7 +19,7 @@ pub mod keel;
 pub mod netns;
 
 pub use cmd::{run, CmdOutput};
-pub use guest::{Accel, Guest, GuestConfig};
+pub use guest::{guest_disk_image, Accel, Guest, GuestConfig};
 pub use keel::{keel_bin, KeelProcess};
 pub use netns::{veth_pair, NetnsHost};
 

@@ -30,6 +30,13 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start the all-in-one appliance: REST API and embedded state.
@@ -40,6 +47,15 @@ enum Command {
         /// Directory holding all state (SQLite database, locks).
         #[arg(long, env = "KEEL_STATE_DIR", default_value = "./var/keel")]
         state_dir: PathBuf,
+        /// VM acceleration: auto (KVM if a probe boot works), kvm or tcg.
+        #[arg(long, env = "KEEL_ACCEL", default_value = "auto")]
+        accel: AccelChoice,
+        /// libvirt connection the host agent drives VMs through.
+        #[arg(long, env = "KEEL_LIBVIRT_URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
+        /// Seconds a graceful VM stop waits for the guest before forcing it off.
+        #[arg(long, env = "KEEL_VM_SHUTDOWN_TIMEOUT", default_value_t = 60)]
+        vm_shutdown_timeout: u64,
     },
     /// Print the version.
     Version {
@@ -133,7 +149,40 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Up { listen, state_dir } => {
+        Command::Up {
+            listen,
+            state_dir,
+            accel,
+            libvirt_uri,
+            vm_shutdown_timeout,
+        } => {
+            let keel_bin = std::env::current_exe().context("Cannot find the keel binary")?;
+            let agent = keel_agent::AgentConfig {
+                state_dir: PathBuf::new(),
+                keel_bin,
+                libvirt_uri,
+                accel: match accel {
+                    AccelChoice::Auto => None,
+                    AccelChoice::Kvm => Some(keel_agent::Accel::Kvm),
+                    AccelChoice::Tcg => Some(keel_agent::Accel::Tcg),
+                },
+                shutdown_timeout: std::time::Duration::from_secs(vm_shutdown_timeout),
+            };
+            let services: keel_control::server::HostServices = Box::new(move |store, dir| {
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let handle = keel_agent::spawn(
+                    store,
+                    keel_agent::AgentConfig {
+                        state_dir: dir,
+                        ..agent
+                    },
+                    stop.clone(),
+                )?;
+                Ok(Box::new(move || {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = handle.join();
+                }))
+            });
             let runtime =
                 tokio::runtime::Runtime::new().context("Cannot start the async runtime")?;
             runtime.block_on(async {
@@ -146,6 +195,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         admin_password,
                     },
                     shutdown,
+                    Some(services),
                 )
                 .await?;
                 anyhow::Ok(())

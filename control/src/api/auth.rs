@@ -64,6 +64,8 @@ pub enum Family {
     User,
     Token,
     Network,
+    /// VMs, volumes, images and their tasks.
+    Compute,
     Event,
     Audit,
 }
@@ -87,17 +89,20 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::User, ALL),
     (Role::SystemAdmin, Family::Token, ALL),
     (Role::SystemAdmin, Family::Network, ALL),
+    (Role::SystemAdmin, Family::Compute, ALL),
     (Role::SystemAdmin, Family::Event, &[Read]),
     (Role::SystemAdmin, Family::Audit, &[Read]),
     (Role::VdcAdmin, Family::Vdc, &[Read]),
     (Role::VdcAdmin, Family::User, ALL),
     (Role::VdcAdmin, Family::Token, ALL),
     (Role::VdcAdmin, Family::Network, ALL),
+    (Role::VdcAdmin, Family::Compute, ALL),
     (Role::VdcAdmin, Family::Event, &[Read]),
     (Role::VdcUser, Family::Vdc, &[Read]),
     (Role::VdcUser, Family::User, &[Read]),
     (Role::VdcUser, Family::Token, ALL),
     (Role::VdcUser, Family::Network, ALL),
+    (Role::VdcUser, Family::Compute, ALL),
     (Role::VdcUser, Family::Event, &[Read]),
 ];
 

@@ -12,6 +12,7 @@ pub mod events;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
+pub mod images;
 pub mod listing;
 pub mod networks;
 pub mod ports;
@@ -20,10 +21,13 @@ pub mod records;
 pub mod respond;
 pub mod routers;
 pub mod security_groups;
+pub mod tasks;
 pub mod tokens;
 pub mod users;
 pub mod vdcs;
 pub mod version;
+pub mod vms;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +64,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
         (name = "auth", description = "Login, refresh and API tokens"),
         (name = "tenancy", description = "VDCs (with quotas) and users"),
         (name = "networks", description = "VPCs, subnets, routers, security groups and ports; PENDING until a data plane realizes them"),
+        (name = "compute", description = "Images (chunked upload), volumes, VMs and their asynchronous tasks"),
         (name = "events", description = "Change feed (also as Server-Sent Events) and audit log"),
     )
 )]
@@ -112,6 +117,10 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(security_groups::router())
                 .merge(ports::router())
                 .merge(routers::router())
+                .merge(images::router())
+                .merge(volumes::router())
+                .merge(vms::router())
+                .merge(tasks::router())
                 .merge(events::router())
                 .merge(audit::router()),
         )

@@ -198,6 +198,58 @@ pub async fn update(
     Ok(updated)
 }
 
+/// Records what a host agent observed: the status (and optionally a new
+/// spec) without a client's revision check, bumping the revision so caches
+/// and `If-Match` holders see the change. `None` when the row is gone.
+pub async fn observe(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    id: &str,
+    status: &str,
+    spec: Option<serde_json::Value>,
+) -> Result<Option<Record>, ApiError> {
+    let Some(current) = get(conn, kind, id).await? else {
+        return Ok(None);
+    };
+    let spec = spec.unwrap_or_else(|| current.spec.clone());
+    if current.meta.status == status && current.spec == spec {
+        return Ok(Some(current));
+    }
+    let row = sqlx::query(&format!(
+        "UPDATE resources SET status = ?, spec = ?, revision = revision + 1, updated_at = ? \
+         WHERE kind = ? AND id = ? RETURNING {COLUMNS}"
+    ))
+    .bind(status)
+    .bind(spec.to_string())
+    .bind(now_ms())
+    .bind(kind)
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let updated = record_from_row(&row)?;
+    append_event(
+        conn,
+        kind,
+        id,
+        "updated",
+        updated.meta.vdc_id.as_deref(),
+        updated.meta.revision,
+    )
+    .await?;
+    Ok(Some(updated))
+}
+
+/// Every resource of `kind`, oldest first (host agents reconcile all).
+pub async fn all(conn: &mut SqliteConnection, kind: &str) -> Result<Vec<Record>, ApiError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM resources WHERE kind = ? ORDER BY created_at, id"
+    ))
+    .bind(kind)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(record_from_row).collect()
+}
+
 pub async fn delete(
     conn: &mut SqliteConnection,
     record: &Record,

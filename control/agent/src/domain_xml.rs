@@ -1,0 +1,170 @@
+//! The libvirt domain XML of a keel VM: shared memfd memory (vhost-user
+//! backends map guest RAM), one `vhostuser` disk per volume pointing at
+//! keel's vhost-user-blk socket (with reconnect, so a restarted backend is
+//! picked up again), the boot firmware, a serial console on a unix socket
+//! with a log file, VNC on loopback and a pvpanic device.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+
+use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles};
+
+/// Hardware acceleration for the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    /// QEMU's TCG emulation, where KVM is missing or unusable.
+    Tcg,
+}
+
+#[derive(Debug, Clone)]
+pub struct DomainSpec {
+    /// VM id: the domain UUID, and `keel-<id>` its name.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub firmware: BootFirmware,
+    /// The VM's NVRAM (UEFI only).
+    pub nvram: Option<PathBuf>,
+    /// vhost-user-blk sockets, boot disk first.
+    pub disk_sockets: Vec<PathBuf>,
+    pub console_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub accel: Accel,
+}
+
+pub fn domain_name(vm_id: &str) -> String {
+    format!("keel-{vm_id}")
+}
+
+/// Escapes text for an XML attribute or element.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Disk target names: vda, vdb, ... vdp.
+fn target(i: usize) -> String {
+    let letter = b"abcdefghijklmnop".get(i).copied().unwrap_or(b'z');
+    format!("vd{}", char::from(letter))
+}
+
+pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
+    let mut x = String::new();
+    let kind = match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "qemu",
+    };
+    let p = |p: &std::path::Path| esc(&p.display().to_string());
+    // `write!` to a String cannot fail.
+    let _ = writeln!(x, "<domain type='{kind}'>");
+    let _ = writeln!(x, "  <name>{}</name>", esc(&domain_name(&spec.id)));
+    let _ = writeln!(x, "  <uuid>{}</uuid>", esc(&spec.id));
+    let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
+    let _ = writeln!(x, "  <vcpu>{}</vcpu>", spec.vcpus);
+    x.push_str("  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n");
+    match spec.firmware {
+        BootFirmware::Bios => {}
+        BootFirmware::Uefi { secure_boot } => {
+            let secure = if secure_boot { "yes" } else { "no" };
+            let _ = writeln!(
+                x,
+                "    <loader readonly='yes' secure='{secure}' type='pflash'>{}</loader>",
+                p(spec.firmware.code(files))
+            );
+            if let Some(nvram) = &spec.nvram {
+                let _ = writeln!(x, "    <nvram>{}</nvram>", p(nvram));
+            }
+        }
+    }
+    x.push_str("  </os>\n  <features><acpi/>");
+    if matches!(spec.firmware, BootFirmware::Uefi { secure_boot: true }) {
+        x.push_str("<smm state='on'/>");
+    }
+    x.push_str("</features>\n");
+    // vhost-user devices need guest RAM the backend can map.
+    x.push_str("  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n");
+    // QEMU runs as root so it can reach keel's sockets in the state dir.
+    x.push_str(
+        "  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>\n",
+    );
+    x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
+    x.push_str("  <devices>\n");
+    for (i, sock) in spec.disk_sockets.iter().enumerate() {
+        let _ = writeln!(
+            x,
+            "    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'><reconnect enabled='yes' timeout='1'/></source>\n      <target dev='{}' bus='virtio'/>\n      <boot order='{}'/>\n    </disk>",
+            p(sock),
+            target(i),
+            i + 1
+        );
+    }
+    let _ = writeln!(
+        x,
+        "    <serial type='unix'>\n      <source mode='bind' path='{}'/>\n      <log file='{}' append='on'/>\n      <target port='0'/>\n    </serial>",
+        p(&spec.console_socket),
+        p(&spec.console_log)
+    );
+    x.push_str("    <console type='unix'><target type='serial' port='0'/></console>\n");
+    x.push_str("    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>\n");
+    x.push_str("    <panic model='isa'/>\n");
+    x.push_str("  </devices>\n</domain>\n");
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uefi_vm_with_two_disks() {
+        let spec = DomainSpec {
+            id: "0b7e0d6c-0000-4000-8000-000000000001".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            firmware: BootFirmware::Uefi { secure_boot: false },
+            nvram: Some("/s/vms/x/nvram.fd".into()),
+            disk_sockets: vec!["/s/run/a.sock".into(), "/s/run/b&.sock".into()],
+            console_socket: "/s/vms/x/console.sock".into(),
+            console_log: "/s/vms/x/console.log".into(),
+            accel: Accel::Tcg,
+        };
+        let xml = render(&spec, &FirmwareFiles::default());
+        assert!(xml.starts_with("<domain type='qemu'>"));
+        assert!(xml.contains("<name>keel-0b7e0d6c-0000-4000-8000-000000000001</name>"));
+        assert!(xml.contains("<nvram>/s/vms/x/nvram.fd</nvram>"));
+        assert!(xml.contains("path='/s/run/a.sock'"));
+        assert!(xml.contains("path='/s/run/b&amp;.sock'"));
+        assert!(xml.contains("<target dev='vdb' bus='virtio'/>"));
+        assert!(xml.contains("<boot order='2'/>"));
+        assert!(xml.contains("<access mode='shared'/>"));
+    }
+
+    #[test]
+    fn bios_vm_has_no_loader() {
+        let spec = DomainSpec {
+            id: "x".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            firmware: BootFirmware::Bios,
+            nvram: None,
+            disk_sockets: vec![],
+            console_socket: "/c".into(),
+            console_log: "/l".into(),
+            accel: Accel::Kvm,
+        };
+        let xml = render(&spec, &FirmwareFiles::default());
+        assert!(xml.starts_with("<domain type='kvm'>"));
+        assert!(!xml.contains("<loader"));
+    }
+}

@@ -1,0 +1,560 @@
+//! The agent loop: run queued tasks, watch domains, record what is true.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use keel_control::api::images::{self, ImageSpec};
+use keel_control::api::problem::ApiError;
+use keel_control::api::records::{self, Record};
+use keel_control::api::tasks::{self, Task, FAILED, SUCCEEDED};
+use keel_control::api::vms::{self, VmSpec};
+use keel_control::api::volumes::{self, VolumeSpec};
+use keel_control::store::Store;
+use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles};
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::disk_servers::DiskServers;
+use crate::domain_xml::{self, Accel, DomainSpec};
+use crate::provision;
+
+/// How the agent reaches the host.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    /// The `keel` binary (run as `keel vhost-blk` per volume).
+    pub keel_bin: PathBuf,
+    pub libvirt_uri: String,
+    /// `None`: probe on first use ([`crate::accel::detect`]).
+    pub accel: Option<Accel>,
+    /// A graceful `stop` forces the VM off after this long.
+    pub shutdown_timeout: Duration,
+}
+
+/// Why one task step failed; its message becomes the task's.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("store: {0}")]
+    Store(String),
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error(transparent)]
+    Disk(#[from] crate::disk_servers::DiskServerError),
+    #[error(transparent)]
+    Firmware(#[from] keel_firmware::guest_firmware::FirmwareError),
+    #[error(transparent)]
+    Connect(#[from] crate::libvirtd::LibvirtError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<ApiError> for StepError {
+    fn from(e: ApiError) -> Self {
+        StepError::Store(format!("{e:?}"))
+    }
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(e: sqlx::Error) -> Self {
+        StepError::Store(e.to_string())
+    }
+}
+
+impl From<virt::error::Error> for StepError {
+    fn from(e: virt::error::Error) -> Self {
+        StepError::Libvirt(e.message().to_owned())
+    }
+}
+
+const IDLE: Duration = Duration::from_millis(200);
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the agent thread; it stops (leaving VMs running, disk backends
+/// flushed and stopped) once `stop` is set.
+pub fn spawn(
+    store: Store,
+    config: AgentConfig,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let rt = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("keel-agent".into())
+        .spawn(move || {
+            let mut agent = Agent {
+                disks: DiskServers::new(config.keel_bin.clone(), config.state_dir.join("run")),
+                store,
+                rt,
+                config,
+                conn: None,
+                files: FirmwareFiles::default(),
+            };
+            agent.run(&stop);
+        })
+}
+
+struct Agent {
+    store: Store,
+    rt: tokio::runtime::Handle,
+    config: AgentConfig,
+    conn: Option<Connect>,
+    disks: DiskServers,
+    files: FirmwareFiles,
+}
+
+/// Libvirt's domain states, as keel reports them.
+fn status_of(state: u32) -> &'static str {
+    match state {
+        virt::sys::VIR_DOMAIN_RUNNING
+        | virt::sys::VIR_DOMAIN_BLOCKED
+        | virt::sys::VIR_DOMAIN_SHUTDOWN => vms::RUNNING,
+        virt::sys::VIR_DOMAIN_PAUSED | virt::sys::VIR_DOMAIN_PMSUSPENDED => vms::PAUSED,
+        _ => vms::STOPPED,
+    }
+}
+
+impl Agent {
+    fn run(&mut self, stop: &AtomicBool) {
+        tracing::info!(uri = %self.config.libvirt_uri, accel = ?self.config.accel, "host agent running");
+        let mut last_observe = Instant::now() - OBSERVE_EVERY;
+        while !stop.load(Ordering::Relaxed) {
+            let worked = match self.next_task() {
+                Ok(worked) => worked,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent step failed");
+                    false
+                }
+            };
+            if last_observe.elapsed() >= OBSERVE_EVERY {
+                last_observe = Instant::now();
+                if let Err(e) = self.observe_all() {
+                    tracing::debug!(error = %e, "observing VMs failed");
+                }
+            }
+            if !worked {
+                std::thread::sleep(IDLE);
+            }
+        }
+        self.disks.stop_all();
+        tracing::info!("host agent stopped");
+    }
+
+    fn conn(&mut self) -> Result<&Connect, StepError> {
+        if self.conn.is_none() {
+            self.conn = Some(crate::libvirtd::connect(&self.config.libvirt_uri)?);
+        }
+        self.conn
+            .as_ref()
+            .ok_or_else(|| StepError::Libvirt("no connection".into()))
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn get(&self, kind: &str, id: &str) -> Result<Option<Record>, StepError> {
+        self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            Ok(records::get(&mut conn, kind, id).await?)
+        })
+    }
+
+    fn observe(
+        &self,
+        kind: &str,
+        id: &str,
+        status: &str,
+        spec: Option<serde_json::Value>,
+    ) -> Result<(), StepError> {
+        self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            records::observe(&mut tx, kind, id, status, spec).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn task_state(
+        &self,
+        id: &str,
+        state: &str,
+        progress: i64,
+        message: &str,
+    ) -> Result<(), StepError> {
+        self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            tasks::set_state(&mut tx, id, state, progress, message).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Runs the next queued task, if any.
+    fn next_task(&mut self) -> Result<bool, StepError> {
+        let task = self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            let task = tasks::claim_next(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<_, StepError>(task)
+        })?;
+        let Some(task) = task else { return Ok(false) };
+        tracing::info!(task = %task.id, kind = %task.resource_type, id = %task.resource_id, action = %task.action, "running task");
+        let outcome = match task.resource_type.as_str() {
+            volumes::KIND => self.volume_task(&task),
+            vms::KIND => self.vm_task(&task),
+            other => Err(StepError::Invalid(format!(
+                "no agent handles {other} tasks"
+            ))),
+        };
+        match outcome {
+            Ok(()) => self.task_state(&task.id, SUCCEEDED, 100, "")?,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "task failed");
+                self.task_state(&task.id, FAILED, 100, &e.to_string())?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn volume_task(&mut self, task: &Task) -> Result<(), StepError> {
+        let Some(record) = self.get(volumes::KIND, &task.resource_id)? else {
+            return Err(StepError::Invalid("the volume is gone".into()));
+        };
+        match task.action.as_str() {
+            "create" => {
+                let mut spec: VolumeSpec = record.spec()?;
+                match self.provision(task, &record.meta.id, &mut spec) {
+                    Ok(()) => {
+                        let status = if spec.attached_to.is_some() {
+                            volumes::IN_USE
+                        } else {
+                            volumes::AVAILABLE
+                        };
+                        self.observe(
+                            volumes::KIND,
+                            &record.meta.id,
+                            status,
+                            Some(volumes::to_json(&spec)?),
+                        )
+                    }
+                    Err(e) => {
+                        spec.status_reason = e.to_string();
+                        self.observe(
+                            volumes::KIND,
+                            &record.meta.id,
+                            volumes::ERROR,
+                            Some(volumes::to_json(&spec)?),
+                        )?;
+                        Err(e)
+                    }
+                }
+            }
+            other => Err(StepError::Invalid(format!("unknown volume action {other}"))),
+        }
+    }
+
+    fn provision(&self, task: &Task, id: &str, spec: &mut VolumeSpec) -> Result<(), StepError> {
+        let dest = volumes::volume_path(&self.config.state_dir, id);
+        let thick = spec.provisioning == "thick";
+        match &spec.image_id {
+            None => provision::create_blank(&dest, spec.size_bytes, thick)?,
+            Some(image_id) => {
+                let image = self
+                    .get("image", image_id)?
+                    .ok_or_else(|| StepError::Invalid(format!("image {image_id} was deleted")))?;
+                let ispec: ImageSpec = image.spec()?;
+                let format = serde_json::to_value(ispec.format)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let path = images::image_path(&self.config.state_dir.join("images"), image_id);
+                let size = provision::virtual_size(&path, &format)?.max(spec.size_bytes);
+                provision::copy_image(&path, &format, &dest, size, thick, |pct| {
+                    let _ = self.task_state(
+                        &task.id,
+                        tasks::RUNNING,
+                        i64::from(pct),
+                        "copying the image",
+                    );
+                })?;
+                spec.size_bytes = size;
+            }
+        }
+        Ok(())
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.config.state_dir.join("vms").join(id)
+    }
+
+    fn vm_task(&mut self, task: &Task) -> Result<(), StepError> {
+        let Some(record) = self.get(vms::KIND, &task.resource_id)? else {
+            return Err(StepError::Invalid("the VM is gone".into()));
+        };
+        let id = record.meta.id.clone();
+        let result = match task.action.as_str() {
+            "create" => self.vm_create(&record, task.params["start"].as_bool().unwrap_or(true)),
+            "start" => self.vm_start(&record),
+            "stop" => self.vm_stop(&id, false),
+            "force-stop" => self.vm_stop(&id, true),
+            "reboot" => self.domain(&id).and_then(|d| {
+                d.reboot(virt::sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+                    .map_err(StepError::from)
+            }),
+            "force-reboot" => self
+                .domain(&id)
+                .and_then(|d| d.reset().map(drop).map_err(StepError::from)),
+            "pause" => self
+                .domain(&id)
+                .and_then(|d| d.suspend().map(drop).map_err(StepError::from)),
+            "resume" => self
+                .domain(&id)
+                .and_then(|d| d.resume().map(drop).map_err(StepError::from)),
+            "delete" => {
+                return self.vm_delete(
+                    &record,
+                    task.params["delete_volumes"].as_bool().unwrap_or(false),
+                )
+            }
+            other => Err(StepError::Invalid(format!("unknown VM action {other}"))),
+        };
+        match &result {
+            Ok(()) => self.observe_vm(&record, true)?,
+            Err(e) => {
+                let mut spec: VmSpec = record.spec()?;
+                spec.status_reason = e.to_string();
+                let status = if record.meta.status == vms::CREATING {
+                    vms::ERROR
+                } else {
+                    record.meta.status.as_str()
+                };
+                self.observe(vms::KIND, &id, status, Some(volumes::to_json(&spec)?))?;
+            }
+        }
+        result
+    }
+
+    fn domain(&mut self, id: &str) -> Result<Domain, StepError> {
+        let name = domain_xml::domain_name(id);
+        Ok(Domain::lookup_by_name(self.conn()?, &name)?)
+    }
+
+    fn lookup(&mut self, id: &str) -> Result<Option<Domain>, StepError> {
+        let name = domain_xml::domain_name(id);
+        match Domain::lookup_by_name(self.conn()?, &name) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts the disk backends of the VM and (re)defines its domain.
+    fn define(&mut self, record: &Record) -> Result<Domain, StepError> {
+        let spec: VmSpec = record.spec()?;
+        let mut sockets = Vec::with_capacity(spec.volume_ids.len());
+        for vol in &spec.volume_ids {
+            let status = self.get(volumes::KIND, vol)?.map(|r| r.meta.status);
+            if status.as_deref() != Some(volumes::IN_USE)
+                && status.as_deref() != Some(volumes::AVAILABLE)
+            {
+                return Err(StepError::Invalid(format!(
+                    "volume {vol} is {}, not ready",
+                    status.unwrap_or_else(|| "deleted".into())
+                )));
+            }
+            let path = volumes::volume_path(&self.config.state_dir, vol);
+            sockets.push(self.disks.ensure(vol, &path)?);
+        }
+        let dir = self.vm_dir(&record.meta.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StepError::Invalid(format!("create {}: {e}", dir.display())))?;
+        let firmware: BootFirmware = spec.firmware.as_str().parse().map_err(
+            |e: keel_firmware::guest_firmware::FirmwareError| StepError::Invalid(e.to_string()),
+        )?;
+        let nvram = firmware.ensure_nvram(&self.files, &dir)?;
+        let xml = domain_xml::render(
+            &DomainSpec {
+                id: record.meta.id.clone(),
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                firmware,
+                nvram,
+                disk_sockets: sockets,
+                console_socket: dir.join("console.sock"),
+                console_log: dir.join("console.log"),
+                accel: self.accel(),
+            },
+            &self.files,
+        );
+        Ok(Domain::define_xml(self.conn()?, &xml)?)
+    }
+
+    fn accel(&mut self) -> Accel {
+        if let Some(a) = self.config.accel {
+            return a;
+        }
+        let a = crate::accel::detect(&self.config.state_dir.join("run"));
+        self.config.accel = Some(a);
+        a
+    }
+
+    fn vm_create(&mut self, record: &Record, start: bool) -> Result<(), StepError> {
+        let domain = self.define(record)?;
+        if start {
+            domain.create()?;
+        }
+        Ok(())
+    }
+
+    fn vm_start(&mut self, record: &Record) -> Result<(), StepError> {
+        let domain = self.define(record)?;
+        if !domain.is_active()? {
+            domain.create()?;
+        }
+        Ok(())
+    }
+
+    fn vm_stop(&mut self, id: &str, force: bool) -> Result<(), StepError> {
+        let Some(domain) = self.lookup(id)? else {
+            return Ok(());
+        };
+        if !domain.is_active()? {
+            return Ok(());
+        }
+        if !force {
+            domain.shutdown()?;
+            let start = Instant::now();
+            while start.elapsed() < self.config.shutdown_timeout {
+                if !domain.is_active()? {
+                    return Ok(());
+                }
+                std::thread::sleep(IDLE);
+            }
+            tracing::info!(vm = id, timeout = ?self.config.shutdown_timeout, "guest ignored ACPI shutdown; forcing it off");
+        }
+        domain.destroy()?;
+        Ok(())
+    }
+
+    fn vm_delete(&mut self, record: &Record, delete_volumes: bool) -> Result<(), StepError> {
+        let id = record.meta.id.clone();
+        let spec: VmSpec = record.spec()?;
+        if let Some(domain) = self.lookup(&id)? {
+            if domain.is_active()? {
+                domain.destroy()?;
+            }
+            domain.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM)?;
+        }
+        for vol in &spec.volume_ids {
+            self.disks.stop(vol);
+        }
+        let state_dir = self.config.state_dir.clone();
+        self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            for vol in &spec.volume_ids {
+                let Some(v) = records::get(&mut tx, volumes::KIND, vol).await? else {
+                    continue;
+                };
+                if delete_volumes {
+                    records::delete(&mut tx, &v, volumes::KIND).await?;
+                } else {
+                    let mut vspec: VolumeSpec = v.spec()?;
+                    vspec.attached_to = None;
+                    let status = if v.meta.status == volumes::IN_USE {
+                        volumes::AVAILABLE
+                    } else {
+                        v.meta.status.as_str()
+                    };
+                    records::observe(
+                        &mut tx,
+                        volumes::KIND,
+                        vol,
+                        status,
+                        Some(volumes::to_json(&vspec)?),
+                    )
+                    .await?;
+                }
+            }
+            if let Some(current) = records::get(&mut tx, vms::KIND, &id).await? {
+                records::delete(&mut tx, &current, vms::KIND).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StepError>(())
+        })?;
+        if delete_volumes {
+            for vol in &spec.volume_ids {
+                volumes::remove_volume_files(&state_dir, vol);
+            }
+        }
+        remove_dir(&self.vm_dir(&id));
+        Ok(())
+    }
+
+    /// Records the domain's state on the VM. `acted`: keel just changed it,
+    /// so a stop is expected and clears the reason.
+    fn observe_vm(&mut self, record: &Record, acted: bool) -> Result<(), StepError> {
+        let id = record.meta.id.clone();
+        let mut spec: VmSpec = record.spec()?;
+        let (status, reason) = match self.lookup(&id)? {
+            None if record.meta.status == vms::CREATING => return Ok(()),
+            None => (
+                vms::LOST,
+                "the hypervisor has no domain for this VM".to_owned(),
+            ),
+            Some(domain) => {
+                let (state, why) = domain.get_state()?;
+                let status = status_of(state);
+                if status == vms::STOPPED && record.meta.status == vms::RUNNING && !acted {
+                    (status, format!("QEMU stopped without keel stopping it (libvirt state {state}, reason {why})"))
+                } else if acted {
+                    (status, String::new())
+                } else {
+                    (status, spec.status_reason.clone())
+                }
+            }
+        };
+        if status == vms::RUNNING || status == vms::PAUSED {
+            // A disk backend that died is restarted; QEMU reconnects to it.
+            for vol in &spec.volume_ids {
+                let path = volumes::volume_path(&self.config.state_dir, vol);
+                if let Err(e) = self.disks.ensure(vol, &path) {
+                    tracing::warn!(vm = %id, volume = %vol, error = %e, "disk backend not running");
+                }
+            }
+        }
+        if status != record.meta.status || reason != spec.status_reason {
+            if status != record.meta.status {
+                tracing::info!(vm = %id, from = %record.meta.status, to = status, reason = %reason, "VM state changed");
+            }
+            spec.status_reason = reason;
+            self.observe(vms::KIND, &id, status, Some(volumes::to_json(&spec)?))?;
+        }
+        Ok(())
+    }
+
+    fn observe_all(&mut self) -> Result<(), StepError> {
+        let all = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            Ok::<_, StepError>(records::all(&mut conn, vms::KIND).await?)
+        })?;
+        for record in all {
+            if record.meta.status == vms::CREATING || record.meta.status == vms::DELETING {
+                continue;
+            }
+            self.observe_vm(&record, false)?;
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! VMs end to end through the real `keel up`: an operator uploads a
+//! bootable disk image over the API, makes a volume of it and a VM, and the
+//! VM boots under libvirt/QEMU (UEFI) from keel's vhost-user-blk backend.
+//! Then its lifecycle: data kept across a reboot, pause/resume, a QEMU
+//! killed outside keel reported STOPPED, illegal actions refused with the
+//! allowed states, and delete leaving no process, domain or file behind.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use keel_testkit::{guest_disk_image, Accel, KeelProcess};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const CHUNK: usize = 1 << 20;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const TASK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The guest writes a marker to its data partition on first boot and
+/// reports it on every later boot.
+const SCRIPT: &str = r#"
+if dd if=/dev/vda2 bs=512 count=1 2>/dev/null | grep -q KEEL-DATA; then
+  echo "KEEL-FOUND $(dd if=/dev/vda2 bs=16 count=1 2>/dev/null)"
+else
+  echo KEEL-DATA-7 | dd of=/dev/vda2 conv=fsync 2>/dev/null && echo KEEL-WROTE
+fi
+echo KEEL-BOOTED
+"#;
+
+struct Api {
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let req = ureq::request(method, &url)
+            .timeout(Duration::from_secs(60))
+            .set("authorization", &format!("Bearer {}", self.token));
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let response = match result {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {url}: {e}"),
+        };
+        (
+            response.status(),
+            response.into_json().unwrap_or(Value::Null),
+        )
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, value) = self.call(method, path, body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {value}"
+        );
+        value
+    }
+
+    fn upload(&self, image_id: &str, bytes: &[u8]) {
+        let total = bytes.len();
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            let start = i * CHUNK;
+            let end = start + chunk.len() - 1;
+            let r = ureq::put(&format!("{}/api/v1/images/{image_id}/file", self.base))
+                .timeout(Duration::from_secs(60))
+                .set("authorization", &format!("Bearer {}", self.token))
+                .set("content-range", &format!("bytes {start}-{end}/{total}"))
+                .send_bytes(chunk);
+            if let Err(e) = r {
+                panic!("chunk {i}: {e:?}");
+            }
+        }
+    }
+
+    /// Waits for a task to finish and returns it; panics if it failed.
+    fn wait_task(&self, task: &Value) -> Value {
+        let id = task["id"].as_str().unwrap();
+        let start = Instant::now();
+        loop {
+            let t = self.ok("GET", &format!("/api/v1/tasks/{id}"), None);
+            match t["state"].as_str().unwrap() {
+                "SUCCEEDED" => return t,
+                "FAILED" => panic!("task {} failed: {}", t["action"], t["message"]),
+                _ => {}
+            }
+            assert!(start.elapsed() < TASK_TIMEOUT, "task {t} did not finish");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn action(&self, vm: &str, action: &str) -> Value {
+        let (status, task) = self.call("POST", &format!("/api/v1/vms/{vm}/actions/{action}"), None);
+        assert_eq!(status, 202, "{action}: {task}");
+        self.wait_task(&task)
+    }
+
+    fn vm_status(&self, vm: &str) -> (String, String) {
+        let v = self.ok("GET", &format!("/api/v1/vms/{vm}"), None);
+        (
+            v["status"].as_str().unwrap().to_owned(),
+            v["status_reason"].as_str().unwrap_or("").to_owned(),
+        )
+    }
+
+    fn wait_status(&self, vm: &str, want: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let (status, reason) = self.vm_status(vm);
+            if status == want {
+                return reason;
+            }
+            assert!(
+                start.elapsed() < TASK_TIMEOUT,
+                "VM stayed {status}, wanted {want}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// Occurrences of `marker` in the VM's console log.
+fn console_count(state: &Path, vm: &str, marker: &str) -> usize {
+    std::fs::read_to_string(state.join("vms").join(vm).join("console.log"))
+        .unwrap_or_default()
+        .matches(marker)
+        .count()
+}
+
+fn wait_console(state: &Path, vm: &str, marker: &str, count: usize) {
+    let start = Instant::now();
+    while console_count(state, vm, marker) < count {
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no {marker} #{count} on the console; log:\n{}",
+            std::fs::read_to_string(state.join("vms").join(vm).join("console.log"))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn qemu_pid(vm: &str) -> Option<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("guest=keel-{vm}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+}
+
+fn virsh_has_domain(vm: &str) -> bool {
+    Command::new("virsh")
+        .args(["-c", "qemu:///system", "dominfo", &format!("keel-{vm}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Destroys and undefines the domain if a failed test left it.
+struct DomainGuard(String);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        let name = format!("keel-{}", self.0);
+        for args in [vec!["destroy", &name], vec!["undefine", "--nvram", &name]] {
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system"])
+                .args(&args)
+                .output();
+        }
+    }
+}
+
+#[test]
+fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let image_path = work.path().join("guest.img");
+    guest_disk_image(&image_path, SCRIPT, 4).unwrap();
+    let image = std::fs::read(&image_path).unwrap();
+    let digest: String = Sha256::digest(&image)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    let accel = match Accel::detect().unwrap() {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let keel =
+        KeelProcess::up_with(&state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
+    let password = std::fs::read_to_string(state.join("admin-password")).unwrap();
+    let (status, login) = {
+        let r = ureq::post(&keel.url("/api/v1/auth/login"))
+            .send_json(json!({"username": "admin", "password": password.trim()}));
+        match r {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.into_json::<Value>().unwrap()),
+            Err(e) => panic!("login: {e}"),
+        }
+    };
+    assert_eq!(status, 200, "{login}");
+    let api = Api {
+        base: keel.url(""),
+        token: login["access_token"].as_str().unwrap().to_owned(),
+    };
+    let vdc = api.ok("POST", "/api/v1/vdcs", Some(json!({"name": "tenant-a"})));
+    let vdc_id = vdc["id"].as_str().unwrap();
+
+    // Upload: a wrong checksum is refused and the upload starts over.
+    let img = api.ok(
+        "POST",
+        "/api/v1/images",
+        Some(
+            json!({"name": "busybox-uefi", "vdc_id": vdc_id, "format": "raw",
+                    "firmware": "uefi", "size_bytes": image.len(), "sha256": digest}),
+        ),
+    );
+    let image_id = img["id"].as_str().unwrap().to_owned();
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "early", "vdc_id": vdc_id, "image_id": image_id})),
+    );
+    assert_eq!(status, 422, "a volume from a QUEUED image: {body}");
+    api.upload(&image_id, &image);
+    let img = api.ok("GET", &format!("/api/v1/images/{image_id}"), None);
+    assert_eq!(img["status"], "ACTIVE", "{img}");
+
+    // Volume from the image, provisioned by a task.
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "root", "vdc_id": vdc_id, "image_id": image_id})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let volume_id = task["resource_id"].as_str().unwrap().to_owned();
+    let volume = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
+    assert_eq!(volume["status"], "AVAILABLE", "{volume}");
+
+    // The VM.
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "vm1", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256, "volume_ids": [volume_id]})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let vm = task["resource_id"].as_str().unwrap().to_owned();
+    let _guard = DomainGuard(vm.clone());
+    api.wait_task(&task);
+    api.wait_status(&vm, "RUNNING");
+    let v = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
+    assert_eq!(v["firmware"], "uefi", "firmware comes from the image: {v}");
+    let volume = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
+    assert_eq!(volume["status"], "IN_USE");
+    assert_eq!(volume["attached_to"], vm.as_str());
+    wait_console(&state, &vm, "KEEL-WROTE", 1);
+
+    // A second VM cannot take the same disk.
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "vm2", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256, "volume_ids": [volume_id]})),
+    );
+    assert_eq!(status, 409, "{body}");
+
+    // Data written before a reboot is there after it.
+    api.action(&vm, "force-reboot");
+    wait_console(&state, &vm, "KEEL-FOUND KEEL-DATA-7", 1);
+
+    // Pause / resume, and an illegal action names the allowed states.
+    api.action(&vm, "pause");
+    assert_eq!(api.vm_status(&vm).0, "PAUSED");
+    let (status, body) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/pause"), None);
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("RUNNING"),
+        "{body}"
+    );
+    api.action(&vm, "resume");
+    assert_eq!(api.vm_status(&vm).0, "RUNNING");
+
+    // QEMU killed behind keel's back: reported STOPPED, with a reason.
+    let pid = qemu_pid(&vm).expect("QEMU process of the VM");
+    // SAFETY: kill(2) with a pid read from pgrep; at worst it names no process.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let reason = api.wait_status(&vm, "STOPPED");
+    assert!(reason.contains("without keel"), "{reason}");
+
+    // Start again: the disk backend serves the new QEMU; then a graceful
+    // stop (busybox ignores ACPI, so it is forced after the timeout).
+    let boots = console_count(&state, &vm, "KEEL-BOOTED");
+    api.action(&vm, "start");
+    assert_eq!(api.vm_status(&vm).0, "RUNNING");
+    wait_console(&state, &vm, "KEEL-BOOTED", boots + 1);
+    api.action(&vm, "stop");
+    assert_eq!(api.vm_status(&vm).0, "STOPPED");
+    let (status, body) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/resume"), None);
+    assert_eq!(status, 409, "{body}");
+
+    // Delete with its volumes: nothing of it is left.
+    let (status, task) = api.call(
+        "DELETE",
+        &format!("/api/v1/vms/{vm}?delete_volumes=true"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    assert_eq!(api.call("GET", &format!("/api/v1/vms/{vm}"), None).0, 404);
+    assert_eq!(
+        api.call("GET", &format!("/api/v1/volumes/{volume_id}"), None)
+            .0,
+        404
+    );
+    assert!(!virsh_has_domain(&vm), "domain still defined");
+    assert!(qemu_pid(&vm).is_none(), "QEMU still running");
+    assert!(!state.join("vms").join(&vm).exists(), "VM directory left");
+    assert!(
+        !state
+            .join("volumes")
+            .join(format!("{volume_id}.raw"))
+            .exists(),
+        "volume file left"
+    );
+    let backends = Command::new("pgrep")
+        .args(["-f", &volume_id])
+        .output()
+        .unwrap();
+    assert!(backends.stdout.is_empty(), "disk backend still running");
+}

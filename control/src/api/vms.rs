@@ -1,0 +1,396 @@
+//! `/vms`: virtual machines. The API validates and records; every change
+//! of a VM's running state is a task the host agent carries out against the
+//! hypervisor, and the VM's `status` is what the agent last observed
+//! (`CREATING`, `STOPPED`, `RUNNING`, `PAUSED`, `ERROR`, `DELETING`), so a
+//! VM killed outside keel shows as `STOPPED`, never as `RUNNING`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
+use super::images::{Firmware, ImageSpec};
+use super::listing::{ListQuery, Page};
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record};
+use super::respond::{load, referenced_vdc, with_etag};
+use super::tasks::{self, Task};
+use super::volumes::{self, to_json, VolumeSpec};
+use super::AppState;
+
+pub const KIND: &str = "vm";
+pub const CREATING: &str = "CREATING";
+pub const STOPPED: &str = "STOPPED";
+pub const RUNNING: &str = "RUNNING";
+pub const PAUSED: &str = "PAUSED";
+pub const ERROR: &str = "ERROR";
+pub const DELETING: &str = "DELETING";
+/// The hypervisor no longer knows the VM (its domain was removed outside keel).
+pub const LOST: &str = "LOST";
+
+const MAX_VCPUS: u32 = 64;
+const MAX_MEMORY_MIB: u32 = 1 << 20;
+const MAX_DISKS: usize = 16;
+
+/// Every action and the states it is allowed in.
+pub const ACTIONS: &[(&str, &[&str])] = &[
+    ("start", &[STOPPED]),
+    ("stop", &[RUNNING, PAUSED]),
+    ("force-stop", &[RUNNING, PAUSED, ERROR]),
+    ("reboot", &[RUNNING]),
+    ("force-reboot", &[RUNNING]),
+    ("pause", &[RUNNING]),
+    ("resume", &[PAUSED]),
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub firmware: Firmware,
+    pub cpu_arch: String,
+    /// Disks in boot order; the first is the boot disk.
+    pub volume_ids: Vec<String>,
+    pub description: String,
+    /// What the agent last saw go wrong (hypervisor message), or why the
+    /// VM stopped when keel did not stop it.
+    #[serde(default)]
+    pub status_reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Vm {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[serde(flatten)]
+    pub spec: VmSpec,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: String,
+    pub vdc_id: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Existing AVAILABLE (or still CREATING) volumes, boot disk first.
+    pub volume_ids: Vec<String>,
+    /// Defaults to the boot volume's image firmware, else BIOS.
+    pub firmware: Option<Firmware>,
+    /// Start once defined (default true).
+    #[serde(default = "default_true")]
+    pub start: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmPage {
+    pub items: Vec<Vm>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Delete the VM's volumes too (default: keep them, detached).
+    pub delete_volumes: Option<bool>,
+}
+
+fn to_vm(record: Record) -> Result<Vm, ApiError> {
+    Ok(Vm {
+        spec: record.spec()?,
+        meta: record.meta,
+    })
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_vm, list_vms))
+        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(vm_action))
+}
+
+#[utoipa::path(post, path = "/vms", tag = "compute", request_body = VmCreate,
+    responses(
+        (status = 202, description = "CREATING; the task (Location) defines and starts it", body = Task),
+        (status = 409, description = "A volume is attached to another VM", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field (sizes, unknown volume, architecture)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<VmCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Compute, Action::Create)?;
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    if !(1..=MAX_VCPUS).contains(&body.vcpus) {
+        return Err(ApiError::invalid(
+            "vcpus",
+            format!("must be 1..={MAX_VCPUS}"),
+        ));
+    }
+    if !(64..=MAX_MEMORY_MIB).contains(&body.memory_mib) {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!("must be 64..={MAX_MEMORY_MIB}"),
+        ));
+    }
+    if body.volume_ids.is_empty() || body.volume_ids.len() > MAX_DISKS {
+        return Err(ApiError::invalid(
+            "volume_ids",
+            format!("give 1..={MAX_DISKS} volumes, boot disk first"),
+        ));
+    }
+    let vdc_id = body
+        .vdc_id
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let mut tx = state.store.begin_write().await?;
+    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let mut volumes = Vec::with_capacity(body.volume_ids.len());
+    for (i, id) in body.volume_ids.iter().enumerate() {
+        if body.volume_ids[..i].contains(id) {
+            return Err(ApiError::invalid(
+                format!("volume_ids[{i}]"),
+                "listed twice",
+            ));
+        }
+        let volume = match records::get(&mut tx, volumes::KIND, id).await? {
+            Some(v) if v.meta.vdc_id.as_deref() == Some(vdc_id.as_str()) => v,
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("volume_ids[{i}]"),
+                    format!("no volume {id} in the VM's VDC"),
+                ))
+            }
+        };
+        let spec: VolumeSpec = volume.spec()?;
+        if let Some(other) = &spec.attached_to {
+            return Err(ApiError::Conflict(format!(
+                "volume {id} is attached to VM {other}"
+            )));
+        }
+        if volume.meta.status == volumes::ERROR {
+            return Err(ApiError::invalid(
+                format!("volume_ids[{i}]"),
+                format!("volume {id} is in ERROR: {}", spec.status_reason),
+            ));
+        }
+        volumes.push((volume, spec));
+    }
+    // The boot volume's image decides firmware and architecture.
+    let mut firmware = Firmware::Bios;
+    let mut cpu_arch = "x86_64".to_owned();
+    if let Some(image_id) = volumes.first().and_then(|(_, s)| s.image_id.clone()) {
+        if let Some(image) = records::get(&mut tx, "image", &image_id).await? {
+            let spec: ImageSpec = image.spec()?;
+            firmware = spec.firmware;
+            cpu_arch = spec.cpu_arch;
+        }
+    }
+    let host_arch = std::env::consts::ARCH;
+    if cpu_arch != host_arch {
+        return Err(ApiError::invalid(
+            "volume_ids[0]",
+            format!("the boot image is for {cpu_arch}; this host is {host_arch}"),
+        ));
+    }
+    let spec = VmSpec {
+        vcpus: body.vcpus,
+        memory_mib: body.memory_mib,
+        firmware: body.firmware.unwrap_or(firmware),
+        cpu_arch,
+        volume_ids: body.volume_ids.clone(),
+        description: body.description,
+        status_reason: String::new(),
+    };
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: None,
+            name: &body.name,
+            spec: to_json(&spec)?,
+            status: CREATING,
+        },
+    )
+    .await?;
+    for (volume, mut vspec) in volumes {
+        vspec.attached_to = Some(record.meta.id.clone());
+        let status = if volume.meta.status == volumes::AVAILABLE {
+            volumes::IN_USE
+        } else {
+            volume.meta.status.as_str()
+        };
+        records::observe(
+            &mut tx,
+            volumes::KIND,
+            &volume.meta.id,
+            status,
+            Some(to_json(&vspec)?),
+        )
+        .await?;
+    }
+    let task = tasks::enqueue(
+        &mut tx,
+        Some(&vdc_id),
+        KIND,
+        &record.meta.id,
+        "create",
+        serde_json::json!({ "start": body.start }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+#[utoipa::path(get, path = "/vms", tag = "compute", params(ListQuery),
+    responses((status = 200, description = "One page", body = VmPage)), security(("bearer" = [])))]
+async fn list_vms(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<VmPage>, ApiError> {
+    principal.require(Family::Compute, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } =
+        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
+    Ok(Json(VmPage {
+        items: items.into_iter().map(to_vm).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/vms/{id}", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The VM with its observed status", body = Vm),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(
+        &mut conn,
+        &principal,
+        Family::Compute,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_vm(record)?))
+}
+
+#[utoipa::path(post, path = "/vms/{id}/actions/{action}", tag = "compute",
+    params(("id" = String, Path), ("action" = String, Path, description = "start, stop (ACPI, then forced after a timeout), force-stop, reboot, force-reboot, pause, resume")),
+    responses(
+        (status = 202, description = "Queued; the task (Location) reports the outcome", body = Task),
+        (status = 404, description = "No such VM or action", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not allowed in the VM's current status (the message lists the allowed ones), or another task is still running on it", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn vm_action(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let Some((_, allowed)) = ACTIONS.iter().find(|(name, _)| *name == action) else {
+        return Err(ApiError::NotFound);
+    };
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this VM",
+            task.id, task.action, task.state
+        )));
+    }
+    if !allowed.contains(&record.meta.status.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "cannot {action} a VM that is {}; allowed when {}",
+            record.meta.status,
+            allowed.join(" or ")
+        )));
+    }
+    let task = tasks::enqueue(
+        &mut tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        &id,
+        &action,
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+#[utoipa::path(delete, path = "/vms/{id}", tag = "compute",
+    params(("id" = String, Path), DeleteQuery),
+    responses(
+        (status = 202, description = "DELETING; the task stops the VM and removes it (and its volumes if asked)", body = Task),
+        (status = 409, description = "Another task is still running on it", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_vm(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidQuery(query): ValidQuery<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Delete,
+        KIND,
+        &id,
+    )
+    .await?;
+    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this VM",
+            task.id, task.action, task.state
+        )));
+    }
+    records::observe(&mut tx, KIND, &id, DELETING, None).await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        &id,
+        "delete",
+        serde_json::json!({ "delete_volumes": query.delete_volumes.unwrap_or(false) }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}

@@ -1,0 +1,288 @@
+//! `/volumes`: VM disks. A volume is a raw file on the host (thin: sparse;
+//! thick: allocated up front), blank or a copy of an image; the host agent
+//! provisions it (a task, since copying an image takes time) and serves it
+//! to its VM through keel's vhost-user-blk backend. A volume belongs to at
+//! most one VM at a time.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::images::{self, ImageSpec};
+use super::listing::{ListQuery, Page};
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record};
+use super::respond::{check_revision, load, referenced_vdc, with_etag};
+use super::tasks::{self, Task};
+use super::AppState;
+
+pub const KIND: &str = "volume";
+pub const CREATING: &str = "CREATING";
+pub const AVAILABLE: &str = "AVAILABLE";
+pub const IN_USE: &str = "IN_USE";
+pub const ERROR: &str = "ERROR";
+const MAX_VOLUME_BYTES: u64 = 16 << 40;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VolumeSpec {
+    /// Virtual size; for a volume from an image, set by the agent to at
+    /// least the image's virtual size.
+    pub size_bytes: u64,
+    pub image_id: Option<String>,
+    /// `thin` (sparse file) or `thick` (allocated at creation).
+    pub provisioning: String,
+    /// The VM using it.
+    pub attached_to: Option<String>,
+    pub description: String,
+    /// Why the volume is in ERROR.
+    #[serde(default)]
+    pub status_reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Volume {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[serde(flatten)]
+    pub spec: VolumeSpec,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    pub name: String,
+    pub vdc_id: Option<String>,
+    /// Required for a blank volume; for one from an image, grows the copy.
+    pub size_gib: Option<u64>,
+    pub image_id: Option<String>,
+    #[serde(default = "default_provisioning")]
+    pub provisioning: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_provisioning() -> String {
+    "thin".into()
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VolumePage {
+    pub items: Vec<Volume>,
+    pub next_cursor: Option<String>,
+}
+
+fn to_volume(record: Record) -> Result<Volume, ApiError> {
+    Ok(Volume {
+        spec: record.spec()?,
+        meta: record.meta,
+    })
+}
+
+pub fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Where volume files live: `<state dir>/volumes/<id>.raw`.
+pub fn volume_path(state_dir: &FsPath, id: &str) -> PathBuf {
+    state_dir.join("volumes").join(format!("{id}.raw"))
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_volume, list_volumes))
+        .routes(routes!(get_volume, delete_volume))
+}
+
+#[utoipa::path(post, path = "/volumes", tag = "compute", request_body = VolumeCreate,
+    responses(
+        (status = 202, description = "CREATING; the task (Location) provisions the file", body = Task),
+        (status = 422, description = "Invalid field (unknown or not ACTIVE image, size)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<VolumeCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Compute, Action::Create)?;
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    if !matches!(body.provisioning.as_str(), "thin" | "thick") {
+        return Err(ApiError::invalid("provisioning", "must be thin or thick"));
+    }
+    let requested = match body.size_gib {
+        Some(0) => return Err(ApiError::invalid("size_gib", "must be at least 1")),
+        Some(g) => Some(
+            g.checked_mul(1 << 30)
+                .filter(|b| *b <= MAX_VOLUME_BYTES)
+                .ok_or_else(|| ApiError::invalid("size_gib", "at most 16384"))?,
+        ),
+        None => None,
+    };
+    let vdc_id = body
+        .vdc_id
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let mut tx = state.store.begin_write().await?;
+    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let size_bytes = match &body.image_id {
+        Some(image_id) => {
+            let image = images::visible_image(&mut tx, &principal, image_id)
+                .await
+                .map_err(|_| ApiError::invalid("image_id", format!("no image {image_id}")))?;
+            if image.meta.status != images::ACTIVE {
+                return Err(ApiError::invalid(
+                    "image_id",
+                    format!("image {image_id} is {}, not ACTIVE", image.meta.status),
+                ));
+            }
+            let spec: ImageSpec = image.spec()?;
+            requested.unwrap_or(0).max(spec.size_bytes)
+        }
+        None => {
+            requested.ok_or_else(|| ApiError::invalid("size_gib", "required for a blank volume"))?
+        }
+    };
+    let spec = VolumeSpec {
+        size_bytes,
+        image_id: body.image_id,
+        provisioning: body.provisioning,
+        attached_to: None,
+        description: body.description,
+        status_reason: String::new(),
+    };
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: None,
+            name: &body.name,
+            spec: to_json(&spec)?,
+            status: CREATING,
+        },
+    )
+    .await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        Some(&vdc_id),
+        KIND,
+        &record.meta.id,
+        "create",
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+#[utoipa::path(get, path = "/volumes", tag = "compute", params(ListQuery),
+    responses((status = 200, description = "One page", body = VolumePage)), security(("bearer" = [])))]
+async fn list_volumes(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<VolumePage>, ApiError> {
+    principal.require(Family::Compute, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } =
+        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
+    Ok(Json(VolumePage {
+        items: items.into_iter().map(to_volume).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/volumes/{id}", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The volume", body = Volume),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(
+        &mut conn,
+        &principal,
+        Family::Compute,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_volume(record)?))
+}
+
+#[utoipa::path(delete, path = "/volumes/{id}", tag = "compute",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 204, description = "Deleted with its file"),
+        (status = 409, description = "Attached to a VM or still being provisioned", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let expected = if_match(&headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Delete,
+        KIND,
+        &id,
+    )
+    .await?;
+    check_revision(&record, expected)?;
+    let spec: VolumeSpec = record.spec()?;
+    if let Some(vm) = spec.attached_to {
+        return Err(ApiError::Conflict(format!(
+            "the volume is attached to VM {vm}; detach or delete the VM first"
+        )));
+    }
+    if record.meta.status == CREATING {
+        return Err(ApiError::Conflict(
+            "the volume is still being provisioned".into(),
+        ));
+    }
+    records::delete(&mut tx, &record, KIND).await?;
+    tx.commit().await?;
+    let dir = state
+        .store
+        .path()
+        .parent()
+        .unwrap_or_else(|| FsPath::new("."));
+    remove_volume_files(dir, &id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a volume's file and its changed-block-tracking sidecar.
+pub fn remove_volume_files(state_dir: &FsPath, id: &str) {
+    let path = volume_path(state_dir, id);
+    let mut cbt = path.clone().into_os_string();
+    cbt.push(".cbt");
+    for p in [path, PathBuf::from(cbt)] {
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %p.display(), error = %e, "volume file not removed");
+            }
+        }
+    }
+}
