@@ -317,6 +317,10 @@ mod tests {
         assert_eq!(store.schema_version().await.unwrap(), latest);
     }
 
+    fn latest() -> i64 {
+        MIGRATOR.migrations.last().unwrap().version
+    }
+
     #[tokio::test]
     async fn older_schema_is_migrated_forward_and_keeps_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -331,7 +335,7 @@ mod tests {
         old.close().await.unwrap();
 
         let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 3);
+        assert_eq!(store.schema_version().await.unwrap(), latest());
         assert_eq!(
             store.instance_id().await.unwrap(),
             id,
@@ -359,7 +363,7 @@ mod tests {
         match err {
             StoreError::SchemaTooNew { found, known, .. } => {
                 assert_eq!(found, 9999);
-                assert_eq!(known, 3);
+                assert_eq!(known, latest());
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
