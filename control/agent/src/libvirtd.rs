@@ -25,8 +25,33 @@ pub enum LibvirtError {
 
 const START_WAIT: Duration = Duration::from_secs(20);
 
-/// Connects to `uri`, starting the daemons first if nothing answers.
-pub fn connect(uri: &str) -> Result<Connect, LibvirtError> {
+/// Daemons this process started, so it can stop them again.
+#[derive(Debug, Default)]
+pub struct Started(Vec<&'static str>);
+
+impl Started {
+    /// SIGTERMs the daemons we started (running VMs are QEMU processes of
+    /// their own and keep running; a later libvirtd re-attaches to them).
+    pub fn stop(&mut self) {
+        for daemon in self.0.drain(..).rev() {
+            let pid_file = format!("/var/run/{daemon}.pid");
+            let pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<libc::pid_t>().ok());
+            if let Some(pid) = pid.filter(|p| *p > 1) {
+                tracing::info!(daemon, pid, "stopping");
+                // SAFETY: kill(2) with a pid from the daemon's own pid file.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+        }
+    }
+}
+
+/// Connects to `uri`, starting the daemons first if nothing answers
+/// (recorded in `started`).
+pub fn connect(uri: &str, started: &mut Started) -> Result<Connect, LibvirtError> {
     if let Ok(conn) = Connect::open(Some(uri)) {
         return Ok(conn);
     }
@@ -51,6 +76,7 @@ pub fn connect(uri: &str) -> Result<Connect, LibvirtError> {
                     source: std::io::Error::other(format!("exited with {status}")),
                 });
             }
+            started.0.push(daemon);
         }
     }
     let start = Instant::now();

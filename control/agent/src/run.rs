@@ -91,6 +91,7 @@ pub fn spawn(
                 rt,
                 config,
                 conn: None,
+                started: crate::libvirtd::Started::default(),
                 files: FirmwareFiles::default(),
             };
             agent.run(&stop);
@@ -102,6 +103,7 @@ struct Agent {
     rt: tokio::runtime::Handle,
     config: AgentConfig,
     conn: Option<Connect>,
+    started: crate::libvirtd::Started,
     disks: DiskServers,
     files: FirmwareFiles,
 }
@@ -140,12 +142,19 @@ impl Agent {
             }
         }
         self.disks.stop_all();
+        if let Some(mut conn) = self.conn.take() {
+            let _ = conn.close();
+        }
+        self.started.stop();
         tracing::info!("host agent stopped");
     }
 
     fn conn(&mut self) -> Result<&Connect, StepError> {
         if self.conn.is_none() {
-            self.conn = Some(crate::libvirtd::connect(&self.config.libvirt_uri)?);
+            self.conn = Some(crate::libvirtd::connect(
+                &self.config.libvirt_uri,
+                &mut self.started,
+            )?);
         }
         self.conn
             .as_ref()

@@ -197,7 +197,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
     };
-    let keel =
+    let mut keel =
         KeelProcess::up_with(&state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
     let password = std::fs::read_to_string(state.join("admin-password")).unwrap();
     let (status, login) = {
@@ -339,4 +339,8 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         .output()
         .unwrap();
     assert!(backends.stdout.is_empty(), "disk backend still running");
+
+    // A clean stop of keel also stops the libvirt daemons it started.
+    keel.signal(libc::SIGTERM).unwrap();
+    assert!(keel.wait(Duration::from_secs(60)).unwrap().success());
 }
