@@ -29,6 +29,7 @@
 pub mod accel;
 pub mod disk_servers;
 pub mod domain_xml;
+pub mod inventory;
 pub mod libvirtd;
 pub mod provision;
 mod run;

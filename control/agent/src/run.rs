@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use keel_control::api::hosts;
 use keel_control::api::images::{self, ImageSpec};
 use keel_control::api::problem::ApiError;
 use keel_control::api::records::{self, Record};
@@ -121,6 +122,12 @@ fn status_of(state: u32) -> &'static str {
 
 impl Agent {
     fn run(&mut self, stop: &AtomicBool) {
+        match self.register() {
+            Ok(id) => tracing::info!(host = %id, "host registered"),
+            Err(e) => {
+                tracing::error!(error = %e, "host registration failed; VMs cannot be placed here")
+            }
+        }
         tracing::info!(uri = %self.config.libvirt_uri, accel = ?self.config.accel, "host agent running");
         let mut last_observe = Instant::now() - OBSERVE_EVERY;
         while !stop.load(Ordering::Relaxed) {
@@ -147,6 +154,35 @@ impl Agent {
         }
         self.started.stop();
         tracing::info!("host agent stopped");
+    }
+
+    /// Reports this host and its inventory; its id is the machine id (or
+    /// one kept in the state dir where the machine has none).
+    fn register(&self) -> Result<String, StepError> {
+        let id = match crate::inventory::machine_id() {
+            Some(id) => id,
+            None => {
+                let path = self.config.state_dir.join("host-id");
+                match std::fs::read_to_string(&path) {
+                    Ok(id) => id.trim().to_owned(),
+                    Err(_) => {
+                        let id = uuid::Uuid::new_v4().to_string();
+                        std::fs::write(&path, &id).map_err(|e| {
+                            StepError::Invalid(format!("write {}: {e}", path.display()))
+                        })?;
+                        id
+                    }
+                }
+            }
+        };
+        let inventory = crate::inventory::collect();
+        self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            hosts::register(&mut tx, &id, inventory).await?;
+            tx.commit().await?;
+            Ok::<_, StepError>(())
+        })?;
+        Ok(id)
     }
 
     fn conn(&mut self) -> Result<&Connect, StepError> {

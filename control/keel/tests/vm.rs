@@ -213,6 +213,14 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         base: keel.url(""),
         token: login["access_token"].as_str().unwrap().to_owned(),
     };
+    // The agent registered this host with its inventory.
+    let hosts = api.ok("GET", "/api/v1/hosts", None);
+    let host = &hosts["items"][0];
+    assert_eq!(host["status"], "ENABLED", "{hosts}");
+    assert_eq!(host["cpu_arch"], std::env::consts::ARCH);
+    assert!(host["cores"].as_u64().unwrap() >= 1, "{host}");
+    assert!(host["memory_bytes"].as_u64().unwrap() > 0, "{host}");
+    let host_id = host["id"].as_str().unwrap().to_owned();
     let vdc = api.ok("POST", "/api/v1/vdcs", Some(json!({"name": "tenant-a"})));
     let vdc_id = vdc["id"].as_str().unwrap();
 
@@ -248,6 +256,38 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let volume = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
     assert_eq!(volume["status"], "AVAILABLE", "{volume}");
 
+    // A VM bigger than the host, or on a host in maintenance, is refused.
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "huge", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 1_048_576, "volume_ids": [volume_id]})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("memory"),
+        "{body}"
+    );
+    api.ok(
+        "POST",
+        &format!("/api/v1/hosts/{host_id}/actions/maintenance"),
+        None,
+    );
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "vm1", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256, "volume_ids": [volume_id]})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("MAINTENANCE"),
+        "{body}"
+    );
+    api.ok(
+        "POST",
+        &format!("/api/v1/hosts/{host_id}/actions/enable"),
+        None,
+    );
+
     // The VM.
     let (status, task) = api.call(
         "POST",
@@ -261,6 +301,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.wait_status(&vm, "RUNNING");
     let v = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
     assert_eq!(v["firmware"], "uefi", "firmware comes from the image: {v}");
+    assert_eq!(v["host_id"], host_id.as_str());
     let volume = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
     assert_eq!(volume["status"], "IN_USE");
     assert_eq!(volume["attached_to"], vm.as_str());

@@ -66,6 +66,8 @@ pub enum Family {
     Network,
     /// VMs, volumes, images and their tasks.
     Compute,
+    /// Compute hosts (infrastructure: system admins only).
+    Host,
     Event,
     Audit,
 }
@@ -90,6 +92,7 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::Token, ALL),
     (Role::SystemAdmin, Family::Network, ALL),
     (Role::SystemAdmin, Family::Compute, ALL),
+    (Role::SystemAdmin, Family::Host, &[Read, Update]),
     (Role::SystemAdmin, Family::Event, &[Read]),
     (Role::SystemAdmin, Family::Audit, &[Read]),
     (Role::VdcAdmin, Family::Vdc, &[Read]),

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod events;
 pub mod extract;
 pub mod health;
+pub mod hosts;
 pub mod idempotency;
 pub mod images;
 pub mod listing;
@@ -64,7 +65,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
         (name = "auth", description = "Login, refresh and API tokens"),
         (name = "tenancy", description = "VDCs (with quotas) and users"),
         (name = "networks", description = "VPCs, subnets, routers, security groups and ports; PENDING until a data plane realizes them"),
-        (name = "compute", description = "Images (chunked upload), volumes, VMs and their asynchronous tasks"),
+        (name = "compute", description = "Hosts, images (chunked upload), volumes, VMs and their asynchronous tasks"),
         (name = "events", description = "Change feed (also as Server-Sent Events) and audit log"),
     )
 )]
@@ -117,6 +118,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(security_groups::router())
                 .merge(ports::router())
                 .merge(routers::router())
+                .merge(hosts::router())
                 .merge(images::router())
                 .merge(volumes::router())
                 .merge(vms::router())

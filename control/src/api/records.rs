@@ -111,6 +111,16 @@ pub struct NewRecord<'a> {
 
 pub async fn insert(conn: &mut SqliteConnection, new: NewRecord<'_>) -> Result<Record, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
+    insert_with_id(conn, &id, new).await
+}
+
+/// As [`insert`], with an id the caller chose (a host's machine id).
+pub async fn insert_with_id(
+    conn: &mut SqliteConnection,
+    id: &str,
+    new: NewRecord<'_>,
+) -> Result<Record, ApiError> {
+    let id = id.to_owned();
     // A VDC owns itself, so tenant visibility is one column compare.
     let vdc_id = if new.kind == "vdc" {
         Some(id.as_str())

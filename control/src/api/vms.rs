@@ -15,6 +15,7 @@ use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
+use super::hosts;
 use super::images::{Firmware, ImageSpec};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
@@ -57,6 +58,9 @@ pub struct VmSpec {
     pub cpu_arch: String,
     /// Disks in boot order; the first is the boot disk.
     pub volume_ids: Vec<String>,
+    /// The host the VM was placed on.
+    #[serde(default)]
+    pub host_id: String,
     pub description: String,
     /// What the agent last saw go wrong (hypervisor message), or why the
     /// VM stopped when keel did not stop it.
@@ -125,7 +129,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/vms", tag = "compute", request_body = VmCreate,
     responses(
         (status = 202, description = "CREATING; the task (Location) defines and starts it", body = Task),
-        (status = 409, description = "A volume is attached to another VM", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A volume is attached to another VM, or no enabled host fits (architecture, memory)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field (sizes, unknown volume, architecture)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_vm(
@@ -201,19 +205,14 @@ async fn create_vm(
             cpu_arch = spec.cpu_arch;
         }
     }
-    let host_arch = std::env::consts::ARCH;
-    if cpu_arch != host_arch {
-        return Err(ApiError::invalid(
-            "volume_ids[0]",
-            format!("the boot image is for {cpu_arch}; this host is {host_arch}"),
-        ));
-    }
+    let host = hosts::place(&mut tx, &cpu_arch, body.memory_mib).await?;
     let spec = VmSpec {
         vcpus: body.vcpus,
         memory_mib: body.memory_mib,
         firmware: body.firmware.unwrap_or(firmware),
         cpu_arch,
         volume_ids: body.volume_ids.clone(),
+        host_id: host.meta.id.clone(),
         description: body.description,
         status_reason: String::new(),
     };

@@ -1,0 +1,260 @@
+//! `/hosts`: compute hosts. A host agent registers its host (inventory
+//! from sysfs) when it starts; operators enable, disable or put a host in
+//! maintenance, and only `ENABLED` hosts of the right CPU architecture with
+//! room for the VM's memory take new VMs. System admins only.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::ValidQuery;
+use super::listing::{ListQuery, Page};
+use super::problem::{ApiError, Problem};
+use super::records::{self, Meta, NewRecord, Record};
+use super::respond::{load, with_etag};
+use super::AppState;
+
+pub const KIND: &str = "host";
+pub const ENABLED: &str = "ENABLED";
+pub const DISABLED: &str = "DISABLED";
+pub const MAINTENANCE: &str = "MAINTENANCE";
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NumaNode {
+    pub id: u32,
+    pub memory_bytes: u64,
+    pub cpus: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Nic {
+    pub name: String,
+    pub mac: String,
+    pub driver: String,
+    /// Absent when the link is down or the driver does not say.
+    pub speed_mbps: Option<i64>,
+    pub pci: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Disk {
+    pub name: String,
+    pub size_bytes: u64,
+    pub rotational: bool,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Gpu {
+    pub pci: String,
+    pub vendor_id: String,
+    pub device_id: String,
+    pub driver: String,
+    /// Present when the IOMMU isolates it: a VFIO passthrough candidate.
+    pub iommu_group: Option<String>,
+}
+
+/// What an agent reports about its host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostInventory {
+    pub hostname: String,
+    pub cpu_arch: String,
+    pub cpu_vendor: String,
+    pub cpu_model: String,
+    pub cores: u32,
+    pub sockets: u32,
+    pub memory_bytes: u64,
+    pub numa_nodes: Vec<NumaNode>,
+    pub nics: Vec<Nic>,
+    pub disks: Vec<Disk>,
+    pub gpus: Vec<Gpu>,
+    pub kvm: bool,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostSpec {
+    #[serde(flatten)]
+    pub inventory: HostInventory,
+    /// Unix ms of the agent's last registration.
+    pub registered_at: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Host {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[serde(flatten)]
+    pub spec: HostSpec,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostPage {
+    pub items: Vec<Host>,
+    pub next_cursor: Option<String>,
+}
+
+fn to_host(record: Record) -> Result<Host, ApiError> {
+    Ok(Host {
+        spec: record.spec()?,
+        meta: record.meta,
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Inserts or refreshes the host `id` (the agent's machine id). A new host
+/// starts `ENABLED`; a known one keeps the state an operator gave it.
+pub async fn register(
+    conn: &mut SqliteConnection,
+    id: &str,
+    inventory: HostInventory,
+) -> Result<Record, ApiError> {
+    let spec = HostSpec {
+        registered_at: records::now_ms(),
+        inventory,
+    };
+    match records::get(conn, KIND, id).await? {
+        Some(existing) => {
+            let status = existing.meta.status.clone();
+            records::observe(conn, KIND, id, &status, Some(to_json(&spec)?))
+                .await?
+                .ok_or(ApiError::NotFound)
+        }
+        None => {
+            let name = spec.inventory.hostname.clone();
+            records::insert_with_id(
+                conn,
+                id,
+                NewRecord {
+                    kind: KIND,
+                    vdc_id: None,
+                    parent_id: None,
+                    name: if name.is_empty() { id } else { &name },
+                    spec: to_json(&spec)?,
+                    status: ENABLED,
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// The first `ENABLED` host that fits a VM, or why none does.
+pub async fn place(
+    conn: &mut SqliteConnection,
+    cpu_arch: &str,
+    memory_mib: u32,
+) -> Result<Record, ApiError> {
+    let hosts = records::all(conn, KIND).await?;
+    if hosts.is_empty() {
+        return Err(ApiError::Conflict(
+            "no host is registered yet (is the host agent running?)".into(),
+        ));
+    }
+    let need = u64::from(memory_mib) << 20;
+    let mut why = Vec::new();
+    for host in hosts {
+        let spec: HostSpec = host.spec()?;
+        if host.meta.status != ENABLED {
+            why.push(format!("{} is {}", host.meta.name, host.meta.status));
+        } else if spec.inventory.cpu_arch != cpu_arch {
+            why.push(format!(
+                "{} is {}, the image needs {cpu_arch}",
+                host.meta.name, spec.inventory.cpu_arch
+            ));
+        } else if spec.inventory.memory_bytes < need {
+            why.push(format!(
+                "{} has {} MiB of memory, the VM needs {memory_mib} MiB",
+                host.meta.name,
+                spec.inventory.memory_bytes >> 20
+            ));
+        } else {
+            return Ok(host);
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "no host fits the VM: {}",
+        why.join("; ")
+    )))
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_hosts))
+        .routes(routes!(get_host))
+        .routes(routes!(host_action))
+}
+
+#[utoipa::path(get, path = "/hosts", tag = "compute", params(ListQuery),
+    responses(
+        (status = 200, description = "One page", body = HostPage),
+        (status = 403, description = "System admins only", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn list_hosts(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<HostPage>, ApiError> {
+    principal.require(Family::Host, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } = records::list(&mut conn, KIND, None, &query).await?;
+    Ok(Json(HostPage {
+        items: items.into_iter().map(to_host).collect::<Result<_, _>>()?,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/hosts/{id}", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The host with its inventory", body = Host),
+        (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_host(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Host, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(&mut conn, &principal, Family::Host, Action::Read, KIND, &id).await?;
+    let revision = record.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_host(record)?))
+}
+
+#[utoipa::path(post, path = "/hosts/{id}/actions/{action}", tag = "compute",
+    params(("id" = String, Path), ("action" = String, Path, description = "enable, disable or maintenance")),
+    responses(
+        (status = 200, description = "The host in its new state; VMs already on it keep running", body = Host),
+        (status = 404, description = "No such host or action", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn host_action(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let status = match action.as_str() {
+        "enable" => ENABLED,
+        "disable" => DISABLED,
+        "maintenance" => MAINTENANCE,
+        _ => return Err(ApiError::NotFound),
+    };
+    principal.require(Family::Host, Action::Update)?;
+    let mut tx = state.store.begin_write().await?;
+    load(&mut tx, &principal, Family::Host, Action::Update, KIND, &id).await?;
+    let updated = records::observe(&mut tx, KIND, &id, status, None)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    tx.commit().await?;
+    let revision = updated.meta.revision;
+    Ok(with_etag(StatusCode::OK, revision, &to_host(updated)?))
+}
