@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 pub enum ProvisionError {
     #[error("Cannot run qemu-img (install qemu-utils)")]
     Spawn(#[source] std::io::Error),
-    #[error("qemu-img {step} failed: {stderr}")]
+    #[error("{step} failed: {stderr}")]
     Failed { step: &'static str, stderr: String },
     #[error("Cannot prepare {path}")]
     Io {
@@ -197,4 +197,25 @@ mod tests {
         assert_eq!(parse_progress(b"    (100.00/100%)"), Some(100));
         assert_eq!(parse_progress(b"garbage"), None);
     }
+}
+
+/// Copies a volume file keeping its holes (and sharing extents where the
+/// file system can), published atomically under `dest`.
+pub fn copy_file(src: &Path, dest: &Path) -> Result<(), ProvisionError> {
+    prepare(dest)?;
+    let partial = dest.with_extension("partial");
+    run(
+        "copy",
+        Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(src)
+            .arg(&partial),
+    )?;
+    std::fs::File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| std::fs::rename(&partial, dest))
+        .map_err(|source| ProvisionError::Io {
+            path: dest.display().to_string(),
+            source,
+        })
 }

@@ -11,6 +11,7 @@ use keel_control::api::images::{self, ImageSpec};
 use keel_control::api::problem::ApiError;
 use keel_control::api::records::{self, Record};
 use keel_control::api::tasks::{self, Task, FAILED, SUCCEEDED};
+use keel_control::api::vm_snapshots;
 use keel_control::api::vms::{self, VmSpec};
 use keel_control::api::volumes::{self, VolumeSpec};
 use keel_control::store::Store;
@@ -359,6 +360,11 @@ impl Agent {
             "resume" => self
                 .domain(&id)
                 .and_then(|d| d.resume().map(drop).map_err(StepError::from)),
+            "snapshot" => {
+                self.vm_snapshot(&record, task.params["snapshot_id"].as_str().unwrap_or(""))
+            }
+            "revert" => self.vm_revert(&record, task.params["snapshot_id"].as_str().unwrap_or("")),
+            "clone" => self.vm_clone(&record, &task.params),
             "delete" => {
                 return self.vm_delete(
                     &record,
@@ -485,9 +491,135 @@ impl Agent {
         Ok(())
     }
 
+    /// Runs `copy` with the VM paused if it is running, so all its disks
+    /// are cut at one instant; the VM resumes whatever `copy` returns.
+    fn with_vm_paused<T>(
+        &mut self,
+        id: &str,
+        copy: impl FnOnce(&mut Self) -> Result<T, StepError>,
+    ) -> Result<T, StepError> {
+        let paused = match self.lookup(id)? {
+            Some(d) if d.get_state()?.0 == virt::sys::VIR_DOMAIN_RUNNING => {
+                d.suspend()?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let result = copy(self);
+        if let Some(d) = paused {
+            d.resume()?;
+        }
+        result
+    }
+
+    fn vm_snapshot(&mut self, record: &Record, snapshot_id: &str) -> Result<(), StepError> {
+        let snap = self
+            .get(vm_snapshots::KIND, snapshot_id)?
+            .ok_or_else(|| StepError::Invalid(format!("snapshot {snapshot_id} is gone")))?;
+        let sspec: vm_snapshots::SnapshotSpec = snap.spec()?;
+        let dir = self.config.state_dir.clone();
+        let copied = self.with_vm_paused(&record.meta.id, |_| {
+            for vol in &sspec.volume_ids {
+                provision::copy_file(
+                    &volumes::volume_path(&dir, vol),
+                    &vm_snapshots::snapshot_file(&dir, snapshot_id, vol),
+                )?;
+            }
+            Ok(())
+        });
+        let status = if copied.is_ok() {
+            vm_snapshots::AVAILABLE
+        } else {
+            vms::ERROR
+        };
+        self.observe(vm_snapshots::KIND, snapshot_id, status, None)?;
+        copied
+    }
+
+    fn vm_revert(&mut self, record: &Record, snapshot_id: &str) -> Result<(), StepError> {
+        let snap = self
+            .get(vm_snapshots::KIND, snapshot_id)?
+            .ok_or_else(|| StepError::Invalid(format!("snapshot {snapshot_id} is gone")))?;
+        let sspec: vm_snapshots::SnapshotSpec = snap.spec()?;
+        if let Some(d) = self.lookup(&record.meta.id)? {
+            if d.is_active()? {
+                return Err(StepError::Invalid(
+                    "the VM is running; stop it first".into(),
+                ));
+            }
+        }
+        let dir = self.config.state_dir.clone();
+        for vol in &sspec.volume_ids {
+            // The backend is idle while the VM is off; restart it on the new file.
+            self.disks.stop(vol);
+            provision::copy_file(
+                &vm_snapshots::snapshot_file(&dir, snapshot_id, vol),
+                &volumes::volume_path(&dir, vol),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn vm_clone(&mut self, record: &Record, params: &serde_json::Value) -> Result<(), StepError> {
+        let dir = self.config.state_dir.clone();
+        let copies: Vec<(String, String)> = params["copies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| {
+                        Some((c["from"].as_str()?.to_owned(), c["to"].as_str()?.to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let copied = self.with_vm_paused(&record.meta.id, |_| {
+            for (from, to) in &copies {
+                provision::copy_file(
+                    &volumes::volume_path(&dir, from),
+                    &volumes::volume_path(&dir, to),
+                )?;
+            }
+            Ok(())
+        });
+        for (_, to) in &copies {
+            let status = if copied.is_ok() {
+                volumes::IN_USE
+            } else {
+                volumes::ERROR
+            };
+            self.observe(volumes::KIND, to, status, None)?;
+        }
+        copied?;
+        let start = params["start"].as_bool().unwrap_or(true);
+        for vm in params["vm_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+        {
+            let Some(clone) = self.get(vms::KIND, vm)? else {
+                continue;
+            };
+            match self.vm_create(&clone, start) {
+                Ok(()) => self.observe_vm(&clone, true)?,
+                Err(e) => {
+                    let mut spec: VmSpec = clone.spec()?;
+                    spec.status_reason = e.to_string();
+                    self.observe(vms::KIND, vm, vms::ERROR, Some(volumes::to_json(&spec)?))?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn vm_delete(&mut self, record: &Record, delete_volumes: bool) -> Result<(), StepError> {
         let id = record.meta.id.clone();
         let spec: VmSpec = record.spec()?;
+        let snapshots = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            Ok::<_, StepError>(records::children(&mut conn, vm_snapshots::KIND, &id).await?)
+        })?;
         if let Some(domain) = self.lookup(&id)? {
             if domain.is_active()? {
                 domain.destroy()?;
@@ -524,6 +656,9 @@ impl Agent {
                     .await?;
                 }
             }
+            for snap in &snapshots {
+                records::delete(&mut tx, snap, vm_snapshots::KIND).await?;
+            }
             if let Some(current) = records::get(&mut tx, vms::KIND, &id).await? {
                 records::delete(&mut tx, &current, vms::KIND).await?;
             }
@@ -534,6 +669,9 @@ impl Agent {
             for vol in &spec.volume_ids {
                 volumes::remove_volume_files(&state_dir, vol);
             }
+        }
+        for snap in &snapshots {
+            remove_dir(&state_dir.join("snapshots").join(&snap.meta.id));
         }
         remove_dir(&self.vm_dir(&id));
         Ok(())

@@ -288,23 +288,39 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         None,
     );
 
-    // The VM.
+    // The VM, created stopped so its pristine disk can be snapshotted.
     let (status, task) = api.call(
         "POST",
         "/api/v1/vms",
-        Some(json!({"name": "vm1", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256, "volume_ids": [volume_id]})),
+        Some(
+            json!({"name": "vm1", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+                    "volume_ids": [volume_id], "start": false}),
+        ),
     );
     assert_eq!(status, 202, "{task}");
     let vm = task["resource_id"].as_str().unwrap().to_owned();
     let _guard = DomainGuard(vm.clone());
     api.wait_task(&task);
-    api.wait_status(&vm, "RUNNING");
+    assert_eq!(api.vm_status(&vm).0, "STOPPED");
     let v = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
     assert_eq!(v["firmware"], "uefi", "firmware comes from the image: {v}");
     assert_eq!(v["host_id"], host_id.as_str());
     let volume = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
     assert_eq!(volume["status"], "IN_USE");
     assert_eq!(volume["attached_to"], vm.as_str());
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{vm}/snapshots"),
+        Some(json!({"name": "pristine"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let snaps = api.ok("GET", &format!("/api/v1/vms/{vm}/snapshots"), None);
+    let snap = snaps["items"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(snaps["items"][0]["status"], "AVAILABLE", "{snaps}");
+
+    api.action(&vm, "start");
+    assert_eq!(api.vm_status(&vm).0, "RUNNING");
     wait_console(&state, &vm, "KEEL-WROTE", 1);
 
     // A second VM cannot take the same disk.
@@ -346,10 +362,53 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.action(&vm, "start");
     assert_eq!(api.vm_status(&vm).0, "RUNNING");
     wait_console(&state, &vm, "KEEL-BOOTED", boots + 1);
+
+    // A clone of the running VM boots from copies of its disks: it finds
+    // the data the source wrote, on its own disk.
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{vm}/clone"),
+        Some(json!({"name": "vm1-clone"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let task = api.wait_task(&task);
+    let clone = task["params"]["vm_ids"][0].as_str().unwrap().to_owned();
+    let _clone_guard = DomainGuard(clone.clone());
+    assert_eq!(
+        api.vm_status(&vm).0,
+        "RUNNING",
+        "the source resumes after the cut"
+    );
+    assert_eq!(api.vm_status(&clone).0, "RUNNING");
+    wait_console(&state, &clone, "KEEL-FOUND KEEL-DATA-7", 1);
+    let c = api.ok("GET", &format!("/api/v1/vms/{clone}"), None);
+    assert_ne!(c["volume_ids"][0], volume_id.as_str(), "{c}");
+    let (status, task) = api.call(
+        "DELETE",
+        &format!("/api/v1/vms/{clone}?delete_volumes=true"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+
     api.action(&vm, "stop");
     assert_eq!(api.vm_status(&vm).0, "STOPPED");
     let (status, body) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/resume"), None);
     assert_eq!(status, 409, "{body}");
+
+    // Revert to the pristine snapshot: the marker is gone, so the next
+    // boot writes it again.
+    let (status, body) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{vm}/snapshots/{snap}/revert"),
+        None,
+    );
+    assert_eq!(status, 202, "{body}");
+    api.wait_task(&body);
+    api.action(&vm, "start");
+    wait_console(&state, &vm, "KEEL-WROTE", 2);
+    api.action(&vm, "force-stop");
+    assert_eq!(api.vm_status(&vm).0, "STOPPED");
 
     // Delete with its volumes: nothing of it is left.
     let (status, task) = api.call(
@@ -368,6 +427,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert!(!virsh_has_domain(&vm), "domain still defined");
     assert!(qemu_pid(&vm).is_none(), "QEMU still running");
     assert!(!state.join("vms").join(&vm).exists(), "VM directory left");
+    assert!(
+        !state.join("snapshots").join(&snap).exists(),
+        "snapshot left"
+    );
     assert!(
         !state
             .join("volumes")

@@ -27,6 +27,7 @@ pub mod tokens;
 pub mod users;
 pub mod vdcs;
 pub mod version;
+pub mod vm_snapshots;
 pub mod vms;
 pub mod volumes;
 
@@ -122,6 +123,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(images::router())
                 .merge(volumes::router())
                 .merge(vms::router())
+                .merge(vm_snapshots::router())
                 .merge(tasks::router())
                 .merge(events::router())
                 .merge(audit::router()),
