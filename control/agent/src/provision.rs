@@ -187,18 +187,6 @@ fn parse_progress(line: &[u8]) -> Option<u8> {
     Some(pct.clamp(0.0, 100.0) as u8)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_lines_parse() {
-        assert_eq!(parse_progress(b"    (12.34/100%)"), Some(12));
-        assert_eq!(parse_progress(b"    (100.00/100%)"), Some(100));
-        assert_eq!(parse_progress(b"garbage"), None);
-    }
-}
-
 /// Copies a volume file keeping its holes (and sharing extents where the
 /// file system can), published atomically under `dest`.
 pub fn copy_file(src: &Path, dest: &Path) -> Result<(), ProvisionError> {
@@ -218,4 +206,16 @@ pub fn copy_file(src: &Path, dest: &Path) -> Result<(), ProvisionError> {
             path: dest.display().to_string(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_parse() {
+        assert_eq!(parse_progress(b"    (12.34/100%)"), Some(12));
+        assert_eq!(parse_progress(b"    (100.00/100%)"), Some(100));
+        assert_eq!(parse_progress(b"garbage"), None);
+    }
 }
