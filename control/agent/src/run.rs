@@ -709,7 +709,16 @@ impl Agent {
                 }
             }
         }
-        if status != record.meta.status || reason != spec.status_reason {
+        let vnc_port = if status == vms::RUNNING || status == vms::PAUSED {
+            self.lookup(&id)?
+                .and_then(|d| d.get_xml_desc(0).ok())
+                .and_then(|xml| vnc_port(&xml))
+        } else {
+            None
+        };
+        if status != record.meta.status || reason != spec.status_reason || vnc_port != spec.vnc_port
+        {
+            spec.vnc_port = vnc_port;
             if status != record.meta.status {
                 tracing::info!(vm = %id, from = %record.meta.status, to = status, reason = %reason, "VM state changed");
             }
@@ -734,10 +743,34 @@ impl Agent {
     }
 }
 
+/// The port libvirt gave the VNC server (`autoport`), from the live XML.
+fn vnc_port(xml: &str) -> Option<u16> {
+    let graphics = &xml[xml.find("<graphics type='vnc'")?..];
+    let rest = &graphics[graphics.find("port='")? + 6..];
+    let port: i32 = rest[..rest.find('\'')?].parse().ok()?;
+    u16::try_from(port).ok().filter(|p| *p > 0)
+}
+
 fn remove_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vnc_port_from_live_xml() {
+        let xml = "<domain><devices><graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'/></devices></domain>";
+        assert_eq!(vnc_port(xml), Some(5901));
+        assert_eq!(
+            vnc_port("<graphics type='vnc' port='-1' autoport='yes'/>"),
+            None
+        );
+        assert_eq!(vnc_port("<domain/>"), None);
     }
 }

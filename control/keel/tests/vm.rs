@@ -166,6 +166,41 @@ fn virsh_has_domain(vm: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Opens the console WebSocket, sends `input`, and reads binary frames
+/// until `want` has arrived; returns everything read.
+fn console_read_until(url: &str, input: Option<&[u8]>, want: &[u8]) -> Vec<u8> {
+    let (mut ws, _) = tungstenite::connect(url).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    if let Some(bytes) = input {
+        ws.send(tungstenite::Message::binary(bytes.to_vec()))
+            .unwrap();
+    }
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    while !seen.windows(want.len()).any(|w| w == want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "never got {:?}; got {:?}",
+            String::from_utf8_lossy(want),
+            String::from_utf8_lossy(&seen)
+        );
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => seen.extend_from_slice(&b),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("console closed: {e}"),
+        }
+    }
+    let _ = ws.close(None);
+    seen
+}
+
 /// Destroys and undefines the domain if a failed test left it.
 struct DomainGuard(String);
 
@@ -322,6 +357,49 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.action(&vm, "start");
     assert_eq!(api.vm_status(&vm).0, "RUNNING");
     wait_console(&state, &vm, "KEEL-WROTE", 1);
+
+    // Consoles over WebSocket with one-time tickets: VNC speaks RFB, the
+    // serial console runs a command in the guest.
+    let start = Instant::now();
+    while api.ok("GET", &format!("/api/v1/vms/{vm}"), None)["vnc_port"].is_null() {
+        assert!(start.elapsed() < TASK_TIMEOUT, "VNC port never observed");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let ticket = api.ok(
+        "POST",
+        &format!("/api/v1/vms/{vm}/console"),
+        Some(json!({"kind": "vnc"})),
+    );
+    let ws_url = format!(
+        "{}{}",
+        keel.url("").replace("http://", "ws://"),
+        ticket["url"].as_str().unwrap()
+    );
+    let first = console_read_until(&ws_url, None, b"RFB ");
+    assert!(
+        first.starts_with(b"RFB 003."),
+        "{:?}",
+        String::from_utf8_lossy(&first)
+    );
+    let reused = tungstenite::connect(ws_url.as_str());
+    assert!(reused.is_err(), "a ticket works once");
+    let ticket = api.ok(
+        "POST",
+        &format!("/api/v1/vms/{vm}/console"),
+        Some(json!({"kind": "serial"})),
+    );
+    let ws_url = format!(
+        "{}{}",
+        keel.url("").replace("http://", "ws://"),
+        ticket["url"].as_str().unwrap()
+    );
+    // The guest's command loop: "<tag> <lines>", then base64 of the script.
+    let out = console_read_until(
+        &ws_url,
+        Some(b"T1 1\nZWNobyBLRUVMLVNFUklBTC1PSwo=\n"),
+        b"KEEL-SERIAL-OK",
+    );
+    assert!(out.windows(14).any(|w| w == b"KEEL-SERIAL-OK"));
 
     // A second VM cannot take the same disk.
     let (status, body) = api.call(

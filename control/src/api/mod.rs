@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod console;
 pub mod events;
 pub mod extract;
 pub mod health;
@@ -92,6 +93,8 @@ pub struct AppState {
     pub version: Arc<version::Version>,
     /// Woken after every mutating call, so event streams look for news.
     pub changes: Arc<tokio::sync::Notify>,
+    /// One-time console tickets (in memory: they live for seconds).
+    pub consoles: console::Tickets,
 }
 
 impl AppState {
@@ -100,6 +103,7 @@ impl AppState {
             store,
             version: Arc::new(version),
             changes: Arc::new(tokio::sync::Notify::new()),
+            consoles: console::Tickets::default(),
         }
     }
 }
@@ -124,6 +128,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(volumes::router())
                 .merge(vms::router())
                 .merge(vm_snapshots::router())
+                .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())
                 .merge(audit::router()),

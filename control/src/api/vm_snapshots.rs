@@ -380,6 +380,7 @@ async fn clone_vm(
                 spec: to_json(&VmSpec {
                     volume_ids: volume_ids.clone(),
                     host_id: host.meta.id.clone(),
+                    vnc_port: None,
                     status_reason: String::new(),
                     description: format!("clone of {}", vm.meta.name),
                     ..spec.clone()

@@ -61,6 +61,9 @@ pub struct VmSpec {
     /// The host the VM was placed on.
     #[serde(default)]
     pub host_id: String,
+    /// Loopback VNC port of the running VM, as the host agent observed it.
+    #[serde(default)]
+    pub vnc_port: Option<u16>,
     pub description: String,
     /// What the agent last saw go wrong (hypervisor message), or why the
     /// VM stopped when keel did not stop it.
@@ -213,6 +216,7 @@ async fn create_vm(
         cpu_arch,
         volume_ids: body.volume_ids.clone(),
         host_id: host.meta.id.clone(),
+        vnc_port: None,
         description: body.description,
         status_reason: String::new(),
     };
