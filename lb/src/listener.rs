@@ -42,7 +42,9 @@ pub struct RunningListener {
     pub bind: SocketAddr,
     pub shared: Arc<Shared>,
     /// Dropping the sender ends every accept loop of the listener.
-    _stop: watch::Sender<()>,
+    stop: watch::Sender<()>,
+    /// Disconnects once every accept loop has closed its socket.
+    closed: std::sync::mpsc::Receiver<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,14 +106,29 @@ impl RunningListener {
             counters: Arc::default(),
         });
         let (stop, _) = watch::channel(());
+        let (closed_tx, closed) = std::sync::mpsc::channel();
         for (socket, core) in sockets.into_iter().zip(cores) {
-            core.spawn(accept_loop(socket, shared.clone(), stop.subscribe()));
+            core.spawn(accept_loop(
+                socket,
+                shared.clone(),
+                stop.subscribe(),
+                closed_tx.clone(),
+            ));
         }
         RunningListener {
             bind,
             shared,
-            _stop: stop,
+            stop,
+            closed,
         }
+    }
+
+    /// Stops accepting and waits (bounded) until every socket is closed, so
+    /// the address refuses connections when this returns. Established
+    /// connections are left alone.
+    pub fn close(self) {
+        drop(self.stop);
+        let _ = self.closed.recv_timeout(Duration::from_secs(5));
     }
 }
 
@@ -119,6 +136,7 @@ async fn accept_loop(
     socket: std::net::TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<()>,
+    closed: std::sync::mpsc::Sender<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(socket) {
         Ok(l) => l,
@@ -129,7 +147,11 @@ async fn accept_loop(
     };
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                drop(listener);
+                drop(closed);
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => admit(stream, peer, &shared),
                 Err(e) => {

@@ -211,7 +211,9 @@ impl Proxy {
             running.insert(l.bind, (l.id.clone(), entry));
         }
         report.listeners_stopped = state.listeners.keys().copied().collect();
-        state.listeners = running;
+        for (_, (_, stopped)) in std::mem::replace(&mut state.listeners, running) {
+            stopped.close();
+        }
         state.pools = pools;
         state.id = plan.id.clone();
         tracing::info!(lb = %plan.id, started = ?report.listeners_started,
