@@ -6,6 +6,7 @@
 //! See `lb/README.md` for the design, threading model and assumptions.
 
 pub mod cores;
+pub mod daemon;
 pub mod health;
 mod http;
 pub mod listener;
