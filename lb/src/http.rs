@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::listener::{Route, Shared};
 use crate::model::L7RuleType;
 use crate::plan::{PolicyAction, RulePlan};
-use crate::pool::Pool;
+use crate::pool::{Member, Pool};
 use crate::stats::{ActiveGuard, Counters};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -133,7 +133,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     if let Some((method, uri)) = log {
         tracing::info!(target: "keel_lb::access",
             listener = %route.plan.id, client = %conn.peer, method = %method, uri = %uri,
-            status, pool = pool.unwrap_or("-"), member = member.as_deref().unwrap_or("-"),
+            status, pool = pool.unwrap_or("-"), member = member.as_ref().map_or("-", |m| m.id.as_str()),
             micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "http");
     }
@@ -247,12 +247,12 @@ async fn forward(
     conn: &Conn,
     route: &Route,
     pool: &Arc<Pool>,
-) -> (Response<Body>, Option<String>) {
+) -> (Response<Body>, Option<Arc<Member>>) {
     let Some(member) = pool.pick(conn.peer.ip()) else {
         Counters::add(&pool.counters.request_errors, 1);
         return (simple(StatusCode::SERVICE_UNAVAILABLE), None);
     };
-    let member_id = Some(member.id.clone());
+    let member_id = Some(member.clone());
     for c in [&pool.counters, &member.counters] {
         Counters::add(&c.requests, 1);
     }
@@ -291,13 +291,13 @@ async fn forward(
             parts.headers.insert(header::HOST, v);
         }
     }
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(member.addr.to_string())
-        .path_and_query(pq)
-        .build()
-    {
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = member.authority.clone();
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = match Uri::from_parts(uri) {
         Ok(u) => u,
         Err(_) => return (simple(StatusCode::BAD_REQUEST), member_id),
     };

@@ -33,6 +33,8 @@ pub enum Health {
 pub struct Member {
     pub id: String,
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once instead of per request.
+    pub authority: Option<hyper::http::uri::Authority>,
     pub monitor_addr: SocketAddr,
     weight: AtomicU16,
     backup: AtomicBool,
@@ -49,6 +51,7 @@ impl Member {
         Member {
             id: plan.id.clone(),
             addr: plan.addr,
+            authority: plan.addr.to_string().parse().ok(),
             monitor_addr: plan.monitor_addr,
             weight: AtomicU16::new(plan.weight),
             backup: AtomicBool::new(plan.backup),
