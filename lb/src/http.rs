@@ -1,7 +1,7 @@
 //! The HTTP/1.1 reverse proxy: hyper on both sides.
 //!
 //! Client side: keep-alive, header read timeout (`timeout_client_data`),
-//! bounded header buffer (larger requests get 431). Each request is routed
+//! request head size bounded (larger ones get 431). Each request is routed
 //! by the listener's L7 policies (first matching policy in Octavia order,
 //! else the default pool), gets X-Forwarded-* headers if configured, loses
 //! its hop-by-hop headers and goes to the chosen member over this core's
@@ -37,7 +37,7 @@ use crate::stats::{ActiveGuard, Counters};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Largest request head accepted (hyper's read buffer).
+/// Largest request head accepted; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 type Upstream = Client<HttpConnector, Body>;
@@ -92,7 +92,7 @@ where
     builder
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .max_buf_size(MAX_HEAD_BYTES);
+        .max_header_size(MAX_HEAD_BYTES);
     if let Some(t) = header_timeout {
         builder.header_read_timeout(t);
     }

@@ -411,3 +411,74 @@ fn tcp_listener_with_source_ip_keeps_a_client_on_one_member() {
     assert_eq!(status.listener("tcp").unwrap().stats.total_connections, 20);
     assert!(status.pool("p").unwrap().stats.bytes_in > 0);
 }
+
+/// Sends raw bytes on a new connection and returns the status line of the
+/// answer (empty if the proxy closed without one).
+fn raw_exchange(port: u16, bytes: &[u8]) -> String {
+    raw_exchange_all(port, bytes)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Like [`raw_exchange`], the whole answer.
+fn raw_exchange_all(port: u16, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn malformed_requests_are_refused_before_any_member_sees_them() {
+    let a = Backend::start("a");
+    let port = free_port();
+    let p = proxy();
+    let mut lb = http_lb(
+        port,
+        json!({"id": "web", "protocol": "HTTP", "lb_algorithm": "ROUND_ROBIN",
+                                      "members": members(&[&a])}),
+    );
+    lb.listeners[0].l7policies = serde_json::from_value(json!([{"id": "no-admin", "position": 1,
+        "action": "REJECT",
+        "rules": [{"type": "PATH", "compare_type": "STARTS_WITH", "value": "/admin"}]}]))
+    .unwrap();
+    p.apply(&lb).unwrap();
+    // Request smuggling: Content-Length and Transfer-Encoding together. As
+    // HAProxy does (RFC 9112 §6.3), the proxy frames by Transfer-Encoding,
+    // drops the Content-Length, re-frames towards the member and closes the
+    // client connection after the answer: the hidden request is never run.
+    let smuggle = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange_all(port, smuggle);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    assert_eq!(a.hits(), 1);
+    let seen = a.last_headers();
+    assert!(
+        !(seen.contains_key("content-length") && seen.contains_key("transfer-encoding")),
+        "{seen:?}"
+    );
+    // Two different Content-Length values.
+    let double = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab";
+    assert!(raw_exchange(port, double).starts_with("HTTP/1.1 400"));
+    // A request head beyond the 64 KiB limit.
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let answer = raw_exchange(port, &big);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // Garbage instead of a request line.
+    assert!(raw_exchange(port, b"\x16\x03\x01 not http\r\n\r\n").starts_with("HTTP/1.1 400"));
+    assert_eq!(a.hits(), 1);
+    // The proxy still serves well-formed requests.
+    assert_eq!(
+        Http::new()
+            .get(&format!("http://127.0.0.1:{port}/"), &[])
+            .body,
+        "a"
+    );
+}
