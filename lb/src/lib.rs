@@ -15,6 +15,7 @@ pub mod model;
 pub mod plan;
 pub mod pool;
 pub mod proxy;
+mod splice;
 pub mod stats;
 mod tcp;
 pub mod tls;

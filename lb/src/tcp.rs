@@ -2,9 +2,9 @@
 //! connect within `timeout_member_connect`, then copy both directions until
 //! both sides have closed (half-close is forwarded).
 //!
-//! Copying uses tokio's `copy_bidirectional` (one 8 KiB buffer per
-//! direction, reused). splice(2) through a pipe would avoid the copy into
-//! user space for bulk transfers; it is not done yet.
+//! Bytes move with splice(2) (see `splice.rs`): never copied into user
+//! space. Should splice be refused (it is not for TCP sockets on Linux), the
+//! relay falls back to tokio's `copy_bidirectional`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,8 +49,18 @@ pub async fn serve(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    let (up, down) = result.unwrap_or((0, 0));
+    let (up, down) = match crate::splice::relay(&client, &upstream).await {
+        Ok(moved) => moved,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                .await
+                .unwrap_or((0, 0))
+        }
+        Err(e) => {
+            tracing::debug!(client = %peer, member = %member.addr, error = %e, "relay ended with an error");
+            (0, 0)
+        }
+    };
     for c in [listener, &pool.counters, &member.counters] {
         Counters::add(&c.bytes_in, up);
         Counters::add(&c.bytes_out, down);
