@@ -8,6 +8,9 @@
 //! pooled upstream connections (one hyper client per core and connect
 //! timeout, so a pooled connection is always driven by the core using it).
 //!
+//! A bodyless request whose member refuses the connection is retried once
+//! on another member.
+//!
 //! Status codes the proxy makes itself, as HAProxy: 403 REJECT, 503 no
 //! available member or member connect failure, 504 member timeout, 502
 //! broken member response.
@@ -20,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -252,7 +255,6 @@ async fn forward(
         Counters::add(&pool.counters.request_errors, 1);
         return (simple(StatusCode::SERVICE_UNAVAILABLE), None);
     };
-    let member_id = Some(member.clone());
     for c in [&pool.counters, &member.counters] {
         Counters::add(&c.requests, 1);
     }
@@ -291,17 +293,16 @@ async fn forward(
             parts.headers.insert(header::HOST, v);
         }
     }
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    uri.authority = member.authority.clone();
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri = match Uri::from_parts(uri) {
-        Ok(u) => u,
-        Err(_) => return (simple(StatusCode::BAD_REQUEST), member_id),
-    };
     parts.version = hyper::Version::HTTP_11;
+    // A request without a body can be sent again: keep what is needed to
+    // retry it once on another member if this one refuses the connection.
+    let retry = body.is_end_stream().then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
     let counted_in = [
         conn.shared.counters.clone(),
         pool.counters.clone(),
@@ -317,15 +318,28 @@ async fn forward(
             frame
         })
         .boxed();
-    let request =
-        upstream(route.plan.member_connect_timeout).request(Request::from_parts(parts, body));
-    let result = match route.plan.member_data_timeout {
-        Some(t) => match tokio::time::timeout(t, request).await {
-            Ok(r) => r.map_err(Some),
-            Err(_) => Err(None),
-        },
-        None => request.await.map_err(Some),
-    };
+    let mut member = member;
+    let mut result = exchange(route, &member, parts, body).await;
+    if let (Err(Some(e)), Some((method, uri, headers))) = (&result, retry) {
+        if e.is_connect() {
+            if let Some(other) = pool
+                .pick(conn.peer.ip())
+                .filter(|m| !Arc::ptr_eq(m, &member))
+            {
+                Counters::add(&member.counters.request_errors, 1);
+                tracing::debug!(member = %member.addr, retry = %other.addr, "connect failed, retrying");
+                Counters::add(&other.counters.requests, 1);
+                let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                let (parts, body) = req.into_parts();
+                member = other;
+                result = exchange(route, &member, parts, body).await;
+            }
+        }
+    }
+    let member_id = Some(member.clone());
     let response = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -362,6 +376,35 @@ async fn forward(
         })
         .boxed();
     (Response::from_parts(parts, body), member_id)
+}
+
+/// Sends one request to `member` over this core's pooled connections.
+/// `Err(None)` is a timeout waiting for the response head.
+async fn exchange(
+    route: &Route,
+    member: &Member,
+    mut parts: hyper::http::request::Parts,
+    body: Body,
+) -> Result<Response<Incoming>, Option<hyper_util::client::legacy::Error>> {
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = member.authority.clone();
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+    }
+    // Only fails without an authority, which a member always has.
+    if let Ok(u) = Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+    let request =
+        upstream(route.plan.member_connect_timeout).request(Request::from_parts(parts, body));
+    match route.plan.member_data_timeout {
+        Some(t) => match tokio::time::timeout(t, request).await {
+            Ok(r) => r.map_err(Some),
+            Err(_) => Err(None),
+        },
+        None => request.await.map_err(Some),
+    }
 }
 
 fn simple(status: StatusCode) -> Response<Body> {

@@ -498,3 +498,31 @@ fn malformed_requests_are_refused_before_any_member_sees_them() {
         "a"
     );
 }
+
+#[test]
+fn a_refused_connect_is_retried_on_another_member() {
+    let live = Backend::start("live");
+    // A member whose port nobody listens on, and no monitor to notice.
+    let dead_port = free_port();
+    let port = free_port();
+    let p = proxy();
+    p.apply(&http_lb(
+        port,
+        json!({"id": "web", "protocol": "HTTP", "lb_algorithm": "ROUND_ROBIN",
+        "members": [{"id": "dead", "address": "127.0.0.1", "protocol_port": dead_port},
+                    {"id": "live", "address": "127.0.0.1", "protocol_port": live.addr.port()}]}),
+    ))
+    .unwrap();
+    let c = Http::new();
+    for _ in 0..10 {
+        let r = c.get(&format!("http://127.0.0.1:{port}/"), &[]);
+        assert_eq!((r.status, r.body.as_str()), (200, "live"));
+    }
+    assert_eq!(live.hits(), 10);
+    let status = p.status();
+    let dead = status.pool("web").unwrap().member("dead").unwrap();
+    // Round robin hands every first attempt to "dead" (the retry takes the
+    // next slot), and every retry lands on "live".
+    assert_eq!(dead.stats.request_errors, 10);
+    assert_eq!(status.listener("http").unwrap().stats.responses_2xx, 10);
+}
