@@ -8,7 +8,8 @@
 //! keel-lb and HAProxy so machine noise hits both alike.
 //!
 //! Scenarios: HTTP/1.1 keep-alive (throughput and p99), close mode (a new
-//! TCP connection per request), and new TLS connections per second
+//! TCP connection per request), a TCP listener relaying keep-alive HTTP
+//! (L4, spliced in keel-lb), and new TLS connections per second
 //! (TERMINATED_HTTPS, `Connection: close`). CPU per request is the proxy's
 //! own CPU time (its thread or process, from /proc) divided by requests.
 //!
@@ -81,7 +82,7 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     let keel_cpu = || thread_cpu_seconds("keel-lb-0");
     let haproxy_cpu = || process_cpu_seconds(haproxy.child.id());
 
-    let scenarios: [(&str, &str, u16, u16, &[&str]); 3] = [
+    let scenarios: [(&str, &str, u16, u16, &[&str]); 4] = [
         (
             "HTTP/1.1 keep-alive",
             "http",
@@ -95,6 +96,13 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
             ports.keel_http,
             ports.haproxy_http,
             &["-H", "Connection: close"],
+        ),
+        (
+            "TCP listener (L4 relay), keep-alive HTTP inside",
+            "http",
+            ports.keel_tcp,
+            ports.haproxy_tcp,
+            &[],
         ),
         (
             "TLS new connections",
@@ -281,14 +289,16 @@ fn duration_ms(s: &str) -> Option<f64> {
 struct Ports {
     keel_http: u16,
     keel_https: u16,
+    keel_tcp: u16,
     haproxy_http: u16,
     haproxy_https: u16,
+    haproxy_tcp: u16,
 }
 
 impl Ports {
     fn pick() -> Result<Ports, BenchError> {
-        // Hold all four until chosen so they differ.
-        let l: Vec<std::net::TcpListener> = (0..4)
+        // Hold all of them until chosen so they differ.
+        let l: Vec<std::net::TcpListener> = (0..6)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
             .collect::<Result<_, _>>()?;
         let p = |i: usize| l[i].local_addr().map(|a| a.port());
@@ -297,6 +307,8 @@ impl Ports {
             keel_https: p(1)?,
             haproxy_http: p(2)?,
             haproxy_https: p(3)?,
+            keel_tcp: p(4)?,
+            haproxy_tcp: p(5)?,
         })
     }
 }
@@ -307,8 +319,12 @@ fn keel_config(
     cert: &Path,
     key: &Path,
 ) -> Result<LoadBalancer, BenchError> {
+    let members =
+        serde_json::json!([{"id": "m1", "address": backend.ip(), "protocol_port": backend.port()}]);
     let pool = serde_json::json!({"id": "web", "protocol": "HTTP", "lb_algorithm": "ROUND_ROBIN",
-        "members": [{"id": "m1", "address": backend.ip(), "protocol_port": backend.port()}]});
+        "members": members});
+    let tcp_pool = serde_json::json!({"id": "tcp", "protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+        "members": members});
     serde_json::from_value(serde_json::json!({
         "id": "bench", "vip_address": "127.0.0.1", "access_log": false,
         "listeners": [
@@ -316,9 +332,10 @@ fn keel_config(
              "default_pool_id": "web"},
             {"id": "https", "protocol": "TERMINATED_HTTPS", "protocol_port": ports.keel_https,
              "default_pool_id": "web",
-             "default_tls_certificate": {"certificate_file": cert, "private_key_file": key}}
+             "default_tls_certificate": {"certificate_file": cert, "private_key_file": key}},
+            {"id": "tcp", "protocol": "TCP", "protocol_port": ports.keel_tcp, "default_pool_id": "tcp"}
         ],
-        "pools": [pool]
+        "pools": [pool, tcp_pool]
     }))
     .map_err(|e| err(format!("bench config: {e}")))
 }
@@ -343,10 +360,14 @@ impl HaProxy {
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 50s\n  timeout server 50s\n\
              frontend http\n  bind 127.0.0.1:{}\n  default_backend web\n\
              frontend https\n  bind 127.0.0.1:{} ssl crt {} alpn http/1.1\n  default_backend web\n\
-             backend web\n  balance roundrobin\n  server m1 {}\n",
+             backend web\n  balance roundrobin\n  server m1 {}\n\
+             frontend tcp\n  mode tcp\n  bind 127.0.0.1:{}\n  default_backend tcp\n\
+             backend tcp\n  mode tcp\n  balance roundrobin\n  server m1 {}\n",
             ports.haproxy_http,
             ports.haproxy_https,
             pem.display(),
+            backend,
+            ports.haproxy_tcp,
             backend
         );
         let path = dir.join("haproxy.cfg");
@@ -503,7 +524,7 @@ mod tests {
             assert!(ms.is_empty());
             return;
         }
-        assert_eq!(ms.len(), 9);
+        assert_eq!(ms.len(), 12);
         for m in &ms {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
