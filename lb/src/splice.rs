@@ -1,5 +1,5 @@
-//! Zero-copy TCP relaying with splice(2): socket → pipe → socket inside the
-//! kernel, so bulk L4 traffic never crosses into user space. One pipe per
+//! TCP relaying for L4 listeners; bulk flows move with splice(2), socket →
+//! pipe → socket inside the kernel, never crossing into user space. One pipe per
 //! direction, drained completely after every fill, so a splice into the
 //! pipe never finds it full. Readiness comes from tokio (`readable` /
 //! `writable` + `try_io`), so a relay costs no thread.
@@ -44,8 +44,47 @@ fn splice(from: i32, to: i32, len: usize) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Reads at least this much in one go: the flow is bulk, switch to splice.
+const BULK: usize = 16 * 1024;
+
 /// Relays `from` → `to` until `from` reaches EOF, then half-closes `to`.
+///
+/// Starts with plain reads and writes through a small buffer: for small
+/// request/response messages splice costs two calls (socket → pipe → socket)
+/// where read/write costs two as well, plus the pipe. Once a read fills the
+/// buffer the flow is bulk and the direction switches to splice.
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; BULK];
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(total);
+        }
+        let mut sent = 0;
+        while sent < n {
+            to.writable().await?;
+            match to.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+        if n == BULK {
+            return Ok(total + spliced(from, to).await?);
+        }
+    }
+}
+
+/// The bulk phase of [`one_way`]: socket → pipe → socket in the kernel.
+async fn spliced(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
     let (pipe_r, pipe_w) = pipe()?;
     let mut total = 0u64;
     loop {

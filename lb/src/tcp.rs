@@ -2,8 +2,8 @@
 //! connect within `timeout_member_connect`, then copy both directions until
 //! both sides have closed (half-close is forwarded).
 //!
-//! Bytes move with splice(2) (see `splice.rs`): never copied into user
-//! space. Should splice be refused (it is not for TCP sockets on Linux), the
+//! Small messages move with read/write, bulk flows with splice(2) (see
+//! `splice.rs`): never copied into user space. Should splice be refused (it is not for TCP sockets on Linux), the
 //! relay falls back to tokio's `copy_bidirectional`.
 
 use std::net::SocketAddr;
