@@ -1,4 +1,25 @@
-//! keel's load balancing: L4 in the data plane and a thread-per-core L7
-//! HTTP/HTTPS proxy, configured through Octavia-shaped resources.
+//! keel-lb: keel's load balancer. An Octavia-shaped declarative model
+//! ([`model`]), validated and compiled into a [`plan::Plan`], realized by a
+//! thread-per-core L4/L7 proxy ([`Proxy`]) with active health checks and
+//! Maglev consistent hashing.
 //!
-//! Empty until the load-balancing issue fills it.
+//! See `lb/README.md` for the design, threading model and assumptions.
+
+pub mod cores;
+pub mod daemon;
+pub mod health;
+mod http;
+pub mod listener;
+pub mod maglev;
+pub mod model;
+pub mod plan;
+pub mod pool;
+pub mod proxy;
+mod splice;
+pub mod stats;
+mod tcp;
+pub mod tls;
+
+pub use model::LoadBalancer;
+pub use proxy::{ApplyError, ApplyReport, Proxy, ProxyOptions, StartError};
+pub use stats::LbStatus;

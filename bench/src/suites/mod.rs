@@ -3,11 +3,18 @@
 pub mod control;
 pub mod dataplane;
 pub mod image;
+pub mod lb;
 pub mod store;
 
 use crate::Suite;
 
-pub const ALL: &[Suite] = &[store::SUITE, control::SUITE, dataplane::SUITE, image::SUITE];
+pub const ALL: &[Suite] = &[
+    store::SUITE,
+    control::SUITE,
+    dataplane::SUITE,
+    image::SUITE,
+    lb::SUITE,
+];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
     ALL.iter().find(|s| s.name == name)

@@ -85,6 +85,8 @@ enum Command {
     },
     /// Serve one raw disk image as a vhost-user-blk device until SIGTERM.
     VhostBlk(VhostBlkArgs),
+    /// Run the L4/L7 load balancer from a JSON config (reload: SIGHUP).
+    Lb(keel_lb::daemon::LbArgs),
 }
 
 #[derive(clap::Args)]
@@ -243,6 +245,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
         Command::Dataplane(args) => keel_dataplane::daemon::run(args)?,
         Command::VhostBlk(args) => vhost_blk(args)?,
+        Command::Lb(args) => keel_lb::daemon::run(args)?,
     }
     Ok(())
 }
