@@ -82,6 +82,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
         }],
         ports: vec![port("src".into(), "a", "gen", SRC, src_ip)],
         routers: vec![],
+        ..DesiredState::default()
     };
     for i in 0..n {
         state.ports.push(port(

@@ -68,6 +68,7 @@ pub mod bench;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
+pub mod conntrack;
 pub mod control;
 pub mod counters;
 pub mod daemon;
@@ -75,10 +76,15 @@ pub mod engine;
 pub mod fastmap;
 pub mod lpm;
 pub mod model;
+pub mod nat;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
 pub mod port;
+pub mod security;
+pub mod stateful;
+#[cfg(test)]
+mod stateful_tests;
 pub mod tables;
 pub mod testutil;
