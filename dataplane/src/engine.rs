@@ -78,6 +78,18 @@ impl Worker {
         }
     }
 
+    /// Replaces the connection table with one of `connections` entries
+    /// (benchmarks size it to their flow count).
+    pub fn with_connections(mut self, connections: usize) -> Worker {
+        self.learned = Learned::new(LEARNED_MACS).with_connections(connections);
+        self
+    }
+
+    /// Bytes per tracked connection of this worker's table.
+    pub fn conntrack_bytes_per_connection(&self) -> usize {
+        self.learned.stateful.ct.bytes_per_connection()
+    }
+
     /// One round over every port; returns the number of frames received.
     // hot path: no allocation, no lock; one rx and at most one tx call per port per batch.
     pub fn poll_once(&mut self) -> usize {

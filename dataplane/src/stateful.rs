@@ -11,7 +11,8 @@
 //! is dropped (OVN's `ct_mark.blocked`), so a removed rule cuts established
 //! connections while connections that stay allowed are untouched.
 //!
-//! Not filtered: non-IP frames (ARP is answered or switched as before) and
+//! Always allowed: IPv6 neighbor discovery / router advertisements and DHCP
+//! replies to the port. Not filtered: non-IP frames (ARP is answered or switched as before) and
 //! flooded frames (broadcast / unknown unicast are checked on the way out of
 //! the sending port only). Non-first IPv4 fragments on a port with groups are
 //! dropped and counted (`untracked_fragment`): there is no reassembly yet.
@@ -125,6 +126,19 @@ fn rule_input(x: &Extracted, ingress: bool) -> RuleInput {
     }
 }
 
+/// What a port always needs, whatever its groups say (OpenStack and OVN add
+/// the same implicit rules): IPv6 neighbor discovery and router
+/// advertisements, and DHCP replies towards the port.
+fn implicitly_allowed(x: &Extracted, ingress: bool) -> bool {
+    let nd = x.v6
+        && x.key.proto == crate::packet::headers::IPPROTO_ICMPV6
+        && matches!(x.icmp, Some((133..=136, _)));
+    let dhcp_reply = ingress
+        && x.key.proto == crate::packet::headers::IPPROTO_UDP
+        && matches!((x.key.sport, x.key.dport), (67, 68) | (547, 546));
+    nd || dhcp_reply
+}
+
 fn acl_stage<T: Tracer>(
     t: &Tables,
     st: &mut WorkerState,
@@ -204,6 +218,12 @@ fn acl_stage<T: Tracer>(
             });
             return Ok(());
         }
+    }
+    if implicitly_allowed(&x, ingress) {
+        tr.note(stage, || {
+            "neighbor discovery / DHCP reply: allowed without rules".into()
+        });
+        return Ok(());
     }
     if let Some(seg) = x.tcp.filter(|s| !TcpState::may_start(s)) {
         tr.note(stage, || {

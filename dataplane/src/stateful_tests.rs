@@ -526,3 +526,70 @@ fn floating_ip_and_port_forwarding_reach_the_vms() {
     );
     assert!(l4_ok(&out));
 }
+
+// --- router firewall -----------------------------------------------------
+
+#[test]
+fn router_firewall_drops_matching_routed_traffic_and_lets_replies_back() {
+    use crate::model::FirewallRuleSpec;
+    let mut s = topology();
+    let fw =
+        |priority, protocol: &str, src: Option<&str>, port: Option<u16>, action| FirewallRuleSpec {
+            router: "r".into(),
+            priority,
+            protocol: Some(protocol.into()),
+            src_cidr: src.map(Into::into),
+            dst_cidr: None,
+            port_min: port,
+            port_max: port,
+            action,
+        };
+    s.firewall = vec![
+        // Nothing may start from subnet b; nobody reaches port 22 on b.
+        fw(10, "any", Some("10.0.2.0/24"), None, RuleAction::Deny),
+        fw(20, "tcp", None, Some(22), RuleAction::Deny),
+    ];
+    let mut r = Rig::new(&s);
+    let to_vm3 = Verdict::Unicast { port: 2 };
+    assert_eq!(
+        r.verdict(0, &tcp(GW_A, VM1, VM1_IP, VM3_IP, 40000, 80, SYN, 1, 0)),
+        to_vm3
+    );
+    // vm3's reply passes although rule 0 denies its source: it is tracked.
+    assert_eq!(
+        r.verdict(
+            2,
+            &tcp(GW_B, VM3, VM3_IP, VM1_IP, 80, 40000, SYN | ACK, 9, 2)
+        ),
+        Verdict::Unicast { port: 0 }
+    );
+    let fw_denied = Verdict::Drop(DropReason::FirewallDenied);
+    assert_eq!(
+        r.verdict(0, &tcp(GW_A, VM1, VM1_IP, VM3_IP, 40001, 22, SYN, 1, 0)),
+        fw_denied
+    );
+    assert_eq!(
+        r.verdict(2, &tcp(GW_B, VM3, VM3_IP, VM1_IP, 5000, 80, SYN, 1, 0)),
+        fw_denied
+    );
+    // Switched traffic does not cross the router: not filtered.
+    assert_eq!(
+        r.verdict(0, &tcp(VM2, VM1, VM1_IP, VM2_IP, 40002, 22, SYN, 1, 0)),
+        Verdict::Unicast { port: 1 }
+    );
+    let names = &r.t.stateful.counters.names;
+    assert_eq!((names[0].kind.as_str(), names[1].index), ("firewall", 1));
+    let hits: Vec<u64> =
+        r.t.stateful
+            .counters
+            .hits
+            .iter()
+            .map(|h| h.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+    assert_eq!(hits, [1, 1]);
+    // A bad rule is rejected precisely.
+    s.firewall[1].port_min = Some(30);
+    s.firewall[1].port_max = Some(20);
+    let e = compile(&s, &interfaces(), 1).unwrap_err().to_string();
+    assert!(e.contains("port range 30..=20 is empty"), "{e}");
+}
