@@ -14,8 +14,8 @@
 //!   enters, like OVN's per-port conntrack zones. [`Conntrack::flush_zone`]
 //!   removes one zone's connections and leaves the others alone.
 //! - **Bounded.** Capacity is fixed at construction; the slab, its free
-//!   list and the index (reserved at twice the key count, so it never grows)
-//!   are allocated once. When the slab is full a new connection is refused:
+//!   list and the index ([`index`], a fixed open-addressing table at most
+//!   half full) are allocated once. When the slab is full a new connection is refused:
 //!   the packet is dropped, [`CtCounters::table_full`] counts it and a warning
 //!   is logged once per full episode. Nothing allocates per packet.
 //! - **Time.** The worker sets a coarse clock (seconds) once per batch
@@ -50,10 +50,9 @@
 //! - Non-first IP fragments carry no ports; they are not tracked (see
 //!   [`key`]).
 
+pub mod index;
 pub mod key;
 pub mod tcp;
-
-use std::collections::HashMap;
 
 pub use key::{Extracted, Key};
 pub use tcp::{InvalidSegment, TcpSeg, TcpState};
@@ -159,13 +158,11 @@ pub struct CtCounters {
     pub flushed: u64,
 }
 
-type Index = HashMap<Key, u32, foldhash::fast::RandomState>;
-
 /// A per-worker connection table.
 pub struct Conntrack {
     conns: Vec<Conn>,
     free: Vec<u32>,
-    index: Index,
+    index: index::Index,
     now: u32,
     hand: usize,
     full_logged: bool,
@@ -194,10 +191,8 @@ impl Conntrack {
             conns: vec![EMPTY; capacity],
             // Popped from the end: hand out low slots first.
             free: (0..u32::try_from(capacity).unwrap_or(0)).rev().collect(),
-            index: HashMap::with_capacity_and_hasher(
-                capacity * 2,
-                foldhash::fast::RandomState::default(),
-            ),
+            // Two keys per connection.
+            index: index::Index::with_keys(capacity * 2),
             now: 0,
             hand: 0,
             full_logged: false,
@@ -250,13 +245,7 @@ impl Conntrack {
     /// Finds the connection `key` belongs to, and in which direction.
     // hot path: one hash lookup.
     pub fn lookup(&mut self, key: &Key) -> Option<Found> {
-        let v = *self.index.get(key)?;
-        let id = v >> 1;
-        let dir = if v & 1 == 0 {
-            Dir::Original
-        } else {
-            Dir::Reply
-        };
+        let (id, dir) = self.index.get(key, &self.conns)?;
         let c = self.conns.get(id as usize)?;
         if self.now > c.expires {
             self.counters.expired += 1;
@@ -269,7 +258,7 @@ impl Conntrack {
     /// Starts tracking a connection whose first packet is `orig` and whose
     /// replies carry `reply`.
     pub fn create(&mut self, orig: Key, reply: Key, generation: u64) -> Result<u32, CreateError> {
-        if self.index.contains_key(&orig) || self.index.contains_key(&reply) {
+        if self.index.contains(&orig, &self.conns) || self.index.contains(&reply, &self.conns) {
             return Err(CreateError::KeyInUse);
         }
         let Some(id) = self.free.pop() else {
@@ -296,8 +285,8 @@ impl Conntrack {
             live: true,
             ..EMPTY
         };
-        self.index.insert(orig, id << 1);
-        self.index.insert(reply, (id << 1) | 1);
+        self.index.insert(&orig, id, Dir::Original);
+        self.index.insert(&reply, id, Dir::Reply);
         self.counters.created += 1;
         Ok(id)
     }
@@ -352,13 +341,16 @@ impl Conntrack {
 
     /// Stops tracking `id` (both keys), returning its slot to the free list.
     pub fn remove(&mut self, id: u32) {
-        let Some(c) = self.conns.get_mut(id as usize).filter(|c| c.live) else {
+        let Some(c) = self.conns.get(id as usize).filter(|c| c.live) else {
             return;
         };
-        c.live = false;
         let (orig, reply) = (c.orig, c.reply);
-        self.index.remove(&orig);
-        self.index.remove(&reply);
+        // The index confirms keys against the slab: remove before freeing.
+        self.index.remove(&orig, &self.conns);
+        self.index.remove(&reply, &self.conns);
+        if let Some(c) = self.conns.get_mut(id as usize) {
+            c.live = false;
+        }
         self.free.push(id);
     }
 
@@ -382,17 +374,14 @@ impl Conntrack {
 
     /// Whether `key` is in use by any live connection (either direction).
     pub fn key_in_use(&self, key: &Key) -> bool {
-        self.index.contains_key(key)
+        self.index.contains(key, &self.conns)
     }
 
-    /// Bytes per tracked connection: the slab entry plus two index entries
-    /// at the reserved load (for the benchmark's memory report).
+    /// Bytes per tracked connection: the slab entry, its free-list slot and
+    /// its share of the index (for the benchmark's memory report).
     pub fn bytes_per_connection(&self) -> usize {
         let slab = std::mem::size_of::<Conn>() + std::mem::size_of::<u32>();
-        // hashbrown: one control byte per bucket, buckets = capacity * 8 / 7.
-        let index_entry = std::mem::size_of::<(Key, u32)>() + 1;
-        let buckets = self.index.capacity().max(1) * 8 / 7;
-        slab + index_entry * buckets / self.conns.len().max(1)
+        slab + self.index.bytes() / self.conns.len().max(1)
     }
 }
 
@@ -517,5 +506,40 @@ mod tests {
             spread[w] += 1;
         }
         assert!(spread.iter().all(|n| *n > 50), "{spread:?}");
+    }
+}
+
+#[cfg(test)]
+mod churn {
+    use super::*;
+    use crate::packet::headers::IPPROTO_UDP;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random creates and removes in a small table (long probe runs,
+        /// wrap-around, backward shifts) agree with a model map.
+        #[test]
+        fn index_agrees_with_a_model_under_churn(ops in proptest::collection::vec((any::<bool>(), 0u16..40), 1..400)) {
+            let mut ct = Conntrack::with_capacity(16);
+            let mut model: std::collections::HashMap<u16, u32> = Default::default();
+            let key = |p: u16| Key { src: key::v4([10, 0, 0, 1]), dst: key::v4([10, 0, 0, 2]), zone: 3, sport: p, dport: 53, proto: IPPROTO_UDP };
+            for (add, p) in ops {
+                if add {
+                    match ct.create(key(p), key(p).reversed(), 1) {
+                        Ok(id) => { prop_assert!(model.insert(p, id).is_none()); }
+                        Err(CreateError::KeyInUse) => prop_assert!(model.contains_key(&p)),
+                        Err(CreateError::TableFull) => prop_assert_eq!(model.len(), 16),
+                    }
+                } else if let Some(id) = model.remove(&p) {
+                    ct.remove(id);
+                }
+                for q in 0..40u16 {
+                    let want = model.get(&q).copied();
+                    prop_assert_eq!(ct.lookup(&key(q)).map(|f| f.id), want);
+                    prop_assert_eq!(ct.lookup(&key(q).reversed()).map(|f| (f.id, f.dir)), want.map(|id| (id, Dir::Reply)));
+                }
+            }
+        }
     }
 }
