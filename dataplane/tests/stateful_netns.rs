@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
 use keel_dataplane::model::{
-    DesiredState, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec, RuleAction,
-    RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
+    DesiredState, FirewallRuleSpec, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
+    RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
 };
 use keel_testkit::{veth_pair, NetnsHost};
 
@@ -403,6 +403,17 @@ fn nat_state() -> DesiredState {
                 ..nat(NatKind::Dnat, "198.18.0.1", "10.0.1.11")
             },
         ],
+        // The router firewall sees the translated (internal) destination.
+        firewall: vec![FirewallRuleSpec {
+            router: "r".into(),
+            priority: 10,
+            protocol: Some("tcp".into()),
+            src_cidr: None,
+            dst_cidr: Some("10.0.1.10/32".into()),
+            port_min: Some(5001),
+            port_max: None,
+            action: RuleAction::Deny,
+        }],
         ..DesiredState::default()
     }
 }
@@ -450,4 +461,20 @@ fn snat_dnat_and_floating_ip_with_an_internet_host() {
 
     // Nothing unsolicited gets in through the SNAT address.
     assert!(lab.connect(internet, "198.18.0.1:7001").is_err());
+
+    // Router firewall: port 5001 of the floating-IP VM is dropped at the
+    // router although the VM listens; 5000 keeps working.
+    let blocked = lab.listen(fip_vm, 5001);
+    assert!(lab.connect(internet, "198.18.0.50:5001").is_err());
+    blocked.set_nonblocking(true).unwrap();
+    assert_eq!(blocked.accept().unwrap_err().kind(), ErrorKind::WouldBlock);
+    let l = lab.listen(fip_vm, 5002);
+    assert!(lab.connect(internet, "198.18.0.50:5002").is_ok());
+    drop(l);
+    let stats = lab.stats();
+    let drops = &stats.port("dp2").unwrap().drops;
+    assert!(
+        drops.get("firewall_denied").copied().unwrap_or(0) >= 1,
+        "{stats:?}"
+    );
 }
