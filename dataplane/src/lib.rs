@@ -79,9 +79,8 @@
 //!   ports is not implemented).
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
 //! - Stateful services: conntrack keys hold IPv6 addresses and security
-//!   groups filter IPv6, but NAT and the router firewall are IPv4 only; ICMP
-//!   errors are related to their connection by security groups but their
-//!   quoted headers are not NAT-translated; non-first fragments are not
+//!   groups filter IPv6, but NAT and the router firewall are IPv4 only (no
+//!   NAT64, no hairpin to a VM's own floating IP); non-first fragments are not
 //!   tracked (dropped on ports with groups); flooded frames are filtered on
 //!   the sending port only. The trace runs a fresh connection table, so it
 //!   shows the decision for a connection's first packet.

@@ -18,6 +18,10 @@
 //!   a free reply tuple (Linux's approach: no pool state, and a port is
 //!   reused as soon as its connection expires). Exhaustion drops the packet
 //!   and counts `nat_ports_exhausted`.
+//! - **ICMP errors** about a tracked packet (port unreachable, TTL exceeded,
+//!   fragmentation needed) are related through the tuple they quote; the
+//!   quoted header is restored to what its sender sent and the outer
+//!   addresses follow, so the sender's socket gets the error.
 //! - **Checksums** are updated incrementally (RFC 1624) for the IPv4 header
 //!   and the L4 pseudo-header (TCP, UDP with a checksum) and for ports / the
 //!   ICMP echo identifier.
@@ -28,8 +32,7 @@
 //! # Assumptions / not yet
 //!
 //! IPv4 only (IPv6 NAT and NAT64 are not implemented; IPv6 routed traffic
-//! bypasses this stage). ICMP errors crossing a NAT are not translated
-//! (their quoted header keeps the internal address). No hairpin (a VM
+//! bypasses this stage). No hairpin (a VM
 //! reaching its own floating IP from inside). Non-first fragments are not
 //! translated.
 
@@ -394,6 +397,39 @@ pub fn pre_route<T: Tracer>(
         });
         return Ok(PreRoute::Tracked { rewritten });
     }
+    if let Some(q) = x.related {
+        // An ICMP error about a tracked packet: translate the quoted packet
+        // back to what its sender saw, and the outer addresses with it.
+        if let Some(f) = ct.lookup(&q.in_zone(rs.zone).reversed()) {
+            let Some(c) = ct.get(f.id).copied() else {
+                return Err(DropReason::CtInvalid);
+            };
+            let q = q.in_zone(rs.zone);
+            let new_q = match f.dir {
+                Dir::Reply => c.orig,
+                Dir::Original => c.reply,
+            };
+            let rewritten = new_q != q;
+            if rewritten && !rewrite_icmp_error(buf, p, len, &key, &q, &new_q) {
+                return Err(DropReason::MalformedL4);
+            }
+            tr.note("router_ct", || {
+                format!(
+                    "ICMP error related to a tracked connection{}",
+                    if rewritten {
+                        format!(
+                            ": quoted packet restored to {} → {}",
+                            show(new_q.src),
+                            show(new_q.dst)
+                        )
+                    } else {
+                        String::new()
+                    }
+                )
+            });
+            return Ok(PreRoute::Tracked { rewritten });
+        }
+    }
     let mut cur = key;
     let dnat = rs.dnat.iter().find(|d| {
         d.external == key.dst
@@ -618,6 +654,72 @@ fn rewrite(buf: &mut [u8], p: &Parsed, from: &Key, to: &Key) -> bool {
         }
         _ => true,
     }
+}
+
+/// Rewrites an IPv4 ICMP error whose quoted packet was `old_q` to quote
+/// `new_q`: the outer destination becomes the quoted source (the packet's
+/// real sender); the outer source follows the quoted destination when it was
+/// that host. Inner IP and UDP checksums are updated incrementally, the ICMP
+/// checksum is recomputed (errors are rare and short).
+fn rewrite_icmp_error(
+    buf: &mut [u8],
+    p: &Parsed,
+    len: usize,
+    outer: &Key,
+    old_q: &Key,
+    new_q: &Key,
+) -> bool {
+    let (l3, l4) = (p.l3_offset, p.l4_offset);
+    let inner = l4 + 8;
+    let Some(ihl) = buf.get(inner).map(|b| usize::from(b & 0x0f) * 4) else {
+        return false;
+    };
+    let inner_sum = Some(inner + 10);
+    let inner_l4 = inner + ihl;
+    let udp_sum = (old_q.proto == IPPROTO_UDP && get16(buf, inner_l4 + 6).is_some_and(|c| c != 0))
+        .then_some(inner_l4 + 6);
+    let words = |a: u128| {
+        let b = u32::try_from(a & 0xffff_ffff).unwrap_or(0).to_be_bytes();
+        [
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        ]
+    };
+    let mut ok = true;
+    for (off, new) in [(inner + 12, new_q.src), (inner + 16, new_q.dst)] {
+        let [hi, lo] = words(new);
+        ok &= set_word(buf, off, hi, &[inner_sum, udp_sum])
+            && set_word(buf, off + 2, lo, &[inner_sum, udp_sum]);
+    }
+    if matches!(old_q.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        ok &= set_word(buf, inner_l4, new_q.sport, &[udp_sum])
+            && set_word(buf, inner_l4 + 2, new_q.dport, &[udp_sum]);
+    } else if old_q.proto == IPPROTO_ICMP && old_q.sport == old_q.dport {
+        ok &= !matches!(buf.get(inner_l4), Some(0 | 8))
+            || set_word(buf, inner_l4 + 4, new_q.sport, &[]);
+    }
+    let outer_src = if outer.src == old_q.dst {
+        new_q.dst
+    } else {
+        outer.src
+    };
+    for (off, new) in [(l3 + 12, outer_src), (l3 + 16, new_q.src)] {
+        let [hi, lo] = words(new);
+        ok &= set_word(buf, off, hi, &[Some(l3 + 10)])
+            && set_word(buf, off + 2, lo, &[Some(l3 + 10)]);
+    }
+    // The quoted echo identifier sits outside the inner checksums; the ICMP
+    // checksum covers everything: recompute it.
+    let end = match p.l3 {
+        crate::packet::parse::L3::Ipv4(ip) => l3 + ip.total_len,
+        _ => len,
+    };
+    ok &= put16(buf, l4 + 2, 0);
+    let sum = match buf.get(l4..end.min(len)) {
+        Some(icmp) => crate::packet::checksum::internet_checksum(icmp),
+        None => return false,
+    };
+    ok && put16(buf, l4 + 2, sum)
 }
 
 #[cfg(test)]

@@ -459,6 +459,19 @@ fn snat_dnat_and_floating_ip_with_an_internet_host() {
         .unwrap();
     assert!(out.contains("3 received"), "{out}");
 
+    // An ICMP error crossing SNAT is translated back: the internet host's
+    // "port unreachable" quotes 198.18.0.1:<port>; the VM's socket only sees
+    // ECONNREFUSED if the quoted packet is restored to its own address/port
+    // (and every checksum is right).
+    let refused = in_netns(lab.ns(snat_vm), || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect("198.18.0.100:9").unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 16]).unwrap_err().kind()
+    });
+    assert_eq!(refused, ErrorKind::ConnectionRefused);
+
     // Nothing unsolicited gets in through the SNAT address.
     assert!(lab.connect(internet, "198.18.0.1:7001").is_err());
 
