@@ -593,3 +593,73 @@ fn router_firewall_drops_matching_routed_traffic_and_lets_replies_back() {
     let e = compile(&s, &interfaces(), 1).unwrap_err().to_string();
     assert!(e.contains("port range 30..=20 is empty"), "{e}");
 }
+
+// --- ICMP errors and IPv6 ---------------------------------------------------
+
+fn icmp6(dst: Mac, src: Mac, sip: &str, dip: &str, ty: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 24, 58, 255]);
+    f.extend_from_slice(&sip.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&dip.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend_from_slice(&[ty, 0, 0, 0, 0, 1, 0, 1]);
+    f.extend_from_slice(&[0u8; 16]);
+    f
+}
+
+#[test]
+fn icmp_errors_pass_only_for_tracked_connections() {
+    let mut r = Rig::new(&state(&[80]));
+    let vm2_ip: Ipv4Addr = VM2_IP.parse().unwrap();
+    let vm1_ip: Ipv4Addr = VM1_IP.parse().unwrap();
+    let udp = |sport: u16| {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&9u16.to_be_bytes());
+        u[5] = 8;
+        ipv4(VM1, VM2, None, vm2_ip, vm1_ip, 64, 17, &u)
+    };
+    // vm2 (in a group) sends UDP out: tracked.
+    assert_eq!(r.verdict(1, &udp(5353)), Verdict::Unicast { port: 0 });
+    let unreachable = |quoted: &[u8]| {
+        let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&quoted[14..42]);
+        let c = internet_checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        ipv4(VM2, VM1, None, vm1_ip, vm2_ip, 64, 1, &icmp)
+    };
+    // vm1's port unreachable about it is related: it reaches vm2.
+    assert_eq!(
+        r.verdict(0, &unreachable(&udp(5353))),
+        Verdict::Unicast { port: 1 }
+    );
+    // An error about a flow vm2 never sent is new ICMP ingress: denied.
+    assert_eq!(r.verdict(0, &unreachable(&udp(6000))), DENIED);
+}
+
+#[test]
+fn ipv6_echo_is_filtered_but_neighbor_discovery_passes() {
+    let mut r = Rig::new(&state(&[80]));
+    assert_eq!(
+        r.verdict(0, &icmp6(VM2, VM1, "fe80::1", "fd00:1::11", 128)),
+        DENIED
+    );
+    assert_eq!(
+        r.verdict(0, &icmp6(VM2, VM1, "fe80::1", "fd00:1::11", 136)),
+        Verdict::Unicast { port: 1 }
+    );
+    // An IPv6 rule lets echo in.
+    let mut s = state(&[80]);
+    s.security_groups[0].rules.push(SecurityRuleSpec {
+        ethertype: crate::model::EtherType::Ipv6,
+        icmp_type: Some(128),
+        ..rule(RuleDirection::Ingress, "icmpv6", None)
+    });
+    r.apply(&s);
+    assert_eq!(
+        r.verdict(0, &icmp6(VM2, VM1, "fe80::1", "fd00:1::11", 128)),
+        Verdict::Unicast { port: 1 }
+    );
+}
