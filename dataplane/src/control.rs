@@ -461,4 +461,49 @@ mod tests {
         };
         assert_eq!(verdict, "drop: malformed_ethernet");
     }
+
+    #[test]
+    fn rule_stats_and_ct_flush_over_the_protocol() {
+        let c = controller();
+        let mut state = topology();
+        state.security_groups = vec![crate::model::SecurityGroupSpec {
+            name: "g".into(),
+            ports: vec!["vm2".into()],
+            rules: vec![crate::model::SecurityRuleSpec {
+                direction: crate::model::RuleDirection::Ingress,
+                ethertype: Default::default(),
+                protocol: Some("tcp".into()),
+                port_min: Some(80),
+                port_max: None,
+                icmp_type: None,
+                icmp_code: None,
+                remote_cidr: None,
+                remote_group: None,
+                priority: 1,
+                action: Default::default(),
+            }],
+        }];
+        c.handle(Request::Apply { state });
+        let req: Request = serde_json::from_str(r#"{"op":"rule_stats"}"#).unwrap();
+        let Response::RuleStats { rules } = c.handle(req) else {
+            panic!()
+        };
+        assert_eq!(rules.len(), 1);
+        assert_eq!((rules[0].rule.owner.as_str(), rules[0].hits), ("g", 0));
+        let req: Request = serde_json::from_str(r#"{"op":"ct_flush","port":"vm2"}"#).unwrap();
+        let Response::FlushRequested { zone } = c.handle(req) else {
+            panic!()
+        };
+        assert_eq!(zone, crate::security::zone_id("port", "vm2"));
+        assert_eq!(
+            c.stats.ct_flush.load(std::sync::atomic::Ordering::Relaxed),
+            zone
+        );
+        let Response::Error { .. } = c.handle(Request::CtFlush {
+            port: None,
+            router: None,
+        }) else {
+            panic!()
+        };
+    }
 }

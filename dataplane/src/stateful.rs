@@ -162,6 +162,8 @@ fn acl_stage<T: Tracer>(
     };
     let key = x.key.in_zone(acl.zone);
     let ct = &mut st.ct;
+    // A cut connection is held (dropping its packets) this long, then freed.
+    let blocked_until = ct.now().saturating_add(ct.timeouts.tcp_fin);
     if let Some(f) = ct.lookup(&key) {
         let Some(conn) = ct.get_mut(f.id) else {
             return Err(DropReason::CtInvalid);
@@ -189,6 +191,7 @@ fn acl_stage<T: Tracer>(
                 t.stateful.hit(v.rule);
                 if !v.allow {
                     conn.blocked = true;
+                    conn.expires = blocked_until;
                     tr.note(stage, || {
                         "drop: rules changed and now deny this connection: cut".into()
                     });
