@@ -57,7 +57,12 @@ pub const DEFAULT_CONNECTIONS: usize = 256;
 pub struct WorkerState {
     pub ct: Conntrack,
     start: Instant,
+    /// A zone flush in progress: (zone, next slab slot).
+    flushing: Option<(u32, usize)>,
 }
+
+/// Slab slots a zone flush visits per batch.
+pub const FLUSH_PER_BATCH: usize = 4096;
 
 impl WorkerState {
     /// State with a connection table of `connections` entries (allocated now).
@@ -65,6 +70,7 @@ impl WorkerState {
         WorkerState {
             ct: Conntrack::with_capacity(connections),
             start: Instant::now(),
+            flushing: None,
         }
     }
 
@@ -77,11 +83,19 @@ impl WorkerState {
 
 /// Runs a zone flush requested through [`crate::counters::Stats::ct_flush`].
 // hot path: one relaxed atomic load per round.
+/// The flush runs incrementally, [`FLUSH_PER_BATCH`] slots per round, so one
+/// zone's flush does not stall forwarding for the others.
 pub fn serve_flush(stats: &crate::counters::Stats, st: &mut WorkerState) {
-    if stats.ct_flush.load(Ordering::Relaxed) != 0 {
+    if st.flushing.is_none() && stats.ct_flush.load(Ordering::Relaxed) != 0 {
         let zone = stats.ct_flush.swap(0, Ordering::Relaxed);
-        let n = st.ct.flush_zone(zone);
-        tracing::info!(zone, connections = n, "conntrack zone flushed");
+        st.flushing = Some((zone, 0));
+    }
+    if let Some((zone, from)) = st.flushing {
+        let (_, next) = st.ct.flush_zone_step(zone, from, FLUSH_PER_BATCH);
+        st.flushing = next.map(|n| (zone, n));
+        if next.is_none() {
+            tracing::info!(zone, "conntrack zone flushed");
+        }
     }
 }
 

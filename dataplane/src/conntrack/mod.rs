@@ -357,8 +357,23 @@ impl Conntrack {
     /// Removes every connection of `zone`; returns how many. One pass over
     /// the slab; other zones' entries are not touched.
     pub fn flush_zone(&mut self, zone: u32) -> usize {
+        let (n, _) = self.flush_zone_step(zone, 0, self.conns.len());
+        n
+    }
+
+    /// Removes the connections of `zone` among slab slots `from..from+count`;
+    /// returns how many and the next slot (`None` when the pass is done).
+    /// Workers flush a few thousand slots per batch so a flush never stalls
+    /// forwarding.
+    pub fn flush_zone_step(
+        &mut self,
+        zone: u32,
+        from: usize,
+        count: usize,
+    ) -> (usize, Option<usize>) {
+        let end = from.saturating_add(count).min(self.conns.len());
         let mut n = 0;
-        for id in 0..self.conns.len() {
+        for id in from..end {
             let hit = self
                 .conns
                 .get(id)
@@ -369,7 +384,7 @@ impl Conntrack {
             }
         }
         self.counters.flushed += n as u64;
-        n
+        (n, (end < self.conns.len()).then_some(end))
     }
 
     /// Whether `key` is in use by any live connection (either direction).
@@ -493,6 +508,24 @@ mod tests {
         assert_eq!(ct.len(), 5);
         assert!(ct.lookup(&key(8, 3)).is_some());
         assert!(ct.lookup(&key(7, 3)).is_none());
+    }
+
+    #[test]
+    fn incremental_flush_covers_the_whole_slab() {
+        let mut ct = Conntrack::with_capacity(16);
+        for p in 0..7 {
+            ct.create(key(7, p), key(7, p).reversed(), 1).unwrap();
+            ct.create(key(8, p), key(8, p).reversed(), 1).unwrap();
+        }
+        let (mut from, mut total, mut steps) = (Some(0), 0, 0);
+        while let Some(f) = from {
+            let (n, next) = ct.flush_zone_step(7, f, 3);
+            total += n;
+            from = next;
+            steps += 1;
+        }
+        assert_eq!((total, steps, ct.len()), (7, 6, 7));
+        assert!(ct.lookup(&key(8, 6)).is_some());
     }
 
     #[test]
