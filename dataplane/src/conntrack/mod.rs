@@ -11,8 +11,10 @@
 //! - **Zones.** Every key carries a zone: one per logical port with security
 //!   groups, one per router with NAT. The same packet is tracked separately in
 //!   the zone of the port it leaves, the router it crosses and the port it
-//!   enters, like OVN's per-port conntrack zones. [`Conntrack::flush_zone`]
-//!   removes one zone's connections and leaves the others alone.
+//!   enters, like OVN's per-port conntrack zones. [`Conntrack::flush_zone_step`]
+//!   removes one zone's connections a slice of the slab at a time (the
+//!   worker runs a slice per batch), leaving other zones alone and never
+//!   stalling forwarding.
 //! - **Bounded.** Capacity is fixed at construction; the slab, its free
 //!   list and the index ([`index`], a fixed open-addressing table at most
 //!   half full) are allocated once. When the slab is full a new connection is refused:
