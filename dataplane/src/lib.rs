@@ -53,6 +53,13 @@
 //! `{"op":"trace","interface":"dp0","packet":{"eth_src":…,"eth_dst":…,"ip_src":…,"ip_dst":…}}`
 //! (or `"frame_hex"`); [`control::request`] is the client.
 //!
+//! Stateful services are more fields of the same state, e.g.
+//! `"security_groups":[{"name":"web","ports":["vm1"],"rules":[{"direction":"ingress","protocol":"tcp","port_min":80,"remote_cidr":"10.0.0.0/8"}]}]`,
+//! `"nat":[{"router":"r","type":"snat","external_ip":"198.18.0.1","logical_ip":"10.0.1.0/24"},
+//! {"router":"r","type":"dnat_and_snat","external_ip":"198.18.0.50","logical_ip":"10.0.1.10"},
+//! {"router":"r","type":"dnat","external_ip":"198.18.0.1","protocol":"tcp","external_port":8080,"logical_ip":"10.0.1.11","logical_port":80}]`,
+//! `"firewall":[{"router":"r","protocol":"tcp","dst_cidr":"10.0.2.0/24","port_min":22,"action":"deny"}]`.
+//!
 //! # Threading model
 //!
 //! One worker thread ([`engine::Worker`]) owns all ports of a data plane and
