@@ -23,7 +23,7 @@ pub struct DesiredState {
     /// SNAT / DNAT / floating IPs on routers ([`crate::nat`]).
     #[serde(default)]
     pub nat: Vec<NatRuleSpec>,
-    /// Router firewall rules, applied to routed traffic ([`crate::firewall`]).
+    /// Router firewall rules, applied to routed traffic ([`crate::nat`]).
     #[serde(default)]
     pub firewall: Vec<FirewallRuleSpec>,
 }

@@ -1,4 +1,4 @@
-//! Security groups: compilation of [`SecurityGroupSpec`]s into per-port
+//! Security groups: compilation of [`crate::model::SecurityGroupSpec`]s into per-port
 //! rule lists, and their evaluation.
 //!
 //! Rules are evaluated only for the first packet of a connection (and once
