@@ -82,6 +82,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
         }],
         ports: vec![port("src".into(), "a", "gen", SRC, src_ip)],
         routers: vec![],
+        ..DesiredState::default()
     };
     for i in 0..n {
         state.ports.push(port(
@@ -153,6 +154,130 @@ pub fn run_pipeline(s: Scenario, packets: u64) -> Result<Run, crate::config::Con
     })
 }
 
+/// A stateful scenario, run with its feature on and, as the peer, off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stateful {
+    /// L2 to `hosts` ports that share a security group of `rules` rules
+    /// (the allowing rule is the last one checked), `flows` UDP connections.
+    SecurityGroups { hosts: u32, rules: u32, flows: u32 },
+    /// Routed to one far host through SNAT, `flows` UDP connections.
+    Snat { flows: u32 },
+}
+
+fn with_sport(mut frame: Vec<u8>, sport: u16) -> Vec<u8> {
+    // UDP source port at 34; the UDP checksum of these frames is 0 (none).
+    if let Some(p) = frame.get_mut(34..36) {
+        p.copy_from_slice(&sport.to_be_bytes());
+    }
+    frame
+}
+
+/// The desired state and frames of a stateful scenario, `enabled` or not.
+pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u8>>) {
+    use crate::model::{
+        NatKind, NatRuleSpec, RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec,
+    };
+    let (base, flows) = match s {
+        Stateful::SecurityGroups { hosts, flows, .. } => (Scenario::L2 { macs: hosts }, flows),
+        Stateful::Snat { flows } => (Scenario::Routed { hosts: 1 }, flows),
+    };
+    let (mut state, templates) = scenario(base);
+    let n = u32::try_from(templates.len()).unwrap_or(1).max(1);
+    let frames = (0..flows)
+        .map(|f| {
+            let t = templates.get((f % n) as usize).cloned().unwrap_or_default();
+            with_sport(t, 1024 + u16::try_from(f / n).unwrap_or(u16::MAX - 1024))
+        })
+        .collect();
+    if enabled {
+        match s {
+            Stateful::SecurityGroups { rules, .. } => {
+                let rule = |i: u32, allow: bool| SecurityRuleSpec {
+                    direction: RuleDirection::Ingress,
+                    ethertype: Default::default(),
+                    protocol: Some(if allow { "udp" } else { "tcp" }.into()),
+                    port_min: Some(if allow {
+                        53
+                    } else {
+                        1000 + u16::try_from(i).unwrap_or(0)
+                    }),
+                    port_max: None,
+                    icmp_type: None,
+                    icmp_code: None,
+                    remote_cidr: Some("10.0.0.0/16".into()),
+                    remote_group: None,
+                    priority: if allow { 0 } else { 1000 + i },
+                    action: if allow {
+                        RuleAction::Allow
+                    } else {
+                        RuleAction::Deny
+                    },
+                };
+                state.security_groups.push(SecurityGroupSpec {
+                    name: "bench".into(),
+                    ports: state
+                        .ports
+                        .iter()
+                        .filter(|p| p.name.starts_with("dst"))
+                        .map(|p| p.name.clone())
+                        .collect(),
+                    rules: (1..rules.max(1))
+                        .map(|i| rule(i, false))
+                        .chain([rule(0, true)])
+                        .collect(),
+                });
+            }
+            Stateful::Snat { .. } => state.nat.push(NatRuleSpec {
+                router: "r".into(),
+                kind: NatKind::Snat,
+                external_ip: "10.1.255.254".into(),
+                logical_ip: "10.0.0.0/16".into(),
+                protocol: None,
+                external_port: None,
+                logical_port: None,
+                port_min: None,
+                port_max: None,
+            }),
+        }
+    }
+    (state, frames)
+}
+
+/// Generator → worker → sink for a stateful scenario: `packets` frames
+/// cycling over the flows (the first pass sets the connections up). Also
+/// returns the conntrack bytes per connection.
+pub fn run_stateful(
+    s: Stateful,
+    enabled: bool,
+    packets: u64,
+) -> Result<(Run, usize), crate::config::ConfigError> {
+    let (state, frames) = stateful_scenario(s, enabled);
+    let flows = frames.len();
+    let config = ConfigHandle::new(interfaces());
+    config.apply(state)?;
+    let sink = MemPort::sink("sink");
+    let delivered = sink.counters();
+    let ports: Vec<Box<dyn Port>> = vec![
+        Box::new(MemPort::generator("gen", frames, packets)),
+        Box::new(sink),
+    ];
+    let worker = Worker::new(ports, config.tables(), Arc::new(Stats::new(&interfaces())));
+    // Room for every flow (a connection per flow and zone).
+    let mut worker = worker.with_connections(flows + flows / 4 + 1024);
+    let bytes = worker.conntrack_bytes_per_connection();
+    let start = Instant::now();
+    while worker.poll_once() > 0 {}
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((
+        Run {
+            generated: packets,
+            delivered: delivered.packets.load(Ordering::Relaxed),
+            seconds,
+        },
+        bytes,
+    ))
+}
+
 /// The peer: the same generator straight into the same sink, batch by batch.
 pub fn run_baseline(s: Scenario, packets: u64) -> Run {
     let (_, frames) = scenario(s);
@@ -192,5 +317,55 @@ mod tests {
             let peer = run_baseline(s, 20_000);
             assert_eq!(peer.delivered, 20_000, "{s:?}");
         }
+    }
+
+    #[test]
+    fn stateful_scenarios_deliver_every_packet_on_and_off() {
+        for s in [
+            Stateful::SecurityGroups {
+                hosts: 16,
+                rules: 100,
+                flows: 2_000,
+            },
+            Stateful::Snat { flows: 2_000 },
+        ] {
+            for enabled in [true, false] {
+                let (run, bytes) = run_stateful(s, enabled, 6_000).unwrap();
+                assert_eq!(run.delivered, 6_000, "{s:?} enabled={enabled}");
+                assert!(bytes > 0);
+            }
+        }
+        // The rules are really evaluated: with the allowing rule moved to
+        // another port, the same frame is dropped.
+        let s = Stateful::SecurityGroups {
+            hosts: 1,
+            rules: 3,
+            flows: 1,
+        };
+        let (mut state, frames) = stateful_scenario(s, true);
+        let verdict = |state: &DesiredState| {
+            let t = crate::config::compile(state, &interfaces(), 1).unwrap();
+            let mut buf = vec![0u8; 2048];
+            buf[..frames[0].len()].copy_from_slice(&frames[0]);
+            let mut len = frames[0].len();
+            crate::pipeline::process(
+                &t,
+                &mut crate::pipeline::Learned::new(0),
+                0,
+                &mut buf,
+                &mut len,
+                &mut crate::pipeline::NoTrace,
+            )
+            .verdict
+        };
+        assert_eq!(
+            verdict(&state),
+            crate::pipeline::Verdict::Unicast { port: 1 }
+        );
+        state.security_groups[0].rules.last_mut().unwrap().port_min = Some(54);
+        assert_eq!(
+            verdict(&state),
+            crate::pipeline::Verdict::Drop(crate::counters::DropReason::SecurityGroupDenied)
+        );
     }
 }

@@ -90,6 +90,10 @@ pub enum ConfigError {
         first: String,
         second: String,
     },
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
+    #[error(transparent)]
+    Nat(#[from] crate::nat::NatError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -481,6 +485,7 @@ pub fn compile(
         });
     }
 
+    let stateful = compile_stateful(desired, &lports, &mut switches)?;
     Ok(Tables {
         generation,
         interfaces: interfaces.to_vec(),
@@ -488,6 +493,30 @@ pub fn compile(
         lports,
         switches,
         routers,
+        stateful,
+    })
+}
+
+/// Security groups, NAT and firewall (their own modules; one call here).
+fn compile_stateful(
+    desired: &DesiredState,
+    lports: &[Lport],
+    switches: &mut [Switch],
+) -> Result<crate::stateful::StatefulTables, ConfigError> {
+    let mut names = Vec::new();
+    let acls = crate::security::compile(desired, lports, &mut names)?;
+    let routers = crate::nat::compile(desired, switches, &mut names)?;
+    let hits = names
+        .iter()
+        .map(|_| std::sync::atomic::AtomicU64::new(0))
+        .collect();
+    Ok(crate::stateful::StatefulTables {
+        acls,
+        routers,
+        counters: crate::security::RuleCounters {
+            names: names.into(),
+            hits,
+        },
     })
 }
 

@@ -41,6 +41,23 @@ pub enum Request {
         #[serde(default)]
         packet: Option<PacketSpec>,
     },
+    /// Hit counters of every security-group and firewall rule.
+    RuleStats,
+    /// Drop the tracked connections of one port's (or router's) conntrack zone.
+    CtFlush {
+        #[serde(default)]
+        port: Option<String>,
+        #[serde(default)]
+        router: Option<String>,
+    },
+}
+
+/// One rule's hit counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleHits {
+    #[serde(flatten)]
+    pub rule: crate::security::RuleName,
+    pub hits: u64,
 }
 
 /// A control response.
@@ -60,6 +77,13 @@ pub enum Response {
         steps: Vec<TraceStep>,
         verdict: String,
         output_hex: Option<String>,
+    },
+    RuleStats {
+        rules: Vec<RuleHits>,
+    },
+    /// The flush was handed to the workers (they run it within one round).
+    FlushRequested {
+        zone: u32,
     },
     Error {
         message: String,
@@ -194,6 +218,36 @@ impl Controller {
                 frame_hex,
                 packet,
             } => self.trace(&interface, frame_hex, packet),
+            Request::RuleStats => {
+                let tables = self.config.tables().load_full();
+                let c = &tables.stateful.counters;
+                Response::RuleStats {
+                    rules: c
+                        .names
+                        .iter()
+                        .zip(c.hits.iter())
+                        .map(|(n, h)| RuleHits {
+                            rule: n.clone(),
+                            hits: h.load(std::sync::atomic::Ordering::Relaxed),
+                        })
+                        .collect(),
+                }
+            }
+            Request::CtFlush { port, router } => {
+                let zone = match (port, router) {
+                    (Some(p), None) => crate::security::zone_id("port", &p),
+                    (None, Some(r)) => crate::security::zone_id("router", &r),
+                    _ => {
+                        return Response::Error {
+                            message: "give exactly one of port and router".into(),
+                        }
+                    }
+                };
+                self.stats
+                    .ct_flush
+                    .store(zone, std::sync::atomic::Ordering::Relaxed);
+                Response::FlushRequested { zone }
+            }
         }
     }
 
@@ -406,5 +460,50 @@ mod tests {
             panic!()
         };
         assert_eq!(verdict, "drop: malformed_ethernet");
+    }
+
+    #[test]
+    fn rule_stats_and_ct_flush_over_the_protocol() {
+        let c = controller();
+        let mut state = topology();
+        state.security_groups = vec![crate::model::SecurityGroupSpec {
+            name: "g".into(),
+            ports: vec!["vm2".into()],
+            rules: vec![crate::model::SecurityRuleSpec {
+                direction: crate::model::RuleDirection::Ingress,
+                ethertype: Default::default(),
+                protocol: Some("tcp".into()),
+                port_min: Some(80),
+                port_max: None,
+                icmp_type: None,
+                icmp_code: None,
+                remote_cidr: None,
+                remote_group: None,
+                priority: 1,
+                action: Default::default(),
+            }],
+        }];
+        c.handle(Request::Apply { state });
+        let req: Request = serde_json::from_str(r#"{"op":"rule_stats"}"#).unwrap();
+        let Response::RuleStats { rules } = c.handle(req) else {
+            panic!()
+        };
+        assert_eq!(rules.len(), 1);
+        assert_eq!((rules[0].rule.owner.as_str(), rules[0].hits), ("g", 0));
+        let req: Request = serde_json::from_str(r#"{"op":"ct_flush","port":"vm2"}"#).unwrap();
+        let Response::FlushRequested { zone } = c.handle(req) else {
+            panic!()
+        };
+        assert_eq!(zone, crate::security::zone_id("port", "vm2"));
+        assert_eq!(
+            c.stats.ct_flush.load(std::sync::atomic::Ordering::Relaxed),
+            zone
+        );
+        let Response::Error { .. } = c.handle(Request::CtFlush {
+            port: None,
+            router: None,
+        }) else {
+            panic!()
+        };
     }
 }

@@ -4,7 +4,7 @@
 //! per polling round (Cloud Hypervisor's queue-pair pattern), so the hot path
 //! never touches a shared cache line per packet.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -52,6 +52,12 @@ counted_enum!(
         NoNeighbor => "no_neighbor",
         IcmpErrorSuppressed => "icmp_error_suppressed",
         TxFailed => "tx_failed",
+        SecurityGroupDenied => "security_group_denied",
+        CtInvalid => "ct_invalid",
+        CtTableFull => "ct_table_full",
+        UntrackedFragment => "untracked_fragment",
+        FirewallDenied => "firewall_denied",
+        NatPortsExhausted => "nat_ports_exhausted",
     }
 );
 
@@ -123,7 +129,22 @@ pub struct Stats {
     pub interfaces: Vec<String>,
     pub ports: Vec<PortCounters>,
     pub outcomes: [AtomicU64; Outcome::COUNT],
+    /// Connection-tracking counters ([`CONNTRACK_COUNTERS`]) summed over workers.
+    pub conntrack: [AtomicU64; CONNTRACK_COUNTERS.len()],
+    /// A pending request to flush one conntrack zone (0 = none); workers
+    /// check it once per round.
+    pub ct_flush: AtomicU32,
 }
+
+/// Names of [`Stats::conntrack`], in index order. `entries` is a gauge.
+pub const CONNTRACK_COUNTERS: [&str; 6] = [
+    "entries",
+    "created",
+    "expired",
+    "table_full",
+    "invalid",
+    "flushed",
+];
 
 fn add(counter: &AtomicU64, value: &mut u64) {
     if *value != 0 {
@@ -139,7 +160,21 @@ impl Stats {
             interfaces: interfaces.to_vec(),
             ports: interfaces.iter().map(|_| PortCounters::default()).collect(),
             outcomes: Default::default(),
+            conntrack: Default::default(),
+            ct_flush: AtomicU32::new(0),
         }
+    }
+
+    /// Adds and zeroes a worker's conntrack counts; `entries` is its table size.
+    pub fn fold_conntrack(&self, c: &mut crate::conntrack::CtCounters, entries: usize) {
+        let [e, created, expired, full, invalid, flushed] = &self.conntrack;
+        // One worker today: the gauge is its table's size.
+        e.store(entries as u64, Ordering::Relaxed);
+        add(created, &mut c.created);
+        add(expired, &mut c.expired);
+        add(full, &mut c.table_full);
+        add(invalid, &mut c.invalid);
+        add(flushed, &mut c.flushed);
     }
 
     /// Adds and zeroes a worker's local counts (once per polling round).
@@ -190,6 +225,11 @@ impl Stats {
                     )
                 })
                 .collect(),
+            conntrack: CONNTRACK_COUNTERS
+                .iter()
+                .zip(&self.conntrack)
+                .map(|(n, c)| (n.to_string(), get(c)))
+                .collect(),
         }
     }
 }
@@ -211,6 +251,9 @@ pub struct PortSnapshot {
 pub struct StatsSnapshot {
     pub ports: Vec<PortSnapshot>,
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Connection tracking, summed over workers.
+    #[serde(default)]
+    pub conntrack: std::collections::BTreeMap<String, u64>,
 }
 
 impl StatsSnapshot {

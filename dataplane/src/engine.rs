@@ -15,6 +15,9 @@ use crate::tables::Tables;
 
 /// Learned MACs per worker; the table is allocated once at this size.
 pub const LEARNED_MACS: usize = 16 * 1024;
+/// Tracked connections per worker; the table is allocated once at this size
+/// (about 300 bytes each, see `keel bench dataplane`).
+pub const CONNECTIONS: usize = 64 * 1024;
 /// Transmit queue depth per port: a flood can put one frame of every received
 /// frame on each port, so one batch always fits.
 const TX_DEPTH: usize = BATCH;
@@ -69,10 +72,22 @@ impl Worker {
             tables,
             stats,
             rx: (0..BATCH).map(|_| PacketBuf::default()).collect(),
-            learned: Learned::new(LEARNED_MACS),
+            learned: Learned::new(LEARNED_MACS).with_connections(CONNECTIONS),
             outcomes: [0; Outcome::COUNT],
             pollfds,
         }
+    }
+
+    /// Replaces the connection table with one of `connections` entries
+    /// (benchmarks size it to their flow count).
+    pub fn with_connections(mut self, connections: usize) -> Worker {
+        self.learned = Learned::new(LEARNED_MACS).with_connections(connections);
+        self
+    }
+
+    /// Bytes per tracked connection of this worker's table.
+    pub fn conntrack_bytes_per_connection(&self) -> usize {
+        self.learned.stateful.ct.bytes_per_connection()
     }
 
     /// One round over every port; returns the number of frames received.
@@ -91,6 +106,7 @@ impl Worker {
         } = self;
         let tables = tables.load();
         learned.sync(tables.generation);
+        crate::stateful::serve_flush(stats, &mut learned.stateful);
         let mut total = 0;
         for i in 0..ports.len() {
             let Some(port) = ports.get_mut(i) else { break };
@@ -152,6 +168,9 @@ impl Worker {
             }
         }
         stats.fold(local, outcomes);
+        let ct = &mut learned.stateful.ct;
+        let entries = ct.len();
+        stats.fold_conntrack(&mut ct.counters, entries);
         total
     }
 

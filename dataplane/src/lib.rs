@@ -25,6 +25,17 @@
 //!   in place) or L2 forward (bound MACs, learned MACs, flood within the switch
 //!   but never back out the ingress interface). Every drop has a reason
 //!   ([`counters::DropReason`]) counted per interface, every outcome a counter.
+//! - **Stateful services** ([`stateful`], [`nat`], [`conntrack`],
+//!   [`security`]): a per-worker connection table with zones; security groups
+//!   per port (`security_group_out` after port security, `security_group_in`
+//!   before delivery to a port, for switched and routed traffic); the
+//!   router's NAT (SNAT with per-connection port allocation, DNAT port
+//!   forwarding, floating IPs) and firewall stage around the route lookup.
+//!   Rules are compiled into the immutable tables at apply time; a
+//!   configuration change re-checks each tracked connection once, on its next
+//!   packet, and cuts those now denied. Per-rule hit counters:
+//!   `{"op":"rule_stats"}`; one zone's connections are flushed with
+//!   `{"op":"ct_flush","port":"vm1"}` (or `"router"`).
 //! - **Trace** ([`control::Request::Trace`]): the same `process` with a
 //!   recording [`pipeline::Tracer`], like `ovn-trace`; forwarding uses the
 //!   no-op tracer, which compiles away.
@@ -42,6 +53,13 @@
 //! `{"op":"trace","interface":"dp0","packet":{"eth_src":…,"eth_dst":…,"ip_src":…,"ip_dst":…}}`
 //! (or `"frame_hex"`); [`control::request`] is the client.
 //!
+//! Stateful services are more fields of the same state, e.g.
+//! `"security_groups":[{"name":"web","ports":["vm1"],"rules":[{"direction":"ingress","protocol":"tcp","port_min":80,"remote_cidr":"10.0.0.0/8"}]}]`,
+//! `"nat":[{"router":"r","type":"snat","external_ip":"198.18.0.1","logical_ip":"10.0.1.0/24"},
+//! {"router":"r","type":"dnat_and_snat","external_ip":"198.18.0.50","logical_ip":"10.0.1.10"},
+//! {"router":"r","type":"dnat","external_ip":"198.18.0.1","protocol":"tcp","external_port":8080,"logical_ip":"10.0.1.11","logical_port":80}]`,
+//! `"firewall":[{"router":"r","protocol":"tcp","dst_cidr":"10.0.2.0/24","port_min":22,"action":"deny"}]`.
+//!
 //! # Threading model
 //!
 //! One worker thread ([`engine::Worker`]) owns all ports of a data plane and
@@ -51,6 +69,14 @@
 //! into shared atomics once per round. The control socket runs on other threads
 //! and only touches the `ArcSwap` and the atomics.
 //!
+//! The worker owns its connection table (pre-allocated, bounded; no lock).
+//! With several workers, frames must reach the worker by
+//! [`conntrack::steer`], a hash symmetric in the endpoints, so both
+//! directions of a connection meet in one table (see [`conntrack`]). Rule
+//! hit counters (security groups, firewall) are relaxed atomics in the
+//! tables, bumped only when rules are evaluated (first packets), not per
+//! packet; they restart at zero with each apply.
+//!
 //! # Assumptions
 //!
 //! - Frames fit a 2048-byte buffer (MTU 1500 + tags); larger ones are counted
@@ -59,6 +85,12 @@
 //! - At most 64 interfaces per data plane; one worker (multi-worker sharding of
 //!   ports is not implemented).
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
+//! - Stateful services: conntrack keys hold IPv6 addresses and security
+//!   groups filter IPv6, but NAT and the router firewall are IPv4 only (no
+//!   NAT64, no hairpin to a VM's own floating IP); non-first fragments are not
+//!   tracked (dropped on ports with groups); flooded frames are filtered on
+//!   the sending port only. The trace runs a fresh connection table, so it
+//!   shows the decision for a connection's first packet.
 //! - IPv6: port security, an ND responder (bindings and gateway addresses)
 //!   and forwarding between attached subnets (hop-limit decrement); no IPv6
 //!   static routes, no ICMPv6 errors (expiring hop limits are dropped and
@@ -68,6 +100,7 @@ pub mod bench;
 pub mod config;
 #[cfg(test)]
 mod config_tests;
+pub mod conntrack;
 pub mod control;
 pub mod counters;
 pub mod daemon;
@@ -75,10 +108,15 @@ pub mod engine;
 pub mod fastmap;
 pub mod lpm;
 pub mod model;
+pub mod nat;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
 pub mod port;
+pub mod security;
+pub mod stateful;
+#[cfg(test)]
+mod stateful_tests;
 pub mod tables;
 pub mod testutil;

@@ -17,6 +17,15 @@ pub struct DesiredState {
     pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub routers: Vec<RouterSpec>,
+    /// Stateful security groups and the ports in them ([`crate::security`]).
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroupSpec>,
+    /// SNAT / DNAT / floating IPs on routers ([`crate::nat`]).
+    #[serde(default)]
+    pub nat: Vec<NatRuleSpec>,
+    /// Router firewall rules, applied to routed traffic ([`crate::nat`]).
+    #[serde(default)]
+    pub firewall: Vec<FirewallRuleSpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).
@@ -90,4 +99,143 @@ pub struct RouterPortSpec {
 pub struct StaticRouteSpec {
     pub prefix: String,
     pub next_hop: String,
+}
+
+/// A security group: stateful rules applied to every member port.
+///
+/// A port in at least one group has the default semantics: ingress that no
+/// rule allows is denied, egress that no rule denies is allowed. Replies of
+/// an allowed connection always pass; a rule change re-checks established
+/// connections on their next packet and cuts those now denied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupSpec {
+    pub name: String,
+    /// Logical ports in this group (a port may be in several groups).
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<SecurityRuleSpec>,
+}
+
+/// Traffic direction as seen from the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleDirection {
+    /// Towards the port.
+    Ingress,
+    /// From the port.
+    Egress,
+}
+
+/// IP version a rule applies to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EtherType {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One security-group rule. Unset match fields match anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityRuleSpec {
+    pub direction: RuleDirection,
+    #[serde(default)]
+    pub ethertype: EtherType,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `any`, or an IP protocol number.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Destination port range (TCP/UDP), inclusive.
+    #[serde(default)]
+    pub port_min: Option<u16>,
+    #[serde(default)]
+    pub port_max: Option<u16>,
+    #[serde(default)]
+    pub icmp_type: Option<u8>,
+    #[serde(default)]
+    pub icmp_code: Option<u8>,
+    /// The far end's address: `a.b.c.d/len` (or IPv6).
+    #[serde(default)]
+    pub remote_cidr: Option<String>,
+    /// The far end is any port of this group (follows membership).
+    #[serde(default)]
+    pub remote_group: Option<String>,
+    /// Higher wins; on a tie, deny wins.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default)]
+    pub action: RuleAction,
+}
+
+/// Kind of a NAT rule (OVN's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatKind {
+    /// Sources in `logical_ip` (a CIDR) leave as `external_ip`, with a port
+    /// allocated per connection.
+    Snat,
+    /// `external_ip[:external_port]` is forwarded to `logical_ip[:logical_port]`.
+    Dnat,
+    /// Floating IP: `external_ip` ⇄ `logical_ip`, 1:1 both ways.
+    DnatAndSnat,
+}
+
+/// A NAT rule on a router. The external IP must be inside the subnet of one
+/// of the router's switches: that switch is the router's external side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatRuleSpec {
+    pub router: String,
+    #[serde(rename = "type")]
+    pub kind: NatKind,
+    pub external_ip: String,
+    /// SNAT: a CIDR; DNAT and floating IP: one address.
+    pub logical_ip: String,
+    /// DNAT port forwarding: `tcp` or `udp` (with both ports).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub external_port: Option<u16>,
+    #[serde(default)]
+    pub logical_port: Option<u16>,
+    /// SNAT source-port range (default 1024..=65535).
+    #[serde(default)]
+    pub port_min: Option<u16>,
+    #[serde(default)]
+    pub port_max: Option<u16>,
+}
+
+/// A router firewall rule, applied to traffic the router forwards.
+/// Higher priority wins; traffic no rule matches is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRuleSpec {
+    pub router: String,
+    #[serde(default)]
+    pub priority: u32,
+    /// `tcp`, `udp` or `any` (default).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub src_cidr: Option<String>,
+    #[serde(default)]
+    pub dst_cidr: Option<String>,
+    /// Destination port range (TCP/UDP), inclusive.
+    #[serde(default)]
+    pub port_min: Option<u16>,
+    #[serde(default)]
+    pub port_max: Option<u16>,
+    #[serde(default)]
+    pub action: RuleAction,
 }

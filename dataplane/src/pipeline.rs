@@ -89,6 +89,8 @@ pub struct Learned {
     generation: u64,
     capacity: usize,
     map: FastMap<u64, LportId>,
+    /// Connection tracking for the stateful stages ([`crate::stateful`]).
+    pub stateful: crate::stateful::WorkerState,
 }
 
 impl Learned {
@@ -98,7 +100,14 @@ impl Learned {
             generation: 0,
             capacity,
             map: fastmap::with_capacity(capacity),
+            stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
         }
+    }
+
+    /// Replaces the connection table with one of `connections` entries.
+    pub fn with_connections(mut self, connections: usize) -> Learned {
+        self.stateful = crate::stateful::WorkerState::new(connections);
+        self
     }
 
     fn key(switch: SwitchId, mac: &Mac) -> u64 {
@@ -108,6 +117,7 @@ impl Learned {
     /// Drops everything learned under an older configuration.
     // hot path: one compare per batch.
     pub fn sync(&mut self, generation: u64) {
+        self.stateful.tick();
         if self.generation != generation {
             self.map.clear();
             self.generation = generation;
@@ -344,6 +354,17 @@ pub fn process<T: Tracer>(
         }
     }
 
+    if let Err(reason) = crate::stateful::from_lport(
+        t,
+        &mut learned.stateful,
+        lport_id,
+        &p,
+        buf.get(..*len).unwrap_or(&[]),
+        tr,
+    ) {
+        return drop_(reason);
+    }
+
     if let Some(gw) = sw.gateway.filter(|gw| gw.mac == p.dst) {
         let mut d = route(t, learned, &p, &gw, buf, len, tr);
         d.learned |= learned_now;
@@ -376,7 +397,17 @@ pub fn process<T: Tracer>(
             });
             drop_(DropReason::Hairpin)
         }
-        Some((_, out)) => {
+        Some((d, out)) => {
+            if let Err(reason) = crate::stateful::to_lport(
+                t,
+                &mut learned.stateful,
+                d,
+                &p,
+                buf.get(..*len).unwrap_or(&[]),
+                tr,
+            ) {
+                return drop_(reason);
+            }
             tr.note("l2_forward", || {
                 format!(
                     "{} → logical port {:?} (interface {})",
@@ -415,7 +446,7 @@ fn arp_reply_in_place(buf: &mut [u8], p: &Parsed, mac: Mac) -> bool {
 
 fn route<T: Tracer>(
     t: &Tables,
-    learned: &Learned,
+    learned: &mut Learned,
     p: &Parsed,
     gw: &Gateway,
     buf: &mut [u8],
@@ -441,6 +472,24 @@ fn route<T: Tracer>(
     }
     let Some(router) = t.routers.get(gw.router as usize) else {
         return drop_(DropReason::RouterNotIpv4);
+    };
+    // NAT / firewall: translate tracked connections, DNAT first packets.
+    let pre = match crate::nat::pre_route(t, &mut learned.stateful, gw.router, p, buf, *len, tr) {
+        Ok(pre) => pre,
+        Err(reason) => return drop_(reason),
+    };
+    let reparsed;
+    let (p, ip) = if pre.rewritten() {
+        reparsed = match buf.get(..*len).map(parse) {
+            Some(Ok(p)) => p,
+            _ => return drop_(DropReason::MalformedIpv4),
+        };
+        match reparsed.l3 {
+            L3::Ipv4(ip) => (&reparsed, ip),
+            _ => return drop_(DropReason::MalformedIpv4),
+        }
+    } else {
+        (p, ip)
     };
     if router.own_ips.contains(&ip.dst) {
         if p.l4
@@ -505,6 +554,33 @@ fn route<T: Tracer>(
     let Some(out_sw) = t.switches.get(r.switch as usize) else {
         return drop_(DropReason::NoNeighbor);
     };
+    let resnat;
+    let p = match pre {
+        crate::nat::PreRoute::New { orig, cur, .. } => {
+            match crate::nat::post_route(
+                t,
+                &mut learned.stateful,
+                gw.router,
+                orig,
+                cur,
+                r.switch,
+                p,
+                buf.get_mut(..*len).unwrap_or(&mut []),
+                tr,
+            ) {
+                Ok(false) => p,
+                Ok(true) => {
+                    resnat = match buf.get(..*len).map(parse) {
+                        Some(Ok(p)) => p,
+                        _ => return drop_(DropReason::MalformedIpv4),
+                    };
+                    &resnat
+                }
+                Err(reason) => return drop_(reason),
+            }
+        }
+        _ => p,
+    };
     tr.note("router", || {
         format!(
             "route {} → switch {:?} next hop {}",
@@ -519,6 +595,7 @@ fn route<T: Tracer>(
             .copied()
             .or_else(|| learned.lookup(r.switch, &m))
     });
+    let out_id = out;
     let (Some(nh_mac), Some(out), Some(out_gw)) = (
         nh_mac,
         out.and_then(|o| t.lports.get(o as usize)),
@@ -529,6 +606,18 @@ fn route<T: Tracer>(
         });
         return drop_(DropReason::NoNeighbor);
     };
+    if let Some(out_id) = out_id {
+        if let Err(reason) = crate::stateful::to_lport(
+            t,
+            &mut learned.stateful,
+            out_id,
+            p,
+            buf.get(..*len).unwrap_or(&[]),
+            tr,
+        ) {
+            return drop_(reason);
+        }
+    }
 
     // TTL is the high byte of the 16-bit word at offset 8 (TTL, protocol).
     let ttl_word = u16::from_be_bytes([ip.ttl, ip.proto]);
@@ -568,7 +657,7 @@ fn route<T: Tracer>(
 #[allow(clippy::too_many_arguments)]
 fn route6<T: Tracer>(
     t: &Tables,
-    learned: &Learned,
+    learned: &mut Learned,
     p: &Parsed,
     ip6: &crate::packet::parse::Ipv6Info,
     gw: &Gateway,
@@ -611,6 +700,7 @@ fn route6<T: Tracer>(
             .copied()
             .or_else(|| learned.lookup(r.switch, &m))
     });
+    let out_id = out;
     let (Some(nh_mac), Some(out), Some(out_gw)) = (
         nh_mac,
         out.and_then(|o| t.lports.get(o as usize)),
@@ -621,6 +711,18 @@ fn route6<T: Tracer>(
         });
         return drop_(DropReason::NoNeighbor);
     };
+    if let Some(out_id) = out_id {
+        if let Err(reason) = crate::stateful::to_lport(
+            t,
+            &mut learned.stateful,
+            out_id,
+            p,
+            buf.get(..*len).unwrap_or(&[]),
+            tr,
+        ) {
+            return drop_(reason);
+        }
+    }
     if !(put(buf, p.l3_offset + 7, &[ip6.hop_limit - 1])
         && set_vlan(buf, len, p.vlan.is_some(), out_sw.vlan)
         && put(buf, 0, &nh_mac)

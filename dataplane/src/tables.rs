@@ -125,6 +125,8 @@ pub struct Tables {
     pub lports: Vec<Lport>,
     pub switches: Vec<Switch>,
     pub routers: Vec<Router>,
+    /// Security groups, NAT and firewall ([`crate::stateful`]).
+    pub stateful: crate::stateful::StatefulTables,
 }
 
 impl Tables {

@@ -94,5 +94,6 @@ pub fn topology() -> DesiredState {
                 next_hop: "10.0.2.10".into(),
             }],
         }],
+        ..DesiredState::default()
     }
 }

@@ -88,6 +88,7 @@ fn desired() -> DesiredState {
             ],
             static_routes: vec![],
         }],
+        ..DesiredState::default()
     }
 }
 

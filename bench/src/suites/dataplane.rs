@@ -3,9 +3,13 @@
 //! generator → sink with no pipeline (the ceiling of the in-memory ports).
 //! The ratio is the share of the I/O ceiling the pipeline keeps.
 //!
+//! Stateful scenarios (security groups + conntrack, SNAT) are measured
+//! against the same frames with the feature off, so their ratio is the share
+//! of stateless forwarding speed they keep.
+//!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
-use keel_dataplane::bench::{run_baseline, run_pipeline, Run, Scenario};
+use keel_dataplane::bench::{run_baseline, run_pipeline, run_stateful, Run, Scenario, Stateful};
 
 use crate::{BenchError, Measurement, Scale, Suite};
 
@@ -63,7 +67,79 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
             .with_peer(PEER, peer.ns_per_packet()),
         );
     }
+    stateful(scale, &mut out)?;
     Ok(out)
+}
+
+fn io(e: keel_dataplane::config::ConfigError) -> BenchError {
+    BenchError::Io(std::io::Error::other(e))
+}
+
+/// Security groups + conntrack and SNAT, each against itself switched off.
+fn stateful(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    let (flows, per_round) = match scale {
+        Scale::Quick => (10_000, 100_000),
+        Scale::Full => (100_000, 4_000_000),
+    };
+    let sg = Stateful::SecurityGroups {
+        hosts: 256,
+        rules: 100,
+        flows,
+    };
+    let snat = Stateful::Snat { flows: flows / 2 };
+    let scenarios = [
+        (
+            format!("security groups (100 rules) + conntrack, {flows} flows"),
+            sg,
+            "same frames, security groups off",
+        ),
+        (
+            format!("SNAT, {} flows", flows / 2),
+            snat,
+            "same frames routed, NAT off",
+        ),
+    ];
+    let mut bytes_per_conn = 0;
+    for (name, s, peer_name) in scenarios {
+        let (mut keel, mut peer) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let (run, bytes) = run_stateful(s, true, per_round).map_err(io)?;
+            bytes_per_conn = bytes;
+            keel.push(run);
+            peer.push(run_stateful(s, false, per_round).map_err(io)?.0);
+        }
+        let (keel, peer) = (total(&keel), total(&peer));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, keel.mpps())
+                .with_peer(peer_name, peer.mpps()),
+        );
+    }
+    // Connection setup: one pass, every packet opens a connection (100 rules checked).
+    let (mut keel, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        keel.push(run_stateful(sg, true, u64::from(flows)).map_err(io)?.0);
+        peer.push(run_stateful(sg, false, u64::from(flows)).map_err(io)?.0);
+    }
+    let (keel, peer) = (total(&keel), total(&peer));
+    out.push(
+        Measurement::new(
+            "new connections through 100-rule security groups",
+            "M conn/s",
+            true,
+            keel.mpps(),
+        )
+        .with_peer(
+            "same first packets, security groups off (Mpps)",
+            peer.mpps(),
+        ),
+    );
+    out.push(Measurement::new(
+        "conntrack memory per connection",
+        "bytes",
+        false,
+        bytes_per_conn as f64,
+    ));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -73,8 +149,8 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 6);
-        for m in &ms {
+        assert_eq!(ms.len(), 10);
+        for m in ms.iter().filter(|m| m.unit != "bytes") {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
     }

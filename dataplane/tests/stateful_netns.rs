@@ -1,0 +1,493 @@
+//! Security groups and NAT with real TCP stacks in network namespaces.
+//!
+//! A "switch" namespace runs the data plane on veths `dpN`; each host
+//! namespace holds the other end as `eth0` (TX checksum offload off, see the
+//! crate docs). Sockets are real: they are opened by threads that entered
+//! the hosts' namespaces.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use keel_dataplane::control::{request, Request, Response};
+use keel_dataplane::counters::StatsSnapshot;
+use keel_dataplane::model::{
+    DesiredState, FirewallRuleSpec, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
+    RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
+};
+use keel_testkit::{veth_pair, NetnsHost};
+
+/// (name, switch, MAC, address/len, gateway)
+type HostSpec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+struct Lab {
+    hosts: Vec<NetnsHost>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    // Dropped last: kills the data plane, then removes the namespace.
+    _switch: NetnsHost,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keel-dataplane")
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns`; sockets it opens live there.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+impl Lab {
+    fn start(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+        let switch = NetnsHost::new("ctsw").unwrap();
+        let mut made = Vec::new();
+        for (i, (name, _, mac, cidr, gw)) in hosts.iter().enumerate() {
+            let host = NetnsHost::new(name).unwrap();
+            let dp = format!("dp{i}");
+            veth_pair(&switch, &dp, &host, "eth0").unwrap();
+            host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
+            host.sh(
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
+            )
+            .unwrap();
+            host.add_addr("eth0", cidr).unwrap();
+            if !gw.is_empty() {
+                host.add_route("default", gw).unwrap();
+            }
+            host.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
+            switch.exec(&["ethtool", "-K", &dp, "tx", "off"]).unwrap();
+            switch
+                .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
+                .unwrap();
+            made.push(host);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("state.json");
+        std::fs::write(&config, serde_json::to_vec(state).unwrap()).unwrap();
+        let socket = dir.path().join("dp.sock");
+        let mut args = vec![bin().to_string()];
+        for i in 0..hosts.len() {
+            args.extend(["--interface".into(), format!("dp{i}")]);
+        }
+        args.extend([
+            "--config".into(),
+            config.display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        switch.spawn(&args).unwrap();
+        let lab = Lab {
+            hosts: made,
+            socket,
+            _dir: dir,
+            _switch: switch,
+        };
+        wait_for(
+            || {
+                matches!(
+                    request(&lab.socket, &Request::Get),
+                    Ok(Response::State { .. })
+                )
+            },
+            "the data plane to come up",
+        );
+        lab
+    }
+
+    fn ns(&self, i: usize) -> &str {
+        self.hosts[i].name()
+    }
+
+    fn apply(&self, state: &DesiredState) {
+        match request(
+            &self.socket,
+            &Request::Apply {
+                state: state.clone(),
+            },
+        )
+        .unwrap()
+        {
+            Response::Applied { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        // The worker folds counters once per round: wait until they settle.
+        let get = || match request(&self.socket, &Request::Stats).unwrap() {
+            Response::Stats { stats } => stats,
+            other => panic!("{other:?}"),
+        };
+        let mut last = get();
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = get();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
+    fn listen(&self, host: usize, port: u16) -> TcpListener {
+        in_netns(self.ns(host), || {
+            TcpListener::bind(("0.0.0.0", port)).unwrap()
+        })
+    }
+
+    /// Connects from `host`; `Err` when the handshake does not complete.
+    fn connect(&self, host: usize, to: &str) -> std::io::Result<TcpStream> {
+        let addr: SocketAddr = to.parse().unwrap();
+        in_netns(self.ns(host), || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            Ok(s)
+        })
+    }
+}
+
+fn accept(l: &TcpListener) -> (TcpStream, SocketAddr) {
+    let (s, peer) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    (s, peer)
+}
+
+/// Sends `msg` from `a` and reads it at `b`.
+fn deliver(a: &mut TcpStream, b: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    a.write_all(msg)?;
+    let mut got = vec![0u8; msg.len()];
+    b.read_exact(&mut got)?;
+    assert_eq!(got, msg);
+    Ok(())
+}
+
+fn switch(name: &str, subnet: &str) -> SwitchSpec {
+    SwitchSpec {
+        name: name.into(),
+        subnet: subnet.into(),
+        vlan: None,
+        subnet6: None,
+    }
+}
+
+fn port(hosts: &[HostSpec], i: usize, port_security: bool) -> PortSpec {
+    let (name, sw, mac, cidr, _) = hosts[i];
+    PortSpec {
+        name: name.into(),
+        switch: sw.into(),
+        interface: format!("dp{i}"),
+        mac: Some(mac.into()),
+        ips: vec![cidr.split('/').next().unwrap().into()],
+        port_security,
+    }
+}
+
+fn tcp_in(port: u16) -> SecurityRuleSpec {
+    SecurityRuleSpec {
+        direction: RuleDirection::Ingress,
+        ethertype: Default::default(),
+        protocol: Some("tcp".into()),
+        port_min: Some(port),
+        port_max: Some(port),
+        icmp_type: None,
+        icmp_code: None,
+        remote_cidr: Some("10.0.1.0/24".into()),
+        remote_group: None,
+        priority: 10,
+        action: RuleAction::Allow,
+    }
+}
+
+const SG_HOSTS: [HostSpec; 2] = [
+    ("client", "a", "02:00:00:00:00:10", "10.0.1.10/24", ""),
+    ("server", "a", "02:00:00:00:00:11", "10.0.1.11/24", ""),
+];
+
+/// The server port is in group "web", which lets in TCP to `ports`.
+fn sg_state(ports: &[u16]) -> DesiredState {
+    DesiredState {
+        switches: vec![switch("a", "10.0.1.0/24")],
+        ports: (0..2).map(|i| port(&SG_HOSTS, i, true)).collect(),
+        security_groups: vec![SecurityGroupSpec {
+            name: "web".into(),
+            ports: vec!["server".into()],
+            rules: ports.iter().map(|p| tcp_in(*p)).collect(),
+        }],
+        ..DesiredState::default()
+    }
+}
+
+#[test]
+fn security_groups_allow_deny_and_cut_on_rule_change() {
+    let lab = Lab::start(&SG_HOSTS, &sg_state(&[5000, 5001]));
+    let (server, client) = (1, 0);
+    let web = lab.listen(server, 5000);
+    let api = lab.listen(server, 5001);
+    let ssh = lab.listen(server, 6000);
+
+    // Allowed: a real connection carries data both ways (replies pass).
+    let mut a_client = lab.connect(client, "10.0.1.11:5000").unwrap();
+    let (mut a_server, _) = accept(&web);
+    deliver(&mut a_client, &mut a_server, b"request").unwrap();
+    deliver(&mut a_server, &mut a_client, b"response").unwrap();
+    let mut b_client = lab.connect(client, "10.0.1.11:5001").unwrap();
+    let (mut b_server, _) = accept(&api);
+    deliver(&mut b_client, &mut b_server, b"hello").unwrap();
+
+    // Denied: the listener exists, the handshake never completes.
+    let denied = lab.connect(client, "10.0.1.11:6000");
+    assert!(denied.is_err(), "port 6000 must be filtered");
+    ssh.set_nonblocking(true).unwrap();
+    assert_eq!(
+        ssh.accept().unwrap_err().kind(),
+        ErrorKind::WouldBlock,
+        "nothing reached the server"
+    );
+    // Stateful egress: the server (default allow egress) reaches the client,
+    // and the client's replies come back in although no rule lets them in.
+    let back = lab.listen(client, 7000);
+    let mut c = lab.connect(server, "10.0.1.10:7000").unwrap();
+    let (mut c_peer, _) = accept(&back);
+    deliver(&mut c, &mut c_peer, b"out").unwrap();
+    deliver(&mut c_peer, &mut c, b"back").unwrap();
+
+    // Rule change: 5000 is no longer allowed. Its established connection is
+    // cut on the next packet; 5001's stays up.
+    lab.apply(&sg_state(&[5001]));
+    a_client.write_all(b"after").unwrap();
+    let mut buf = [0u8; 5];
+    let err = a_server.read_exact(&mut buf).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    deliver(&mut b_client, &mut b_server, b"still").unwrap();
+    deliver(&mut b_server, &mut b_client, b"alive").unwrap();
+    // ... and a new connection to 5000 is refused too.
+    assert!(lab.connect(client, "10.0.1.11:5000").is_err());
+
+    let stats = lab.stats();
+    let drops = &stats.port("dp0").unwrap().drops;
+    assert!(
+        drops.get("security_group_denied").copied().unwrap_or(0) >= 2,
+        "{stats:?}"
+    );
+    assert!(stats.conntrack["created"] >= 3, "{stats:?}");
+    // Per-rule hits: the 5001 rule (now rule 0 of "web") saw its connection again.
+    match request(&lab.socket, &Request::RuleStats).unwrap() {
+        Response::RuleStats { rules } => {
+            assert_eq!(rules.len(), 1);
+            assert!(rules[0].hits >= 1, "{rules:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Flushing the server's zone drops its connections: 5001 is picked up
+    // again from its next packet (still allowed), so it keeps working.
+    match request(
+        &lab.socket,
+        &Request::CtFlush {
+            port: Some("server".into()),
+            router: None,
+        },
+    )
+    .unwrap()
+    {
+        Response::FlushRequested { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    wait_for(
+        || lab.stats().conntrack["flushed"] >= 2,
+        "the zone flush to run",
+    );
+    deliver(&mut b_client, &mut b_server, b"after-flush").unwrap();
+}
+
+const NAT_HOSTS: [HostSpec; 3] = [
+    (
+        "vmfip",
+        "a",
+        "02:00:00:00:00:10",
+        "10.0.1.10/24",
+        "10.0.1.1",
+    ),
+    (
+        "vmsnat",
+        "a",
+        "02:00:00:00:00:11",
+        "10.0.1.11/24",
+        "10.0.1.1",
+    ),
+    (
+        "internet",
+        "ext",
+        "02:00:00:00:00:99",
+        "198.18.0.100/24",
+        "",
+    ),
+];
+
+fn nat_state() -> DesiredState {
+    let nat = |kind, ext: &str, logical: &str| NatRuleSpec {
+        router: "r".into(),
+        kind,
+        external_ip: ext.into(),
+        logical_ip: logical.into(),
+        protocol: None,
+        external_port: None,
+        logical_port: None,
+        port_min: None,
+        port_max: None,
+    };
+    DesiredState {
+        switches: vec![switch("a", "10.0.1.0/24"), switch("ext", "198.18.0.0/24")],
+        ports: vec![
+            port(&NAT_HOSTS, 0, true),
+            port(&NAT_HOSTS, 1, true),
+            port(&NAT_HOSTS, 2, false),
+        ],
+        routers: vec![RouterSpec {
+            name: "r".into(),
+            ports: vec![
+                RouterPortSpec {
+                    switch: "a".into(),
+                    mac: "02:00:00:00:ff:01".into(),
+                    ip: "10.0.1.1".into(),
+                    ip6: None,
+                },
+                RouterPortSpec {
+                    switch: "ext".into(),
+                    mac: "02:00:00:00:ff:09".into(),
+                    ip: "198.18.0.1".into(),
+                    ip6: None,
+                },
+            ],
+            static_routes: vec![],
+        }],
+        nat: vec![
+            nat(NatKind::Snat, "198.18.0.1", "10.0.1.0/24"),
+            nat(NatKind::DnatAndSnat, "198.18.0.50", "10.0.1.10"),
+            NatRuleSpec {
+                protocol: Some("tcp".into()),
+                external_port: Some(8080),
+                logical_port: Some(80),
+                ..nat(NatKind::Dnat, "198.18.0.1", "10.0.1.11")
+            },
+        ],
+        // The router firewall sees the translated (internal) destination.
+        firewall: vec![FirewallRuleSpec {
+            router: "r".into(),
+            priority: 10,
+            protocol: Some("tcp".into()),
+            src_cidr: None,
+            dst_cidr: Some("10.0.1.10/32".into()),
+            port_min: Some(5001),
+            port_max: None,
+            action: RuleAction::Deny,
+        }],
+        ..DesiredState::default()
+    }
+}
+
+#[test]
+fn snat_dnat_and_floating_ip_with_an_internet_host() {
+    let lab = Lab::start(&NAT_HOSTS, &nat_state());
+    let (fip_vm, snat_vm, internet) = (0, 1, 2);
+
+    // Floating IP: the internet host reaches the VM at 198.18.0.50, and the VM
+    // sees the real client address.
+    let l = lab.listen(fip_vm, 5000);
+    let mut c = lab.connect(internet, "198.18.0.50:5000").unwrap();
+    let (mut s, peer) = accept(&l);
+    assert_eq!(peer.ip().to_string(), "198.18.0.100");
+    deliver(&mut c, &mut s, b"to the floating ip").unwrap();
+    deliver(&mut s, &mut c, b"from behind it").unwrap();
+
+    // DNAT port forwarding: 198.18.0.1:8080 → the other VM's port 80.
+    let l = lab.listen(snat_vm, 80);
+    let mut c = lab.connect(internet, "198.18.0.1:8080").unwrap();
+    let (mut s, peer) = accept(&l);
+    assert_eq!(peer.ip().to_string(), "198.18.0.100");
+    deliver(&mut c, &mut s, b"forwarded").unwrap();
+    deliver(&mut s, &mut c, b"answered").unwrap();
+
+    // SNAT: the VM without a floating IP reaches the internet host, which
+    // sees the router's external address; the floating-IP VM leaves as its FIP.
+    let l = lab.listen(internet, 7000);
+    let mut c = lab.connect(snat_vm, "198.18.0.100:7000").unwrap();
+    let (mut s, peer) = accept(&l);
+    assert_eq!(peer.ip().to_string(), "198.18.0.1");
+    deliver(&mut c, &mut s, b"outbound").unwrap();
+    deliver(&mut s, &mut c, b"inbound reply").unwrap();
+    let mut c = lab.connect(fip_vm, "198.18.0.100:7000").unwrap();
+    let (mut s, peer) = accept(&l);
+    assert_eq!(peer.ip().to_string(), "198.18.0.50");
+    deliver(&mut c, &mut s, b"fip outbound").unwrap();
+
+    // ICMP echo through SNAT (identifier translated).
+    let out = lab.hosts[snat_vm]
+        .sh("ping -c 3 -i 0.2 -W 2 198.18.0.100")
+        .unwrap();
+    assert!(out.contains("3 received"), "{out}");
+
+    // An ICMP error crossing SNAT is translated back: the internet host's
+    // "port unreachable" quotes 198.18.0.1:<port>; the VM's socket only sees
+    // ECONNREFUSED if the quoted packet is restored to its own address/port
+    // (and every checksum is right).
+    let refused = in_netns(lab.ns(snat_vm), || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.connect("198.18.0.100:9").unwrap();
+        s.send(b"anyone?").unwrap();
+        s.recv(&mut [0u8; 16]).unwrap_err().kind()
+    });
+    assert_eq!(refused, ErrorKind::ConnectionRefused);
+
+    // Nothing unsolicited gets in through the SNAT address.
+    assert!(lab.connect(internet, "198.18.0.1:7001").is_err());
+
+    // Router firewall: port 5001 of the floating-IP VM is dropped at the
+    // router although the VM listens; 5000 keeps working.
+    let blocked = lab.listen(fip_vm, 5001);
+    assert!(lab.connect(internet, "198.18.0.50:5001").is_err());
+    blocked.set_nonblocking(true).unwrap();
+    assert_eq!(blocked.accept().unwrap_err().kind(), ErrorKind::WouldBlock);
+    let l = lab.listen(fip_vm, 5002);
+    assert!(lab.connect(internet, "198.18.0.50:5002").is_ok());
+    drop(l);
+    let stats = lab.stats();
+    let drops = &stats.port("dp2").unwrap().drops;
+    assert!(
+        drops.get("firewall_denied").copied().unwrap_or(0) >= 1,
+        "{stats:?}"
+    );
+}
