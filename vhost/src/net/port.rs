@@ -1,0 +1,302 @@
+//! The data-plane side of a vhost-user-net NIC: the worker pops the guest's
+//! TX chains into its packet buffers and copies frames into the guest's RX
+//! buffers, one vring lock and at most one guest notification per batch.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use keel_dataplane::port::{PacketBuf, Port, PortError};
+use vhost_user_backend::{VringState, VringT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap};
+
+use crate::net::device::{Active, NetShared};
+
+/// Offset of `num_buffers` in `struct virtio_net_hdr_mrg_rxbuf`.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Most RX chains one frame may span (mergeable buffers are ≥ 1 KiB in
+/// Linux; a 2 KiB frame never needs this many).
+const MAX_CHAINS_PER_FRAME: usize = 16;
+
+/// A vhost-user-net NIC as seen by the data-plane worker.
+pub struct VhostNetPort {
+    name: String,
+    shared: Arc<NetShared>,
+    generation: u64,
+    active: Option<Active>,
+    rx_dropped: u64,
+}
+
+impl VhostNetPort {
+    /// The port named `name` (what the desired state's `interface` refers
+    /// to) fed by the connections published to `shared`.
+    pub fn new(name: &str, shared: Arc<NetShared>) -> Self {
+        Self {
+            name: name.to_string(),
+            shared,
+            generation: 0,
+            active: None,
+            rx_dropped: 0,
+        }
+    }
+
+    /// Picks up a new (or ended) connection; one atomic load per batch.
+    fn refresh(&mut self) {
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.active = self.shared.active.lock().ok().and_then(|a| a.clone());
+            self.generation = generation;
+            tracing::debug!(port = %self.name, connected = self.active.is_some(), "data plane picked up connection change");
+        }
+    }
+
+    fn pop_tx(&mut self, bufs: &mut [PacketBuf]) -> Result<usize, PortError> {
+        let Some(active) = &self.active else {
+            return Ok(0);
+        };
+        let guard = active.mem.memory();
+        let mem: &GuestMemoryMmap<()> = &guard;
+        let mut state = active.tx.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut used = 0;
+        while let Some(buf) = bufs.get_mut(n) {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match read_chain(mem, chain, active.hdr_len, buf) {
+                Some(len) => {
+                    buf.len = len;
+                    n += 1;
+                }
+                None => self.rx_dropped += 1,
+            }
+            state
+                .get_queue_mut()
+                .add_used(mem, head, 0)
+                .map_err(|e| self.queue_err("TX used ring", e))?;
+            used += 1;
+        }
+        if used > 0 {
+            notify(&mut state, mem, &self.name)?;
+        }
+        Ok(n)
+    }
+
+    fn queue_err(&self, step: &'static str, e: virtio_queue::Error) -> PortError {
+        PortError::Receive {
+            name: format!("{} ({step})", self.name),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
+/// Signals the guest unless it asked not to be (one eventfd write per batch).
+fn notify(
+    state: &mut VringState<crate::net::device::GuestMem>,
+    mem: &GuestMemoryMmap<()>,
+    name: &str,
+) -> Result<(), PortError> {
+    let needed = state
+        .get_queue_mut()
+        .needs_notification(mem)
+        .unwrap_or(true);
+    if needed {
+        state
+            .signal_used_queue()
+            .map_err(|source| PortError::Transmit {
+                name: name.to_string(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Copies one guest TX chain (header + frame, in any number of readable
+/// descriptors) into `buf` without the header; `None` when the chain is
+/// malformed (write-only descriptor, bad address) or the frame does not fit.
+// hot path: no allocation; one bounds-checked copy per descriptor.
+fn read_chain<M>(
+    mem: &GuestMemoryMmap<()>,
+    chain: virtio_queue::DescriptorChain<M>,
+    hdr_len: usize,
+    buf: &mut PacketBuf,
+) -> Option<usize>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let dst = buf.buffer_mut();
+    let mut skip = hdr_len;
+    let mut len = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return None;
+        }
+        let dlen = usize::try_from(desc.len()).ok()?;
+        let from_hdr = skip.min(dlen);
+        skip -= from_hdr;
+        let data = dlen - from_hdr;
+        if data == 0 {
+            continue;
+        }
+        let addr = desc.addr().checked_add(from_hdr as u64)?;
+        let end = len.checked_add(data)?;
+        mem.read_slice(dst.get_mut(len..end)?, addr).ok()?;
+        len = end;
+    }
+    (skip == 0).then_some(len)
+}
+
+/// Writes `frame` (after a virtio-net header) into as many RX chains as it
+/// needs; `false` (and the queue rewound) when the guest has too few buffers.
+// hot path: no allocation; chains are tracked in a stack array.
+fn write_frame(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    active: &Active,
+    frame: &[u8],
+) -> bool {
+    let start = queue.next_avail();
+    let mut header = [0u8; 12];
+    header[NUM_BUFFERS_OFFSET] = 1;
+    let header = &header[..active.hdr_len];
+    let total = header.len() + frame.len();
+    let mut chains = [(0u16, 0u32); MAX_CHAINS_PER_FRAME];
+    let mut nchains = 0;
+    let mut written = 0usize;
+    let mut num_buffers_at: Option<GuestAddress> = None;
+    while written < total {
+        let chain = match queue.pop_descriptor_chain(mem) {
+            Some(c) if nchains < MAX_CHAINS_PER_FRAME => c,
+            _ => {
+                queue.set_next_avail(start);
+                return false;
+            }
+        };
+        let head = chain.head_index();
+        let mut chain_len = 0u32;
+        for desc in chain {
+            if written == total {
+                break;
+            }
+            if !desc.is_write_only() {
+                queue.set_next_avail(start);
+                return false;
+            }
+            let dlen = usize::try_from(desc.len()).unwrap_or(0);
+            let mut off = 0usize;
+            while off < dlen && written < total {
+                let addr = desc.addr().unchecked_add(off as u64);
+                let (src, copied) = if written < header.len() {
+                    let part = &header[written..];
+                    let n = part.len().min(dlen - off);
+                    if written <= NUM_BUFFERS_OFFSET && NUM_BUFFERS_OFFSET + 2 <= written + n {
+                        num_buffers_at =
+                            Some(addr.unchecked_add((NUM_BUFFERS_OFFSET - written) as u64));
+                    }
+                    (&part[..n], n)
+                } else {
+                    let part = &frame[written - header.len()..];
+                    let n = part.len().min(dlen - off);
+                    (&part[..n], n)
+                };
+                if mem.write_slice(src, addr).is_err() {
+                    queue.set_next_avail(start);
+                    return false;
+                }
+                off += copied;
+                written += copied;
+                chain_len += u32::try_from(copied).unwrap_or(0);
+            }
+        }
+        if let Some(slot) = chains.get_mut(nchains) {
+            *slot = (head, chain_len);
+        }
+        nchains += 1;
+        if !active.mergeable && written < total {
+            // Without mergeable buffers the frame must fit one chain.
+            queue.set_next_avail(start);
+            return false;
+        }
+    }
+    if active.mergeable && nchains > 1 {
+        let Some(at) = num_buffers_at else {
+            queue.set_next_avail(start);
+            return false;
+        };
+        let count = u16::try_from(nchains).unwrap_or(1).to_le_bytes();
+        if mem.write_slice(&count, at).is_err() {
+            queue.set_next_avail(start);
+            return false;
+        }
+    }
+    for (head, len) in chains.iter().take(nchains) {
+        if queue.add_used(mem, *head, *len).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+impl Port for VhostNetPort {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    // hot path: one vring lock per batch, no allocation, at most one
+    // notification; the wake eventfd is read only after a kick.
+    fn rx_batch(&mut self, bufs: &mut [PacketBuf]) -> Result<usize, PortError> {
+        self.refresh();
+        let n = self.pop_tx(bufs)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        // Idle: consume the wake-up, then look again so a kick that raced
+        // with the first look is not slept through.
+        if self.shared.kicked.swap(false, Ordering::AcqRel) {
+            let _ = self.shared.wake.read();
+            self.refresh();
+            return self.pop_tx(bufs);
+        }
+        Ok(0)
+    }
+
+    // hot path: one vring lock per batch, no allocation, at most one
+    // notification.
+    fn tx_batch(&mut self, bufs: &[PacketBuf]) -> Result<usize, PortError> {
+        self.refresh();
+        let Some(active) = &self.active else {
+            return Ok(0);
+        };
+        let guard = active.mem.memory();
+        let mem: &GuestMemoryMmap<()> = &guard;
+        let mut state = active.rx.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return Ok(0);
+        }
+        let mut sent = 0;
+        for buf in bufs {
+            if !write_frame(state.get_queue_mut(), mem, active, buf.frame()) {
+                break;
+            }
+            sent += 1;
+        }
+        if sent > 0 {
+            notify(&mut state, mem, &self.name)?;
+        }
+        Ok(sent)
+    }
+
+    fn poll_fd(&self) -> Option<RawFd> {
+        Some(self.shared.wake.as_raw_fd())
+    }
+
+    fn take_rx_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.rx_dropped)
+    }
+}
