@@ -52,6 +52,8 @@ counted_enum!(
         NoNeighbor => "no_neighbor",
         IcmpErrorSuppressed => "icmp_error_suppressed",
         TxFailed => "tx_failed",
+        MalformedDhcp => "malformed_dhcp",
+        DhcpNotAnswered => "dhcp_not_answered",
     }
 );
 
@@ -67,6 +69,9 @@ counted_enum!(
         IcmpTimeExceeded => "icmp_time_exceeded_sent",
         IcmpNetUnreachable => "icmp_net_unreachable_sent",
         MacLearned => "mac_learned",
+        DhcpOffered => "dhcp_offer_sent",
+        DhcpAcked => "dhcp_ack_sent",
+        DhcpNaked => "dhcp_nak_sent",
     }
 );
 

@@ -23,7 +23,8 @@
 //!   5-tuple hash, next-hop MAC from bindings, VLAN
 //!   tag push/pop, ICMP time-exceeded / net-unreachable / gateway echo built
 //!   in place) or L2 forward (bound MACs, learned MACs, flood within the switch
-//!   but never back out the ingress interface). Every drop has a reason
+//!   but never back out the ingress interface). A DHCPv4 server stage
+//!   ([`dhcp`]) answers bound ports in place before the ARP responder. Every drop has a reason
 //!   ([`counters::DropReason`]) counted per interface, every outcome a counter.
 //! - **Trace** ([`control::Request::Trace`]): the same `process` with a
 //!   recording [`pipeline::Tracer`], like `ovn-trace`; forwarding uses the
@@ -71,6 +72,7 @@ mod config_tests;
 pub mod control;
 pub mod counters;
 pub mod daemon;
+pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
 pub mod lpm;

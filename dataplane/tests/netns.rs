@@ -50,12 +50,14 @@ fn desired() -> DesiredState {
                 subnet: "10.0.1.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:1::/64".into()),
+                dhcp: None,
             },
             SwitchSpec {
                 name: "b".into(),
                 subnet: "10.0.2.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:2::/64".into()),
+                dhcp: None,
             },
         ],
         ports: VMS
@@ -492,6 +494,7 @@ fn config_changes_keep_tcp_alive_and_invalid_config_is_rejected() {
             subnet: format!("10.9.{round}.0/24"),
             vlan: None,
             subnet6: None,
+            dhcp: None,
         });
         match request(
             &lab.socket,

@@ -70,6 +70,7 @@ fn two_subnets() -> DesiredState {
         subnet: subnet.into(),
         vlan: None,
         subnet6: None,
+        dhcp: None,
     };
     let port = |name: &str, sw: &str, iface: &str, mac: &str, ip: &str| PortSpec {
         name: name.into(),
