@@ -4,10 +4,17 @@ pub mod control;
 pub mod dataplane;
 pub mod image;
 pub mod store;
+pub mod vm;
 
 use crate::Suite;
 
-pub const ALL: &[Suite] = &[store::SUITE, control::SUITE, dataplane::SUITE, image::SUITE];
+pub const ALL: &[Suite] = &[
+    store::SUITE,
+    control::SUITE,
+    dataplane::SUITE,
+    image::SUITE,
+    vm::SUITE,
+];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
     ALL.iter().find(|s| s.name == name)

@@ -35,8 +35,9 @@
 //!   (what fits a `PacketBuf`); larger chains are dropped and counted.
 //! - The guest negotiates VIRTIO_F_VERSION_1 (12-byte header); a legacy
 //!   guest without it gets the 10-byte header.
-//! - A frame that finds no guest RX buffer is dropped (counted as
-//!   `tx_failed` by the worker), like a full NIC ring.
+//! - A frame that finds the guest's RX ring full waits in a pre-allocated
+//!   backlog of 256 frames (flushed first on every worker round and after the
+//!   guest refills); only beyond that is it dropped (counted as `tx_failed`).
 //! - Guest memory stays mapped while the worker holds a connection's state:
 //!   the worker keeps its own clone of the `GuestMemoryAtomic` and vrings.
 

@@ -19,6 +19,64 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// Linux; a 2 KiB frame never needs this many).
 const MAX_CHAINS_PER_FRAME: usize = 16;
 
+/// Frames held for the guest while its RX ring is full (a NIC's backpressure:
+/// without it a burst meets an empty ring, is dropped, and TCP waits out a
+/// retransmission timeout). Pre-allocated; flushed first on every round.
+const BACKLOG: usize = 256;
+
+/// A FIFO of pre-allocated buffers.
+struct Backlog {
+    bufs: Vec<PacketBuf>,
+    head: usize,
+    len: usize,
+}
+
+impl Backlog {
+    fn new() -> Self {
+        Self {
+            bufs: (0..BACKLOG).map(|_| PacketBuf::default()).collect(),
+            head: 0,
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, frame: &[u8]) -> bool {
+        if self.len == self.bufs.len() {
+            return false;
+        }
+        let at = (self.head + self.len) % self.bufs.len();
+        let ok = self.bufs.get_mut(at).is_some_and(|b| b.set(frame));
+        if ok {
+            self.len += 1;
+        }
+        ok
+    }
+
+    fn front(&self) -> Option<&PacketBuf> {
+        (self.len > 0).then(|| self.bufs.get(self.head)).flatten()
+    }
+
+    fn pop(&mut self) {
+        if self.len > 0 {
+            self.head = (self.head + 1) % self.bufs.len();
+            self.len -= 1;
+        }
+    }
+
+    /// Writes held frames into the guest until its ring is full; returns how many.
+    fn drain(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap<()>, active: &Active) -> usize {
+        let mut n = 0;
+        while let Some(b) = self.front() {
+            if !write_frame(queue, mem, active, b.frame()) {
+                break;
+            }
+            self.pop();
+            n += 1;
+        }
+        n
+    }
+}
+
 /// A vhost-user-net NIC as seen by the data-plane worker.
 pub struct VhostNetPort {
     name: String,
@@ -26,6 +84,7 @@ pub struct VhostNetPort {
     generation: u64,
     active: Option<Active>,
     rx_dropped: u64,
+    backlog: Backlog,
 }
 
 impl VhostNetPort {
@@ -38,6 +97,7 @@ impl VhostNetPort {
             generation: 0,
             active: None,
             rx_dropped: 0,
+            backlog: Backlog::new(),
         }
     }
 
@@ -47,6 +107,8 @@ impl VhostNetPort {
         if generation != self.generation {
             self.active = self.shared.active.lock().ok().and_then(|a| a.clone());
             self.generation = generation;
+            // Frames held for an old connection are not the new guest's.
+            self.backlog.len = 0;
             tracing::debug!(port = %self.name, connected = self.active.is_some(), "data plane picked up connection change");
         }
     }
@@ -252,6 +314,9 @@ impl Port for VhostNetPort {
     // notification; the wake eventfd is read only after a kick.
     fn rx_batch(&mut self, bufs: &mut [PacketBuf]) -> Result<usize, PortError> {
         self.refresh();
+        if self.backlog.len > 0 {
+            self.tx_batch(&[])?;
+        }
         let n = self.pop_tx(bufs)?;
         if n > 0 {
             return Ok(n);
@@ -279,17 +344,22 @@ impl Port for VhostNetPort {
         if !state.is_enabled() || !state.get_queue().ready() {
             return Ok(0);
         }
-        let mut sent = 0;
+        // Held frames first, so the guest sees them in order.
+        let mut written = self.backlog.drain(state.get_queue_mut(), mem, active);
+        let mut accepted = 0;
         for buf in bufs {
-            if !write_frame(state.get_queue_mut(), mem, active, buf.frame()) {
+            if self.backlog.len == 0 && write_frame(state.get_queue_mut(), mem, active, buf.frame())
+            {
+                written += 1;
+            } else if !self.backlog.push(buf.frame()) {
                 break;
             }
-            sent += 1;
+            accepted += 1;
         }
-        if sent > 0 {
+        if written > 0 {
             notify(&mut state, mem, &self.name)?;
         }
-        Ok(sent)
+        Ok(accepted)
     }
 
     fn poll_fd(&self) -> Option<RawFd> {
