@@ -223,10 +223,20 @@ fn write_frame(
     active: &Active,
     frame: &[u8],
 ) -> bool {
+    write_frame_with(queue, mem, active.hdr_len, active.mergeable, frame)
+}
+
+fn write_frame_with(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap<()>,
+    hdr_len: usize,
+    mergeable: bool,
+    frame: &[u8],
+) -> bool {
     let start = queue.next_avail();
     let mut header = [0u8; 12];
     header[NUM_BUFFERS_OFFSET] = 1;
-    let header = &header[..active.hdr_len];
+    let header = &header[..hdr_len];
     let total = header.len() + frame.len();
     let mut chains = [(0u16, 0u32); MAX_CHAINS_PER_FRAME];
     let mut nchains = 0;
@@ -280,13 +290,13 @@ fn write_frame(
             *slot = (head, chain_len);
         }
         nchains += 1;
-        if !active.mergeable && written < total {
+        if !mergeable && written < total {
             // Without mergeable buffers the frame must fit one chain.
             queue.set_next_avail(start);
             return false;
         }
     }
-    if active.mergeable && nchains > 1 {
+    if mergeable && nchains > 1 {
         let Some(at) = num_buffers_at else {
             queue.set_next_avail(start);
             return false;
@@ -368,5 +378,122 @@ impl Port for VhostNetPort {
 
     fn take_rx_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.rx_dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    /// VRING_DESC_F_WRITE (2) at the descriptor flags width.
+    const WRITE: u16 = 2;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const BUFS: u64 = 0x10_0000;
+
+    fn mem() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    /// `n` guest RX buffers of `size` bytes, one descriptor per chain.
+    fn rx_chains(m: &GuestMemoryMmap<()>, n: u16, size: u32) -> Queue {
+        let vq = MockSplitQueue::new(m, 256);
+        let descs: Vec<RawDescriptor> = (0..n)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    BUFS + u64::from(i) * 0x1000,
+                    size,
+                    WRITE,
+                    0,
+                ))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        vq.create_queue::<Queue>().unwrap()
+    }
+
+    fn used(q: &Queue, m: &GuestMemoryMmap<()>, i: u64) -> (u32, u32) {
+        let base = q.used_ring() + 4 + i * 8;
+        let id: u32 = m.read_obj(GuestAddress(base)).unwrap();
+        let len: u32 = m.read_obj(GuestAddress(base + 4)).unwrap();
+        (id, len)
+    }
+
+    #[test]
+    fn mergeable_frame_spans_chains_and_counts_them() {
+        let m = mem();
+        let mut q = rx_chains(&m, 8, 64);
+        let frame: Vec<u8> = (0..200u8).collect();
+        assert!(write_frame_with(&mut q, &m, 12, true, &frame));
+        // 12 + 200 bytes in 64-byte buffers: 4 chains.
+        assert_eq!(q.next_used(), 4);
+        assert_eq!(used(&q, &m, 0), (0, 64));
+        assert_eq!(used(&q, &m, 3), (3, 20));
+        let nb: u16 = m.read_obj(GuestAddress(BUFS + 10)).unwrap();
+        assert_eq!(nb, 4, "num_buffers");
+        let mut got = vec![0u8; 200];
+        let mut at = 0;
+        for i in 0..4u64 {
+            let (skip, len) = if i == 0 {
+                (12, 52)
+            } else {
+                (0, 64.min(200 - at))
+            };
+            m.read_slice(
+                &mut got[at..at + len],
+                GuestAddress(BUFS + i * 0x1000 + skip),
+            )
+            .unwrap();
+            at += len;
+        }
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn too_few_buffers_rewinds_and_writes_nothing() {
+        let m = mem();
+        let mut q = rx_chains(&m, 2, 64);
+        assert!(!write_frame_with(&mut q, &m, 12, true, &[7u8; 200]));
+        assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+        // Without mergeable buffers one chain must hold the whole frame.
+        assert!(!write_frame_with(&mut q, &m, 12, false, &[7u8; 100]));
+        assert_eq!(q.next_avail(), 0);
+        assert!(write_frame_with(&mut q, &m, 12, false, &[7u8; 50]));
+        assert_eq!(q.next_used(), 1);
+        assert_eq!(used(&q, &m, 0), (0, 62));
+    }
+
+    #[test]
+    fn tx_chain_is_read_without_header_and_bad_chains_are_refused() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // Header alone, then the frame split over two descriptors.
+        m.write_slice(&[0u8; 12], GuestAddress(BUFS)).unwrap();
+        m.write_slice(&[1u8; 30], GuestAddress(BUFS + 0x1000))
+            .unwrap();
+        m.write_slice(&[2u8; 34], GuestAddress(BUFS + 0x2000))
+            .unwrap();
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(SplitDescriptor::new(BUFS, 12, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(BUFS + 0x1000, 30, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(BUFS + 0x2000, 34, 0, 0)),
+            ])
+            .unwrap();
+        let mut buf = PacketBuf::default();
+        assert_eq!(read_chain(&m, chain, 12, &mut buf), Some(64));
+        buf.len = 64;
+        assert_eq!(&buf.frame()[..30], &[1u8; 30]);
+        assert_eq!(&buf.frame()[30..], &[2u8; 34]);
+        // A write-only descriptor in a TX chain, an address outside guest
+        // memory, a frame larger than a buffer: refused, no panic.
+        for desc in [
+            SplitDescriptor::new(BUFS, 64, WRITE, 0),
+            SplitDescriptor::new(0x20_0000 - 8, 64, 0, 0),
+            SplitDescriptor::new(BUFS, 4096, 0, 0),
+        ] {
+            let chain = vq.build_desc_chain(&[RawDescriptor::from(desc)]).unwrap();
+            assert_eq!(read_chain(&m, chain, 12, &mut buf), None, "{desc:?}");
+        }
     }
 }
