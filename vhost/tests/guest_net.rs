@@ -155,6 +155,11 @@ fn guests_ping_and_transfer_across_router() {
     let dp = DataPlane::start(&[("vm-a", &sock_a), ("vm-b", &sock_b)], two_subnets());
     let mut a = boot("vnet-a", &sock_a, MAC_A);
     let mut b = boot("vnet-b", &sock_b, MAC_B);
+    // The guest driver negotiated checksum offload (bit 0: partial checksums
+    // the backend completes) and mergeable RX buffers (bit 15).
+    let features = a.run("cat /sys/class/net/eth0/device/features").unwrap();
+    let bit = |n: usize| features.trim().as_bytes().get(n).copied();
+    assert_eq!((bit(0), bit(15)), (Some(b'1'), Some(b'1')), "{features}");
     let lease = dhcp(&mut a);
     assert!(
         lease.contains("ip=10.0.1.10 mask=24 router=10.0.1.1"),

@@ -10,7 +10,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -35,6 +36,7 @@ const QUEUE_SIZE: usize = 256;
 pub fn device_features() -> u64 {
     (1u64 << VIRTIO_F_VERSION_1)
         | (1u64 << VIRTIO_NET_F_MRG_RXBUF)
+        | (1u64 << VIRTIO_NET_F_CSUM)
         | (1u64 << VIRTIO_NET_F_MAC)
         | (1u64 << VIRTIO_NET_F_STATUS)
 }

@@ -30,9 +30,13 @@
 //! only while the frontend reconfigures the queue.
 //!
 //! # Assumptions
-//! - One queue pair (no VIRTIO_NET_F_MQ), no checksum or segmentation
-//!   offload offered: the guest sends complete frames of at most MTU 1500
-//!   (what fits a `PacketBuf`); larger chains are dropped and counted.
+//! - One queue pair (no VIRTIO_NET_F_MQ), no segmentation offload: the
+//!   guest sends frames of at most MTU 1500 (what fits a `PacketBuf`); larger
+//!   chains are dropped and counted. VIRTIO_NET_F_CSUM is offered: a
+//!   checksum-partial frame is completed when it is read off the TX ring
+//!   (data-plane ports carry no offload metadata, so every destination,
+//!   offloading or not, gets a complete frame). GUEST_CSUM is not offered:
+//!   the guest verifies what it receives.
 //! - The guest negotiates VIRTIO_F_VERSION_1 (12-byte header); a legacy
 //!   guest without it gets the 10-byte header.
 //! - A frame that finds the guest's RX ring full waits in a pre-allocated

@@ -179,8 +179,9 @@ fn notify(
 }
 
 /// Copies one guest TX chain (header + frame, in any number of readable
-/// descriptors) into `buf` without the header; `None` when the chain is
-/// malformed (write-only descriptor, bad address) or the frame does not fit.
+/// descriptors) into `buf` without the header, completing a partial
+/// checksum; `None` when the chain is malformed (write-only descriptor, bad
+/// address, checksum offsets outside the frame) or the frame does not fit.
 // hot path: no allocation; one bounds-checked copy per descriptor.
 fn read_chain<M>(
     mem: &GuestMemoryMmap<()>,
@@ -193,15 +194,20 @@ where
     M::Target: GuestMemory,
 {
     let dst = buf.buffer_mut();
-    let mut skip = hdr_len;
+    let mut header = [0u8; 12];
+    let mut got_hdr = 0usize;
     let mut len = 0usize;
     for desc in chain {
         if desc.is_write_only() {
             return None;
         }
         let dlen = usize::try_from(desc.len()).ok()?;
-        let from_hdr = skip.min(dlen);
-        skip -= from_hdr;
+        let from_hdr = (hdr_len - got_hdr).min(dlen);
+        if from_hdr > 0 {
+            mem.read_slice(header.get_mut(got_hdr..got_hdr + from_hdr)?, desc.addr())
+                .ok()?;
+            got_hdr += from_hdr;
+        }
         let data = dlen - from_hdr;
         if data == 0 {
             continue;
@@ -211,7 +217,40 @@ where
         mem.read_slice(dst.get_mut(len..end)?, addr).ok()?;
         len = end;
     }
-    (skip == 0).then_some(len)
+    if got_hdr < hdr_len {
+        return None;
+    }
+    if header[0] & NEEDS_CSUM != 0 {
+        let start = usize::from(u16::from_le_bytes([header[6], header[7]]));
+        let offset = usize::from(u16::from_le_bytes([header[8], header[9]]));
+        complete_checksum(dst.get_mut(..len)?, start, offset)?;
+    }
+    Some(len)
+}
+
+/// VIRTIO_NET_HDR_F_NEEDS_CSUM: the guest left the L4 checksum to us.
+const NEEDS_CSUM: u8 = 1;
+
+/// Completes a checksum-partial frame (VIRTIO_NET_F_CSUM): the field at
+/// `start + offset` holds the pseudo-header sum; the checksum over
+/// `frame[start..]` goes there, as Linux's `skb_checksum_help` does. Done
+/// at ingress because data-plane ports carry no offload metadata, so every
+/// destination gets a complete frame. `None` when the offsets lie outside
+/// the frame (a hostile guest).
+// hot path for offloading guests: one pass over the L4 payload, no allocation.
+fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Option<()> {
+    let field = start.checked_add(offset)?;
+    if field.checked_add(2)? > frame.len() {
+        return None;
+    }
+    let sum = keel_dataplane::packet::checksum::finish(
+        keel_dataplane::packet::checksum::accumulate(0, frame.get(start..)?),
+    );
+    let sum = if sum == 0 { 0xffff } else { sum };
+    frame
+        .get_mut(field..field + 2)?
+        .copy_from_slice(&sum.to_be_bytes());
+    Some(())
 }
 
 /// Writes `frame` (after a virtio-net header) into as many RX chains as it
@@ -495,5 +534,55 @@ mod tests {
             let chain = vq.build_desc_chain(&[RawDescriptor::from(desc)]).unwrap();
             assert_eq!(read_chain(&m, chain, 12, &mut buf), None, "{desc:?}");
         }
+    }
+
+    #[test]
+    fn checksum_partial_tx_frame_is_completed() {
+        use keel_dataplane::packet::checksum::{accumulate, finish};
+        // Ethernet + IPv4 (20) + TCP (20) + payload, checksum computed in full.
+        let mut frame = vec![0u8; 14 + 20 + 20 + 37];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        frame[23] = 6;
+        frame[26..30].copy_from_slice(&[10, 0, 1, 10]);
+        frame[30..34].copy_from_slice(&[10, 0, 2, 10]);
+        for (i, b) in frame[34..].iter_mut().enumerate() {
+            *b = u8::try_from(i % 251).unwrap();
+        }
+        frame[34 + 16..34 + 18].fill(0);
+        let tcp_len = u16::try_from(frame.len() - 34).unwrap();
+        let mut pseudo = accumulate(0, &frame[26..34]);
+        pseudo = accumulate(pseudo, &[0, 6]);
+        pseudo = accumulate(pseudo, &tcp_len.to_be_bytes());
+        let full = finish(accumulate(pseudo, &frame[34..]));
+        // What a guest with VIRTIO_NET_F_CSUM sends: the folded pseudo-header sum.
+        let folded = !finish(pseudo);
+        frame[34 + 16..34 + 18].copy_from_slice(&folded.to_be_bytes());
+        let mut header = [0u8; 12];
+        header[0] = NEEDS_CSUM;
+        header[6..8].copy_from_slice(&34u16.to_le_bytes());
+        header[8..10].copy_from_slice(&16u16.to_le_bytes());
+
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        m.write_slice(&header, GuestAddress(BUFS)).unwrap();
+        m.write_slice(&frame, GuestAddress(BUFS + 12)).unwrap();
+        let len = u32::try_from(12 + frame.len()).unwrap();
+        let chain = vq
+            .build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(BUFS, len, 0, 0))])
+            .unwrap();
+        let mut buf = PacketBuf::default();
+        assert_eq!(read_chain(&m, chain, 12, &mut buf), Some(frame.len()));
+        buf.len = frame.len();
+        let got = u16::from_be_bytes([buf.frame()[50], buf.frame()[51]]);
+        assert_eq!(got, full);
+
+        // Offsets beyond the frame from a hostile guest: refused.
+        header[8..10].copy_from_slice(&2000u16.to_le_bytes());
+        m.write_slice(&header, GuestAddress(BUFS)).unwrap();
+        let chain = vq
+            .build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(BUFS, len, 0, 0))])
+            .unwrap();
+        assert_eq!(read_chain(&m, chain, 12, &mut buf), None);
     }
 }
