@@ -209,3 +209,43 @@ fn guests_ping_and_transfer_across_router() {
     a.poweroff(Duration::from_secs(60)).unwrap();
     b.poweroff(Duration::from_secs(60)).unwrap();
 }
+
+#[test]
+fn guest_nic_survives_a_backend_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm-a.sock");
+    let dp = DataPlane::start(&[("vm-a", &sock)], two_subnets_one_port());
+    // reconnect=1: QEMU redials the socket when the backend goes away.
+    let mut a = Guest::boot(GuestConfig::new("vnet-restart").memory_mib(256).qemu_args([
+        "-chardev".to_string(),
+        format!("socket,id=net0,path={},reconnect=1", sock.display()),
+        "-netdev".into(),
+        "vhost-user,chardev=net0,id=n0".into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac={MAC_A},vectors=0"),
+    ]))
+    .unwrap();
+    let lease = dhcp(&mut a);
+    assert!(lease.contains("ip=10.0.1.10"), "{lease}");
+    a.run("ping -c 2 -W 5 10.0.1.1").unwrap();
+
+    // The data plane and its vhost-user server go away and come back.
+    drop(dp);
+    let dp = DataPlane::start(&[("vm-a", &sock)], two_subnets_one_port());
+    let (code, out) = a
+        .exec(
+            "for i in $(seq 1 30); do ping -c 1 -W 2 10.0.1.1 && exit 0; done; exit 1",
+            TRANSFER_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "no traffic after the backend restart: {out}");
+    assert!(dp.stats.snapshot().outcomes["router_echo_replied"] >= 1);
+    a.poweroff(Duration::from_secs(60)).unwrap();
+}
+
+/// [`two_subnets`] with only guest A's port (the data plane has one interface).
+fn two_subnets_one_port() -> DesiredState {
+    let mut s = two_subnets();
+    s.ports.retain(|p| p.interface == "vm-a");
+    s
+}
