@@ -31,8 +31,10 @@
 //!   no-op tracer, which compiles away.
 //! - **Ports** ([`port::Port`]): batch rx/tx over pre-allocated buffers. The
 //!   [`afpacket`] backend (TPACKET_V3 rx ring, `sendmmsg` tx) serves veth/TAP;
-//!   [`port::MemPort`] is the benchmark generator/sink; vhost-user-net and DPDK
-//!   are meant to implement the same trait.
+//!   [`port::MemPort`] is the benchmark generator/sink; keel-vhost's
+//!   vhost-user-net NICs implement the same trait (passed to
+//!   [`daemon::run_with_ports`] by `keel dataplane --vhost-user-net`); DPDK is
+//!   meant to.
 //!
 //! # Usage
 //!
