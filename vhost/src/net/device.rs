@@ -212,7 +212,7 @@ impl VhostUserBackend for NetDevice {
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         evset: EventSet,
         vrings: &[Self::Vring],
         _thread_id: usize,
@@ -222,7 +222,7 @@ impl VhostUserBackend for NetDevice {
         }
         self.publish_once(vrings);
         tracing::trace!(
-            queue = _device_event,
+            queue = device_event,
             published = self.published.load(Ordering::Relaxed),
             "kick"
         );
