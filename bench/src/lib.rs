@@ -45,6 +45,14 @@ pub enum BenchError {
     Archive(#[from] keel_firmware::cpio::CpioError),
     #[error("Appliance VM failed")]
     Vm(#[from] keel_firmware::qemu::QemuError),
+    #[error("Guest network bench: {step}")]
+    Guest {
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("Guest transfer incomplete: {0}")]
+    Transfer(String),
     #[error("Cannot write results to {path}")]
     WriteResults {
         path: std::path::PathBuf,

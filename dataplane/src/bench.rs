@@ -79,6 +79,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
             subnet: "10.0.0.0/16".into(),
             vlan: None,
             subnet6: None,
+            dhcp: None,
         }],
         ports: vec![port("src".into(), "a", "gen", SRC, src_ip)],
         routers: vec![],
@@ -105,6 +106,7 @@ pub fn scenario(s: Scenario) -> (DesiredState, Vec<Vec<u8>>) {
             subnet: "10.1.0.0/16".into(),
             vlan: None,
             subnet6: None,
+            dhcp: None,
         });
         state.routers.push(RouterSpec {
             name: "r".into(),

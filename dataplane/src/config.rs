@@ -19,6 +19,8 @@ use crate::tables::{ingress_key, Gateway, Ingress, Lport, Route, Router, Switch,
 /// Why a desired state was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    #[error("Switch {switch:?}: DHCP {problem}")]
+    BadDhcp { switch: String, problem: String },
     #[error("Duplicate {kind} name {name:?}")]
     DuplicateName { kind: &'static str, name: String },
     #[error("Switch {switch:?}: bad subnet {value:?} (want a.b.c.d/len with host bits zero)")]
@@ -194,6 +196,7 @@ pub fn compile(
             arp: fastmap::with_capacity(0),
             nd: fastmap::with_capacity(0),
             gateway: None,
+            dhcp: None,
             subnet6: s
                 .subnet6
                 .as_deref()
@@ -486,6 +489,8 @@ pub fn compile(
     }
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
+    compile_dhcp(desired, &mut switches)?;
+
     Ok(Tables {
         generation,
         interfaces: interfaces.to_vec(),
@@ -624,3 +629,59 @@ impl ConfigHandle {
         &self.interfaces
     }
 }
+
+/// DHCP settings per switch; runs after the routers so gateways are known.
+fn compile_dhcp(desired: &DesiredState, switches: &mut [Switch]) -> Result<(), ConfigError> {
+    for (spec, switch) in desired.switches.iter().zip(switches.iter_mut()) {
+        let Some(d) = &spec.dhcp else { continue };
+        let bad = |problem: String| ConfigError::BadDhcp {
+            switch: spec.name.clone(),
+            problem,
+        };
+        if d.dns_servers.len() > crate::dhcp::MAX_DNS {
+            return Err(bad(format!(
+                "has {} DNS servers (at most {})",
+                d.dns_servers.len(),
+                crate::dhcp::MAX_DNS
+            )));
+        }
+        let dns = d
+            .dns_servers
+            .iter()
+            .map(|v| parse_ip(&format!("Switch {:?} DNS server", spec.name), v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if d.lease_secs < 60 {
+            return Err(bad(format!("lease {} s is below 60 s", d.lease_secs)));
+        }
+        if let Some(mtu) = d.mtu.filter(|m| !(576..=9000).contains(m)) {
+            return Err(bad(format!("MTU {mtu} outside 576..=9000")));
+        }
+        let (server_ip, server_mac) = match (switch.gateway, &d.server_ip) {
+            (Some(g), None) => (g.ip, g.mac),
+            (_, Some(ip)) => {
+                let ip = parse_ip(&format!("Switch {:?} DHCP server", spec.name), ip)?;
+                if !switch.subnet.contains(ip) {
+                    return Err(bad(format!("server address {ip} outside the subnet")));
+                }
+                let mac = switch.gateway.map_or(DHCP_SERVER_MAC, |g| g.mac);
+                (ip, mac)
+            }
+            (None, None) => {
+                return Err(bad(
+                    "needs a router attached or a server_ip for the server identifier".into(),
+                ))
+            }
+        };
+        switch.dhcp = Some(crate::dhcp::DhcpConfig {
+            lease_secs: d.lease_secs,
+            mtu: d.mtu,
+            dns,
+            server_ip,
+            server_mac,
+        });
+    }
+    Ok(())
+}
+
+/// Source MAC of DHCP replies on a switch without a router (locally administered).
+const DHCP_SERVER_MAC: Mac = [0x02, 0x6b, 0x65, 0x65, 0x6c, 0x01];

@@ -38,6 +38,7 @@ fn every_invalid_reference_is_named() {
         subnet: "10.0.0.0/16".into(),
         vlan: None,
         subnet6: None,
+        dhcp: None,
     });
     s.routers[0].ports.push(RouterPortSpec {
         switch: "c".into(),

@@ -58,6 +58,8 @@ counted_enum!(
         UntrackedFragment => "untracked_fragment",
         FirewallDenied => "firewall_denied",
         NatPortsExhausted => "nat_ports_exhausted",
+        MalformedDhcp => "malformed_dhcp",
+        DhcpNotAnswered => "dhcp_not_answered",
     }
 );
 
@@ -73,6 +75,9 @@ counted_enum!(
         IcmpTimeExceeded => "icmp_time_exceeded_sent",
         IcmpNetUnreachable => "icmp_net_unreachable_sent",
         MacLearned => "mac_learned",
+        DhcpOffered => "dhcp_offer_sent",
+        DhcpAcked => "dhcp_ack_sent",
+        DhcpNaked => "dhcp_nak_sent",
     }
 );
 

@@ -1,6 +1,10 @@
 //! `keel dataplane`: the data plane as a process. Opens AF_PACKET ports on
 //! the named interfaces, applies an optional JSON desired state, runs one
 //! worker thread and serves the control socket.
+//!
+//! Ports this crate cannot open itself (vhost-user-net NICs live in
+//! keel-vhost, which depends on this crate) are passed to
+//! [`run_with_ports`] by whoever sees both crates (`keel dataplane`).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -19,8 +23,13 @@ use crate::port::{Port, PortError};
 #[derive(Debug, Clone, clap::Args)]
 pub struct DaemonArgs {
     /// Interface to forward on (repeat the option); must exist in this namespace.
-    #[arg(long = "interface", required = true)]
+    #[arg(long = "interface")]
     pub interfaces: Vec<String>,
+    /// vhost-user-net NIC as `NAME=SOCKET` (repeat the option): serves the
+    /// socket and forwards the VM's frames as port NAME. Only `keel
+    /// dataplane` opens these (see [`run_with_ports`]).
+    #[arg(long = "vhost-user-net", value_name = "NAME=SOCKET")]
+    pub vhost_user_net: Vec<String>,
     /// Desired state (JSON) to apply at start.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -54,19 +63,38 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("No ports: give --interface (or --vhost-user-net to keel dataplane)")]
+    NoPorts,
+    #[error("--vhost-user-net needs keel-vhost: run `keel dataplane`")]
+    VhostUnsupported,
     #[error("Spawn worker")]
     SpawnWorker(#[source] std::io::Error),
 }
 
-/// Runs until killed.
+/// Runs until killed, on AF_PACKET ports only.
 pub fn run(args: DaemonArgs) -> Result<(), DaemonError> {
-    let mut ports: Vec<Box<dyn Port>> = Vec::with_capacity(args.interfaces.len());
+    if !args.vhost_user_net.is_empty() {
+        return Err(DaemonError::VhostUnsupported);
+    }
+    run_with_ports(args, Vec::new())
+}
+
+/// Runs until killed on the AF_PACKET interfaces of `args` followed by
+/// `extra` ports (interface indexes in that order; each port's `name()` is
+/// what the desired state's `interface` refers to).
+pub fn run_with_ports(args: DaemonArgs, extra: Vec<Box<dyn Port>>) -> Result<(), DaemonError> {
+    let mut ports: Vec<Box<dyn Port>> = Vec::with_capacity(args.interfaces.len() + extra.len());
     for name in &args.interfaces {
         ports.push(Box::new(
             AfPacketPort::open(name).map_err(DaemonError::OpenPort)?,
         ));
     }
-    let config = ConfigHandle::new(args.interfaces.clone());
+    ports.extend(extra);
+    if ports.is_empty() {
+        return Err(DaemonError::NoPorts);
+    }
+    let names: Vec<String> = ports.iter().map(|p| p.name().to_string()).collect();
+    let config = ConfigHandle::new(names.clone());
     if let Some(path) = &args.config {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ReadConfig {
@@ -85,11 +113,11 @@ pub fn run(args: DaemonArgs) -> Result<(), DaemonError> {
         path: args.socket.display().to_string(),
         source,
     })?;
-    let stats = Arc::new(Stats::new(&args.interfaces));
+    let stats = Arc::new(Stats::new(&names));
     let stop = Arc::new(AtomicBool::new(false));
     let worker = Worker::new(ports, config.tables(), Arc::clone(&stats));
     let _worker = worker.spawn(stop).map_err(DaemonError::SpawnWorker)?;
-    tracing::info!(interfaces = ?args.interfaces, socket = %args.socket.display(), "data plane running");
+    tracing::info!(interfaces = ?names, socket = %args.socket.display(), "data plane running");
     let controller = Controller { config, stats };
     for stream in listener.incoming() {
         match stream {

@@ -23,7 +23,8 @@
 //!   5-tuple hash, next-hop MAC from bindings, VLAN
 //!   tag push/pop, ICMP time-exceeded / net-unreachable / gateway echo built
 //!   in place) or L2 forward (bound MACs, learned MACs, flood within the switch
-//!   but never back out the ingress interface). Every drop has a reason
+//!   but never back out the ingress interface). A DHCPv4 server stage
+//!   ([`dhcp`]) answers bound ports in place before the ARP responder. Every drop has a reason
 //!   ([`counters::DropReason`]) counted per interface, every outcome a counter.
 //! - **Stateful services** ([`stateful`], [`nat`], [`conntrack`],
 //!   [`security`]): a per-worker connection table with zones; security groups
@@ -41,8 +42,10 @@
 //!   no-op tracer, which compiles away.
 //! - **Ports** ([`port::Port`]): batch rx/tx over pre-allocated buffers. The
 //!   [`afpacket`] backend (TPACKET_V3 rx ring, `sendmmsg` tx) serves veth/TAP;
-//!   [`port::MemPort`] is the benchmark generator/sink; vhost-user-net and DPDK
-//!   are meant to implement the same trait.
+//!   [`port::MemPort`] is the benchmark generator/sink; keel-vhost's
+//!   vhost-user-net NICs implement the same trait (passed to
+//!   [`daemon::run_with_ports`] by `keel dataplane --vhost-user-net`); DPDK is
+//!   meant to.
 //!
 //! # Usage
 //!
@@ -104,6 +107,7 @@ pub mod conntrack;
 pub mod control;
 pub mod counters;
 pub mod daemon;
+pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
 pub mod lpm;

@@ -42,6 +42,44 @@ pub struct SwitchSpec {
     /// Optional IPv6 prefix (`fd00:1::/64`) for IPv6 routing.
     #[serde(default)]
     pub subnet6: Option<String>,
+    /// Serve DHCPv4 to the switch's bound ports (absent: no DHCP server).
+    #[serde(default)]
+    pub dhcp: Option<DhcpSpec>,
+}
+
+/// DHCPv4 options of a switch. Each bound port is offered its bound
+/// address; the router option is the switch's gateway when a router is
+/// attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpSpec {
+    /// Lease time in seconds.
+    #[serde(default = "default_lease")]
+    pub lease_secs: u32,
+    /// DNS servers (option 6), at most 4.
+    #[serde(default)]
+    pub dns_servers: Vec<String>,
+    /// Interface MTU (option 26).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Server identifier on a switch without a router (else the gateway's).
+    #[serde(default)]
+    pub server_ip: Option<String>,
+}
+
+impl Default for DhcpSpec {
+    fn default() -> Self {
+        DhcpSpec {
+            lease_secs: default_lease(),
+            dns_servers: Vec::new(),
+            mtu: None,
+            server_ip: None,
+        }
+    }
+}
+
+fn default_lease() -> u32 {
+    86_400
 }
 
 /// A logical port: a VM NIC (or uplink) attached to a switch through a

@@ -299,6 +299,11 @@ pub fn process<T: Tracer>(
         }
     }
 
+    // DHCPv4 server for bound ports (crate::dhcp): answered in place, never flooded.
+    if let Some(d) = crate::dhcp::stage(sw, lp, &p, buf, len, learned_now, tr) {
+        return d;
+    }
+
     if let L3::Arp(a) = p.l3 {
         if a.op == ARP_REQUEST && a.spa != a.tpa {
             if let Some(mac) = sw.arp.get(&u32::from(a.tpa)) {

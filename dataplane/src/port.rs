@@ -1,5 +1,5 @@
 //! The port seam: what the engine needs from any packet I/O backend
-//! (AF_PACKET today; vhost-user-net and DPDK plug in here later), plus the
+//! (AF_PACKET here, vhost-user-net in keel-vhost; DPDK later), plus the
 //! in-memory generator/sink port used by benchmarks and engine tests.
 
 use std::os::fd::RawFd;

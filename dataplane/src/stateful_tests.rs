@@ -336,6 +336,7 @@ fn nat_state() -> DesiredState {
         subnet: "198.18.0.0/24".into(),
         vlan: None,
         subnet6: None,
+        dhcp: None,
     });
     s.ports.push(PortSpec {
         name: "internet".into(),

@@ -72,6 +72,8 @@ pub struct Switch {
     pub gateway: Option<Gateway>,
     /// IPv6 prefix as (address bits, length).
     pub subnet6: Option<(u128, u8)>,
+    /// DHCPv4 server settings, when the switch serves DHCP.
+    pub dhcp: Option<crate::dhcp::DhcpConfig>,
 }
 
 /// One next hop of a route.

@@ -34,18 +34,21 @@ pub fn topology() -> DesiredState {
                 subnet: "10.0.1.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:1::/64".into()),
+                dhcp: None,
             },
             SwitchSpec {
                 name: "b".into(),
                 subnet: "10.0.2.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:2::/64".into()),
+                dhcp: None,
             },
             SwitchSpec {
                 name: "v".into(),
                 subnet: "10.0.3.0/24".into(),
                 vlan: Some(100),
                 subnet6: None,
+                dhcp: None,
             },
         ],
         ports: vec![

@@ -50,12 +50,14 @@ fn desired() -> DesiredState {
                 subnet: "10.0.1.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:1::/64".into()),
+                dhcp: None,
             },
             SwitchSpec {
                 name: "b".into(),
                 subnet: "10.0.2.0/24".into(),
                 vlan: None,
                 subnet6: Some("fd00:2::/64".into()),
+                dhcp: None,
             },
         ],
         ports: VMS
@@ -493,6 +495,7 @@ fn config_changes_keep_tcp_alive_and_invalid_config_is_rejected() {
             subnet: format!("10.9.{round}.0/24"),
             vlan: None,
             subnet6: None,
+            dhcp: None,
         });
         match request(
             &lab.socket,
@@ -602,4 +605,63 @@ fn ipv6_routed_across_subnets() {
     assert!(out.contains("ttl=63"), "{out}");
     let stats = lab.stats();
     assert!(stats.outcomes["routed"] >= 6, "{stats:?}");
+}
+
+/// udhcpc's event script: applies the lease and records what it got.
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface" ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "$router"
+    echo "ip=$ip mask=$mask router=$router dns=$dns mtu=$mtu lease=$lease" > "$LEASE_FILE"
+    ;;
+esac
+"#;
+
+#[test]
+fn dhcp_lease_from_keel_then_ping_the_gateway() {
+    let lab = Lab::start();
+    let mut state = desired();
+    state.switches[0].dhcp = Some(keel_dataplane::model::DhcpSpec {
+        lease_secs: 600,
+        dns_servers: vec!["198.18.0.53".into()],
+        mtu: Some(1450),
+        server_ip: None,
+    });
+    match request(&lab.socket, &Request::Apply { state }).unwrap() {
+        Response::Applied { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    // vm3 forgets its static address and asks keel.
+    let vm = lab.vm(3);
+    vm.sh("ip addr flush dev eth0").unwrap();
+    let script = lab.dir().join("udhcpc.sh");
+    let lease = lab.dir().join("lease");
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+    vm.exec(&["chmod", "+x", script.to_str().unwrap()]).unwrap();
+    let out = vm
+        .sh(&format!(
+            "LEASE_FILE={} busybox udhcpc -i eth0 -f -q -n -t 5 -T 1 -s {} 2>&1",
+            lease.display(),
+            script.display()
+        ))
+        .unwrap();
+    let got = std::fs::read_to_string(&lease).unwrap_or_else(|_| panic!("no lease: {out}"));
+    assert!(
+        got.contains("ip=10.0.1.12 mask=24 router=10.0.1.1"),
+        "{got}"
+    );
+    assert!(got.contains("dns=198.18.0.53"), "{got}");
+    assert!(got.contains("mtu=1450 lease=600"), "{got}");
+    let addrs = vm.sh("ip -4 addr show dev eth0").unwrap();
+    assert!(addrs.contains("10.0.1.12/24"), "{addrs}");
+    let out = lab.ping(3, "10.0.1.1");
+    assert!(out.contains("3 received"), "{out}");
+    let out = lab.ping(3, lab.vms[2].ip);
+    assert!(out.contains("3 received"), "routed after DHCP: {out}");
+    let stats = lab.stats();
+    assert!(stats.outcomes["dhcp_offer_sent"] >= 1, "{stats:?}");
+    assert!(stats.outcomes["dhcp_ack_sent"] >= 1, "{stats:?}");
 }

@@ -197,6 +197,7 @@ fn switch(name: &str, subnet: &str) -> SwitchSpec {
         subnet: subnet.into(),
         vlan: None,
         subnet6: None,
+        dhcp: None,
     }
 }
 

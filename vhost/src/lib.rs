@@ -1,4 +1,5 @@
-//! keel's vhost-user backends: the virtio-blk disks QEMU guests use.
+//! keel's vhost-user backends: the virtio-blk disks QEMU guests use, and
+//! virtio-net NICs plugged into the data plane as ports ([`net`]).
 //!
 //! # Design
 //! - [`request`] parses one virtio-blk descriptor chain into a validated
@@ -36,6 +37,7 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod hook;
+pub mod net;
 pub mod request;
 pub mod server;
 pub mod worker;

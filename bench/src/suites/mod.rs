@@ -5,6 +5,7 @@ pub mod dataplane;
 pub mod image;
 pub mod lb;
 pub mod store;
+pub mod vm;
 
 use crate::Suite;
 
@@ -14,6 +15,7 @@ pub const ALL: &[Suite] = &[
     dataplane::SUITE,
     image::SUITE,
     lb::SUITE,
+    vm::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {

@@ -243,10 +243,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", keel_firmware::appliance::build(&config)?);
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,
-        Command::Dataplane(args) => keel_dataplane::daemon::run(args)?,
+        Command::Dataplane(args) => dataplane(args)?,
         Command::VhostBlk(args) => vhost_blk(args)?,
         Command::Lb(args) => keel_lb::daemon::run(args)?,
     }
+    Ok(())
+}
+
+/// The data plane on AF_PACKET interfaces plus vhost-user-net NICs (the
+/// dataplane crate cannot open those itself: keel-vhost depends on it).
+fn dataplane(args: keel_dataplane::daemon::DaemonArgs) -> anyhow::Result<()> {
+    let (ports, _servers) = keel_vhost::net::open_ports(&args.vhost_user_net)?;
+    keel_dataplane::daemon::run_with_ports(args, ports)?;
     Ok(())
 }
 
