@@ -28,12 +28,14 @@
 pub mod chunk;
 pub mod index;
 pub mod job;
+pub mod offline;
 pub mod repo;
 pub mod restore;
 pub mod retention;
 
 pub use chunk::Digest;
 pub use index::{BackupIndex, Kind};
+pub use offline::backup_stopped_disk;
 pub use job::{backup, BackupReport, BackupSpec, JobError, Progress, Tracking};
 pub use repo::{GcReport, RepoError, Repository, VerifyReport};
 pub use restore::{restore, RestoreError, RestoreMode, RestoreReport};
