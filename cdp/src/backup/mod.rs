@@ -35,8 +35,8 @@ pub mod retention;
 
 pub use chunk::Digest;
 pub use index::{BackupIndex, Kind};
-pub use offline::backup_stopped_disk;
 pub use job::{backup, BackupReport, BackupSpec, JobError, Progress, Tracking};
+pub use offline::backup_stopped_disk;
 pub use repo::{GcReport, RepoError, Repository, VerifyReport};
 pub use restore::{restore, RestoreError, RestoreMode, RestoreReport};
 pub use retention::{prune, Policy, PrunePlan};

@@ -28,8 +28,8 @@ pub fn backup_stopped_disk(
         return backup(repo, spec, Tracking::None, progress);
     };
     let open_err = |e| JobError::OpenSource(spec.source.clone(), e);
-    let size = source_size(&std::fs::File::open(&spec.source).map_err(open_err)?)
-        .map_err(open_err)?;
+    let size =
+        source_size(&std::fs::File::open(&spec.source).map_err(open_err)?).map_err(open_err)?;
     let path = keel_vhost::cbt_path(&spec.source);
     if !path.exists() {
         // No backend ever tracked this disk: nothing says what changed,
@@ -38,8 +38,7 @@ pub fn backup_stopped_disk(
         r.fallback = Some(format!("no CBT file {}: full backup", path.display()));
         return Ok(r);
     }
-    let tracker = Cbt::open(&path, size, granularity)
-        .map_err(JobError::Cbt)?;
+    let tracker = Cbt::open(&path, size, granularity).map_err(JobError::Cbt)?;
     if tracker.peek(bitmap).is_err() {
         // A named chain that does not exist yet starts here (first = full).
         tracker.add_bitmap(bitmap).map_err(JobError::Cbt)?;
