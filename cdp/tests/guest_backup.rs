@@ -177,7 +177,35 @@ fn guest_disk_full_and_incremental_backups_restore_bit_exact() {
     assert!(inc.chunks_read * 100 < inc.chunks_total);
     assert!(cbt.peek(BITMAP).unwrap().dirty_granules().is_empty());
 
-    for (id, want) in [(&full.id, &disk0), (&inc.id, &disk1)] {
+    // More rounds of scattered guest writes, one incremental each.
+    let mut points = vec![(full.id.clone(), disk0), (inc.id.clone(), disk1)];
+    let mut x = 0x51f1_5e3d_u64;
+    for round in 0..4 {
+        let mut script = String::from("true");
+        for _ in 0..3 + round {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let block = x % (DISK_SIZE / 4096 - 4);
+            let count = 1 + x % 3;
+            script.push_str(&format!(
+                " && dd if=/dev/urandom of=/dev/vda bs=4096 count={count} seek={block} oflag=direct 2>/dev/null"
+            ));
+        }
+        guest.run(&script).unwrap();
+        let want = md5(&img);
+        let dirty = cbt.peek(BITMAP).unwrap().dirty_granules().len() as u64;
+        let r = backup(&repo, &spec, track, &none).unwrap();
+        assert_eq!(
+            (r.kind, r.chunks_read),
+            (Kind::Incremental, dirty),
+            "round {round}"
+        );
+        points.push((r.id, want));
+    }
+    assert_eq!(guest_md5(&mut guest), points.last().unwrap().1);
+
+    for (id, want) in &points {
         let out = dir.path().join(format!("{id}.raw"));
         let r = restore(&repo, id, &out, RestoreMode::NewFile, 8, &none).unwrap();
         assert!(r.verified);
