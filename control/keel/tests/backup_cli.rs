@@ -161,3 +161,76 @@ fn backup_killed_mid_job_leaves_repository_consistent() {
     assert!(ok, "{out}");
     assert_eq!(std::fs::read(&to).unwrap(), &data[..1 << 20]);
 }
+
+/// Serves the image with `keel vhost-blk --cbt-granularity` (no frontend
+/// connects, so nothing is written) and ends it with `signal`.
+fn serve_and_stop(dir: &Path, img: &Path, signal: i32) {
+    let sock = dir.join("vhost.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(keel_bin())
+        .args(["vhost-blk", "--cbt-granularity", "65536", "--socket"])
+        .arg(&sock)
+        .arg("--image")
+        .arg(img)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..400 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(sock.exists(), "vhost-blk did not start");
+    // SAFETY: plain syscall on our own child's pid.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), signal) };
+    child.wait().unwrap();
+}
+
+/// The CLI's stopped-disk path: the bitmap `keel vhost-blk` persisted at a
+/// clean stop drives an incremental; after a kill -9 it is invalid and the
+/// backup falls back to full, saying so.
+#[test]
+fn cli_incremental_uses_the_persisted_bitmap_and_falls_back_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![5u8; 8 << 20]).unwrap();
+    let img_s = img.to_str().unwrap();
+    let create = [
+        "create",
+        "--disk",
+        "d0",
+        "--image",
+        img_s,
+        "--chunk-size",
+        "1048576",
+        "--cbt-granularity",
+        "65536",
+    ];
+    let (ok, out) = keel(&repo, &create);
+    assert!(ok, "{out}");
+    assert!(json_lines(&out)[0]["fallback"]
+        .as_str()
+        .unwrap()
+        .contains("no CBT file"));
+
+    serve_and_stop(dir.path(), &img, libc::SIGTERM);
+    let (ok, out) = keel(&repo, &create);
+    assert!(ok, "{out}");
+    assert_eq!(json_lines(&out)[0]["kind"], "full", "first of the chain");
+    let (ok, out) = keel(&repo, &create);
+    assert!(ok, "{out}");
+    let r = &json_lines(&out)[0];
+    assert_eq!(
+        (r["kind"].as_str(), r["chunks_read"].as_u64()),
+        (Some("incremental"), Some(0))
+    );
+
+    serve_and_stop(dir.path(), &img, libc::SIGKILL);
+    let (ok, out) = keel(&repo, &create);
+    assert!(ok, "{out}");
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["kind"], "full");
+    assert!(r["fallback"].as_str().unwrap().contains("invalid"), "{r}");
+}
