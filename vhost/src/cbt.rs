@@ -251,6 +251,30 @@ impl Cbt {
         })
     }
 
+    /// Undoes a [`Cbt::freeze_and_reset`] whose backup failed: ORs the
+    /// frozen bits back into the live bitmap (which kept tracking since the
+    /// freeze), so the next backup copies them again. A frozen invalid
+    /// bitmap makes the live one invalid again. Bits past the disk end and
+    /// a granularity mismatch are rejected rather than guessed.
+    pub fn merge_back(&self, frozen: &FrozenBitmap) -> Result<(), CbtError> {
+        let _g = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let b = self
+            .find(&frozen.name)
+            .ok_or_else(|| CbtError::NotFound(frozen.name.clone()))?;
+        if frozen.granularity != self.granularity {
+            return Err(CbtError::Granularity(frozen.granularity));
+        }
+        for (dst, &src) in b.words.iter().zip(&frozen.words) {
+            if src != 0 {
+                dst.fetch_or(src, Ordering::AcqRel);
+            }
+        }
+        if !frozen.valid {
+            b.valid.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// A copy of `name` without clearing it.
     pub fn peek(&self, name: &str) -> Result<FrozenBitmap, CbtError> {
         let b = self
@@ -483,6 +507,23 @@ mod tests {
             Cbt::new(SIZE, 1000),
             Err(CbtError::Granularity(1000))
         ));
+    }
+
+    #[test]
+    fn merge_back_restores_a_failed_freeze() {
+        let cbt = Cbt::new(SIZE, DEFAULT_GRANULARITY).unwrap();
+        cbt.add_bitmap("b").unwrap();
+        write(&cbt, 0, 1);
+        let f = cbt.freeze_and_reset("b").unwrap();
+        write(&cbt, 2 << 16, 1); // lands in the live bitmap meanwhile
+        cbt.merge_back(&f).unwrap();
+        let now = cbt.peek("b").unwrap();
+        assert!(now.valid);
+        assert_eq!(now.dirty_granules(), vec![0, 2]);
+        let mut invalid = cbt.freeze_and_reset("b").unwrap();
+        invalid.valid = false;
+        cbt.merge_back(&invalid).unwrap();
+        assert!(!cbt.peek("b").unwrap().valid, "invalid stays invalid");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Every suite `keel bench` knows.
 
+pub mod backup;
 pub mod control;
 pub mod dataplane;
 pub mod image;
@@ -16,6 +17,7 @@ pub const ALL: &[Suite] = &[
     image::SUITE,
     lb::SUITE,
     vm::SUITE,
+    backup::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {

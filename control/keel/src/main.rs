@@ -87,6 +87,75 @@ enum Command {
     VhostBlk(VhostBlkArgs),
     /// Run the L4/L7 load balancer from a JSON config (reload: SIGHUP).
     Lb(keel_lb::daemon::LbArgs),
+    /// Back up, restore, verify and prune disk images (CBT incrementals).
+    Backup(BackupArgs),
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// Backup repository directory (created by `create` if missing).
+    #[arg(long, env = "KEEL_BACKUP_REPO")]
+    repo: PathBuf,
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Back up a raw image of a stopped disk: incremental from IMAGE.cbt
+    /// when --cbt-granularity is given and the bitmap is valid, else full.
+    Create {
+        /// Disk name (points are grouped by it).
+        #[arg(long)]
+        disk: String,
+        /// Raw image or block device.
+        #[arg(long)]
+        image: PathBuf,
+        /// Granularity the disk was served with (`keel vhost-blk --cbt-granularity`).
+        #[arg(long)]
+        cbt_granularity: Option<u64>,
+        /// CBT bitmap of this backup chain.
+        #[arg(long, default_value = "default")]
+        bitmap: String,
+        /// Chunk size in bytes (multiple of the CBT granularity).
+        #[arg(long, default_value_t = 4 << 20)]
+        chunk_size: u64,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// List backup points (JSON lines).
+    List,
+    /// Restore a point to a new file, or over an existing disk (--in-place).
+    Restore {
+        /// Point id (from `list`).
+        point: String,
+        /// Target file.
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite an existing disk of the same size.
+        #[arg(long)]
+        in_place: bool,
+        /// Chunks in flight.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+    },
+    /// Re-read and re-hash every chunk of one point (or of all points).
+    Verify {
+        /// Point id; all points when omitted.
+        point: Option<String>,
+    },
+    /// Delete points beyond a max count / max age per disk (then run gc).
+    Prune {
+        /// Keep at most this many points per disk.
+        #[arg(long)]
+        max_count: Option<usize>,
+        /// Delete points older than this many seconds.
+        #[arg(long)]
+        max_age_secs: Option<u64>,
+    },
+    /// Remove chunks no point references.
+    Gc,
 }
 
 #[derive(clap::Args)]
@@ -246,6 +315,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Dataplane(args) => dataplane(args)?,
         Command::VhostBlk(args) => vhost_blk(args)?,
         Command::Lb(args) => keel_lb::daemon::run(args)?,
+        Command::Backup(args) => backup(args)?,
     }
     Ok(())
 }
@@ -307,6 +377,99 @@ fn vhost_blk(args: VhostBlkArgs) -> anyhow::Result<()> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("vhost-blk server thread panicked"))??;
+    Ok(())
+}
+
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    use keel_cdp::backup as b;
+    let print = |v: serde_json::Value| println!("{v}");
+    if let BackupCommand::Create { .. } = args.command {
+        b::Repository::create(&args.repo)?;
+    }
+    let repo = b::Repository::open(&args.repo)?;
+    let progress = |p: b::Progress| {
+        if p.total > 0 && p.done == p.total {
+            eprintln!("{} of {} bytes", p.done, p.total);
+        }
+    };
+    match args.command {
+        BackupCommand::Create {
+            disk,
+            image,
+            cbt_granularity,
+            bitmap,
+            chunk_size,
+            threads,
+        } => {
+            let mut spec = b::BackupSpec::new(&disk, &image);
+            spec.chunk_size = chunk_size;
+            if let Some(t) = threads {
+                spec.threads = t;
+            }
+            let cbt = cbt_granularity.map(|g| (g, bitmap.as_str()));
+            let report = b::backup_stopped_disk(&repo, &spec, cbt, &progress)?;
+            if let Some(why) = &report.fallback {
+                eprintln!("keel: note: {why}");
+            }
+            print(serde_json::to_value(&report)?);
+        }
+        BackupCommand::List => {
+            for p in repo.points()? {
+                let zero = p.chunks.iter().filter(|c| c.is_none()).count();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "id": p.id, "disk": p.disk, "kind": p.kind, "created_ms": p.created_ms,
+                        "disk_size": p.disk_size, "chunk_size": p.chunk_size,
+                        "chunks": p.chunks.len(), "zero_chunks": zero,
+                        "parent": p.parent, "cbt": p.cbt, "fallback": p.fallback,
+                    })
+                );
+            }
+        }
+        BackupCommand::Restore {
+            point,
+            to,
+            in_place,
+            threads,
+        } => {
+            let mode = if in_place {
+                b::RestoreMode::InPlace
+            } else {
+                b::RestoreMode::NewFile
+            };
+            print(serde_json::to_value(b::restore(
+                &repo, &point, &to, mode, threads, &progress,
+            )?)?);
+        }
+        BackupCommand::Verify { point } => {
+            let points = match point {
+                Some(id) => vec![repo.load(&id)?],
+                None => repo.points()?,
+            };
+            let report = repo.verify(&points)?;
+            print(serde_json::to_value(&report)?);
+            anyhow::ensure!(report.ok(), "{} bad chunk use(s)", report.bad.len());
+        }
+        BackupCommand::Prune {
+            max_count,
+            max_age_secs,
+        } => {
+            let policy = b::Policy {
+                max_count,
+                max_age: max_age_secs.map(std::time::Duration::from_secs),
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis();
+            print(serde_json::to_value(b::prune(
+                &repo,
+                policy,
+                u64::try_from(now)?,
+            )?)?);
+        }
+        BackupCommand::Gc => print(serde_json::to_value(repo.gc()?)?),
+    }
     Ok(())
 }
 

@@ -1,0 +1,412 @@
+//! Backup jobs: full, and incremental from a vhost disk's CBT bitmap.
+//!
+//! Freeze/reset protocol (with [`keel_vhost::Cbt`]): the job first calls
+//! `freeze_and_reset`, which atomically takes the bitmap's bits out and
+//! lets a fresh epoch track from that instant. The frozen bits say which
+//! chunks changed since the parent point. On success nothing more is done
+//! (the reset already happened); on any failure the job calls
+//! `merge_back`, so the bits return to the live bitmap and the next job
+//! copies them again. A frozen bitmap marked invalid (the backend crashed)
+//! turns the job into a full backup, and the report says why.
+//!
+//! Chunks are processed by `threads` workers, each reading, hashing,
+//! zero-checking and compressing whole chunks; the next chunk index comes
+//! from one atomic counter.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use keel_vhost::cbt::{Cbt, CbtError, FrozenBitmap};
+
+use crate::backup::chunk::{self, ChunkError, Digest, Encoder};
+use crate::backup::index::{BackupIndex, CbtSource, Kind};
+use crate::backup::repo::{RepoError, Repository};
+
+/// Default chunk size (PBS uses 4 MiB fixed chunks for VM images).
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+/// Errors of a backup job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Chunk size not a multiple of 4 KiB and of the CBT granularity, or too big.
+    #[error("Invalid chunk size {0}")]
+    ChunkSize(u64),
+    /// Opening / sizing the source failed.
+    #[error("Cannot open source {0}")]
+    OpenSource(PathBuf, #[source] std::io::Error),
+    /// Reading the source failed.
+    #[error("Cannot read source at offset {offset}")]
+    ReadSource {
+        /// Offset.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source size differs from the CBT's disk size.
+    #[error("Source has {source_size} bytes, the dirty bitmap covers {bitmap_size}")]
+    SizeMismatch {
+        /// Source size.
+        source_size: u64,
+        /// Bitmap coverage.
+        bitmap_size: u64,
+    },
+    /// Freezing or merging the bitmap failed.
+    #[error("Dirty bitmap operation failed")]
+    Cbt(#[source] CbtError),
+    /// Compressing failed.
+    #[error("Cannot encode chunk")]
+    Encode(#[source] ChunkError),
+    /// Repository operation failed.
+    #[error("Repository operation failed")]
+    Repo(#[source] RepoError),
+    /// A worker thread panicked.
+    #[error("Backup worker panicked")]
+    Worker,
+}
+
+/// What to back up.
+#[derive(Debug, Clone)]
+pub struct BackupSpec {
+    /// Disk / volume name (points are grouped by it).
+    pub disk: String,
+    /// Raw image or block device to read.
+    pub source: PathBuf,
+    /// Bytes per chunk: a multiple of 4 KiB and of the CBT granularity.
+    pub chunk_size: u64,
+    /// Worker threads.
+    pub threads: usize,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+impl BackupSpec {
+    /// Defaults: 4 MiB chunks, zstd-1, one thread per CPU.
+    pub fn new(disk: &str, source: &Path) -> Self {
+        Self {
+            disk: disk.to_owned(),
+            source: source.to_owned(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            zstd_level: 1,
+        }
+    }
+}
+
+/// The dirty-block source of an incremental.
+#[derive(Clone, Copy)]
+pub enum Tracking<'a> {
+    /// No CBT: always full.
+    None,
+    /// The disk's live tracker and the bitmap this backup chain uses.
+    Cbt {
+        /// The tracker (shared with the running backend).
+        cbt: &'a Cbt,
+        /// Bitmap name.
+        bitmap: &'a str,
+    },
+}
+
+/// Progress of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes processed.
+    pub done: u64,
+    /// Bytes to process in this job.
+    pub total: u64,
+}
+
+/// What a job did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackupReport {
+    /// The new point.
+    pub id: String,
+    /// Full or incremental.
+    pub kind: Kind,
+    /// Why an incremental was not possible, if it was wanted.
+    pub fallback: Option<String>,
+    /// Chunks of the disk.
+    pub chunks_total: u64,
+    /// Chunks read from the source.
+    pub chunks_read: u64,
+    /// Chunks read that were all zero (not stored).
+    pub chunks_zero: u64,
+    /// Chunks read that were already stored (dedup).
+    pub chunks_dedup: u64,
+    /// Chunks newly stored.
+    pub chunks_stored: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the repository (compressed).
+    pub bytes_stored: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Runs one backup of `spec.source` into `repo`: incremental from the
+/// newest point of this disk and bitmap when the bitmap is valid, full
+/// otherwise.
+pub fn backup(
+    repo: &Repository,
+    spec: &BackupSpec,
+    tracking: Tracking<'_>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<BackupReport, JobError> {
+    let _disk_lock = repo.lock_disk(&spec.disk).map_err(JobError::Repo)?;
+    let _repo_lock = repo.lock_shared().map_err(JobError::Repo)?;
+    let frozen = match tracking {
+        Tracking::None => None,
+        Tracking::Cbt { cbt, bitmap } => {
+            if !spec.chunk_size.is_multiple_of(cbt.granularity()) {
+                return Err(JobError::ChunkSize(spec.chunk_size));
+            }
+            Some((cbt, cbt.freeze_and_reset(bitmap).map_err(JobError::Cbt)?))
+        }
+    };
+    let result = run(repo, spec, frozen.as_ref().map(|(_, f)| f), progress);
+    if result.is_err() {
+        if let Some((cbt, f)) = &frozen {
+            // The bits go back: the next job copies these chunks again.
+            if let Err(e) = cbt.merge_back(f) {
+                tracing::error!(error = %e, "cannot merge dirty bitmap back after a failed backup");
+            }
+        }
+    }
+    result
+}
+
+fn run(
+    repo: &Repository,
+    spec: &BackupSpec,
+    frozen: Option<&FrozenBitmap>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<BackupReport, JobError> {
+    let start = Instant::now();
+    if spec.chunk_size == 0
+        || !spec.chunk_size.is_multiple_of(4096)
+        || spec.chunk_size > chunk::MAX_CHUNK_SIZE
+    {
+        return Err(JobError::ChunkSize(spec.chunk_size));
+    }
+    let open_err = |e| JobError::OpenSource(spec.source.clone(), e);
+    let file = File::open(&spec.source).map_err(open_err)?;
+    let size = source_size(&file).map_err(open_err)?;
+    let nchunks = usize::try_from(size.div_ceil(spec.chunk_size))
+        .map_err(|_| JobError::ChunkSize(spec.chunk_size))?;
+    if let Some(f) = frozen {
+        let covered = f.words.len() as u64 * 64 * f.granularity;
+        if covered < size {
+            return Err(JobError::SizeMismatch {
+                source_size: size,
+                bitmap_size: covered,
+            });
+        }
+    }
+
+    // Incremental needs: a valid bitmap and a parent of the same chain and
+    // geometry (the bitmap's epoch started when the parent was taken).
+    let bitmap = frozen.map(|f| f.name.clone());
+    let parent = match &bitmap {
+        Some(name) => latest_point(repo, &spec.disk, name)?,
+        None => None,
+    };
+    let (mut fallback, mut incremental) = (None, None);
+    if let (Some(f), Some(p)) = (frozen, parent) {
+        if !f.valid {
+            fallback = Some(
+                "dirty bitmap invalid (backend was not shut down cleanly): full backup".to_owned(),
+            );
+        } else if p.disk_size != size || p.chunk_size != spec.chunk_size {
+            fallback = Some(format!(
+                "disk size or chunk size changed since point {}: full backup",
+                p.id
+            ));
+        } else {
+            incremental = Some((p, dirty_chunks(f, spec.chunk_size, nchunks)));
+        }
+    }
+
+    let (kind, mut chunks, todo, parent_id, generation) = match incremental {
+        Some((p, dirty)) => {
+            let generation = p.cbt.as_ref().map_or(0, |c| c.generation) + 1;
+            (Kind::Incremental, p.chunks, dirty, Some(p.id), generation)
+        }
+        None => (
+            Kind::Full,
+            vec![None; nchunks],
+            (0..nchunks).collect(),
+            None,
+            0,
+        ),
+    };
+
+    let total: u64 = todo
+        .iter()
+        .map(|&i| spec.chunk_size.min(size - i as u64 * spec.chunk_size))
+        .sum();
+    let stats = Stats::default();
+    let results = copy_chunks(repo, spec, &file, size, &todo, total, &stats, progress)?;
+    for (i, d) in results {
+        chunks[i] = d;
+    }
+
+    let mut index = BackupIndex {
+        id: String::new(),
+        disk: spec.disk.clone(),
+        disk_size: size,
+        chunk_size: spec.chunk_size,
+        created_ms: now_ms(),
+        kind,
+        parent: parent_id,
+        cbt: bitmap.map(|bitmap| CbtSource { bitmap, generation }),
+        fallback: fallback.clone(),
+        chunks,
+    };
+    repo.publish(&mut index).map_err(JobError::Repo)?;
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Ok(BackupReport {
+        id: index.id,
+        kind,
+        fallback,
+        chunks_total: nchunks as u64,
+        chunks_read: todo.len() as u64,
+        chunks_zero: l(&stats.zero),
+        chunks_dedup: l(&stats.dedup),
+        chunks_stored: l(&stats.stored),
+        bytes_read: total,
+        bytes_stored: l(&stats.bytes_stored),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[derive(Default)]
+struct Stats {
+    zero: AtomicU64,
+    dedup: AtomicU64,
+    stored: AtomicU64,
+    bytes_stored: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Reads, hashes and stores chunks `todo` with `spec.threads` workers;
+/// returns each chunk's digest (`None` = all zero). Shard directories are
+/// fsynced before returning, so a point published afterwards is durable.
+#[allow(clippy::too_many_arguments)]
+fn copy_chunks(
+    repo: &Repository,
+    spec: &BackupSpec,
+    file: &File,
+    size: u64,
+    todo: &[usize],
+    total: u64,
+    stats: &Stats,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<Vec<(usize, Option<Digest>)>, JobError> {
+    let next = AtomicUsize::new(0);
+    let dirs = Mutex::new(BTreeSet::new());
+    let zeros = vec![
+        0u8;
+        usize::try_from(spec.chunk_size)
+            .map_err(|_| JobError::ChunkSize(spec.chunk_size))?
+    ];
+    let worker = || -> Result<Vec<(usize, Option<Digest>)>, JobError> {
+        let mut enc = Encoder::new(spec.zstd_level).map_err(JobError::Encode)?;
+        let mut buf = vec![0u8; zeros.len()];
+        let mut out = Vec::new();
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&i) = todo.get(n) else {
+                return Ok(out);
+            };
+            let offset = i as u64 * spec.chunk_size;
+            let len = usize::try_from(spec.chunk_size.min(size - offset))
+                .map_err(|_| JobError::ChunkSize(spec.chunk_size))?;
+            let data = &mut buf[..len];
+            file.read_exact_at(data, offset)
+                .map_err(|source| JobError::ReadSource { offset, source })?;
+            // A slice compare is a memcmp: cheap even in debug builds.
+            let digest = if *data == zeros[..len] {
+                stats.zero.fetch_add(1, Ordering::Relaxed);
+                None
+            } else {
+                let d = Digest::of(data);
+                if repo.has_chunk(&d) {
+                    stats.dedup.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let stored = enc.encode(data).map_err(JobError::Encode)?;
+                    let dir = repo.put_chunk(&d, &stored).map_err(JobError::Repo)?;
+                    stats.stored.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .bytes_stored
+                        .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                    if let Ok(mut dirs) = dirs.lock() {
+                        dirs.insert(dir);
+                    }
+                }
+                Some(d)
+            };
+            out.push((i, digest));
+            let done = stats.done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+            progress(Progress { done, total });
+        }
+    };
+    let threads = spec.threads.clamp(1, 64).min(todo.len().max(1));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(JobError::Worker)))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(todo.len());
+    for r in results {
+        all.extend(r?);
+    }
+    let dirs = dirs.into_inner().unwrap_or_default();
+    repo.sync_chunk_dirs(&dirs).map_err(JobError::Repo)?;
+    Ok(all)
+}
+
+/// Chunks touched by any dirty granule (chunk size is a multiple of the
+/// granularity, so each granule lies in exactly one chunk).
+fn dirty_chunks(f: &FrozenBitmap, chunk_size: u64, nchunks: usize) -> Vec<usize> {
+    let per_chunk = chunk_size / f.granularity;
+    let mut out: Vec<usize> = f
+        .dirty_granules()
+        .into_iter()
+        .filter_map(|g| usize::try_from(g / per_chunk).ok())
+        .filter(|&c| c < nchunks)
+        .collect();
+    out.dedup();
+    out
+}
+
+/// The newest point of `disk` taken against `bitmap`.
+fn latest_point(
+    repo: &Repository,
+    disk: &str,
+    bitmap: &str,
+) -> Result<Option<BackupIndex>, JobError> {
+    let points = repo.points().map_err(JobError::Repo)?;
+    Ok(points
+        .into_iter()
+        .rfind(|p| p.disk == disk && p.cbt.as_ref().is_some_and(|c| c.bitmap == bitmap)))
+}
+
+/// Size of a regular file or block device.
+pub(crate) fn source_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
