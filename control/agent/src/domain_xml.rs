@@ -28,6 +28,8 @@ pub struct DomainSpec {
     pub nvram: Option<PathBuf>,
     /// vhost-user-blk sockets, boot disk first.
     pub disk_sockets: Vec<PathBuf>,
+    /// NICs: MAC and keel's vhost-user-net socket, eth0 first.
+    pub nics: Vec<(String, PathBuf)>,
     pub console_socket: PathBuf,
     pub console_log: PathBuf,
     pub accel: Accel,
@@ -67,7 +69,11 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
     };
     let p = |p: &std::path::Path| esc(&p.display().to_string());
     // `write!` to a String cannot fail.
-    let _ = writeln!(x, "<domain type='{kind}'>");
+    // The qemu namespace carries the per-device property override below.
+    let _ = writeln!(
+        x,
+        "<domain type='{kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+    );
     let _ = writeln!(x, "  <name>{}</name>", esc(&domain_name(&spec.id)));
     let _ = writeln!(x, "  <uuid>{}</uuid>", esc(&spec.id));
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
@@ -109,6 +115,14 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
             i + 1
         );
     }
+    for (i, (mac, sock)) in spec.nics.iter().enumerate() {
+        let _ = writeln!(
+            x,
+            "    <interface type='vhostuser'>\n      <alias name='ua-nic{i}'/>\n      <mac address='{}'/>\n      <source type='unix' path='{}' mode='client'><reconnect enabled='yes' timeout='1'/></source>\n      <model type='virtio'/>\n    </interface>",
+            esc(mac),
+            p(sock)
+        );
+    }
     let _ = writeln!(
         x,
         "    <serial type='unix'>\n      <source mode='bind' path='{}'/>\n      <log file='{}' append='on'/>\n      <target port='0'/>\n    </serial>",
@@ -118,7 +132,20 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
     x.push_str("    <console type='unix'><target type='serial' port='0'/></console>\n");
     x.push_str("    <graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>\n");
     x.push_str("    <panic model='isa'/>\n");
-    x.push_str("  </devices>\n</domain>\n");
+    x.push_str("  </devices>\n");
+    if !spec.nics.is_empty() {
+        // QEMU 7.2 crashes setting up MSI-X vector notifiers for
+        // vhost-user-net under TCG; legacy interrupts avoid it.
+        x.push_str("  <qemu:override>\n");
+        for i in 0..spec.nics.len() {
+            let _ = writeln!(
+                x,
+                "    <qemu:device alias='ua-nic{i}'><qemu:frontend><qemu:property name='vectors' type='unsigned' value='0'/></qemu:frontend></qemu:device>"
+            );
+        }
+        x.push_str("  </qemu:override>\n");
+    }
+    x.push_str("</domain>\n");
     x
 }
 
@@ -135,12 +162,15 @@ mod tests {
             firmware: BootFirmware::Uefi { secure_boot: false },
             nvram: Some("/s/vms/x/nvram.fd".into()),
             disk_sockets: vec!["/s/run/a.sock".into(), "/s/run/b&.sock".into()],
+            nics: vec![("fa:16:3e:00:00:01".into(), "/s/run/p.net.sock".into())],
             console_socket: "/s/vms/x/console.sock".into(),
             console_log: "/s/vms/x/console.log".into(),
             accel: Accel::Tcg,
         };
         let xml = render(&spec, &FirmwareFiles::default());
-        assert!(xml.starts_with("<domain type='qemu'>"));
+        assert!(xml.starts_with("<domain type='qemu' "));
+        assert!(xml.contains("<mac address='fa:16:3e:00:00:01'/>"));
+        assert!(xml.contains("<qemu:device alias='ua-nic0'>"));
         assert!(xml.contains("<name>keel-0b7e0d6c-0000-4000-8000-000000000001</name>"));
         assert!(xml.contains("<nvram>/s/vms/x/nvram.fd</nvram>"));
         assert!(xml.contains("path='/s/run/a.sock'"));
@@ -159,12 +189,14 @@ mod tests {
             firmware: BootFirmware::Bios,
             nvram: None,
             disk_sockets: vec![],
+            nics: vec![],
             console_socket: "/c".into(),
             console_log: "/l".into(),
             accel: Accel::Kvm,
         };
         let xml = render(&spec, &FirmwareFiles::default());
-        assert!(xml.starts_with("<domain type='kvm'>"));
+        assert!(xml.starts_with("<domain type='kvm' "));
+        assert!(!xml.contains("qemu:override"));
         assert!(!xml.contains("<loader"));
     }
 }

@@ -31,6 +31,7 @@ pub mod disk_servers;
 pub mod domain_xml;
 pub mod inventory;
 pub mod libvirtd;
+pub mod network;
 pub mod provision;
 mod run;
 

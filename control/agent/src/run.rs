@@ -89,6 +89,10 @@ pub fn spawn(
         .spawn(move || {
             let mut agent = Agent {
                 disks: DiskServers::new(config.keel_bin.clone(), config.state_dir.join("run")),
+                net: crate::network::Dataplane::new(
+                    config.keel_bin.clone(),
+                    config.state_dir.join("run"),
+                ),
                 store,
                 rt,
                 config,
@@ -107,6 +111,7 @@ struct Agent {
     conn: Option<Connect>,
     started: crate::libvirtd::Started,
     disks: DiskServers,
+    net: crate::network::Dataplane,
     files: FirmwareFiles,
 }
 
@@ -150,6 +155,7 @@ impl Agent {
             }
         }
         self.disks.stop_all();
+        self.net.stop();
         if let Some(mut conn) = self.conn.take() {
             let _ = conn.close();
         }
@@ -420,6 +426,20 @@ impl Agent {
             let path = volumes::volume_path(&self.config.state_dir, vol);
             sockets.push(self.disks.ensure(vol, &path)?);
         }
+        let mut nics = Vec::with_capacity(spec.port_ids.len());
+        if !spec.port_ids.is_empty() {
+            self.reconcile_network()?;
+            for pid in &spec.port_ids {
+                let port = self
+                    .get("port", pid)?
+                    .ok_or_else(|| StepError::Invalid(format!("port {pid} is gone")))?;
+                let pspec: keel_control::api::ports::PortSpec = port.spec()?;
+                nics.push((
+                    pspec.mac_address,
+                    crate::network::nic_socket(&self.config.state_dir.join("run"), pid),
+                ));
+            }
+        }
         let dir = self.vm_dir(&record.meta.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| StepError::Invalid(format!("create {}: {e}", dir.display())))?;
@@ -435,6 +455,7 @@ impl Agent {
                 firmware,
                 nvram,
                 disk_sockets: sockets,
+                nics,
                 console_socket: dir.join("console.sock"),
                 console_log: dir.join("console.log"),
                 accel: self.accel(),
@@ -659,6 +680,21 @@ impl Agent {
             for snap in &snapshots {
                 records::delete(&mut tx, snap, vm_snapshots::KIND).await?;
             }
+            for pid in &spec.port_ids {
+                if let Some(port) = records::get(&mut tx, "port", pid).await? {
+                    let mut pspec: keel_control::api::ports::PortSpec = port.spec()?;
+                    pspec.device_id = None;
+                    let status = port.meta.status.clone();
+                    records::observe(
+                        &mut tx,
+                        "port",
+                        pid,
+                        &status,
+                        Some(volumes::to_json(&pspec)?),
+                    )
+                    .await?;
+                }
+            }
             if let Some(current) = records::get(&mut tx, vms::KIND, &id).await? {
                 records::delete(&mut tx, &current, vms::KIND).await?;
             }
@@ -728,7 +764,37 @@ impl Agent {
         Ok(())
     }
 
+    /// Brings the data plane to the NICs of every VM in the store.
+    fn reconcile_network(&mut self) -> Result<(), StepError> {
+        let (vm_records, ports, subnets, routers) = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            let vms = records::all(&mut conn, vms::KIND).await?;
+            let ports = records::all(&mut conn, "port").await?;
+            let subnets = records::all(&mut conn, "subnet").await?;
+            let routers = records::all(&mut conn, "router").await?;
+            Ok::<_, StepError>((vms, ports, subnets, routers))
+        })?;
+        let mut with_nics = Vec::new();
+        for vm in vm_records {
+            let spec: VmSpec = vm.spec()?;
+            if !spec.port_ids.is_empty() && vm.meta.status != vms::DELETING {
+                with_nics.push((vm, spec.port_ids));
+            }
+        }
+        let by_id = |v: Vec<Record>| -> std::collections::BTreeMap<String, Record> {
+            v.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
+        };
+        let state =
+            crate::network::desired_state(&with_nics, &by_id(ports), &by_id(subnets), &routers);
+        self.net
+            .ensure(&state)
+            .map_err(|e| StepError::Invalid(format!("data plane: {e}")))
+    }
+
     fn observe_all(&mut self) -> Result<(), StepError> {
+        if let Err(e) = self.reconcile_network() {
+            tracing::warn!(error = %e, "network not reconciled");
+        }
         let all = self.block_on(async {
             let mut conn = self.store.pool().acquire().await?;
             Ok::<_, StepError>(records::all(&mut conn, vms::KIND).await?)

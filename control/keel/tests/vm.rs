@@ -27,6 +27,13 @@ if dd if=/dev/vda2 bs=512 count=1 2>/dev/null | grep -q KEEL-DATA; then
 else
   echo KEEL-DATA-7 | dd of=/dev/vda2 conv=fsync 2>/dev/null && echo KEEL-WROTE
 fi
+if ip link show eth0 >/dev/null 2>&1; then
+  mkdir -p /etc/udhcpc
+  printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"; ip route replace default via "$router"; echo "KEEL-LEASE ip=$ip router=$router";; esac\n' > /etc/udhcpc/keel.sh
+  chmod +x /etc/udhcpc/keel.sh
+  ip link set eth0 up
+  udhcpc -i eth0 -f -q -n -t 60 -T 2 -s /etc/udhcpc/keel.sh 2>/dev/null
+fi
 echo KEEL-BOOTED
 "#;
 
@@ -521,6 +528,98 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         .output()
         .unwrap();
     assert!(backends.stdout.is_empty(), "disk backend still running");
+
+    // Two VMs with NICs on two subnets of one VPC joined by a router: each
+    // gets its port's address from keel's DHCP and pings the other through
+    // keel's distributed router (vhost-user-net ports of the data plane the
+    // agent runs from the store).
+    let vpc = api.ok(
+        "POST",
+        "/api/v1/vpcs",
+        Some(json!({"name": "vpc1", "vdc_id": vdc_id})),
+    );
+    let vpc_id = vpc["id"].as_str().unwrap();
+    let mut subnet_ids = Vec::new();
+    for (name, cidr) in [("a", "10.20.1.0/24"), ("b", "10.20.2.0/24")] {
+        let s = api.ok(
+            "POST",
+            "/api/v1/subnets",
+            Some(json!({"name": name, "vpc_id": vpc_id, "cidr": cidr})),
+        );
+        subnet_ids.push(s["id"].as_str().unwrap().to_owned());
+    }
+    api.ok(
+        "POST",
+        "/api/v1/routers",
+        Some(json!({"name": "r1", "vdc_id": vdc_id,
+                    "interfaces": [{"subnet_id": subnet_ids[0]}, {"subnet_id": subnet_ids[1]}]})),
+    );
+    let mut vms = Vec::new();
+    let mut guards = Vec::new();
+    for (i, subnet) in subnet_ids.iter().enumerate() {
+        let port = api.ok(
+            "POST",
+            "/api/v1/ports",
+            Some(json!({"name": format!("nic{i}"), "subnet_id": subnet})),
+        );
+        let (status, task) = api.call(
+            "POST",
+            "/api/v1/volumes",
+            Some(json!({"name": format!("net{i}"), "vdc_id": vdc_id, "image_id": image_id})),
+        );
+        assert_eq!(status, 202, "{task}");
+        api.wait_task(&task);
+        let (status, task) = api.call(
+            "POST",
+            "/api/v1/vms",
+            Some(
+                json!({"name": format!("net{i}"), "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+                        "volume_ids": [task["resource_id"]], "port_ids": [port["id"]]}),
+            ),
+        );
+        assert_eq!(status, 202, "{task}");
+        let vm = task["resource_id"].as_str().unwrap().to_owned();
+        guards.push(DomainGuard(vm.clone()));
+        let port_id = port["id"].as_str().unwrap();
+        let p = api.ok("GET", &format!("/api/v1/ports/{port_id}"), None);
+        assert_eq!(p["device_id"], vm.as_str(), "{p}");
+        vms.push((vm, port["fixed_ip"].as_str().unwrap().to_owned(), task));
+    }
+    for (vm, ip, task) in &vms {
+        api.wait_task(task);
+        api.wait_status(vm, "RUNNING");
+        wait_console(&state, vm, &format!("KEEL-LEASE ip={ip} "), 1);
+    }
+    let peer = &vms[1].1;
+    let ticket = api.ok(
+        "POST",
+        &format!("/api/v1/vms/{}/console", vms[0].0),
+        Some(json!({"kind": "serial"})),
+    );
+    let ws_url = format!(
+        "{}{}",
+        keel.url("").replace("http://", "ws://"),
+        ticket["url"].as_str().unwrap()
+    );
+    use base64::Engine;
+    let cmd = base64::engine::general_purpose::STANDARD.encode(format!("ping -c 3 -W 2 {peer}\n"));
+    let out = console_read_until(&ws_url, Some(format!("P1 1\n{cmd}\n").as_bytes()), b"P1=");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("P1=0"),
+        "ping across the router failed: {text}"
+    );
+    assert!(text.contains("3 packets received"), "{text}");
+    for (vm, _, _) in &vms {
+        let (status, task) = api.call(
+            "DELETE",
+            &format!("/api/v1/vms/{vm}?delete_volumes=true"),
+            None,
+        );
+        assert_eq!(status, 202, "{task}");
+        api.wait_task(&task);
+    }
+    drop(guards);
 
     // A clean stop of keel also stops the libvirt daemons it started.
     keel.signal(libc::SIGTERM).unwrap();

@@ -39,6 +39,9 @@ pub struct PortSpec {
     pub fixed_ip: IpAddr,
     pub security_group_ids: Vec<String>,
     pub description: String,
+    /// The VM whose NIC this port is.
+    #[serde(default)]
+    pub device_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -258,6 +261,7 @@ async fn create_port(
         fixed_ip,
         security_group_ids: body.security_group_ids,
         description: body.description,
+        device_id: None,
     };
     let record = records::insert(
         &mut tx,
@@ -385,6 +389,11 @@ async fn delete_port(
     )
     .await?;
     check_revision(&record, expected)?;
+    if let Some(vm) = record.spec::<PortSpec>()?.device_id {
+        return Err(ApiError::Conflict(format!(
+            "the port is a NIC of VM {vm}; delete the VM first"
+        )));
+    }
     records::delete(&mut tx, &record, KIND).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)

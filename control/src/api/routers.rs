@@ -57,10 +57,10 @@ pub struct StaticRoute {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct RouterSpec {
-    description: String,
-    interfaces: Vec<Interface>,
-    routes: Vec<StaticRoute>,
+pub struct RouterSpec {
+    pub description: String,
+    pub interfaces: Vec<Interface>,
+    pub routes: Vec<StaticRoute>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -338,6 +338,12 @@ async fn clone_vm(
     )
     .await?;
     let spec: VmSpec = vm.spec()?;
+    if !spec.port_ids.is_empty() {
+        return Err(ApiError::Conflict(
+            "cloning a VM with NICs is not supported yet (clones would need their own ports)"
+                .into(),
+        ));
+    }
     let host = hosts::place(&mut tx, &spec.cpu_arch, spec.memory_mib).await?;
     let mut vm_ids = Vec::new();
     let mut copies = Vec::new();

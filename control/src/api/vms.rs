@@ -18,6 +18,7 @@ use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::hosts;
 use super::images::{Firmware, ImageSpec};
 use super::listing::{ListQuery, Page};
+use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
 use super::records::{self, Meta, NewRecord, Record};
 use super::respond::{load, referenced_vdc, with_etag};
@@ -38,6 +39,7 @@ pub const LOST: &str = "LOST";
 const MAX_VCPUS: u32 = 64;
 const MAX_MEMORY_MIB: u32 = 1 << 20;
 const MAX_DISKS: usize = 16;
+const MAX_NICS: usize = 8;
 
 /// Every action and the states it is allowed in.
 pub const ACTIONS: &[(&str, &[&str])] = &[
@@ -58,6 +60,9 @@ pub struct VmSpec {
     pub cpu_arch: String,
     /// Disks in boot order; the first is the boot disk.
     pub volume_ids: Vec<String>,
+    /// NICs: ports on VPC subnets, in order (eth0 first).
+    #[serde(default)]
+    pub port_ids: Vec<String>,
     /// The host the VM was placed on.
     #[serde(default)]
     pub host_id: String,
@@ -90,6 +95,9 @@ pub struct VmCreate {
     pub volume_ids: Vec<String>,
     /// Defaults to the boot volume's image firmware, else BIOS.
     pub firmware: Option<Firmware>,
+    /// NICs: existing ports of the VM's VDC not used by another VM.
+    #[serde(default)]
+    pub port_ids: Vec<String>,
     /// Start once defined (default true).
     #[serde(default = "default_true")]
     pub start: bool,
@@ -198,6 +206,31 @@ async fn create_vm(
         }
         volumes.push((volume, spec));
     }
+    if body.port_ids.len() > MAX_NICS {
+        return Err(ApiError::invalid("port_ids", format!("at most {MAX_NICS}")));
+    }
+    let mut nics = Vec::with_capacity(body.port_ids.len());
+    for (i, id) in body.port_ids.iter().enumerate() {
+        if body.port_ids[..i].contains(id) {
+            return Err(ApiError::invalid(format!("port_ids[{i}]"), "listed twice"));
+        }
+        let port = match records::get(&mut tx, "port", id).await? {
+            Some(p) if p.meta.vdc_id.as_deref() == Some(vdc_id.as_str()) => p,
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("port_ids[{i}]"),
+                    format!("no port {id} in the VM's VDC"),
+                ))
+            }
+        };
+        let pspec: PortSpec = port.spec()?;
+        if let Some(other) = &pspec.device_id {
+            return Err(ApiError::Conflict(format!(
+                "port {id} is a NIC of VM {other}"
+            )));
+        }
+        nics.push((port, pspec));
+    }
     // The boot volume's image decides firmware and architecture.
     let mut firmware = Firmware::Bios;
     let mut cpu_arch = "x86_64".to_owned();
@@ -215,6 +248,7 @@ async fn create_vm(
         firmware: body.firmware.unwrap_or(firmware),
         cpu_arch,
         volume_ids: body.volume_ids.clone(),
+        port_ids: body.port_ids.clone(),
         host_id: host.meta.id.clone(),
         vnc_port: None,
         description: body.description,
@@ -245,6 +279,18 @@ async fn create_vm(
             &volume.meta.id,
             status,
             Some(to_json(&vspec)?),
+        )
+        .await?;
+    }
+    for (port, mut pspec) in nics {
+        pspec.device_id = Some(record.meta.id.clone());
+        let status = port.meta.status.clone();
+        records::observe(
+            &mut tx,
+            "port",
+            &port.meta.id,
+            &status,
+            Some(to_json(&pspec)?),
         )
         .await?;
     }

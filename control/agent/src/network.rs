@@ -1,0 +1,248 @@
+//! VM NICs on VPC subnets: the agent compiles the store's ports, subnets
+//! and routers into the data plane's one declarative input
+//! ([`keel_dataplane::model::DesiredState`]) and runs `keel dataplane` with
+//! a vhost-user-net socket per NIC port. Subnets become switches (with
+//! keel's DHCP when the subnet enables it), router interfaces their
+//! gateways, ports the bound MAC/IP of a VM NIC.
+//!
+//! The data plane's port set is fixed when it starts, so any change of the
+//! desired state restarts it; QEMU's vhost-user reconnect brings running
+//! VMs' NICs back within a second. (An in-place apply for changes that
+//! keep the port set is the next step.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_control::api::networks::SubnetSpec;
+use keel_control::api::ports::PortSpec as ApiPort;
+use keel_control::api::records::Record;
+use keel_control::api::routers::RouterSpec as ApiRouter;
+use keel_dataplane::model::{
+    DesiredState, DhcpSpec, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("Cannot start the data plane")]
+    Spawn(#[source] std::io::Error),
+    #[error("The data plane exited at start ({status}): {log}")]
+    Exited { status: String, log: String },
+    #[error("Cannot write the data plane's desired state {path}")]
+    WriteState {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const START_WAIT: Duration = Duration::from_secs(10);
+
+/// The vhost-user-net socket of a NIC port.
+pub fn nic_socket(run_dir: &Path, port_id: &str) -> PathBuf {
+    run_dir.join(format!("{port_id}.net.sock"))
+}
+
+/// A stable, locally administered MAC for a router's gateway on a subnet.
+fn gateway_mac(router: &str, subnet: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (router, subnet).hash(&mut h);
+    let b = h.finish().to_le_bytes();
+    format!("fa:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// Compiles the desired state from the NIC ports of `vms`, and the subnets
+/// and routers those ports use. Non-IPv4 subnets are left out (the data
+/// plane routes IPv4).
+pub fn desired_state(
+    vms: &[(Record, Vec<String>)],
+    ports: &BTreeMap<String, Record>,
+    subnets: &BTreeMap<String, Record>,
+    routers: &[Record],
+) -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    for (_, port_ids) in vms {
+        for pid in port_ids {
+            let Some(port) = ports.get(pid) else { continue };
+            let Ok(spec) = port.spec::<ApiPort>() else {
+                continue;
+            };
+            if !spec.fixed_ip.is_ipv4() {
+                continue;
+            }
+            used.insert(spec.subnet_id.clone());
+            state.ports.push(PortSpec {
+                name: pid.clone(),
+                switch: spec.subnet_id.clone(),
+                interface: pid.clone(),
+                mac: Some(spec.mac_address.clone()),
+                ips: vec![spec.fixed_ip.to_string()],
+                port_security: true,
+            });
+        }
+    }
+    let mut gateways: BTreeMap<String, bool> = BTreeMap::new();
+    for router in routers {
+        let Ok(spec) = router.spec::<ApiRouter>() else {
+            continue;
+        };
+        let ports: Vec<RouterPortSpec> = spec
+            .interfaces
+            .iter()
+            .filter(|i| used.contains(&i.subnet_id) && i.ip_address.is_ipv4())
+            .map(|i| {
+                gateways.insert(i.subnet_id.clone(), true);
+                RouterPortSpec {
+                    switch: i.subnet_id.clone(),
+                    mac: gateway_mac(&router.meta.id, &i.subnet_id),
+                    ip: i.ip_address.to_string(),
+                    ip6: None,
+                }
+            })
+            .collect();
+        if !ports.is_empty() {
+            state.routers.push(RouterSpec {
+                name: router.meta.id.clone(),
+                ports,
+                static_routes: Vec::new(),
+            });
+        }
+    }
+    for subnet_id in &used {
+        let Some(subnet) = subnets.get(subnet_id) else {
+            continue;
+        };
+        let Ok(spec) = subnet.spec::<SubnetSpec>() else {
+            continue;
+        };
+        let dhcp = spec.enable_dhcp.then(|| DhcpSpec {
+            dns_servers: spec
+                .dns_servers
+                .iter()
+                .filter(|d| d.is_ipv4())
+                .map(ToString::to_string)
+                .collect(),
+            server_ip: if gateways.contains_key(subnet_id) {
+                None
+            } else {
+                spec.gateway_ip.map(|g| g.to_string())
+            },
+            ..DhcpSpec::default()
+        });
+        state.switches.push(SwitchSpec {
+            name: subnet_id.clone(),
+            subnet: spec.cidr.trunc().to_string(),
+            vlan: None,
+            subnet6: None,
+            dhcp,
+        });
+    }
+    state
+}
+
+/// The `keel dataplane` child and the state it runs with.
+pub struct Dataplane {
+    keel_bin: PathBuf,
+    run_dir: PathBuf,
+    running: Option<(Child, DesiredState)>,
+}
+
+impl Dataplane {
+    pub fn new(keel_bin: PathBuf, run_dir: PathBuf) -> Dataplane {
+        Dataplane {
+            keel_bin,
+            run_dir,
+            running: None,
+        }
+    }
+
+    /// Makes the running data plane serve `state`: nothing to do when it
+    /// already does, a restart when it differs, a stop when there is no port.
+    pub fn ensure(&mut self, state: &DesiredState) -> Result<(), NetworkError> {
+        if let Some((child, current)) = &mut self.running {
+            if current == state && matches!(child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+        }
+        self.stop();
+        if state.ports.is_empty() {
+            return Ok(());
+        }
+        let _ = std::fs::create_dir_all(&self.run_dir);
+        let config = self.run_dir.join("dataplane.json");
+        let text = serde_json::to_string_pretty(state).unwrap_or_default();
+        std::fs::write(&config, text).map_err(|source| NetworkError::WriteState {
+            path: config.clone(),
+            source,
+        })?;
+        let log_path = self.run_dir.join("dataplane.log");
+        let log = std::fs::File::create(&log_path).map_err(NetworkError::Spawn)?;
+        let log2 = log.try_clone().map_err(NetworkError::Spawn)?;
+        let mut cmd = Command::new(&self.keel_bin);
+        cmd.arg("dataplane")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(self.run_dir.join("dataplane.sock"));
+        for port in &state.ports {
+            let sock = nic_socket(&self.run_dir, &port.name);
+            cmd.arg("--vhost-user-net")
+                .arg(format!("{}={}", port.name, sock.display()));
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(NetworkError::Spawn)?;
+        let start = Instant::now();
+        let sockets: Vec<PathBuf> = state
+            .ports
+            .iter()
+            .map(|p| nic_socket(&self.run_dir, &p.name))
+            .collect();
+        while !sockets.iter().all(|s| s.exists()) && start.elapsed() < START_WAIT {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(NetworkError::Exited {
+                    status: status.to_string(),
+                    log: std::fs::read_to_string(&log_path).unwrap_or_default(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!(
+            ports = state.ports.len(),
+            switches = state.switches.len(),
+            routers = state.routers.len(),
+            "data plane (re)started"
+        );
+        self.running = Some((child, state.clone()));
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some((mut child, _)) = self.running.take() {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: kill(2) on our own unreaped child.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            let start = Instant::now();
+            while matches!(child.try_wait(), Ok(None)) && start.elapsed() < START_WAIT {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
