@@ -6,7 +6,8 @@
 //! store; the agent takes tasks in order ([`keel_control::api::tasks::claim_next`]),
 //! carries them out against libvirt (VMs), `qemu-img` (volume files) and
 //! keel's own disk backends (one `keel vhost-blk` process per attached
-//! volume, see [`disk_servers`]), then records the outcome on the task and
+//! volume, see [`disk_servers`]) and the data plane (one `keel dataplane`
+//! serving every VM NIC, fed the store's networks, see [`network`]), then records the outcome on the task and
 //! what it observes on the resource's `status`. Between tasks it watches
 //! every VM's domain, so a VM that QEMU left (killed, crashed, powered off
 //! from inside) is reported `STOPPED` with a reason, not `RUNNING`.
