@@ -19,8 +19,10 @@ use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
 use keel_control::api::records::Record;
 use keel_control::api::routers::RouterSpec as ApiRouter;
+use keel_control::api::security_groups::{self as api_sg, SgSpec};
 use keel_dataplane::model::{
-    DesiredState, DhcpSpec, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec,
+    DesiredState, DhcpSpec, EtherType, PortSpec, RouterPortSpec, RouterSpec, RuleAction,
+    RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,17 +55,54 @@ fn gateway_mac(router: &str, subnet: &str) -> String {
     format!("fa:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-/// Compiles the desired state from the NIC ports of `vms`, and the subnets
-/// and routers those ports use. Non-IPv4 subnets are left out (the data
-/// plane routes IPv4).
+/// An API rule as data-plane rules: API groups are allow-lists (OpenStack
+/// semantics); a rule without a remote CIDR covers both address families.
+fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
+    let families: &[EtherType] = match rule.remote_cidr.as_deref() {
+        Some(c) if c.contains(':') => &[EtherType::Ipv6],
+        Some(_) => &[EtherType::Ipv4],
+        None => &[EtherType::Ipv4, EtherType::Ipv6],
+    };
+    families
+        .iter()
+        .map(|&ethertype| SecurityRuleSpec {
+            direction: match rule.direction {
+                api_sg::Direction::Ingress => RuleDirection::Ingress,
+                api_sg::Direction::Egress => RuleDirection::Egress,
+            },
+            ethertype,
+            protocol: match rule.protocol {
+                api_sg::Protocol::Any => None,
+                api_sg::Protocol::Tcp => Some("tcp".into()),
+                api_sg::Protocol::Udp => Some("udp".into()),
+                api_sg::Protocol::Icmp if ethertype == EtherType::Ipv6 => Some("icmpv6".into()),
+                api_sg::Protocol::Icmp => Some("icmp".into()),
+            },
+            port_min: rule.port_range_min,
+            port_max: rule.port_range_max,
+            icmp_type: None,
+            icmp_code: None,
+            remote_cidr: rule.remote_cidr.clone(),
+            remote_group: None,
+            priority: 0,
+            action: RuleAction::Allow,
+        })
+        .collect()
+}
+
+/// Compiles the desired state from the NIC ports of `vms`, and the subnets,
+/// routers and security groups those ports use. Non-IPv4 subnets are left
+/// out (the data plane routes IPv4).
 pub fn desired_state(
     vms: &[(Record, Vec<String>)],
     ports: &BTreeMap<String, Record>,
     subnets: &BTreeMap<String, Record>,
     routers: &[Record],
+    groups: &BTreeMap<String, Record>,
 ) -> DesiredState {
     let mut state = DesiredState::default();
     let mut used: BTreeSet<String> = BTreeSet::new();
+    let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (_, port_ids) in vms {
         for pid in port_ids {
             let Some(port) = ports.get(pid) else { continue };
@@ -74,6 +113,9 @@ pub fn desired_state(
                 continue;
             }
             used.insert(spec.subnet_id.clone());
+            for g in &spec.security_group_ids {
+                members.entry(g.clone()).or_default().push(pid.clone());
+            }
             state.ports.push(PortSpec {
                 name: pid.clone(),
                 switch: spec.subnet_id.clone(),
@@ -110,6 +152,19 @@ pub fn desired_state(
                 static_routes: Vec::new(),
             });
         }
+    }
+    for (group, ports) in members {
+        let Some(record) = groups.get(&group) else {
+            continue;
+        };
+        let Ok(spec) = record.spec::<SgSpec>() else {
+            continue;
+        };
+        state.security_groups.push(SecurityGroupSpec {
+            name: group,
+            ports,
+            rules: spec.rules.iter().flat_map(rules_of).collect(),
+        });
     }
     for subnet_id in &used {
         let Some(subnet) = subnets.get(subnet_id) else {

@@ -766,13 +766,14 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        let (vm_records, ports, subnets, routers) = self.block_on(async {
+        let (vm_records, ports, subnets, routers, groups) = self.block_on(async {
             let mut conn = self.store.pool().acquire().await?;
             let vms = records::all(&mut conn, vms::KIND).await?;
             let ports = records::all(&mut conn, "port").await?;
             let subnets = records::all(&mut conn, "subnet").await?;
             let routers = records::all(&mut conn, "router").await?;
-            Ok::<_, StepError>((vms, ports, subnets, routers))
+            let groups = records::all(&mut conn, "security_group").await?;
+            Ok::<_, StepError>((vms, ports, subnets, routers, groups))
         })?;
         let mut with_nics = Vec::new();
         for vm in vm_records {
@@ -784,8 +785,13 @@ impl Agent {
         let by_id = |v: Vec<Record>| -> std::collections::BTreeMap<String, Record> {
             v.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
         };
-        let state =
-            crate::network::desired_state(&with_nics, &by_id(ports), &by_id(subnets), &routers);
+        let state = crate::network::desired_state(
+            &with_nics,
+            &by_id(ports),
+            &by_id(subnets),
+            &routers,
+            &by_id(groups),
+        );
         self.net
             .ensure(&state)
             .map_err(|e| StepError::Invalid(format!("data plane: {e}")))

@@ -554,13 +554,21 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         Some(json!({"name": "r1", "vdc_id": vdc_id,
                     "interfaces": [{"subnet_id": subnet_ids[0]}, {"subnet_id": subnet_ids[1]}]})),
     );
+    let sg = api.ok(
+        "POST",
+        "/api/v1/security-groups",
+        Some(json!({"name": "icmp-in", "vdc_id": vdc_id,
+                    "rules": [{"direction": "ingress", "protocol": "icmp"}]})),
+    );
+    let sg_id = sg["id"].as_str().unwrap().to_owned();
     let mut vms = Vec::new();
     let mut guards = Vec::new();
     for (i, subnet) in subnet_ids.iter().enumerate() {
+        let groups = if i == 1 { json!([sg_id]) } else { json!([]) };
         let port = api.ok(
             "POST",
             "/api/v1/ports",
-            Some(json!({"name": format!("nic{i}"), "subnet_id": subnet})),
+            Some(json!({"name": format!("nic{i}"), "subnet_id": subnet, "security_group_ids": groups})),
         );
         let (status, task) = api.call(
             "POST",
@@ -590,26 +598,78 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         api.wait_status(vm, "RUNNING");
         wait_console(&state, vm, &format!("KEEL-LEASE ip={ip} "), 1);
     }
-    let peer = &vms[1].1;
-    let ticket = api.ok(
-        "POST",
-        &format!("/api/v1/vms/{}/console", vms[0].0),
-        Some(json!({"kind": "serial"})),
-    );
-    let ws_url = format!(
-        "{}{}",
-        keel.url("").replace("http://", "ws://"),
-        ticket["url"].as_str().unwrap()
-    );
-    use base64::Engine;
-    let cmd = base64::engine::general_purpose::STANDARD.encode(format!("ping -c 3 -W 2 {peer}\n"));
-    let out = console_read_until(&ws_url, Some(format!("P1 1\n{cmd}\n").as_bytes()), b"P1=");
-    let text = String::from_utf8_lossy(&out);
+    let peer = vms[1].1.clone();
+    let run_in = |vm: &str, tag: &str, cmd: &str| -> String {
+        let ticket = api.ok(
+            "POST",
+            &format!("/api/v1/vms/{vm}/console"),
+            Some(json!({"kind": "serial"})),
+        );
+        let ws_url = format!(
+            "{}{}",
+            keel.url("").replace("http://", "ws://"),
+            ticket["url"].as_str().unwrap()
+        );
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{cmd}\n"));
+        let out = console_read_until(
+            &ws_url,
+            Some(format!("{tag} 1\n{b64}\n").as_bytes()),
+            format!("{tag}=").as_bytes(),
+        );
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let text = run_in(&vms[0].0, "P1", &format!("ping -c 3 -W 2 {peer}"));
     assert!(
         text.contains("P1=0"),
         "ping across the router failed: {text}"
     );
     assert!(text.contains("3 packets received"), "{text}");
+
+    // The security group on the peer's port is enforced by the data plane:
+    // without its ICMP rule the peer is unreachable (its own link still
+    // works: it reaches its gateway), with it back it answers again.
+    let sg_url = format!("{}/api/v1/security-groups/{sg_id}", keel.url(""));
+    let set_rules = |rules: Value| {
+        let current = api.ok("GET", &format!("/api/v1/security-groups/{sg_id}"), None);
+        let r = ureq::patch(&sg_url)
+            .set("authorization", &format!("Bearer {}", api.token))
+            .set("if-match", &format!("\"{}\"", current["revision"]))
+            .send_json(json!({ "rules": rules }));
+        assert!(r.is_ok(), "{r:?}");
+        let start = Instant::now();
+        loop {
+            let applied: Value = serde_json::from_str(
+                &std::fs::read_to_string(state.join("run").join("dataplane.json"))
+                    .unwrap_or_default(),
+            )
+            .unwrap_or(Value::Null);
+            let n = applied["security_groups"][0]["rules"]
+                .as_array()
+                .map_or(usize::MAX, Vec::len);
+            if n == rules.as_array().unwrap().len() * 2 {
+                break;
+            }
+            assert!(
+                start.elapsed() < TASK_TIMEOUT,
+                "rules never reached the data plane"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    set_rules(json!([]));
+    let text = run_in(&vms[1].0, "G1", "ping -c 3 -W 2 10.20.2.1");
+    assert!(text.contains("G1=0"), "the peer's own link: {text}");
+    let text = run_in(&vms[0].0, "P2", &format!("ping -c 3 -W 2 {peer}"));
+    assert!(
+        text.contains("0 packets received"),
+        "denied by its group: {text}"
+    );
+    set_rules(json!([{"direction": "ingress", "protocol": "icmp"}]));
+    let text = run_in(&vms[1].0, "G2", "ping -c 3 -W 2 10.20.2.1");
+    assert!(text.contains("G2=0"), "the peer's own link: {text}");
+    let text = run_in(&vms[0].0, "P3", &format!("ping -c 3 -W 2 {peer}"));
+    assert!(text.contains("P3=0"), "allowed again: {text}");
     for (vm, _, _) in &vms {
         let (status, task) = api.call(
             "DELETE",

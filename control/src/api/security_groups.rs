@@ -54,9 +54,9 @@ pub struct Rule {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SgSpec {
-    description: String,
-    rules: Vec<Rule>,
+pub struct SgSpec {
+    pub description: String,
+    pub rules: Vec<Rule>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
