@@ -73,6 +73,8 @@ impl From<virt::error::Error> for StepError {
     }
 }
 
+/// Status of a port a data plane serves.
+const ACTIVE: &str = "ACTIVE";
 const IDLE: Duration = Duration::from_millis(200);
 const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -684,12 +686,11 @@ impl Agent {
                 if let Some(port) = records::get(&mut tx, "port", pid).await? {
                     let mut pspec: keel_control::api::ports::PortSpec = port.spec()?;
                     pspec.device_id = None;
-                    let status = port.meta.status.clone();
                     records::observe(
                         &mut tx,
                         "port",
                         pid,
-                        &status,
+                        records::PENDING,
                         Some(volumes::to_json(&pspec)?),
                     )
                     .await?;
@@ -782,6 +783,10 @@ impl Agent {
                 with_nics.push((vm, spec.port_ids));
             }
         }
+        let ports_status: std::collections::BTreeMap<String, String> = ports
+            .iter()
+            .map(|p| (p.meta.id.clone(), p.meta.status.clone()))
+            .collect();
         let by_id = |v: Vec<Record>| -> std::collections::BTreeMap<String, Record> {
             v.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
         };
@@ -794,7 +799,23 @@ impl Agent {
         );
         self.net
             .ensure(&state)
-            .map_err(|e| StepError::Invalid(format!("data plane: {e}")))
+            .map_err(|e| StepError::Invalid(format!("data plane: {e}")))?;
+        let served: Vec<String> = state.ports.iter().map(|p| p.name.clone()).collect();
+        let stale: Vec<&String> = served
+            .iter()
+            .filter(|id| ports_status.get(*id).is_some_and(|s| s != ACTIVE))
+            .collect();
+        if !stale.is_empty() {
+            self.block_on(async {
+                let mut tx = self.store.begin_write().await?;
+                for id in stale {
+                    records::observe(&mut tx, "port", id, ACTIVE, None).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, StepError>(())
+            })?;
+        }
+        Ok(())
     }
 
     fn observe_all(&mut self) -> Result<(), StepError> {

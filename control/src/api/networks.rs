@@ -24,7 +24,7 @@ use super::records::{self, Meta, NewRecord, Record, PENDING};
 use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
 use super::AppState;
 
-pub const NOT_REALIZED: &str = "not realized: no data plane is connected to the control plane yet";
+pub const NOT_REALIZED: &str = "not realized: no data plane serves it yet";
 
 fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
     serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))

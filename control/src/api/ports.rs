@@ -82,10 +82,16 @@ pub struct PortPage {
 }
 
 fn to_port(record: Record) -> Result<Port, ApiError> {
+    // ACTIVE: a host's data plane serves it as a VM NIC (set by the agent).
+    let status_reason = if record.meta.status == PENDING {
+        NOT_REALIZED.into()
+    } else {
+        String::new()
+    };
     Ok(Port {
         spec: record.spec()?,
         meta: record.meta,
-        status_reason: NOT_REALIZED.into(),
+        status_reason,
     })
 }
 
