@@ -598,13 +598,13 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         api.wait_status(vm, "RUNNING");
         wait_console(&state, vm, &format!("KEEL-LEASE ip={ip} "), 1);
     }
-    for i in 0..2 {
+    for (vm, _, _) in &vms {
         let ports = api.ok("GET", "/api/v1/ports", None);
         let p = ports["items"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["device_id"] == vms[i].0.as_str())
+            .find(|p| p["device_id"] == vm.as_str())
             .unwrap();
         assert_eq!(p["status"], "ACTIVE", "served by the data plane: {p}");
     }
