@@ -5,10 +5,11 @@
 //! keel's DHCP when the subnet enables it), router interfaces their
 //! gateways, ports the bound MAC/IP of a VM NIC.
 //!
-//! The data plane's port set is fixed when it starts, so any change of the
-//! desired state restarts it; QEMU's vhost-user reconnect brings running
-//! VMs' NICs back within a second. (An in-place apply for changes that
-//! keep the port set is the next step.)
+//! A change that keeps the set of NIC ports (rules, routers, DHCP) is
+//! applied in place over the data plane's control socket: the tables swap
+//! atomically and connections survive. The port set is fixed when the data
+//! plane starts, so adding or removing a NIC restarts it; QEMU's vhost-user
+//! reconnect brings running VMs' NICs back within a second.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -217,22 +218,45 @@ impl Dataplane {
     /// Makes the running data plane serve `state`: nothing to do when it
     /// already does, a restart when it differs, a stop when there is no port.
     pub fn ensure(&mut self, state: &DesiredState) -> Result<(), NetworkError> {
+        let socket = self.run_dir.join("dataplane.sock");
         if let Some((child, current)) = &mut self.running {
-            if current == state && matches!(child.try_wait(), Ok(None)) {
-                return Ok(());
+            if matches!(child.try_wait(), Ok(None)) {
+                if current == state {
+                    return Ok(());
+                }
+                // Same NICs: swap the tables in place (connections and
+                // learned state survive); only a new port set restarts.
+                let same_ports = current
+                    .ports
+                    .iter()
+                    .map(|p| &p.name)
+                    .eq(state.ports.iter().map(|p| &p.name));
+                if same_ports {
+                    let req = keel_dataplane::control::Request::Apply {
+                        state: state.clone(),
+                    };
+                    match keel_dataplane::control::request(&socket, &req) {
+                        Ok(keel_dataplane::control::Response::Applied { generation }) => {
+                            tracing::info!(generation, "data plane state applied in place");
+                            *current = state.clone();
+                            self.write_state(state)?;
+                            return Ok(());
+                        }
+                        Ok(other) => {
+                            tracing::warn!(answer = ?other, "in-place apply refused; restarting the data plane")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "in-place apply failed; restarting the data plane")
+                        }
+                    }
+                }
             }
         }
         self.stop();
         if state.ports.is_empty() {
             return Ok(());
         }
-        let _ = std::fs::create_dir_all(&self.run_dir);
-        let config = self.run_dir.join("dataplane.json");
-        let text = serde_json::to_string_pretty(state).unwrap_or_default();
-        std::fs::write(&config, text).map_err(|source| NetworkError::WriteState {
-            path: config.clone(),
-            source,
-        })?;
+        let config = self.write_state(state)?;
         let log_path = self.run_dir.join("dataplane.log");
         let log = std::fs::File::create(&log_path).map_err(NetworkError::Spawn)?;
         let log2 = log.try_clone().map_err(NetworkError::Spawn)?;
@@ -241,7 +265,7 @@ impl Dataplane {
             .arg("--config")
             .arg(&config)
             .arg("--socket")
-            .arg(self.run_dir.join("dataplane.sock"));
+            .arg(&socket);
         for port in &state.ports {
             let sock = nic_socket(&self.run_dir, &port.name);
             cmd.arg("--vhost-user-net")
@@ -276,6 +300,19 @@ impl Dataplane {
         );
         self.running = Some((child, state.clone()));
         Ok(())
+    }
+
+    /// Keeps the state the data plane runs with in `dataplane.json` (its
+    /// start-up config, and what an operator reads).
+    fn write_state(&self, state: &DesiredState) -> Result<PathBuf, NetworkError> {
+        let _ = std::fs::create_dir_all(&self.run_dir);
+        let config = self.run_dir.join("dataplane.json");
+        let text = serde_json::to_string_pretty(state).unwrap_or_default();
+        std::fs::write(&config, text).map_err(|source| NetworkError::WriteState {
+            path: config.clone(),
+            source,
+        })?;
+        Ok(config)
     }
 
     pub fn stop(&mut self) {

@@ -668,6 +668,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         }
     };
     set_rules(json!([]));
+    assert!(
+        keel.stderr().contains("data plane state applied in place"),
+        "a rule change keeps the NICs: applied without a restart"
+    );
     let text = run_in(&vms[1].0, "G1", "ping -c 3 -W 2 10.20.2.1");
     assert!(text.contains("G1=0"), "the peer's own link: {text}");
     let text = run_in(&vms[0].0, "P2", &format!("ping -c 3 -W 2 {peer}"));
