@@ -174,7 +174,7 @@ fn virsh_has_domain(vm: &str) -> bool {
 }
 
 /// Opens the console WebSocket, sends `input`, and reads binary frames
-/// until `want` has arrived; returns everything read.
+/// until `want` and the end of its line have arrived; returns everything read.
 fn console_read_until(url: &str, input: Option<&[u8]>, want: &[u8]) -> Vec<u8> {
     let (mut ws, _) = tungstenite::connect(url).unwrap();
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
@@ -186,7 +186,13 @@ fn console_read_until(url: &str, input: Option<&[u8]>, want: &[u8]) -> Vec<u8> {
     }
     let start = Instant::now();
     let mut seen = Vec::new();
-    while !seen.windows(want.len()).any(|w| w == want) {
+    // `want` and the rest of its line: a frame may end right after `want`.
+    let complete = |seen: &[u8]| {
+        seen.windows(want.len())
+            .position(|w| w == want)
+            .is_some_and(|at| seen[at..].contains(&b'\n'))
+    };
+    while !complete(&seen) {
         assert!(
             start.elapsed() < Duration::from_secs(90),
             "never got {:?}; got {:?}",
