@@ -292,7 +292,7 @@ impl Agent {
                             volumes::KIND,
                             &record.meta.id,
                             status,
-                            Some(volumes::to_json(&spec)?),
+                            Some(records::to_json(&spec)?),
                         )
                     }
                     Err(e) => {
@@ -301,7 +301,7 @@ impl Agent {
                             volumes::KIND,
                             &record.meta.id,
                             volumes::ERROR,
-                            Some(volumes::to_json(&spec)?),
+                            Some(records::to_json(&spec)?),
                         )?;
                         Err(e)
                     }
@@ -391,7 +391,7 @@ impl Agent {
                 } else {
                     record.meta.status.as_str()
                 };
-                self.observe(vms::KIND, &id, status, Some(volumes::to_json(&spec)?))?;
+                self.observe(vms::KIND, &id, status, Some(records::to_json(&spec)?))?;
             }
         }
         result
@@ -628,7 +628,7 @@ impl Agent {
                 Err(e) => {
                     let mut spec: VmSpec = clone.spec()?;
                     spec.status_reason = e.to_string();
-                    self.observe(vms::KIND, vm, vms::ERROR, Some(volumes::to_json(&spec)?))?;
+                    self.observe(vms::KIND, vm, vms::ERROR, Some(records::to_json(&spec)?))?;
                     return Err(e);
                 }
             }
@@ -674,7 +674,7 @@ impl Agent {
                         volumes::KIND,
                         vol,
                         status,
-                        Some(volumes::to_json(&vspec)?),
+                        Some(records::to_json(&vspec)?),
                     )
                     .await?;
                 }
@@ -691,7 +691,7 @@ impl Agent {
                         "port",
                         pid,
                         records::PENDING,
-                        Some(volumes::to_json(&pspec)?),
+                        Some(records::to_json(&pspec)?),
                     )
                     .await?;
                 }
@@ -760,7 +760,7 @@ impl Agent {
                 tracing::info!(vm = %id, from = %record.meta.status, to = status, reason = %reason, "VM state changed");
             }
             spec.status_reason = reason;
-            self.observe(vms::KIND, &id, status, Some(volumes::to_json(&spec)?))?;
+            self.observe(vms::KIND, &id, status, Some(records::to_json(&spec)?))?;
         }
         Ok(())
     }

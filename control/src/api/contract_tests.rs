@@ -126,6 +126,13 @@ impl Api {
         self.token("admin", ADMIN_PW).await
     }
 
+    /// POSTs a resource that must be created; returns its id.
+    async fn create(&self, path: &str, token: &str, body: Value) -> String {
+        let r = self.post(path, token, body).await;
+        assert_eq!(r.status, 201, "POST {path}: {}", r.body);
+        r.id()
+    }
+
     async fn vdc(&self, admin: &str, name: &str, quota: Value) -> String {
         let r = self
             .post("/api/v1/vdcs", admin, json!({"name": name, "quota": quota}))
@@ -808,14 +815,10 @@ async fn events_follow_changes_and_respect_tenancy() {
     let last = start.body.as_array().unwrap().last().unwrap()["seq"]
         .as_i64()
         .unwrap();
-    let vpc_a = api
-        .post("/api/v1/vpcs", &ta, json!({"name": "na"}))
-        .await
-        .id();
+    let vpc_a = api.create("/api/v1/vpcs", &ta, json!({"name": "na"})).await;
     let vpc_b = api
-        .post("/api/v1/vpcs", &admin, json!({"name": "nb", "vdc_id": b}))
-        .await
-        .id();
+        .create("/api/v1/vpcs", &admin, json!({"name": "nb", "vdc_id": b}))
+        .await;
     let path = format!("/api/v1/vpcs/{vpc_a}");
     let r = api
         .call(
@@ -931,13 +934,12 @@ async fn event_stream_pushes_live_changes_and_resumes() {
     assert_eq!(history[1]["resource_id"], vdc.as_str());
     // Then a change made while the stream is open.
     let vpc = api
-        .post(
+        .create(
             "/api/v1/vpcs",
             &admin,
             json!({"name": "live", "vdc_id": vdc}),
         )
-        .await
-        .id();
+        .await;
     let live = sse_events(&mut body, 1).await;
     assert_eq!(live[0]["resource_id"], vpc.as_str());
     assert_eq!(live[0]["action"], "created");
@@ -1085,37 +1087,33 @@ async fn authorization_matrix() {
         tag: &str,
     ) -> (String, String, String, String) {
         let vpc = api
-            .post(
+            .create(
                 "/api/v1/vpcs",
                 admin,
                 json!({"name": format!("v{tag}"), "vdc_id": vdc}),
             )
-            .await
-            .id();
+            .await;
         let subnet = api
-            .post(
+            .create(
                 "/api/v1/subnets",
                 admin,
                 json!({"name": format!("s{tag}"), "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
             )
-            .await
-            .id();
+            .await;
         let sg = api
-            .post(
+            .create(
                 "/api/v1/security-groups",
                 admin,
                 json!({"name": format!("g{tag}"), "vdc_id": vdc}),
             )
-            .await
-            .id();
+            .await;
         let port = api
-            .post(
+            .create(
                 "/api/v1/ports",
                 admin,
                 json!({"name": format!("p{tag}"), "subnet_id": subnet}),
             )
-            .await
-            .id();
+            .await;
         (vpc, subnet, sg, port)
     }
 
@@ -1204,7 +1202,7 @@ async fn authorization_matrix() {
                 let tag = n.to_string();
                 let (vpc, subnet, sg, port) = fixtures(&api, &admin, vdc, &tag).await;
                 // A throwaway user to patch/delete in the VDC under test.
-                let target = api.post("/api/v1/users", &admin, json!({"name": format!("t{tag}"), "password": PW, "role": "vdc-user", "vdc_id": vdc})).await.id();
+                let target = api.create("/api/v1/users", &admin, json!({"name": format!("t{tag}"), "password": PW, "role": "vdc-user", "vdc_id": vdc})).await;
                 let _ = (&own_user, &other_user);
                 let im = [("if-match", "\"1\"")];
                 let (m, path, body, headers): (Method, String, Option<Value>, &[(&str, &str)]) =
@@ -1472,9 +1470,8 @@ async fn ports_get_unique_macs_and_valid_addresses() {
     let vdc = api.vdc(&admin, "acme", json!({})).await;
     let other = api.vdc(&admin, "other", json!({})).await;
     let vpc = api
-        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
-        .await
-        .id();
+        .create("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await;
     let subnet = api
         .post("/api/v1/subnets", &admin, json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/29", "reserved_ips": ["10.0.0.4"]}))
         .await;
@@ -1545,21 +1542,19 @@ async fn ports_get_unique_macs_and_valid_addresses() {
 
     // Security groups must be in the port's VDC; a used group cannot go.
     let foreign = api
-        .post(
+        .create(
             "/api/v1/security-groups",
             &admin,
             json!({"name": "f", "vdc_id": other}),
         )
-        .await
-        .id();
+        .await;
     let own = api
-        .post(
+        .create(
             "/api/v1/security-groups",
             &admin,
             json!({"name": "o", "vdc_id": vdc}),
         )
-        .await
-        .id();
+        .await;
     let path = format!("/api/v1/ports/{}", ids[0]);
     let r = api
         .call(
@@ -1612,41 +1607,36 @@ async fn routers_attach_subnets_and_check_routes() {
     let vdc = api.vdc(&admin, "acme", json!({})).await;
     let other = api.vdc(&admin, "other", json!({})).await;
     let vpc = api
-        .post("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
-        .await
-        .id();
+        .create("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await;
     let subnet = api
-        .post(
+        .create(
             "/api/v1/subnets",
             &admin,
             json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
         )
-        .await
-        .id();
+        .await;
     let v6 = api
-        .post(
+        .create(
             "/api/v1/subnets",
             &admin,
             json!({"name": "s6", "vpc_id": vpc, "cidr": "fd00::/64"}),
         )
-        .await
-        .id();
+        .await;
     let other_vpc = api
-        .post(
+        .create(
             "/api/v1/vpcs",
             &admin,
             json!({"name": "o", "vdc_id": other}),
         )
-        .await
-        .id();
+        .await;
     let foreign = api
-        .post(
+        .create(
             "/api/v1/subnets",
             &admin,
             json!({"name": "f", "vpc_id": other_vpc, "cidr": "10.0.0.0/24"}),
         )
-        .await
-        .id();
+        .await;
     let port = api
         .post(
             "/api/v1/ports",

@@ -4,7 +4,6 @@
 //! room for the VM's memory take new VMs. System admins only.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -17,8 +16,8 @@ use super::auth::{Action, Family, Principal};
 use super::extract::ValidQuery;
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record};
-use super::respond::{load, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::respond::{get_one, list_page, load, ok, Resource};
 use super::AppState;
 
 pub const KIND: &str = "host";
@@ -101,15 +100,17 @@ pub struct HostPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_host(record: Record) -> Result<Host, ApiError> {
-    Ok(Host {
-        spec: record.spec()?,
-        meta: record.meta,
-    })
-}
+impl Resource for Host {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Host;
+    const SYSTEM_WIDE: bool = true;
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Host {
+            spec: record.spec()?,
+            meta: record.meta,
+        })
+    }
 }
 
 /// Inserts or refreshes the host `id` (the agent's machine id). A new host
@@ -205,13 +206,8 @@ async fn list_hosts(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<HostPage>, ApiError> {
-    principal.require(Family::Host, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } = records::list(&mut conn, KIND, None, &query).await?;
-    Ok(Json(HostPage {
-        items: items.into_iter().map(to_host).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Host>(&state, &principal, &query).await?;
+    Ok(Json(HostPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/hosts/{id}", tag = "compute", params(("id" = String, Path)),
@@ -224,11 +220,7 @@ async fn get_host(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    principal.require(Family::Host, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(&mut conn, &principal, Family::Host, Action::Read, KIND, &id).await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_host(record)?))
+    get_one::<Host>(&state, &principal, &id).await
 }
 
 #[utoipa::path(post, path = "/hosts/{id}/actions/{action}", tag = "compute",
@@ -255,6 +247,5 @@ async fn host_action(
         .await?
         .ok_or(ApiError::NotFound)?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_host(updated)?))
+    ok::<Host>(updated)
 }

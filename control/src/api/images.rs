@@ -23,11 +23,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record};
-use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::respond::{begin_change, created, list_page, load, ok, referenced_vdc, Resource};
 use super::AppState;
 
 const KIND: &str = "image";
@@ -123,15 +123,16 @@ pub struct ImagePage {
     pub next_cursor: Option<String>,
 }
 
-fn to_image(record: Record) -> Result<Image, ApiError> {
-    Ok(Image {
-        spec: record.spec()?,
-        meta: record.meta,
-    })
-}
+impl Resource for Image {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Compute;
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Image {
+            spec: record.spec()?,
+            meta: record.meta,
+        })
+    }
 }
 
 /// Where image files live: `<state dir>/images/`.
@@ -262,7 +263,7 @@ async fn create_image(
     tx.commit().await?;
     let location = format!("/api/v1/images/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_image(record)?))
+    Ok(created(&location, revision, &Image::from_record(record)?))
 }
 
 #[utoipa::path(put, path = "/images/{id}/file", tag = "compute",
@@ -369,7 +370,7 @@ async fn upload_image(
     if let Some(why) = rejected {
         return Err(ApiError::invalid("body", why));
     }
-    Ok(Json(to_image(updated)?))
+    Ok(Json(Image::from_record(updated)?))
 }
 
 #[utoipa::path(get, path = "/images", tag = "compute", params(ListQuery),
@@ -379,14 +380,8 @@ async fn list_images(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<ImagePage>, ApiError> {
-    principal.require(Family::Compute, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(ImagePage {
-        items: items.into_iter().map(to_image).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Image>(&state, &principal, &query).await?;
+    Ok(Json(ImagePage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/images/{id}", tag = "compute", params(("id" = String, Path)),
@@ -401,8 +396,7 @@ async fn get_image(
 ) -> Result<Response, ApiError> {
     let mut conn = state.store.pool().acquire().await?;
     let record = visible_image(&mut conn, &principal, &id).await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_image(record)?))
+    ok::<Image>(record)
 }
 
 /// An image the caller may use: its own VDC's, or a public one.
@@ -435,18 +429,8 @@ async fn delete_image(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Compute,
-        Action::Delete,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Image>(&state, &principal, Action::Delete, &id, &headers).await?;
     records::delete(&mut tx, &record, KIND).await?;
     tx.commit().await?;
     let dir = images_dir(&state);

@@ -17,18 +17,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record, PENDING};
-use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::respond::{
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+};
 use super::AppState;
 
 pub const NOT_REALIZED: &str = "not realized: no data plane serves it yet";
-
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
-}
 
 // ---------------------------------------------------------------- VPCs
 
@@ -69,13 +67,18 @@ pub struct VpcPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_vpc(record: Record) -> Result<Vpc, ApiError> {
-    let spec: VpcSpec = record.spec()?;
-    Ok(Vpc {
-        meta: record.meta,
-        description: spec.description,
-        status_reason: NOT_REALIZED.into(),
-    })
+impl Resource for Vpc {
+    const KIND: &'static str = "vpc";
+    const FAMILY: Family = Family::Network;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        let spec: VpcSpec = record.spec()?;
+        Ok(Vpc {
+            meta: record.meta,
+            description: spec.description,
+            status_reason: NOT_REALIZED.into(),
+        })
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -134,7 +137,7 @@ async fn create_vpc(
     tx.commit().await?;
     let location = format!("/api/v1/vpcs/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_vpc(record)?))
+    Ok(created(&location, revision, &Vpc::from_record(record)?))
 }
 
 #[utoipa::path(get, path = "/vpcs", tag = "networks", params(ListQuery),
@@ -144,14 +147,8 @@ async fn list_vpcs(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<VpcPage>, ApiError> {
-    principal.require(Family::Network, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, "vpc", principal.list_scope(), &query).await?;
-    Ok(Json(VpcPage {
-        items: items.into_iter().map(to_vpc).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Vpc>(&state, &principal, &query).await?;
+    Ok(Json(VpcPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/vpcs/{id}", tag = "networks", params(("id" = String, Path)),
@@ -164,18 +161,7 @@ async fn get_vpc(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Network,
-        Action::Read,
-        "vpc",
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_vpc(record)?))
+    get_one::<Vpc>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/vpcs/{id}", tag = "networks", request_body = VpcUpdate,
@@ -192,18 +178,8 @@ async fn update_vpc(
     headers: HeaderMap,
     ValidJson(body): ValidJson<VpcUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Update,
-        "vpc",
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Vpc>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: VpcSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -213,8 +189,7 @@ async fn update_vpc(
     }
     let updated = records::update(&mut tx, &record, "vpc", &name, to_json(&spec)?).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_vpc(updated)?))
+    ok::<Vpc>(updated)
 }
 
 #[utoipa::path(delete, path = "/vpcs/{id}", tag = "networks",
@@ -230,21 +205,9 @@ async fn delete_vpc(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Delete,
-        "vpc",
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
-    records::delete(&mut tx, &record, "vpc").await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let (tx, record) =
+        begin_change::<Vpc>(&state, &principal, Action::Delete, &id, &headers).await?;
+    finish_delete::<Vpc>(tx, &record).await
 }
 
 // ---------------------------------------------------------------- subnets
@@ -338,12 +301,17 @@ pub struct SubnetPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_subnet(record: Record) -> Result<Subnet, ApiError> {
-    Ok(Subnet {
-        spec: record.spec()?,
-        meta: record.meta,
-        status_reason: NOT_REALIZED.into(),
-    })
+impl Resource for Subnet {
+    const KIND: &'static str = "subnet";
+    const FAMILY: Family = Family::Network;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Subnet {
+            spec: record.spec()?,
+            meta: record.meta,
+            status_reason: NOT_REALIZED.into(),
+        })
+    }
 }
 
 pub(crate) fn as_u128(ip: IpAddr) -> u128 {
@@ -573,7 +541,7 @@ async fn create_subnet(
     tx.commit().await?;
     let location = format!("/api/v1/subnets/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_subnet(record)?))
+    Ok(created(&location, revision, &Subnet::from_record(record)?))
 }
 
 #[utoipa::path(get, path = "/subnets", tag = "networks", params(ListQuery),
@@ -583,14 +551,8 @@ async fn list_subnets(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<SubnetPage>, ApiError> {
-    principal.require(Family::Network, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, "subnet", principal.list_scope(), &query).await?;
-    Ok(Json(SubnetPage {
-        items: items.into_iter().map(to_subnet).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Subnet>(&state, &principal, &query).await?;
+    Ok(Json(SubnetPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/subnets/{id}", tag = "networks", params(("id" = String, Path)),
@@ -603,18 +565,7 @@ async fn get_subnet(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Network,
-        Action::Read,
-        "subnet",
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_subnet(record)?))
+    get_one::<Subnet>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/subnets/{id}", tag = "networks", request_body = SubnetUpdate,
@@ -631,18 +582,8 @@ async fn update_subnet(
     headers: HeaderMap,
     ValidJson(body): ValidJson<SubnetUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Update,
-        "subnet",
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Subnet>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: SubnetSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -661,8 +602,7 @@ async fn update_subnet(
     }
     let updated = records::update(&mut tx, &record, "subnet", &name, to_json(&spec)?).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_subnet(updated)?))
+    ok::<Subnet>(updated)
 }
 
 #[utoipa::path(delete, path = "/subnets/{id}", tag = "networks",
@@ -677,24 +617,12 @@ async fn delete_subnet(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Delete,
-        "subnet",
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Subnet>(&state, &principal, Action::Delete, &id, &headers).await?;
     if super::routers::subnet_in_use(&mut tx, &record).await? {
         return Err(ApiError::Conflict(format!(
             "subnet {id} has a router interface"
         )));
     }
-    records::delete(&mut tx, &record, "subnet").await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    finish_delete::<Subnet>(tx, &record).await
 }

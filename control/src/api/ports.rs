@@ -17,12 +17,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::{as_u128, from_u128, usable, SubnetSpec, NOT_REALIZED};
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record, PENDING};
-use super::respond::{check_revision, created, load, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::respond::{begin_change, created, finish_delete, get_one, list_page, ok, Resource};
 use super::AppState;
 
 const KIND: &str = "port";
@@ -81,22 +81,23 @@ pub struct PortPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_port(record: Record) -> Result<Port, ApiError> {
-    // ACTIVE: a host's data plane serves it as a VM NIC (set by the agent).
-    let status_reason = if record.meta.status == PENDING {
-        NOT_REALIZED.into()
-    } else {
-        String::new()
-    };
-    Ok(Port {
-        spec: record.spec()?,
-        meta: record.meta,
-        status_reason,
-    })
-}
+impl Resource for Port {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Network;
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        // ACTIVE: a host's data plane serves it as a VM NIC (set by the agent).
+        let status_reason = if record.meta.status == PENDING {
+            NOT_REALIZED.into()
+        } else {
+            String::new()
+        };
+        Ok(Port {
+            spec: record.spec()?,
+            meta: record.meta,
+            status_reason,
+        })
+    }
 }
 
 /// Whether any port of the group's VDC uses the group.
@@ -284,7 +285,7 @@ async fn create_port(
     tx.commit().await?;
     let location = format!("/api/v1/ports/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_port(record)?))
+    Ok(created(&location, revision, &Port::from_record(record)?))
 }
 
 #[utoipa::path(get, path = "/ports", tag = "networks", params(ListQuery),
@@ -294,14 +295,8 @@ async fn list_ports(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<PortPage>, ApiError> {
-    principal.require(Family::Network, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(PortPage {
-        items: items.into_iter().map(to_port).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Port>(&state, &principal, &query).await?;
+    Ok(Json(PortPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/ports/{id}", tag = "networks", params(("id" = String, Path)),
@@ -314,18 +309,7 @@ async fn get_port(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Network,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_port(record)?))
+    get_one::<Port>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/ports/{id}", tag = "networks", request_body = PortUpdate,
@@ -342,18 +326,8 @@ async fn update_port(
     headers: HeaderMap,
     ValidJson(body): ValidJson<PortUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Update,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Port>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: PortSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -367,8 +341,7 @@ async fn update_port(
     }
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_port(updated)?))
+    ok::<Port>(updated)
 }
 
 #[utoipa::path(delete, path = "/ports/{id}", tag = "networks",
@@ -383,24 +356,12 @@ async fn delete_port(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Delete,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (tx, record) =
+        begin_change::<Port>(&state, &principal, Action::Delete, &id, &headers).await?;
     if let Some(vm) = record.spec::<PortSpec>()?.device_id {
         return Err(ApiError::Conflict(format!(
             "the port is a NIC of VM {vm}; delete the VM first"
         )));
     }
-    records::delete(&mut tx, &record, KIND).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    finish_delete::<Port>(tx, &record).await
 }

@@ -41,6 +41,11 @@ pub struct Record {
     pub spec: serde_json::Value,
 }
 
+/// A spec or status as the JSON stored in a record.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
 impl Record {
     pub fn spec<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
         serde_json::from_value(self.spec.clone())

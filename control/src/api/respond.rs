@@ -1,16 +1,105 @@
 //! Response helpers shared by the resource modules: every single-resource
 //! answer carries its revision as `ETag`, creates add `Location`.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use sqlx::SqliteConnection;
+use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::auth::{Action, Family, Principal};
-use super::extract::etag;
+use super::extract::{etag, if_match};
+use super::listing::{ListQuery, Page};
 use super::problem::ApiError;
 use super::records::{self, Record};
+use super::AppState;
+
+/// A stored resource kind and its API representation: what the shared
+/// read, list and delete shells below need to know about it.
+pub trait Resource: Serialize + Sized {
+    /// The `kind` column of its records.
+    const KIND: &'static str;
+    /// The permission family that guards it.
+    const FAMILY: Family;
+    /// Owned by the cloud, not a VDC (hosts): callers need the family's
+    /// permission before anything else, and lists are never VDC-scoped.
+    const SYSTEM_WIDE: bool = false;
+
+    fn from_record(record: Record) -> Result<Self, ApiError>;
+}
+
+/// `GET /{kind}/{id}`: the resource with its revision as `ETag`.
+pub async fn get_one<R: Resource>(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+) -> Result<Response, ApiError> {
+    if R::SYSTEM_WIDE {
+        principal.require(R::FAMILY, Action::Read)?;
+    }
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(&mut conn, principal, R::FAMILY, Action::Read, R::KIND, id).await?;
+    ok::<R>(record)
+}
+
+/// `GET /{kind}`: one page of the resources the caller may see.
+pub async fn list_page<R: Resource>(
+    state: &AppState,
+    principal: &Principal,
+    query: &ListQuery,
+) -> Result<Page<R>, ApiError> {
+    principal.require(R::FAMILY, Action::Read)?;
+    let scope = if R::SYSTEM_WIDE {
+        None
+    } else {
+        principal.list_scope()
+    };
+    let mut conn = state.store.pool().acquire().await?;
+    let Page { items, next_cursor } = records::list(&mut conn, R::KIND, scope, query).await?;
+    Ok(Page {
+        items: items
+            .into_iter()
+            .map(R::from_record)
+            .collect::<Result<_, _>>()?,
+        next_cursor,
+    })
+}
+
+/// 200 with the resource and its revision as `ETag`.
+pub fn ok<R: Resource>(record: Record) -> Result<Response, ApiError> {
+    let revision = record.meta.revision;
+    Ok(with_etag(
+        StatusCode::OK,
+        revision,
+        &R::from_record(record)?,
+    ))
+}
+
+/// Starts an update or delete guarded by `If-Match`: a write transaction
+/// holding the authorized record at the revision the caller read.
+pub async fn begin_change<R: Resource>(
+    state: &AppState,
+    principal: &Principal,
+    action: Action,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<(Transaction<'static, Sqlite>, Record), ApiError> {
+    let expected = if_match(headers)?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(&mut tx, principal, R::FAMILY, action, R::KIND, id).await?;
+    check_revision(&record, expected)?;
+    Ok((tx, record))
+}
+
+/// Deletes the record loaded by [`begin_change`] and commits.
+pub async fn finish_delete<R: Resource>(
+    mut tx: Transaction<'static, Sqlite>,
+    record: &Record,
+) -> Result<StatusCode, ApiError> {
+    records::delete(&mut tx, record, R::KIND).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
 
 pub fn with_etag<T: Serialize>(status: StatusCode, revision: i64, body: &T) -> Response {
     let mut response = (status, Json(body)).into_response();

@@ -19,13 +19,15 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::{usable, SubnetSpec, NOT_REALIZED};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record, PENDING};
-use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::respond::{
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+};
 use super::AppState;
 
 const KIND: &str = "router";
@@ -103,19 +105,20 @@ pub struct RouterPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_router(record: Record) -> Result<Router, ApiError> {
-    let spec: RouterSpec = record.spec()?;
-    Ok(Router {
-        meta: record.meta,
-        description: spec.description,
-        interfaces: spec.interfaces,
-        routes: spec.routes,
-        status_reason: NOT_REALIZED.into(),
-    })
-}
+impl Resource for Router {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Network;
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        let spec: RouterSpec = record.spec()?;
+        Ok(Router {
+            meta: record.meta,
+            description: spec.description,
+            interfaces: spec.interfaces,
+            routes: spec.routes,
+            status_reason: NOT_REALIZED.into(),
+        })
+    }
 }
 
 /// Whether a router has an interface on the subnet (blocks its deletion).
@@ -320,7 +323,7 @@ async fn create_router(
     tx.commit().await?;
     let location = format!("/api/v1/routers/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_router(record)?))
+    Ok(created(&location, revision, &Router::from_record(record)?))
 }
 
 #[utoipa::path(get, path = "/routers", tag = "networks", params(ListQuery),
@@ -330,14 +333,8 @@ async fn list_routers(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<RouterPage>, ApiError> {
-    principal.require(Family::Network, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(RouterPage {
-        items: items.into_iter().map(to_router).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Router>(&state, &principal, &query).await?;
+    Ok(Json(RouterPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/routers/{id}", tag = "networks", params(("id" = String, Path)),
@@ -350,18 +347,7 @@ async fn get_router(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Network,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_router(record)?))
+    get_one::<Router>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/routers/{id}", tag = "networks", request_body = RouterUpdate,
@@ -378,18 +364,8 @@ async fn update_router(
     headers: HeaderMap,
     ValidJson(body): ValidJson<RouterUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Update,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Router>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: RouterSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -413,8 +389,7 @@ async fn update_router(
     spec.routes = routes;
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_router(updated)?))
+    ok::<Router>(updated)
 }
 
 #[utoipa::path(delete, path = "/routers/{id}", tag = "networks",
@@ -429,19 +404,7 @@ async fn delete_router(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Delete,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
-    records::delete(&mut tx, &record, KIND).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let (tx, record) =
+        begin_change::<Router>(&state, &principal, Action::Delete, &id, &headers).await?;
+    finish_delete::<Router>(tx, &record).await
 }

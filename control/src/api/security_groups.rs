@@ -13,12 +13,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::NOT_REALIZED;
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record, PENDING};
-use super::respond::{check_revision, created, load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::respond::{
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+};
 use super::AppState;
 
 const KIND: &str = "security_group";
@@ -143,18 +145,19 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn to_sg(record: Record) -> Result<SecurityGroup, ApiError> {
-    let spec: SgSpec = record.spec()?;
-    Ok(SecurityGroup {
-        meta: record.meta,
-        description: spec.description,
-        rules: spec.rules,
-        status_reason: NOT_REALIZED.into(),
-    })
-}
+impl Resource for SecurityGroup {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Network;
 
-fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        let spec: SgSpec = record.spec()?;
+        Ok(SecurityGroup {
+            meta: record.meta,
+            description: spec.description,
+            rules: spec.rules,
+            status_reason: NOT_REALIZED.into(),
+        })
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -202,7 +205,11 @@ async fn create_sg(
     tx.commit().await?;
     let location = format!("/api/v1/security-groups/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_sg(record)?))
+    Ok(created(
+        &location,
+        revision,
+        &SecurityGroup::from_record(record)?,
+    ))
 }
 
 #[utoipa::path(get, path = "/security-groups", tag = "networks", params(ListQuery),
@@ -212,14 +219,9 @@ async fn list_sgs(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<SecurityGroupPage>, ApiError> {
-    principal.require(Family::Network, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
     let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(SecurityGroupPage {
-        items: items.into_iter().map(to_sg).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+        list_page::<SecurityGroup>(&state, &principal, &query).await?;
+    Ok(Json(SecurityGroupPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/security-groups/{id}", tag = "networks", params(("id" = String, Path)),
@@ -232,18 +234,7 @@ async fn get_sg(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Network,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_sg(record)?))
+    get_one::<SecurityGroup>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/security-groups/{id}", tag = "networks", request_body = SecurityGroupUpdate,
@@ -260,18 +251,8 @@ async fn update_sg(
     headers: HeaderMap,
     ValidJson(body): ValidJson<SecurityGroupUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Update,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<SecurityGroup>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: SgSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -285,8 +266,7 @@ async fn update_sg(
     }
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_sg(updated)?))
+    ok::<SecurityGroup>(updated)
 }
 
 #[utoipa::path(delete, path = "/security-groups/{id}", tag = "networks",
@@ -302,24 +282,12 @@ async fn delete_sg(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Network,
-        Action::Delete,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<SecurityGroup>(&state, &principal, Action::Delete, &id, &headers).await?;
     if super::ports::group_in_use(&mut tx, &record).await? {
         return Err(ApiError::Conflict(format!(
             "security group {id} is used by a port"
         )));
     }
-    records::delete(&mut tx, &record, KIND).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    finish_delete::<SecurityGroup>(tx, &record).await
 }

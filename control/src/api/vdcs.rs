@@ -14,11 +14,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, Meta, NewRecord, Record, READY};
-use super::respond::{check_revision, created, load, with_etag};
+use super::respond::{begin_change, created, finish_delete, get_one, list_page, ok, Resource};
 use super::AppState;
 
 const KIND: &str = "vdc";
@@ -107,14 +107,19 @@ pub struct VdcPage {
     pub next_cursor: Option<String>,
 }
 
-fn to_vdc(record: Record) -> Result<Vdc, ApiError> {
-    let spec: VdcSpec = record.spec()?;
-    Ok(Vdc {
-        meta: record.meta,
-        parent_id: record.parent_id,
-        description: spec.description,
-        quota: spec.quota,
-    })
+impl Resource for Vdc {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Vdc;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        let spec: VdcSpec = record.spec()?;
+        Ok(Vdc {
+            meta: record.meta,
+            parent_id: record.parent_id,
+            description: spec.description,
+            quota: spec.quota,
+        })
+    }
 }
 
 /// The quota of a VDC, for checks by other resource families.
@@ -169,7 +174,7 @@ async fn create_vdc(
     tx.commit().await?;
     let location = format!("/api/v1/vdcs/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &to_vdc(record)?))
+    Ok(created(&location, revision, &Vdc::from_record(record)?))
 }
 
 /// Lists the VDCs the caller can see.
@@ -180,14 +185,8 @@ async fn list_vdcs(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<VdcPage>, ApiError> {
-    principal.require(Family::Vdc, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let page = records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    let Page { items, next_cursor } = page;
-    Ok(Json(VdcPage {
-        items: items.into_iter().map(to_vdc).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Vdc>(&state, &principal, &query).await?;
+    Ok(Json(VdcPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/vdcs/{id}", tag = "tenancy", params(("id" = String, Path)),
@@ -200,10 +199,7 @@ async fn get_vdc(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(&mut conn, &principal, Family::Vdc, Action::Read, KIND, &id).await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_vdc(record)?))
+    get_one::<Vdc>(&state, &principal, &id).await
 }
 
 #[utoipa::path(patch, path = "/vdcs/{id}", tag = "tenancy", request_body = VdcUpdate,
@@ -220,10 +216,8 @@ async fn update_vdc(
     headers: HeaderMap,
     ValidJson(body): ValidJson<VdcUpdate>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(&mut tx, &principal, Family::Vdc, Action::Update, KIND, &id).await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Vdc>(&state, &principal, Action::Update, &id, &headers).await?;
     let mut spec: VdcSpec = record.spec()?;
     let name = body.name.unwrap_or_else(|| record.meta.name.clone());
     check_name("name", &name)?;
@@ -251,8 +245,7 @@ async fn update_vdc(
     let spec = serde_json::to_value(&spec).map_err(|e| ApiError::Internal(e.to_string()))?;
     let updated = records::update(&mut tx, &record, KIND, &name, spec).await?;
     tx.commit().await?;
-    let revision = updated.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_vdc(updated)?))
+    ok::<Vdc>(updated)
 }
 
 #[utoipa::path(delete, path = "/vdcs/{id}", tag = "tenancy",
@@ -268,10 +261,8 @@ async fn delete_vdc(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(&mut tx, &principal, Family::Vdc, Action::Delete, KIND, &id).await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Vdc>(&state, &principal, Action::Delete, &id, &headers).await?;
     let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE vdc_id = ?")
         .bind(&id)
         .fetch_one(&mut *tx)
@@ -281,7 +272,5 @@ async fn delete_vdc(
             "VDC {id} still has {users} user(s)"
         )));
     }
-    records::delete(&mut tx, &record, KIND).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    finish_delete::<Vdc>(tx, &record).await
 }

@@ -18,11 +18,11 @@ use super::auth::{Action, Family, Principal};
 use super::extract::{check_name, ValidJson};
 use super::hosts;
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record};
+use super::records::{self, to_json, Meta, NewRecord, Record};
 use super::respond::load;
 use super::tasks::{self, Task};
 use super::vms::{self, VmSpec};
-use super::volumes::{self, to_json, VolumeSpec};
+use super::volumes::{self, VolumeSpec};
 use super::AppState;
 
 pub const KIND: &str = "vm_snapshot";

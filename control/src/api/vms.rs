@@ -5,7 +5,6 @@
 //! VM killed outside keel shows as `STOPPED`, never as `RUNNING`.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -20,10 +19,10 @@ use super::images::{Firmware, ImageSpec};
 use super::listing::{ListQuery, Page};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record};
-use super::respond::{load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::respond::{get_one, list_page, load, referenced_vdc, Resource};
 use super::tasks::{self, Task};
-use super::volumes::{self, to_json, VolumeSpec};
+use super::volumes::{self, VolumeSpec};
 use super::AppState;
 
 pub const KIND: &str = "vm";
@@ -123,11 +122,16 @@ pub struct DeleteQuery {
     pub delete_volumes: Option<bool>,
 }
 
-fn to_vm(record: Record) -> Result<Vm, ApiError> {
-    Ok(Vm {
-        spec: record.spec()?,
-        meta: record.meta,
-    })
+impl Resource for Vm {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Compute;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Vm {
+            spec: record.spec()?,
+            meta: record.meta,
+        })
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -315,14 +319,8 @@ async fn list_vms(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<VmPage>, ApiError> {
-    principal.require(Family::Compute, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(VmPage {
-        items: items.into_iter().map(to_vm).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Vm>(&state, &principal, &query).await?;
+    Ok(Json(VmPage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/vms/{id}", tag = "compute", params(("id" = String, Path)),
@@ -335,18 +333,7 @@ async fn get_vm(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Compute,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_vm(record)?))
+    get_one::<Vm>(&state, &principal, &id).await
 }
 
 #[utoipa::path(post, path = "/vms/{id}/actions/{action}", tag = "compute",

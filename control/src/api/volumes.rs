@@ -16,12 +16,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, if_match, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::images::{self, ImageSpec};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
-use super::records::{self, Meta, NewRecord, Record};
-use super::respond::{check_revision, load, referenced_vdc, with_etag};
+use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::respond::{begin_change, get_one, list_page, referenced_vdc, Resource};
 use super::tasks::{self, Task};
 use super::AppState;
 
@@ -80,15 +80,16 @@ pub struct VolumePage {
     pub next_cursor: Option<String>,
 }
 
-fn to_volume(record: Record) -> Result<Volume, ApiError> {
-    Ok(Volume {
-        spec: record.spec()?,
-        meta: record.meta,
-    })
-}
+impl Resource for Volume {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Compute;
 
-pub fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, ApiError> {
-    serde_json::to_value(v).map_err(|e| ApiError::Internal(e.to_string()))
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Volume {
+            spec: record.spec()?,
+            meta: record.meta,
+        })
+    }
 }
 
 /// Where volume files live: `<state dir>/volumes/<id>.raw`.
@@ -192,14 +193,8 @@ async fn list_volumes(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<VolumePage>, ApiError> {
-    principal.require(Family::Compute, Action::Read)?;
-    let mut conn = state.store.pool().acquire().await?;
-    let Page { items, next_cursor } =
-        records::list(&mut conn, KIND, principal.list_scope(), &query).await?;
-    Ok(Json(VolumePage {
-        items: items.into_iter().map(to_volume).collect::<Result<_, _>>()?,
-        next_cursor,
-    }))
+    let Page { items, next_cursor } = list_page::<Volume>(&state, &principal, &query).await?;
+    Ok(Json(VolumePage { items, next_cursor }))
 }
 
 #[utoipa::path(get, path = "/volumes/{id}", tag = "compute", params(("id" = String, Path)),
@@ -212,18 +207,7 @@ async fn get_volume(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut conn = state.store.pool().acquire().await?;
-    let record = load(
-        &mut conn,
-        &principal,
-        Family::Compute,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    let revision = record.meta.revision;
-    Ok(with_etag(StatusCode::OK, revision, &to_volume(record)?))
+    get_one::<Volume>(&state, &principal, &id).await
 }
 
 #[utoipa::path(delete, path = "/volumes/{id}", tag = "compute",
@@ -239,18 +223,8 @@ async fn delete_volume(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Compute,
-        Action::Delete,
-        KIND,
-        &id,
-    )
-    .await?;
-    check_revision(&record, expected)?;
+    let (mut tx, record) =
+        begin_change::<Volume>(&state, &principal, Action::Delete, &id, &headers).await?;
     let spec: VolumeSpec = record.spec()?;
     if let Some(vm) = spec.attached_to {
         return Err(ApiError::Conflict(format!(
