@@ -55,6 +55,71 @@ fn esc(s: &str) -> String {
     out
 }
 
+/// Free PCIe root ports for disks attached to a running VM.
+const HOTPLUG_PORTS: usize = 4;
+
+/// The `<disk>` element of a volume served on `socket`, for the domain
+/// definition (with its place in the boot order) and for hot-plug.
+pub fn disk(socket: &std::path::Path, target: &str, boot_order: Option<usize>) -> String {
+    let boot = boot_order
+        .map(|n| format!("      <boot order='{n}'/>\n"))
+        .unwrap_or_default();
+    format!(
+        "    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'><reconnect enabled='yes' timeout='1'/></source>\n      <target dev='{}' bus='virtio'/>\n{boot}    </disk>\n",
+        esc(&socket.display().to_string()),
+        esc(target)
+    )
+}
+
+/// The first disk target (vda..vdp) not in `used`.
+pub fn free_target(used: &[String]) -> Option<String> {
+    (0..16).map(target).find(|t| !used.contains(t))
+}
+
+/// What keel reads back from a running domain's live XML.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LiveDomain {
+    /// Each disk's target (vda..) and its vhost-user socket.
+    pub disks: Vec<(String, String)>,
+    /// The VNC port QEMU listens on.
+    pub vnc_port: Option<u16>,
+}
+
+impl LiveDomain {
+    /// Parses libvirt's domain XML; anything it cannot read is left out.
+    pub fn parse(xml: &str) -> LiveDomain {
+        let Ok(doc) = roxmltree::Document::parse(xml) else {
+            return LiveDomain::default();
+        };
+        let mut live = LiveDomain::default();
+        for node in doc.descendants() {
+            match node.tag_name().name() {
+                "disk" => {
+                    let child = |name: &str, attr: &str| {
+                        node.children()
+                            .find(|c| c.tag_name().name() == name)
+                            .and_then(|c| c.attribute(attr))
+                            .map(str::to_owned)
+                    };
+                    if let (Some(dev), Some(path)) =
+                        (child("target", "dev"), child("source", "path"))
+                    {
+                        live.disks.push((dev, path));
+                    }
+                }
+                "graphics" if node.attribute("type") == Some("vnc") => {
+                    live.vnc_port = node
+                        .attribute("port")
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .filter(|p| *p > 0);
+                }
+                _ => {}
+            }
+        }
+        live
+    }
+}
+
 /// Disk target names: vda, vdb, ... vdp.
 fn target(i: usize) -> String {
     let letter = b"abcdefghijklmnop".get(i).copied().unwrap_or(b'z');
@@ -107,13 +172,12 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
     x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
     x.push_str("  <devices>\n");
     for (i, sock) in spec.disk_sockets.iter().enumerate() {
-        let _ = writeln!(
-            x,
-            "    <disk type='vhostuser' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source type='unix' path='{}'><reconnect enabled='yes' timeout='1'/></source>\n      <target dev='{}' bus='virtio'/>\n      <boot order='{}'/>\n    </disk>",
-            p(sock),
-            target(i),
-            i + 1
-        );
+        x.push_str(&disk(sock, &target(i), Some(i + 1)));
+    }
+    // q35 hot-plugs PCIe devices only into free root ports: keep some spare
+    // for disks attached while the VM runs.
+    for _ in 0..HOTPLUG_PORTS {
+        x.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
     }
     for (i, (mac, sock)) in spec.nics.iter().enumerate() {
         let _ = writeln!(
@@ -178,6 +242,29 @@ mod tests {
         assert!(xml.contains("<target dev='vdb' bus='virtio'/>"));
         assert!(xml.contains("<boot order='2'/>"));
         assert!(xml.contains("<access mode='shared'/>"));
+    }
+
+    #[test]
+    fn live_xml_gives_disks_and_vnc_port() {
+        let xml = "<domain><devices><disk type='vhostuser' device='disk'><driver name='qemu' type='raw'/>\
+            <source type='unix' path='/s/run/a.sock'><reconnect enabled='yes' timeout='1'/></source>\
+            <target dev='vda' bus='virtio'/></disk>\
+            <graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'/></devices></domain>";
+        let live = LiveDomain::parse(xml);
+        assert_eq!(
+            live.disks,
+            vec![("vda".to_owned(), "/s/run/a.sock".to_owned())]
+        );
+        assert_eq!(live.vnc_port, Some(5901));
+        assert_eq!(
+            LiveDomain::parse("<domain><graphics type='vnc' port='-1'/></domain>").vnc_port,
+            None
+        );
+        assert_eq!(LiveDomain::parse("not xml"), LiveDomain::default());
+        assert_eq!(
+            free_target(&["vda".into(), "vdc".into()]).as_deref(),
+            Some("vdb")
+        );
     }
 
     #[test]

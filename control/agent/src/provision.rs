@@ -69,6 +69,18 @@ pub fn create_blank(dest: &Path, size: u64, thick: bool) -> Result<(), Provision
     )
 }
 
+/// Grows a raw volume to `size` bytes (thick: the new space allocated).
+pub fn grow(dest: &Path, size: u64, thick: bool) -> Result<(), ProvisionError> {
+    run(
+        "resize",
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "raw", "--preallocation"])
+            .arg(if thick { "falloc" } else { "off" })
+            .arg(dest)
+            .arg(size.to_string()),
+    )
+}
+
 /// The virtual size qemu-img reports for an image file.
 pub fn virtual_size(image: &Path, format: &str) -> Result<u64, ProvisionError> {
     let out = Command::new("qemu-img")

@@ -23,6 +23,8 @@ use crate::disk_servers::DiskServers;
 use crate::domain_xml::{self, Accel, DomainSpec};
 use crate::provision;
 
+mod disk_attach;
+
 /// How the agent reaches the host.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -307,6 +309,10 @@ impl Agent {
                     }
                 }
             }
+            "resize" => {
+                let size = task.params["size_bytes"].as_u64().unwrap_or(0);
+                self.volume_resize(&record, size)
+            }
             other => Err(StepError::Invalid(format!("unknown volume action {other}"))),
         }
     }
@@ -373,6 +379,12 @@ impl Agent {
             }
             "revert" => self.vm_revert(&record, task.params["snapshot_id"].as_str().unwrap_or("")),
             "clone" => self.vm_clone(&record, &task.params),
+            "attach-volume" => {
+                self.vm_attach_volume(&record, task.params["volume_id"].as_str().unwrap_or(""))
+            }
+            "detach-volume" => {
+                self.vm_detach_volume(&record, task.params["volume_id"].as_str().unwrap_or(""))
+            }
             "delete" => {
                 return self.vm_delete(
                     &record,
@@ -382,7 +394,11 @@ impl Agent {
             other => Err(StepError::Invalid(format!("unknown VM action {other}"))),
         };
         match &result {
-            Ok(()) => self.observe_vm(&record, true)?,
+            Ok(()) => {
+                // The action may have changed the spec (attached disks).
+                let current = self.get(vms::KIND, &id)?.unwrap_or(record);
+                self.observe_vm(&current, true)?
+            }
             Err(e) => {
                 let mut spec: VmSpec = record.spec()?;
                 spec.status_reason = e.to_string();
@@ -749,7 +765,7 @@ impl Agent {
         let vnc_port = if status == vms::RUNNING || status == vms::PAUSED {
             self.lookup(&id)?
                 .and_then(|d| d.get_xml_desc(0).ok())
-                .and_then(|xml| vnc_port(&xml))
+                .and_then(|xml| domain_xml::LiveDomain::parse(&xml).vnc_port)
         } else {
             None
         };
@@ -836,34 +852,10 @@ impl Agent {
     }
 }
 
-/// The port libvirt gave the VNC server (`autoport`), from the live XML.
-fn vnc_port(xml: &str) -> Option<u16> {
-    let graphics = &xml[xml.find("<graphics type='vnc'")?..];
-    let rest = &graphics[graphics.find("port='")? + 6..];
-    let port: i32 = rest[..rest.find('\'')?].parse().ok()?;
-    u16::try_from(port).ok().filter(|p| *p > 0)
-}
-
 fn remove_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %dir.display(), error = %e, "VM directory not removed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vnc_port_from_live_xml() {
-        let xml = "<domain><devices><graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'/></devices></domain>";
-        assert_eq!(vnc_port(xml), Some(5901));
-        assert_eq!(
-            vnc_port("<graphics type='vnc' port='-1' autoport='yes'/>"),
-            None
-        );
-        assert_eq!(vnc_port("<domain/>"), None);
     }
 }

@@ -1784,3 +1784,165 @@ async fn routers_attach_subnets_and_check_routes() {
         .await;
     assert_eq!(r.status, 204, "{}", r.body);
 }
+
+impl Api {
+    /// Plays the host agent: a task finished and its resource reached `status`.
+    async fn agent_did(&self, task: &Value, status: &str) {
+        let mut tx = self.state.store.begin_write().await.unwrap();
+        super::tasks::set_state(&mut tx, task["id"].as_str().unwrap(), "SUCCEEDED", 100, "")
+            .await
+            .unwrap();
+        let kind = task["resource_type"].as_str().unwrap();
+        let id = task["resource_id"].as_str().unwrap();
+        super::records::observe(&mut tx, kind, id, status, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    async fn set_status(&self, kind: &str, id: &str, status: &str) {
+        let mut tx = self.state.store.begin_write().await.unwrap();
+        super::records::observe(&mut tx, kind, id, status, None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn volumes_attach_detach_and_grow_only_when_safe() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
+        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
+        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
+        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
+    }))
+    .unwrap();
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        super::hosts::register(&mut tx, "h1", inventory)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut volumes = Vec::new();
+    for name in ["boot", "data", "spare"] {
+        let r = api
+            .post(
+                "/api/v1/volumes",
+                &admin,
+                json!({"name": name, "vdc_id": vdc, "size_gib": 1}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        api.agent_did(&r.body, "AVAILABLE").await;
+        volumes.push(r.body["resource_id"].as_str().unwrap().to_owned());
+    }
+    let (boot, data, spare) = (&volumes[0], &volumes[1], &volumes[2]);
+    let r = api
+        .post(
+            "/api/v1/vms",
+            &admin,
+            json!({"name": "vm", "vdc_id": vdc, "vcpus": 1, "memory_mib": 128,
+                   "volume_ids": [boot], "start": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.body["resource_id"].as_str().unwrap().to_owned();
+    let attach = format!("/api/v1/vms/{vm}/volumes");
+
+    // The VM is still CREATING: nothing may change its disks.
+    let r = api.post(&attach, &admin, json!({"volume_id": data})).await;
+    assert_problem(&r, 409, "conflict");
+    api.agent_did(&queued_task(&api, &admin, &vm).await, "STOPPED")
+        .await;
+    api.set_status("volume", boot, "IN_USE").await;
+
+    let r = api
+        .post(&attach, &admin, json!({"volume_id": "nope"}))
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api.post(&attach, &admin, json!({"volume_id": boot})).await;
+    assert_problem(&r, 409, "conflict");
+    let r = api.post(&attach, &admin, json!({"volume_id": data})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["action"], "attach-volume");
+    let v = api.get(&format!("/api/v1/volumes/{data}"), &admin).await;
+    assert_eq!(v.body["status"], "ATTACHING");
+    assert_eq!(v.body["attached_to"], vm.as_str());
+    // Reserved: neither another attach nor a resize nor a delete takes it.
+    let r = api.post(&attach, &admin, json!({"volume_id": spare})).await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .post(
+            &format!("/api/v1/volumes/{data}/actions/resize"),
+            &admin,
+            json!({"size_gib": 2}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    api.agent_did(&queued_task(&api, &admin, &vm).await, "STOPPED")
+        .await;
+
+    // Detach: only the VM's own disks, never the boot disk of a running VM.
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("{attach}/{spare}"),
+            Some(&admin),
+            &[],
+            None,
+        )
+        .await;
+    assert_problem(&r, 404, "not-found");
+    api.set_status("vm", &vm, "RUNNING").await;
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("{attach}/{boot}"),
+            Some(&admin),
+            &[],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("boot disk"));
+
+    // Grow: never shrink, never under a running VM.
+    let resize = |id: &str| format!("/api/v1/volumes/{id}/actions/resize");
+    let r = api
+        .post(&resize(boot), &admin, json!({"size_gib": 2}))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("stop it first"));
+    let r = api
+        .post(&resize(spare), &admin, json!({"size_gib": 1}))
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api
+        .post(&resize(spare), &admin, json!({"size_gib": 99999}))
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api
+        .post(&resize(spare), &admin, json!({"size_gib": 2}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["params"]["size_bytes"], 2u64 << 30);
+}
+
+/// The VM's task that is still queued.
+async fn queued_task(api: &Api, token: &str, vm: &str) -> Value {
+    let r = api
+        .get(&format!("/api/v1/tasks?resource_id={vm}"), token)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["state"] == "QUEUED")
+        .cloned()
+        .unwrap_or_else(|| panic!("no queued task for {vm}: {}", r.body))
+}

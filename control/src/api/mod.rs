@@ -29,6 +29,7 @@ pub mod users;
 pub mod vdcs;
 pub mod version;
 pub mod vm_snapshots;
+pub mod vm_volumes;
 pub mod vms;
 pub mod volumes;
 
@@ -128,6 +129,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(volumes::router())
                 .merge(vms::router())
                 .merge(vm_snapshots::router())
+                .merge(vm_volumes::router())
                 .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())

@@ -21,7 +21,7 @@ use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
 use super::respond::load;
 use super::tasks::{self, Task};
-use super::vms::{self, VmSpec};
+use super::vms::{self, vm_for, VmSpec};
 use super::volumes::{self, VolumeSpec};
 use super::AppState;
 
@@ -104,40 +104,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(delete_snapshot))
         .routes(routes!(revert_snapshot))
         .routes(routes!(clone_vm))
-}
-
-/// Loads the VM for a state-changing request: visible, no task running on
-/// it, and in one of `allowed`.
-async fn vm_for(
-    tx: &mut sqlx::SqliteConnection,
-    principal: &Principal,
-    id: &str,
-    what: &str,
-    allowed: &[&str],
-) -> Result<Record, ApiError> {
-    let vm = load(
-        tx,
-        principal,
-        Family::Compute,
-        Action::Update,
-        vms::KIND,
-        id,
-    )
-    .await?;
-    if let Some(task) = tasks::pending_for(tx, id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this VM",
-            task.id, task.action, task.state
-        )));
-    }
-    if !allowed.contains(&vm.meta.status.as_str()) {
-        return Err(ApiError::Conflict(format!(
-            "cannot {what} a VM that is {}; allowed when {}",
-            vm.meta.status,
-            allowed.join(" or ")
-        )));
-    }
-    Ok(vm)
 }
 
 #[utoipa::path(post, path = "/vms/{id}/snapshots", tag = "compute", request_body = SnapshotCreate,

@@ -37,7 +37,7 @@ pub const LOST: &str = "LOST";
 
 const MAX_VCPUS: u32 = 64;
 const MAX_MEMORY_MIB: u32 = 1 << 20;
-const MAX_DISKS: usize = 16;
+pub const MAX_DISKS: usize = 16;
 const MAX_NICS: usize = 8;
 
 /// Every action and the states it is allowed in.
@@ -336,6 +336,32 @@ async fn get_vm(
     get_one::<Vm>(&state, &principal, &id).await
 }
 
+/// Loads the VM for a state-changing request: visible, no task running on
+/// it, and in one of `allowed`.
+pub(super) async fn vm_for(
+    tx: &mut sqlx::SqliteConnection,
+    principal: &Principal,
+    id: &str,
+    what: &str,
+    allowed: &[&str],
+) -> Result<Record, ApiError> {
+    let vm = load(tx, principal, Family::Compute, Action::Update, KIND, id).await?;
+    if let Some(task) = tasks::pending_for(tx, id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this VM",
+            task.id, task.action, task.state
+        )));
+    }
+    if !allowed.contains(&vm.meta.status.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "cannot {what} a VM that is {}; allowed when {}",
+            vm.meta.status,
+            allowed.join(" or ")
+        )));
+    }
+    Ok(vm)
+}
+
 #[utoipa::path(post, path = "/vms/{id}/actions/{action}", tag = "compute",
     params(("id" = String, Path), ("action" = String, Path, description = "start, stop (ACPI, then forced after a timeout), force-stop, reboot, force-reboot, pause, resume")),
     responses(
@@ -352,28 +378,7 @@ async fn vm_action(
         return Err(ApiError::NotFound);
     };
     let mut tx = state.store.begin_write().await?;
-    let record = load(
-        &mut tx,
-        &principal,
-        Family::Compute,
-        Action::Update,
-        KIND,
-        &id,
-    )
-    .await?;
-    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this VM",
-            task.id, task.action, task.state
-        )));
-    }
-    if !allowed.contains(&record.meta.status.as_str()) {
-        return Err(ApiError::Conflict(format!(
-            "cannot {action} a VM that is {}; allowed when {}",
-            record.meta.status,
-            allowed.join(" or ")
-        )));
-    }
+    let record = vm_for(&mut tx, &principal, &id, &action, allowed).await?;
     let task = tasks::enqueue(
         &mut tx,
         record.meta.vdc_id.as_deref(),

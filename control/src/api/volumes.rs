@@ -21,7 +21,7 @@ use super::images::{self, ImageSpec};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{begin_change, get_one, list_page, referenced_vdc, Resource};
+use super::respond::{begin_change, get_one, list_page, load, referenced_vdc, Resource};
 use super::tasks::{self, Task};
 use super::AppState;
 
@@ -101,6 +101,94 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_volume, list_volumes))
         .routes(routes!(get_volume, delete_volume))
+        .routes(routes!(resize_volume))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// The new size; volumes only grow.
+    pub size_gib: u64,
+}
+
+#[utoipa::path(post, path = "/volumes/{id}/actions/resize", tag = "compute", request_body = VolumeResize,
+    params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "Queued: the task grows the file (thick volumes are allocated)", body = Task),
+        (status = 409, description = "In use by a VM that is not STOPPED, not AVAILABLE or IN_USE, or a task runs on it or its VM", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not larger than the current size, or too large", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn resize_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<VolumeResize>,
+) -> Result<Response, ApiError> {
+    let size_bytes = body
+        .size_gib
+        .checked_mul(1 << 30)
+        .filter(|b| *b <= MAX_VOLUME_BYTES)
+        .ok_or_else(|| ApiError::invalid("size_gib", "at most 16384"))?;
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    let spec: VolumeSpec = record.spec()?;
+    if size_bytes <= spec.size_bytes {
+        return Err(ApiError::invalid(
+            "size_gib",
+            format!(
+                "volumes only grow: it has {} bytes ({} GiB)",
+                spec.size_bytes,
+                spec.size_bytes.div_ceil(1 << 30)
+            ),
+        ));
+    }
+    if record.meta.status != AVAILABLE && record.meta.status != IN_USE {
+        return Err(ApiError::Conflict(format!(
+            "the volume is {}; it can grow when AVAILABLE, or IN_USE by a STOPPED VM",
+            record.meta.status
+        )));
+    }
+    let mut busy = vec![id.clone()];
+    if let Some(vm_id) = &spec.attached_to {
+        let vm = records::get(&mut tx, super::vms::KIND, vm_id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+        if vm.meta.status != super::vms::STOPPED {
+            return Err(ApiError::Conflict(format!(
+                "the volume is used by VM {vm_id}, which is {}; stop it first",
+                vm.meta.status
+            )));
+        }
+        busy.push(vm_id.to_string());
+    }
+    for resource in &busy {
+        if let Some(task) = tasks::pending_for(&mut tx, resource).await? {
+            return Err(ApiError::Conflict(format!(
+                "task {} ({}) is still {} on {resource}",
+                task.id, task.action, task.state
+            )));
+        }
+    }
+    let task = tasks::enqueue(
+        &mut tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        &id,
+        "resize",
+        serde_json::json!({ "size_bytes": size_bytes }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
 }
 
 #[utoipa::path(post, path = "/volumes", tag = "compute", request_body = VolumeCreate,
