@@ -175,7 +175,9 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
         x.push_str(&disk(sock, &target(i), Some(i + 1)));
     }
     // q35 hot-plugs PCIe devices only into free root ports: keep some spare
-    // for disks attached while the VM runs.
+    // for disks attached while the VM runs (the root complex is named so
+    // the ports do not claim its index).
+    x.push_str("    <controller type='pci' index='0' model='pcie-root'/>\n");
     for _ in 0..HOTPLUG_PORTS {
         x.push_str("    <controller type='pci' model='pcie-root-port'/>\n");
     }

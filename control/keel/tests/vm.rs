@@ -44,10 +44,27 @@ struct Api {
 
 impl Api {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.send(method, path, &[], body)
+    }
+
+    fn call_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        self.send(method, path, headers, None)
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
-        let req = ureq::request(method, &url)
+        let mut req = ureq::request(method, &url)
             .timeout(Duration::from_secs(60))
             .set("authorization", &format!("Bearer {}", self.token));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
         let result = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -212,6 +229,30 @@ fn console_read_until(url: &str, input: Option<&[u8]>, want: &[u8]) -> Vec<u8> {
     }
     let _ = ws.close(None);
     seen
+}
+
+/// Runs `cmd` in the guest over its serial-console WebSocket (the guest's
+/// command loop reads "<tag> <lines>" and the base64 of the script, and
+/// answers "<tag>=<exit code>" after the output).
+fn guest_run(api: &Api, base: &str, vm: &str, tag: &str, cmd: &str) -> String {
+    let ticket = api.ok(
+        "POST",
+        &format!("/api/v1/vms/{vm}/console"),
+        Some(json!({"kind": "serial"})),
+    );
+    let ws_url = format!(
+        "{}{}",
+        base.replace("http://", "ws://"),
+        ticket["url"].as_str().unwrap()
+    );
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{cmd}\n"));
+    let out = console_read_until(
+        &ws_url,
+        Some(format!("{tag} 1\n{b64}\n").as_bytes()),
+        format!("{tag}=").as_bytes(),
+    );
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Destroys and undefines the domain if a failed test left it.
@@ -438,6 +479,100 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.action(&vm, "resume");
     assert_eq!(api.vm_status(&vm).0, "RUNNING");
 
+    // A disk attached to the running VM appears in the guest and takes
+    // writes; detached, it leaves the guest; grown while detached, it comes
+    // back bigger with its data.
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "hot", "vdc_id": vdc_id, "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let hot = task["resource_id"].as_str().unwrap().to_owned();
+    let hot_file = state.join("volumes").join(format!("{hot}.raw"));
+    let attach = |api: &Api| {
+        let (status, task) = api.call(
+            "POST",
+            &format!("/api/v1/vms/{vm}/volumes"),
+            Some(json!({"volume_id": hot})),
+        );
+        assert_eq!(status, 202, "{task}");
+        api.wait_task(&task);
+        let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
+        assert_eq!(v["status"], "IN_USE", "{v}");
+        let spec = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
+        assert_eq!(spec["volume_ids"][1], hot.as_str(), "{spec}");
+    };
+    let detach = |api: &Api| {
+        let (status, task) = api.call("DELETE", &format!("/api/v1/vms/{vm}/volumes/{hot}"), None);
+        assert_eq!(status, 202, "{task}");
+        api.wait_task(&task);
+        let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
+        assert_eq!(v["status"], "AVAILABLE", "{v}");
+        assert!(v["attached_to"].is_null(), "{v}");
+    };
+    let wait_vdb =
+        "i=0; while [ ! -e /sys/block/vdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done";
+    attach(&api);
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "H1",
+        &format!("{wait_vdb}; echo SECTORS=$(cat /sys/block/vdb/size); echo KEEL-HOTPLUG | dd of=/dev/vdb conv=fsync 2>/dev/null"),
+    );
+    assert!(
+        out.contains("SECTORS=2097152"),
+        "1 GiB disk in the guest: {out}"
+    );
+    assert!(out.contains("H1=0"), "{out}");
+    detach(&api);
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "H2",
+        "i=0; while [ -e /sys/block/vdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; [ ! -e /sys/block/vdb ] && echo VDB-GONE",
+    );
+    assert!(
+        out.contains("VDB-GONE"),
+        "the guest released the disk: {out}"
+    );
+    let head = std::fs::read(&hot_file).unwrap()[..12].to_vec();
+    assert_eq!(
+        head, b"KEEL-HOTPLUG",
+        "the guest's write reached the volume"
+    );
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/volumes/{hot}/actions/resize"),
+        Some(json!({"size_gib": 2})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    assert_eq!(std::fs::metadata(&hot_file).unwrap().len(), 2 << 30);
+    attach(&api);
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "H3",
+        &format!("{wait_vdb}; echo SECTORS=$(cat /sys/block/vdb/size); dd if=/dev/vdb bs=12 count=1 2>/dev/null; echo"),
+    );
+    assert!(out.contains("SECTORS=4194304"), "grown to 2 GiB: {out}");
+    assert!(out.contains("KEEL-HOTPLUG"), "data kept: {out}");
+    detach(&api);
+    let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
+    assert_eq!(v["size_bytes"], 2u64 << 30);
+    let (status, body) = api.call_with(
+        "DELETE",
+        &format!("/api/v1/volumes/{hot}"),
+        &[("If-Match", &format!("\"{}\"", v["revision"]))],
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(!hot_file.exists());
+
     // QEMU killed behind keel's back: reported STOPPED, with a reason.
     let pid = qemu_pid(&vm).expect("QEMU process of the VM");
     // SAFETY: kill(2) with a pid read from pgrep; at worst it names no process.
@@ -615,26 +750,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         assert_eq!(p["status"], "ACTIVE", "served by the data plane: {p}");
     }
     let peer = vms[1].1.clone();
-    let run_in = |vm: &str, tag: &str, cmd: &str| -> String {
-        let ticket = api.ok(
-            "POST",
-            &format!("/api/v1/vms/{vm}/console"),
-            Some(json!({"kind": "serial"})),
-        );
-        let ws_url = format!(
-            "{}{}",
-            keel.url("").replace("http://", "ws://"),
-            ticket["url"].as_str().unwrap()
-        );
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{cmd}\n"));
-        let out = console_read_until(
-            &ws_url,
-            Some(format!("{tag} 1\n{b64}\n").as_bytes()),
-            format!("{tag}=").as_bytes(),
-        );
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let run_in = |vm: &str, tag: &str, cmd: &str| guest_run(&api, &keel.url(""), vm, tag, cmd);
     let text = run_in(&vms[0].0, "P1", &format!("ping -c 3 -W 2 {peer}"));
     assert!(
         text.contains("P1=0"),
