@@ -255,6 +255,47 @@ fn guest_run(api: &Api, base: &str, vm: &str, tag: &str, cmd: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A WebSocket request to the API with the caller's token.
+fn ws_request(api: &Api, base: &str, path: &str) -> tungstenite::handshake::client::Request {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}{path}", base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", api.token).parse().unwrap(),
+    );
+    req
+}
+
+/// Watches a task over its WebSocket until the server closes it; returns
+/// the states it pushed, in order.
+fn watch_task(api: &Api, base: &str, task: &str) -> Vec<String> {
+    let (mut ws, _) = tungstenite::connect(ws_request(
+        api,
+        base,
+        &format!("/api/v1/tasks/{task}/watch"),
+    ))
+    .unwrap();
+    let mut states = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["id"], task);
+                states.push(v["state"].as_str().unwrap().to_owned());
+            }
+            Ok(tungstenite::Message::Close(frame)) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1000));
+                return states;
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => return states,
+            Err(e) => panic!("task watch: {e}; so far {states:?}"),
+        }
+    }
+}
+
 /// Destroys and undefines the domain if a failed test left it.
 struct DomainGuard(String);
 
@@ -617,8 +658,23 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert_eq!(status, 202, "{task}");
     api.wait_task(&task);
 
-    api.action(&vm, "stop");
+    // The graceful stop takes the shutdown timeout: its task's progress is
+    // pushed over a WebSocket until it ends.
+    let (status, task) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/stop"), None);
+    assert_eq!(status, 202, "{task}");
+    let states = watch_task(&api, &keel.url(""), task["id"].as_str().unwrap());
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("SUCCEEDED"),
+        "{states:?}"
+    );
+    assert!(states.iter().any(|s| s == "RUNNING"), "{states:?}");
     assert_eq!(api.vm_status(&vm).0, "STOPPED");
+    let unknown = ws_request(&api, &keel.url(""), "/api/v1/tasks/no-such-task/watch");
+    match tungstenite::connect(unknown) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 404),
+        other => panic!("watching an unknown task: {:?}", other.map(|_| ())),
+    }
     let (status, body) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/resume"), None);
     assert_eq!(status, 409, "{body}");
 

@@ -2,8 +2,12 @@
 //! or long I/O (VM actions, volume provisioning) answers `202 Accepted` with
 //! `Location: /api/v1/tasks/{id}` and a queued task; the host agent runs it
 //! and records progress, the outcome and the hypervisor's message. Tasks of
-//! one resource run in the order they were accepted.
+//! one resource run in the order they were accepted. `GET /tasks/{id}/watch`
+//! pushes a task's progress over a WebSocket until it ends.
 
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -190,7 +194,12 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_tasks))
         .routes(routes!(get_task))
+        .routes(routes!(watch_task))
 }
+
+/// How often a watch re-reads its task when no change woke it (the host
+/// agent may write from another process).
+const WATCH_POLL: Duration = Duration::from_millis(500);
 
 #[utoipa::path(get, path = "/tasks", tag = "compute", params(TaskQuery),
     responses(
@@ -242,12 +251,74 @@ async fn get_task(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<Task>, ApiError> {
+    Ok(Json(visible_task(&state, &principal, &id).await?))
+}
+
+async fn visible_task(state: &AppState, principal: &Principal, id: &str) -> Result<Task, ApiError> {
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM tasks WHERE id = ?"))
-        .bind(&id)
+        .bind(id)
         .fetch_optional(state.store.pool())
         .await?
         .ok_or(ApiError::NotFound)?;
     let task = task_from_row(&row)?;
     principal.authorize(Family::Compute, Action::Read, task.vdc_id.as_deref())?;
-    Ok(Json(task))
+    Ok(task)
+}
+
+#[utoipa::path(get, path = "/tasks/{id}/watch", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 101, description = "WebSocket: the task as a JSON text message now and after every change of its state, progress or message; closed (code 1000) once it SUCCEEDED or FAILED"),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn watch_task(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // Refuse before upgrading, so a bad id is a plain 404.
+    visible_task(&state, &principal, &id).await?;
+    Ok(upgrade.on_upgrade(move |ws| push_task(state, principal, id, ws)))
+}
+
+/// Sends the task whenever it changed, until it ends or the client leaves.
+async fn push_task(state: AppState, principal: Principal, id: String, mut ws: WebSocket) {
+    let mut sent: Option<(String, i64, String)> = None;
+    loop {
+        let wake = state.changes.notified();
+        let task = match visible_task(&state, &principal, &id).await {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::warn!(task = %id, ?error, "task watch ends: task unreadable");
+                return;
+            }
+        };
+        let seen = (task.state.clone(), task.progress, task.message.clone());
+        if sent.as_ref() != Some(&seen) {
+            let Ok(text) = serde_json::to_string(&task) else {
+                return;
+            };
+            if ws.send(Message::Text(text.into())).await.is_err() {
+                return;
+            }
+            sent = Some(seen);
+        }
+        if task.state == SUCCEEDED || task.state == FAILED {
+            let close = CloseFrame {
+                code: 1000,
+                reason: task.state.into(),
+            };
+            let _ = ws.send(Message::Close(Some(close))).await;
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(WATCH_POLL, wake) => {}
+            incoming = ws.recv() => {
+                // The client closed or went away; anything else it sends is ignored.
+                if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                    return;
+                }
+            }
+        }
+    }
 }
