@@ -143,7 +143,7 @@ impl Drop for DiskServers {
     }
 }
 
-fn terminate(child: &mut Child) {
+pub(crate) fn terminate(child: &mut Child) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill(2) on our own child's pid, which we have not reaped
         // yet, so it cannot name another process.

@@ -32,6 +32,7 @@ pub mod disk_servers;
 pub mod domain_xml;
 pub mod inventory;
 pub mod libvirtd;
+pub mod load_balancers;
 pub mod network;
 pub mod provision;
 mod run;

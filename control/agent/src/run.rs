@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use keel_control::api::hosts;
 use keel_control::api::images::{self, ImageSpec};
+use keel_control::api::loadbalancers::{self, LoadBalancerSpec};
 use keel_control::api::problem::ApiError;
 use keel_control::api::records::{self, Record};
 use keel_control::api::tasks::{self, Task, FAILED, SUCCEEDED};
@@ -21,6 +22,7 @@ use virt::domain::Domain;
 
 use crate::disk_servers::DiskServers;
 use crate::domain_xml::{self, Accel, DomainSpec};
+use crate::load_balancers::LbServers;
 use crate::provision;
 
 mod disk_attach;
@@ -93,6 +95,7 @@ pub fn spawn(
         .spawn(move || {
             let mut agent = Agent {
                 disks: DiskServers::new(config.keel_bin.clone(), config.state_dir.join("run")),
+                lbs: LbServers::new(config.keel_bin.clone(), config.state_dir.join("lb")),
                 net: crate::network::Dataplane::new(
                     config.keel_bin.clone(),
                     config.state_dir.join("run"),
@@ -115,6 +118,7 @@ struct Agent {
     conn: Option<Connect>,
     started: crate::libvirtd::Started,
     disks: DiskServers,
+    lbs: LbServers,
     net: crate::network::Dataplane,
     files: FirmwareFiles,
 }
@@ -153,12 +157,16 @@ impl Agent {
                 if let Err(e) = self.observe_all() {
                     tracing::debug!(error = %e, "observing VMs failed");
                 }
+                if let Err(e) = self.reconcile_lbs() {
+                    tracing::warn!(error = %e, "reconciling load balancers failed");
+                }
             }
             if !worked {
                 std::thread::sleep(IDLE);
             }
         }
         self.disks.stop_all();
+        self.lbs.stop_all();
         self.net.stop();
         if let Some(mut conn) = self.conn.take() {
             let _ = conn.close();
@@ -777,6 +785,63 @@ impl Agent {
             }
             spec.status_reason = reason;
             self.observe(vms::KIND, &id, status, Some(records::to_json(&spec)?))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a proxy for every load balancer in the store and reports what
+    /// each one serves.
+    fn reconcile_lbs(&mut self) -> Result<(), StepError> {
+        let records = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            Ok::<_, StepError>(records::all(&mut conn, loadbalancers::KIND).await?)
+        })?;
+        let ids: Vec<String> = records.iter().map(|r| r.meta.id.clone()).collect();
+        self.lbs.retain(&ids);
+        for record in records {
+            let mut spec: LoadBalancerSpec = record.spec()?;
+            let doc = records::to_json(&spec.config)?;
+            let (status, reason, observed) = match self.lbs.ensure(&record.meta.id, &doc) {
+                Err(e) => (loadbalancers::ERROR, e.to_string(), spec.observed.clone()),
+                Ok(()) => match self.lbs.status(&record.meta.id) {
+                    None => (
+                        loadbalancers::ERROR,
+                        "the proxy does not answer on its status endpoint".to_owned(),
+                        None,
+                    ),
+                    Some(tree) => {
+                        let served = |id: &str| {
+                            tree["listeners"]
+                                .as_array()
+                                .is_some_and(|ls| ls.iter().any(|l| l["id"] == id))
+                        };
+                        match spec.config.listeners.iter().find(|l| !served(&l.id)) {
+                            Some(l) => (
+                                loadbalancers::ERROR,
+                                format!("the proxy does not serve listener {} (port {}); it kept its previous configuration: see its log", l.id, l.protocol_port),
+                                Some(tree),
+                            ),
+                            None => (loadbalancers::ACTIVE, String::new(), Some(tree)),
+                        }
+                    }
+                },
+            };
+            if status != record.meta.status
+                || reason != spec.status_reason
+                || observed != spec.observed
+            {
+                if status != record.meta.status {
+                    tracing::info!(lb = %record.meta.id, from = %record.meta.status, to = status, reason = %reason, "load balancer state changed");
+                }
+                spec.status_reason = reason;
+                spec.observed = observed;
+                self.observe(
+                    loadbalancers::KIND,
+                    &record.meta.id,
+                    status,
+                    Some(records::to_json(&spec)?),
+                )?;
+            }
         }
         Ok(())
     }

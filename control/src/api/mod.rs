@@ -16,6 +16,7 @@ pub mod hosts;
 pub mod idempotency;
 pub mod images;
 pub mod listing;
+pub mod loadbalancers;
 pub mod networks;
 pub mod ports;
 pub mod problem;
@@ -130,6 +131,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vms::router())
                 .merge(vm_snapshots::router())
                 .merge(vm_volumes::router())
+                .merge(loadbalancers::router())
                 .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())
