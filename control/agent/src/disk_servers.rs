@@ -31,6 +31,9 @@ pub enum DiskServerError {
 }
 
 const WAIT: Duration = Duration::from_secs(10);
+/// Every volume's writes are tracked (bitmaps in `<volume>.raw.cbt`) so its
+/// backups after the first read only what changed.
+pub const CBT_GRANULARITY: u64 = 64 << 10;
 /// vhost-blk's GET_ID answer is at most 20 bytes.
 const SERIAL_LEN: usize = 20;
 
@@ -87,6 +90,7 @@ impl DiskServers {
             .arg("--image")
             .arg(image)
             .args(["--serial", &serial])
+            .args(["--cbt-granularity", &CBT_GRANULARITY.to_string()])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

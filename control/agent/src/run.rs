@@ -25,6 +25,7 @@ use crate::domain_xml::{self, Accel, DomainSpec};
 use crate::load_balancers::LbServers;
 use crate::provision;
 
+mod backups;
 mod disk_attach;
 
 /// How the agent reaches the host.
@@ -270,6 +271,7 @@ impl Agent {
         let outcome = match task.resource_type.as_str() {
             volumes::KIND => self.volume_task(&task),
             vms::KIND => self.vm_task(&task),
+            keel_control::api::backups::KIND => self.backup_task(&task),
             other => Err(StepError::Invalid(format!(
                 "no agent handles {other} tasks"
             ))),
@@ -291,7 +293,13 @@ impl Agent {
         match task.action.as_str() {
             "create" => {
                 let mut spec: VolumeSpec = record.spec()?;
-                match self.provision(task, &record.meta.id, &mut spec) {
+                let made = match task.params["from_backup"].as_str() {
+                    Some(backup) => self
+                        .volume_from_backup(task, &record, backup)
+                        .map(|size| spec.size_bytes = size),
+                    None => self.provision(task, &record.meta.id, &mut spec),
+                };
+                match made {
                     Ok(()) => {
                         let status = if spec.attached_to.is_some() {
                             volumes::IN_USE
@@ -317,6 +325,7 @@ impl Agent {
                     }
                 }
             }
+            "backup" => self.volume_backup(task, &record),
             "resize" => {
                 let size = task.params["size_bytes"].as_u64().unwrap_or(0);
                 self.volume_resize(&record, size)

@@ -1946,3 +1946,41 @@ async fn queued_task(api: &Api, token: &str, vm: &str) -> Value {
         .cloned()
         .unwrap_or_else(|| panic!("no queued task for {vm}: {}", r.body))
 }
+
+#[tokio::test]
+async fn volume_and_compute_quotas_are_enforced() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api
+        .vdc(
+            &admin,
+            "small",
+            json!({"volumes": 2, "volume_gb": 3, "vcpus": 2, "memory_mib": 512}),
+        )
+        .await;
+    let volume = |size: u64| json!({"name": "v", "vdc_id": vdc, "size_gib": size});
+    let r = api.post("/api/v1/volumes", &admin, volume(4)).await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.volume_gb");
+    let first = api.post("/api/v1/volumes", &admin, volume(2)).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    let r = api.post("/api/v1/volumes", &admin, volume(2)).await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.volume_gb");
+    let second = api.post("/api/v1/volumes", &admin, volume(1)).await;
+    assert_eq!(second.status, 202, "{}", second.body);
+    let r = api.post("/api/v1/volumes", &admin, volume(1)).await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.volumes");
+
+    let vm = |vcpus: u32, memory: u32| {
+        json!({"name": "vm", "vdc_id": vdc, "vcpus": vcpus, "memory_mib": memory,
+               "volume_ids": [first.body["resource_id"]], "start": false})
+    };
+    let r = api.post("/api/v1/vms", &admin, vm(3, 128)).await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.vcpus");
+    let r = api.post("/api/v1/vms", &admin, vm(1, 1024)).await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(r.body["field"], "quota.memory_mib");
+}

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backups;
 pub mod console;
 pub mod events;
 pub mod extract;
@@ -132,6 +133,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vm_snapshots::router())
                 .merge(vm_volumes::router())
                 .merge(loadbalancers::router())
+                .merge(backups::router())
                 .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())

@@ -178,7 +178,8 @@ async fn create_vm(
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
     let mut tx = state.store.begin_write().await?;
-    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    check_compute_quota(&mut tx, &vdc, body.vcpus, body.memory_mib).await?;
     let mut volumes = Vec::with_capacity(body.volume_ids.len());
     for (i, id) in body.volume_ids.iter().enumerate() {
         if body.volume_ids[..i].contains(id) {
@@ -334,6 +335,37 @@ async fn get_vm(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     get_one::<Vm>(&state, &principal, &id).await
+}
+
+/// The VDC's vCPU and memory quotas leave room for one more VM of this
+/// size (every VM counts, running or not: it holds its reservation).
+pub(super) async fn check_compute_quota(
+    conn: &mut sqlx::SqliteConnection,
+    vdc: &Record,
+    vcpus: u32,
+    memory_mib: u32,
+) -> Result<(), ApiError> {
+    let quota = super::vdcs::quota_of(vdc)?;
+    if quota.vcpus.is_none() && quota.memory_mib.is_none() {
+        return Ok(());
+    }
+    let (mut cpus, mut mem) = (u64::from(vcpus), u64::from(memory_mib));
+    for vm in records::in_vdc(conn, KIND, &vdc.meta.id).await? {
+        let spec: VmSpec = vm.spec()?;
+        cpus += u64::from(spec.vcpus);
+        mem += u64::from(spec.memory_mib);
+    }
+    for (resource, used, limit) in [
+        ("vcpus", cpus, quota.vcpus),
+        ("memory_mib", mem, quota.memory_mib),
+    ] {
+        if let Some(limit) = limit {
+            if used > limit {
+                return Err(ApiError::QuotaExceeded { resource, limit });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads the VM for a state-changing request: visible, no task running on

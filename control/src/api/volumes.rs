@@ -97,6 +97,42 @@ pub fn volume_path(state_dir: &FsPath, id: &str) -> PathBuf {
     state_dir.join("volumes").join(format!("{id}.raw"))
 }
 
+/// The VDC's volume count and volume GiB quotas leave room for one more
+/// volume of `new_bytes`. Checked in the inserting transaction (SQLite
+/// serializes writers, so racing creates cannot both pass).
+pub async fn check_volume_quota(
+    conn: &mut sqlx::SqliteConnection,
+    vdc: &Record,
+    new_bytes: u64,
+) -> Result<(), ApiError> {
+    let quota = super::vdcs::quota_of(vdc)?;
+    if quota.volumes.is_none() && quota.volume_gb.is_none() {
+        return Ok(());
+    }
+    let existing = records::in_vdc(conn, KIND, &vdc.meta.id).await?;
+    if let Some(limit) = quota.volumes {
+        if existing.len() as u64 >= limit {
+            return Err(ApiError::QuotaExceeded {
+                resource: "volumes",
+                limit,
+            });
+        }
+    }
+    if let Some(limit) = quota.volume_gb {
+        let mut gib = new_bytes.div_ceil(1 << 30);
+        for v in &existing {
+            gib += v.spec::<VolumeSpec>()?.size_bytes.div_ceil(1 << 30);
+        }
+        if gib > limit {
+            return Err(ApiError::QuotaExceeded {
+                resource: "volume_gb",
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_volume, list_volumes))
@@ -221,7 +257,7 @@ async fn create_volume(
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
     let mut tx = state.store.begin_write().await?;
-    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let size_bytes = match &body.image_id {
         Some(image_id) => {
             let image = images::visible_image(&mut tx, &principal, image_id)
@@ -240,6 +276,7 @@ async fn create_volume(
             requested.ok_or_else(|| ApiError::invalid("size_gib", "required for a blank volume"))?
         }
     };
+    check_volume_quota(&mut tx, &vdc, size_bytes).await?;
     let spec = VolumeSpec {
         size_bytes,
         image_id: body.image_id,

@@ -1,0 +1,344 @@
+//! Volume backups: `POST /volumes/{id}/backups`, `/backups`, restore into a
+//! new volume. The host agent runs keel's backup engine (keel-cdp): a
+//! content-addressed, deduplicating repository in the state directory;
+//! the first backup of a volume is full, later ones read only the chunks
+//! its disk server's changed-block bitmap marks. Every backup point
+//! restores on its own.
+//!
+//! Backups are taken of volumes no running VM writes (AVAILABLE, or used by
+//! a STOPPED VM): the engine has no point-in-time view of a disk being
+//! written yet.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
+use super::listing::{ListQuery, Page};
+use super::problem::{ApiError, Problem};
+use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::respond::{begin_change, get_one, list_page, load, Resource};
+use super::tasks::{self, Task};
+use super::volumes::{self, VolumeSpec};
+use super::AppState;
+
+pub const KIND: &str = "backup";
+pub const CREATING: &str = "CREATING";
+pub const AVAILABLE: &str = "AVAILABLE";
+pub const ERROR: &str = "ERROR";
+pub const DELETING: &str = "DELETING";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct BackupSpec {
+    pub volume_id: String,
+    /// Incremental was asked for (the first backup of a volume is full).
+    pub incremental: bool,
+    pub description: String,
+    /// The repository's point (set once taken).
+    pub point_id: Option<String>,
+    /// `full` or `incremental`, as taken.
+    pub kind: Option<String>,
+    /// Why an asked-for incremental was taken full.
+    pub fallback: Option<String>,
+    /// Size of the volume at the backup.
+    pub size_bytes: u64,
+    pub chunks_total: u64,
+    /// Chunks read from the volume (an incremental reads only changed ones).
+    pub chunks_read: u64,
+    /// Bytes added to the repository (compressed, deduplicated).
+    pub bytes_stored: u64,
+    #[serde(default)]
+    pub status_reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Backup {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[serde(flatten)]
+    pub spec: BackupSpec,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackupPage {
+    pub items: Vec<Backup>,
+    pub next_cursor: Option<String>,
+}
+
+impl Resource for Backup {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Compute;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        Ok(Backup {
+            spec: record.spec()?,
+            meta: record.meta,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupCreate {
+    pub name: String,
+    /// Read only what changed since the volume's last backup (default).
+    #[serde(default = "yes")]
+    pub incremental: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRestore {
+    /// Name of the new volume.
+    pub name: String,
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_backup))
+        .routes(routes!(list_backups))
+        .routes(routes!(get_backup, delete_backup))
+        .routes(routes!(restore_backup))
+}
+
+/// Refuses work on a volume that a running VM may write, or that has a
+/// task (or its VM has one) still to run.
+async fn quiet_volume(conn: &mut sqlx::SqliteConnection, volume: &Record) -> Result<(), ApiError> {
+    let spec: VolumeSpec = volume.spec()?;
+    let mut busy = vec![volume.meta.id.clone()];
+    match volume.meta.status.as_str() {
+        volumes::AVAILABLE => {}
+        volumes::IN_USE => {
+            if let Some(vm_id) = &spec.attached_to {
+                let vm = records::get(conn, super::vms::KIND, vm_id)
+                    .await?
+                    .ok_or(ApiError::NotFound)?;
+                if vm.meta.status != super::vms::STOPPED {
+                    return Err(ApiError::Conflict(format!(
+                        "the volume is used by VM {vm_id}, which is {}; stop it first (backups of running VMs are not point-in-time yet)",
+                        vm.meta.status
+                    )));
+                }
+                busy.push(vm_id.clone());
+            }
+        }
+        other => {
+            return Err(ApiError::Conflict(format!(
+            "the volume is {other}; it can be backed up when AVAILABLE, or IN_USE by a STOPPED VM"
+        )))
+        }
+    }
+    for resource in &busy {
+        if let Some(task) = tasks::pending_for(conn, resource).await? {
+            return Err(ApiError::Conflict(format!(
+                "task {} ({}) is still {} on {resource}",
+                task.id, task.action, task.state
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/volumes/{id}/backups", tag = "compute", request_body = BackupCreate,
+    params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "Queued: the backup is CREATING; the task reports percent done", body = Task),
+        (status = 409, description = "A running VM uses the volume, the volume is not ready, or a task runs on it", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_backup(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<BackupCreate>,
+) -> Result<Response, ApiError> {
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    let mut tx = state.store.begin_write().await?;
+    let volume = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Update,
+        volumes::KIND,
+        &id,
+    )
+    .await?;
+    quiet_volume(&mut tx, &volume).await?;
+    let backup = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: volume.meta.vdc_id.as_deref(),
+            parent_id: Some(&id),
+            name: &body.name,
+            spec: to_json(&BackupSpec {
+                volume_id: id.clone(),
+                incremental: body.incremental,
+                description: body.description,
+                ..BackupSpec::default()
+            })?,
+            status: CREATING,
+        },
+    )
+    .await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        volume.meta.vdc_id.as_deref(),
+        volumes::KIND,
+        &id,
+        "backup",
+        serde_json::json!({ "backup_id": backup.meta.id, "incremental": body.incremental }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+#[utoipa::path(get, path = "/backups", tag = "compute", params(ListQuery),
+    responses((status = 200, description = "One page; filter by volume with parent_id", body = BackupPage)), security(("bearer" = [])))]
+async fn list_backups(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<BackupPage>, ApiError> {
+    let Page { items, next_cursor } = list_page::<Backup>(&state, &principal, &query).await?;
+    Ok(Json(BackupPage { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/backups/{id}", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The backup", body = Backup),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_backup(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    get_one::<Backup>(&state, &principal, &id).await
+}
+
+#[utoipa::path(delete, path = "/backups/{id}", tag = "compute",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 202, description = "DELETING: the task removes the point and collects chunks no other point uses", body = Task),
+        (status = 409, description = "Still being taken, or a task runs on it", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_backup(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (mut tx, record) =
+        begin_change::<Backup>(&state, &principal, Action::Delete, &id, &headers).await?;
+    if record.meta.status == CREATING || record.meta.status == DELETING {
+        return Err(ApiError::Conflict(format!(
+            "the backup is {}",
+            record.meta.status
+        )));
+    }
+    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this backup",
+            task.id, task.action, task.state
+        )));
+    }
+    records::observe(&mut tx, KIND, &id, DELETING, None).await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        &id,
+        "delete",
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+#[utoipa::path(post, path = "/backups/{id}/actions/restore", tag = "compute", request_body = BackupRestore,
+    params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "Queued: a new volume (CREATING) is restored from the backup and verified", body = Task),
+        (status = 409, description = "The backup is not AVAILABLE", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn restore_backup(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<BackupRestore>,
+) -> Result<Response, ApiError> {
+    check_name("name", &body.name)?;
+    principal.require(Family::Compute, Action::Create)?;
+    let mut tx = state.store.begin_write().await?;
+    let backup = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    if backup.meta.status != AVAILABLE {
+        return Err(ApiError::Conflict(format!(
+            "the backup is {}; only an AVAILABLE one restores",
+            backup.meta.status
+        )));
+    }
+    let spec: BackupSpec = backup.spec()?;
+    let vdc_id = backup.meta.vdc_id.clone();
+    if let Some(vdc) = &vdc_id {
+        if let Some(vdc_record) = records::get(&mut tx, "vdc", vdc).await? {
+            volumes::check_volume_quota(&mut tx, &vdc_record, spec.size_bytes).await?;
+        }
+    }
+    let volume = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: volumes::KIND,
+            vdc_id: vdc_id.as_deref(),
+            parent_id: None,
+            name: &body.name,
+            spec: to_json(&VolumeSpec {
+                size_bytes: spec.size_bytes,
+                image_id: None,
+                provisioning: "thin".into(),
+                attached_to: None,
+                description: format!("restored from backup {id}"),
+                status_reason: String::new(),
+            })?,
+            status: volumes::CREATING,
+        },
+    )
+    .await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        vdc_id.as_deref(),
+        volumes::KIND,
+        &volume.meta.id,
+        "create",
+        serde_json::json!({ "from_backup": id }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
