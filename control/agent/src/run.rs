@@ -857,14 +857,15 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        let (vm_records, ports, subnets, routers, groups) = self.block_on(async {
+        let (vm_records, ports, subnets, routers, groups, vpcs) = self.block_on(async {
             let mut conn = self.store.pool().acquire().await?;
             let vms = records::all(&mut conn, vms::KIND).await?;
             let ports = records::all(&mut conn, "port").await?;
             let subnets = records::all(&mut conn, "subnet").await?;
             let routers = records::all(&mut conn, "router").await?;
             let groups = records::all(&mut conn, "security_group").await?;
-            Ok::<_, StepError>((vms, ports, subnets, routers, groups))
+            let vpcs = records::all(&mut conn, "vpc").await?;
+            Ok::<_, StepError>((vms, ports, subnets, routers, groups, vpcs))
         })?;
         let mut with_nics = Vec::new();
         for vm in vm_records {
@@ -873,9 +874,22 @@ impl Agent {
                 with_nics.push((vm, spec.port_ids));
             }
         }
-        let ports_status: std::collections::BTreeMap<String, String> = ports
+        // Every network resource's status as it stands, to report changes.
+        let mut reported: Vec<(&'static str, String, String)> = Vec::new();
+        for (kind, list) in [
+            ("port", &ports),
+            ("subnet", &subnets),
+            ("router", &routers),
+            ("security_group", &groups),
+            ("vpc", &vpcs),
+        ] {
+            for r in list {
+                reported.push((kind, r.meta.id.clone(), r.meta.status.clone()));
+            }
+        }
+        let vpc_of: std::collections::BTreeMap<String, Option<String>> = subnets
             .iter()
-            .map(|p| (p.meta.id.clone(), p.meta.status.clone()))
+            .map(|s| (s.meta.id.clone(), s.parent_id.clone()))
             .collect();
         let by_id = |v: Vec<Record>| -> std::collections::BTreeMap<String, Record> {
             v.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
@@ -890,16 +904,34 @@ impl Agent {
         self.net
             .ensure(&state)
             .map_err(|e| StepError::Invalid(format!("data plane: {e}")))?;
-        let served: Vec<String> = state.ports.iter().map(|p| p.name.clone()).collect();
-        let stale: Vec<&String> = served
-            .iter()
-            .filter(|id| ports_status.get(*id).is_some_and(|s| s != ACTIVE))
+        // What the data plane now serves is ACTIVE; everything else waits
+        // (PENDING) until a VM's NIC brings it onto a host.
+        let mut realized: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        realized.extend(state.ports.iter().map(|p| p.name.clone()));
+        realized.extend(state.routers.iter().map(|r| r.name.clone()));
+        realized.extend(state.security_groups.iter().map(|g| g.name.clone()));
+        for switch in &state.switches {
+            realized.insert(switch.name.clone());
+            if let Some(Some(vpc)) = vpc_of.get(&switch.name) {
+                realized.insert(vpc.clone());
+            }
+        }
+        let changes: Vec<(&'static str, String, &'static str)> = reported
+            .into_iter()
+            .filter_map(|(kind, id, status)| {
+                let want = if realized.contains(&id) {
+                    ACTIVE
+                } else {
+                    records::PENDING
+                };
+                (status != want).then_some((kind, id, want))
+            })
             .collect();
-        if !stale.is_empty() {
+        if !changes.is_empty() {
             self.block_on(async {
                 let mut tx = self.store.begin_write().await?;
-                for id in stale {
-                    records::observe(&mut tx, "port", id, ACTIVE, None).await?;
+                for (kind, id, status) in &changes {
+                    records::observe(&mut tx, kind, id, status, None).await?;
                 }
                 tx.commit().await?;
                 Ok::<_, StepError>(())

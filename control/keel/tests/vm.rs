@@ -873,7 +873,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         );
         subnet_ids.push(s["id"].as_str().unwrap().to_owned());
     }
-    api.ok(
+    let router = api.ok(
         "POST",
         "/api/v1/routers",
         Some(json!({"name": "r1", "vdc_id": vdc_id,
@@ -886,6 +886,31 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
                     "rules": [{"direction": "ingress", "protocol": "icmp"}]})),
     );
     let sg_id = sg["id"].as_str().unwrap().to_owned();
+    // The network resources the VMs' NICs bring onto this host.
+    let network: Vec<String> = [
+        format!("/api/v1/vpcs/{vpc_id}"),
+        format!("/api/v1/subnets/{}", subnet_ids[0]),
+        format!("/api/v1/subnets/{}", subnet_ids[1]),
+        format!("/api/v1/routers/{}", router["id"].as_str().unwrap()),
+        format!("/api/v1/security-groups/{sg_id}"),
+    ]
+    .into();
+    let network_status = |want: &str| {
+        let start = Instant::now();
+        for path in &network {
+            loop {
+                let r = api.ok("GET", path, None);
+                if r["status"] == want {
+                    let reason = r["status_reason"].as_str().unwrap();
+                    assert_eq!(reason.is_empty(), want == "ACTIVE", "{path}: {r}");
+                    break;
+                }
+                assert!(start.elapsed() < TASK_TIMEOUT, "{path} never {want}: {r}");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    };
+    network_status("PENDING");
     let mut vms = Vec::new();
     let mut guards = Vec::new();
     for (i, subnet) in subnet_ids.iter().enumerate() {
@@ -933,6 +958,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
             .unwrap();
         assert_eq!(p["status"], "ACTIVE", "served by the data plane: {p}");
     }
+    network_status("ACTIVE");
     let peer = vms[1].1.clone();
     let run_in = |vm: &str, tag: &str, cmd: &str| guest_run(&api, &keel.url(""), vm, tag, cmd);
     let text = run_in(&vms[0].0, "P1", &format!("ping -c 3 -W 2 {peer}"));
@@ -1000,6 +1026,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         api.wait_task(&task);
     }
     drop(guards);
+    network_status("PENDING");
 
     // A clean stop of keel also stops the libvirt daemons it started.
     keel.signal(libc::SIGTERM).unwrap();

@@ -1,8 +1,9 @@
-//! `/vpcs` and `/subnets`: VPC networks, stored and validated now.
+//! `/vpcs` and `/subnets`: VPC networks.
 //!
-//! No data plane is wired to the API yet (the host agent arrives later), so
-//! every network resource is `PENDING` with `status_reason` saying so; none
-//! is ever reported ACTIVE until a data plane has realized it.
+//! Every network resource (VPC, subnet, router, security group, port) is
+//! `PENDING`, with `status_reason` saying so, until the host agent reports
+//! that a data plane serves it (a VM's NIC brought it onto a host): then
+//! `ACTIVE`, and `PENDING` again once nothing uses it.
 
 use std::net::IpAddr;
 
@@ -27,6 +28,16 @@ use super::respond::{
 use super::AppState;
 
 pub const NOT_REALIZED: &str = "not realized: no data plane serves it yet";
+
+/// Why a network resource is not ACTIVE: nothing, once a data plane
+/// serves it (the host agent reports that).
+pub fn not_realized(status: &str) -> String {
+    if status == PENDING {
+        NOT_REALIZED.into()
+    } else {
+        String::new()
+    }
+}
 
 // ---------------------------------------------------------------- VPCs
 
@@ -72,11 +83,12 @@ impl Resource for Vpc {
     const FAMILY: Family = Family::Network;
 
     fn from_record(record: Record) -> Result<Self, ApiError> {
+        let reason = not_realized(&record.meta.status);
         let spec: VpcSpec = record.spec()?;
         Ok(Vpc {
             meta: record.meta,
             description: spec.description,
-            status_reason: NOT_REALIZED.into(),
+            status_reason: reason,
         })
     }
 }
@@ -306,10 +318,11 @@ impl Resource for Subnet {
     const FAMILY: Family = Family::Network;
 
     fn from_record(record: Record) -> Result<Self, ApiError> {
+        let reason = not_realized(&record.meta.status);
         Ok(Subnet {
             spec: record.spec()?,
             meta: record.meta,
-            status_reason: NOT_REALIZED.into(),
+            status_reason: reason,
         })
     }
 }

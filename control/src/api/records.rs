@@ -25,7 +25,7 @@ pub struct Meta {
     pub vdc_id: Option<String>,
     pub name: String,
     /// `READY` for store-only resources; `PENDING` for resources a data plane
-    /// must realize (none is wired to the API yet, so they stay PENDING).
+    /// must realize until the host agent reports them served (`ACTIVE`).
     pub status: String,
     /// Bumped on every change; sent as the `ETag` and checked with `If-Match`.
     pub revision: i64,

@@ -21,7 +21,7 @@ use utoipa_axum::routes;
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
-use super::networks::{usable, SubnetSpec, NOT_REALIZED};
+use super::networks::{not_realized, usable, SubnetSpec};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
@@ -110,13 +110,14 @@ impl Resource for Router {
     const FAMILY: Family = Family::Network;
 
     fn from_record(record: Record) -> Result<Self, ApiError> {
+        let reason = not_realized(&record.meta.status);
         let spec: RouterSpec = record.spec()?;
         Ok(Router {
             meta: record.meta,
             description: spec.description,
             interfaces: spec.interfaces,
             routes: spec.routes,
-            status_reason: NOT_REALIZED.into(),
+            status_reason: reason,
         })
     }
 }

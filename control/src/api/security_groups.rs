@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
-use super::networks::NOT_REALIZED;
+use super::networks::not_realized;
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
@@ -150,12 +150,13 @@ impl Resource for SecurityGroup {
     const FAMILY: Family = Family::Network;
 
     fn from_record(record: Record) -> Result<Self, ApiError> {
+        let reason = not_realized(&record.meta.status);
         let spec: SgSpec = record.spec()?;
         Ok(SecurityGroup {
             meta: record.meta,
             description: spec.description,
             rules: spec.rules,
-            status_reason: NOT_REALIZED.into(),
+            status_reason: reason,
         })
     }
 }
