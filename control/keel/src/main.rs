@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+
+mod client;
 use clap::{Parser, Subcommand, ValueEnum};
 use keel_control::server::{up, UpConfig};
 
@@ -89,6 +91,23 @@ enum Command {
     Lb(keel_lb::daemon::LbArgs),
     /// Back up, restore, verify and prune disk images (CBT incrementals).
     Backup(BackupArgs),
+    /// Log in to a keel API (kept for the other client commands).
+    Login(client::LoginArgs),
+    /// List resources of a kind (`keel list kinds` names them).
+    List(client::ListArgs),
+    /// Show one resource.
+    Show(client::ShowArgs),
+    /// Create a resource from key=value fields (and --wait for its task).
+    Create(client::CreateArgs),
+    /// Delete a resource (reads it first for If-Match).
+    Delete(client::DeleteArgs),
+    /// Run a resource action: start, stop, resize, restore, ...
+    Action(client::ActionArgs),
+    /// Follow tasks.
+    Task {
+        #[command(subcommand)]
+        command: client::TaskCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -316,6 +335,13 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::VhostBlk(args) => vhost_blk(args)?,
         Command::Lb(args) => keel_lb::daemon::run(args)?,
         Command::Backup(args) => backup(args)?,
+        Command::Login(args) => client::login(args)?,
+        Command::List(args) => client::list(args)?,
+        Command::Show(args) => client::show(args)?,
+        Command::Create(args) => client::create(args)?,
+        Command::Delete(args) => client::delete(args)?,
+        Command::Action(args) => client::action(args)?,
+        Command::Task { command } => client::task(command)?,
     }
     Ok(())
 }

@@ -1,0 +1,150 @@
+//! The resource kinds the CLI knows: their API path and the columns of
+//! their table.
+
+use anyhow::bail;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use serde_json::Value;
+
+pub struct Kind {
+    pub name: &'static str,
+    pub path: &'static str,
+    pub columns: &'static [&'static str],
+}
+
+const COMMON: &[&str] = &["id", "name", "status"];
+
+pub const ALL: &[Kind] = &[
+    Kind {
+        name: "vdcs",
+        path: "/api/v1/vdcs",
+        columns: &["id", "name", "status", "parent_id"],
+    },
+    Kind {
+        name: "users",
+        path: "/api/v1/users",
+        columns: &["id", "username", "role", "vdc_id"],
+    },
+    Kind {
+        name: "hosts",
+        path: "/api/v1/hosts",
+        columns: &["id", "name", "status", "cpu_arch", "cores", "memory_bytes"],
+    },
+    Kind {
+        name: "images",
+        path: "/api/v1/images",
+        columns: &["id", "name", "status", "format", "size_bytes"],
+    },
+    Kind {
+        name: "volumes",
+        path: "/api/v1/volumes",
+        columns: &["id", "name", "status", "size_bytes", "attached_to"],
+    },
+    Kind {
+        name: "vms",
+        path: "/api/v1/vms",
+        columns: &["id", "name", "status", "vcpus", "memory_mib", "host_id"],
+    },
+    Kind {
+        name: "backups",
+        path: "/api/v1/backups",
+        columns: &["id", "name", "status", "volume_id", "kind", "chunks_read"],
+    },
+    Kind {
+        name: "vpcs",
+        path: "/api/v1/vpcs",
+        columns: COMMON,
+    },
+    Kind {
+        name: "subnets",
+        path: "/api/v1/subnets",
+        columns: &["id", "name", "status", "cidr", "vpc_id"],
+    },
+    Kind {
+        name: "ports",
+        path: "/api/v1/ports",
+        columns: &[
+            "id",
+            "name",
+            "status",
+            "fixed_ip",
+            "mac_address",
+            "device_id",
+        ],
+    },
+    Kind {
+        name: "routers",
+        path: "/api/v1/routers",
+        columns: COMMON,
+    },
+    Kind {
+        name: "security-groups",
+        path: "/api/v1/security-groups",
+        columns: COMMON,
+    },
+    Kind {
+        name: "loadbalancers",
+        path: "/api/v1/loadbalancers",
+        columns: &["id", "name", "status", "vip_address"],
+    },
+    Kind {
+        name: "tasks",
+        path: "/api/v1/tasks",
+        columns: &[
+            "id",
+            "resource_type",
+            "resource_id",
+            "action",
+            "state",
+            "progress",
+            "message",
+        ],
+    },
+];
+
+/// A kind by its name; singular and plural both work.
+pub fn find(name: &str) -> anyhow::Result<&'static Kind> {
+    let plural = if name.ends_with('s') {
+        name.to_owned()
+    } else {
+        format!("{name}s")
+    };
+    match ALL.iter().find(|k| k.name == name || k.name == plural) {
+        Some(k) => Ok(k),
+        None => bail!(
+            "unknown resource kind {name:?}; one of: {}",
+            ALL.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One row per item, the kind's columns.
+pub fn table(kind: &Kind, items: &[Value]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_header(kind.columns.iter().copied());
+    for item in items {
+        t.add_row(kind.columns.iter().map(|c| cell(&item[*c])));
+    }
+    format!("{t}\n")
+}
+
+/// One resource as field/value rows.
+pub fn fields_table(body: &Value) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_header(["field", "value"]);
+    if let Some(map) = body.as_object() {
+        for (k, v) in map {
+            t.add_row([k.clone(), cell(v)]);
+        }
+    }
+    format!("{t}\n")
+}

@@ -1,0 +1,133 @@
+//! The operator CLI against a real `keel up`: login, create with --wait
+//! (the task followed over its WebSocket), list as a table and as JSON,
+//! clear errors for bad input and for a missing login, delete.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use keel_testkit::{keel_bin, KeelProcess};
+use serde_json::Value;
+
+fn keel(config: &Path, args: &[&str]) -> Output {
+    Command::new(keel_bin())
+        .args(args)
+        .env("KEEL_CONFIG_DIR", config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let out = keel(config, args);
+    assert!(
+        out.status.success(),
+        "keel {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(config: &Path, args: &[&str]) -> Value {
+    let mut argv = args.to_vec();
+    argv.push("--json");
+    serde_json::from_str(&ok(config, &argv)).unwrap()
+}
+
+#[test]
+fn operator_cli_logs_in_creates_waits_lists_and_deletes() {
+    let state = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let config = config.path();
+    let server = KeelProcess::up(state.path()).unwrap();
+    let url = server.url("");
+
+    // Without a login every command says what to do.
+    let out = keel(config, &["list", "vdcs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keel login"));
+
+    let out = keel(config, &["login", "--url", &url, "--password-stdin"]);
+    assert!(!out.status.success(), "empty password refused");
+    let password = state.path().join("admin-password");
+    let said = ok(
+        config,
+        &[
+            "login",
+            "--url",
+            &url,
+            "--password-file",
+            password.to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("logged in"), "{said}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(config.join("login.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the login file is private");
+
+    let vdc = json(config, &["create", "vdc", "name=acme"]);
+    let vdc_id = vdc["id"].as_str().unwrap();
+    let table = ok(config, &["list", "vdcs"]);
+    assert!(table.contains("acme") && table.contains(vdc_id), "{table}");
+
+    // A create that starts a task: --wait follows it to SUCCEEDED.
+    let task = json(
+        config,
+        &[
+            "create",
+            "volumes",
+            "name=data",
+            &format!("vdc_id={vdc_id}"),
+            "size_gib=1",
+            "--wait",
+        ],
+    );
+    assert_eq!(task["state"], "SUCCEEDED", "{task}");
+    let volume = task["resource_id"].as_str().unwrap();
+    let shown = json(config, &["show", "volume", volume]);
+    assert_eq!(shown["status"], "AVAILABLE", "{shown}");
+    assert_eq!(shown["size_bytes"], 1u64 << 30);
+    let task = json(
+        config,
+        &[
+            "action",
+            "volumes",
+            volume,
+            "resize",
+            "size_gib=2",
+            "--wait",
+        ],
+    );
+    assert_eq!(task["state"], "SUCCEEDED", "{task}");
+    let shown = json(config, &["show", "volumes", volume]);
+    assert_eq!(shown["size_bytes"], 2u64 << 30);
+    let listed = json(config, &["list", "volumes", "q=dat"]);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+
+    // Bad input: the API's problem, with the field, on stderr; exit code 1.
+    let out = keel(
+        config,
+        &[
+            "create",
+            "volumes",
+            "name=blank",
+            &format!("vdc_id={vdc_id}"),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("422") && err.contains("size_gib"), "{err}");
+    let out = keel(config, &["list", "gizmos"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown resource kind"));
+
+    let said = ok(config, &["delete", "volumes", volume]);
+    assert!(said.contains("deleted"), "{said}");
+    let out = keel(config, &["show", "volumes", volume]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+}
