@@ -74,6 +74,7 @@ pub struct AuditQuery {
     /// Entries with an id greater than this.
     pub after: Option<i64>,
     /// At most this many (default and maximum 1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u16>,
 }
 

@@ -50,6 +50,7 @@ pub struct EventQuery {
     /// Only events with a greater sequence number.
     pub after: Option<i64>,
     /// At most this many (1..=500, default 500).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 

@@ -20,6 +20,7 @@ pub const MAX_LIMIT: u16 = 1000;
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u16>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,

@@ -112,7 +112,7 @@ impl AppState {
 }
 
 fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .nest(
             "/api/v1",
@@ -139,7 +139,71 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(events::router())
                 .merge(audit::router()),
         )
-        .split_for_parts()
+        .split_for_parts();
+    let mut spec = spec;
+    document_common_errors(&mut spec);
+    (router, spec)
+}
+
+/// Adds the error answers any operation can give, where its own
+/// description does not already: 400 (malformed JSON, query or content
+/// type), 401/403 (operations behind the bearer token), 404 (a path id),
+/// 422 (a body field or header), 412/428 (If-Match). One place, so no
+/// handler can forget them.
+fn document_common_errors(spec: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let problem = |why: &str| {
+        ResponseBuilder::new()
+            .description(why)
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in spec.paths.paths.iter_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in ops.into_iter().flatten() {
+            let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            let mut common = vec![("400", "Malformed request: JSON, query or content type")];
+            if secured {
+                common.push((
+                    "401",
+                    "Not authenticated (missing, expired or revoked token)",
+                ));
+                common.push(("403", "Not allowed for the caller's role"));
+            }
+            if path.contains('{') {
+                common.push(("404", "Not found (or not visible to the caller)"));
+            }
+            let if_match = op
+                .parameters
+                .iter()
+                .flatten()
+                .any(|p| p.name.eq_ignore_ascii_case("if-match"));
+            if op.request_body.is_some() || if_match {
+                common.push(("422", "Invalid field or header (the problem names it)"));
+            }
+            if if_match {
+                common.push(("412", "Changed since it was read (If-Match)"));
+                common.push(("428", "If-Match missing"));
+            }
+            for (code, why) in common {
+                op.responses
+                    .responses
+                    .entry(code.to_owned())
+                    .or_insert_with(|| problem(why).into());
+            }
+        }
+    }
 }
 
 /// The OpenAPI document of everything [`app`] serves.

@@ -182,6 +182,7 @@ pub struct TaskQuery {
     /// Only tasks in this state.
     pub state: Option<String>,
     /// At most this many, newest first (1..=500, default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 

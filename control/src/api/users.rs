@@ -56,6 +56,7 @@ pub struct UserUpdate {
 #[into_params(parameter_in = Query)]
 pub struct UserQuery {
     /// Page size, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u16>,
     /// `next_cursor` of the previous page (pages are ordered by name).
     pub cursor: Option<String>,
