@@ -96,6 +96,8 @@ pub enum ConfigError {
     Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
     Nat(#[from] crate::nat::NatError),
+    #[error(transparent)]
+    Qos(#[from] crate::qos::QosError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -490,6 +492,8 @@ pub fn compile(
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
     compile_dhcp(desired, &mut switches)?;
+    let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
+    let qos = crate::qos::compile(&desired.qos, &names)?;
 
     Ok(Tables {
         generation,
@@ -499,6 +503,7 @@ pub fn compile(
         switches,
         routers,
         stateful,
+        qos,
     })
 }
 

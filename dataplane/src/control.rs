@@ -43,6 +43,8 @@ pub enum Request {
     },
     /// Hit counters of every security-group and firewall rule.
     RuleStats,
+    /// Conformed / dropped counters of every QoS meter.
+    QosStats,
     /// Drop the tracked connections of one port's (or router's) conntrack zone.
     CtFlush {
         #[serde(default)]
@@ -80,6 +82,9 @@ pub enum Response {
     },
     RuleStats {
         rules: Vec<RuleHits>,
+    },
+    QosStats {
+        meters: Vec<crate::qos::MeterStats>,
     },
     /// The flush was handed to the workers (they run it within one round).
     FlushRequested {
@@ -233,6 +238,9 @@ impl Controller {
                         .collect(),
                 }
             }
+            Request::QosStats => Response::QosStats {
+                meters: self.config.tables().load().qos.stats(),
+            },
             Request::CtFlush { port, router } => {
                 let zone = match (port, router) {
                     (Some(p), None) => crate::security::zone_id("port", &p),

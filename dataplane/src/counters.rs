@@ -60,6 +60,7 @@ counted_enum!(
         NatPortsExhausted => "nat_ports_exhausted",
         MalformedDhcp => "malformed_dhcp",
         DhcpNotAnswered => "dhcp_not_answered",
+        QosMeterDropped => "qos_meter_dropped",
     }
 );
 

@@ -168,6 +168,7 @@ impl Worker {
             }
         }
         stats.fold(local, outcomes);
+        learned.qos.fold(&tables.qos);
         let ct = &mut learned.stateful.ct;
         let entries = ct.len();
         stats.fold_conntrack(&mut ct.counters, entries);

@@ -118,6 +118,9 @@ pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
 pub mod port;
+pub mod qos;
+#[cfg(test)]
+mod qos_tests;
 pub mod security;
 pub mod stateful;
 #[cfg(test)]

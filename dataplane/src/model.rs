@@ -26,6 +26,9 @@ pub struct DesiredState {
     /// Router firewall rules, applied to routed traffic ([`crate::nat`]).
     #[serde(default)]
     pub firewall: Vec<FirewallRuleSpec>,
+    /// Rate limits and DSCP marking per port ([`crate::qos`]).
+    #[serde(default)]
+    pub qos: Vec<crate::qos::QosSpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -91,6 +91,8 @@ pub struct Learned {
     map: FastMap<u64, LportId>,
     /// Connection tracking for the stateful stages ([`crate::stateful`]).
     pub stateful: crate::stateful::WorkerState,
+    /// Meter buckets ([`crate::qos`]).
+    pub qos: crate::qos::QosState,
 }
 
 impl Learned {
@@ -101,6 +103,7 @@ impl Learned {
             capacity,
             map: fastmap::with_capacity(capacity),
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
+            qos: crate::qos::QosState::new(),
         }
     }
 
@@ -118,6 +121,7 @@ impl Learned {
     // hot path: one compare per batch.
     pub fn sync(&mut self, generation: u64) {
         self.stateful.tick();
+        self.qos.tick();
         if self.generation != generation {
             self.map.clear();
             self.generation = generation;
@@ -206,6 +210,7 @@ pub fn process<T: Tracer>(
     len: &mut usize,
     tr: &mut T,
 ) -> Decision {
+    learned.qos.sync(t.generation, &t.qos);
     let Some(frame) = buf.get(..*len) else {
         return drop_(DropReason::Oversize);
     };
@@ -369,6 +374,9 @@ pub fn process<T: Tracer>(
     ) {
         return drop_(reason);
     }
+    if let Err(reason) = qos_egress(t, learned, lport_id, &p, buf, *len, tr) {
+        return drop_(reason);
+    }
 
     if let Some(gw) = sw.gateway.filter(|gw| gw.mac == p.dst) {
         let mut d = route(t, learned, &p, &gw, buf, len, tr);
@@ -413,6 +421,9 @@ pub fn process<T: Tracer>(
             ) {
                 return drop_(reason);
             }
+            if let Err(reason) = qos_ingress(t, learned, d, *len, tr) {
+                return drop_(reason);
+            }
             tr.note("l2_forward", || {
                 format!(
                     "{} → logical port {:?} (interface {})",
@@ -434,6 +445,76 @@ pub fn process<T: Tracer>(
             flood
         }
     }
+}
+
+/// QoS of the port a frame comes from: its egress meter, then DSCP marking.
+// hot path: one index for ports without QoS.
+fn qos_egress<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let Some(q) = t.qos.port(lport).copied() else {
+        return Ok(());
+    };
+    if let Some(m) = q.egress {
+        if !learned.qos.police(m, len) {
+            tr.note("qos_out", || {
+                format!(
+                    "drop: {len} bytes over the rate of meter {}",
+                    meter_name(t, m)
+                )
+            });
+            return Err(DropReason::QosMeterDropped);
+        }
+        tr.note("qos_out", || {
+            format!("{len} bytes conform to meter {}", meter_name(t, m))
+        });
+    }
+    if let Some(dscp) = q.dscp {
+        if crate::qos::mark_dscp(buf, p, dscp) {
+            tr.note("qos_out", || format!("DSCP set to {dscp}"));
+        }
+    }
+    Ok(())
+}
+
+/// QoS of the port a frame is delivered to: its ingress meter.
+// hot path: one index for ports without QoS.
+fn qos_ingress<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    len: usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let Some(m) = t.qos.port(lport).and_then(|q| q.ingress) else {
+        return Ok(());
+    };
+    if !learned.qos.police(m, len) {
+        tr.note("qos_in", || {
+            format!(
+                "drop: {len} bytes over the rate of meter {}",
+                meter_name(t, m)
+            )
+        });
+        return Err(DropReason::QosMeterDropped);
+    }
+    tr.note("qos_in", || {
+        format!("{len} bytes conform to meter {}", meter_name(t, m))
+    });
+    Ok(())
+}
+
+fn meter_name(t: &Tables, m: u16) -> &str {
+    t.qos
+        .meters
+        .get(usize::from(m))
+        .map_or("?", |m| m.name.as_str())
 }
 
 /// Turns an ARP request for `mac`'s IP into the reply, in place.
@@ -622,6 +703,9 @@ fn route<T: Tracer>(
         ) {
             return drop_(reason);
         }
+        if let Err(reason) = qos_ingress(t, learned, out_id, *len, tr) {
+            return drop_(reason);
+        }
     }
 
     // TTL is the high byte of the 16-bit word at offset 8 (TTL, protocol).
@@ -725,6 +809,9 @@ fn route6<T: Tracer>(
             buf.get(..*len).unwrap_or(&[]),
             tr,
         ) {
+            return drop_(reason);
+        }
+        if let Err(reason) = qos_ingress(t, learned, out_id, *len, tr) {
             return drop_(reason);
         }
     }

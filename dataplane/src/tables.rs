@@ -129,6 +129,8 @@ pub struct Tables {
     pub routers: Vec<Router>,
     /// Security groups, NAT and firewall ([`crate::stateful`]).
     pub stateful: crate::stateful::StatefulTables,
+    /// Meters and DSCP marking ([`crate::qos`]).
+    pub qos: crate::qos::QosTables,
 }
 
 impl Tables {

@@ -1,0 +1,272 @@
+//! Network services (QoS, traffic mirroring) with real endpoints in
+//! network namespaces: `iperf3` through a meter, `tcpdump` on the receiver
+//! and on a mirror collector.
+//!
+//! A "switch" namespace runs the data plane on veths `dpN`; each host
+//! namespace holds the other end as `eth0` (TX checksum offload off, see the
+//! crate docs).
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use keel_dataplane::control::{request, Request, Response};
+use keel_dataplane::model::{DesiredState, PortSpec, SwitchSpec};
+use keel_dataplane::qos::{MeterSpec, MeterStats, QosSpec};
+use keel_testkit::{veth_pair, NetnsHost};
+
+/// (name, MAC, address/len; empty = no address)
+type HostSpec = (&'static str, &'static str, &'static str);
+
+struct Lab {
+    hosts: Vec<NetnsHost>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    // Dropped last: kills the data plane, then removes the namespace.
+    _switch: NetnsHost,
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keel-dataplane")
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Lab {
+    fn start(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+        let switch = NetnsHost::new("svsw").unwrap();
+        let mut made = Vec::new();
+        for (i, (name, mac, cidr)) in hosts.iter().enumerate() {
+            let host = NetnsHost::new(name).unwrap();
+            let dp = format!("dp{i}");
+            veth_pair(&switch, &dp, &host, "eth0").unwrap();
+            host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
+            host.sh(
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
+            )
+            .unwrap();
+            if cidr.is_empty() {
+                // A collector: room for encapsulated copies of full-size frames.
+                host.ip(&["link", "set", "eth0", "mtu", "1600"]).unwrap();
+                switch.ip(&["link", "set", &dp, "mtu", "1600"]).unwrap();
+                host.ip(&["link", "set", "eth0", "up"]).unwrap();
+            } else {
+                host.add_addr("eth0", cidr).unwrap();
+            }
+            host.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
+            switch.exec(&["ethtool", "-K", &dp, "tx", "off"]).unwrap();
+            switch
+                .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
+                .unwrap();
+            made.push(host);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("state.json");
+        std::fs::write(&config, serde_json::to_vec(state).unwrap()).unwrap();
+        let socket = dir.path().join("dp.sock");
+        let mut args = vec![bin().to_string()];
+        for i in 0..hosts.len() {
+            args.extend(["--interface".into(), format!("dp{i}")]);
+        }
+        args.extend([
+            "--config".into(),
+            config.display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        switch.spawn(&args).unwrap();
+        let lab = Lab {
+            hosts: made,
+            socket,
+            _dir: dir,
+            _switch: switch,
+        };
+        wait_for(
+            || {
+                matches!(
+                    request(&lab.socket, &Request::Get),
+                    Ok(Response::State { .. })
+                )
+            },
+            "the data plane to come up",
+        );
+        lab
+    }
+
+    fn apply(&self, state: &DesiredState) {
+        match request(
+            &self.socket,
+            &Request::Apply {
+                state: state.clone(),
+            },
+        )
+        .unwrap()
+        {
+            Response::Applied { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn apply_err(&self, state: &DesiredState) -> String {
+        match request(
+            &self.socket,
+            &Request::Apply {
+                state: state.clone(),
+            },
+        )
+        .unwrap()
+        {
+            Response::Error { message } => message,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn qos_stats(&self) -> Vec<MeterStats> {
+        match request(&self.socket, &Request::QosStats).unwrap() {
+            Response::QosStats { meters } => meters,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn port(name: &str, iface: &str, mac: &str, ip: &str) -> PortSpec {
+    PortSpec {
+        name: name.into(),
+        switch: "a".into(),
+        interface: iface.into(),
+        mac: Some(mac.into()),
+        ips: vec![ip.into()],
+        port_security: true,
+    }
+}
+
+fn two_hosts() -> DesiredState {
+    DesiredState {
+        switches: vec![SwitchSpec {
+            name: "a".into(),
+            subnet: "10.0.1.0/24".into(),
+            vlan: None,
+            subnet6: None,
+            dhcp: None,
+        }],
+        ports: vec![
+            port("client", "dp0", "02:00:00:00:00:10", "10.0.1.10"),
+            port("server", "dp1", "02:00:00:00:00:11", "10.0.1.11"),
+        ],
+        ..DesiredState::default()
+    }
+}
+
+const QOS_HOSTS: [HostSpec; 2] = [
+    ("client", "02:00:00:00:00:10", "10.0.1.10/24"),
+    ("server", "02:00:00:00:00:11", "10.0.1.11/24"),
+];
+
+/// Runs one `iperf3` TCP test client → server; returns the receiver's bit/s.
+fn iperf3(lab: &Lab, seconds: u32) -> f64 {
+    lab.hosts[1]
+        .spawn(&["iperf3", "-s", "-1", "-B", "10.0.1.11"])
+        .unwrap();
+    // The one-off server needs a moment to listen; retry the client until it connects.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = lab.hosts[0]
+            .capture(&[
+                "iperf3",
+                "-c",
+                "10.0.1.11",
+                "-t",
+                &seconds.to_string(),
+                "-O",
+                "1",
+                "-J",
+            ])
+            .unwrap();
+        if out.success {
+            break out.stdout;
+        }
+        assert!(Instant::now() < deadline, "iperf3 never connected: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
+    let lab = Lab::start(&QOS_HOSTS, &two_hosts());
+
+    let unlimited = iperf3(&lab, 3);
+
+    // Precise errors for bad meters; the running state stays.
+    let mut bad = two_hosts();
+    bad.qos = vec![QosSpec {
+        port: "client".into(),
+        ingress: None,
+        egress: Some(MeterSpec {
+            rate_kbps: 100_000,
+            burst_bytes: 1000,
+        }),
+        dscp: None,
+    }];
+    let msg = lab.apply_err(&bad);
+    assert!(msg.contains("smaller than one maximum-size frame"), "{msg}");
+
+    let mut limited = two_hosts();
+    limited.qos = vec![QosSpec {
+        port: "client".into(),
+        ingress: None,
+        egress: Some(MeterSpec {
+            rate_kbps: 100_000,
+            // 20 ms at the rate: enough for TCP to keep the pipe full.
+            burst_bytes: 250_000,
+        }),
+        dscp: Some(46),
+    }];
+    lab.apply(&limited);
+    let metered = iperf3(&lab, 5);
+    let meters = lab.qos_stats();
+    eprintln!(
+        "iperf3: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}"
+    );
+    assert!(
+        (90e6..=110e6).contains(&metered),
+        "metered rate {metered} bit/s is not 100 Mbit/s ± 10%"
+    );
+    assert!(
+        unlimited > 1.5 * metered,
+        "without the meter ({unlimited}) not clearly faster than with it ({metered})"
+    );
+    let m = &meters[0];
+    assert_eq!(m.meter, "client/egress");
+    assert!(m.conformed_packets > 0 && m.dropped_packets > 0, "{m:?}");
+
+    // DSCP 46 (EF) = TOS 0xb8 on what the server receives.
+    let capture = std::thread::scope(|s| {
+        let dump = s.spawn(|| {
+            lab.hosts[1]
+                .capture(&[
+                    "timeout", "10", "tcpdump", "-l", "-n", "-v", "-c", "1", "-i", "eth0", "icmp",
+                ])
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        lab.hosts[0]
+            .exec(&["ping", "-c", "3", "-i", "0.3", "10.0.1.11"])
+            .unwrap();
+        dump.join().unwrap()
+    });
+    assert!(
+        capture.stdout.contains("tos 0xb8"),
+        "receiver capture shows no DSCP 46: {capture:?}"
+    );
+}
