@@ -98,6 +98,8 @@ pub enum ConfigError {
     Nat(#[from] crate::nat::NatError),
     #[error(transparent)]
     Qos(#[from] crate::qos::QosError),
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -494,6 +496,11 @@ pub fn compile(
     compile_dhcp(desired, &mut switches)?;
     let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
     let qos = crate::qos::compile(&desired.qos, &names)?;
+    let taps: Vec<_> = lports
+        .iter()
+        .map(|l| (l.name.as_str(), l.port, l.mac))
+        .collect();
+    let mirror = crate::mirror::compile(&desired.mirrors, &taps, interfaces)?;
 
     Ok(Tables {
         generation,
@@ -504,6 +511,7 @@ pub fn compile(
         routers,
         stateful,
         qos,
+        mirror,
     })
 }
 

@@ -45,6 +45,8 @@ pub enum Request {
     RuleStats,
     /// Conformed / dropped counters of every QoS meter.
     QosStats,
+    /// Copies sent per mirror session.
+    MirrorStats,
     /// Drop the tracked connections of one port's (or router's) conntrack zone.
     CtFlush {
         #[serde(default)]
@@ -85,6 +87,9 @@ pub enum Response {
     },
     QosStats {
         meters: Vec<crate::qos::MeterStats>,
+    },
+    MirrorStats {
+        sessions: Vec<crate::mirror::MirrorStats>,
     },
     /// The flush was handed to the workers (they run it within one round).
     FlushRequested {
@@ -240,6 +245,9 @@ impl Controller {
             }
             Request::QosStats => Response::QosStats {
                 meters: self.config.tables().load().qos.stats(),
+            },
+            Request::MirrorStats => Response::MirrorStats {
+                sessions: self.config.tables().load().mirror.stats(),
             },
             Request::CtFlush { port, router } => {
                 let zone = match (port, router) {

@@ -111,6 +111,7 @@ pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
 pub mod lpm;
+pub mod mirror;
 pub mod model;
 pub mod nat;
 pub mod packet;

@@ -29,6 +29,9 @@ pub struct DesiredState {
     /// Rate limits and DSCP marking per port ([`crate::qos`]).
     #[serde(default)]
     pub qos: Vec<crate::qos::QosSpec>,
+    /// Traffic mirror sessions ([`crate::mirror`]).
+    #[serde(default)]
+    pub mirrors: Vec<crate::mirror::MirrorSpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

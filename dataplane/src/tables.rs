@@ -131,6 +131,8 @@ pub struct Tables {
     pub stateful: crate::stateful::StatefulTables,
     /// Meters and DSCP marking ([`crate::qos`]).
     pub qos: crate::qos::QosTables,
+    /// Mirror sessions ([`crate::mirror`]); applied by the engine.
+    pub mirror: crate::mirror::MirrorTables,
 }
 
 impl Tables {
