@@ -280,6 +280,93 @@ pub fn run_stateful(
     ))
 }
 
+/// A network service measured with the feature on and, as the peer, off:
+/// 64-byte frames routed to 256 hosts, as in [`Scenario::Routed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// An egress meter (rate far above the offered load, so every frame is
+    /// metered and conforms) plus DSCP marking on the sending port.
+    Meter,
+    /// A mirror session on the sending port (direction out, no filter),
+    /// ERSPAN II to a collector interface: one encapsulated copy per frame.
+    Mirror,
+}
+
+/// Interfaces of the service runs: the generator, the sink, a mirror collector.
+fn service_interfaces() -> Vec<String> {
+    vec!["gen".into(), "sink".into(), "collector".into()]
+}
+
+/// The desired state and frames of a service scenario, `enabled` or not.
+pub fn service_scenario(s: Service, enabled: bool) -> (DesiredState, Vec<Vec<u8>>) {
+    let (mut state, frames) = scenario(Scenario::Routed { hosts: 256 });
+    if enabled {
+        match s {
+            Service::Meter => state.qos.push(crate::qos::QosSpec {
+                port: "src".into(),
+                ingress: None,
+                egress: Some(crate::qos::MeterSpec {
+                    rate_kbps: crate::qos::MAX_RATE_KBPS,
+                    burst_bytes: 1 << 20,
+                }),
+                dscp: Some(46),
+            }),
+            Service::Mirror => state.mirrors.push(crate::mirror::MirrorSpec {
+                name: "bench".into(),
+                ports: vec!["src".into()],
+                direction: crate::mirror::MirrorDirection::Out,
+                filter: None,
+                target: crate::mirror::MirrorTarget::Erspan {
+                    interface: "collector".into(),
+                    src_mac: "02:00:00:00:ee:01".into(),
+                    dst_mac: "02:00:00:00:ee:02".into(),
+                    src_ip: "198.18.0.1".into(),
+                    dst_ip: "198.18.0.2".into(),
+                    session_id: 1,
+                },
+            }),
+        }
+    }
+    (state, frames)
+}
+
+/// Generator → worker → sink (+ collector) for a service scenario. Returns
+/// the run (frames delivered to the sink) and the frames the collector got.
+pub fn run_service(
+    s: Service,
+    enabled: bool,
+    packets: u64,
+) -> Result<(Run, u64), crate::config::ConfigError> {
+    let (state, frames) = service_scenario(s, enabled);
+    let config = ConfigHandle::new(service_interfaces());
+    config.apply(state)?;
+    let sink = MemPort::sink("sink");
+    let delivered = sink.counters();
+    let collector = MemPort::sink("collector");
+    let mirrored = collector.counters();
+    let ports: Vec<Box<dyn Port>> = vec![
+        Box::new(MemPort::generator("gen", frames, packets)),
+        Box::new(sink),
+        Box::new(collector),
+    ];
+    let mut worker = Worker::new(
+        ports,
+        config.tables(),
+        Arc::new(Stats::new(&service_interfaces())),
+    );
+    let start = Instant::now();
+    while worker.poll_once() > 0 {}
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((
+        Run {
+            generated: packets,
+            delivered: delivered.packets.load(Ordering::Relaxed),
+            seconds,
+        },
+        mirrored.packets.load(Ordering::Relaxed),
+    ))
+}
+
 /// The peer: the same generator straight into the same sink, batch by batch.
 pub fn run_baseline(s: Scenario, packets: u64) -> Run {
     let (_, frames) = scenario(s);
@@ -318,6 +405,22 @@ mod tests {
             assert_eq!((run.generated, run.delivered), (20_000, 20_000), "{s:?}");
             let peer = run_baseline(s, 20_000);
             assert_eq!(peer.delivered, 20_000, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn service_scenarios_deliver_every_packet_on_and_off() {
+        for s in [Service::Meter, Service::Mirror] {
+            for enabled in [true, false] {
+                let (run, mirrored) = run_service(s, enabled, 6_000).unwrap();
+                assert_eq!(run.delivered, 6_000, "{s:?} enabled={enabled}");
+                let copies = if enabled && s == Service::Mirror {
+                    6_000
+                } else {
+                    0
+                };
+                assert_eq!(mirrored, copies, "{s:?} enabled={enabled}");
+            }
         }
     }
 
