@@ -100,6 +100,8 @@ pub enum ConfigError {
     Qos(#[from] crate::qos::QosError),
     #[error(transparent)]
     Mirror(#[from] crate::mirror::MirrorError),
+    #[error(transparent)]
+    Nat64(#[from] crate::nat64::Nat64Error),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -493,6 +495,8 @@ pub fn compile(
     }
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
+    let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
+    let nat64 = crate::nat64::compile(&desired.nat64, &router_names, &mut switches)?;
     compile_dhcp(desired, &mut switches)?;
     let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
     let qos = crate::qos::compile(&desired.qos, &names)?;
@@ -512,6 +516,7 @@ pub fn compile(
         stateful,
         qos,
         mirror,
+        nat64,
     })
 }
 

@@ -114,6 +114,7 @@ pub mod lpm;
 pub mod mirror;
 pub mod model;
 pub mod nat;
+pub mod nat64;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]

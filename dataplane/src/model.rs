@@ -32,6 +32,9 @@ pub struct DesiredState {
     /// Traffic mirror sessions ([`crate::mirror`]).
     #[serde(default)]
     pub mirrors: Vec<crate::mirror::MirrorSpec>,
+    /// Stateful NAT64 per router ([`crate::nat64`]).
+    #[serde(default)]
+    pub nat64: Vec<crate::nat64::Nat64Spec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -559,6 +559,25 @@ fn route<T: Tracer>(
     let Some(router) = t.routers.get(gw.router as usize) else {
         return drop_(DropReason::RouterNotIpv4);
     };
+    if let Some(n) = t.nat64.get(gw.router as usize).and_then(Option::as_ref) {
+        if n.owns(ip.dst) {
+            if let Err(reason) = crate::nat64::to_v6(n, &mut learned.stateful, p, &ip, buf, len, tr)
+            {
+                return drop_(reason);
+            }
+            let Some(Ok(p6)) = buf.get(..*len).map(parse) else {
+                return drop_(DropReason::MalformedIpv6);
+            };
+            let L3::Ipv6(ip6) = p6.l3 else {
+                return drop_(DropReason::MalformedIpv6);
+            };
+            let mut d = route6(t, learned, &p6, &ip6, gw, buf, len, tr);
+            if d.outcome == Some(Outcome::Routed) {
+                d.outcome = Some(Outcome::Nat64To6);
+            }
+            return d;
+        }
+    }
     // NAT / firewall: translate tracked connections, DNAT first packets.
     let pre = match crate::nat::pre_route(t, &mut learned.stateful, gw.router, p, buf, *len, tr) {
         Ok(pre) => pre,
@@ -768,6 +787,23 @@ fn route6<T: Tracer>(
             "drop: hop limit expires (no ICMPv6 error yet)".into()
         });
         return drop_(DropReason::HopLimitExceeded);
+    }
+    if let Some(n) = t.nat64.get(gw.router as usize).and_then(Option::as_ref) {
+        if n.embeds(ip6.dst) {
+            if let Err(reason) =
+                crate::nat64::to_v4(n, &mut learned.stateful, t.generation, p, ip6, buf, len, tr)
+            {
+                return drop_(reason);
+            }
+            let Some(Ok(p4)) = buf.get(..*len).map(parse) else {
+                return drop_(DropReason::MalformedIpv4);
+            };
+            let mut d = route(t, learned, &p4, gw, buf, len, tr);
+            if d.outcome == Some(Outcome::Routed) {
+                d.outcome = Some(Outcome::Nat64To4);
+            }
+            return d;
+        }
     }
     let dst = u128::from(ip6.dst);
     let Some(r) = router

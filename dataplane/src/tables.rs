@@ -133,6 +133,8 @@ pub struct Tables {
     pub qos: crate::qos::QosTables,
     /// Mirror sessions ([`crate::mirror`]); applied by the engine.
     pub mirror: crate::mirror::MirrorTables,
+    /// NAT64 per router (indexed like `routers`).
+    pub nat64: Vec<Option<crate::nat64::Nat64>>,
 }
 
 impl Tables {

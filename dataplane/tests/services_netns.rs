@@ -14,7 +14,8 @@ use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::mirror::{
     MirrorDirection, MirrorFilter, MirrorSpec, MirrorStats, MirrorTarget,
 };
-use keel_dataplane::model::{DesiredState, PortSpec, SwitchSpec};
+use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
+use keel_dataplane::nat64::Nat64Spec;
 use keel_dataplane::qos::{MeterSpec, MeterStats, QosSpec};
 use keel_testkit::{veth_pair, NetnsHost};
 
@@ -468,4 +469,196 @@ fn mirrored_frames_reach_the_collector_byte_identical() {
         port: "client".into(),
     }));
     assert!(msg.contains("is also a source"), "{msg}");
+}
+
+/// Runs `f` on a thread inside namespace `ns`; sockets it opens live there.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+const NAT64_HOSTS: [HostSpec; 2] = [
+    ("v6client", "02:00:00:00:00:10", "10.0.1.10/24"),
+    ("v4server", "02:00:00:00:00:11", "198.18.1.10/24"),
+];
+
+/// An IPv6 client on switch a (fd00:1::/64), an IPv4 server on switch ext
+/// (198.18.1.0/24), router r with NAT64 from pool 198.18.1.100.
+fn nat64_state() -> DesiredState {
+    let sw = |name: &str, subnet: &str, subnet6: Option<&str>| SwitchSpec {
+        name: name.into(),
+        subnet: subnet.into(),
+        vlan: None,
+        subnet6: subnet6.map(Into::into),
+        dhcp: None,
+    };
+    let mut client = port("v6client", "dp0", "02:00:00:00:00:10", "10.0.1.10");
+    client.ips.push("fd00:1::10".into());
+    let mut server = port("v4server", "dp1", "02:00:00:00:00:11", "198.18.1.10");
+    server.switch = "ext".into();
+    DesiredState {
+        switches: vec![
+            sw("a", "10.0.1.0/24", Some("fd00:1::/64")),
+            sw("ext", "198.18.1.0/24", None),
+        ],
+        ports: vec![client, server],
+        routers: vec![RouterSpec {
+            name: "r".into(),
+            ports: vec![
+                RouterPortSpec {
+                    switch: "a".into(),
+                    mac: "02:00:00:00:ff:01".into(),
+                    ip: "10.0.1.1".into(),
+                    ip6: Some("fd00:1::1".into()),
+                },
+                RouterPortSpec {
+                    switch: "ext".into(),
+                    mac: "02:00:00:00:ff:02".into(),
+                    ip: "198.18.1.1".into(),
+                    ip6: None,
+                },
+            ],
+            static_routes: vec![],
+        }],
+        nat64: vec![Nat64Spec {
+            router: "r".into(),
+            prefix: None,
+            pool: vec!["198.18.1.100".into()],
+            port_min: None,
+            port_max: None,
+        }],
+        ..DesiredState::default()
+    }
+}
+
+#[test]
+fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
+    let lab = Lab::start(&NAT64_HOSTS, &nat64_state());
+    let (client, server) = (&lab.hosts[0], &lab.hosts[1]);
+    client
+        .sh(
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.eth0.disable_ipv6=0 \
+             && ip -6 addr add fd00:1::10/64 dev eth0 nodad \
+             && ip -6 route add 64:ff9b::/96 via fd00:1::1",
+        )
+        .unwrap();
+    server.add_route("default", "198.18.1.1").unwrap();
+    // 198.18.1.10 embedded in the well-known prefix.
+    let target = "64:ff9b::c612:10a";
+
+    // ICMPv6 echo ↔ ICMP echo.
+    let out = client
+        .exec(&["ping", "-6", "-c", "3", "-i", "0.3", "-W", "5", target])
+        .unwrap();
+    assert!(out.stdout.contains(" 0% packet loss"), "{out:?}");
+
+    // TCP: curl -6 to a real HTTP server socket in the IPv4 namespace, which
+    // records the peer address it sees.
+    let listener = in_netns(server.name(), || {
+        std::net::TcpListener::bind("198.18.1.10:80").unwrap()
+    });
+    let peer = std::thread::scope(|s| {
+        let srv = s.spawn(|| {
+            use std::io::{BufRead, BufReader, Write};
+            let (mut conn, peer) = listener.accept().unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let body = "hello from the IPv4 server\n";
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            peer
+        });
+        let out = client
+            .exec(&[
+                "curl",
+                "-6",
+                "-s",
+                "-m",
+                "10",
+                &format!("http://[{target}]/"),
+            ])
+            .unwrap();
+        assert_eq!(out.stdout, "hello from the IPv4 server\n");
+        srv.join().unwrap()
+    });
+    assert_eq!(
+        peer.ip().to_string(),
+        "198.18.1.100",
+        "the server sees the pool address"
+    );
+
+    // UDP both ways.
+    let udp = in_netns(server.name(), || {
+        std::net::UdpSocket::bind("198.18.1.10:5353").unwrap()
+    });
+    udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let seen = std::thread::scope(|s| {
+        let srv = s.spawn(|| {
+            let mut buf = [0u8; 64];
+            let (n, from) = udp.recv_from(&mut buf).unwrap();
+            udp.send_to(&buf[..n], from).unwrap();
+            from
+        });
+        let echoed = in_netns(client.name(), || {
+            let sock = std::net::UdpSocket::bind("[fd00:1::10]:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            sock.send_to(b"over nat64", format!("[{target}]:5353"))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) = sock.recv_from(&mut buf).unwrap();
+            assert_eq!(from.ip().to_string(), target);
+            buf[..n].to_vec()
+        });
+        assert_eq!(echoed, b"over nat64");
+        srv.join().unwrap()
+    });
+    assert_eq!(seen.ip().to_string(), "198.18.1.100");
+
+    // IPv4-initiated traffic to the pool has no session: dropped and counted.
+    in_netns(server.name(), || {
+        let sock = std::net::UdpSocket::bind("198.18.1.10:0").unwrap();
+        sock.send_to(b"unsolicited", "198.18.1.100:40000").unwrap();
+    });
+    let stats = || match request(&lab.socket, &Request::Stats).unwrap() {
+        Response::Stats { stats } => stats,
+        other => panic!("{other:?}"),
+    };
+    wait_for(
+        || {
+            stats()
+                .port("dp1")
+                .is_some_and(|p| p.drops.get("nat64_no_session") == Some(&1))
+        },
+        "the unsolicited datagram to be dropped as nat64_no_session",
+    );
+    let stats = stats();
+    assert!(stats.outcomes["nat64_translated_6to4"] > 0, "{stats:?}");
+    assert!(stats.outcomes["nat64_translated_4to6"] > 0, "{stats:?}");
+
+    // Wrong family in the pool: rejected precisely.
+    let mut bad = nat64_state();
+    bad.nat64[0].pool = vec!["fd00:1::100".into()];
+    let msg = lab.apply_err(&bad);
+    assert!(
+        msg.contains("pool address \"fd00:1::100\" is not IPv4"),
+        "{msg}"
+    );
 }

@@ -1,0 +1,674 @@
+//! Stateful NAT64 on a router (RFC 6146), with the RFC 6052 well-known
+//! prefix `64:ff9b::/96` or a configured /96: IPv6 clients reach IPv4
+//! servers as `prefix + IPv4 address`, leaving from an IPv4 pool address.
+//!
+//! # Design
+//!
+//! - The binding table is the worker's connection table, in the router's
+//!   NAT64 zone: the original key is the IPv6 tuple (client, `prefix+server`,
+//!   ports, TCP/UDP/ICMPv6), the reply key the IPv4 tuple the server answers
+//!   to (server, pool address, pool port, TCP/UDP/ICMP). TCP state and
+//!   timeouts are conntrack's. A client keeps one pool address (hash of its
+//!   address: RFC 6146's "paired" pooling); ports (and echo identifiers) are
+//!   allocated per session like SNAT's: the client's own if free, then
+//!   hash-chosen candidates, each checked for a free reply tuple.
+//! - Header translation follows RFC 7915 (section 5.1 IPv6→IPv4, 4.1
+//!   IPv4→IPv6): traffic class ⇄ TOS, hop limit ⇄ TTL (the router's
+//!   decrement follows), DF set and ID 0 on the IPv4 side, ICMPv6 echo
+//!   (128/129) ⇄ ICMP echo (8/0). The frame is translated in place (the
+//!   payload moves by 20 bytes) and handed to the other family's routing.
+//! - Checksums: the IPv4 header's is computed; TCP, UDP and ICMP checksums
+//!   are recomputed over the segment with the new pseudo-header (ICMP has
+//!   none, ICMPv6 has one). A UDP datagram without checksum from the IPv4
+//!   side gets one, as IPv6 requires.
+//!
+//! # Not yet
+//!
+//! ICMP errors are not translated (RFC 7915 4.2/5.2) and dropped with
+//! `nat64_unsupported`, as are fragments, IPv6 extension headers and IPv4
+//! options; no "packet too big" is sent when a 1500-byte IPv4 packet
+//! becomes a 1520-byte IPv6 one (TCP's MSS keeps within the MTU); no
+//! IPv4-initiated sessions (static bindings); one worker's table.
+
+use std::hash::Hasher;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::key::{self, extract, from_v4};
+use crate::conntrack::{CreateError, Dir, Key, TcpState};
+use crate::counters::DropReason;
+use crate::packet::checksum::{accumulate, finish, internet_checksum};
+use crate::packet::headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use crate::packet::parse::{Ipv4Info, Ipv6Info};
+use crate::packet::Parsed;
+use crate::pipeline::Tracer;
+use crate::stateful::WorkerState;
+
+/// The RFC 6052 well-known prefix.
+pub const WELL_KNOWN_PREFIX: &str = "64:ff9b::/96";
+/// Candidate ports tried per new session before giving up.
+const PORT_TRIES: u32 = 32;
+
+/// NAT64 on a router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nat64Spec {
+    pub router: String,
+    /// An IPv6 /96; default `64:ff9b::/96`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// IPv4 addresses sessions leave from; each on one of the router's subnets.
+    pub pool: Vec<String>,
+    /// Port (and echo identifier) range; default 1024..=65535.
+    #[serde(default)]
+    pub port_min: Option<u16>,
+    #[serde(default)]
+    pub port_max: Option<u16>,
+}
+
+/// Why a NAT64 configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Nat64Error {
+    #[error("NAT64: unknown router {router:?}")]
+    UnknownRouter { router: String },
+    #[error("NAT64 on router {router:?}: configured twice")]
+    Duplicate { router: String },
+    #[error("NAT64 on router {router:?}: prefix {value:?} is not an IPv6 /96 (RFC 6052 prefixes other than /96 are not supported)")]
+    BadPrefix { router: String, value: String },
+    #[error("NAT64 on router {router:?}: pool address {value:?} is not IPv4")]
+    PoolNotIpv4 { router: String, value: String },
+    #[error("NAT64 on router {router:?}: empty pool")]
+    EmptyPool { router: String },
+    #[error("NAT64 on router {router:?}: pool address {ip} is on none of the router's subnets")]
+    PoolOffRouter { router: String, ip: Ipv4Addr },
+    #[error("NAT64 on router {router:?}: pool address {ip} is already used (port, gateway or NAT address)")]
+    PoolInUse { router: String, ip: Ipv4Addr },
+    #[error("NAT64 on router {router:?}: port range {min}..={max} is empty")]
+    PortRangeOutOfOrder { router: String, min: u16, max: u16 },
+}
+
+/// A router's compiled NAT64.
+#[derive(Debug, Clone)]
+pub struct Nat64 {
+    /// The prefix's top 96 bits (low 32 zero).
+    pub prefix: u128,
+    pub pool: Vec<Ipv4Addr>,
+    pub ports: (u16, u16),
+    pub zone: u32,
+}
+
+impl Nat64 {
+    /// Whether `dst` is an IPv4 server embedded in the prefix.
+    // hot path: one mask and compare.
+    pub fn embeds(&self, dst: Ipv6Addr) -> bool {
+        u128::from(dst) & !0xffff_ffff == self.prefix
+    }
+
+    /// Whether `ip` is a pool address.
+    pub fn owns(&self, ip: Ipv4Addr) -> bool {
+        self.pool.contains(&ip)
+    }
+}
+
+/// Compiles the NAT64 specs per router (indexed like `routers`); pool
+/// addresses are answered by ARP with the router port's MAC.
+pub fn compile(
+    specs: &[Nat64Spec],
+    routers: &[&str],
+    switches: &mut [crate::tables::Switch],
+) -> Result<Vec<Option<Nat64>>, Nat64Error> {
+    let mut out: Vec<Option<Nat64>> = vec![None; routers.len()];
+    for s in specs {
+        let router = || s.router.clone();
+        let rid = routers
+            .iter()
+            .position(|r| *r == s.router)
+            .ok_or_else(|| Nat64Error::UnknownRouter { router: router() })?;
+        let value = s.prefix.as_deref().unwrap_or(WELL_KNOWN_PREFIX);
+        let bad = || Nat64Error::BadPrefix {
+            router: router(),
+            value: value.to_string(),
+        };
+        let (addr, len) = value.split_once('/').ok_or_else(bad)?;
+        let addr = u128::from(addr.parse::<Ipv6Addr>().map_err(|_| bad())?);
+        if len != "96" || addr & 0xffff_ffff != 0 {
+            return Err(bad());
+        }
+        if s.pool.is_empty() {
+            return Err(Nat64Error::EmptyPool { router: router() });
+        }
+        let (min, max) = (s.port_min.unwrap_or(1024), s.port_max.unwrap_or(65535));
+        if min > max || min == 0 {
+            return Err(Nat64Error::PortRangeOutOfOrder {
+                router: router(),
+                min,
+                max,
+            });
+        }
+        let mut pool = Vec::with_capacity(s.pool.len());
+        for v in &s.pool {
+            let ip: Ipv4Addr = v.parse().map_err(|_| Nat64Error::PoolNotIpv4 {
+                router: router(),
+                value: v.clone(),
+            })?;
+            let rid32 = u32::try_from(rid).unwrap_or(u32::MAX);
+            let Some(sw) = switches
+                .iter_mut()
+                .find(|sw| sw.gateway.is_some_and(|g| g.router == rid32) && sw.subnet.contains(ip))
+            else {
+                return Err(Nat64Error::PoolOffRouter {
+                    router: router(),
+                    ip,
+                });
+            };
+            let Some(gw) = sw.gateway else {
+                return Err(Nat64Error::PoolOffRouter {
+                    router: router(),
+                    ip,
+                });
+            };
+            if sw.arp.contains_key(&u32::from(ip)) || pool.contains(&ip) {
+                return Err(Nat64Error::PoolInUse {
+                    router: router(),
+                    ip,
+                });
+            }
+            sw.arp.insert(u32::from(ip), gw.mac);
+            pool.push(ip);
+        }
+        let slot = out
+            .get_mut(rid)
+            .ok_or_else(|| Nat64Error::UnknownRouter { router: router() })?;
+        if slot.is_some() {
+            return Err(Nat64Error::Duplicate { router: router() });
+        }
+        *slot = Some(Nat64 {
+            prefix: addr,
+            pool,
+            ports: (min, max),
+            zone: crate::security::zone_id("nat64", &s.router),
+        });
+    }
+    Ok(out)
+}
+
+fn be16(buf: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*buf.get(off)?, *buf.get(off + 1)?]))
+}
+
+fn put(buf: &mut [u8], off: usize, bytes: &[u8]) -> Option<()> {
+    buf.get_mut(off..off.checked_add(bytes.len())?)?
+        .copy_from_slice(bytes);
+    Some(())
+}
+
+/// Offset of the "port" a translation rewrites: the source port (or the
+/// echo identifier) towards IPv4, the destination port towards IPv6.
+fn port_offset(proto4: u8, towards_v4: bool) -> usize {
+    match (proto4, towards_v4) {
+        (IPPROTO_ICMP, _) => 4,
+        (_, true) => 0,
+        (_, false) => 2,
+    }
+}
+
+/// Recomputes the L4 checksum of `seg` (TCP, UDP, ICMP, ICMPv6) with the
+/// given pseudo-header sum (0 for ICMP).
+// hot path (NAT64 packets): one pass over the segment.
+fn fix_l4_checksum(seg: &mut [u8], proto: u8, pseudo: u32) -> Option<()> {
+    let at = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => 2,
+    };
+    put(seg, at, &[0, 0])?;
+    let mut c = finish(accumulate(pseudo, seg));
+    if proto == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    put(seg, at, &c.to_be_bytes())
+}
+
+fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
+    let mut s = accumulate(0, src);
+    s = accumulate(s, dst);
+    let len = u32::try_from(len).unwrap_or(0);
+    s = accumulate(s, &len.to_be_bytes());
+    accumulate(s, &[0, 0, 0, proto])
+}
+
+fn pick_pool(n: &Nat64, client: u128) -> Option<Ipv4Addr> {
+    let mut h = crate::fastmap::FastHasher::default();
+    h.write_u128(client);
+    let len = n.pool.len().max(1) as u64;
+    n.pool
+        .get(usize::try_from(h.finish() % len).unwrap_or(0))
+        .copied()
+}
+
+/// Translates an IPv6 packet to `prefix + IPv4` into IPv4, creating the
+/// session on its first packet. On `Ok` the frame in `buf[..*len]` is IPv4.
+#[allow(clippy::too_many_arguments)]
+pub fn to_v4<T: Tracer>(
+    n: &Nat64,
+    st: &mut WorkerState,
+    generation: u64,
+    p: &Parsed,
+    ip6: &Ipv6Info,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let l3 = p.l3_offset;
+    let proto4 = match ip6.next_header {
+        IPPROTO_TCP => IPPROTO_TCP,
+        IPPROTO_UDP => IPPROTO_UDP,
+        IPPROTO_ICMPV6 if buf.get(p.l4_offset) == Some(&128) => IPPROTO_ICMP,
+        other => {
+            tr.note("nat64", || {
+                format!("drop: next header {other} is not translated")
+            });
+            return Err(DropReason::Nat64Unsupported);
+        }
+    };
+    if p.l4_offset != l3 + 40 {
+        return Err(DropReason::Nat64Unsupported);
+    }
+    let Some(x) = extract(p, buf.get(..*len).unwrap_or(&[])) else {
+        return Err(DropReason::Nat64Unsupported);
+    };
+    let server = Ipv4Addr::from(u32::try_from(u128::from(ip6.dst) & 0xffff_ffff).unwrap_or(0));
+    if n.owns(server) {
+        tr.note("nat64", || format!("drop: {server} is a pool address"));
+        return Err(DropReason::Nat64Unsupported);
+    }
+    let key = x.key.in_zone(n.zone);
+    let ct = &mut st.ct;
+    let (pool, port, new) = match ct.lookup(&key) {
+        Some(f) if f.dir == Dir::Original => {
+            let Some(c) = ct.get(f.id) else {
+                return Err(DropReason::CtInvalid);
+            };
+            let (Some(pool), port) = (key::to_v4(c.reply.dst), c.reply.dport) else {
+                return Err(DropReason::CtInvalid);
+            };
+            if ct
+                .update(f.id, Dir::Original, key.proto, x.tcp.as_ref())
+                .is_err()
+            {
+                return Err(DropReason::CtInvalid);
+            }
+            (pool, port, false)
+        }
+        Some(_) => return Err(DropReason::CtInvalid),
+        None => {
+            if x.tcp.is_some_and(|s| !TcpState::may_start(&s)) {
+                tr.note("nat64", || {
+                    "drop: TCP segment cannot start a session".into()
+                });
+                return Err(DropReason::CtInvalid);
+            }
+            let Some(pool) = pick_pool(n, key.src) else {
+                return Err(DropReason::NatPortsExhausted);
+            };
+            let (min, max) = n.ports;
+            let span = u32::from(max - min) + 1;
+            let mut h = crate::fastmap::FastHasher::default();
+            h.write_u128(key.src);
+            h.write_u16(key.sport);
+            let seed = u32::try_from(h.finish() >> 32).unwrap_or(0);
+            let echo = proto4 == IPPROTO_ICMP;
+            let mut chosen = None;
+            for i in 0..PORT_TRIES {
+                let cand = if i == 0 && (min..=max).contains(&key.sport) {
+                    key.sport
+                } else {
+                    let off = seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % span;
+                    min.saturating_add(u16::try_from(off).unwrap_or(0))
+                };
+                let reply = Key {
+                    src: from_v4(server),
+                    dst: from_v4(pool),
+                    zone: n.zone,
+                    sport: if echo { cand } else { key.dport },
+                    dport: cand,
+                    proto: proto4,
+                };
+                if !ct.key_in_use(&reply) {
+                    chosen = Some((cand, reply));
+                    break;
+                }
+            }
+            let Some((port, reply)) = chosen else {
+                tr.note("nat64", || format!("drop: no free port on {pool}"));
+                return Err(DropReason::NatPortsExhausted);
+            };
+            let id = match ct.create(key, reply, generation) {
+                Ok(id) => id,
+                Err(CreateError::TableFull) => return Err(DropReason::CtTableFull),
+                Err(CreateError::KeyInUse) => return Err(DropReason::CtInvalid),
+            };
+            if ct
+                .update(id, Dir::Original, key.proto, x.tcp.as_ref())
+                .is_err()
+            {
+                ct.remove(id);
+                return Err(DropReason::CtInvalid);
+            }
+            (pool, port, true)
+        }
+    };
+
+    // Rewrite in place: a 20-byte IPv4 header replaces the 40-byte IPv6 one.
+    let payload = usize::from(be16(buf, l3 + 4).ok_or(DropReason::MalformedIpv6)?);
+    let l4 = l3 + 40;
+    if l4 + payload > *len {
+        return Err(DropReason::MalformedIpv6);
+    }
+    let tc = buf
+        .get(l3..l3 + 2)
+        .map_or(0, |b| ((b[0] & 0x0f) << 4) | (b[1] >> 4));
+    buf.copy_within(l4..l4 + payload, l3 + 20);
+    let total = u16::try_from(20 + payload).map_err(|_| DropReason::Oversize)?;
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = tc;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6] = 0x40; // DF
+    h[8] = ip6.hop_limit;
+    h[9] = proto4;
+    h[12..16].copy_from_slice(&pool.octets());
+    h[16..20].copy_from_slice(&server.octets());
+    let c = internet_checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let seg_start = l3 + 20;
+    let seg = buf
+        .get_mut(seg_start..seg_start + payload)
+        .ok_or(DropReason::MalformedIpv6)?;
+    put(seg, port_offset(proto4, true), &port.to_be_bytes()).ok_or(DropReason::MalformedL4)?;
+    let ps = if proto4 == IPPROTO_ICMP {
+        put(seg, 0, &[8]).ok_or(DropReason::MalformedL4)?; // echo request
+        0
+    } else {
+        pseudo(&pool.octets(), &server.octets(), proto4, payload)
+    };
+    fix_l4_checksum(seg, proto4, ps).ok_or(DropReason::MalformedL4)?;
+    put(buf, l3, &h).ok_or(DropReason::MalformedIpv6)?;
+    put(buf, l3 - 2, &0x0800u16.to_be_bytes()).ok_or(DropReason::MalformedIpv6)?;
+    *len = seg_start + payload;
+    tr.note("nat64", || {
+        format!(
+            "{} session: [{}]:{} → [{}]:{} becomes {pool}:{port} → {server}:{}",
+            if new { "new" } else { "tracked" },
+            ip6.src,
+            key.sport,
+            ip6.dst,
+            key.dport,
+            key.dport
+        )
+    });
+    Ok(())
+}
+
+/// Translates an IPv4 packet to a pool address back into IPv6 for the
+/// session it belongs to. On `Ok` the frame in `buf[..*len]` is IPv6.
+#[allow(clippy::too_many_arguments)]
+pub fn to_v6<T: Tracer>(
+    n: &Nat64,
+    st: &mut WorkerState,
+    p: &Parsed,
+    ip: &Ipv4Info,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let l3 = p.l3_offset;
+    let echo_reply = ip.proto == IPPROTO_ICMP && buf.get(p.l4_offset) == Some(&0);
+    let more_fragments = buf.get(l3 + 6).is_some_and(|b| b & 0x20 != 0);
+    if !(ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP || echo_reply)
+        || ip.header_len != 20
+        || ip.later_fragment
+        || more_fragments
+    {
+        tr.note("nat64", || {
+            format!(
+                "drop: IPv4 proto {} to pool address {} is not translated",
+                ip.proto, ip.dst
+            )
+        });
+        return Err(DropReason::Nat64Unsupported);
+    }
+    let Some(x) = extract(p, buf.get(..*len).unwrap_or(&[])) else {
+        return Err(DropReason::Nat64Unsupported);
+    };
+    let key = x.key.in_zone(n.zone);
+    let ct = &mut st.ct;
+    let Some(f) = ct.lookup(&key).filter(|f| f.dir == Dir::Reply) else {
+        tr.note("nat64", || {
+            format!(
+                "drop: no session for {}:{} → {}:{}",
+                ip.src, key.sport, ip.dst, key.dport
+            )
+        });
+        return Err(DropReason::Nat64NoSession);
+    };
+    let Some(orig) = ct.get(f.id).map(|c| c.orig) else {
+        return Err(DropReason::CtInvalid);
+    };
+    if ct
+        .update(f.id, Dir::Reply, key.proto, x.tcp.as_ref())
+        .is_err()
+    {
+        return Err(DropReason::CtInvalid);
+    }
+    let client = Ipv6Addr::from(orig.src);
+    let server6 = Ipv6Addr::from(n.prefix | u128::from(u32::from(ip.src)));
+    if n.embeds(client) {
+        return Err(DropReason::Nat64Unsupported);
+    }
+    let proto6 = if ip.proto == IPPROTO_ICMP {
+        IPPROTO_ICMPV6
+    } else {
+        ip.proto
+    };
+
+    // Rewrite in place: a 40-byte IPv6 header replaces the 20-byte IPv4 one.
+    let payload = ip.total_len.saturating_sub(20);
+    let from = l3 + 20;
+    let end = l3 + 40 + payload;
+    if from + payload > *len || end > buf.len() {
+        return Err(DropReason::Oversize);
+    }
+    let tos = buf.get(l3 + 1).copied().unwrap_or(0);
+    buf.copy_within(from..from + payload, l3 + 40);
+    let mut h = [0u8; 40];
+    h[0] = 0x60 | (tos >> 4);
+    h[1] = (tos & 0x0f) << 4;
+    h[4..6].copy_from_slice(&u16::try_from(payload).unwrap_or(0).to_be_bytes());
+    h[6] = proto6;
+    h[7] = ip.ttl;
+    h[8..24].copy_from_slice(&server6.octets());
+    h[24..40].copy_from_slice(&client.octets());
+    let seg = buf.get_mut(l3 + 40..end).ok_or(DropReason::Oversize)?;
+    put(seg, port_offset(ip.proto, false), &orig.sport.to_be_bytes())
+        .ok_or(DropReason::MalformedL4)?;
+    if proto6 == IPPROTO_ICMPV6 {
+        put(seg, 0, &[129]).ok_or(DropReason::MalformedL4)?; // echo reply
+    }
+    let ps = pseudo(&server6.octets(), &client.octets(), proto6, payload);
+    fix_l4_checksum(seg, proto6, ps).ok_or(DropReason::MalformedL4)?;
+    put(buf, l3, &h).ok_or(DropReason::Oversize)?;
+    put(buf, l3 - 2, &0x86ddu16.to_be_bytes()).ok_or(DropReason::Oversize)?;
+    *len = end;
+    tr.note("nat64", || {
+        format!(
+            "session reply {}:{} → {}:{} becomes [{server6}]:{} → [{client}]:{}",
+            ip.src, key.sport, ip.dst, key.dport, key.sport, orig.sport
+        )
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile as compile_all, ConfigError};
+    use crate::pipeline::{process, Learned, NoTrace, RecordTrace, Verdict};
+    use crate::testutil::{interfaces, topology};
+
+    const VM2: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    const VM3: [u8; 6] = [2, 0, 0, 0, 0, 3];
+    const GW_A: [u8; 6] = [2, 0, 0, 0, 0xff, 1];
+    const GW_B: [u8; 6] = [2, 0, 0, 0, 0xff, 2];
+
+    fn spec(pool: &str, prefix: Option<&str>) -> Nat64Spec {
+        Nat64Spec {
+            router: "r".into(),
+            prefix: prefix.map(Into::into),
+            pool: vec![pool.into()],
+            port_min: None,
+            port_max: None,
+        }
+    }
+
+    fn tables(n: Vec<Nat64Spec>) -> Result<crate::tables::Tables, ConfigError> {
+        let mut s = topology();
+        s.nat64 = n;
+        compile_all(&s, &interfaces(), 1)
+    }
+
+    /// vm2 (fd00:1::11) → 64:ff9b::10.0.2.10, UDP 40000 → 53, hop limit 64.
+    fn udp6() -> Vec<u8> {
+        let payload = b"query";
+        let ulen = 8 + payload.len();
+        let src: Ipv6Addr = "fd00:1::11".parse().unwrap();
+        let dst: Ipv6Addr = "64:ff9b::a00:20a".parse().unwrap();
+        let mut f = Vec::new();
+        f.extend_from_slice(&GW_A);
+        f.extend_from_slice(&VM2);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x6b, 0x80, 0, 0]); // traffic class 0xb8
+        f.extend_from_slice(&u16::try_from(ulen).unwrap().to_be_bytes());
+        f.extend_from_slice(&[IPPROTO_UDP, 64]);
+        f.extend_from_slice(&src.octets());
+        f.extend_from_slice(&dst.octets());
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&40000u16.to_be_bytes());
+        udp.extend_from_slice(&53u16.to_be_bytes());
+        udp.extend_from_slice(&u16::try_from(ulen).unwrap().to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let c = finish(accumulate(
+            pseudo(&src.octets(), &dst.octets(), IPPROTO_UDP, ulen),
+            &udp,
+        ));
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&udp);
+        f
+    }
+
+    fn run(t: &crate::tables::Tables, l: &mut Learned, port: u16, f: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut buf = vec![0u8; 2048];
+        buf[..f.len()].copy_from_slice(f);
+        let mut len = f.len();
+        let d = process(t, l, port, &mut buf, &mut len, &mut NoTrace);
+        buf.truncate(len);
+        (d.verdict, buf)
+    }
+
+    #[test]
+    fn bad_nat64_configs_are_rejected_precisely() {
+        let e = tables(vec![spec("10.0.2.100", Some("64:ff9b::/64"))]).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Nat64(Nat64Error::BadPrefix { .. })),
+            "{e}"
+        );
+        let e = tables(vec![spec("fd00::1", None)]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NAT64 on router \"r\": pool address \"fd00::1\" is not IPv4"
+        );
+        let e = tables(vec![spec("192.168.9.9", None)]).unwrap_err();
+        assert!(matches!(
+            e,
+            ConfigError::Nat64(Nat64Error::PoolOffRouter { .. })
+        ));
+        let e = tables(vec![spec("10.0.2.10", None)]).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Nat64(Nat64Error::PoolInUse { .. })),
+            "bound to vm3"
+        );
+        let mut s = spec("10.0.2.100", None);
+        s.port_min = Some(2000);
+        s.port_max = Some(1000);
+        assert!(matches!(
+            tables(vec![s]).unwrap_err(),
+            ConfigError::Nat64(Nat64Error::PortRangeOutOfOrder { .. })
+        ));
+    }
+
+    #[test]
+    fn udp_is_translated_both_ways_with_valid_checksums() {
+        let t = tables(vec![spec("10.0.2.100", None)]).unwrap();
+        let mut l = Learned::new(16);
+        let mut tr = RecordTrace::default();
+        let f = udp6();
+        let mut buf = vec![0u8; 2048];
+        buf[..f.len()].copy_from_slice(&f);
+        let mut len = f.len();
+        let d = process(&t, &mut l, 1, &mut buf, &mut len, &mut tr);
+        assert_eq!(d.verdict, Verdict::Unicast { port: 2 }, "{:?}", tr.steps);
+        assert!(tr.steps.iter().any(|s| s.stage == "nat64"));
+        let out = &buf[..len];
+        assert_eq!(len, f.len() - 20);
+        assert_eq!(&out[0..6], &VM3);
+        assert_eq!(&out[12..14], &[0x08, 0x00]);
+        let ip = &out[14..34];
+        assert_eq!(internet_checksum(ip), 0);
+        assert_eq!(ip[1], 0xb8, "traffic class → TOS");
+        assert_eq!(ip[8], 63, "hop limit 64 → TTL, decremented by the router");
+        assert_eq!(&ip[12..16], &[10, 0, 2, 100]);
+        assert_eq!(&ip[16..20], &[10, 0, 2, 10]);
+        let udp = &out[34..];
+        let ps = pseudo(&ip[12..16], &ip[16..20], IPPROTO_UDP, udp.len());
+        assert_eq!(
+            finish(accumulate(ps, udp)),
+            0,
+            "UDP checksum over the IPv4 pseudo-header"
+        );
+        let pool_port = u16::from_be_bytes([udp[0], udp[1]]);
+        assert_eq!(pool_port, 40000, "the client's port is kept when free");
+
+        // The server's answer: 10.0.2.10:53 → 10.0.2.100:40000, without a UDP checksum.
+        let mut reply = crate::packet::build::udp64(
+            GW_B,
+            VM3,
+            "10.0.2.10".parse().unwrap(),
+            "10.0.2.100".parse().unwrap(),
+        );
+        reply[34..36].copy_from_slice(&53u16.to_be_bytes());
+        reply[36..38].copy_from_slice(&pool_port.to_be_bytes());
+        reply[40..42].copy_from_slice(&[0, 0]);
+        let (v, out) = run(&t, &mut l, 2, &reply);
+        assert_eq!(v, Verdict::Unicast { port: 1 });
+        assert_eq!(&out[0..6], &VM2);
+        assert_eq!(&out[12..14], &[0x86, 0xdd]);
+        let ip6 = &out[14..54];
+        assert_eq!(ip6[6], IPPROTO_UDP);
+        let src: Ipv6Addr = <[u8; 16]>::try_from(&ip6[8..24]).unwrap().into();
+        let dst: Ipv6Addr = <[u8; 16]>::try_from(&ip6[24..40]).unwrap().into();
+        assert_eq!(src, "64:ff9b::a00:20a".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(dst, "fd00:1::11".parse::<Ipv6Addr>().unwrap());
+        let udp = &out[54..];
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 40000);
+        let ps = pseudo(&ip6[8..24], &ip6[24..40], IPPROTO_UDP, udp.len());
+        assert_ne!(&udp[6..8], &[0, 0], "IPv6 UDP always has a checksum");
+        assert_eq!(finish(accumulate(ps, udp)), 0);
+
+        // Unsolicited IPv4 to the pool: no session.
+        reply[36..38].copy_from_slice(&40001u16.to_be_bytes());
+        let (v, _) = run(&t, &mut l, 2, &reply);
+        assert_eq!(v, Verdict::Drop(DropReason::Nat64NoSession));
+    }
+}
