@@ -102,6 +102,8 @@ pub enum ConfigError {
     Mirror(#[from] crate::mirror::MirrorError),
     #[error(transparent)]
     Nat64(#[from] crate::nat64::Nat64Error),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -497,6 +499,23 @@ pub fn compile(
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
     let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
     let nat64 = crate::nat64::compile(&desired.nat64, &router_names, &mut switches)?;
+    let views: Vec<crate::policy::RouterView<'_>> = desired
+        .routers
+        .iter()
+        .enumerate()
+        .map(|(rid, r)| crate::policy::RouterView {
+            name: r.name.as_str(),
+            attached: switches
+                .iter()
+                .enumerate()
+                .filter_map(|(sid, sw)| {
+                    let gw = sw.gateway.filter(|g| g.router as usize == rid)?;
+                    Some((sw.name.as_str(), u32::try_from(sid).ok()?, sw.subnet, gw.ip))
+                })
+                .collect(),
+        })
+        .collect();
+    let policies = crate::policy::compile(&desired.router_policies, &views)?;
     compile_dhcp(desired, &mut switches)?;
     let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
     let qos = crate::qos::compile(&desired.qos, &names)?;
@@ -517,6 +536,7 @@ pub fn compile(
         qos,
         mirror,
         nat64,
+        policies,
     })
 }
 

@@ -47,6 +47,8 @@ pub enum Request {
     QosStats,
     /// Copies sent per mirror session.
     MirrorStats,
+    /// Hit counters of the router policies.
+    PolicyStats,
     /// Drop the tracked connections of one port's (or router's) conntrack zone.
     CtFlush {
         #[serde(default)]
@@ -90,6 +92,9 @@ pub enum Response {
     },
     MirrorStats {
         sessions: Vec<crate::mirror::MirrorStats>,
+    },
+    PolicyStats {
+        policies: Vec<crate::policy::PolicyStats>,
     },
     /// The flush was handed to the workers (they run it within one round).
     FlushRequested {
@@ -248,6 +253,9 @@ impl Controller {
             },
             Request::MirrorStats => Response::MirrorStats {
                 sessions: self.config.tables().load().mirror.stats(),
+            },
+            Request::PolicyStats => Response::PolicyStats {
+                policies: self.config.tables().load().policies.stats(),
             },
             Request::CtFlush { port, router } => {
                 let zone = match (port, router) {

@@ -63,6 +63,7 @@ counted_enum!(
         QosMeterDropped => "qos_meter_dropped",
         Nat64Unsupported => "nat64_unsupported",
         Nat64NoSession => "nat64_no_session",
+        PolicyDropped => "router_policy_dropped",
     }
 );
 

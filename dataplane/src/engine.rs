@@ -193,6 +193,7 @@ impl Worker {
         }
         stats.fold(local, outcomes);
         learned.qos.fold(&tables.qos);
+        learned.policy.fold(&tables.policies);
         mirror.fold(mirrors);
         let ct = &mut learned.stateful.ct;
         let entries = ct.len();

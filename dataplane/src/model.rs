@@ -35,6 +35,9 @@ pub struct DesiredState {
     /// Stateful NAT64 per router ([`crate::nat64`]).
     #[serde(default)]
     pub nat64: Vec<crate::nat64::Nat64Spec>,
+    /// Router policies: policy routing and service chains ([`crate::policy`]).
+    #[serde(default)]
+    pub router_policies: Vec<crate::policy::RouterPolicySpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

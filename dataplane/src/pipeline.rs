@@ -93,6 +93,8 @@ pub struct Learned {
     pub stateful: crate::stateful::WorkerState,
     /// Meter buckets ([`crate::qos`]).
     pub qos: crate::qos::QosState,
+    /// Router policy hit counts ([`crate::policy`]).
+    pub policy: crate::policy::PolicyState,
 }
 
 impl Learned {
@@ -104,6 +106,7 @@ impl Learned {
             map: fastmap::with_capacity(capacity),
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
             qos: crate::qos::QosState::new(),
+            policy: crate::policy::PolicyState::default(),
         }
     }
 
@@ -633,14 +636,38 @@ fn route<T: Tracer>(
             Outcome::IcmpTimeExceeded,
         );
     }
-    let Some(r) = router
-        .routes
-        .lookup(ip.dst)
-        .and_then(|group| match group.len() {
-            1 => group.first().copied(),
-            n => group.get(flow_hash(p, &ip) as usize % n.max(1)).copied(),
-        })
-    else {
+    let policy = t
+        .policies
+        .lookup(gw.router, gw.ip, ip.src, ip.dst, ip.proto);
+    if let Some(pol) = policy {
+        learned.policy.hit(pol.index);
+        tr.note("router_policy", || {
+            format!(
+                "policy {} (priority {}) matches: {:?}",
+                pol.index, pol.priority, pol.action
+            )
+        });
+    }
+    let rerouted = match policy.map(|p| p.action) {
+        Some(crate::policy::Action::Drop) => {
+            tr.note("router_policy", || "drop".into());
+            return drop_(DropReason::PolicyDropped);
+        }
+        Some(crate::policy::Action::Reroute { switch, next_hop }) => Some(crate::tables::Route {
+            switch,
+            next_hop: Some(next_hop),
+        }),
+        _ => None,
+    };
+    let Some(r) = rerouted.or_else(|| {
+        router
+            .routes
+            .lookup(ip.dst)
+            .and_then(|group| match group.len() {
+                1 => group.first().copied(),
+                n => group.get(flow_hash(p, &ip) as usize % n.max(1)).copied(),
+            })
+    }) else {
         tr.note("router", || {
             format!("no route to {}: ICMP net unreachable to {}", ip.dst, ip.src)
         });

@@ -135,6 +135,8 @@ pub struct Tables {
     pub mirror: crate::mirror::MirrorTables,
     /// NAT64 per router (indexed like `routers`).
     pub nat64: Vec<Option<crate::nat64::Nat64>>,
+    /// Router policies ([`crate::policy`]).
+    pub policies: crate::policy::PolicyTables,
 }
 
 impl Tables {

@@ -16,6 +16,7 @@ use keel_dataplane::mirror::{
 };
 use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
 use keel_dataplane::nat64::Nat64Spec;
+use keel_dataplane::policy::{PolicyAction, PolicyStats, RouterPolicySpec};
 use keel_dataplane::qos::{MeterSpec, MeterStats, QosSpec};
 use keel_testkit::{veth_pair, NetnsHost};
 
@@ -659,6 +660,180 @@ fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
     let msg = lab.apply_err(&bad);
     assert!(
         msg.contains("pool address \"fd00:1::100\" is not IPv4"),
+        "{msg}"
+    );
+}
+
+const CHAIN_HOSTS: [HostSpec; 3] = [
+    ("client", "02:00:00:00:00:10", "10.0.1.10/24"),
+    ("server", "02:00:00:00:00:11", "10.0.2.10/24"),
+    ("firewall", "02:00:00:00:00:12", "10.0.3.10/24"),
+];
+
+/// Client, server and a firewall VM on three switches of router r; traffic
+/// from the clients' switch to the servers' subnet is rerouted through the
+/// firewall, which routes it back to r.
+fn chain_state(extra: Vec<RouterPolicySpec>) -> DesiredState {
+    let sw = |name: &str, subnet: &str| SwitchSpec {
+        name: name.into(),
+        subnet: subnet.into(),
+        vlan: None,
+        subnet6: None,
+        dhcp: None,
+    };
+    let gw = |switch: &str, mac: &str, ip: &str| RouterPortSpec {
+        switch: switch.into(),
+        mac: mac.into(),
+        ip: ip.into(),
+        ip6: None,
+    };
+    let mut server = port("server", "dp1", "02:00:00:00:00:11", "10.0.2.10");
+    server.switch = "b".into();
+    let mut fw = port("firewall", "dp2", "02:00:00:00:00:12", "10.0.3.10");
+    fw.switch = "s".into();
+    // A service VM forwards others' packets: no source checks on its port.
+    fw.port_security = false;
+    let mut policies = vec![RouterPolicySpec {
+        router: "r".into(),
+        priority: 100,
+        from_switch: Some("a".into()),
+        src_cidr: Some("10.0.1.0/24".into()),
+        dst_cidr: Some("10.0.2.0/24".into()),
+        protocol: None,
+        action: PolicyAction::Reroute,
+        next_hop: Some("10.0.3.10".into()),
+    }];
+    policies.extend(extra);
+    DesiredState {
+        switches: vec![
+            sw("a", "10.0.1.0/24"),
+            sw("b", "10.0.2.0/24"),
+            sw("s", "10.0.3.0/24"),
+        ],
+        ports: vec![
+            port("client", "dp0", "02:00:00:00:00:10", "10.0.1.10"),
+            server,
+            fw,
+        ],
+        routers: vec![RouterSpec {
+            name: "r".into(),
+            ports: vec![
+                gw("a", "02:00:00:00:ff:01", "10.0.1.1"),
+                gw("b", "02:00:00:00:ff:02", "10.0.2.1"),
+                gw("s", "02:00:00:00:ff:03", "10.0.3.1"),
+            ],
+            static_routes: vec![],
+        }],
+        router_policies: policies,
+        ..DesiredState::default()
+    }
+}
+
+/// Packets the host's kernel forwarded (`Ip: ForwDatagrams`).
+fn forwarded(host: &NetnsHost) -> u64 {
+    let snmp = host.sh("cat /proc/net/snmp").unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// One TCP exchange client → server:7000; returns the client address the server saw.
+fn tcp_exchange(lab: &Lab) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = in_netns(lab.hosts[1].name(), || {
+        std::net::TcpListener::bind("10.0.2.10:7000").unwrap()
+    });
+    std::thread::scope(|s| {
+        let srv = s.spawn(|| {
+            let (mut c, peer) = listener.accept().unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            c.write_all(&buf).unwrap();
+            peer
+        });
+        in_netns(lab.hosts[0].name(), || {
+            let addr: std::net::SocketAddr = "10.0.2.10:7000".parse().unwrap();
+            let mut c =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"chain").unwrap();
+            let mut buf = [0u8; 5];
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"chain");
+        });
+        srv.join().unwrap()
+    })
+}
+
+fn policy_stats(lab: &Lab) -> Vec<PolicyStats> {
+    match request(&lab.socket, &Request::PolicyStats).unwrap() {
+        Response::PolicyStats { policies } => policies,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn service_chain_reroutes_through_the_firewall_vm() {
+    let lab = Lab::start(&CHAIN_HOSTS, &chain_state(vec![]));
+    let (client, server, fw) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+    client.add_route("default", "10.0.1.1").unwrap();
+    server.add_route("default", "10.0.2.1").unwrap();
+    fw.add_route("default", "10.0.3.1").unwrap();
+    fw.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 \
+           net.ipv4.conf.eth0.send_redirects=0 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0")
+        .unwrap();
+
+    let before = forwarded(fw);
+    let out = client
+        .exec(&["ping", "-c", "3", "-i", "0.3", "-W", "5", "10.0.2.10"])
+        .unwrap();
+    assert!(out.stdout.contains(" 0% packet loss"), "{out:?}");
+    let peer = tcp_exchange(&lab);
+    assert_eq!(peer.ip().to_string(), "10.0.1.10");
+    let through_fw = forwarded(fw) - before;
+    // 3 echo requests + the client's TCP segments (handshake, data, acks, fin).
+    assert!(
+        through_fw >= 3 + 4,
+        "the firewall VM forwarded only {through_fw} packets"
+    );
+    let hits = policy_stats(&lab);
+    assert!(hits[0].hits >= 7, "{hits:?}");
+
+    // A higher-priority drop policy for ICMP: ping dies, TCP still takes the chain.
+    lab.apply(&chain_state(vec![RouterPolicySpec {
+        router: "r".into(),
+        priority: 200,
+        from_switch: Some("a".into()),
+        src_cidr: None,
+        dst_cidr: Some("10.0.2.0/24".into()),
+        protocol: Some("icmp".into()),
+        action: PolicyAction::Drop,
+        next_hop: None,
+    }]));
+    let out = client
+        .capture(&["ping", "-c", "2", "-i", "0.3", "-W", "1", "10.0.2.10"])
+        .unwrap();
+    assert!(!out.success, "ping passed a drop policy: {out:?}");
+    let before = forwarded(fw);
+    tcp_exchange(&lab);
+    assert!(
+        forwarded(fw) > before,
+        "TCP no longer passes the firewall VM"
+    );
+
+    // Same priority and match with different actions: rejected precisely.
+    let mut conflict = chain_state(vec![]);
+    let mut twin = conflict.router_policies[0].clone();
+    twin.action = PolicyAction::Allow;
+    twin.next_hop = None;
+    conflict.router_policies.push(twin);
+    let msg = lab.apply_err(&conflict);
+    assert!(
+        msg.contains("same priority and match, different actions"),
         "{msg}"
     );
 }
