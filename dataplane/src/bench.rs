@@ -333,7 +333,8 @@ pub fn service_scenario(s: Service, enabled: bool) -> (DesiredState, Vec<Vec<u8>
     if enabled {
         match s {
             Service::Meter => state.qos.push(crate::qos::QosSpec {
-                port: "src".into(),
+                port: Some("src".into()),
+                floating_ip: None,
                 ingress: None,
                 egress: Some(crate::qos::MeterSpec {
                     rate_kbps: crate::qos::MAX_RATE_KBPS,

@@ -518,7 +518,13 @@ pub fn compile(
     let policies = crate::policy::compile(&desired.router_policies, &views)?;
     compile_dhcp(desired, &mut switches)?;
     let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
-    let qos = crate::qos::compile(&desired.qos, &names)?;
+    let floating_ips: Vec<&str> = desired
+        .nat
+        .iter()
+        .filter(|n| n.kind == crate::model::NatKind::DnatAndSnat)
+        .map(|n| n.external_ip.as_str())
+        .collect();
+    let qos = crate::qos::compile(&desired.qos, &names, &floating_ips)?;
     let taps: Vec<_> = lports
         .iter()
         .map(|l| (l.name.as_str(), l.port, l.mac))

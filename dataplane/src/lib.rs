@@ -38,16 +38,18 @@
 //!   `{"op":"rule_stats"}`; one zone's connections are flushed with
 //!   `{"op":"ct_flush","port":"vm1"}` (or `"router"`).
 //! - **Network services** (same desired state, same apply): QoS
-//!   ([`qos`]: per-port token-bucket meters, ingress and egress, that drop
-//!   over the rate, and DSCP marking; buckets are per worker, lock-free, and
+//!   ([`qos`]: per-port and per-floating-IP token-bucket meters, ingress and
+//!   egress, that drop over the rate, and DSCP marking per port; buckets are per worker, lock-free, and
 //!   survive an apply that keeps their rate; `{"op":"qos_stats"}`), traffic
 //!   mirroring ([`mirror`]: sessions on ports, in/out/both, protocol/CIDR
 //!   filter, to a local port or a GRE/ERSPAN type II collector, copies taken
 //!   by the engine around the pipeline so they are byte-identical;
 //!   `{"op":"mirror_stats"}`) and stateful NAT64 on routers ([`nat64`]:
 //!   RFC 6146 sessions in the connection table, RFC 7915 header translation,
-//!   IPv4 pool). Their decisions appear in the trace (`qos_out`, `qos_in`,
-//!   `nat64`) and in the drop/outcome counters (`qos_meter_dropped`,
+//!   IPv4 pool), router policies ([`policy`]: allow/drop/reroute by
+//!   ingress switch, CIDRs and protocol, for service chains;
+//!   `{"op":"policy_stats"}`). Their decisions appear in the trace (`qos_out`, `qos_in`,
+//!   `nat64`, `router_policy`) and in the drop/outcome counters (`qos_meter_dropped`,
 //!   `nat64_no_session`, `nat64_translated_6to4` …).
 //! - **Trace** ([`control::Request::Trace`]): the same `process` with a
 //!   recording [`pipeline::Tracer`], like `ovn-trace`; forwarding uses the
@@ -80,7 +82,8 @@
 //! `"mirrors":[{"name":"tap","ports":["vm1"],"direction":"both","filter":{"protocol":"icmp"},
 //! "target":{"type":"erspan","interface":"dp2","src_mac":"02:00:00:00:00:fe","dst_mac":"02:00:00:00:00:12","src_ip":"198.18.0.1","dst_ip":"198.18.0.2","session_id":7}}]`
 //! (or `"target":{"type":"port","port":"collector"}`),
-//! `"nat64":[{"router":"r","pool":["198.18.1.100"]}]` (prefix `64:ff9b::/96` unless `"prefix"` is given).
+//! `"nat64":[{"router":"r","pool":["198.18.1.100"]}]` (prefix `64:ff9b::/96` unless `"prefix"` is given),
+//! `"router_policies":[{"router":"r","priority":100,"from_switch":"a","dst_cidr":"10.0.2.0/24","action":"reroute","next_hop":"10.0.3.10"}]`.
 //!
 //! # Threading model
 //!
@@ -115,7 +118,7 @@
 //!   the sending port only. The trace runs a fresh connection table, so it
 //!   shows the decision for a connection's first packet.
 //! - QoS meters police, they do not shape (no queueing); flooded frames are
-//!   not metered; no per-floating-IP meters yet. Mirror copies to an ERSPAN
+//!   not metered. Mirror copies to an ERSPAN
 //!   collector add 50 bytes: its link needs MTU ≥ 1550 for full-size frames.
 //! - IPv6: port security, an ND responder (bindings and gateway addresses)
 //!   and forwarding between attached subnets (hop-limit decrement); no IPv6

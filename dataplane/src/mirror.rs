@@ -9,6 +9,9 @@
 //!   pipeline rewrites anything) and to what is delivered to it ("in", taken
 //!   as the frame is queued for the port's interface). The original frame's
 //!   forwarding is untouched: the copy goes to another transmit queue.
+//!   "Out" copies are taken before any stage, so frames the pipeline then
+//!   drops (port security, groups, meters) are mirrored too: they are what
+//!   the VM sent.
 //! - Sessions are compiled into the tables ([`MirrorTables`]): per interface,
 //!   the sessions whose sources send or receive there. A port with a bound
 //!   MAC is told apart on a shared interface by the frame's source ("out") or

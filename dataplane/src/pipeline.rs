@@ -465,18 +465,7 @@ fn qos_egress<T: Tracer>(
         return Ok(());
     };
     if let Some(m) = q.egress {
-        if !learned.qos.police(m, len) {
-            tr.note("qos_out", || {
-                format!(
-                    "drop: {len} bytes over the rate of meter {}",
-                    meter_name(t, m)
-                )
-            });
-            return Err(DropReason::QosMeterDropped);
-        }
-        tr.note("qos_out", || {
-            format!("{len} bytes conform to meter {}", meter_name(t, m))
-        });
+        police(t, learned, m, len, "qos_out", tr)?;
     }
     if let Some(dscp) = q.dscp {
         if crate::qos::mark_dscp(buf, p, dscp) {
@@ -498,8 +487,21 @@ fn qos_ingress<T: Tracer>(
     let Some(m) = t.qos.port(lport).and_then(|q| q.ingress) else {
         return Ok(());
     };
+    police(t, learned, m, len, "qos_in", tr)
+}
+
+/// Runs meter `m` on a `len`-byte frame for `stage`.
+// hot path: integer arithmetic; the trace closures compile away.
+fn police<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    m: u16,
+    len: usize,
+    stage: &'static str,
+    tr: &mut T,
+) -> Result<(), DropReason> {
     if !learned.qos.police(m, len) {
-        tr.note("qos_in", || {
+        tr.note(stage, || {
             format!(
                 "drop: {len} bytes over the rate of meter {}",
                 meter_name(t, m)
@@ -507,7 +509,7 @@ fn qos_ingress<T: Tracer>(
         });
         return Err(DropReason::QosMeterDropped);
     }
-    tr.note("qos_in", || {
+    tr.note(stage, || {
         format!("{len} bytes conform to meter {}", meter_name(t, m))
     });
     Ok(())
@@ -579,6 +581,19 @@ fn route<T: Tracer>(
                 d.outcome = Some(Outcome::Nat64To6);
             }
             return d;
+        }
+    }
+    // Floating-IP ingress meter: on the address the packet was sent to (before DNAT).
+    if !t.qos.floating.is_empty() {
+        let m = t
+            .qos
+            .floating
+            .get(&u32::from(ip.dst))
+            .and_then(|q| q.ingress);
+        if let Some(m) = m {
+            if let Err(reason) = police(t, learned, m, *len, "qos_in", tr) {
+                return drop_(reason);
+            }
         }
     }
     // NAT / firewall: translate tracked connections, DNAT first packets.
@@ -713,6 +728,21 @@ fn route<T: Tracer>(
         }
         _ => p,
     };
+    // Floating-IP egress meter: on the address the packet leaves from (after SNAT).
+    if !t.qos.floating.is_empty() {
+        if let L3::Ipv4(fin) = p.l3 {
+            let m = t
+                .qos
+                .floating
+                .get(&u32::from(fin.src))
+                .and_then(|q| q.egress);
+            if let Some(m) = m {
+                if let Err(reason) = police(t, learned, m, *len, "qos_out", tr) {
+                    return drop_(reason);
+                }
+            }
+        }
+    }
     tr.note("router", || {
         format!(
             "route {} → switch {:?} next hop {}",

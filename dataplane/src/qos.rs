@@ -59,18 +59,24 @@ pub struct MeterSpec {
     pub burst_bytes: u64,
 }
 
-/// QoS of one logical port.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// QoS of one logical port, or of one floating IP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QosSpec {
-    pub port: String,
-    /// Limit on what the port receives.
+    /// A logical port; or
+    #[serde(default)]
+    pub port: Option<String>,
+    /// a floating IP (the external IP of a `dnat_and_snat` rule): `ingress`
+    /// meters what the router forwards to it, `egress` what leaves from it.
+    #[serde(default)]
+    pub floating_ip: Option<String>,
+    /// Limit on what the port (floating IP) receives.
     #[serde(default)]
     pub ingress: Option<MeterSpec>,
-    /// Limit on what the port sends.
+    /// Limit on what the port (floating IP) sends.
     #[serde(default)]
     pub egress: Option<MeterSpec>,
-    /// DSCP (0..=63) written into IP packets the port sends.
+    /// DSCP (0..=63) written into IP packets the port sends (ports only).
     #[serde(default)]
     pub dscp: Option<u8>,
 }
@@ -80,6 +86,14 @@ pub struct QosSpec {
 pub enum QosError {
     #[error("QoS: unknown port {port:?}")]
     UnknownPort { port: String },
+    #[error("QoS entry {index}: give exactly one of port and floating_ip")]
+    PortOrFloatingIp { index: usize },
+    #[error(
+        "QoS: {value:?} is not the external IPv4 address of a dnat_and_snat (floating IP) rule"
+    )]
+    NotAFloatingIp { value: String },
+    #[error("QoS of floating IP {ip}: DSCP marking is per port")]
+    DscpOnFloatingIp { ip: String },
     #[error("QoS: port {port:?} is configured twice")]
     DuplicatePort { port: String },
     #[error("QoS of port {port:?}: {direction} rate is zero")]
@@ -150,6 +164,8 @@ pub struct PortQos {
 pub struct QosTables {
     /// Per logical port (indexed like `Tables::lports`); empty when no QoS is configured.
     pub ports: Vec<PortQos>,
+    /// Per floating IP (IPv4 as `u32`); empty when none has meters.
+    pub floating: crate::fastmap::FastMap<u32, PortQos>,
     pub meters: Vec<Meter>,
 }
 
@@ -157,6 +173,7 @@ impl Clone for QosTables {
     fn clone(&self) -> Self {
         QosTables {
             ports: self.ports.clone(),
+            floating: self.floating.clone(),
             meters: self
                 .meters
                 .iter()
@@ -212,45 +229,46 @@ fn check_meter(port: &str, direction: &'static str, m: &MeterSpec) -> Result<(),
     Ok(())
 }
 
-/// Validates the QoS specs against the compiled ports and compiles them.
-pub fn compile(specs: &[QosSpec], lport_names: &[&str]) -> Result<QosTables, QosError> {
+/// Validates the QoS specs against the compiled ports and the floating IPs
+/// (external IPs of `dnat_and_snat` rules) and compiles them.
+pub fn compile(
+    specs: &[QosSpec],
+    lport_names: &[&str],
+    floating_ips: &[&str],
+) -> Result<QosTables, QosError> {
     if specs.is_empty() {
         return Ok(QosTables::default());
     }
     let mut ports = vec![PortQos::default(); lport_names.len()];
+    let mut floating = crate::fastmap::with_capacity(0);
     let mut seen = std::collections::HashSet::new();
     let mut meters = Vec::new();
-    for s in specs {
-        let id = lport_names
-            .iter()
-            .position(|n| *n == s.port)
-            .ok_or_else(|| QosError::UnknownPort {
-                port: s.port.clone(),
-            })?;
-        if !seen.insert(s.port.as_str()) {
-            return Err(QosError::DuplicatePort {
-                port: s.port.clone(),
-            });
+    for (index, s) in specs.iter().enumerate() {
+        let owner = match (&s.port, &s.floating_ip) {
+            (Some(p), None) => p.clone(),
+            (None, Some(ip)) => ip.clone(),
+            _ => return Err(QosError::PortOrFloatingIp { index }),
+        };
+        if !seen.insert(owner.clone()) {
+            return Err(QosError::DuplicatePort { port: owner });
         }
         if s.ingress.is_none() && s.egress.is_none() && s.dscp.is_none() {
-            return Err(QosError::Empty {
-                port: s.port.clone(),
-            });
+            return Err(QosError::Empty { port: owner });
         }
         if let Some(d) = s.dscp.filter(|d| *d > 63) {
             return Err(QosError::BadDscp {
-                port: s.port.clone(),
+                port: owner,
                 dscp: d,
             });
         }
         let mut meter = |direction: &'static str, m: &Option<MeterSpec>| {
             let Some(m) = m else { return Ok(None) };
-            check_meter(&s.port, direction, m)?;
+            check_meter(&owner, direction, m)?;
             let idx = u16::try_from(meters.len())
                 .ok()
                 .filter(|i| usize::from(*i) < MAX_METERS)
                 .ok_or(QosError::TooManyMeters)?;
-            let name = format!("{}/{direction}", s.port);
+            let name = format!("{owner}/{direction}");
             meters.push(Meter {
                 identity: identity(&name),
                 name,
@@ -261,17 +279,40 @@ pub fn compile(specs: &[QosSpec], lport_names: &[&str]) -> Result<QosTables, Qos
             });
             Ok(Some(idx))
         };
-        let ingress = meter("ingress", &s.ingress)?;
-        let egress = meter("egress", &s.egress)?;
-        if let Some(p) = ports.get_mut(id) {
-            *p = PortQos {
-                ingress,
-                egress,
-                dscp: s.dscp,
-            };
+        let q = PortQos {
+            ingress: meter("ingress", &s.ingress)?,
+            egress: meter("egress", &s.egress)?,
+            dscp: s.dscp,
+        };
+        match (&s.port, &s.floating_ip) {
+            (Some(port), _) => {
+                let id = lport_names
+                    .iter()
+                    .position(|n| n == port)
+                    .ok_or_else(|| QosError::UnknownPort { port: port.clone() })?;
+                if let Some(p) = ports.get_mut(id) {
+                    *p = q;
+                }
+            }
+            (None, Some(ip)) => {
+                let v4: std::net::Ipv4Addr = ip
+                    .parse()
+                    .ok()
+                    .filter(|_| floating_ips.contains(&ip.as_str()))
+                    .ok_or_else(|| QosError::NotAFloatingIp { value: ip.clone() })?;
+                if q.dscp.is_some() {
+                    return Err(QosError::DscpOnFloatingIp { ip: ip.clone() });
+                }
+                floating.insert(u32::from(v4), q);
+            }
+            (None, None) => return Err(QosError::PortOrFloatingIp { index }),
         }
     }
-    Ok(QosTables { ports, meters })
+    Ok(QosTables {
+        ports,
+        floating,
+        meters,
+    })
 }
 
 /// One meter's bucket and local counts, owned by a worker.

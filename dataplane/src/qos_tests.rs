@@ -18,10 +18,10 @@ fn qos(port: &str, ingress: Option<(u64, u64)>, egress: Option<(u64, u64)>) -> Q
         burst_bytes,
     };
     QosSpec {
-        port: port.into(),
+        port: Some(port.into()),
         ingress: ingress.map(m),
         egress: egress.map(m),
-        dscp: None,
+        ..QosSpec::default()
     }
 }
 
@@ -205,4 +205,67 @@ fn dscp_is_written_with_a_valid_header_checksum() {
     let (_, out) = run(&t, &mut l, &frame(10));
     assert_eq!(out[15], 46 << 2);
     assert_eq!(internet_checksum(&out[14..34]), 0);
+}
+
+#[test]
+fn floating_ip_meters_are_validated() {
+    let mut s = topology();
+    s.nat = vec![crate::model::NatRuleSpec {
+        router: "r".into(),
+        kind: crate::model::NatKind::DnatAndSnat,
+        external_ip: "10.0.2.50".into(),
+        logical_ip: "10.0.1.10".into(),
+        protocol: None,
+        external_port: None,
+        logical_port: None,
+        port_min: None,
+        port_max: None,
+    }];
+    let meter = Some(MeterSpec {
+        rate_kbps: 1000,
+        burst_bytes: 2000,
+    });
+    let with = |q: QosSpec| {
+        let mut s = s.clone();
+        s.qos = vec![q];
+        compile(&s, &interfaces(), 1)
+    };
+    let ok = with(QosSpec {
+        floating_ip: Some("10.0.2.50".into()),
+        egress: meter,
+        ..QosSpec::default()
+    })
+    .unwrap();
+    assert_eq!(ok.qos.meters[0].name, "10.0.2.50/egress");
+    let e = with(QosSpec {
+        port: Some("vm1".into()),
+        floating_ip: Some("10.0.2.50".into()),
+        egress: meter,
+        ..QosSpec::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "QoS entry 0: give exactly one of port and floating_ip"
+    );
+    let e = with(QosSpec {
+        floating_ip: Some("10.0.2.50".into()),
+        dscp: Some(10),
+        ..QosSpec::default()
+    })
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        ConfigError::Qos(QosError::DscpOnFloatingIp { .. })
+    ));
+    let e = with(QosSpec {
+        floating_ip: Some("fd00::50".into()),
+        ingress: meter,
+        ..QosSpec::default()
+    })
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        ConfigError::Qos(QosError::NotAFloatingIp { .. })
+    ));
 }

@@ -183,17 +183,30 @@ const QOS_HOSTS: [HostSpec; 2] = [
 
 /// Runs one `iperf3` TCP test client → server; returns the receiver's bit/s.
 fn iperf3(lab: &Lab, seconds: u32) -> f64 {
-    lab.hosts[1]
-        .spawn(&["iperf3", "-s", "-1", "-B", "10.0.1.11"])
+    iperf3_between(lab, 0, 1, "10.0.1.11", "10.0.1.11", seconds)
+}
+
+/// `iperf3 -c target` on host `client` to a one-off server on host `server`
+/// bound to `bind`; returns the receiver's bit/s.
+fn iperf3_between(
+    lab: &Lab,
+    client: usize,
+    server: usize,
+    bind: &str,
+    target: &str,
+    seconds: u32,
+) -> f64 {
+    lab.hosts[server]
+        .spawn(&["iperf3", "-s", "-1", "-B", bind])
         .unwrap();
     // The one-off server needs a moment to listen; retry the client until it connects.
     let deadline = Instant::now() + Duration::from_secs(20);
     let out = loop {
-        let out = lab.hosts[0]
+        let out = lab.hosts[client]
             .capture(&[
                 "iperf3",
                 "-c",
-                "10.0.1.11",
+                target,
                 "-t",
                 &seconds.to_string(),
                 "-O",
@@ -201,7 +214,9 @@ fn iperf3(lab: &Lab, seconds: u32) -> f64 {
                 "-J",
             ])
             .unwrap();
-        if out.success {
+        // iperf3 -J may exit 0 with an "error" report (e.g. connection refused).
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        if out.success && v.get("error").is_none() {
             break out.stdout;
         }
         assert!(Instant::now() < deadline, "iperf3 never connected: {out:?}");
@@ -210,7 +225,7 @@ fn iperf3(lab: &Lab, seconds: u32) -> f64 {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no receiver rate in iperf3's report: {out}"))
 }
 
 #[test]
@@ -222,7 +237,8 @@ fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
     // Precise errors for bad meters; the running state stays.
     let mut bad = two_hosts();
     bad.qos = vec![QosSpec {
-        port: "client".into(),
+        port: Some("client".into()),
+        floating_ip: None,
         ingress: None,
         egress: Some(MeterSpec {
             rate_kbps: 100_000,
@@ -235,7 +251,8 @@ fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
 
     let mut limited = two_hosts();
     limited.qos = vec![QosSpec {
-        port: "client".into(),
+        port: Some("client".into()),
+        floating_ip: None,
         ingress: None,
         egress: Some(MeterSpec {
             rate_kbps: 100_000,
@@ -834,6 +851,111 @@ fn service_chain_reroutes_through_the_firewall_vm() {
     let msg = lab.apply_err(&conflict);
     assert!(
         msg.contains("same priority and match, different actions"),
+        "{msg}"
+    );
+}
+
+const FIP_HOSTS: [HostSpec; 2] = [
+    ("vm", "02:00:00:00:00:10", "10.0.1.10/24"),
+    ("outside", "02:00:00:00:00:11", "198.18.0.10/24"),
+];
+
+/// vm (10.0.1.10) behind router r with floating IP 198.18.0.50; an
+/// external host on 198.18.0.0/24.
+fn fip_state(limit: Option<MeterSpec>) -> DesiredState {
+    let sw = |name: &str, subnet: &str| SwitchSpec {
+        name: name.into(),
+        subnet: subnet.into(),
+        vlan: None,
+        subnet6: None,
+        dhcp: None,
+    };
+    let mut outside = port("outside", "dp1", "02:00:00:00:00:11", "198.18.0.10");
+    outside.switch = "ext".into();
+    DesiredState {
+        switches: vec![sw("a", "10.0.1.0/24"), sw("ext", "198.18.0.0/24")],
+        ports: vec![port("vm", "dp0", "02:00:00:00:00:10", "10.0.1.10"), outside],
+        routers: vec![RouterSpec {
+            name: "r".into(),
+            ports: vec![
+                RouterPortSpec {
+                    switch: "a".into(),
+                    mac: "02:00:00:00:ff:01".into(),
+                    ip: "10.0.1.1".into(),
+                    ip6: None,
+                },
+                RouterPortSpec {
+                    switch: "ext".into(),
+                    mac: "02:00:00:00:ff:02".into(),
+                    ip: "198.18.0.1".into(),
+                    ip6: None,
+                },
+            ],
+            static_routes: vec![],
+        }],
+        nat: vec![keel_dataplane::model::NatRuleSpec {
+            router: "r".into(),
+            kind: keel_dataplane::model::NatKind::DnatAndSnat,
+            external_ip: "198.18.0.50".into(),
+            logical_ip: "10.0.1.10".into(),
+            protocol: None,
+            external_port: None,
+            logical_port: None,
+            port_min: None,
+            port_max: None,
+        }],
+        qos: limit
+            .map(|m| {
+                vec![QosSpec {
+                    port: None,
+                    floating_ip: Some("198.18.0.50".into()),
+                    ingress: Some(m),
+                    egress: None,
+                    dscp: None,
+                }]
+            })
+            .unwrap_or_default(),
+        ..DesiredState::default()
+    }
+}
+
+#[test]
+fn iperf3_to_a_floating_ip_with_a_100_mbit_ingress_meter_measures_100_mbit() {
+    let lab = Lab::start(&FIP_HOSTS, &fip_state(None));
+    lab.hosts[0].add_route("default", "10.0.1.1").unwrap();
+    lab.hosts[1].add_route("default", "198.18.0.1").unwrap();
+    let unlimited = iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 3);
+    lab.apply(&fip_state(Some(MeterSpec {
+        rate_kbps: 100_000,
+        burst_bytes: 250_000,
+    })));
+    let metered = iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 5);
+    let meters = lab.qos_stats();
+    eprintln!("iperf3 to floating IP: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}");
+    assert!(
+        (90e6..=110e6).contains(&metered),
+        "metered rate {metered} bit/s is not 100 Mbit/s ± 10%"
+    );
+    assert!(
+        unlimited > 1.5 * metered,
+        "unlimited {unlimited} vs {metered}"
+    );
+    assert_eq!(meters[0].meter, "198.18.0.50/ingress");
+    assert!(meters[0].dropped_packets > 0, "{meters:?}");
+
+    // Not a floating IP: rejected precisely.
+    let mut bad = fip_state(None);
+    bad.qos = vec![QosSpec {
+        floating_ip: Some("198.18.0.99".into()),
+        ingress: Some(MeterSpec {
+            rate_kbps: 1000,
+            burst_bytes: 10_000,
+        }),
+        ..QosSpec::default()
+    }];
+    let msg = lab.apply_err(&bad);
+    assert!(
+        msg.contains("is not the external IPv4 address of a dnat_and_snat"),
         "{msg}"
     );
 }
