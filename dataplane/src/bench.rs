@@ -294,6 +294,8 @@ pub enum Service {
     /// peer ("off") routes the same IPv6 frames natively to the hosts' IPv6
     /// addresses.
     Nat64,
+    /// 16 router policies on the router, the matching one (allow) checked last.
+    Policy,
 }
 
 /// An IPv6 UDP frame (80 bytes) from the generator's port to `dst`.
@@ -343,6 +345,29 @@ pub fn service_scenario(s: Service, enabled: bool) -> (DesiredState, Vec<Vec<u8>
                 dscp: Some(46),
             }),
             Service::Nat64 => {}
+            Service::Policy => {
+                for i in 0..16u32 {
+                    let last = i == 15;
+                    state.router_policies.push(crate::policy::RouterPolicySpec {
+                        router: "r".into(),
+                        priority: 100 - i,
+                        from_switch: Some("a".into()),
+                        src_cidr: Some("10.0.0.0/16".into()),
+                        dst_cidr: Some(if last {
+                            "10.1.0.0/16".into()
+                        } else {
+                            format!("192.168.{i}.0/24")
+                        }),
+                        protocol: Some("udp".into()),
+                        action: if last {
+                            crate::policy::PolicyAction::Allow
+                        } else {
+                            crate::policy::PolicyAction::Drop
+                        },
+                        next_hop: None,
+                    });
+                }
+            }
             Service::Mirror => state.mirrors.push(crate::mirror::MirrorSpec {
                 name: "bench".into(),
                 ports: vec!["src".into()],
@@ -483,7 +508,12 @@ mod tests {
 
     #[test]
     fn service_scenarios_deliver_every_packet_on_and_off() {
-        for s in [Service::Meter, Service::Mirror, Service::Nat64] {
+        for s in [
+            Service::Meter,
+            Service::Mirror,
+            Service::Nat64,
+            Service::Policy,
+        ] {
             for enabled in [true, false] {
                 let (run, mirrored) = run_service(s, enabled, 6_000).unwrap();
                 assert_eq!(run.delivered, 6_000, "{s:?} enabled={enabled}");

@@ -74,7 +74,8 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     Ok(out)
 }
 
-/// QoS meter + DSCP marking, traffic mirroring and NAT64, each against itself switched off.
+/// QoS meter + DSCP marking, traffic mirroring, NAT64 and router policies,
+/// each against itself switched off.
 fn services(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
     let per_round = match scale {
         Scale::Quick => 100_000,
@@ -95,6 +96,11 @@ fn services(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> 
             "NAT64 (IPv6 → IPv4 translation, 256 sessions)",
             Service::Nat64,
             "same IPv6 frames routed natively, NAT64 off",
+        ),
+        (
+            "16 router policies (match on the last), routed",
+            Service::Policy,
+            "same frames routed, no policies",
         ),
     ];
     for (name, s, peer_name) in scenarios {
@@ -190,7 +196,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 13);
+        assert_eq!(ms.len(), 14);
         for m in ms.iter().filter(|m| m.unit != "bytes") {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
