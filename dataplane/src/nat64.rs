@@ -24,8 +24,11 @@
 //!
 //! # Not yet
 //!
-//! ICMP errors are not translated (RFC 7915 4.2/5.2) and dropped with
-//! `nat64_unsupported`, as are fragments, IPv6 extension headers and IPv4
+//! ICMPv4 errors about a session (destination unreachable, time exceeded)
+//! are translated to ICMPv6 (RFC 7915 4.2, the quoted packet too, its
+//! TCP/UDP checksum updated incrementally); ICMPv6 errors from the IPv6
+//! side are not (5.2) and are dropped with `nat64_unsupported`, as are
+//! fragments, IPv6 extension headers and IPv4
 //! options; no "packet too big" is sent when a 1500-byte IPv4 packet
 //! becomes a 1520-byte IPv6 one (TCP's MSS keeps within the MTU); no
 //! IPv4-initiated sessions (static bindings); one worker's table.
@@ -424,7 +427,11 @@ pub fn to_v6<T: Tracer>(
     tr: &mut T,
 ) -> Result<(), DropReason> {
     let l3 = p.l3_offset;
-    let echo_reply = ip.proto == IPPROTO_ICMP && buf.get(p.l4_offset) == Some(&0);
+    let icmp_type = buf.get(p.l4_offset).copied();
+    if ip.proto == IPPROTO_ICMP && matches!(icmp_type, Some(3 | 11)) && ip.header_len == 20 {
+        return error_to_v6(n, st, p, ip, buf, len, tr);
+    }
+    let echo_reply = ip.proto == IPPROTO_ICMP && icmp_type == Some(0);
     let more_fragments = buf.get(l3 + 6).is_some_and(|b| b & 0x20 != 0);
     if !(ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP || echo_reply)
         || ip.header_len != 20
@@ -505,6 +512,172 @@ pub fn to_v6<T: Tracer>(
         format!(
             "session reply {}:{} → {}:{} becomes [{server6}]:{} → [{client}]:{}",
             ip.src, key.sport, ip.dst, key.dport, key.sport, orig.sport
+        )
+    });
+    Ok(())
+}
+
+/// The one's-complement sum of `data`, folded to 16 bits (not complemented).
+fn fold(data: &[u8]) -> u16 {
+    !finish(accumulate(0, data))
+}
+
+/// RFC 1624 eqn. 3 over byte strings: the checksum after `old` (as a
+/// whole, 16-bit aligned) was replaced by `new` in the covered data.
+fn adjust(csum: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut s = u32::from(!csum) + u32::from(!fold(old)) + u32::from(fold(new));
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !u16::try_from(s).unwrap_or(u16::MAX)
+}
+
+/// RFC 7915 4.2: the ICMPv6 type, code and parameter for an ICMPv4 error,
+/// `None` when it has no translation.
+fn icmp_error_6(ty: u8, code: u8, mtu4: u16) -> Option<(u8, u8, u32)> {
+    match (ty, code) {
+        (3, 0 | 1 | 5..=8 | 11 | 12) => Some((1, 0, 0)),
+        (3, 2) => Some((4, 1, 6)),
+        (3, 3) => Some((1, 4, 0)),
+        (3, 4) => Some((2, 0, u32::from(mtu4).saturating_add(20).max(1280))),
+        (3, 9 | 10 | 13 | 15) => Some((1, 1, 0)),
+        (11, c @ (0 | 1)) => Some((3, c, 0)),
+        _ => None,
+    }
+}
+
+/// Largest ICMPv6 error packet (RFC 4443 2.4(c)): the IPv6 minimum MTU.
+const ICMPV6_ERROR_MAX: usize = 1280;
+
+/// Translates an ICMPv4 error about a NAT64 session into the ICMPv6 error
+/// its IPv6 client expects (RFC 7915 4.2), quoted packet included.
+#[allow(clippy::too_many_arguments)]
+fn error_to_v6<T: Tracer>(
+    n: &Nat64,
+    st: &mut WorkerState,
+    p: &Parsed,
+    ip: &Ipv4Info,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let l3 = p.l3_offset;
+    let icmp = l3 + 20;
+    let (Some(&ty), Some(&code)) = (buf.get(icmp), buf.get(icmp + 1)) else {
+        return Err(DropReason::MalformedL4);
+    };
+    let mtu4 = be16(buf, icmp + 6).unwrap_or(0);
+    let Some((ty6, code6, param)) = icmp_error_6(ty, code, mtu4) else {
+        tr.note("nat64", || {
+            format!("drop: ICMP type {ty} code {code} has no ICMPv6 form")
+        });
+        return Err(DropReason::Nat64Unsupported);
+    };
+    let Some(quoted) = extract(p, buf.get(..*len).unwrap_or(&[])).and_then(|x| x.related) else {
+        return Err(DropReason::Nat64Unsupported);
+    };
+    let Some(f) = st
+        .ct
+        .lookup(&quoted.reversed().in_zone(n.zone))
+        .filter(|f| f.dir == Dir::Reply)
+    else {
+        tr.note("nat64", || "drop: ICMP error about no session".into());
+        return Err(DropReason::Nat64NoSession);
+    };
+    let Some(orig) = st.ct.get(f.id).map(|c| c.orig) else {
+        return Err(DropReason::CtInvalid);
+    };
+    let inner = icmp + 8;
+    let inner_ihl = usize::from(buf.get(inner).ok_or(DropReason::MalformedL4)? & 0x0f) * 4;
+    let inner_total = usize::from(be16(buf, inner + 2).ok_or(DropReason::MalformedL4)?);
+    let inner_ttl = *buf.get(inner + 8).ok_or(DropReason::MalformedL4)?;
+    let inner_l4 = inner + inner_ihl;
+    if inner_ihl < 20 || inner_l4 > ip.total_len + l3 {
+        return Err(DropReason::MalformedL4);
+    }
+    let quoted_l4 = (l3 + ip.total_len).saturating_sub(inner_l4);
+    // The new packet: IPv6 40 + ICMPv6 8 + quoted IPv6 40 + quoted L4, ≤ 1280.
+    let l4_kept = quoted_l4.min(ICMPV6_ERROR_MAX - 88);
+    let end = l3 + 88 + l4_kept;
+    if inner_l4 + l4_kept > *len || end > buf.len() {
+        return Err(DropReason::Oversize);
+    }
+    let client = Ipv6Addr::from(orig.src);
+    let server6 = Ipv6Addr::from(orig.dst);
+    let from6 = Ipv6Addr::from(n.prefix | u128::from(u32::from(ip.src)));
+    let inner_proto = quoted.proto;
+    let inner_proto6 = if inner_proto == IPPROTO_ICMP {
+        IPPROTO_ICMPV6
+    } else {
+        inner_proto
+    };
+    let (Some(pool), Some(server)) = (key::to_v4(quoted.src), key::to_v4(quoted.dst)) else {
+        return Err(DropReason::CtInvalid);
+    };
+    buf.copy_within(inner_l4..inner_l4 + l4_kept, l3 + 88);
+    // The quoted transport header: the client's port, checksum updated.
+    {
+        let q = buf.get_mut(l3 + 88..end).ok_or(DropReason::Oversize)?;
+        let port_at = port_offset(inner_proto, true);
+        let old_port = be16(q, port_at).unwrap_or(0);
+        let _ = put(q, port_at, &orig.sport.to_be_bytes());
+        let csum_at = match inner_proto {
+            IPPROTO_TCP => Some(16),
+            IPPROTO_UDP => Some(6),
+            _ => None,
+        };
+        if let Some(at) = csum_at {
+            if let Some(c) = be16(q, at).filter(|c| *c != 0) {
+                let mut old = [0u8; 10];
+                old[..4].copy_from_slice(&pool.octets());
+                old[4..8].copy_from_slice(&server.octets());
+                old[8..10].copy_from_slice(&old_port.to_be_bytes());
+                let mut new = [0u8; 34];
+                new[..16].copy_from_slice(&client.octets());
+                new[16..32].copy_from_slice(&server6.octets());
+                new[32..34].copy_from_slice(&orig.sport.to_be_bytes());
+                let _ = put(q, at, &adjust(c, &old, &new).to_be_bytes());
+            }
+        } else if inner_proto == IPPROTO_ICMP {
+            // The quoted echo request, as the client sent it (type 128).
+            let _ = put(q, 0, &[128]);
+        }
+    }
+    let mut quoted6 = [0u8; 40];
+    quoted6[0] = 0x60;
+    quoted6[4..6].copy_from_slice(
+        &u16::try_from(inner_total.saturating_sub(inner_ihl))
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
+    quoted6[6] = inner_proto6;
+    quoted6[7] = inner_ttl;
+    quoted6[8..24].copy_from_slice(&client.octets());
+    quoted6[24..40].copy_from_slice(&server6.octets());
+    put(buf, l3 + 48, &quoted6).ok_or(DropReason::Oversize)?;
+    let icmp_len = 8 + 40 + l4_kept;
+    let mut h6 = [0u8; 8];
+    h6[0] = ty6;
+    h6[1] = code6;
+    h6[4..8].copy_from_slice(&param.to_be_bytes());
+    put(buf, l3 + 40, &h6).ok_or(DropReason::Oversize)?;
+    let msg = buf.get_mut(l3 + 40..end).ok_or(DropReason::Oversize)?;
+    let ps = pseudo(&from6.octets(), &client.octets(), IPPROTO_ICMPV6, icmp_len);
+    fix_l4_checksum(msg, IPPROTO_ICMPV6, ps).ok_or(DropReason::MalformedL4)?;
+    let mut h = [0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&u16::try_from(icmp_len).unwrap_or(0).to_be_bytes());
+    h[6] = IPPROTO_ICMPV6;
+    h[7] = ip.ttl;
+    h[8..24].copy_from_slice(&from6.octets());
+    h[24..40].copy_from_slice(&client.octets());
+    put(buf, l3, &h).ok_or(DropReason::Oversize)?;
+    put(buf, l3 - 2, &0x86ddu16.to_be_bytes()).ok_or(DropReason::Oversize)?;
+    *len = end;
+    tr.note("nat64", || {
+        format!(
+            "ICMP type {ty} code {code} from {} → ICMPv6 type {ty6} code {code6} to [{client}]",
+            ip.src
         )
     });
     Ok(())
@@ -665,6 +838,48 @@ mod tests {
         let ps = pseudo(&ip6[8..24], &ip6[24..40], IPPROTO_UDP, udp.len());
         assert_ne!(&udp[6..8], &[0, 0], "IPv6 UDP always has a checksum");
         assert_eq!(finish(accumulate(ps, udp)), 0);
+
+        // The server's ICMP port unreachable about the translated datagram
+        // (quoting all of it) becomes ICMPv6 port unreachable, whose quoted
+        // IPv6/UDP datagram is what the client sent.
+        // The same session's next datagram, as the server receives it.
+        let (_, v4) = run(&t, &mut l, 1, &f);
+        let quoted = &v4[14..];
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quoted);
+        let c = internet_checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let err = crate::packet::build::ipv4(
+            GW_B,
+            VM3,
+            None,
+            "10.0.2.10".parse().unwrap(),
+            "10.0.2.100".parse().unwrap(),
+            64,
+            IPPROTO_ICMP,
+            &icmp,
+        );
+        let (v, out) = run(&t, &mut l, 2, &err);
+        assert_eq!(v, Verdict::Unicast { port: 1 });
+        let ip6 = &out[14..54];
+        assert_eq!(ip6[6], IPPROTO_ICMPV6);
+        let msg = &out[54..];
+        assert_eq!((msg[0], msg[1]), (1, 4), "ICMPv6 port unreachable");
+        let ps = pseudo(&ip6[8..24], &ip6[24..40], IPPROTO_ICMPV6, msg.len());
+        assert_eq!(finish(accumulate(ps, msg)), 0, "ICMPv6 checksum");
+        let q6 = &msg[8..48];
+        assert_eq!(&q6[8..24], &f[22..38], "quoted source: the client");
+        assert_eq!(
+            &q6[24..40],
+            &f[38..54],
+            "quoted destination: prefix + server"
+        );
+        let qudp = &msg[48..];
+        assert_eq!(
+            qudp,
+            &f[54..],
+            "the quoted datagram is the one the client sent"
+        );
 
         // Unsolicited IPv4 to the pool: no session.
         reply[36..38].copy_from_slice(&40001u16.to_be_bytes());

@@ -650,6 +650,23 @@ fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
     });
     assert_eq!(seen.ip().to_string(), "198.18.1.100");
 
+    // A closed UDP port: the server's ICMP port unreachable comes back as
+    // ICMPv6 port unreachable, and the client's socket sees "refused".
+    let refused = in_netns(client.name(), || {
+        let sock = std::net::UdpSocket::bind("[fd00:1::10]:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        sock.connect(format!("[{target}]:5354")).unwrap();
+        sock.send(b"anyone?").unwrap();
+        let mut buf = [0u8; 16];
+        sock.recv(&mut buf).unwrap_err()
+    });
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused:?}"
+    );
+
     // IPv4-initiated traffic to the pool has no session: dropped and counted.
     in_netns(server.name(), || {
         let sock = std::net::UdpSocket::bind("198.18.1.10:0").unwrap();
