@@ -649,7 +649,9 @@ impl ConfigHandle {
     pub fn apply(&self, desired: DesiredState) -> Result<u64, ConfigError> {
         let mut current = self.desired.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.tables.load().generation + 1;
-        let tables = compile(&desired, &self.interfaces, generation)?;
+        let mut tables = compile(&desired, &self.interfaces, generation)?;
+        let running = self.tables.load();
+        tables.qos.link(&running.qos, running.generation);
         self.tables.store(Arc::new(tables));
         *current = desired;
         Ok(generation)

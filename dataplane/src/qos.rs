@@ -15,9 +15,10 @@
 //!   ([`QosState::tick`]).
 //! - A configuration change keeps a meter's bucket (its tokens) when the
 //!   meter, identified by port name and direction, keeps its rate and burst;
-//!   a changed or new meter starts full. The swap happens on the worker when
-//!   it first sees the new generation, into a second pre-allocated vector:
-//!   nothing is allocated after start-up.
+//!   a changed or new meter starts full. The apply links each meter to its
+//!   predecessor ([`QosTables::link`], on the control thread); the worker
+//!   moves the buckets when it first sees the new generation, in O(meters),
+//!   into a second pre-allocated vector: nothing is allocated after start-up.
 //! - Counters (conformed / dropped frames and bytes per meter) are counted
 //!   in the bucket and folded into the tables' atomics once per polling round
 //!   ([`QosState::fold`]); like the rule hit counters they restart with each
@@ -140,6 +141,9 @@ pub struct Meter {
     pub burst_bytes: u64,
     pub spec: MeterSpec,
     pub counters: MeterCounters,
+    /// The same meter (same identity, rate and burst) in the previous
+    /// generation ([`QosTables::link`]): its bucket is kept.
+    pub prev: Option<u16>,
 }
 
 /// Shared counters of one meter (folded from the workers once per round).
@@ -167,6 +171,8 @@ pub struct QosTables {
     /// Per floating IP (IPv4 as `u32`); empty when none has meters.
     pub floating: crate::fastmap::FastMap<u32, PortQos>,
     pub meters: Vec<Meter>,
+    /// The generation [`Meter::prev`] refers to.
+    pub prev_generation: u64,
 }
 
 impl Clone for QosTables {
@@ -184,8 +190,10 @@ impl Clone for QosTables {
                     burst_bytes: m.burst_bytes,
                     spec: m.spec,
                     counters: MeterCounters::default(),
+                    prev: m.prev,
                 })
                 .collect(),
+            prev_generation: self.prev_generation,
         }
     }
 }
@@ -276,6 +284,7 @@ pub fn compile(
                 burst_bytes: m.burst_bytes,
                 spec: *m,
                 counters: MeterCounters::default(),
+                prev: None,
             });
             Ok(Some(idx))
         };
@@ -312,6 +321,7 @@ pub fn compile(
         ports,
         floating,
         meters,
+        prev_generation: 0,
     })
 }
 
@@ -414,20 +424,27 @@ impl QosState {
         if self.generation == generation {
             return;
         }
-        self.generation = generation;
         self.spare.clear();
         self.dirty.clear();
+        // Linked at apply: O(1) per meter. A worker that skipped a
+        // generation (two applies within one batch) searches instead.
+        let linked = self.generation == t.prev_generation;
         for (i, m) in t.meters.iter().take(MAX_METERS).enumerate() {
             let cap = m.burst_bytes.saturating_mul(NANOS);
             let same = |b: &&Bucket| {
                 b.identity == m.identity && b.rate == m.rate_bytes_per_s && b.cap == cap
             };
-            // Usually the meter kept its position; else search.
-            let kept = self
-                .buckets
-                .get(i)
-                .filter(same)
-                .or_else(|| self.buckets.iter().find(same));
+            let kept = if linked {
+                m.prev
+                    .and_then(|p| self.buckets.get(usize::from(p)))
+                    .filter(same)
+            } else {
+                // Usually the meter kept its position; else search.
+                self.buckets
+                    .get(i)
+                    .filter(same)
+                    .or_else(|| self.buckets.iter().find(same))
+            };
             let b = match kept {
                 Some(old) => Bucket {
                     conformed_packets: 0,
@@ -442,6 +459,7 @@ impl QosState {
             self.spare.push(b);
         }
         std::mem::swap(&mut self.buckets, &mut self.spare);
+        self.generation = generation;
     }
 
     /// Whether a `bytes`-long frame conforms to `meter`; counts either way.
@@ -500,6 +518,26 @@ pub struct MeterStats {
 }
 
 impl QosTables {
+    /// Links each meter to the same meter of the running generation (on the
+    /// control thread, at apply), so a worker keeps buckets in O(meters).
+    pub fn link(&mut self, prev: &QosTables, prev_generation: u64) {
+        let by_identity: std::collections::HashMap<u64, (usize, &Meter)> = prev
+            .meters
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.identity, (i, m)))
+            .collect();
+        for m in &mut self.meters {
+            m.prev = by_identity
+                .get(&m.identity)
+                .filter(|(_, o)| {
+                    o.rate_bytes_per_s == m.rate_bytes_per_s && o.burst_bytes == m.burst_bytes
+                })
+                .and_then(|(i, _)| u16::try_from(*i).ok());
+        }
+        self.prev_generation = prev_generation;
+    }
+
     /// A snapshot of every meter's counters.
     pub fn stats(&self) -> Vec<MeterStats> {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

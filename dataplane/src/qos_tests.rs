@@ -269,3 +269,27 @@ fn floating_ip_meters_are_validated() {
         ConfigError::Qos(QosError::NotAFloatingIp { .. })
     ));
 }
+
+#[test]
+fn bucket_survives_an_apply_through_the_handle_when_meters_move() {
+    let handle = crate::config::ConfigHandle::new(interfaces());
+    let mut s = topology();
+    s.qos = vec![qos("vm1", None, Some((8_000, 2_000)))];
+    handle.apply(s.clone()).unwrap();
+    let mut l = Learned::new(16);
+    let f = frame(958);
+    let t1 = handle.tables().load_full();
+    assert_eq!(run(&t1, &mut l, &f).0, Verdict::Unicast { port: 1 });
+    assert_eq!(run(&t1, &mut l, &f).0, Verdict::Unicast { port: 1 });
+    // A meter inserted before vm1's: vm1's moves to index 1, linked at apply.
+    s.qos.insert(0, qos("vm2", Some((1000, 2000)), None));
+    handle.apply(s).unwrap();
+    let t2 = handle.tables().load_full();
+    assert_eq!(t2.qos.meters[1].prev, Some(0));
+    assert_eq!(t2.qos.meters[0].prev, None);
+    assert_eq!(
+        run(&t2, &mut l, &f).0,
+        Verdict::Drop(DropReason::QosMeterDropped),
+        "the emptied bucket was kept"
+    );
+}
