@@ -116,7 +116,7 @@ pub enum Action {
 }
 
 /// A compiled policy.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Policy {
     /// Index in the desired state's `router_policies` (hit counters, traces).
     pub index: usize,
@@ -127,16 +127,6 @@ pub struct Policy {
     pub dst: Option<Prefix>,
     pub proto: Option<u8>,
     pub action: Action,
-    pub hits: AtomicU64,
-}
-
-impl Clone for Policy {
-    fn clone(&self) -> Self {
-        Policy {
-            hits: AtomicU64::new(0),
-            ..*self
-        }
-    }
 }
 
 impl Policy {
@@ -150,11 +140,20 @@ impl Policy {
 }
 
 /// Policies per router (indexed like `Tables::routers`), highest priority first.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct PolicyTables {
     pub routers: Vec<Vec<Policy>>,
-    /// Total number of policies (the worker's counter slots).
-    pub count: usize,
+    /// Hit counters, indexed like the desired state's `router_policies`.
+    pub hits: Vec<AtomicU64>,
+}
+
+impl Clone for PolicyTables {
+    fn clone(&self) -> Self {
+        PolicyTables {
+            routers: self.routers.clone(),
+            hits: self.hits.iter().map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl PolicyTables {
@@ -176,21 +175,14 @@ impl PolicyTables {
 
     /// Hit counts per policy, by index in the desired state.
     pub fn stats(&self) -> Vec<PolicyStats> {
-        let mut v: Vec<PolicyStats> = self
-            .routers
+        self.hits
             .iter()
-            .flatten()
-            .map(|p| PolicyStats {
-                policy: p.index,
-                hits: p.hits.load(Ordering::Relaxed),
+            .enumerate()
+            .map(|(policy, h)| PolicyStats {
+                policy,
+                hits: h.load(Ordering::Relaxed),
             })
-            .collect();
-        v.sort_by_key(|s| s.policy);
-        v
-    }
-
-    fn by_index(&self, index: usize) -> Option<&Policy> {
-        self.routers.iter().flatten().find(|p| p.index == index)
+            .collect()
     }
 }
 
@@ -323,7 +315,6 @@ pub fn compile(
             dst: cidr(index, "dst_cidr", &s.dst_cidr)?,
             proto,
             action,
-            hits: AtomicU64::new(0),
         };
         let list = out.get_mut(rid).ok_or(PolicyError::TooMany)?;
         if let Some(other) = list.iter().find(|o| {
@@ -348,7 +339,7 @@ pub fn compile(
     }
     Ok(PolicyTables {
         routers: out,
-        count: specs.len(),
+        hits: specs.iter().map(|_| AtomicU64::new(0)).collect(),
     })
 }
 
@@ -389,8 +380,8 @@ impl PolicyState {
             let Some(h) = self.hits.get_mut(i) else {
                 continue;
             };
-            if let Some(p) = t.by_index(i) {
-                p.hits.fetch_add(*h, Ordering::Relaxed);
+            if let Some(shared) = t.hits.get(i) {
+                shared.fetch_add(*h, Ordering::Relaxed);
             }
             *h = 0;
         }
