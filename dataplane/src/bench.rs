@@ -280,6 +280,191 @@ pub fn run_stateful(
     ))
 }
 
+/// A network service measured with the feature on and, as the peer, off:
+/// 64-byte frames routed to 256 hosts, as in [`Scenario::Routed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// An egress meter (rate far above the offered load, so every frame is
+    /// metered and conforms) plus DSCP marking on the sending port.
+    Meter,
+    /// A mirror session on the sending port (direction out, no filter),
+    /// ERSPAN II to a collector interface: one encapsulated copy per frame.
+    Mirror,
+    /// IPv6 UDP to `64:ff9b::<host>` translated to IPv4 (256 sessions); the
+    /// peer ("off") routes the same IPv6 frames natively to the hosts' IPv6
+    /// addresses.
+    Nat64,
+    /// 16 router policies on the router, the matching one (allow) checked last.
+    Policy,
+}
+
+/// An IPv6 UDP frame (80 bytes) from the generator's port to `dst`.
+fn udp6(dst_mac: Mac, src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr) -> Vec<u8> {
+    use crate::packet::checksum::{accumulate, finish};
+    let mut udp = [0u8; 26];
+    udp[0..2].copy_from_slice(&12345u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&26u16.to_be_bytes());
+    let mut sum = accumulate(0, &src.octets());
+    sum = accumulate(sum, &dst.octets());
+    sum = accumulate(sum, &[0, 0, 0, 26, 0, 0, 0, 17]);
+    let c = finish(accumulate(sum, &udp));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::with_capacity(80);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&SRC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0, 0, 26, 17, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&udp);
+    f
+}
+
+/// Interfaces of the service runs: the generator, the sink, a mirror collector.
+fn service_interfaces() -> Vec<String> {
+    vec!["gen".into(), "sink".into(), "collector".into()]
+}
+
+/// The desired state and frames of a service scenario, `enabled` or not.
+pub fn service_scenario(s: Service, enabled: bool) -> (DesiredState, Vec<Vec<u8>>) {
+    let (mut state, frames) = scenario(Scenario::Routed { hosts: 256 });
+    if s == Service::Nat64 {
+        return nat64_scenario(state, enabled);
+    }
+    if enabled {
+        match s {
+            Service::Meter => state.qos.push(crate::qos::QosSpec {
+                port: Some("src".into()),
+                floating_ip: None,
+                ingress: None,
+                egress: Some(crate::qos::MeterSpec {
+                    rate_kbps: crate::qos::MAX_RATE_KBPS,
+                    burst_bytes: 1 << 20,
+                }),
+                dscp: Some(46),
+            }),
+            Service::Nat64 => {}
+            Service::Policy => {
+                for i in 0..16u32 {
+                    let last = i == 15;
+                    state.router_policies.push(crate::policy::RouterPolicySpec {
+                        router: "r".into(),
+                        priority: 100 - i,
+                        from_switch: Some("a".into()),
+                        src_cidr: Some("10.0.0.0/16".into()),
+                        dst_cidr: Some(if last {
+                            "10.1.0.0/16".into()
+                        } else {
+                            format!("192.168.{i}.0/24")
+                        }),
+                        protocol: Some("udp".into()),
+                        action: if last {
+                            crate::policy::PolicyAction::Allow
+                        } else {
+                            crate::policy::PolicyAction::Drop
+                        },
+                        next_hop: None,
+                    });
+                }
+            }
+            Service::Mirror => state.mirrors.push(crate::mirror::MirrorSpec {
+                name: "bench".into(),
+                ports: vec!["src".into()],
+                direction: crate::mirror::MirrorDirection::Out,
+                filter: None,
+                target: crate::mirror::MirrorTarget::Erspan {
+                    interface: "collector".into(),
+                    src_mac: "02:00:00:00:ee:01".into(),
+                    dst_mac: "02:00:00:00:ee:02".into(),
+                    src_ip: "198.18.0.1".into(),
+                    dst_ip: "198.18.0.2".into(),
+                    session_id: 1,
+                },
+            }),
+        }
+    }
+    (state, frames)
+}
+
+fn nat64_scenario(mut state: DesiredState, enabled: bool) -> (DesiredState, Vec<Vec<u8>>) {
+    let v6 = |net: u16, host: u32| {
+        let [_, _, hi, lo] = (host & 0xffff).to_be_bytes();
+        std::net::Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, u16::from_be_bytes([hi, lo]))
+    };
+    for (sw, net) in state.switches.iter_mut().zip([0xa, 0xb]) {
+        sw.subnet6 = Some(format!("fd00:{net:x}::/64"));
+    }
+    if let Some(r) = state.routers.first_mut() {
+        for (rp, net) in r.ports.iter_mut().zip([0xa, 0xb]) {
+            rp.ip6 = Some(v6(net, 0xfffe).to_string());
+        }
+    }
+    let mut frames = Vec::new();
+    for (i, p) in state.ports.iter_mut().enumerate() {
+        if i == 0 {
+            p.ips.push(v6(0xa, 1).to_string());
+            continue;
+        }
+        let host = u32::try_from(i - 1).unwrap_or(0) + 2;
+        p.ips.push(v6(0xb, host).to_string());
+        let dst = if enabled {
+            // 64:ff9b::10.1.x.y, the host's IPv4 address.
+            std::net::Ipv6Addr::from(0x0064_ff9b_u128 << 96 | u128::from(0x0a01_0000 + host))
+        } else {
+            v6(0xb, host)
+        };
+        frames.push(udp6(GW_A, v6(0xa, 1), dst));
+    }
+    if enabled {
+        state.nat64.push(crate::nat64::Nat64Spec {
+            router: "r".into(),
+            prefix: None,
+            pool: vec!["10.1.255.253".into()],
+            port_min: None,
+            port_max: None,
+        });
+    }
+    (state, frames)
+}
+
+/// Generator → worker → sink (+ collector) for a service scenario. Returns
+/// the run (frames delivered to the sink) and the frames the collector got.
+pub fn run_service(
+    s: Service,
+    enabled: bool,
+    packets: u64,
+) -> Result<(Run, u64), crate::config::ConfigError> {
+    let (state, frames) = service_scenario(s, enabled);
+    let config = ConfigHandle::new(service_interfaces());
+    config.apply(state)?;
+    let sink = MemPort::sink("sink");
+    let delivered = sink.counters();
+    let collector = MemPort::sink("collector");
+    let mirrored = collector.counters();
+    let ports: Vec<Box<dyn Port>> = vec![
+        Box::new(MemPort::generator("gen", frames, packets)),
+        Box::new(sink),
+        Box::new(collector),
+    ];
+    let mut worker = Worker::new(
+        ports,
+        config.tables(),
+        Arc::new(Stats::new(&service_interfaces())),
+    );
+    let start = Instant::now();
+    while worker.poll_once() > 0 {}
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((
+        Run {
+            generated: packets,
+            delivered: delivered.packets.load(Ordering::Relaxed),
+            seconds,
+        },
+        mirrored.packets.load(Ordering::Relaxed),
+    ))
+}
+
 /// The peer: the same generator straight into the same sink, batch by batch.
 pub fn run_baseline(s: Scenario, packets: u64) -> Run {
     let (_, frames) = scenario(s);
@@ -318,6 +503,27 @@ mod tests {
             assert_eq!((run.generated, run.delivered), (20_000, 20_000), "{s:?}");
             let peer = run_baseline(s, 20_000);
             assert_eq!(peer.delivered, 20_000, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn service_scenarios_deliver_every_packet_on_and_off() {
+        for s in [
+            Service::Meter,
+            Service::Mirror,
+            Service::Nat64,
+            Service::Policy,
+        ] {
+            for enabled in [true, false] {
+                let (run, mirrored) = run_service(s, enabled, 6_000).unwrap();
+                assert_eq!(run.delivered, 6_000, "{s:?} enabled={enabled}");
+                let copies = if enabled && s == Service::Mirror {
+                    6_000
+                } else {
+                    0
+                };
+                assert_eq!(mirrored, copies, "{s:?} enabled={enabled}");
+            }
         }
     }
 

@@ -96,6 +96,14 @@ pub enum ConfigError {
     Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
     Nat(#[from] crate::nat::NatError),
+    #[error(transparent)]
+    Qos(#[from] crate::qos::QosError),
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorError),
+    #[error(transparent)]
+    Nat64(#[from] crate::nat64::Nat64Error),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -489,7 +497,39 @@ pub fn compile(
     }
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
+    let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
+    let nat64 = crate::nat64::compile(&desired.nat64, &router_names, &mut switches)?;
+    let views: Vec<crate::policy::RouterView<'_>> = desired
+        .routers
+        .iter()
+        .enumerate()
+        .map(|(rid, r)| crate::policy::RouterView {
+            name: r.name.as_str(),
+            attached: switches
+                .iter()
+                .enumerate()
+                .filter_map(|(sid, sw)| {
+                    let gw = sw.gateway.filter(|g| g.router as usize == rid)?;
+                    Some((sw.name.as_str(), u32::try_from(sid).ok()?, sw.subnet, gw.ip))
+                })
+                .collect(),
+        })
+        .collect();
+    let policies = crate::policy::compile(&desired.router_policies, &views)?;
     compile_dhcp(desired, &mut switches)?;
+    let names: Vec<&str> = lports.iter().map(|l| l.name.as_str()).collect();
+    let floating_ips: Vec<&str> = desired
+        .nat
+        .iter()
+        .filter(|n| n.kind == crate::model::NatKind::DnatAndSnat)
+        .map(|n| n.external_ip.as_str())
+        .collect();
+    let qos = crate::qos::compile(&desired.qos, &names, &floating_ips)?;
+    let taps: Vec<_> = lports
+        .iter()
+        .map(|l| (l.name.as_str(), l.port, l.mac))
+        .collect();
+    let mirror = crate::mirror::compile(&desired.mirrors, &taps, interfaces)?;
 
     Ok(Tables {
         generation,
@@ -499,6 +539,10 @@ pub fn compile(
         switches,
         routers,
         stateful,
+        qos,
+        mirror,
+        nat64,
+        policies,
     })
 }
 
@@ -605,7 +649,9 @@ impl ConfigHandle {
     pub fn apply(&self, desired: DesiredState) -> Result<u64, ConfigError> {
         let mut current = self.desired.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.tables.load().generation + 1;
-        let tables = compile(&desired, &self.interfaces, generation)?;
+        let mut tables = compile(&desired, &self.interfaces, generation)?;
+        let running = self.tables.load();
+        tables.qos.link(&running.qos, running.generation);
         self.tables.store(Arc::new(tables));
         *current = desired;
         Ok(generation)

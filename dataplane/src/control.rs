@@ -43,6 +43,12 @@ pub enum Request {
     },
     /// Hit counters of every security-group and firewall rule.
     RuleStats,
+    /// Conformed / dropped counters of every QoS meter.
+    QosStats,
+    /// Copies sent per mirror session.
+    MirrorStats,
+    /// Hit counters of the router policies.
+    PolicyStats,
     /// Drop the tracked connections of one port's (or router's) conntrack zone.
     CtFlush {
         #[serde(default)]
@@ -80,6 +86,15 @@ pub enum Response {
     },
     RuleStats {
         rules: Vec<RuleHits>,
+    },
+    QosStats {
+        meters: Vec<crate::qos::MeterStats>,
+    },
+    MirrorStats {
+        sessions: Vec<crate::mirror::MirrorStats>,
+    },
+    PolicyStats {
+        policies: Vec<crate::policy::PolicyStats>,
     },
     /// The flush was handed to the workers (they run it within one round).
     FlushRequested {
@@ -233,6 +248,15 @@ impl Controller {
                         .collect(),
                 }
             }
+            Request::QosStats => Response::QosStats {
+                meters: self.config.tables().load().qos.stats(),
+            },
+            Request::MirrorStats => Response::MirrorStats {
+                sessions: self.config.tables().load().mirror.stats(),
+            },
+            Request::PolicyStats => Response::PolicyStats {
+                policies: self.config.tables().load().policies.stats(),
+            },
             Request::CtFlush { port, router } => {
                 let zone = match (port, router) {
                     (Some(p), None) => crate::security::zone_id("port", &p),
@@ -281,6 +305,29 @@ impl Controller {
         buf[..frame.len()].copy_from_slice(&frame);
         let mut len = frame.len();
         let mut tr = RecordTrace::default();
+        // Mirror copies are taken by the engine around the pipeline: the
+        // received frame first, the delivered one after.
+        let mirrors = |frame: &[u8], port: u16, out: bool, tr: &mut RecordTrace| {
+            let taps = if out {
+                tables.mirror.rx.get(usize::from(port))
+            } else {
+                tables.mirror.tx.get(usize::from(port))
+            };
+            for tap in taps.into_iter().flatten() {
+                if let Some(s) = tables.mirror.selects(tap, frame, out) {
+                    tr.steps.push(TraceStep {
+                        stage: "mirror".into(),
+                        decision: format!(
+                            "session {:?}: copy of the frame {} to {:?}",
+                            s.name,
+                            if out { "the port sent" } else { "delivered" },
+                            s.target
+                        ),
+                    });
+                }
+            }
+        };
+        mirrors(&frame, in_port, true, &mut tr);
         // Learning off: a trace must not change forwarding state.
         let d = process(
             &tables,
@@ -290,6 +337,13 @@ impl Controller {
             &mut len,
             &mut tr,
         );
+        match d.verdict {
+            Verdict::Unicast { port } => {
+                mirrors(buf.get(..len).unwrap_or(&[]), port, false, &mut tr)
+            }
+            Verdict::Reply => mirrors(buf.get(..len).unwrap_or(&[]), in_port, false, &mut tr),
+            _ => {}
+        }
         let name = |p: u16| {
             tables
                 .interfaces
@@ -460,6 +514,39 @@ mod tests {
             panic!()
         };
         assert_eq!(verdict, "drop: malformed_ethernet");
+    }
+
+    #[test]
+    fn trace_shows_mirror_copies_and_qos() {
+        let c = controller();
+        let mut state = topology();
+        state.mirrors = vec![crate::mirror::MirrorSpec {
+            name: "tap".into(),
+            ports: vec!["vm1".into()],
+            direction: crate::mirror::MirrorDirection::Both,
+            filter: None,
+            target: crate::mirror::MirrorTarget::Port {
+                port: "uplink".into(),
+            },
+        }];
+        state.qos = vec![crate::qos::QosSpec {
+            port: Some("vm1".into()),
+            dscp: Some(10),
+            ..Default::default()
+        }];
+        assert!(matches!(
+            c.handle(Request::Apply { state }),
+            Response::Applied { .. }
+        ));
+        let json = r#"{"op":"trace","interface":"p0","packet":{"eth_src":"02:00:00:00:00:01","eth_dst":"02:00:00:00:00:02","ip_src":"10.0.1.10","ip_dst":"10.0.1.11"}}"#;
+        let Response::Trace { steps, .. } = c.handle(serde_json::from_str(json).unwrap()) else {
+            panic!()
+        };
+        let mirror = steps.iter().find(|s| s.stage == "mirror").unwrap();
+        assert!(mirror.decision.contains("\"tap\""), "{mirror:?}");
+        assert!(steps
+            .iter()
+            .any(|s| s.stage == "qos_out" && s.decision == "DSCP set to 10"));
     }
 
     #[test]

@@ -60,6 +60,10 @@ counted_enum!(
         NatPortsExhausted => "nat_ports_exhausted",
         MalformedDhcp => "malformed_dhcp",
         DhcpNotAnswered => "dhcp_not_answered",
+        QosMeterDropped => "qos_meter_dropped",
+        Nat64Unsupported => "nat64_unsupported",
+        Nat64NoSession => "nat64_no_session",
+        PolicyDropped => "router_policy_dropped",
     }
 );
 
@@ -78,6 +82,8 @@ counted_enum!(
         DhcpOffered => "dhcp_offer_sent",
         DhcpAcked => "dhcp_ack_sent",
         DhcpNaked => "dhcp_nak_sent",
+        Nat64To4 => "nat64_translated_6to4",
+        Nat64To6 => "nat64_translated_4to6",
     }
 );
 

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 
 use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
+use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
 use crate::tables::Tables;
@@ -40,6 +41,7 @@ pub struct Worker {
     local: Vec<LocalPortCounters>,
     outcomes: [u64; Outcome::COUNT],
     pollfds: Vec<libc::pollfd>,
+    mirror: MirrorState,
 }
 
 impl Worker {
@@ -75,6 +77,7 @@ impl Worker {
             learned: Learned::new(LEARNED_MACS).with_connections(CONNECTIONS),
             outcomes: [0; Outcome::COUNT],
             pollfds,
+            mirror: MirrorState::default(),
         }
     }
 
@@ -102,10 +105,13 @@ impl Worker {
             learned,
             local,
             outcomes,
+            mirror,
             ..
         } = self;
         let tables = tables.load();
         learned.sync(tables.generation);
+        mirror.sync(tables.generation);
+        let mirrors = &tables.mirror;
         crate::stateful::serve_flush(stats, &mut learned.stateful);
         let mut total = 0;
         for i in 0..ports.len() {
@@ -125,6 +131,9 @@ impl Worker {
                     c.rx_packets += 1;
                     c.rx_bytes += buf.len as u64;
                 }
+                if let Some(taps) = mirrors.rx.get(i).filter(|t| !t.is_empty()) {
+                    mirror_copies(mirrors, taps, buf.frame(), true, ports, tx, local, mirror);
+                }
                 let (data, len) = buf.parts_mut();
                 let d = process(&tables, learned, in_port, data, len, &mut NoTrace);
                 if let Some(o) = d.outcome {
@@ -141,9 +150,18 @@ impl Worker {
                         }
                     }
                     Verdict::Unicast { port } => {
-                        enqueue(ports, tx, local, usize::from(port), frame)
+                        let out = usize::from(port);
+                        enqueue(ports, tx, local, out, &[], frame);
+                        if let Some(taps) = mirrors.tx.get(out).filter(|t| !t.is_empty()) {
+                            mirror_copies(mirrors, taps, frame, false, ports, tx, local, mirror);
+                        }
                     }
-                    Verdict::Reply => enqueue(ports, tx, local, i, frame),
+                    Verdict::Reply => {
+                        enqueue(ports, tx, local, i, &[], frame);
+                        if let Some(taps) = mirrors.tx.get(i).filter(|t| !t.is_empty()) {
+                            mirror_copies(mirrors, taps, frame, false, ports, tx, local, mirror);
+                        }
+                    }
                     Verdict::Flood { switch, except } => {
                         let Some(sw) = tables.switches.get(switch as usize) else {
                             continue;
@@ -157,7 +175,13 @@ impl Worker {
                             let bit = 1u64 << (lp.port % 64);
                             if sent & bit == 0 {
                                 sent |= bit;
-                                enqueue(ports, tx, local, usize::from(lp.port), frame);
+                                let out = usize::from(lp.port);
+                                enqueue(ports, tx, local, out, &[], frame);
+                                if let Some(taps) = mirrors.tx.get(out).filter(|t| !t.is_empty()) {
+                                    mirror_copies(
+                                        mirrors, taps, frame, false, ports, tx, local, mirror,
+                                    );
+                                }
                             }
                         }
                     }
@@ -168,6 +192,9 @@ impl Worker {
             }
         }
         stats.fold(local, outcomes);
+        learned.qos.fold(&tables.qos);
+        learned.policy.fold(&tables.policies);
+        mirror.fold(mirrors);
         let ct = &mut learned.stateful.ct;
         let entries = ct.len();
         stats.fold_conntrack(&mut ct.counters, entries);
@@ -201,23 +228,58 @@ impl Worker {
     }
 }
 
+/// Queues `prefix` + `frame` for interface `out`; `false` when it did not fit a buffer.
 fn enqueue(
     ports: &mut [Box<dyn Port>],
     tx: &mut [TxQueue],
     local: &mut [LocalPortCounters],
     out: usize,
+    prefix: &[u8],
     frame: &[u8],
-) {
+) -> bool {
     let full = tx.get(out).is_some_and(|q| q.len == q.bufs.len());
     if full {
         flush(ports, tx, local, out);
     }
     if let Some(q) = tx.get_mut(out) {
         if let Some(b) = q.bufs.get_mut(q.len) {
-            if b.set(frame) {
+            if b.set_prefixed(prefix, frame) {
                 q.len += 1;
+                return true;
             }
         }
+    }
+    false
+}
+
+/// Sends the copies of `frame` its interface's taps select ([`crate::mirror`]).
+/// `out`: the frame was received from the port (else it is delivered to it).
+// hot path (interfaces with taps only): one copy per selecting session.
+#[allow(clippy::too_many_arguments)]
+fn mirror_copies(
+    m: &MirrorTables,
+    taps: &[Tap],
+    frame: &[u8],
+    out: bool,
+    ports: &mut [Box<dyn Port>],
+    tx: &mut [TxQueue],
+    local: &mut [LocalPortCounters],
+    st: &mut MirrorState,
+) {
+    for tap in taps {
+        let Some(s) = m.selects(tap, frame, out) else {
+            continue;
+        };
+        let ok = match s.target {
+            Target::Port(p) => enqueue(ports, tx, local, usize::from(p), &[], frame),
+            Target::Erspan { port, template } => {
+                let seq = st.next_seq(tap.session);
+                let tagged = frame.get(12..14) == Some(&[0x81, 0x00]);
+                let h = erspan_header(&template, frame.len(), seq, tagged);
+                enqueue(ports, tx, local, usize::from(port), &h, frame)
+            }
+        };
+        st.count(tap.session, frame.len(), ok);
     }
 }
 

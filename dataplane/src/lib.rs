@@ -37,6 +37,20 @@
 //!   packet, and cuts those now denied. Per-rule hit counters:
 //!   `{"op":"rule_stats"}`; one zone's connections are flushed with
 //!   `{"op":"ct_flush","port":"vm1"}` (or `"router"`).
+//! - **Network services** (same desired state, same apply): QoS
+//!   ([`qos`]: per-port and per-floating-IP token-bucket meters, ingress and
+//!   egress, that drop over the rate, and DSCP marking per port; buckets are per worker, lock-free, and
+//!   survive an apply that keeps their rate; `{"op":"qos_stats"}`), traffic
+//!   mirroring ([`mirror`]: sessions on ports, in/out/both, protocol/CIDR
+//!   filter, to a local port or a GRE/ERSPAN type II collector, copies taken
+//!   by the engine around the pipeline so they are byte-identical;
+//!   `{"op":"mirror_stats"}`) and stateful NAT64 on routers ([`nat64`]:
+//!   RFC 6146 sessions in the connection table, RFC 7915 header translation,
+//!   IPv4 pool), router policies ([`policy`]: allow/drop/reroute by
+//!   ingress switch, CIDRs and protocol, for service chains;
+//!   `{"op":"policy_stats"}`). Their decisions appear in the trace (`qos_out`, `qos_in`,
+//!   `nat64`, `router_policy`) and in the drop/outcome counters (`qos_meter_dropped`,
+//!   `nat64_no_session`, `nat64_translated_6to4` …).
 //! - **Trace** ([`control::Request::Trace`]): the same `process` with a
 //!   recording [`pipeline::Tracer`], like `ovn-trace`; forwarding uses the
 //!   no-op tracer, which compiles away.
@@ -62,6 +76,14 @@
 //! {"router":"r","type":"dnat_and_snat","external_ip":"198.18.0.50","logical_ip":"10.0.1.10"},
 //! {"router":"r","type":"dnat","external_ip":"198.18.0.1","protocol":"tcp","external_port":8080,"logical_ip":"10.0.1.11","logical_port":80}]`,
 //! `"firewall":[{"router":"r","protocol":"tcp","dst_cidr":"10.0.2.0/24","port_min":22,"action":"deny"}]`.
+//!
+//! Network services likewise:
+//! `"qos":[{"port":"vm1","egress":{"rate_kbps":100000,"burst_bytes":250000},"dscp":46}]`,
+//! `"mirrors":[{"name":"tap","ports":["vm1"],"direction":"both","filter":{"protocol":"icmp"},
+//! "target":{"type":"erspan","interface":"dp2","src_mac":"02:00:00:00:00:fe","dst_mac":"02:00:00:00:00:12","src_ip":"198.18.0.1","dst_ip":"198.18.0.2","session_id":7}}]`
+//! (or `"target":{"type":"port","port":"collector"}`),
+//! `"nat64":[{"router":"r","pool":["198.18.1.100"]}]` (prefix `64:ff9b::/96` unless `"prefix"` is given),
+//! `"router_policies":[{"router":"r","priority":100,"from_switch":"a","dst_cidr":"10.0.2.0/24","action":"reroute","next_hop":"10.0.3.10"}]`.
 //!
 //! # Threading model
 //!
@@ -90,10 +112,14 @@
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
 //! - Stateful services: conntrack keys hold IPv6 addresses and security
 //!   groups filter IPv6, but NAT and the router firewall are IPv4 only (no
-//!   NAT64, no hairpin to a VM's own floating IP); non-first fragments are not
+//!   hairpin to a VM's own floating IP; IPv6 clients reach IPv4 through
+//!   [`nat64`]); non-first fragments are not
 //!   tracked (dropped on ports with groups); flooded frames are filtered on
 //!   the sending port only. The trace runs a fresh connection table, so it
 //!   shows the decision for a connection's first packet.
+//! - QoS meters police, they do not shape (no queueing); flooded frames are
+//!   not metered. Mirror copies to an ERSPAN
+//!   collector add 50 bytes: its link needs MTU ≥ 1550 for full-size frames.
 //! - IPv6: port security, an ND responder (bindings and gateway addresses)
 //!   and forwarding between attached subnets (hop-limit decrement); no IPv6
 //!   static routes, no ICMPv6 errors (expiring hop limits are dropped and
@@ -111,13 +137,19 @@ pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
 pub mod lpm;
+pub mod mirror;
 pub mod model;
 pub mod nat;
+pub mod nat64;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
+pub mod policy;
 pub mod port;
+pub mod qos;
+#[cfg(test)]
+mod qos_tests;
 pub mod security;
 pub mod stateful;
 #[cfg(test)]

@@ -26,6 +26,18 @@ pub struct DesiredState {
     /// Router firewall rules, applied to routed traffic ([`crate::nat`]).
     #[serde(default)]
     pub firewall: Vec<FirewallRuleSpec>,
+    /// Rate limits and DSCP marking per port ([`crate::qos`]).
+    #[serde(default)]
+    pub qos: Vec<crate::qos::QosSpec>,
+    /// Traffic mirror sessions ([`crate::mirror`]).
+    #[serde(default)]
+    pub mirrors: Vec<crate::mirror::MirrorSpec>,
+    /// Stateful NAT64 per router ([`crate::nat64`]).
+    #[serde(default)]
+    pub nat64: Vec<crate::nat64::Nat64Spec>,
+    /// Router policies: policy routing and service chains ([`crate::policy`]).
+    #[serde(default)]
+    pub router_policies: Vec<crate::policy::RouterPolicySpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -31,8 +31,8 @@
 //!
 //! # Assumptions / not yet
 //!
-//! IPv4 only (IPv6 NAT and NAT64 are not implemented; IPv6 routed traffic
-//! bypasses this stage). No hairpin (a VM
+//! IPv4 only (IPv6 NAT is not implemented; IPv6 routed traffic bypasses
+//! this stage; NAT64 is [`crate::nat64`]). No hairpin (a VM
 //! reaching its own floating IP from inside). Non-first fragments are not
 //! translated.
 

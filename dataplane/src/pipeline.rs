@@ -91,6 +91,10 @@ pub struct Learned {
     map: FastMap<u64, LportId>,
     /// Connection tracking for the stateful stages ([`crate::stateful`]).
     pub stateful: crate::stateful::WorkerState,
+    /// Meter buckets ([`crate::qos`]).
+    pub qos: crate::qos::QosState,
+    /// Router policy hit counts ([`crate::policy`]).
+    pub policy: crate::policy::PolicyState,
 }
 
 impl Learned {
@@ -101,6 +105,8 @@ impl Learned {
             capacity,
             map: fastmap::with_capacity(capacity),
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
+            qos: crate::qos::QosState::new(),
+            policy: crate::policy::PolicyState::default(),
         }
     }
 
@@ -118,6 +124,7 @@ impl Learned {
     // hot path: one compare per batch.
     pub fn sync(&mut self, generation: u64) {
         self.stateful.tick();
+        self.qos.tick();
         if self.generation != generation {
             self.map.clear();
             self.generation = generation;
@@ -206,6 +213,7 @@ pub fn process<T: Tracer>(
     len: &mut usize,
     tr: &mut T,
 ) -> Decision {
+    learned.qos.sync(t.generation, &t.qos);
     let Some(frame) = buf.get(..*len) else {
         return drop_(DropReason::Oversize);
     };
@@ -369,6 +377,9 @@ pub fn process<T: Tracer>(
     ) {
         return drop_(reason);
     }
+    if let Err(reason) = qos_egress(t, learned, lport_id, &p, buf, *len, tr) {
+        return drop_(reason);
+    }
 
     if let Some(gw) = sw.gateway.filter(|gw| gw.mac == p.dst) {
         let mut d = route(t, learned, &p, &gw, buf, len, tr);
@@ -413,6 +424,9 @@ pub fn process<T: Tracer>(
             ) {
                 return drop_(reason);
             }
+            if let Err(reason) = qos_ingress(t, learned, d, *len, tr) {
+                return drop_(reason);
+            }
             tr.note("l2_forward", || {
                 format!(
                     "{} → logical port {:?} (interface {})",
@@ -434,6 +448,78 @@ pub fn process<T: Tracer>(
             flood
         }
     }
+}
+
+/// QoS of the port a frame comes from: its egress meter, then DSCP marking.
+// hot path: one index for ports without QoS.
+fn qos_egress<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let Some(q) = t.qos.port(lport).copied() else {
+        return Ok(());
+    };
+    if let Some(m) = q.egress {
+        police(t, learned, m, len, "qos_out", tr)?;
+    }
+    if let Some(dscp) = q.dscp {
+        if crate::qos::mark_dscp(buf, p, dscp) {
+            tr.note("qos_out", || format!("DSCP set to {dscp}"));
+        }
+    }
+    Ok(())
+}
+
+/// QoS of the port a frame is delivered to: its ingress meter.
+// hot path: one index for ports without QoS.
+fn qos_ingress<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    len: usize,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    let Some(m) = t.qos.port(lport).and_then(|q| q.ingress) else {
+        return Ok(());
+    };
+    police(t, learned, m, len, "qos_in", tr)
+}
+
+/// Runs meter `m` on a `len`-byte frame for `stage`.
+// hot path: integer arithmetic; the trace closures compile away.
+fn police<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    m: u16,
+    len: usize,
+    stage: &'static str,
+    tr: &mut T,
+) -> Result<(), DropReason> {
+    if !learned.qos.police(m, len) {
+        tr.note(stage, || {
+            format!(
+                "drop: {len} bytes over the rate of meter {}",
+                meter_name(t, m)
+            )
+        });
+        return Err(DropReason::QosMeterDropped);
+    }
+    tr.note(stage, || {
+        format!("{len} bytes conform to meter {}", meter_name(t, m))
+    });
+    Ok(())
+}
+
+fn meter_name(t: &Tables, m: u16) -> &str {
+    t.qos
+        .meters
+        .get(usize::from(m))
+        .map_or("?", |m| m.name.as_str())
 }
 
 /// Turns an ARP request for `mac`'s IP into the reply, in place.
@@ -478,6 +564,38 @@ fn route<T: Tracer>(
     let Some(router) = t.routers.get(gw.router as usize) else {
         return drop_(DropReason::RouterNotIpv4);
     };
+    if let Some(n) = t.nat64.get(gw.router as usize).and_then(Option::as_ref) {
+        if n.owns(ip.dst) {
+            if let Err(reason) = crate::nat64::to_v6(n, &mut learned.stateful, p, &ip, buf, len, tr)
+            {
+                return drop_(reason);
+            }
+            let Some(Ok(p6)) = buf.get(..*len).map(parse) else {
+                return drop_(DropReason::MalformedIpv6);
+            };
+            let L3::Ipv6(ip6) = p6.l3 else {
+                return drop_(DropReason::MalformedIpv6);
+            };
+            let mut d = route6(t, learned, &p6, &ip6, gw, buf, len, tr);
+            if d.outcome == Some(Outcome::Routed) {
+                d.outcome = Some(Outcome::Nat64To6);
+            }
+            return d;
+        }
+    }
+    // Floating-IP ingress meter: on the address the packet was sent to (before DNAT).
+    if !t.qos.floating.is_empty() {
+        let m = t
+            .qos
+            .floating
+            .get(&u32::from(ip.dst))
+            .and_then(|q| q.ingress);
+        if let Some(m) = m {
+            if let Err(reason) = police(t, learned, m, *len, "qos_in", tr) {
+                return drop_(reason);
+            }
+        }
+    }
     // NAT / firewall: translate tracked connections, DNAT first packets.
     let pre = match crate::nat::pre_route(t, &mut learned.stateful, gw.router, p, buf, *len, tr) {
         Ok(pre) => pre,
@@ -533,14 +651,38 @@ fn route<T: Tracer>(
             Outcome::IcmpTimeExceeded,
         );
     }
-    let Some(r) = router
-        .routes
-        .lookup(ip.dst)
-        .and_then(|group| match group.len() {
-            1 => group.first().copied(),
-            n => group.get(flow_hash(p, &ip) as usize % n.max(1)).copied(),
-        })
-    else {
+    let policy = t
+        .policies
+        .lookup(gw.router, gw.ip, ip.src, ip.dst, ip.proto);
+    if let Some(pol) = policy {
+        learned.policy.hit(pol.index);
+        tr.note("router_policy", || {
+            format!(
+                "policy {} (priority {}) matches: {:?}",
+                pol.index, pol.priority, pol.action
+            )
+        });
+    }
+    let rerouted = match policy.map(|p| p.action) {
+        Some(crate::policy::Action::Drop) => {
+            tr.note("router_policy", || "drop".into());
+            return drop_(DropReason::PolicyDropped);
+        }
+        Some(crate::policy::Action::Reroute { switch, next_hop }) => Some(crate::tables::Route {
+            switch,
+            next_hop: Some(next_hop),
+        }),
+        _ => None,
+    };
+    let Some(r) = rerouted.or_else(|| {
+        router
+            .routes
+            .lookup(ip.dst)
+            .and_then(|group| match group.len() {
+                1 => group.first().copied(),
+                n => group.get(flow_hash(p, &ip) as usize % n.max(1)).copied(),
+            })
+    }) else {
         tr.note("router", || {
             format!("no route to {}: ICMP net unreachable to {}", ip.dst, ip.src)
         });
@@ -586,6 +728,21 @@ fn route<T: Tracer>(
         }
         _ => p,
     };
+    // Floating-IP egress meter: on the address the packet leaves from (after SNAT).
+    if !t.qos.floating.is_empty() {
+        if let L3::Ipv4(fin) = p.l3 {
+            let m = t
+                .qos
+                .floating
+                .get(&u32::from(fin.src))
+                .and_then(|q| q.egress);
+            if let Some(m) = m {
+                if let Err(reason) = police(t, learned, m, *len, "qos_out", tr) {
+                    return drop_(reason);
+                }
+            }
+        }
+    }
     tr.note("router", || {
         format!(
             "route {} → switch {:?} next hop {}",
@@ -620,6 +777,9 @@ fn route<T: Tracer>(
             buf.get(..*len).unwrap_or(&[]),
             tr,
         ) {
+            return drop_(reason);
+        }
+        if let Err(reason) = qos_ingress(t, learned, out_id, *len, tr) {
             return drop_(reason);
         }
     }
@@ -685,6 +845,23 @@ fn route6<T: Tracer>(
         });
         return drop_(DropReason::HopLimitExceeded);
     }
+    if let Some(n) = t.nat64.get(gw.router as usize).and_then(Option::as_ref) {
+        if n.embeds(ip6.dst) {
+            if let Err(reason) =
+                crate::nat64::to_v4(n, &mut learned.stateful, t.generation, p, ip6, buf, len, tr)
+            {
+                return drop_(reason);
+            }
+            let Some(Ok(p4)) = buf.get(..*len).map(parse) else {
+                return drop_(DropReason::MalformedIpv4);
+            };
+            let mut d = route(t, learned, &p4, gw, buf, len, tr);
+            if d.outcome == Some(Outcome::Routed) {
+                d.outcome = Some(Outcome::Nat64To4);
+            }
+            return d;
+        }
+    }
     let dst = u128::from(ip6.dst);
     let Some(r) = router
         .routes6
@@ -725,6 +902,9 @@ fn route6<T: Tracer>(
             buf.get(..*len).unwrap_or(&[]),
             tr,
         ) {
+            return drop_(reason);
+        }
+        if let Err(reason) = qos_ingress(t, learned, out_id, *len, tr) {
             return drop_(reason);
         }
     }

@@ -44,6 +44,21 @@ impl PacketBuf {
         (&mut self.data, &mut self.len)
     }
 
+    /// Copies `prefix` then `frame` in (an encapsulation header and the
+    /// frame); `false` (and unchanged) when they do not fit.
+    pub fn set_prefixed(&mut self, prefix: &[u8], frame: &[u8]) -> bool {
+        let n = prefix.len();
+        match self.data.get_mut(..n + frame.len()) {
+            Some(dst) => {
+                dst[..n].copy_from_slice(prefix);
+                dst[n..].copy_from_slice(frame);
+                self.len = n + frame.len();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Copies `frame` in; `false` (and unchanged) when it does not fit.
     pub fn set(&mut self, frame: &[u8]) -> bool {
         match self.data.get_mut(..frame.len()) {

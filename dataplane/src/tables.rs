@@ -129,6 +129,14 @@ pub struct Tables {
     pub routers: Vec<Router>,
     /// Security groups, NAT and firewall ([`crate::stateful`]).
     pub stateful: crate::stateful::StatefulTables,
+    /// Meters and DSCP marking ([`crate::qos`]).
+    pub qos: crate::qos::QosTables,
+    /// Mirror sessions ([`crate::mirror`]); applied by the engine.
+    pub mirror: crate::mirror::MirrorTables,
+    /// NAT64 per router (indexed like `routers`).
+    pub nat64: Vec<Option<crate::nat64::Nat64>>,
+    /// Router policies ([`crate::policy`]).
+    pub policies: crate::policy::PolicyTables,
 }
 
 impl Tables {

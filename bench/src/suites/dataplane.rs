@@ -9,7 +9,9 @@
 //!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
-use keel_dataplane::bench::{run_baseline, run_pipeline, run_stateful, Run, Scenario, Stateful};
+use keel_dataplane::bench::{
+    run_baseline, run_pipeline, run_service, run_stateful, Run, Scenario, Service, Stateful,
+};
 
 use crate::{BenchError, Measurement, Scale, Suite};
 
@@ -68,7 +70,52 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         );
     }
     stateful(scale, &mut out)?;
+    services(scale, &mut out)?;
     Ok(out)
+}
+
+/// QoS meter + DSCP marking, traffic mirroring, NAT64 and router policies,
+/// each against itself switched off.
+fn services(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    let per_round = match scale {
+        Scale::Quick => 100_000,
+        Scale::Full => 4_000_000,
+    };
+    let scenarios = [
+        (
+            "QoS egress meter + DSCP marking, routed",
+            Service::Meter,
+            "same frames routed, QoS off",
+        ),
+        (
+            "mirror (ERSPAN II copy of every frame), routed",
+            Service::Mirror,
+            "same frames routed, mirror off",
+        ),
+        (
+            "NAT64 (IPv6 → IPv4 translation, 256 sessions)",
+            Service::Nat64,
+            "same IPv6 frames routed natively, NAT64 off",
+        ),
+        (
+            "16 router policies (match on the last), routed",
+            Service::Policy,
+            "same frames routed, no policies",
+        ),
+    ];
+    for (name, s, peer_name) in scenarios {
+        let (mut keel, mut peer) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            keel.push(run_service(s, true, per_round).map_err(io)?.0);
+            peer.push(run_service(s, false, per_round).map_err(io)?.0);
+        }
+        let (keel, peer) = (total(&keel), total(&peer));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, keel.mpps())
+                .with_peer(peer_name, peer.mpps()),
+        );
+    }
+    Ok(())
 }
 
 fn io(e: keel_dataplane::config::ConfigError) -> BenchError {
@@ -149,7 +196,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 10);
+        assert_eq!(ms.len(), 14);
         for m in ms.iter().filter(|m| m.unit != "bytes") {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
