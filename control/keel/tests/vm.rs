@@ -1016,6 +1016,51 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert!(text.contains("G2=0"), "the peer's own link: {text}");
     let text = run_in(&vms[0].0, "P3", &format!("ping -c 3 -W 2 {peer}"));
     assert!(text.contains("P3=0"), "allowed again: {text}");
+    // A clone of a VM with a NIC gets its own port (new address and MAC on
+    // the same subnet) and its lease for it from keel's DHCP.
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{}/clone", vms[0].0),
+        Some(json!({"name": "net0-clone"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let task = api.wait_task(&task);
+    let clone = task["params"]["vm_ids"][0].as_str().unwrap().to_owned();
+    guards.push(DomainGuard(clone.clone()));
+    api.wait_status(&clone, "RUNNING");
+    let ports = api.ok("GET", "/api/v1/ports", None);
+    let of = |vm: &str| {
+        ports["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["device_id"] == vm)
+            .cloned()
+            .unwrap_or_else(|| panic!("no port of {vm}: {ports}"))
+    };
+    let (source_port, clone_port) = (of(&vms[0].0), of(&clone));
+    assert_eq!(clone_port["subnet_id"], source_port["subnet_id"]);
+    assert_ne!(clone_port["fixed_ip"], source_port["fixed_ip"]);
+    assert_ne!(clone_port["mac_address"], source_port["mac_address"]);
+    let clone_ip = clone_port["fixed_ip"].as_str().unwrap();
+    wait_console(&state, &clone, &format!("KEEL-LEASE ip={clone_ip} "), 1);
+    let (status, task) = api.call(
+        "DELETE",
+        &format!("/api/v1/vms/{clone}?delete_volumes=true"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let port_path = format!("/api/v1/ports/{}", clone_port["id"].as_str().unwrap());
+    let p = api.ok("GET", &port_path, None);
+    assert!(p["device_id"].is_null(), "{p}");
+    let (status, body) = api.call_with(
+        "DELETE",
+        &port_path,
+        &[("If-Match", &format!("\"{}\"", p["revision"]))],
+    );
+    assert_eq!(status, 204, "{body}");
+
     for (vm, _, _) in &vms {
         let (status, task) = api.call(
             "DELETE",

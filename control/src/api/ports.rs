@@ -207,6 +207,64 @@ fn choose_ip(
     )))
 }
 
+/// What a new port is made of besides its subnet.
+pub struct NewPort<'a> {
+    pub name: &'a str,
+    /// Taken from the subnet's pools when absent.
+    pub fixed_ip: Option<IpAddr>,
+    /// Already checked to be groups of the subnet's VDC.
+    pub security_group_ids: Vec<String>,
+    pub description: String,
+    pub device_id: Option<String>,
+}
+
+/// Stores a port on `subnet` with a free address and a MAC unique in its
+/// VDC (for `POST /ports` and for the NICs of VM clones).
+pub async fn insert_port(
+    conn: &mut sqlx::SqliteConnection,
+    subnet: &Record,
+    new: NewPort<'_>,
+) -> Result<Record, ApiError> {
+    let subnet_spec: SubnetSpec = subnet.spec()?;
+    let siblings = records::children(conn, KIND, &subnet.meta.id).await?;
+    let mut used = HashSet::new();
+    for p in &siblings {
+        used.insert(p.spec::<PortSpec>()?.fixed_ip);
+    }
+    let fixed_ip = choose_ip(&subnet_spec, &used, new.fixed_ip)?;
+    let vdc_ports =
+        records::in_vdc(conn, KIND, subnet.meta.vdc_id.as_deref().unwrap_or("")).await?;
+    let macs: HashSet<String> = vdc_ports
+        .iter()
+        .filter_map(|p| p.spec::<PortSpec>().ok().map(|s| s.mac_address))
+        .collect();
+    let mac_address = (0..8)
+        .map(|_| random_mac())
+        .find(|m| !macs.contains(m))
+        .ok_or_else(|| ApiError::Internal("no unique MAC after 8 tries".into()))?;
+    let spec = PortSpec {
+        subnet_id: subnet.meta.id.clone(),
+        vpc_id: subnet_spec.vpc_id.clone(),
+        mac_address,
+        fixed_ip,
+        security_group_ids: new.security_group_ids,
+        description: new.description,
+        device_id: new.device_id,
+    };
+    records::insert(
+        conn,
+        NewRecord {
+            kind: KIND,
+            vdc_id: subnet.meta.vdc_id.as_deref(),
+            parent_id: Some(&subnet.meta.id),
+            name: new.name,
+            spec: to_json(&spec)?,
+            status: PENDING,
+        },
+    )
+    .await
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_port, list_ports))
@@ -238,47 +296,21 @@ async fn create_port(
             ))
         }
     };
-    let subnet_spec: SubnetSpec = subnet.spec()?;
     check_groups(
         &mut tx,
         subnet.meta.vdc_id.as_deref(),
         &body.security_group_ids,
     )
     .await?;
-    let siblings = records::children(&mut tx, KIND, &subnet.meta.id).await?;
-    let mut used = HashSet::new();
-    for p in &siblings {
-        used.insert(p.spec::<PortSpec>()?.fixed_ip);
-    }
-    let fixed_ip = choose_ip(&subnet_spec, &used, body.fixed_ip)?;
-    let vdc_ports =
-        records::in_vdc(&mut tx, KIND, subnet.meta.vdc_id.as_deref().unwrap_or("")).await?;
-    let macs: HashSet<String> = vdc_ports
-        .iter()
-        .filter_map(|p| p.spec::<PortSpec>().ok().map(|s| s.mac_address))
-        .collect();
-    let mac_address = (0..8)
-        .map(|_| random_mac())
-        .find(|m| !macs.contains(m))
-        .ok_or_else(|| ApiError::Internal("no unique MAC after 8 tries".into()))?;
-    let spec = PortSpec {
-        subnet_id: subnet.meta.id.clone(),
-        vpc_id: subnet_spec.vpc_id.clone(),
-        mac_address,
-        fixed_ip,
-        security_group_ids: body.security_group_ids,
-        description: body.description,
-        device_id: None,
-    };
-    let record = records::insert(
+    let record = insert_port(
         &mut tx,
-        NewRecord {
-            kind: KIND,
-            vdc_id: subnet.meta.vdc_id.as_deref(),
-            parent_id: Some(&subnet.meta.id),
+        &subnet,
+        NewPort {
             name: &body.name,
-            spec: to_json(&spec)?,
-            status: PENDING,
+            fixed_ip: body.fixed_ip,
+            security_group_ids: body.security_group_ids,
+            description: body.description,
+            device_id: None,
         },
     )
     .await?;

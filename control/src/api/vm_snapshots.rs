@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_name, ValidJson};
 use super::hosts;
+use super::ports::{self, PortSpec};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
 use super::respond::load;
@@ -276,7 +277,7 @@ async fn revert_snapshot(
 #[utoipa::path(post, path = "/vms/{id}/clone", tag = "compute", request_body = CloneRequest,
     params(("id" = String, Path)),
     responses(
-        (status = 202, description = "Queued: the task copies the disks (pausing a running source for the cut) and creates the clones; `params.vm_ids` names them", body = Task),
+        (status = 202, description = "Queued: the task copies the disks (pausing a running source for the cut) and creates the clones, each with its own NICs (new ports on the source's subnets, same security groups, new address and MAC); `params.vm_ids` names them", body = Task),
         (status = 409, description = "Not allowed in the VM's status, a task is running on it, or no host fits", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
@@ -304,13 +305,11 @@ async fn clone_vm(
     )
     .await?;
     let spec: VmSpec = vm.spec()?;
-    if !spec.port_ids.is_empty() {
-        return Err(ApiError::Conflict(
-            "cloning a VM with NICs is not supported yet (clones would need their own ports)"
-                .into(),
-        ));
-    }
     let host = hosts::place(&mut tx, &spec.cpu_arch, spec.memory_mib).await?;
+    let vdc = match &vm.meta.vdc_id {
+        Some(v) => records::get(&mut tx, "vdc", v).await?,
+        None => None,
+    };
     let mut vm_ids = Vec::new();
     let mut copies = Vec::new();
     for n in 1..=body.count {
@@ -319,6 +318,35 @@ async fn clone_vm(
         } else {
             format!("{}-{n}", body.name)
         };
+        let clone_id = uuid::Uuid::new_v4().to_string();
+        if let Some(vdc) = &vdc {
+            vms::check_compute_quota(&mut tx, vdc, spec.vcpus, spec.memory_mib).await?;
+        }
+        // Each clone gets its own NICs: new ports on the source's subnets,
+        // same security groups, a new address and MAC.
+        let mut port_ids = Vec::new();
+        for (i, source) in spec.port_ids.iter().enumerate() {
+            let src = records::get(&mut tx, "port", source)
+                .await?
+                .ok_or_else(|| ApiError::Conflict(format!("port {source} is gone")))?;
+            let pspec: PortSpec = src.spec()?;
+            let subnet = records::get(&mut tx, "subnet", &pspec.subnet_id)
+                .await?
+                .ok_or_else(|| ApiError::Conflict(format!("subnet {} is gone", pspec.subnet_id)))?;
+            let port = ports::insert_port(
+                &mut tx,
+                &subnet,
+                ports::NewPort {
+                    name: &format!("{name}-nic{i}"),
+                    fixed_ip: None,
+                    security_group_ids: pspec.security_group_ids,
+                    description: format!("NIC {i} of {name}, a clone of {}", vm.meta.name),
+                    device_id: Some(clone_id.clone()),
+                },
+            )
+            .await?;
+            port_ids.push(port.meta.id);
+        }
         let mut volume_ids = Vec::new();
         for (i, source) in spec.volume_ids.iter().enumerate() {
             let src = records::get(&mut tx, volumes::KIND, source)
@@ -327,6 +355,9 @@ async fn clone_vm(
             let mut vspec: VolumeSpec = src.spec()?;
             vspec.attached_to = None;
             vspec.status_reason = String::new();
+            if let Some(vdc) = &vdc {
+                volumes::check_volume_quota(&mut tx, vdc, vspec.size_bytes).await?;
+            }
             let vol = records::insert(
                 &mut tx,
                 NewRecord {
@@ -342,8 +373,9 @@ async fn clone_vm(
             copies.push(serde_json::json!({ "from": source, "to": vol.meta.id }));
             volume_ids.push(vol.meta.id);
         }
-        let clone = records::insert(
+        let clone = records::insert_with_id(
             &mut tx,
+            &clone_id,
             NewRecord {
                 kind: vms::KIND,
                 vdc_id: vm.meta.vdc_id.as_deref(),
@@ -351,6 +383,7 @@ async fn clone_vm(
                 name: &name,
                 spec: to_json(&VmSpec {
                     volume_ids: volume_ids.clone(),
+                    port_ids,
                     host_id: host.meta.id.clone(),
                     vnc_port: None,
                     status_reason: String::new(),
