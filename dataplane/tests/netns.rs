@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
@@ -20,6 +20,10 @@ struct Vm {
     host: NetnsHost,
     ip: &'static str,
 }
+
+mod common;
+
+use common::{bin, in_netns, wait_for};
 
 struct Lab {
     vms: Vec<Vm>,
@@ -94,23 +98,6 @@ fn desired() -> DesiredState {
     }
 }
 
-/// Runs `f` on a thread that entered namespace `ns`: sockets it creates live
-/// in that namespace and stay usable from any thread.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0);
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// A TCP connection vm `from` → vm `to` port 5000: (client, server side).
 fn tcp_pair(lab: &Lab, from: usize, to: usize) -> (TcpStream, TcpStream) {
     let listener = in_netns(lab.vm(to).name(), || {
@@ -126,10 +113,6 @@ fn tcp_pair(lab: &Lab, from: usize, to: usize) -> (TcpStream, TcpStream) {
         s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     }
     (client, server)
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_keel-dataplane")
 }
 
 impl Lab {
@@ -275,14 +258,6 @@ fn same_subnet_ping_and_tcp() {
     let stats = lab.stats();
     assert!(stats.port("dp0").unwrap().rx_packets > 100, "{stats:?}");
     assert!(stats.outcomes["l2_unicast"] > 100, "{stats:?}");
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use keel_dataplane::control::{request, Request, Response};
+use keel_dataplane::control::{Request, Response};
 use keel_dataplane::mirror::{
     MirrorDirection, MirrorFilter, MirrorSpec, MirrorStats, MirrorTarget,
 };
@@ -18,133 +18,39 @@ use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, 
 use keel_dataplane::nat64::Nat64Spec;
 use keel_dataplane::policy::{PolicyAction, PolicyStats, RouterPolicySpec};
 use keel_dataplane::qos::{MeterSpec, MeterStats, QosSpec};
-use keel_testkit::{veth_pair, NetnsHost};
+use keel_testkit::NetnsHost;
 
-/// (name, MAC, address/len; empty = no address)
+mod common;
+
+use common::{in_netns, wait_for, Host, Lab};
+
+/// (name, MAC, address/len; empty = a mirror collector)
 type HostSpec = (&'static str, &'static str, &'static str);
 
-struct Lab {
-    hosts: Vec<NetnsHost>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-    // Dropped last: kills the data plane, then removes the namespace.
-    _switch: NetnsHost,
+fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+    let hosts: Vec<Host> = hosts
+        .iter()
+        .map(|&(name, mac, cidr)| Host {
+            name,
+            mac,
+            cidr,
+            gateway: "",
+        })
+        .collect();
+    Lab::start("svsw", &hosts, state)
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_keel-dataplane")
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
+fn mirror_stats(lab: &Lab) -> Vec<MirrorStats> {
+    match lab.request(&Request::MirrorStats) {
+        Response::MirrorStats { sessions } => sessions,
+        other => panic!("{other:?}"),
     }
 }
 
-impl Lab {
-    fn start(hosts: &[HostSpec], state: &DesiredState) -> Lab {
-        let switch = NetnsHost::new("svsw").unwrap();
-        let mut made = Vec::new();
-        for (i, (name, mac, cidr)) in hosts.iter().enumerate() {
-            let host = NetnsHost::new(name).unwrap();
-            let dp = format!("dp{i}");
-            veth_pair(&switch, &dp, &host, "eth0").unwrap();
-            host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
-            host.sh(
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
-            )
-            .unwrap();
-            if cidr.is_empty() {
-                // A collector: room for encapsulated copies of full-size frames.
-                host.ip(&["link", "set", "eth0", "mtu", "1600"]).unwrap();
-                switch.ip(&["link", "set", &dp, "mtu", "1600"]).unwrap();
-                host.ip(&["link", "set", "eth0", "up"]).unwrap();
-            } else {
-                host.add_addr("eth0", cidr).unwrap();
-            }
-            host.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
-            switch.exec(&["ethtool", "-K", &dp, "tx", "off"]).unwrap();
-            switch
-                .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
-                .unwrap();
-            made.push(host);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("state.json");
-        std::fs::write(&config, serde_json::to_vec(state).unwrap()).unwrap();
-        let socket = dir.path().join("dp.sock");
-        let mut args = vec![bin().to_string()];
-        for i in 0..hosts.len() {
-            args.extend(["--interface".into(), format!("dp{i}")]);
-        }
-        args.extend([
-            "--config".into(),
-            config.display().to_string(),
-            "--socket".into(),
-            socket.display().to_string(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        switch.spawn(&args).unwrap();
-        let lab = Lab {
-            hosts: made,
-            socket,
-            _dir: dir,
-            _switch: switch,
-        };
-        wait_for(
-            || {
-                matches!(
-                    request(&lab.socket, &Request::Get),
-                    Ok(Response::State { .. })
-                )
-            },
-            "the data plane to come up",
-        );
-        lab
-    }
-
-    fn apply(&self, state: &DesiredState) {
-        match request(
-            &self.socket,
-            &Request::Apply {
-                state: state.clone(),
-            },
-        )
-        .unwrap()
-        {
-            Response::Applied { .. } => {}
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn apply_err(&self, state: &DesiredState) -> String {
-        match request(
-            &self.socket,
-            &Request::Apply {
-                state: state.clone(),
-            },
-        )
-        .unwrap()
-        {
-            Response::Error { message } => message,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn mirror_stats(&self) -> Vec<MirrorStats> {
-        match request(&self.socket, &Request::MirrorStats).unwrap() {
-            Response::MirrorStats { sessions } => sessions,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn qos_stats(&self) -> Vec<MeterStats> {
-        match request(&self.socket, &Request::QosStats).unwrap() {
-            Response::QosStats { meters } => meters,
-            other => panic!("{other:?}"),
-        }
+fn qos_stats(lab: &Lab) -> Vec<MeterStats> {
+    match lab.request(&Request::QosStats) {
+        Response::QosStats { meters } => meters,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -230,7 +136,7 @@ fn iperf3_between(
 
 #[test]
 fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
-    let lab = Lab::start(&QOS_HOSTS, &two_hosts());
+    let lab = lab(&QOS_HOSTS, &two_hosts());
 
     let unlimited = iperf3(&lab, 3);
 
@@ -264,7 +170,7 @@ fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
     }];
     lab.apply(&limited);
     let metered = iperf3(&lab, 5);
-    let meters = lab.qos_stats();
+    let meters = qos_stats(&lab);
     eprintln!(
         "iperf3: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}"
     );
@@ -438,7 +344,7 @@ fn mirrored_frames_reach_the_collector_byte_identical() {
         dst_ip: "198.18.0.2".into(),
         session_id: 7,
     };
-    let lab = Lab::start(&MIRROR_HOSTS, &mirror_state(erspan));
+    let lab = lab(&MIRROR_HOSTS, &mirror_state(erspan));
     let dir = tempfile::tempdir().unwrap();
 
     // Remote collector, GRE / ERSPAN type II.
@@ -473,7 +379,7 @@ fn mirrored_frames_reach_the_collector_byte_identical() {
         assert!(decoded.contains(&line), "no {line:?} in {decoded}");
     }
     assert_eq!(decoded.matches("gre-proto-0x88be").count(), 20, "{decoded}");
-    let stats = lab.mirror_stats();
+    let stats = mirror_stats(&lab);
     assert_eq!(stats[0].mirrored_packets, 20, "{stats:?}");
 
     // A local port as the target: the copies arrive unchanged.
@@ -488,22 +394,6 @@ fn mirrored_frames_reach_the_collector_byte_identical() {
         port: "client".into(),
     }));
     assert!(msg.contains("is also a source"), "{msg}");
-}
-
-/// Runs `f` on a thread inside namespace `ns`; sockets it opens live there.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0);
-            f()
-        })
-        .join()
-        .unwrap()
-    })
 }
 
 const NAT64_HOSTS: [HostSpec; 2] = [
@@ -562,7 +452,7 @@ fn nat64_state() -> DesiredState {
 
 #[test]
 fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
-    let lab = Lab::start(&NAT64_HOSTS, &nat64_state());
+    let lab = lab(&NAT64_HOSTS, &nat64_state());
     let (client, server) = (&lab.hosts[0], &lab.hosts[1]);
     client
         .sh(
@@ -673,7 +563,7 @@ fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
         let sock = std::net::UdpSocket::bind("198.18.1.10:0").unwrap();
         sock.send_to(b"unsolicited", "198.18.1.100:40000").unwrap();
     });
-    let stats = || match request(&lab.socket, &Request::Stats).unwrap() {
+    let stats = || match lab.request(&Request::Stats) {
         Response::Stats { stats } => stats,
         other => panic!("{other:?}"),
     };
@@ -805,7 +695,7 @@ fn tcp_exchange(lab: &Lab) -> std::net::SocketAddr {
 }
 
 fn policy_stats(lab: &Lab) -> Vec<PolicyStats> {
-    match request(&lab.socket, &Request::PolicyStats).unwrap() {
+    match lab.request(&Request::PolicyStats) {
         Response::PolicyStats { policies } => policies,
         other => panic!("{other:?}"),
     }
@@ -813,7 +703,7 @@ fn policy_stats(lab: &Lab) -> Vec<PolicyStats> {
 
 #[test]
 fn service_chain_reroutes_through_the_firewall_vm() {
-    let lab = Lab::start(&CHAIN_HOSTS, &chain_state(vec![]));
+    let lab = lab(&CHAIN_HOSTS, &chain_state(vec![]));
     let (client, server, fw) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
     client.add_route("default", "10.0.1.1").unwrap();
     server.add_route("default", "10.0.2.1").unwrap();
@@ -939,7 +829,7 @@ fn fip_state(limit: Option<MeterSpec>) -> DesiredState {
 
 #[test]
 fn iperf3_to_a_floating_ip_with_a_100_mbit_ingress_meter_measures_100_mbit() {
-    let lab = Lab::start(&FIP_HOSTS, &fip_state(None));
+    let lab = lab(&FIP_HOSTS, &fip_state(None));
     lab.hosts[0].add_route("default", "10.0.1.1").unwrap();
     lab.hosts[1].add_route("default", "198.18.0.1").unwrap();
     let unlimited = iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 3);
@@ -948,7 +838,7 @@ fn iperf3_to_a_floating_ip_with_a_100_mbit_ingress_meter_measures_100_mbit() {
         burst_bytes: 1_000_000,
     })));
     let metered = iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 5);
-    let meters = lab.qos_stats();
+    let meters = qos_stats(&lab);
     eprintln!("iperf3 to floating IP: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}");
     assert!(
         (90e6..=110e6).contains(&metered),

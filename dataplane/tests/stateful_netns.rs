@@ -8,8 +8,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
@@ -17,7 +16,10 @@ use keel_dataplane::model::{
     DesiredState, FirewallRuleSpec, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
     RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
 };
-use keel_testkit::{veth_pair, NetnsHost};
+
+mod common;
+
+use common::{in_netns, wait_for, Host, Lab};
 
 /// (name, switch, MAC, address/len, gateway)
 type HostSpec = (
@@ -28,121 +30,30 @@ type HostSpec = (
     &'static str,
 );
 
-struct Lab {
-    hosts: Vec<NetnsHost>,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-    // Dropped last: kills the data plane, then removes the namespace.
-    _switch: NetnsHost,
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_keel-dataplane")
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs `f` on a thread inside namespace `ns`; sockets it opens live there.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0);
-            f()
+fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+    let hosts: Vec<Host> = hosts
+        .iter()
+        .map(|&(name, _, mac, cidr, gateway)| Host {
+            name,
+            mac,
+            cidr,
+            gateway,
         })
-        .join()
-        .unwrap()
-    })
+        .collect();
+    Lab::start("ctsw", &hosts, state)
 }
 
-impl Lab {
-    fn start(hosts: &[HostSpec], state: &DesiredState) -> Lab {
-        let switch = NetnsHost::new("ctsw").unwrap();
-        let mut made = Vec::new();
-        for (i, (name, _, mac, cidr, gw)) in hosts.iter().enumerate() {
-            let host = NetnsHost::new(name).unwrap();
-            let dp = format!("dp{i}");
-            veth_pair(&switch, &dp, &host, "eth0").unwrap();
-            host.ip(&["link", "set", "eth0", "address", mac]).unwrap();
-            host.sh(
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1",
-            )
-            .unwrap();
-            host.add_addr("eth0", cidr).unwrap();
-            if !gw.is_empty() {
-                host.add_route("default", gw).unwrap();
-            }
-            host.exec(&["ethtool", "-K", "eth0", "tx", "off"]).unwrap();
-            switch.exec(&["ethtool", "-K", &dp, "tx", "off"]).unwrap();
-            switch
-                .sh(&format!("sysctl -qw net.ipv6.conf.{dp}.disable_ipv6=1"))
-                .unwrap();
-            made.push(host);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("state.json");
-        std::fs::write(&config, serde_json::to_vec(state).unwrap()).unwrap();
-        let socket = dir.path().join("dp.sock");
-        let mut args = vec![bin().to_string()];
-        for i in 0..hosts.len() {
-            args.extend(["--interface".into(), format!("dp{i}")]);
-        }
-        args.extend([
-            "--config".into(),
-            config.display().to_string(),
-            "--socket".into(),
-            socket.display().to_string(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        switch.spawn(&args).unwrap();
-        let lab = Lab {
-            hosts: made,
-            socket,
-            _dir: dir,
-            _switch: switch,
-        };
-        wait_for(
-            || {
-                matches!(
-                    request(&lab.socket, &Request::Get),
-                    Ok(Response::State { .. })
-                )
-            },
-            "the data plane to come up",
-        );
-        lab
-    }
+/// What the tests ask a lab beyond the common part.
+trait LabExt {
+    fn stats(&self) -> StatsSnapshot;
+    fn listen(&self, host: usize, port: u16) -> TcpListener;
+    fn connect(&self, host: usize, to: &str) -> std::io::Result<TcpStream>;
+}
 
-    fn ns(&self, i: usize) -> &str {
-        self.hosts[i].name()
-    }
-
-    fn apply(&self, state: &DesiredState) {
-        match request(
-            &self.socket,
-            &Request::Apply {
-                state: state.clone(),
-            },
-        )
-        .unwrap()
-        {
-            Response::Applied { .. } => {}
-            other => panic!("{other:?}"),
-        }
-    }
-
+impl LabExt for Lab {
     fn stats(&self) -> StatsSnapshot {
         // The worker folds counters once per round: wait until they settle.
-        let get = || match request(&self.socket, &Request::Stats).unwrap() {
+        let get = || match self.request(&Request::Stats) {
             Response::Stats { stats } => stats,
             other => panic!("{other:?}"),
         };
@@ -250,7 +161,7 @@ fn sg_state(ports: &[u16]) -> DesiredState {
 
 #[test]
 fn security_groups_allow_deny_and_cut_on_rule_change() {
-    let lab = Lab::start(&SG_HOSTS, &sg_state(&[5000, 5001]));
+    let lab = lab(&SG_HOSTS, &sg_state(&[5000, 5001]));
     let (server, client) = (1, 0);
     let web = lab.listen(server, 5000);
     let api = lab.listen(server, 5001);
@@ -305,7 +216,7 @@ fn security_groups_allow_deny_and_cut_on_rule_change() {
     );
     assert!(stats.conntrack["created"] >= 3, "{stats:?}");
     // Per-rule hits: the 5001 rule (now rule 0 of "web") saw its connection again.
-    match request(&lab.socket, &Request::RuleStats).unwrap() {
+    match lab.request(&Request::RuleStats) {
         Response::RuleStats { rules } => {
             assert_eq!(rules.len(), 1);
             assert!(rules[0].hits >= 1, "{rules:?}");
@@ -421,7 +332,7 @@ fn nat_state() -> DesiredState {
 
 #[test]
 fn snat_dnat_and_floating_ip_with_an_internet_host() {
-    let lab = Lab::start(&NAT_HOSTS, &nat_state());
+    let lab = lab(&NAT_HOSTS, &nat_state());
     let (fip_vm, snat_vm, internet) = (0, 1, 2);
 
     // Floating IP: the internet host reaches the VM at 198.18.0.50, and the VM
