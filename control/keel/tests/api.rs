@@ -196,3 +196,60 @@ fn kill_9_during_creates_loses_no_acknowledged_resource() {
     assert_eq!(created, stored);
     assert!(keel.stderr().contains("did not shut down cleanly"));
 }
+
+#[test]
+fn event_feed_over_websocket_replays_then_pushes_live_changes() {
+    use tungstenite::client::IntoClientRequest;
+    let state = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::up(state.path()).unwrap();
+    let token = login(&keel, &admin_password(state.path()));
+    let (status, before) = send(
+        "POST",
+        &keel.url("/api/v1/vdcs"),
+        Some(&token),
+        Some(json!({"name": "before"})),
+    );
+    assert_eq!(status, 201, "{before}");
+    let url = keel
+        .url("/api/v1/events/watch?after=0")
+        .replace("http://", "ws://");
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    let mut next_for = |id: &str| -> Value {
+        loop {
+            match ws.read().unwrap() {
+                tungstenite::Message::Text(t) => {
+                    let event: Value = serde_json::from_str(&t).unwrap();
+                    if event["resource_id"] == id {
+                        return event;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    // Replayed from the start, then a change made after connecting.
+    let replayed = next_for(before["id"].as_str().unwrap());
+    assert_eq!(replayed["action"], "created");
+    let (status, live) = send(
+        "POST",
+        &keel.url("/api/v1/vdcs"),
+        Some(&token),
+        Some(json!({"name": "live"})),
+    );
+    assert_eq!(status, 201, "{live}");
+    let pushed = next_for(live["id"].as_str().unwrap());
+    assert_eq!(pushed["resource_type"], "vdc");
+    assert!(pushed["seq"].as_i64().unwrap() > replayed["seq"].as_i64().unwrap());
+    // Without a token there is no feed.
+    let anonymous = keel.url("/api/v1/events/watch").replace("http://", "ws://");
+    match tungstenite::connect(anonymous) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("anonymous watch: {:?}", other.map(|_| ())),
+    }
+}

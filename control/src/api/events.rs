@@ -1,6 +1,8 @@
-//! The change feed: `GET /events?after=SEQ` pages through it and
+//! The change feed: `GET /events?after=SEQ` pages through it,
 //! `GET /events/stream` pushes it as Server-Sent Events, resumable with
-//! `Last-Event-ID` (the sequence number). Rows are written in the same
+//! `Last-Event-ID` (the sequence number), and `GET /events/watch` pushes it
+//! over a WebSocket (one JSON text message per event, resumable with
+//! `?after=`). Rows are written in the same
 //! transaction as the change they describe, so a watcher that resumes from
 //! its last sequence number misses nothing. Tenants see their VDC's events.
 
@@ -8,9 +10,11 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::Response;
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
@@ -93,6 +97,57 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_events))
         .routes(routes!(stream_events))
+        .routes(routes!(watch_events))
+}
+
+/// The change feed over a WebSocket, from `after` on.
+#[utoipa::path(get, path = "/events/watch", tag = "events", params(EventQuery),
+    responses(
+        (status = 101, description = "WebSocket: every change after `after` as a JSON text message (an Event), oldest first, then live"),
+        (status = 401, description = "Not authenticated", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn watch_events(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<EventQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Event, Action::Read)?;
+    let after = query.after.unwrap_or(0);
+    Ok(upgrade.on_upgrade(move |ws| push_events(state, principal, after, ws)))
+}
+
+async fn push_events(state: AppState, principal: Principal, mut after: i64, mut ws: WebSocket) {
+    loop {
+        let wake = state.changes.notified();
+        let batch = match fetch(&state, &principal, after, PAGE).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(?error, "event watch query failed; closing it");
+                return;
+            }
+        };
+        for event in &batch {
+            let Ok(text) = serde_json::to_string(event) else {
+                return;
+            };
+            if ws.send(Message::Text(text.into())).await.is_err() {
+                return;
+            }
+            after = event.seq;
+        }
+        if !batch.is_empty() {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(STREAM_POLL, wake) => {}
+            incoming = ws.recv() => {
+                if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Changes after a sequence number, oldest first.
