@@ -22,13 +22,13 @@ pub const SUITE: Suite = Suite {
     run,
 };
 
-const PASSWORD: &str = "Bench-secret-pw-1";
+pub(super) const PASSWORD: &str = "Bench-secret-pw-1";
 
-fn failed(what: &str, detail: impl std::fmt::Display) -> BenchError {
+pub(super) fn failed(what: &str, detail: impl std::fmt::Display) -> BenchError {
     BenchError::Io(std::io::Error::other(format!("{what}: {detail}")))
 }
 
-async fn call(
+pub(super) async fn call(
     app: &axum::Router,
     method: &str,
     path: &str,
@@ -60,7 +60,7 @@ async fn call(
     Ok((status, value))
 }
 
-fn id_of(v: &serde_json::Value) -> Result<String, BenchError> {
+pub(super) fn id_of(v: &serde_json::Value) -> Result<String, BenchError> {
     v["id"]
         .as_str()
         .map(str::to_owned)
@@ -79,106 +79,112 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let store = Store::open(&scratch.path().join(DB_FILE)).await?;
-        auth::bootstrap_admin(&store, Some(PASSWORD.into()))
-            .await
-            .map_err(|e| failed("bootstrap", e))?;
-        let version = api::version::Version {
-            version: "bench".into(),
-            api_version: "v1".into(),
-            schema_version: store.schema_version().await?,
-            instance_id: store.instance_id().await?,
-        };
-        let app = api::app(AppState::new(store.clone(), version));
-        let login = serde_json::json!({"username": "admin", "password": PASSWORD});
-        let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
-        let token = tokens["access_token"]
-            .as_str()
-            .ok_or_else(|| failed("login", &tokens))?
-            .to_owned();
-        let t = Some(token.as_str());
-        let (_, vdc) = call(
-            &app,
-            "POST",
-            "/api/v1/vdcs",
-            t,
-            Some(serde_json::json!({"name": "bench"})),
-        )
-        .await?;
-        let vdc = id_of(&vdc)?;
-        let (_, vpc) = call(
-            &app,
-            "POST",
-            "/api/v1/vpcs",
-            t,
-            Some(serde_json::json!({"name": "bench", "vdc_id": vdc})),
-        )
-        .await?;
-        let vpc = id_of(&vpc)?;
-        let subnet_body =
-            serde_json::json!({"name": "bench", "vpc_id": vpc, "cidr": "10.0.0.0/16"});
-        let (_, subnet) = call(&app, "POST", "/api/v1/subnets", t, Some(subnet_body)).await?;
-        let subnet = id_of(&subnet)?;
+    runtime
+        .block_on(async {
+            let store = Store::open(&scratch.path().join(DB_FILE)).await?;
+            auth::bootstrap_admin(&store, Some(PASSWORD.into()))
+                .await
+                .map_err(|e| failed("bootstrap", e))?;
+            let version = api::version::Version {
+                version: "bench".into(),
+                api_version: "v1".into(),
+                schema_version: store.schema_version().await?,
+                instance_id: store.instance_id().await?,
+            };
+            let app = api::app(AppState::new(store.clone(), version));
+            let login = serde_json::json!({"username": "admin", "password": PASSWORD});
+            let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
+            let token = tokens["access_token"]
+                .as_str()
+                .ok_or_else(|| failed("login", &tokens))?
+                .to_owned();
+            let t = Some(token.as_str());
+            let (_, vdc) = call(
+                &app,
+                "POST",
+                "/api/v1/vdcs",
+                t,
+                Some(serde_json::json!({"name": "bench"})),
+            )
+            .await?;
+            let vdc = id_of(&vdc)?;
+            let (_, vpc) = call(
+                &app,
+                "POST",
+                "/api/v1/vpcs",
+                t,
+                Some(serde_json::json!({"name": "bench", "vdc_id": vdc})),
+            )
+            .await?;
+            let vpc = id_of(&vpc)?;
+            let subnet_body =
+                serde_json::json!({"name": "bench", "vpc_id": vpc, "cidr": "10.0.0.0/16"});
+            let (_, subnet) = call(&app, "POST", "/api/v1/subnets", t, Some(subnet_body)).await?;
+            let subnet = id_of(&subnet)?;
 
-        // Alternate rounds of 10 so noise hits both alike.
-        let (mut api_time, mut peer_time) = (0.0, 0.0);
-        for round in 0..creates / 10 {
-            let start = Instant::now();
-            for i in round * 10..round * 10 + 10 {
-                let body = serde_json::json!({"name": format!("p{i}"), "subnet_id": subnet});
-                let (status, reply) = call(&app, "POST", "/api/v1/ports", t, Some(body)).await?;
-                if status != 201 {
-                    return Err(failed("port create", reply));
+            // Alternate rounds of 10 so noise hits both alike.
+            let (mut api_time, mut peer_time) = (0.0, 0.0);
+            for round in 0..creates / 10 {
+                let start = Instant::now();
+                for i in round * 10..round * 10 + 10 {
+                    let body = serde_json::json!({"name": format!("p{i}"), "subnet_id": subnet});
+                    let (status, reply) =
+                        call(&app, "POST", "/api/v1/ports", t, Some(body)).await?;
+                    if status != 201 {
+                        return Err(failed("port create", reply));
+                    }
                 }
+                api_time += start.elapsed().as_secs_f64();
+                let start = Instant::now();
+                for i in round * 10..round * 10 + 10 {
+                    store
+                        .put_meta(&format!("bench/{i}"), &"x".repeat(200))
+                        .await?;
+                }
+                peer_time += start.elapsed().as_secs_f64();
             }
-            api_time += start.elapsed().as_secs_f64();
-            let start = Instant::now();
-            for i in round * 10..round * 10 + 10 {
-                store
-                    .put_meta(&format!("bench/{i}"), &"x".repeat(200))
-                    .await?;
-            }
-            peer_time += start.elapsed().as_secs_f64();
-        }
-        let create = Measurement::new(
-            &format!("port creates via the API (subnet of {creates} ports)"),
-            "creates/s",
-            true,
-            per_sec(creates, api_time),
-        )
-        .with_peer("bare durable store write", per_sec(creates, peer_time));
+            let create = Measurement::new(
+                &format!("port creates via the API (subnet of {creates} ports)"),
+                "creates/s",
+                true,
+                per_sec(creates, api_time),
+            )
+            .with_peer("bare durable store write", per_sec(creates, peer_time));
 
-        let pages = 50;
-        let (mut api_time, mut peer_time) = (0.0, 0.0);
-        for _ in 0..pages {
-            let start = Instant::now();
-            let (status, page) =
-                call(&app, "GET", "/api/v1/ports?limit=100&sort=name", t, None).await?;
-            if status != 200 {
-                return Err(failed("list", page));
-            }
-            api_time += start.elapsed().as_secs_f64();
-            let start = Instant::now();
-            let rows: Vec<(String, String)> = sqlx::query_as(
+            let pages = 50;
+            let (mut api_time, mut peer_time) = (0.0, 0.0);
+            for _ in 0..pages {
+                let start = Instant::now();
+                let (status, page) =
+                    call(&app, "GET", "/api/v1/ports?limit=100&sort=name", t, None).await?;
+                if status != 200 {
+                    return Err(failed("list", page));
+                }
+                api_time += start.elapsed().as_secs_f64();
+                let start = Instant::now();
+                let rows: Vec<(String, String)> = sqlx::query_as(
                 "SELECT id, spec FROM resources WHERE kind = 'port' ORDER BY name, id LIMIT 100",
             )
             .fetch_all(store.pool())
             .await
             .map_err(|e| failed("raw list", e))?;
-            std::hint::black_box(rows);
-            peer_time += start.elapsed().as_secs_f64();
-        }
-        let list = Measurement::new(
-            "list pages of 100 ports via the API",
-            "pages/s",
-            true,
-            per_sec(pages, api_time),
-        )
-        .with_peer("raw SQL page read", per_sec(pages, peer_time));
-        store.close().await?;
-        Ok(vec![create, list])
-    })
+                std::hint::black_box(rows);
+                peer_time += start.elapsed().as_secs_f64();
+            }
+            let list = Measurement::new(
+                "list pages of 100 ports via the API",
+                "pages/s",
+                true,
+                per_sec(pages, api_time),
+            )
+            .with_peer("raw SQL page read", per_sec(pages, peer_time));
+            store.close().await?;
+            Ok(vec![create, list])
+        })
+        .and_then(|mut results| {
+            results.push(super::control_fanout::measurement(scale)?);
+            Ok(results)
+        })
 }
 
 fn per_sec(count: usize, seconds: f64) -> f64 {

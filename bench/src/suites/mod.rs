@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod control;
+mod control_fanout;
 pub mod dataplane;
 pub mod image;
 pub mod lb;
