@@ -226,22 +226,36 @@ pub async fn insert_port(
     new: NewPort<'_>,
 ) -> Result<Record, ApiError> {
     let subnet_spec: SubnetSpec = subnet.spec()?;
-    let siblings = records::children(conn, KIND, &subnet.meta.id).await?;
-    let mut used = HashSet::new();
-    for p in &siblings {
-        used.insert(p.spec::<PortSpec>()?.fixed_ip);
-    }
+    // Only the addresses and MACs are needed: SQLite extracts them, so a
+    // create does not parse every sibling port's spec.
+    let taken: Vec<(String,)> = sqlx::query_as(
+        "SELECT json_extract(spec, '$.fixed_ip') FROM resources WHERE kind = ? AND parent_id = ?",
+    )
+    .bind(KIND)
+    .bind(&subnet.meta.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let used: HashSet<IpAddr> = taken.iter().filter_map(|(ip,)| ip.parse().ok()).collect();
     let fixed_ip = choose_ip(&subnet_spec, &used, new.fixed_ip)?;
-    let vdc_ports =
-        records::in_vdc(conn, KIND, subnet.meta.vdc_id.as_deref().unwrap_or("")).await?;
-    let macs: HashSet<String> = vdc_ports
-        .iter()
-        .filter_map(|p| p.spec::<PortSpec>().ok().map(|s| s.mac_address))
-        .collect();
-    let mac_address = (0..8)
-        .map(|_| random_mac())
-        .find(|m| !macs.contains(m))
-        .ok_or_else(|| ApiError::Internal("no unique MAC after 8 tries".into()))?;
+    let mut mac_address = None;
+    for _ in 0..8 {
+        let candidate = random_mac();
+        let (clash,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE kind = ? AND vdc_id IS ? \
+             AND json_extract(spec, '$.mac_address') = ?)",
+        )
+        .bind(KIND)
+        .bind(subnet.meta.vdc_id.as_deref())
+        .bind(&candidate)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !clash {
+            mac_address = Some(candidate);
+            break;
+        }
+    }
+    let mac_address =
+        mac_address.ok_or_else(|| ApiError::Internal("no unique MAC after 8 tries".into()))?;
     let spec = PortSpec {
         subnet_id: subnet.meta.id.clone(),
         vpc_id: subnet_spec.vpc_id.clone(),
