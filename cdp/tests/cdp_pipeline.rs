@@ -279,7 +279,7 @@ fn recovery_drops_unsealed_and_corrupt_tails() {
 }
 
 #[test]
-#[ignore = "hangs at some step not yet found; shipping and resume were checked by hand with the CLI"]
+#[ignore = "shipping and the exact replica pass; the test then hangs in its replica-restart or rogue-CA part (not yet found)"]
 fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let a = image(dir.path(), "a.raw", 5);
@@ -330,9 +330,6 @@ fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     });
     assert!(same(&a, &rcfg.dir.join("disk-0.raw")));
     assert!(ship.counters.bytes_sent.load(Ordering::Relaxed) > 0);
-    let status: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
-    assert!(status["segments_acked"].as_u64().unwrap() > 0);
 
     // Replica restarts: the shipper reconnects and resumes after its last
     // applied segment.
@@ -377,6 +374,11 @@ fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
 
     sstop.store(true, Ordering::Release);
     sthread.join().unwrap();
+    // The shipper writes its final status when it stops.
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    assert!(status["segments_acked"].as_u64().unwrap() > 0);
+    assert!(status["bytes_sent"].as_u64().unwrap() > 0);
     h.shutdown().unwrap();
     rstop2.store(true, Ordering::Release);
     rthread2.join().unwrap().unwrap();
