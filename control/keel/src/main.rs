@@ -108,6 +108,145 @@ enum Command {
         #[command(subcommand)]
         command: client::TaskCommand,
     },
+    /// Continuous data protection: journal a group's disks and ship to a DR
+    /// replica; run, inspect and promote the replica (see cdp/README.md).
+    Cdp {
+        #[command(subcommand)]
+        command: CdpCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CdpCommand {
+    /// Serve a consistency group's disks as vhost-user-blk with the CDP
+    /// journal on, shipping sealed segments to the replica, until SIGTERM.
+    Source(CdpSourceArgs),
+    /// Receive and apply a group's segments at the DR site until SIGTERM.
+    Replica(CdpReplicaArgs),
+    /// Stop a (stopped) replica for good at a recovery point: its disks
+    /// become bootable raw images. Prints the point and the disk paths.
+    Promote {
+        /// Replica directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Recovery point (segment sequence number); default: the latest
+        /// consistent one.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Print a replica's state and recovery points (JSON).
+    Status {
+        /// Replica directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Create a site CA and source/replica certificates signed by it.
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Name in the replica certificate (the source's --server-name).
+        #[arg(long, default_value = "keel-replica")]
+        replica_name: String,
+    },
+    /// Link bandwidth needed for an RPO: Z = 1.2 × SUM × 8 / (RPO − SUM/Y).
+    Capacity {
+        /// MB written per RPO period (SUM).
+        #[arg(long)]
+        sum_mb: f64,
+        /// RPO in seconds.
+        #[arg(long)]
+        rpo_secs: f64,
+        /// Cache write speed in MB/s (Y).
+        #[arg(long)]
+        cache_mb_s: f64,
+    },
+}
+
+#[derive(clap::Args)]
+struct CdpTlsArgs {
+    /// This side's certificate (PEM).
+    #[arg(long)]
+    cert: PathBuf,
+    /// This side's private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The site CA both certificates are signed by (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CdpSourceArgs {
+    /// A disk of the group: SOCKET=IMAGE (repeat; disk id = position).
+    #[arg(long = "disk", required = true, value_parser = parse_disk)]
+    disks: Vec<(PathBuf, PathBuf)>,
+    /// Journal (cache) directory of the group.
+    #[arg(long)]
+    journal: PathBuf,
+    /// Consistency group id.
+    #[arg(long)]
+    group: u64,
+    /// This site's id.
+    #[arg(long)]
+    site: u64,
+    /// Request queues per disk.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// RPO: seal a segment every this many seconds (1 .. 86400).
+    #[arg(long, default_value_t = 30)]
+    rpo_secs: u64,
+    /// Seal earlier at this segment size.
+    #[arg(long, default_value_t = 64)]
+    max_segment_mib: u64,
+    /// Cache budget; beyond it the group falls back to a dirty bitmap.
+    #[arg(long, default_value_t = 1024)]
+    cache_mib: u64,
+    /// Replica address HOST:PORT (journal only when absent).
+    #[arg(long)]
+    replica: Option<String>,
+    /// Name in the replica's certificate.
+    #[arg(long, default_value = "keel-replica")]
+    server_name: String,
+    /// zstd level for segments on the wire.
+    #[arg(long)]
+    zstd: Option<i32>,
+    /// Bandwidth cap in Mbit/s.
+    #[arg(long)]
+    max_mbit: Option<u64>,
+    /// Status file (JSON, rewritten every second); default JOURNAL/status.json.
+    #[arg(long)]
+    status: Option<PathBuf>,
+    #[command(flatten)]
+    tls: Option<CdpTlsArgs>,
+}
+
+#[derive(clap::Args)]
+struct CdpReplicaArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Replica directory (disk-N.raw, undo logs, state.json, status.json).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Consistency group id.
+    #[arg(long)]
+    group: u64,
+    /// Source site whose segments are accepted.
+    #[arg(long)]
+    source_site: u64,
+    /// Recovery points kept.
+    #[arg(long, default_value_t = 16)]
+    keep: usize,
+    #[command(flatten)]
+    tls: CdpTlsArgs,
+}
+
+fn parse_disk(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (sock, img) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected SOCKET=IMAGE, got {s:?}"))?;
+    Ok((PathBuf::from(sock), PathBuf::from(img)))
 }
 
 #[derive(clap::Args)]
@@ -342,6 +481,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Delete(args) => client::delete(args)?,
         Command::Action(args) => client::action(args)?,
         Command::Task { command } => client::task(command)?,
+        Command::Cdp { command } => cdp(command)?,
     }
     Ok(())
 }
@@ -403,6 +543,143 @@ fn vhost_blk(args: VhostBlkArgs) -> anyhow::Result<()> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("vhost-blk server thread panicked"))??;
+    Ok(())
+}
+
+fn cdp(command: CdpCommand) -> anyhow::Result<()> {
+    use keel_cdp::transport::tls::TlsFiles;
+    let files = |t: CdpTlsArgs| TlsFiles {
+        cert: t.cert,
+        key: t.key,
+        ca: t.ca,
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("Cannot start the signal runtime")
+    };
+    match command {
+        CdpCommand::Source(a) => {
+            let mut journal =
+                keel_cdp::journal::JournalConfig::new(&a.journal, a.group, a.site, Vec::new());
+            journal.rpo = std::time::Duration::from_secs(a.rpo_secs);
+            journal.max_segment_bytes = a.max_segment_mib << 20;
+            journal.cache_limit_bytes = a.cache_mib << 20;
+            let ship = match (a.replica, a.tls) {
+                (Some(replica), Some(tls)) => Some(keel_cdp::transport::ship::ShipConfig {
+                    replica,
+                    server_name: a.server_name,
+                    tls: files(tls),
+                    zstd_level: a.zstd,
+                    max_bytes_per_sec: a.max_mbit.map(|m| m * 1_000_000 / 8),
+                    status_file: Some(a.status.unwrap_or_else(|| a.journal.join("status.json"))),
+                }),
+                (Some(_), None) => anyhow::bail!("--replica needs --cert, --key and --ca"),
+                (None, _) => None,
+            };
+            let config = keel_cdp::source::SourceConfig {
+                disks: a
+                    .disks
+                    .into_iter()
+                    .map(|(socket, image)| keel_cdp::source::SourceDisk { socket, image })
+                    .collect(),
+                queues: a.queues,
+                journal,
+                ship,
+            };
+            let stop = keel_vhost::StopHandle::new();
+            let rt = runtime()?;
+            let signal = rt.block_on(async { shutdown_signal() })?;
+            let server = {
+                let stop = stop.clone();
+                std::thread::spawn(move || keel_cdp::source::run(config, &stop))
+            };
+            tracing::info!("serving CDP source");
+            rt.block_on(signal);
+            stop.stop();
+            server
+                .join()
+                .map_err(|_| anyhow::anyhow!("CDP source thread panicked"))??;
+        }
+        CdpCommand::Replica(a) => {
+            let config = keel_cdp::replica::ReplicaConfig {
+                listen: a.listen,
+                dir: a.dir,
+                group_id: a.group,
+                source_site: a.source_site,
+                keep: a.keep,
+                tls: files(a.tls),
+            };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let rt = runtime()?;
+            let signal = rt.block_on(async { shutdown_signal() })?;
+            let server = {
+                let stop = stop.clone();
+                std::thread::spawn(move || keel_cdp::replica::serve(&config, &stop))
+            };
+            rt.block_on(async {
+                tokio::select! {
+                    _ = signal => {}
+                    _ = async {
+                        while !server.is_finished() {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                    } => {}
+                }
+            });
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            server
+                .join()
+                .map_err(|_| anyhow::anyhow!("replica thread panicked"))??;
+        }
+        CdpCommand::Promote { dir, to } => {
+            let mut r = keel_cdp::replica::Replica::open_existing(&dir)?;
+            let point = r.promote(to)?;
+            let disks: Vec<_> = r
+                .state()
+                .disks
+                .iter()
+                .map(|&(id, size)| {
+                    serde_json::json!({"id": id, "size": size, "path": r.disk_path(id)})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"promoted_to": point, "disks": disks})
+            );
+        }
+        CdpCommand::Status { dir } => {
+            let r = keel_cdp::replica::Replica::open_existing(&dir)?;
+            let st = r.state();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "group_id": st.group_id, "source_site": st.source_site,
+                    "last_seq": st.last_seq, "consistent": !st.in_resync,
+                    "promoted": st.promoted, "points": r.points(),
+                })
+            );
+        }
+        CdpCommand::Certs { out, replica_name } => {
+            let (s, r) = keel_cdp::transport::tls::generate_pki(&out, &replica_name)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ca": s.ca, "source": {"cert": s.cert, "key": s.key},
+                    "replica": {"cert": r.cert, "key": r.key},
+                })
+            );
+        }
+        CdpCommand::Capacity {
+            sum_mb,
+            rpo_secs,
+            cache_mb_s,
+        } => {
+            let z = keel_cdp::capacity::required_mbit_s(sum_mb, rpo_secs, cache_mb_s)?;
+            println!("{}", serde_json::json!({"required_mbit_s": z}));
+        }
+    }
     Ok(())
 }
 

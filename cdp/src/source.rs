@@ -1,0 +1,128 @@
+//! `keel cdp source`: one process serving every disk of a consistency
+//! group as vhost-user-blk, with the group's journal hooked into each
+//! disk's write path and the shipper sending sealed segments to the
+//! replica. One process per group is what gives the group's disks one
+//! write order (one journal, one lock).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use keel_vhost::{serve, DiskOptions, DiskShared, QueueConfig, RawDisk, ServeConfig, StopHandle};
+
+use crate::journal::{Journal, JournalConfig, JournalError};
+use crate::transport::ship::{ShipConfig, Shipper};
+use crate::transport::tls::TlsError;
+
+/// One disk of the group.
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    /// vhost-user socket.
+    pub socket: PathBuf,
+    /// Raw image.
+    pub image: PathBuf,
+}
+
+/// Everything `keel cdp source` needs.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Disks, disk id = index.
+    pub disks: Vec<SourceDisk>,
+    /// Queues per disk.
+    pub queues: u16,
+    /// Journal settings (its `disks` are filled from `disks`).
+    pub journal: JournalConfig,
+    /// Where to ship; journal only when absent.
+    pub ship: Option<ShipConfig>,
+}
+
+/// Errors of the source process.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Opening a disk failed.
+    #[error("Cannot open disk")]
+    OpenDisk(#[source] keel_vhost::DiskError),
+    /// The journal could not start.
+    #[error("Cannot start the journal")]
+    Journal(#[source] JournalError),
+    /// TLS setup failed.
+    #[error("Cannot set up TLS")]
+    Tls(#[source] TlsError),
+    /// Serving a disk failed.
+    #[error("Serving disk {0} failed")]
+    Serve(PathBuf, #[source] keel_vhost::ServeError),
+    /// The journal writer failed.
+    #[error("Journal writer failed")]
+    Writer(#[source] crate::journal::writer::WriterError),
+    /// A thread could not start or panicked.
+    #[error("Thread {0} failed")]
+    Thread(&'static str),
+}
+
+/// Serves the group until `stop` is stopped; then seals the journal.
+pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
+    let mut jc = config.journal.clone();
+    jc.disks = config.disks.iter().map(|d| d.image.clone()).collect();
+    let mut shared = Vec::new();
+    for d in &config.disks {
+        let disk = RawDisk::open(DiskOptions::new(&d.image)).map_err(SourceError::OpenDisk)?;
+        let serial = d
+            .image
+            .file_stem()
+            .map_or_else(|| "keel-cdp".into(), |s| s.to_string_lossy().into_owned());
+        shared.push(Arc::new(DiskShared::new(disk, &serial)));
+    }
+    let (journal, handle) = Journal::start(jc).map_err(SourceError::Journal)?;
+    let ship_stop = Arc::new(AtomicBool::new(false));
+    let shipper = match &config.ship {
+        Some(sc) => {
+            let s = Shipper::new(journal.clone(), sc.clone()).map_err(SourceError::Tls)?;
+            let st = ship_stop.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("cdp-ship".into())
+                    .spawn(move || s.run(st))
+                    .map_err(|_| SourceError::Thread("ship"))?,
+            )
+        }
+        None => None,
+    };
+    let mut servers = Vec::new();
+    for (i, (d, sh)) in config.disks.iter().zip(shared).enumerate() {
+        let hook =
+            journal.hook(u16::try_from(i).map_err(|_| SourceError::Thread("too many disks"))?);
+        let sc = ServeConfig {
+            socket: d.socket.clone(),
+            queues: QueueConfig::new(config.queues),
+        };
+        let stop = stop.clone();
+        let image = d.image.clone();
+        servers.push(
+            std::thread::Builder::new()
+                .name(format!("cdp-disk-{i}"))
+                .spawn(move || {
+                    serve(&sc, sh, hook, &stop).map_err(|e| SourceError::Serve(image, e))
+                })
+                .map_err(|_| SourceError::Thread("disk"))?,
+        );
+    }
+    tracing::info!(
+        group = journal.config().group_id,
+        disks = servers.len(),
+        "serving CDP group"
+    );
+    let mut result = Ok(());
+    for s in servers {
+        let r = s.join().unwrap_or(Err(SourceError::Thread("disk")));
+        if r.is_err() && result.is_ok() {
+            result = r;
+            stop.stop();
+        }
+    }
+    let sealed = handle.shutdown().map_err(SourceError::Writer);
+    ship_stop.store(true, Ordering::Release);
+    if let Some(s) = shipper {
+        let _ = s.join();
+    }
+    result.and(sealed)
+}

@@ -1,0 +1,6 @@
+//! Shipping sealed segments to the DR site: [`wire`] frames over mutual
+//! [`tls`], sent by the [`ship`] thread of the source process.
+
+pub mod ship;
+pub mod tls;
+pub mod wire;
