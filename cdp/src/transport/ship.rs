@@ -152,6 +152,10 @@ const RETRY: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(20);
 /// A replica applying a large segment answers within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// A replica that accepted the connection but does not greet (busy with
+/// another source, or not a keel replica) is given up on after this, so a
+/// stop never waits for `READ_TIMEOUT`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Shipper {
     /// A shipper for `journal`.
@@ -201,7 +205,7 @@ impl Shipper {
             .ok_or_else(|| cerr(std::io::Error::other("no address")))?;
         let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(cerr)?;
         tcp.set_nodelay(true).map_err(cerr)?;
-        tcp.set_read_timeout(Some(READ_TIMEOUT)).map_err(cerr)?;
+        tcp.set_read_timeout(Some(HELLO_TIMEOUT)).map_err(cerr)?;
         let name = ServerName::try_from(self.config.server_name.clone())
             .map_err(|_| ShipError::Protocol("bad server name".into()))?;
         let conn = rustls::ClientConnection::new(self.tls.clone(), name).map_err(ShipError::Tls)?;
@@ -215,6 +219,7 @@ impl Shipper {
         else {
             return Err(ShipError::Protocol("expected hello".into()));
         };
+        s.sock.set_read_timeout(Some(READ_TIMEOUT)).map_err(cerr)?;
         let cfg = self.journal.config();
         if group_id != cfg.group_id || site_id != cfg.site_id {
             return Err(ShipError::Protocol(format!(
