@@ -67,6 +67,60 @@ pub(super) fn id_of(v: &serde_json::Value) -> Result<String, BenchError> {
         .ok_or_else(|| failed("no id in", v))
 }
 
+/// The API on a fresh store, logged in, with one subnet to put ports in.
+pub(super) struct Fixture {
+    pub app: axum::Router,
+    pub store: Store,
+    pub token: String,
+    pub subnet: String,
+}
+
+pub(super) async fn fixture(dir: &std::path::Path) -> Result<Fixture, BenchError> {
+    let store = Store::open(&dir.join(DB_FILE)).await?;
+    auth::bootstrap_admin(&store, Some(PASSWORD.into()))
+        .await
+        .map_err(|e| failed("bootstrap", e))?;
+    let version = api::version::Version {
+        version: "bench".into(),
+        api_version: "v1".into(),
+        schema_version: store.schema_version().await?,
+        instance_id: store.instance_id().await?,
+    };
+    let app = api::app(AppState::new(store.clone(), version));
+    let login = serde_json::json!({"username": "admin", "password": PASSWORD});
+    let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
+    let token = tokens["access_token"]
+        .as_str()
+        .ok_or_else(|| failed("login", &tokens))?
+        .to_owned();
+    let t = Some(token.as_str());
+    let (_, vdc) = call(
+        &app,
+        "POST",
+        "/api/v1/vdcs",
+        t,
+        Some(serde_json::json!({"name": "bench"})),
+    )
+    .await?;
+    let (_, vpc) = call(
+        &app,
+        "POST",
+        "/api/v1/vpcs",
+        t,
+        Some(serde_json::json!({"name": "bench", "vdc_id": id_of(&vdc)?})),
+    )
+    .await?;
+    let body = serde_json::json!({"name": "bench", "vpc_id": id_of(&vpc)?, "cidr": "10.0.0.0/16"});
+    let (_, subnet) = call(&app, "POST", "/api/v1/subnets", t, Some(body)).await?;
+    let subnet = id_of(&subnet)?;
+    Ok(Fixture {
+        app,
+        store,
+        token,
+        subnet,
+    })
+}
+
 fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     let creates = match scale {
         Scale::Quick => 100,
@@ -81,46 +135,13 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         .build()?;
     runtime
         .block_on(async {
-            let store = Store::open(&scratch.path().join(DB_FILE)).await?;
-            auth::bootstrap_admin(&store, Some(PASSWORD.into()))
-                .await
-                .map_err(|e| failed("bootstrap", e))?;
-            let version = api::version::Version {
-                version: "bench".into(),
-                api_version: "v1".into(),
-                schema_version: store.schema_version().await?,
-                instance_id: store.instance_id().await?,
-            };
-            let app = api::app(AppState::new(store.clone(), version));
-            let login = serde_json::json!({"username": "admin", "password": PASSWORD});
-            let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
-            let token = tokens["access_token"]
-                .as_str()
-                .ok_or_else(|| failed("login", &tokens))?
-                .to_owned();
+            let Fixture {
+                app,
+                store,
+                token,
+                subnet,
+            } = fixture(scratch.path()).await?;
             let t = Some(token.as_str());
-            let (_, vdc) = call(
-                &app,
-                "POST",
-                "/api/v1/vdcs",
-                t,
-                Some(serde_json::json!({"name": "bench"})),
-            )
-            .await?;
-            let vdc = id_of(&vdc)?;
-            let (_, vpc) = call(
-                &app,
-                "POST",
-                "/api/v1/vpcs",
-                t,
-                Some(serde_json::json!({"name": "bench", "vdc_id": vdc})),
-            )
-            .await?;
-            let vpc = id_of(&vpc)?;
-            let subnet_body =
-                serde_json::json!({"name": "bench", "vpc_id": vpc, "cidr": "10.0.0.0/16"});
-            let (_, subnet) = call(&app, "POST", "/api/v1/subnets", t, Some(subnet_body)).await?;
-            let subnet = id_of(&subnet)?;
 
             // Alternate rounds of 10 so noise hits both alike.
             let (mut api_time, mut peer_time) = (0.0, 0.0);

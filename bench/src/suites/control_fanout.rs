@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 use std::future::IntoFuture;
 
-use keel_control::api::{self, auth, AppState};
-use keel_control::store::{Store, DB_FILE};
-
-use super::control::{call, failed, id_of, PASSWORD};
+use super::control::{call, failed, fixture, Fixture};
 use crate::{BenchError, Measurement, Scale};
 
 /// One subscriber: connects, waits at the barrier, counts `events` changes.
@@ -120,48 +117,20 @@ pub fn measurement(scale: Scale) -> Result<Measurement, BenchError> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (app, store, token, subnet, addr) = runtime.block_on(async {
-        let store = Store::open(&scratch.path().join(DB_FILE)).await?;
-        auth::bootstrap_admin(&store, Some(PASSWORD.into()))
-            .await
-            .map_err(|e| failed("bootstrap", e))?;
-        let version = api::version::Version {
-            version: "bench".into(),
-            api_version: "v1".into(),
-            schema_version: store.schema_version().await?,
-            instance_id: store.instance_id().await?,
-        };
-        let app = api::app(AppState::new(store.clone(), version));
+    let (
+        Fixture {
+            app,
+            store,
+            token,
+            subnet,
+        },
+        addr,
+    ) = runtime.block_on(async {
+        let fixture = fixture(scratch.path()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(axum::serve(listener, app.clone()).into_future());
-        let login = serde_json::json!({"username": "admin", "password": PASSWORD});
-        let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
-        let token = tokens["access_token"]
-            .as_str()
-            .ok_or_else(|| failed("login", &tokens))?
-            .to_owned();
-        let t = Some(token.as_str());
-        let (_, vdc) = call(
-            &app,
-            "POST",
-            "/api/v1/vdcs",
-            t,
-            Some(serde_json::json!({"name": "bench"})),
-        )
-        .await?;
-        let (_, vpc) = call(
-            &app,
-            "POST",
-            "/api/v1/vpcs",
-            t,
-            Some(serde_json::json!({"name": "bench", "vdc_id": id_of(&vdc)?})),
-        )
-        .await?;
-        let body =
-            serde_json::json!({"name": "bench", "vpc_id": id_of(&vpc)?, "cidr": "10.0.0.0/16"});
-        let (_, subnet) = call(&app, "POST", "/api/v1/subnets", t, Some(body)).await?;
-        Ok::<_, BenchError>((app, store, token, id_of(&subnet)?, addr))
+        tokio::spawn(axum::serve(listener, fixture.app.clone()).into_future());
+        Ok::<_, BenchError>((fixture, addr))
     })?;
     let last_seq = || -> Result<i64, BenchError> {
         runtime.block_on(async {

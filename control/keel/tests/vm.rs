@@ -47,8 +47,11 @@ impl Api {
         self.send(method, path, &[], body)
     }
 
-    fn call_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
-        self.send(method, path, headers, None)
+    /// DELETE guarded by If-Match with the revision of `read` (the resource
+    /// as last read).
+    fn delete_read(&self, path: &str, read: &Value) -> (u16, Value) {
+        let etag = format!("\"{}\"", read["revision"]);
+        self.send("DELETE", path, &[("If-Match", &etag)], None)
     }
 
     fn send(
@@ -689,11 +692,8 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     );
     assert_eq!(&at(&r2_file, 512 << 20)[..9], b"KEEL-INCR");
     for b in [&b1, &b2] {
-        let (status, task) = api.call_with(
-            "DELETE",
-            &format!("/api/v1/backups/{}", b["id"].as_str().unwrap()),
-            &[("If-Match", &format!("\"{}\"", b["revision"]))],
-        );
+        let (status, task) =
+            api.delete_read(&format!("/api/v1/backups/{}", b["id"].as_str().unwrap()), b);
         assert_eq!(status, 202, "{task}");
         api.wait_task(&task);
         let gone = api.call(
@@ -705,11 +705,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     }
     for r in [&r1, &r2] {
         let v = api.ok("GET", &format!("/api/v1/volumes/{r}"), None);
-        let (status, body) = api.call_with(
-            "DELETE",
-            &format!("/api/v1/volumes/{r}"),
-            &[("If-Match", &format!("\"{}\"", v["revision"]))],
-        );
+        let (status, body) = api.delete_read(&format!("/api/v1/volumes/{r}"), &v);
         assert_eq!(status, 204, "{body}");
     }
 
@@ -734,11 +730,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     detach(&api);
     let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
     assert_eq!(v["size_bytes"], 2u64 << 30);
-    let (status, body) = api.call_with(
-        "DELETE",
-        &format!("/api/v1/volumes/{hot}"),
-        &[("If-Match", &format!("\"{}\"", v["revision"]))],
-    );
+    let (status, body) = api.delete_read(&format!("/api/v1/volumes/{hot}"), &v);
     assert_eq!(status, 204, "{body}");
     assert!(!hot_file.exists());
 
@@ -1054,11 +1046,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let port_path = format!("/api/v1/ports/{}", clone_port["id"].as_str().unwrap());
     let p = api.ok("GET", &port_path, None);
     assert!(p["device_id"].is_null(), "{p}");
-    let (status, body) = api.call_with(
-        "DELETE",
-        &port_path,
-        &[("If-Match", &format!("\"{}\"", p["revision"]))],
-    );
+    let (status, body) = api.delete_read(&port_path, &p);
     assert_eq!(status, 204, "{body}");
 
     for (vm, _, _) in &vms {
