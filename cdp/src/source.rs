@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use keel_vhost::{serve, DiskOptions, DiskShared, QueueConfig, RawDisk, ServeConfig, StopHandle};
+use keel_vhost::{
+    cbt_path, serve, Cbt, DiskOptions, DiskShared, QueueConfig, RawDisk, ServeConfig, StopHandle,
+};
 
 use crate::journal::{Journal, JournalConfig, JournalError};
 use crate::transport::ship::{ShipConfig, Shipper};
@@ -21,6 +23,10 @@ pub struct SourceDisk {
     pub socket: PathBuf,
     /// Raw image.
     pub image: PathBuf,
+    /// GET_ID answer; the image's file stem when absent. The host agent
+    /// passes the serial the disk had under `keel vhost-blk`, so a guest
+    /// sees the same disk when protection starts or stops.
+    pub serial: Option<String>,
 }
 
 /// Everything `keel cdp source` needs.
@@ -34,6 +40,10 @@ pub struct SourceConfig {
     pub journal: JournalConfig,
     /// Where to ship; journal only when absent.
     pub ship: Option<ShipConfig>,
+    /// Also track changed blocks for backups (bitmaps next to each image,
+    /// as `keel vhost-blk --cbt-granularity` keeps them): a disk served by
+    /// CDP for a while must not leave its backup bitmaps silently stale.
+    pub cbt_granularity: Option<u64>,
 }
 
 /// Errors of the source process.
@@ -48,6 +58,9 @@ pub enum SourceError {
     /// TLS setup failed.
     #[error("Cannot set up TLS")]
     Tls(#[source] TlsError),
+    /// Opening or saving a disk's changed-block bitmaps failed.
+    #[error("Changed-block tracking of {0} failed")]
+    Cbt(PathBuf, #[source] keel_vhost::CbtError),
     /// Serving a disk failed.
     #[error("Serving disk {0} failed")]
     Serve(PathBuf, #[source] keel_vhost::ServeError),
@@ -64,12 +77,22 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
     let mut jc = config.journal.clone();
     jc.disks = config.disks.iter().map(|d| d.image.clone()).collect();
     let mut shared = Vec::new();
+    let mut cbts = Vec::new();
     for d in &config.disks {
         let disk = RawDisk::open(DiskOptions::new(&d.image)).map_err(SourceError::OpenDisk)?;
-        let serial = d
-            .image
-            .file_stem()
-            .map_or_else(|| "keel-cdp".into(), |s| s.to_string_lossy().into_owned());
+        let serial = d.serial.clone().unwrap_or_else(|| {
+            d.image
+                .file_stem()
+                .map_or_else(|| "keel-cdp".into(), |s| s.to_string_lossy().into_owned())
+        });
+        let cbt = match config.cbt_granularity {
+            Some(gran) => Some(Arc::new(
+                Cbt::open(&cbt_path(&d.image), disk.capacity(), gran)
+                    .map_err(|e| SourceError::Cbt(d.image.clone(), e))?,
+            )),
+            None => None,
+        };
+        cbts.push(cbt);
         shared.push(Arc::new(DiskShared::new(disk, &serial)));
     }
     let (journal, handle) = Journal::start(jc).map_err(SourceError::Journal)?;
@@ -88,7 +111,13 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
         None => None,
     };
     let mut servers = Vec::new();
-    for (i, (d, sh)) in config.disks.iter().zip(shared).enumerate() {
+    for (i, ((d, sh), cbt)) in config
+        .disks
+        .iter()
+        .zip(shared)
+        .zip(cbts.clone())
+        .enumerate()
+    {
         let hook =
             journal.hook(u16::try_from(i).map_err(|_| SourceError::Thread("too many disks"))?);
         let sc = ServeConfig {
@@ -101,7 +130,11 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
             std::thread::Builder::new()
                 .name(format!("cdp-disk-{i}"))
                 .spawn(move || {
-                    serve(&sc, sh, hook, &stop).map_err(|e| SourceError::Serve(image, e))
+                    match cbt {
+                        Some(cbt) => serve(&sc, sh, (hook, cbt), &stop),
+                        None => serve(&sc, sh, hook, &stop),
+                    }
+                    .map_err(|e| SourceError::Serve(image, e))
                 })
                 .map_err(|_| SourceError::Thread("disk"))?,
         );
@@ -117,6 +150,16 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
         if r.is_err() && result.is_ok() {
             result = r;
             stop.stop();
+        }
+    }
+    // Only a clean stop marks the bitmaps valid (as `keel vhost-blk`).
+    if result.is_ok() {
+        for (d, cbt) in config.disks.iter().zip(&cbts) {
+            if let Some(cbt) = cbt {
+                if let Err(e) = cbt.persist_clean() {
+                    result = Err(SourceError::Cbt(d.image.clone(), e));
+                }
+            }
         }
     }
     let sealed = handle.shutdown().map_err(SourceError::Writer);

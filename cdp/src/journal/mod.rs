@@ -209,6 +209,16 @@ pub struct Journal {
     pub counters: JournalCounters,
 }
 
+/// Makes the next start of the journal in `dir` copy every disk in full:
+/// for disks written while no journal saw it (served by something else
+/// between two runs). Sequence numbers go on, so the replica accepts it.
+pub fn require_full_resync(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(writer::CLEAN_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Running journal threads; [`JournalHandle::shutdown`] seals the last
 /// segment and marks the journal clean.
 pub struct JournalHandle {

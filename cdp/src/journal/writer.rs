@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use super::format::{self, encode_trailer, SegmentHeader};
 use super::{now_ms, segment_path, Journal, JournalError};
 
+/// Marks a journal shut down cleanly (nothing dirty, nothing in resync).
+pub(crate) const CLEAN_FILE: &str = "CLEAN";
+
 /// Errors of the writer thread (the group then stops journaling: writes
 /// go on, the next start does a full resync).
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +59,7 @@ pub struct Recovered {
 /// Recovers a cache directory: drops `.open` segments (an unsealed tail
 /// is never shipped; its valid records are counted for the log), verifies
 /// every sealed segment and drops an invalid one with everything after
-/// it, and reads the chain. Consumes the `CLEAN` marker.
+/// it, and reads the chain. Consumes the [`CLEAN_FILE`] marker.
 pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
     let derr = |e| JournalError::Dir(dir.to_owned(), e);
     let mut chain = read_chain(dir).unwrap_or_default();
@@ -119,7 +122,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, JournalError> {
             dropped.push(path);
         }
     }
-    let clean_path = dir.join("CLEAN");
+    let clean_path = dir.join(CLEAN_FILE);
     let clean = clean_path.exists() && !broken && dropped.is_empty();
     if clean_path.exists() {
         std::fs::remove_file(&clean_path).map_err(derr)?;
@@ -206,7 +209,7 @@ impl Writer {
             if self.journal.stop.load(Ordering::Acquire) {
                 self.seal_period()?;
                 if self.journal.dirty_chunks() == 0 && !self.journal.resyncing() {
-                    let p = self.journal.config.dir.join("CLEAN");
+                    let p = self.journal.config.dir.join(CLEAN_FILE);
                     write_atomic(&p, b"clean\n").map_err(|e| WriterError::Seal(p, e))?;
                 }
                 return Ok(());

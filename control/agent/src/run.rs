@@ -27,6 +27,7 @@ use crate::provision;
 
 mod backups;
 mod disk_attach;
+mod protection;
 
 /// How the agent reaches the host.
 #[derive(Debug, Clone)]
@@ -107,6 +108,7 @@ pub fn spawn(
                 conn: None,
                 started: crate::libvirtd::Started::default(),
                 files: FirmwareFiles::default(),
+                site: 1,
             };
             agent.run(&stop);
         })
@@ -122,6 +124,8 @@ struct Agent {
     lbs: LbServers,
     net: crate::network::Dataplane,
     files: FirmwareFiles,
+    /// This host's number as a CDP source site (from its host id).
+    site: u64,
 }
 
 /// Libvirt's domain states, as keel reports them.
@@ -138,7 +142,10 @@ fn status_of(state: u32) -> &'static str {
 impl Agent {
     fn run(&mut self, stop: &AtomicBool) {
         match self.register() {
-            Ok(id) => tracing::info!(host = %id, "host registered"),
+            Ok(id) => {
+                self.site = keel_control::api::protection_groups::group_number(&id);
+                tracing::info!(host = %id, "host registered");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "host registration failed; VMs cannot be placed here")
             }
@@ -160,6 +167,9 @@ impl Agent {
                 }
                 if let Err(e) = self.reconcile_lbs() {
                     tracing::warn!(error = %e, "reconciling load balancers failed");
+                }
+                if let Err(e) = self.reconcile_protection() {
+                    tracing::warn!(error = %e, "reconciling protection groups failed");
                 }
             }
             if !worked {
@@ -272,6 +282,7 @@ impl Agent {
             volumes::KIND => self.volume_task(&task),
             vms::KIND => self.vm_task(&task),
             keel_control::api::backups::KIND => self.backup_task(&task),
+            keel_control::api::protection_groups::KIND => self.protection_task(&task),
             other => Err(StepError::Invalid(format!(
                 "no agent handles {other} tasks"
             ))),

@@ -178,9 +178,13 @@ struct CdpTlsArgs {
 
 #[derive(clap::Args)]
 struct CdpSourceArgs {
-    /// A disk of the group: SOCKET=IMAGE (repeat; disk id = position).
+    /// A disk of the group: SOCKET=IMAGE[=SERIAL] (repeat; disk id = position).
     #[arg(long = "disk", required = true, value_parser = parse_disk)]
-    disks: Vec<(PathBuf, PathBuf)>,
+    disks: Vec<(PathBuf, PathBuf, Option<String>)>,
+    /// Also track changed blocks for backups at this granularity (bitmaps
+    /// in IMAGE.cbt, as `keel vhost-blk --cbt-granularity`).
+    #[arg(long)]
+    cbt_granularity: Option<u64>,
     /// Journal (cache) directory of the group.
     #[arg(long)]
     journal: PathBuf,
@@ -242,11 +246,16 @@ struct CdpReplicaArgs {
     tls: CdpTlsArgs,
 }
 
-fn parse_disk(s: &str) -> Result<(PathBuf, PathBuf), String> {
-    let (sock, img) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected SOCKET=IMAGE, got {s:?}"))?;
-    Ok((PathBuf::from(sock), PathBuf::from(img)))
+fn parse_disk(s: &str) -> Result<(PathBuf, PathBuf, Option<String>), String> {
+    let mut parts = s.splitn(3, '=');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(sock), Some(img), serial) if !sock.is_empty() && !img.is_empty() => Ok((
+            PathBuf::from(sock),
+            PathBuf::from(img),
+            serial.map(str::to_owned),
+        )),
+        _ => Err(format!("expected SOCKET=IMAGE[=SERIAL], got {s:?}")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -582,11 +591,16 @@ fn cdp(command: CdpCommand) -> anyhow::Result<()> {
                 disks: a
                     .disks
                     .into_iter()
-                    .map(|(socket, image)| keel_cdp::source::SourceDisk { socket, image })
+                    .map(|(socket, image, serial)| keel_cdp::source::SourceDisk {
+                        socket,
+                        image,
+                        serial,
+                    })
                     .collect(),
                 queues: a.queues,
                 journal,
                 ship,
+                cbt_granularity: a.cbt_granularity,
             };
             let stop = keel_vhost::StopHandle::new();
             let rt = runtime()?;

@@ -21,6 +21,7 @@ pub mod loadbalancers;
 pub mod networks;
 pub mod ports;
 pub mod problem;
+pub mod protection_groups;
 pub mod records;
 pub mod respond;
 pub mod routers;
@@ -134,6 +135,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vm_volumes::router())
                 .merge(loadbalancers::router())
                 .merge(backups::router())
+                .merge(protection_groups::router())
                 .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())

@@ -43,7 +43,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     params(("id" = String, Path)),
     responses(
         (status = 202, description = "Queued: the volume is ATTACHING; a running VM hot-plugs it, a stopped one gets it at its next start", body = Task),
-        (status = 409, description = "The VM is not RUNNING or STOPPED, a task runs on it, it has the most disks it may have, or the volume is not AVAILABLE", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The VM is not RUNNING or STOPPED, a task runs on it, it has the most disks it may have, its protection group protects it, or the volume is not AVAILABLE", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No such volume in the VM's VDC", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn attach_volume(
@@ -61,6 +61,7 @@ async fn attach_volume(
         &[vms::RUNNING, vms::STOPPED],
     )
     .await?;
+    super::protection_groups::refuse_if_member(&mut tx, &id, "attach a volume to", false).await?;
     let vm_spec: VmSpec = vm.spec()?;
     if vm_spec.volume_ids.len() >= MAX_DISKS {
         return Err(ApiError::Conflict(format!(
@@ -127,7 +128,7 @@ async fn attach_volume(
     responses(
         (status = 202, description = "Queued: the volume is DETACHING; a running VM's guest must release it first", body = Task),
         (status = 404, description = "No such VM, or the volume is not one of its disks", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The VM is not RUNNING or STOPPED, a task runs on it, or the disk is the boot disk of the running VM", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The VM is not RUNNING or STOPPED, a task runs on it, the disk is the boot disk of the running VM, or its protection group protects it", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn detach_volume(
     State(state): State<AppState>,
@@ -143,6 +144,7 @@ async fn detach_volume(
         &[vms::RUNNING, vms::STOPPED],
     )
     .await?;
+    super::protection_groups::refuse_if_member(&mut tx, &id, "detach a volume from", false).await?;
     let vm_spec: VmSpec = vm.spec()?;
     let Some(index) = vm_spec.volume_ids.iter().position(|v| *v == volume_id) else {
         return Err(ApiError::NotFound);

@@ -429,7 +429,7 @@ async fn vm_action(
     params(("id" = String, Path), DeleteQuery),
     responses(
         (status = 202, description = "DELETING; the task stops the VM and removes it (and its volumes if asked)", body = Task),
-        (status = 409, description = "Another task is still running on it", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another task is still running on it, or the VM is a member of a protection group", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn delete_vm(
     State(state): State<AppState>,
@@ -453,6 +453,7 @@ async fn delete_vm(
             task.id, task.action, task.state
         )));
     }
+    super::protection_groups::refuse_if_member(&mut tx, &id, "delete", true).await?;
     records::observe(&mut tx, KIND, &id, DELETING, None).await?;
     let task = tasks::enqueue(
         &mut tx,
