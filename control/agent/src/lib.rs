@@ -35,6 +35,7 @@ pub mod libvirtd;
 pub mod load_balancers;
 pub mod network;
 pub mod provision;
+pub mod replica_servers;
 mod run;
 
 pub use domain_xml::Accel;

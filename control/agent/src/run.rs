@@ -28,6 +28,7 @@ use crate::provision;
 mod backups;
 mod disk_attach;
 mod protection;
+mod replicas;
 
 /// How the agent reaches the host.
 #[derive(Debug, Clone)]
@@ -98,6 +99,10 @@ pub fn spawn(
             let mut agent = Agent {
                 disks: DiskServers::new(config.keel_bin.clone(), config.state_dir.join("run")),
                 lbs: LbServers::new(config.keel_bin.clone(), config.state_dir.join("lb")),
+                replicas: crate::replica_servers::ReplicaServers::new(
+                    config.keel_bin.clone(),
+                    config.state_dir.join("cdp-replicas"),
+                ),
                 net: crate::network::Dataplane::new(
                     config.keel_bin.clone(),
                     config.state_dir.join("run"),
@@ -122,6 +127,7 @@ struct Agent {
     started: crate::libvirtd::Started,
     disks: DiskServers,
     lbs: LbServers,
+    replicas: crate::replica_servers::ReplicaServers,
     net: crate::network::Dataplane,
     files: FirmwareFiles,
     /// This host's number as a CDP source site (from its host id).
@@ -171,6 +177,9 @@ impl Agent {
                 if let Err(e) = self.reconcile_protection() {
                     tracing::warn!(error = %e, "reconciling protection groups failed");
                 }
+                if let Err(e) = self.reconcile_replicas() {
+                    tracing::warn!(error = %e, "reconciling replica groups failed");
+                }
             }
             if !worked {
                 std::thread::sleep(IDLE);
@@ -178,6 +187,7 @@ impl Agent {
         }
         self.disks.stop_all();
         self.lbs.stop_all();
+        self.replicas.stop_all();
         self.net.stop();
         if let Some(mut conn) = self.conn.take() {
             let _ = conn.close();
@@ -283,6 +293,7 @@ impl Agent {
             vms::KIND => self.vm_task(&task),
             keel_control::api::backups::KIND => self.backup_task(&task),
             keel_control::api::protection_groups::KIND => self.protection_task(&task),
+            keel_control::api::replica_groups::KIND => self.replica_task(&task),
             other => Err(StepError::Invalid(format!(
                 "no agent handles {other} tasks"
             ))),

@@ -234,37 +234,57 @@ fn console_read_until(url: &str, input: Option<&[u8]>, want: &[u8]) -> Vec<u8> {
     seen
 }
 
-/// A child process killed when the test ends, also on failure.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Whether `needle` occurs in the file.
 fn file_contains(path: &Path, needle: &[u8]) -> bool {
     std::fs::read(path).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
 }
 
-/// Disaster recovery of the running VM through the API: a protection
-/// group replicates its disk to a DR replica (`keel cdp replica` on
-/// loopback, set up from the credentials the API hands out). QEMU
-/// reconnects to the group's CDP source, which copies the disk in full and
-/// then ships the guest's writes every RPO; promoted, the replica equals
-/// the volume. Stopping protection gives the disk back to its own backend
-/// while the guest keeps running.
+/// Logs in as the admin of a `keel up` on its state directory.
+fn login(keel: &KeelProcess, state: &Path) -> Api {
+    let password = std::fs::read_to_string(state.join("admin-password")).unwrap();
+    let r = ureq::post(&keel.url("/api/v1/auth/login"))
+        .send_json(json!({"username": "admin", "password": password.trim()}));
+    let login: Value = match r {
+        Ok(r) => r.into_json().unwrap(),
+        Err(e) => panic!("login: {e}"),
+    };
+    Api {
+        base: keel.url(""),
+        token: login["access_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// Polls `path` until `done` holds for it; returns it.
+fn wait_for(api: &Api, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = api.ok("GET", path, None);
+        if done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < TASK_TIMEOUT, "{what}: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Disaster recovery of the running VM through the APIs of two keels: the
+/// protected site's protection group replicates the VM's disk to a replica
+/// group of a second `keel up` (the DR site, on loopback), paired with the
+/// credentials the first hands out. QEMU reconnects to the group's CDP
+/// source (same disk serial), which copies the disk in full and then ships
+/// the guest's writes every RPO. Stopping protection gives the disk back to
+/// its own backend while the guest runs on; failover at the DR site
+/// promotes the replica and boots the VM there, with the guest's data.
 fn protect_and_replicate(
     api: &Api,
-    base: &str,
     work: &Path,
     state: &Path,
+    accel: &str,
     vdc_id: &str,
     vm: &str,
     volume_id: &str,
 ) {
+    let base = api.base.as_str();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -303,9 +323,9 @@ fn protect_and_replicate(
     );
     assert_eq!(status, 409, "a VM is in one group only: {problem}");
 
-    // The DR site's replica, from the credentials the host agent made.
+    // The pairing: credentials the host agent made, and the VM to recover.
     let start = Instant::now();
-    let creds = loop {
+    let pairing = loop {
         let (status, c) = api.call(
             "GET",
             &format!("/api/v1/protection-groups/{gid}/replica-credentials"),
@@ -318,33 +338,34 @@ fn protect_and_replicate(
         assert!(start.elapsed() < TASK_TIMEOUT, "no credentials: {c}");
         std::thread::sleep(Duration::from_millis(200));
     };
-    let dr = work.join("dr-site");
-    std::fs::create_dir_all(&dr).unwrap();
-    for (file, key) in [
-        ("ca.pem", "ca_pem"),
-        ("replica.pem", "cert_pem"),
-        ("replica.key", "key_pem"),
-    ] {
-        std::fs::write(dr.join(file), creds[key].as_str().unwrap()).unwrap();
-    }
-    let replica_dir = dr.join("replica");
-    let replica_log = std::fs::File::create(dr.join("replica.log")).unwrap();
-    let mut replica = ChildGuard(
-        Command::new(keel_testkit::keel_bin())
-            .args(["cdp", "replica", "--listen", &address, "--dir"])
-            .arg(&replica_dir)
-            .args(["--group", &creds["group_number"].to_string()])
-            .args(["--source-site", &creds["source_site"].to_string()])
-            .arg("--cert")
-            .arg(dr.join("replica.pem"))
-            .arg("--key")
-            .arg(dr.join("replica.key"))
-            .arg("--ca")
-            .arg(dr.join("ca.pem"))
-            .stderr(replica_log)
-            .spawn()
-            .unwrap(),
+    assert_eq!(pairing["vms"][0]["vm_id"], vm, "{pairing}");
+    assert_eq!(pairing["vms"][0]["disks"][0]["volume_id"], volume_id);
+
+    // The DR site: a second keel, its replica group paired with the first.
+    let dr_state = work.join("dr-site");
+    let dr_keel =
+        KeelProcess::up_with(&dr_state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
+    let dr = login(&dr_keel, &dr_state);
+    let dr_vdc = dr.ok("POST", "/api/v1/vdcs", Some(json!({"name": "recovered"})));
+    let dr_vdc = dr_vdc["id"].as_str().unwrap();
+    let mut broken = pairing.clone();
+    broken["key_pem"] = json!("not a key");
+    let (status, problem) = dr.call(
+        "POST",
+        "/api/v1/replica-groups",
+        Some(json!({"name": "from-a", "vdc_id": dr_vdc, "listen_address": address, "pairing": broken})),
     );
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["field"], "pairing.key_pem", "{problem}");
+    let rg = dr.ok(
+        "POST",
+        "/api/v1/replica-groups",
+        Some(json!({"name": "from-a", "vdc_id": dr_vdc, "listen_address": address, "pairing": pairing})),
+    );
+    let rg_path = format!("/api/v1/replica-groups/{}", rg["id"].as_str().unwrap());
+    wait_for(&dr, &rg_path, "replica never listened", |g| {
+        g["status"] == "RECEIVING"
+    });
 
     let serial_before = guest_run(api, base, vm, "P0", "cat /sys/block/vda/serial; echo");
     let (status, task) = api.call(
@@ -389,7 +410,8 @@ fn protect_and_replicate(
         "dd if=/dev/urandom of=/tmp/p bs=4096 count=64 2>/dev/null; \
          dd if=/tmp/p of=/dev/vda2 bs=4096 seek=256 conv=fsync 2>/dev/null; \
          echo KEEL-CDP-MARK-3 | dd of=/dev/vda2 bs=4096 seek=320 conv=fsync 2>/dev/null; \
-         cat /sys/block/vda/serial; echo",
+         cat /sys/block/vda/serial; echo; \
+         echo PATTERN=$(dd if=/dev/vda2 bs=4096 skip=256 count=64 2>/dev/null | md5sum)",
     );
     assert!(out.contains("P1=0"), "{out}");
     let serial = |out: &str| {
@@ -404,30 +426,46 @@ fn protect_and_replicate(
         serial(&serial_before),
         "{out} / {serial_before}"
     );
-    let replica_disk = replica_dir.join("disk-0.raw");
-    let start = Instant::now();
-    let g = loop {
-        let g = api.ok("GET", &format!("/api/v1/protection-groups/{gid}"), None);
-        let o = &g["observed"];
-        if o["resyncing"] == false
-            && o["dirty_chunks"] == 0
-            && o["last_acked_seq"].as_u64() >= o["last_sealed_seq"].as_u64()
-            && file_contains(&replica_disk, b"KEEL-CDP-MARK-3")
-        {
-            break g;
-        }
-        assert!(
-            start.elapsed() < TASK_TIMEOUT,
-            "replica never caught up: {g}; replica log: {}",
-            std::fs::read_to_string(dr.join("replica.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(500));
+    let pattern = |out: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("PATTERN="))
+            .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+            .unwrap()
     };
+    let written = pattern(&out);
+    let replica_disk = dr_state
+        .join("cdp-replicas")
+        .join(rg["id"].as_str().unwrap())
+        .join("replica")
+        .join("disk-0.raw");
+    let g = wait_for(
+        api,
+        &format!("/api/v1/protection-groups/{gid}"),
+        "replica never caught up",
+        |g| {
+            let o = &g["observed"];
+            o["resyncing"] == false
+                && o["dirty_chunks"] == 0
+                && o["last_acked_seq"].as_u64() >= o["last_sealed_seq"].as_u64()
+                && file_contains(&replica_disk, b"KEEL-CDP-MARK-3")
+        },
+    );
     assert_eq!(g["status"], "PROTECTING", "{g}");
     assert_eq!(g["status_reason"], "", "{g}");
     assert!(g["observed"]["lag_seconds"].as_f64().unwrap() >= 0.0, "{g}");
+    let rgv = wait_for(&dr, &rg_path, "replica status", |g| {
+        g["observed"]["consistent"] == true
+            && !g["observed"]["recovery_points"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+    });
+    assert!(
+        rgv["observed"]["segments_applied"].as_u64().unwrap() >= 2,
+        "{rgv}"
+    );
 
-    // Stop: the disk goes back to its own backend, the guest goes on.
+    // Planned stop: the disk goes back to its own backend, the guest goes on.
     let (status, task) = api.call(
         "POST",
         &format!("/api/v1/protection-groups/{gid}/actions/stop"),
@@ -443,33 +481,63 @@ fn protect_and_replicate(
         "dd if=/dev/vda2 bs=4096 skip=320 count=1 2>/dev/null | head -c 15; echo",
     );
     assert!(out.contains("KEEL-CDP-MARK-3"), "{out}");
-
-    // Failover by hand (the DR site has no API workflow yet): the replica,
-    // stopped and promoted, holds exactly the protected volume.
-    let _ = replica.0.kill();
-    let _ = replica.0.wait();
-    let promoted = Command::new(keel_testkit::keel_bin())
-        .args(["cdp", "promote", "--dir"])
-        .arg(&replica_dir)
-        .output()
-        .unwrap();
-    assert!(promoted.status.success(), "{promoted:?}");
-    let promoted: Value = serde_json::from_slice(&promoted.stdout).unwrap();
-    let disk = std::path::PathBuf::from(promoted["disks"][0]["path"].as_str().unwrap());
-    assert!(
-        same_content(
-            &disk,
-            &state.join("volumes").join(format!("{volume_id}.raw"))
-        ),
-        "the promoted replica equals the volume: {promoted}"
-    );
     let g = api.ok("GET", &format!("/api/v1/protection-groups/{gid}"), None);
     assert_eq!(g["status"], "UNPROTECTED", "{g}");
+
+    // Failover at the DR site: an unknown recovery point is refused; the
+    // latest one becomes a volume and the VM boots there with the data.
+    let (status, problem) = dr.call(
+        "POST",
+        &format!("{rg_path}/actions/failover"),
+        Some(json!({"recovery_point": 999_999})),
+    );
+    assert_eq!(status, 422, "{problem}");
+    let (status, task) = dr.call(
+        "POST",
+        &format!("{rg_path}/actions/failover"),
+        Some(json!({})),
+    );
+    assert_eq!(status, 202, "{task}");
+    dr.wait_task(&task);
+    let rgv = dr.ok("GET", &rg_path, None);
+    assert_eq!(rgv["status"], "FAILED_OVER", "{rgv}");
+    let dr_vm = rgv["failover"]["vm_ids"][0].as_str().unwrap().to_owned();
+    let _dr_guard = DomainGuard(dr_vm.clone());
+    assert_eq!(dr.vm_status(&dr_vm).0, "RUNNING");
+    wait_console(&dr_state, &dr_vm, "KEEL-BOOTED", 1);
+    assert!(
+        console_count(&dr_state, &dr_vm, "KEEL-FOUND KEEL-DATA-7") >= 1,
+        "the recovered VM finds the data written at the protected site"
+    );
+    let out = guest_run(
+        &dr,
+        &dr.base,
+        &dr_vm,
+        "R1",
+        "dd if=/dev/vda2 bs=4096 skip=320 count=1 2>/dev/null | head -c 15; echo; \
+         echo PATTERN=$(dd if=/dev/vda2 bs=4096 skip=256 count=64 2>/dev/null | md5sum)",
+    );
+    assert!(out.contains("KEEL-CDP-MARK-3"), "{out}");
+    assert_eq!(pattern(&out), written, "{out}");
+
+    // Clean up both sites through their APIs.
+    let v = dr.ok("GET", &format!("/api/v1/vms/{dr_vm}"), None);
+    let (status, task) = dr.send(
+        "DELETE",
+        &format!("/api/v1/vms/{dr_vm}?delete_volumes=true"),
+        &[],
+        None,
+    );
+    assert_eq!(status, 202, "{task} {v}");
+    dr.wait_task(&task);
+    let rgv = dr.ok("GET", &rg_path, None);
+    let (status, problem) = dr.delete_read(&rg_path, &rgv);
+    assert_eq!(status, 204, "{problem}");
     let (status, problem) = api.delete_read(&format!("/api/v1/protection-groups/{gid}"), &g);
     assert_eq!(status, 204, "{problem}");
     let start = Instant::now();
-    while state.join("cdp").join(&gid).exists() {
-        assert!(start.elapsed() < TASK_TIMEOUT, "group journal left behind");
+    while state.join("cdp").join(&gid).exists() || replica_disk.exists() {
+        assert!(start.elapsed() < TASK_TIMEOUT, "group data left behind");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -974,15 +1042,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert_eq!(status, 204, "{body}");
     assert!(!hot_file.exists());
 
-    protect_and_replicate(
-        &api,
-        &keel.url(""),
-        work.path(),
-        &state,
-        vdc_id,
-        &vm,
-        &volume_id,
-    );
+    protect_and_replicate(&api, work.path(), &state, accel, vdc_id, &vm, &volume_id);
 
     // QEMU killed behind keel's back: reported STOPPED, with a reason.
     let pid = qemu_pid(&vm).expect("QEMU process of the VM");

@@ -23,6 +23,7 @@ pub mod ports;
 pub mod problem;
 pub mod protection_groups;
 pub mod records;
+pub mod replica_groups;
 pub mod respond;
 pub mod routers;
 pub mod security_groups;
@@ -136,6 +137,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(loadbalancers::router())
                 .merge(backups::router())
                 .merge(protection_groups::router())
+                .merge(replica_groups::router())
                 .merge(console::router())
                 .merge(tasks::router())
                 .merge(events::router())

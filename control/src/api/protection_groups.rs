@@ -75,7 +75,8 @@ fn first() -> u8 {
 
 /// The replica's side of the group's mutual TLS, and the numbers the
 /// replica checks every segment against.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicaCredentials {
     /// `keel cdp replica --group`.
     pub group_number: u64,
@@ -89,6 +90,43 @@ pub struct ReplicaCredentials {
     pub cert_pem: String,
     /// The replica's private key (`--key`).
     pub key_pem: String,
+}
+
+/// A protected disk: its number in the group's journal (the replica's
+/// `disk-<index>.raw`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PairedDisk {
+    pub index: u16,
+    /// The volume at the protected site.
+    pub volume_id: String,
+    pub size_bytes: u64,
+}
+
+/// A protected VM as the DR site recreates it at failover.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PairedVm {
+    /// The VM at the protected site.
+    pub vm_id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub firmware: super::images::Firmware,
+    pub cpu_arch: String,
+    pub boot_priority: u8,
+    /// Boot disk first.
+    pub disks: Vec<PairedDisk>,
+}
+
+/// Everything the DR site needs to receive a group and fail it over: the
+/// replica's credentials and the protected VMs with their disk numbers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaPairing {
+    #[serde(flatten)]
+    pub credentials: ReplicaCredentials,
+    pub vms: Vec<PairedVm>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -594,7 +632,7 @@ async fn group_action(
 #[utoipa::path(get, path = "/protection-groups/{id}/replica-credentials", tag = "compute",
     params(("id" = String, Path)),
     responses(
-        (status = 200, description = "What the DR site's `keel cdp replica` needs: group number, source site, server name, CA, certificate and private key (PEM). Needs update rights on the group.", body = ReplicaCredentials),
+        (status = 200, description = "What the DR site needs (pass it whole to its `POST /replica-groups` as `pairing`): group number, source site, server name, CA, the replica's certificate and private key (PEM), and the protected VMs with their disk numbers. Needs update rights on the group.", body = ReplicaPairing),
         (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The host agent has not made the group's certificates yet", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
@@ -602,7 +640,7 @@ async fn replica_credentials(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<ReplicaCredentials>, ApiError> {
+) -> Result<Json<ReplicaPairing>, ApiError> {
     let mut conn = state.store.pool().acquire().await?;
     let record = load(
         &mut conn,
@@ -614,11 +652,58 @@ async fn replica_credentials(
     )
     .await?;
     let spec: ProtectionGroupSpec = record.spec()?;
-    spec.credentials.map(Json).ok_or_else(|| {
+    let credentials = spec.credentials.clone().ok_or_else(|| {
         ApiError::Conflict(
             "the host agent has not made this group's certificates yet; retry in a second".into(),
         )
-    })
+    })?;
+    Ok(Json(ReplicaPairing {
+        credentials,
+        vms: protected_vms(&mut conn, &spec).await?,
+    }))
+}
+
+/// The members with their disks numbered in journal order (every disk of
+/// every member, in member order): the one definition of the disk order
+/// the source journals and the replica's files follow.
+pub async fn protected_vms(
+    conn: &mut SqliteConnection,
+    spec: &ProtectionGroupSpec,
+) -> Result<Vec<PairedVm>, ApiError> {
+    let mut vms_out = Vec::with_capacity(spec.members.len());
+    let mut index: u16 = 0;
+    for m in &spec.members {
+        let vm = records::get(conn, vms::KIND, &m.vm_id)
+            .await?
+            .ok_or_else(|| ApiError::Conflict(format!("member VM {} is gone", m.vm_id)))?;
+        let vspec: VmSpec = vm.spec()?;
+        let mut disks = Vec::with_capacity(vspec.volume_ids.len());
+        for v in &vspec.volume_ids {
+            let size_bytes = match records::get(conn, super::volumes::KIND, v).await? {
+                Some(r) => r.spec::<super::volumes::VolumeSpec>()?.size_bytes,
+                None => return Err(ApiError::Conflict(format!("volume {v} is gone"))),
+            };
+            disks.push(PairedDisk {
+                index,
+                volume_id: v.clone(),
+                size_bytes,
+            });
+            index = index
+                .checked_add(1)
+                .ok_or_else(|| ApiError::Conflict("too many disks in one group".into()))?;
+        }
+        vms_out.push(PairedVm {
+            vm_id: m.vm_id.clone(),
+            name: vm.meta.name.clone(),
+            vcpus: vspec.vcpus,
+            memory_mib: vspec.memory_mib,
+            firmware: vspec.firmware,
+            cpu_arch: vspec.cpu_arch.clone(),
+            boot_priority: m.boot_priority,
+            disks,
+        });
+    }
+    Ok(vms_out)
 }
 
 /// Records what the host agent observed, re-reading the group inside the

@@ -73,17 +73,18 @@ impl Agent {
     /// member order.
     fn cdp_group(&self, record: &Record) -> Result<CdpGroup, StepError> {
         let spec: ProtectionGroupSpec = record.spec()?;
-        let mut volumes = Vec::new();
-        for m in &spec.members {
-            let vm = self
-                .get(vms::KIND, &m.vm_id)?
-                .ok_or_else(|| StepError::Invalid(format!("member VM {} is gone", m.vm_id)))?;
-            let vspec: VmSpec = vm.spec()?;
-            for v in vspec.volume_ids {
-                let path = volumes::volume_path(&self.config.state_dir, &v);
-                volumes.push((v, path));
-            }
-        }
+        let paired = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            Ok::<_, StepError>(groups::protected_vms(&mut conn, &spec).await?)
+        })?;
+        let volumes = paired
+            .iter()
+            .flat_map(|vm| &vm.disks)
+            .map(|d| {
+                let path = volumes::volume_path(&self.config.state_dir, &d.volume_id);
+                (d.volume_id.clone(), path)
+            })
+            .collect();
         let dir = self.group_dir(&record.meta.id);
         Ok(CdpGroup {
             id: record.meta.id.clone(),

@@ -1,0 +1,508 @@
+//! `/replica-groups`: the DR site's side of a protection group. Created
+//! from the pairing the protected site hands out
+//! (`GET /protection-groups/{id}/replica-credentials`), it makes the host
+//! agent run `keel cdp replica` on `listen_address`, which applies whole
+//! journal segments only (the disks are always at a crash-consistent
+//! point of the source) and keeps `keep` recovery points.
+//!
+//! Failover promotes the replica at the latest (or a chosen) recovery
+//! point and turns it into ordinary resources of this site: a volume per
+//! protected disk and a VM per protected VM, booted in boot-priority order.
+
+use std::net::SocketAddr;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::SqliteConnection;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::{Action, Family, Principal};
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
+use super::listing::{ListQuery, Page};
+use super::problem::{ApiError, Problem};
+use super::protection_groups::{PairedVm, ReplicaPairing};
+use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::respond::{
+    begin_change, created, finish_delete, get_one, list_page, load, referenced_vdc, Resource,
+};
+use super::tasks::{self, Task};
+use super::vms::{self, VmSpec};
+use super::volumes::{self, VolumeSpec};
+use super::AppState;
+
+pub const KIND: &str = "replica_group";
+/// The replica listens and applies segments.
+pub const RECEIVING: &str = "RECEIVING";
+/// The replica does not run (`status_reason`).
+pub const ERROR: &str = "ERROR";
+/// The failover task runs.
+pub const FAILING_OVER: &str = "FAILING_OVER";
+/// Promoted: the disks are volumes of this site, the VMs run here.
+pub const FAILED_OVER: &str = "FAILED_OVER";
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Failover {
+    /// The recovery point (segment number) the disks hold.
+    pub recovery_point: u64,
+    /// The VMs made here, in boot order.
+    pub vm_ids: Vec<String>,
+    /// The volumes made here, by disk index.
+    pub volume_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaGroupSpec {
+    pub description: String,
+    pub listen_address: String,
+    pub keep: usize,
+    pub pairing: ReplicaPairing,
+    /// The replica's status as the agent last read it.
+    #[serde(default)]
+    pub observed: Option<Value>,
+    #[serde(default)]
+    pub status_reason: String,
+    #[serde(default)]
+    pub failover: Option<Failover>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaGroup {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub description: String,
+    pub listen_address: String,
+    /// Recovery points kept.
+    pub keep: usize,
+    pub group_number: u64,
+    pub source_site: u64,
+    /// The protected VMs this group recreates at failover.
+    pub vms: Vec<PairedVm>,
+    /// The replica's status: `last_seq`, `lag_seconds`, `consistent`,
+    /// `recovery_points` (segment numbers failover can choose),
+    /// `segments_applied`, `refused`, ...
+    #[schema(value_type = Option<Object>)]
+    pub observed: Option<Value>,
+    pub status_reason: String,
+    pub failover: Option<Failover>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaGroupCreate {
+    pub name: String,
+    /// Owning VDC (where failover puts the volumes and VMs); tenants may
+    /// omit it.
+    pub vdc_id: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    /// Where the replica listens for the source (IP:port of this host).
+    pub listen_address: String,
+    /// Recovery points to keep (1 .. 1000, default 16).
+    #[serde(default = "default_keep")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub keep: usize,
+    /// The protected site's `replica-credentials` answer, whole.
+    pub pairing: ReplicaPairing,
+}
+
+fn default_keep() -> usize {
+    16
+}
+
+#[derive(Debug, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// A recovery point from `observed.recovery_points`; the latest when
+    /// absent.
+    pub recovery_point: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaGroupPage {
+    pub items: Vec<ReplicaGroup>,
+    pub next_cursor: Option<String>,
+}
+
+impl Resource for ReplicaGroup {
+    const KIND: &'static str = KIND;
+    const FAMILY: Family = Family::Compute;
+
+    fn from_record(record: Record) -> Result<Self, ApiError> {
+        let spec: ReplicaGroupSpec = record.spec()?;
+        Ok(ReplicaGroup {
+            meta: record.meta,
+            description: spec.description,
+            listen_address: spec.listen_address,
+            keep: spec.keep,
+            group_number: spec.pairing.credentials.group_number,
+            source_site: spec.pairing.credentials.source_site,
+            vms: spec.pairing.vms,
+            observed: spec.observed,
+            status_reason: spec.status_reason,
+            failover: spec.failover,
+        })
+    }
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_group, list_groups))
+        .routes(routes!(get_group, delete_group))
+        .routes(routes!(failover))
+}
+
+fn check_pem(field: &str, pem: &str, what: &str) -> Result<(), ApiError> {
+    if pem.contains(&format!("-----BEGIN {what}")) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("must be a PEM {}", what.to_lowercase()),
+        ))
+    }
+}
+
+fn check_body(body: &ReplicaGroupCreate) -> Result<(), ApiError> {
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    if body.listen_address.parse::<SocketAddr>().is_err() {
+        return Err(ApiError::invalid(
+            "listen_address",
+            "must be an IP address and port, e.g. 198.18.0.2:7400",
+        ));
+    }
+    if !(1..=1000).contains(&body.keep) {
+        return Err(ApiError::invalid("keep", "must be 1 .. 1000"));
+    }
+    let c = &body.pairing.credentials;
+    check_pem("pairing.ca_pem", &c.ca_pem, "CERTIFICATE")?;
+    check_pem("pairing.cert_pem", &c.cert_pem, "CERTIFICATE")?;
+    check_pem("pairing.key_pem", &c.key_pem, "PRIVATE KEY")?;
+    if body.pairing.vms.is_empty() {
+        return Err(ApiError::invalid("pairing.vms", "no VMs to recover"));
+    }
+    let mut next: u16 = 0;
+    for (i, vm) in body.pairing.vms.iter().enumerate() {
+        check_name(&format!("pairing.vms[{i}].name"), &vm.name)?;
+        if vm.disks.is_empty() {
+            return Err(ApiError::invalid(
+                format!("pairing.vms[{i}].disks"),
+                "a VM needs its boot disk",
+            ));
+        }
+        for (j, d) in vm.disks.iter().enumerate() {
+            if d.index != next || d.size_bytes == 0 {
+                return Err(ApiError::invalid(
+                    format!("pairing.vms[{i}].disks[{j}]"),
+                    format!("expected disk index {next} with a size"),
+                ));
+            }
+            next = next.saturating_add(1);
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/replica-groups", tag = "compute", request_body = ReplicaGroupCreate,
+    responses(
+        (status = 201, description = "Stored PENDING; RECEIVING once the host's replica listens", body = ReplicaGroup),
+        (status = 409, description = "Another replica group listens on that address or receives that group", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field (named)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn create_group(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidJson(body): ValidJson<ReplicaGroupCreate>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Compute, Action::Create)?;
+    check_body(&body)?;
+    let vdc_id = body
+        .vdc_id
+        .clone()
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let mut tx = state.store.begin_write().await?;
+    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    for other in records::all(&mut tx, KIND).await? {
+        if other.meta.status == FAILED_OVER {
+            continue;
+        }
+        let o: ReplicaGroupSpec = other.spec()?;
+        if o.listen_address == body.listen_address {
+            return Err(ApiError::Conflict(format!(
+                "replica group {} already listens on {}",
+                other.meta.id, o.listen_address
+            )));
+        }
+        if o.pairing.credentials.group_number == body.pairing.credentials.group_number
+            && o.pairing.credentials.source_site == body.pairing.credentials.source_site
+        {
+            return Err(ApiError::Conflict(format!(
+                "replica group {} already receives this protection group",
+                other.meta.id
+            )));
+        }
+    }
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: None,
+            name: &body.name,
+            spec: to_json(&ReplicaGroupSpec {
+                description: body.description,
+                listen_address: body.listen_address,
+                keep: body.keep,
+                pairing: body.pairing,
+                observed: None,
+                status_reason: String::new(),
+                failover: None,
+            })?,
+            status: PENDING,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    let location = format!("/api/v1/replica-groups/{}", record.meta.id);
+    let revision = record.meta.revision;
+    Ok(created(
+        &location,
+        revision,
+        &ReplicaGroup::from_record(record)?,
+    ))
+}
+
+#[utoipa::path(get, path = "/replica-groups", tag = "compute", params(ListQuery),
+    responses((status = 200, description = "One page", body = ReplicaGroupPage)), security(("bearer" = [])))]
+async fn list_groups(
+    State(state): State<AppState>,
+    principal: Principal,
+    ValidQuery(query): ValidQuery<ListQuery>,
+) -> Result<Json<ReplicaGroupPage>, ApiError> {
+    let Page { items, next_cursor } = list_page::<ReplicaGroup>(&state, &principal, &query).await?;
+    Ok(Json(ReplicaGroupPage { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/replica-groups/{id}", tag = "compute", params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The group with the replica's status and recovery points", body = ReplicaGroup),
+        (status = 404, description = "Not found (or not visible)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn get_group(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    get_one::<ReplicaGroup>(&state, &principal, &id).await
+}
+
+#[utoipa::path(delete, path = "/replica-groups/{id}", tag = "compute",
+    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    responses(
+        (status = 204, description = "Deleted: the replica stops and its data is removed (volumes and VMs of a failover stay)"),
+        (status = 409, description = "A failover runs", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn delete_group(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let (tx, record) =
+        begin_change::<ReplicaGroup>(&state, &principal, Action::Delete, &id, &headers).await?;
+    if record.meta.status == FAILING_OVER {
+        return Err(ApiError::Conflict(
+            "a failover runs on this replica group".into(),
+        ));
+    }
+    let done = finish_delete::<ReplicaGroup>(tx, &record).await;
+    state.changes.notify_waiters();
+    done
+}
+
+#[utoipa::path(post, path = "/replica-groups/{id}/actions/failover", tag = "compute",
+    request_body = FailoverRequest, params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "Queued: the replica stops and is promoted at the recovery point; its disks become volumes here and the VMs boot here by boot priority", body = Task),
+        (status = 409, description = "Not RECEIVING or ERROR, or a task runs on it", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The recovery point is not held", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn failover(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<FailoverRequest>,
+) -> Result<Response, ApiError> {
+    let mut tx = state.store.begin_write().await?;
+    let record = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this group",
+            task.id, task.action, task.state
+        )));
+    }
+    if record.meta.status != RECEIVING && record.meta.status != ERROR {
+        return Err(ApiError::Conflict(format!(
+            "cannot fail over a replica group that is {}; allowed when {RECEIVING} or {ERROR}",
+            record.meta.status
+        )));
+    }
+    let spec: ReplicaGroupSpec = record.spec()?;
+    if let Some(point) = body.recovery_point {
+        let held: Vec<u64> = spec
+            .observed
+            .as_ref()
+            .and_then(|o| o["recovery_points"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        if !held.contains(&point) {
+            return Err(ApiError::invalid(
+                "recovery_point",
+                format!("not a recovery point the replica holds; held: {held:?}"),
+            ));
+        }
+    }
+    records::observe(&mut tx, KIND, &id, FAILING_OVER, None).await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        &id,
+        "failover",
+        serde_json::json!({ "recovery_point": body.recovery_point }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+/// Records what the host agent observed, re-read inside the write; the
+/// status changes only from one of `from`.
+pub async fn observe(
+    conn: &mut SqliteConnection,
+    id: &str,
+    status: Option<(&[&str], &str)>,
+    update: impl FnOnce(&mut ReplicaGroupSpec),
+) -> Result<(), ApiError> {
+    let Some(record) = records::get(conn, KIND, id).await? else {
+        return Ok(());
+    };
+    let mut spec: ReplicaGroupSpec = record.spec()?;
+    let status = match status {
+        Some((from, to)) if from.contains(&record.meta.status.as_str()) => to,
+        Some(_) => return Ok(()),
+        None => record.meta.status.as_str(),
+    };
+    update(&mut spec);
+    records::observe(conn, KIND, id, status, Some(to_json(&spec)?)).await?;
+    Ok(())
+}
+
+/// The failover's resources, in one transaction with the group's
+/// `failover` record (so a re-run of the task finds them instead of making
+/// them twice): a volume per promoted disk, attached to a VM per protected
+/// VM (CREATING, placed on a host), VMs in boot-priority order.
+pub async fn failover_records(
+    conn: &mut SqliteConnection,
+    group: &Record,
+    recovery_point: u64,
+) -> Result<Failover, ApiError> {
+    let spec: ReplicaGroupSpec = group.spec()?;
+    if let Some(done) = spec.failover {
+        return Ok(done);
+    }
+    let vdc_id = group.meta.vdc_id.clone().unwrap_or_default();
+    let mut order: Vec<&PairedVm> = spec.pairing.vms.iter().collect();
+    order.sort_by_key(|vm| vm.boot_priority);
+    let mut volume_ids = vec![String::new(); order.iter().map(|vm| vm.disks.len()).sum()];
+    let mut vm_ids = Vec::with_capacity(order.len());
+    for vm in order {
+        let host = super::hosts::place(conn, &vm.cpu_arch, vm.memory_mib).await?;
+        let vm_id = uuid::Uuid::new_v4().to_string();
+        let mut disks = Vec::with_capacity(vm.disks.len());
+        for d in &vm.disks {
+            let volume = records::insert(
+                conn,
+                NewRecord {
+                    kind: volumes::KIND,
+                    vdc_id: Some(&vdc_id),
+                    parent_id: None,
+                    name: &format!("{}-disk{}", vm.name, d.index),
+                    spec: to_json(&VolumeSpec {
+                        size_bytes: d.size_bytes,
+                        image_id: None,
+                        provisioning: "thin".into(),
+                        attached_to: Some(vm_id.clone()),
+                        description: format!(
+                            "failed over from volume {} (replica group {}, recovery point {recovery_point})",
+                            d.volume_id, group.meta.id
+                        ),
+                        status_reason: String::new(),
+                    })?,
+                    status: volumes::IN_USE,
+                },
+            )
+            .await?;
+            if let Some(slot) = volume_ids.get_mut(usize::from(d.index)) {
+                slot.clone_from(&volume.meta.id);
+            }
+            disks.push(volume.meta.id);
+        }
+        records::insert_with_id(
+            conn,
+            &vm_id,
+            NewRecord {
+                kind: vms::KIND,
+                vdc_id: Some(&vdc_id),
+                parent_id: None,
+                name: &vm.name,
+                spec: to_json(&VmSpec {
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                    firmware: vm.firmware,
+                    cpu_arch: vm.cpu_arch.clone(),
+                    volume_ids: disks,
+                    port_ids: Vec::new(),
+                    host_id: host.meta.id.clone(),
+                    vnc_port: None,
+                    description: format!(
+                        "failed over from VM {} (replica group {})",
+                        vm.vm_id, group.meta.id
+                    ),
+                    status_reason: String::new(),
+                })?,
+                status: vms::CREATING,
+            },
+        )
+        .await?;
+        vm_ids.push(vm_id);
+    }
+    let done = Failover {
+        recovery_point,
+        vm_ids,
+        volume_ids,
+    };
+    let record = done.clone();
+    observe(conn, &group.meta.id, None, |s| s.failover = Some(record)).await?;
+    Ok(done)
+}
