@@ -7,13 +7,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use keel_vhost::{
     cbt_path, serve, Cbt, DiskOptions, DiskShared, QueueConfig, RawDisk, ServeConfig, StopHandle,
 };
 
 use crate::journal::{Journal, JournalConfig, JournalError};
-use crate::transport::ship::{ShipConfig, Shipper};
+use crate::transport::ship::{ShipConfig, ShipCounters, Shipper};
 use crate::transport::tls::TlsError;
 
 /// One disk of the group.
@@ -100,13 +101,15 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
     let shipper = match &config.ship {
         Some(sc) => {
             let s = Shipper::new(journal.clone(), sc.clone()).map_err(SourceError::Tls)?;
+            let counters = s.counters.clone();
             let st = ship_stop.clone();
-            Some(
+            Some((
                 std::thread::Builder::new()
                     .name("cdp-ship".into())
                     .spawn(move || s.run(st))
                     .map_err(|_| SourceError::Thread("ship"))?,
-            )
+                counters,
+            ))
         }
         None => None,
     };
@@ -163,9 +166,33 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
         }
     }
     let sealed = handle.shutdown().map_err(SourceError::Writer);
-    ship_stop.store(true, Ordering::Release);
-    if let Some(s) = shipper {
+    if let Some((s, counters)) = shipper {
+        drain(&journal, &counters);
+        ship_stop.store(true, Ordering::Release);
         let _ = s.join();
     }
     result.and(sealed)
 }
+
+/// A stop ships what the journal sealed before it returns (bounded by
+/// [`DRAIN`]): stop-then-failover is a planned switchover that loses
+/// nothing while the replica is reachable.
+fn drain(journal: &Journal, counters: &ShipCounters) {
+    let sealed = journal.counters.last_sealed_seq.load(Ordering::Acquire);
+    let start = Instant::now();
+    while counters.last_acked_seq.load(Ordering::Acquire) < sealed {
+        if start.elapsed() > DRAIN {
+            tracing::warn!(
+                sealed,
+                acked = counters.last_acked_seq.load(Ordering::Acquire),
+                "stopping with segments the replica has not acknowledged"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(sealed, "every sealed segment acknowledged by the replica");
+}
+
+/// How long a stop waits for the replica to acknowledge the last segments.
+const DRAIN: Duration = Duration::from_secs(30);

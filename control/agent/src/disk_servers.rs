@@ -274,7 +274,8 @@ impl DiskServers {
     /// [`DiskServers::ensure`]d again. Returns the group it served.
     pub fn stop_group(&mut self, id: &str) -> Option<CdpGroup> {
         let mut g = self.groups.remove(id)?;
-        terminate(&mut g.child);
+        // Its stop drains the journal to the replica (bounded at 30 s).
+        terminate_within(&mut g.child, GROUP_STOP_WAIT);
         for (volume, _) in &g.group.volumes {
             let _ = std::fs::remove_file(self.socket(volume));
         }
@@ -325,7 +326,15 @@ impl Drop for DiskServers {
     }
 }
 
+/// A CDP source's stop: drain (≤ 30 s) and seal.
+const GROUP_STOP_WAIT: Duration = Duration::from_secs(45);
+
 pub(crate) fn terminate(child: &mut Child) {
+    terminate_within(child, WAIT);
+}
+
+/// SIGTERM, then SIGKILL if it has not exited after `wait`.
+pub(crate) fn terminate_within(child: &mut Child, wait: Duration) {
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill(2) on our own child's pid, which we have not reaped
         // yet, so it cannot name another process.
@@ -334,7 +343,7 @@ pub(crate) fn terminate(child: &mut Child) {
         }
     }
     let start = Instant::now();
-    while start.elapsed() < WAIT {
+    while start.elapsed() < wait {
         if !matches!(child.try_wait(), Ok(None)) {
             return;
         }

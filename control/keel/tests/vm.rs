@@ -465,7 +465,17 @@ fn protect_and_replicate(
         "{rgv}"
     );
 
-    // Planned stop: the disk goes back to its own backend, the guest goes on.
+    // Planned switchover: a write just before the stop still reaches the
+    // replica (the source drains before it exits); the disk goes back to
+    // its own backend and the guest goes on.
+    let out = guest_run(
+        api,
+        base,
+        vm,
+        "P3",
+        "echo KEEL-CDP-LAST-4 | dd of=/dev/vda2 bs=4096 seek=330 conv=fsync 2>/dev/null",
+    );
+    assert!(out.contains("P3=0"), "{out}");
     let (status, task) = api.call(
         "POST",
         &format!("/api/v1/protection-groups/{gid}/actions/stop"),
@@ -483,6 +493,11 @@ fn protect_and_replicate(
     assert!(out.contains("KEEL-CDP-MARK-3"), "{out}");
     let g = api.ok("GET", &format!("/api/v1/protection-groups/{gid}"), None);
     assert_eq!(g["status"], "UNPROTECTED", "{g}");
+    assert_eq!(g["status_reason"], "", "{g}");
+    assert_eq!(
+        g["observed"]["last_acked_seq"], g["observed"]["last_sealed_seq"],
+        "drained: {g}"
+    );
 
     // Failover at the DR site: an unknown recovery point is refused; the
     // latest one becomes a volume and the VM boots there with the data.
@@ -515,9 +530,14 @@ fn protect_and_replicate(
         &dr_vm,
         "R1",
         "dd if=/dev/vda2 bs=4096 skip=320 count=1 2>/dev/null | head -c 15; echo; \
+         dd if=/dev/vda2 bs=4096 skip=330 count=1 2>/dev/null | head -c 15; echo; \
          echo PATTERN=$(dd if=/dev/vda2 bs=4096 skip=256 count=64 2>/dev/null | md5sum)",
     );
     assert!(out.contains("KEEL-CDP-MARK-3"), "{out}");
+    assert!(
+        out.contains("KEEL-CDP-LAST-4"),
+        "written just before the switchover: {out}"
+    );
     assert_eq!(pattern(&out), written, "{out}");
 
     // Clean up both sites through their APIs.

@@ -150,9 +150,24 @@ impl Agent {
                 }
             }
             "stop" => {
-                self.stop_protection(&id)?;
+                // The source drains before it exits: the final status says
+                // whether the replica has every sealed segment.
+                let last = self.stop_protection(&id)?;
+                let observed = last.and_then(|g| Self::shipping_status(&g).0);
+                let reason = match &observed {
+                    Some(o) if o["last_acked_seq"].as_u64() < o["last_sealed_seq"].as_u64() => {
+                        format!(
+                            "stopped before the replica acknowledged segment {} (it has {}): a failover now loses the writes after it",
+                            o["last_sealed_seq"], o["last_acked_seq"]
+                        )
+                    }
+                    _ => String::new(),
+                };
                 self.observe_group(&id, Some((&[STOPPING], UNPROTECTED)), |s| {
-                    s.status_reason = String::new();
+                    if observed.is_some() {
+                        s.observed = observed;
+                    }
+                    s.status_reason = reason;
                 })
             }
             other => Err(StepError::Invalid(format!(
@@ -165,9 +180,9 @@ impl Agent {
     /// backends where a VM uses them. The journal must copy everything in
     /// full when protection starts again: the disks are written meanwhile
     /// without it.
-    fn stop_protection(&mut self, id: &str) -> Result<(), StepError> {
+    fn stop_protection(&mut self, id: &str) -> Result<Option<CdpGroup>, StepError> {
         let Some(group) = self.disks.stop_group(id) else {
-            return Ok(());
+            return Ok(None);
         };
         keel_cdp::journal::require_full_resync(&group.journal)
             .map_err(|e| StepError::Invalid(format!("journal {}: {e}", group.journal.display())))?;
@@ -188,7 +203,7 @@ impl Agent {
             }
         }
         tracing::info!(group = %id, "protection stopped; disks back on their own backends");
-        Ok(())
+        Ok(Some(group))
     }
 
     /// Keeps every protecting group's source running and its status
