@@ -1,6 +1,7 @@
 //! Every suite `keel bench` knows.
 
 pub mod backup;
+pub mod cdp;
 pub mod control;
 mod control_fanout;
 pub mod dataplane;
@@ -19,6 +20,7 @@ pub const ALL: &[Suite] = &[
     lb::SUITE,
     vm::SUITE,
     backup::SUITE,
+    cdp::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
