@@ -196,17 +196,15 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
     ));
 
     // The capacity formula at the measured cache speed, for a guest
-    // writing 20 MB/s.
-    for rpo in [1.0, 5.0, 30.0] {
-        let sum_mb = 20.0 * rpo;
-        let z = keel_cdp::capacity::required_mbit_s(sum_mb, rpo, capture_mb_s).map_err(err)?;
-        out.push(Measurement::new(
-            &format!("link for RPO {rpo} s at 20 MB/s of writes (Z = 1.2·SUM·8/(RPO−SUM/Y))"),
-            "Mbit/s",
-            false,
-            z,
-        ));
-    }
+    // writing 20 MB/s steadily (SUM grows with the RPO, so the link it
+    // needs is the same for every RPO the cache can absorb).
+    let z = keel_cdp::capacity::required_mbit_s(20.0 * 5.0, 5.0, capture_mb_s).map_err(err)?;
+    out.push(Measurement::new(
+        "link for 20 MB/s of writes, RPO 5 s (Z = 1.2·SUM·8/(RPO−SUM/Y), Y measured)",
+        "Mbit/s",
+        false,
+        z,
+    ));
     Ok(out)
 }
 
@@ -262,7 +260,9 @@ fn ship(
             sealed > 0 && shipper.counters.last_acked_seq.load(Ordering::Acquire) >= sealed
         }
     };
-    wait("the initial copy to reach the replica", || caught_up(&journal))?;
+    wait("the initial copy to reach the replica", || {
+        caught_up(&journal)
+    })?;
     let t = Instant::now();
     for &off in order {
         file.write_all_at(data, off)?;

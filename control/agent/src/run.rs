@@ -740,6 +740,10 @@ impl Agent {
             for pid in &spec.port_ids {
                 if let Some(port) = records::get(&mut tx, "port", pid).await? {
                     let mut pspec: keel_control::api::ports::PortSpec = port.spec()?;
+                    if pspec.delete_with_device {
+                        records::delete(&mut tx, &port, "port").await?;
+                        continue;
+                    }
                     pspec.device_id = None;
                     records::observe(
                         &mut tx,

@@ -1373,11 +1373,13 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     );
     assert_eq!(status, 202, "{task}");
     api.wait_task(&task);
+    // The clone's NIC was keel's to make, so it goes with the clone; the
+    // source's port (a user's) stays.
+    assert_eq!(clone_port["delete_with_device"], true, "{clone_port}");
+    assert_eq!(source_port["delete_with_device"], false, "{source_port}");
     let port_path = format!("/api/v1/ports/{}", clone_port["id"].as_str().unwrap());
-    let p = api.ok("GET", &port_path, None);
-    assert!(p["device_id"].is_null(), "{p}");
-    let (status, body) = api.delete_read(&port_path, &p);
-    assert_eq!(status, 204, "{body}");
+    let (status, body) = api.call("GET", &port_path, None);
+    assert_eq!(status, 404, "the clone's port is deleted with it: {body}");
 
     for (vm, _, _) in &vms {
         let (status, task) = api.call(

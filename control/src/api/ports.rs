@@ -42,6 +42,10 @@ pub struct PortSpec {
     /// The VM whose NIC this port is.
     #[serde(default)]
     pub device_id: Option<String>,
+    /// keel made this port for its VM (a clone's NIC), so it goes when the
+    /// VM is deleted; ports a user made stay, detached.
+    #[serde(default)]
+    pub delete_with_device: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -216,6 +220,8 @@ pub struct NewPort<'a> {
     pub security_group_ids: Vec<String>,
     pub description: String,
     pub device_id: Option<String>,
+    /// See [`PortSpec::delete_with_device`].
+    pub delete_with_device: bool,
 }
 
 /// Stores a port on `subnet` with a free address and a MAC unique in its
@@ -264,6 +270,7 @@ pub async fn insert_port(
         security_group_ids: new.security_group_ids,
         description: new.description,
         device_id: new.device_id,
+        delete_with_device: new.delete_with_device,
     };
     records::insert(
         conn,
@@ -325,6 +332,7 @@ async fn create_port(
             security_group_ids: body.security_group_ids,
             description: body.description,
             device_id: None,
+            delete_with_device: false,
         },
     )
     .await?;

@@ -342,6 +342,7 @@ async fn clone_vm(
                     security_group_ids: pspec.security_group_ids,
                     description: format!("NIC {i} of {name}, a clone of {}", vm.meta.name),
                     device_id: Some(clone_id.clone()),
+                    delete_with_device: true,
                 },
             )
             .await?;
