@@ -349,14 +349,14 @@ fn protect_and_replicate(
     let dr_vdc = dr.ok("POST", "/api/v1/vdcs", Some(json!({"name": "recovered"})));
     let dr_vdc = dr_vdc["id"].as_str().unwrap();
     let mut broken = pairing.clone();
-    broken["key_pem"] = json!("not a key");
+    broken["credentials"]["key_pem"] = json!("not a key");
     let (status, problem) = dr.call(
         "POST",
         "/api/v1/replica-groups",
         Some(json!({"name": "from-a", "vdc_id": dr_vdc, "listen_address": address, "pairing": broken})),
     );
     assert_eq!(status, 422, "{problem}");
-    assert_eq!(problem["field"], "pairing.key_pem", "{problem}");
+    assert_eq!(problem["field"], "pairing.credentials.key_pem", "{problem}");
     let rg = dr.ok(
         "POST",
         "/api/v1/replica-groups",

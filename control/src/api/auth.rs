@@ -305,6 +305,9 @@ async fn verify_password(password: String, hash: String) -> Result<bool, ApiErro
 pub struct Login {
     pub username: String,
     pub password: String,
+    /// The current TOTP code, for users who turned TOTP on.
+    #[serde(default)]
+    pub totp: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -370,7 +373,7 @@ async fn issue_pair(state: &AppState, user_id: &str) -> Result<Tokens, ApiError>
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = Login,
     responses(
         (status = 200, description = "Logged in", body = Tokens),
-        (status = 401, description = "Wrong user or password", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong user, password or TOTP code (bad-credentials), or the account needs a TOTP code (totp-required)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Account locked after failed logins", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn login(
@@ -394,7 +397,23 @@ async fn login(
         return Err(ApiError::AccountLocked);
     }
     let hash: String = row.try_get("password_hash")?;
-    if !verify_password(body.password, hash).await? {
+    let password_ok = verify_password(body.password, hash).await?;
+    // With TOTP on, a wrong or replayed code is a failed login like a wrong
+    // password (it counts towards the lockout); a missing one is asked for.
+    let mut second_ok = true;
+    if password_ok {
+        let mut conn = state.store.pool().acquire().await?;
+        if let Some((secret, last)) = super::totp::second_factor(&mut conn, &id).await? {
+            let Some(code) = body.totp.as_deref() else {
+                return Err(ApiError::TotpRequired);
+            };
+            second_ok = match super::totp::step_of(&secret, code.trim(), last)? {
+                Some(step) => super::totp::consume_step(&mut conn, &id, step).await?,
+                None => false,
+            };
+        }
+    }
+    if !password_ok || !second_ok {
         // One statement, so concurrent failures all count.
         sqlx::query(
             "UPDATE users SET failed_logins = failed_logins + 1, \

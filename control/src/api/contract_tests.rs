@@ -169,6 +169,104 @@ fn assert_problem(r: &Reply, status: u16, code: &str) {
 }
 
 #[tokio::test]
+async fn totp_second_factor_is_confirmed_required_single_use_and_disabled() {
+    use totp_rs::{Algorithm, Secret, TOTP};
+    // Codes for the previous, current and next 30 s step are accepted; keep
+    // clear of a step boundary so "current" means the same to test and API.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    while now() % 30 > 25 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "t", json!({})).await;
+    let token = api.user(&admin, "otp-user", "vdc-user", &vdc).await;
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/auth/totp/confirm",
+            Some(&token),
+            &[],
+            Some(json!({"code": "123456"})),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .call(Method::POST, "/api/v1/auth/totp", Some(&token), &[], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let secret = r.body["secret"].as_str().unwrap().to_owned();
+    assert!(
+        r.body["otpauth_uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("otpauth://totp/keel:otp-user?secret="),
+        "{}",
+        r.body
+    );
+    let gen = TOTP::new(
+        Algorithm::SHA1,
+        6,
+        0,
+        30,
+        Secret::Encoded(secret).to_bytes().unwrap(),
+    )
+    .unwrap();
+    let code = |steps: i64| gen.generate(now().checked_add_signed(steps * 30).unwrap());
+    let wrong = if code(0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let confirm = |c: String| {
+        api.call(
+            Method::POST,
+            "/api/v1/auth/totp/confirm",
+            Some(&token),
+            &[],
+            Some(json!({"code": c})),
+        )
+    };
+    assert_problem(&confirm(wrong.into()).await, 422, "invalid-field");
+    assert_eq!(confirm(code(-1)).await.status, 204);
+    // From now on the password alone is not enough.
+    let login = |c: Option<String>| {
+        api.call(
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            &[],
+            Some(json!({"username": "otp-user", "password": PW, "totp": c})),
+        )
+    };
+    assert_problem(&login(None).await, 401, "totp-required");
+    assert_problem(&login(Some(wrong.into())).await, 401, "bad-credentials");
+    let r = login(Some(code(0))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same code again (replay) and an older one are refused.
+    assert_problem(&login(Some(code(0))).await, 401, "bad-credentials");
+    assert_problem(&login(Some(code(-1))).await, 401, "bad-credentials");
+    let disable = |c: String| {
+        api.call(
+            Method::POST,
+            "/api/v1/auth/totp/disable",
+            Some(&token),
+            &[],
+            Some(json!({"code": c})),
+        )
+    };
+    assert_problem(&disable(code(0)).await, 422, "invalid-field");
+    assert_eq!(disable(code(1)).await.status, 204);
+    let r = login(None).await;
+    assert_eq!(r.status, 200, "TOTP off: password alone again: {}", r.body);
+}
+
+#[tokio::test]
 async fn login_refresh_and_lockout() {
     let api = Api::new().await;
     assert_problem(

@@ -29,6 +29,7 @@ pub mod routers;
 pub mod security_groups;
 pub mod tasks;
 pub mod tokens;
+pub mod totp;
 pub mod users;
 pub mod vdcs;
 pub mod version;
@@ -121,6 +122,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             OpenApiRouter::new()
                 .merge(version::router())
                 .merge(auth::router())
+                .merge(totp::router())
                 .merge(tokens::router())
                 .merge(vdcs::router())
                 .merge(users::router())

@@ -101,6 +101,8 @@ pub enum ApiError {
     BadCredentials,
     #[error("The account is locked after too many failed logins")]
     AccountLocked,
+    #[error("This account needs a TOTP code (field totp)")]
+    TotpRequired,
     #[error("Not allowed for this role")]
     Forbidden,
     #[error("Resource not found")]
@@ -151,6 +153,7 @@ impl ApiError {
             ApiError::Unauthenticated => (S::UNAUTHORIZED, "unauthenticated"),
             ApiError::BadCredentials => (S::UNAUTHORIZED, "bad-credentials"),
             ApiError::AccountLocked => (S::TOO_MANY_REQUESTS, "account-locked"),
+            ApiError::TotpRequired => (S::UNAUTHORIZED, "totp-required"),
             ApiError::Forbidden => (S::FORBIDDEN, "forbidden"),
             ApiError::NotFound => (S::NOT_FOUND, "not-found"),
             ApiError::Conflict(_) => (S::CONFLICT, "conflict"),

@@ -124,7 +124,6 @@ pub struct PairedVm {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaPairing {
-    #[serde(flatten)]
     pub credentials: ReplicaCredentials,
     pub vms: Vec<PairedVm>,
 }

@@ -181,9 +181,9 @@ fn check_body(body: &ReplicaGroupCreate) -> Result<(), ApiError> {
         return Err(ApiError::invalid("keep", "must be 1 .. 1000"));
     }
     let c = &body.pairing.credentials;
-    check_pem("pairing.ca_pem", &c.ca_pem, "CERTIFICATE")?;
-    check_pem("pairing.cert_pem", &c.cert_pem, "CERTIFICATE")?;
-    check_pem("pairing.key_pem", &c.key_pem, "PRIVATE KEY")?;
+    check_pem("pairing.credentials.ca_pem", &c.ca_pem, "CERTIFICATE")?;
+    check_pem("pairing.credentials.cert_pem", &c.cert_pem, "CERTIFICATE")?;
+    check_pem("pairing.credentials.key_pem", &c.key_pem, "PRIVATE KEY")?;
     if body.pairing.vms.is_empty() {
         return Err(ApiError::invalid("pairing.vms", "no VMs to recover"));
     }

@@ -40,6 +40,9 @@ pub struct LoginArgs {
     /// Read the password from standard input.
     #[arg(long)]
     pub password_stdin: bool,
+    /// The authenticator's current code, for users with TOTP on.
+    #[arg(long)]
+    pub totp: Option<String>,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -130,6 +133,7 @@ pub fn login(args: LoginArgs) -> anyhow::Result<()> {
         &args.url,
         &args.username,
         password.trim(),
+        args.totp.as_deref(),
         args.opts.config_dir.as_deref(),
     )?;
     println!("logged in to {} as {}", session.url(), args.username);

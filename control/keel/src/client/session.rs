@@ -64,13 +64,13 @@ impl Session {
         url: &str,
         username: &str,
         password: &str,
+        totp: Option<&str>,
         dir: Option<&Path>,
     ) -> anyhow::Result<Session> {
         let url = url.trim_end_matches('/').to_owned();
-        let body: Value = match agent()
-            .post(&format!("{url}/api/v1/auth/login"))
-            .send_json(serde_json::json!({"username": username, "password": password}))
-        {
+        let body: Value = match agent().post(&format!("{url}/api/v1/auth/login")).send_json(
+            serde_json::json!({"username": username, "password": password, "totp": totp}),
+        ) {
             Ok(r) => r.into_json()?,
             Err(ureq::Error::Status(status, r)) => {
                 let body = r.into_json().unwrap_or(Value::Null);
