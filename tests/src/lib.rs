@@ -8,6 +8,7 @@
 //!   QEMU, with shared guest memory so vhost-user devices can attach, its
 //!   serial console captured, and shell commands run over that console.
 //! - [`KeelProcess`]: the real `keel` binary serving on a loopback port.
+//! - [`PostgresServer`]: a private PostgreSQL cluster on a loopback port.
 //!
 //! Everything needs root (namespaces) and the packages the README's test
 //! command installs (iproute2, qemu-system-x86, busybox-static,
@@ -17,11 +18,13 @@ mod cmd;
 pub mod guest;
 pub mod keel;
 pub mod netns;
+pub mod postgres;
 
 pub use cmd::{run, CmdOutput};
 pub use guest::{guest_disk_image, Accel, Guest, GuestConfig};
 pub use keel::{keel_bin, KeelProcess};
 pub use netns::{veth_pair, NetnsHost};
+pub use postgres::PostgresServer;
 
 use std::path::PathBuf;
 use std::time::Duration;
