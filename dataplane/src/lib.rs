@@ -136,6 +136,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
+pub mod flowcache;
 pub mod lpm;
 pub mod mirror;
 pub mod model;
