@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 
-use crate::flowcache::{self, FlowCache};
 use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
+use crate::flowcache::{self, FlowCache};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
@@ -93,11 +93,6 @@ impl Worker {
     pub fn with_flow_cache(mut self, entries: usize) -> Worker {
         self.cache = (entries > 0).then(|| FlowCache::new(entries));
         self
-    }
-
-    /// This worker's flow-cache counters (`None` when it is off).
-    pub fn flow_cache_counters(&self) -> Option<crate::flowcache::FlowCacheCounters> {
-        self.cache.as_ref().map(|c| c.counters)
     }
 
     /// Replaces the connection table with one of `connections` entries
@@ -294,7 +289,8 @@ fn cached_slow_path(
         _ => false,
     };
     let d = process(tables, learned, in_port, data, len, &mut NoTrace);
-    let unchanged = saved && *len == in_len && data.get(keyed..in_len) == tail.get(..in_len - keyed);
+    let unchanged =
+        saved && *len == in_len && data.get(keyed..in_len) == tail.get(..in_len - keyed);
     if let Some(out) = data.get(..*len) {
         c.insert(&miss, &d, out, unchanged);
     }

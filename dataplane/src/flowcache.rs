@@ -255,7 +255,11 @@ pub fn tables_cacheable(t: &Tables) -> bool {
 /// not DHCP.
 pub fn frame_cacheable(frame: &[u8]) -> bool {
     let mut off = 12;
-    let et = |o: usize| frame.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let et = |o: usize| {
+        frame
+            .get(o..o + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
     let mut ethertype = et(off);
     if ethertype == Some(0x8100) {
         off += 4;
@@ -265,8 +269,7 @@ pub fn frame_cacheable(frame: &[u8]) -> bool {
         return false;
     }
     let ip = off + 2;
-    let (Some(&vihl), Some(frag), Some(&proto)) =
-        (frame.get(ip), et(ip + 6), frame.get(ip + 9))
+    let (Some(&vihl), Some(frag), Some(&proto)) = (frame.get(ip), et(ip + 6), frame.get(ip + 9))
     else {
         return false;
     };

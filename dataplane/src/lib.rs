@@ -137,6 +137,8 @@ pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
 pub mod flowcache;
+#[cfg(test)]
+mod flowcache_tests;
 pub mod lpm;
 pub mod mirror;
 pub mod model;
