@@ -239,6 +239,30 @@ impl FlowCache {
     }
 }
 
+/// What the forwarding path's cache does with `frame` (a trace runs the full
+/// pipeline and bypasses the cache; this says whether a worker would replay it).
+pub fn trace_note(t: &Tables, frame: &[u8], d: &Decision, out_len: usize) -> String {
+    let replayable = matches!(
+        d.verdict,
+        Verdict::Unicast { .. } | Verdict::Flood { .. } | Verdict::Drop(_)
+    );
+    let why_not = if !tables_cacheable(t) {
+        Some("stateful, QoS, policy or NAT64 stages are configured")
+    } else if !frame_cacheable(frame) {
+        Some("not IPv4 TCP/UDP/ICMP without options (or DHCP, or a fragment)")
+    } else if !replayable {
+        Some("the pipeline generates a reply")
+    } else if out_len != frame.len() {
+        Some("the pipeline changes the frame length")
+    } else {
+        None
+    };
+    match why_not {
+        None => "bypassed by the trace; a worker caches this flow after its first packet".into(),
+        Some(r) => format!("bypassed by the trace; a worker never caches this packet: {r}"),
+    }
+}
+
 /// Whether the tables have no stage that keeps per-packet state.
 pub fn tables_cacheable(t: &Tables) -> bool {
     t.stateful.acls.iter().all(Option::is_none)
