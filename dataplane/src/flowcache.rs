@@ -30,7 +30,7 @@ use crate::tables::Tables;
 /// Frame bytes in the key: Ethernet + VLAN + IPv4 (no options) + TCP header fit.
 pub const KEY_BYTES: usize = 64;
 /// Entries per worker when none is given.
-pub const DEFAULT_ENTRIES: usize = 8 * 1024;
+pub const DEFAULT_ENTRIES: usize = 16 * 1024;
 const WAYS: usize = 2;
 
 /// Flow-cache counters of a worker, folded into [`crate::counters::Stats`].
