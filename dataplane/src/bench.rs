@@ -136,6 +136,15 @@ fn interfaces() -> Vec<String> {
 
 /// Generator → worker (full pipeline) → sink, for `packets` frames.
 pub fn run_pipeline(s: Scenario, packets: u64) -> Result<Run, crate::config::ConfigError> {
+    run_pipeline_with_cache(s, packets, crate::flowcache::DEFAULT_ENTRIES)
+}
+
+/// [`run_pipeline`] with a flow cache of `entries` per worker (0 = off).
+pub fn run_pipeline_with_cache(
+    s: Scenario,
+    packets: u64,
+    entries: usize,
+) -> Result<Run, crate::config::ConfigError> {
     let (state, frames) = scenario(s);
     let config = ConfigHandle::new(interfaces());
     config.apply(state)?;
@@ -145,7 +154,8 @@ pub fn run_pipeline(s: Scenario, packets: u64) -> Result<Run, crate::config::Con
         Box::new(MemPort::generator("gen", frames, packets)),
         Box::new(sink),
     ];
-    let mut worker = Worker::new(ports, config.tables(), Arc::new(Stats::new(&interfaces())));
+    let mut worker = Worker::new(ports, config.tables(), Arc::new(Stats::new(&interfaces())))
+        .with_flow_cache(entries);
     let start = Instant::now();
     while worker.poll_once() > 0 {}
     let seconds = start.elapsed().as_secs_f64();

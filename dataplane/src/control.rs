@@ -337,6 +337,10 @@ impl Controller {
             &mut len,
             &mut tr,
         );
+        tr.steps.push(TraceStep {
+            stage: "flow_cache".into(),
+            decision: crate::flowcache::trace_note(&tables, &frame, &d, len),
+        });
         match d.verdict {
             Verdict::Unicast { port } => {
                 mirrors(buf.get(..len).unwrap_or(&[]), port, false, &mut tr)
@@ -477,6 +481,12 @@ mod tests {
             steps.iter().any(|s| s.decision.contains("TTL 5 → 4")),
             "{steps:?}"
         );
+        assert!(
+            steps.iter().any(|s| s.stage == "flow_cache"
+                && s.decision
+                    .contains("caches this flow after its first packet")),
+            "{steps:?}"
+        );
         let out = unhex(&output_hex.unwrap()).unwrap();
         assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 3]);
 
@@ -491,7 +501,7 @@ mod tests {
             protocol: Protocol::Icmp,
         };
         let frame_hex = hex(&arp.to_frame().unwrap());
-        let Response::Trace { verdict, .. } = c.handle(Request::Trace {
+        let Response::Trace { verdict, steps, .. } = c.handle(Request::Trace {
             interface: "p0".into(),
             frame_hex: Some(frame_hex),
             packet: None,
@@ -499,6 +509,12 @@ mod tests {
             panic!()
         };
         assert_eq!(verdict, "reply out p0");
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.stage == "flow_cache" && s.decision.contains("never caches")),
+            "{steps:?}"
+        );
         let Response::Error { .. } = c.handle(Request::Trace {
             interface: "nope".into(),
             frame_hex: Some("00".into()),

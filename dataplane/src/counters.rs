@@ -145,7 +145,12 @@ pub struct Stats {
     /// A pending request to flush one conntrack zone (0 = none); workers
     /// check it once per round.
     pub ct_flush: AtomicU32,
+    /// Flow-cache counters ([`FLOW_CACHE_COUNTERS`]) summed over workers.
+    pub flow_cache: [AtomicU64; FLOW_CACHE_COUNTERS.len()],
 }
+
+/// Names of [`Stats::flow_cache`], in index order.
+pub const FLOW_CACHE_COUNTERS: [&str; 4] = ["hits", "misses", "evictions", "invalidations"];
 
 /// Names of [`Stats::conntrack`], in index order. `entries` is a gauge.
 pub const CONNTRACK_COUNTERS: [&str; 6] = [
@@ -172,6 +177,7 @@ impl Stats {
             ports: interfaces.iter().map(|_| PortCounters::default()).collect(),
             outcomes: Default::default(),
             conntrack: Default::default(),
+            flow_cache: Default::default(),
             ct_flush: AtomicU32::new(0),
         }
     }
@@ -186,6 +192,15 @@ impl Stats {
         add(full, &mut c.table_full);
         add(invalid, &mut c.invalid);
         add(flushed, &mut c.flushed);
+    }
+
+    /// Adds and zeroes a worker's flow-cache counts.
+    pub fn fold_flow_cache(&self, c: &mut crate::flowcache::FlowCacheCounters) {
+        let [hits, misses, evictions, invalidations] = &self.flow_cache;
+        add(hits, &mut c.hits);
+        add(misses, &mut c.misses);
+        add(evictions, &mut c.evictions);
+        add(invalidations, &mut c.invalidations);
     }
 
     /// Adds and zeroes a worker's local counts (once per polling round).
@@ -241,6 +256,11 @@ impl Stats {
                 .zip(&self.conntrack)
                 .map(|(n, c)| (n.to_string(), get(c)))
                 .collect(),
+            flow_cache: FLOW_CACHE_COUNTERS
+                .iter()
+                .zip(&self.flow_cache)
+                .map(|(n, c)| (n.to_string(), get(c)))
+                .collect(),
         }
     }
 }
@@ -265,6 +285,9 @@ pub struct StatsSnapshot {
     /// Connection tracking, summed over workers.
     #[serde(default)]
     pub conntrack: std::collections::BTreeMap<String, u64>,
+    /// Flow cache (hits, misses, evictions, invalidations), summed over workers.
+    #[serde(default)]
+    pub flow_cache: std::collections::BTreeMap<String, u64>,
 }
 
 impl StatsSnapshot {

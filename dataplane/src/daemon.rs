@@ -36,6 +36,9 @@ pub struct DaemonArgs {
     /// Unix socket serving apply / get / stats / trace requests.
     #[arg(long)]
     pub socket: PathBuf,
+    /// Flow-cache entries per worker; 0 switches the cache off (A/B runs).
+    #[arg(long, default_value_t = crate::flowcache::DEFAULT_ENTRIES)]
+    pub flow_cache_entries: usize,
 }
 
 /// Why the data plane could not start.
@@ -115,7 +118,8 @@ pub fn run_with_ports(args: DaemonArgs, extra: Vec<Box<dyn Port>>) -> Result<(),
     })?;
     let stats = Arc::new(Stats::new(&names));
     let stop = Arc::new(AtomicBool::new(false));
-    let worker = Worker::new(ports, config.tables(), Arc::clone(&stats));
+    let worker = Worker::new(ports, config.tables(), Arc::clone(&stats))
+        .with_flow_cache(args.flow_cache_entries);
     let _worker = worker.spawn(stop).map_err(DaemonError::SpawnWorker)?;
     tracing::info!(interfaces = ?names, socket = %args.socket.display(), "data plane running");
     let controller = Controller { config, stats };

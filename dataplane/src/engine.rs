@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 
 use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
+use crate::flowcache::{self, FlowCache};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
@@ -42,6 +43,11 @@ pub struct Worker {
     outcomes: [u64; Outcome::COUNT],
     pollfds: Vec<libc::pollfd>,
     mirror: MirrorState,
+    /// `None` when the flow cache is switched off.
+    cache: Option<FlowCache>,
+    /// The frame's bytes past the cache key, kept on a cache miss to check the
+    /// slow path left them alone (allocated once, buffer sized).
+    tail: Vec<u8>,
 }
 
 impl Worker {
@@ -78,7 +84,15 @@ impl Worker {
             outcomes: [0; Outcome::COUNT],
             pollfds,
             mirror: MirrorState::default(),
+            cache: Some(FlowCache::new(flowcache::DEFAULT_ENTRIES)),
+            tail: vec![0; PacketBuf::default().buffer_mut().len()],
         }
+    }
+
+    /// Switches the flow cache off (`0`) or sizes it to `entries`.
+    pub fn with_flow_cache(mut self, entries: usize) -> Worker {
+        self.cache = (entries > 0).then(|| FlowCache::new(entries));
+        self
     }
 
     /// Replaces the connection table with one of `connections` entries
@@ -106,11 +120,16 @@ impl Worker {
             local,
             outcomes,
             mirror,
+            cache,
+            tail,
             ..
         } = self;
         let tables = tables.load();
         learned.sync(tables.generation);
         mirror.sync(tables.generation);
+        if let Some(c) = cache.as_mut() {
+            c.sync(&tables, learned.version());
+        }
         let mirrors = &tables.mirror;
         crate::stateful::serve_flush(stats, &mut learned.stateful);
         let mut total = 0;
@@ -135,7 +154,19 @@ impl Worker {
                     mirror_copies(mirrors, taps, buf.frame(), true, ports, tx, local, mirror);
                 }
                 let (data, len) = buf.parts_mut();
-                let d = process(&tables, learned, in_port, data, len, &mut NoTrace);
+                let d = match cache.as_mut() {
+                    None => process(&tables, learned, in_port, data, len, &mut NoTrace),
+                    Some(c) => match c.lookup(in_port, data, *len) {
+                        Ok(d) => d,
+                        Err(miss) => {
+                            let d = cached_slow_path(
+                                c, miss, &tables, learned, in_port, data, len, tail,
+                            );
+                            c.sync(&tables, learned.version());
+                            d
+                        }
+                    },
+                };
                 if let Some(o) = d.outcome {
                     outcomes[o.index()] += 1;
                 }
@@ -192,6 +223,9 @@ impl Worker {
             }
         }
         stats.fold(local, outcomes);
+        if let Some(c) = cache.as_mut() {
+            stats.fold_flow_cache(&mut c.counters);
+        }
         learned.qos.fold(&tables.qos);
         learned.policy.fold(&tables.policies);
         mirror.fold(mirrors);
@@ -226,6 +260,41 @@ impl Worker {
             .name("keel-dp-worker".into())
             .spawn(move || self.run(&stop))
     }
+}
+
+/// Runs the pipeline on a cache miss and stores the result when it can be
+/// replayed exactly (see [`crate::flowcache`]).
+// hot path (misses): one copy of the frame's tail to prove it unchanged.
+#[allow(clippy::too_many_arguments)]
+fn cached_slow_path(
+    c: &mut FlowCache,
+    miss: Option<flowcache::Miss>,
+    tables: &crate::tables::Tables,
+    learned: &mut Learned,
+    in_port: u16,
+    data: &mut [u8],
+    len: &mut usize,
+    tail: &mut [u8],
+) -> crate::pipeline::Decision {
+    let Some(miss) = miss else {
+        return process(tables, learned, in_port, data, len, &mut NoTrace);
+    };
+    let in_len = *len;
+    let keyed = in_len.min(flowcache::KEY_BYTES);
+    let saved = match (data.get(keyed..in_len), tail.get_mut(..in_len - keyed)) {
+        (Some(src), Some(dst)) => {
+            dst.copy_from_slice(src);
+            true
+        }
+        _ => false,
+    };
+    let d = process(tables, learned, in_port, data, len, &mut NoTrace);
+    let unchanged =
+        saved && *len == in_len && data.get(keyed..in_len) == tail.get(..in_len - keyed);
+    if let Some(out) = data.get(..*len) {
+        c.insert(&miss, &d, out, unchanged);
+    }
+    d
 }
 
 /// Queues `prefix` + `frame` for interface `out`; `false` when it did not fit a buffer.

@@ -51,6 +51,15 @@
 //!   `{"op":"policy_stats"}`). Their decisions appear in the trace (`qos_out`, `qos_in`,
 //!   `nat64`, `router_policy`) and in the drop/outcome counters (`qos_meter_dropped`,
 //!   `nat64_no_session`, `nat64_translated_6to4` …).
+//! - **Flow cache** ([`flowcache`]): per worker, in front of the pipeline;
+//!   exact match on (in-port, length, first 64 frame bytes) → the verdict and
+//!   the rewritten header bytes. Fixed size (16k entries, 2-way set
+//!   associative, oldest way evicted), filled only where a replay is exactly
+//!   the slow path (IPv4 TCP/UDP/ICMP without options, no DHCP, unicast,
+//!   flood or drop, same length; never while stateful, QoS, policy or NAT64
+//!   stages are configured). Entries of an older tables generation or an
+//!   older learned-MAC table miss. Counters in `stats.flow_cache`;
+//!   `--flow-cache-entries 0` switches it off.
 //! - **Trace** ([`control::Request::Trace`]): the same `process` with a
 //!   recording [`pipeline::Tracer`], like `ovn-trace`; forwarding uses the
 //!   no-op tracer, which compiles away.
@@ -136,6 +145,9 @@ pub mod daemon;
 pub mod dhcp;
 pub mod engine;
 pub mod fastmap;
+pub mod flowcache;
+#[cfg(test)]
+mod flowcache_tests;
 pub mod lpm;
 pub mod mirror;
 pub mod model;

@@ -87,6 +87,8 @@ impl Tracer for RecordTrace {
 /// changes (a port may have moved or disappeared).
 pub struct Learned {
     generation: u64,
+    /// Moves whenever the MAC table changes (the flow cache's invalidation).
+    version: u64,
     capacity: usize,
     map: FastMap<u64, LportId>,
     /// Connection tracking for the stateful stages ([`crate::stateful`]).
@@ -102,6 +104,7 @@ impl Learned {
     pub fn new(capacity: usize) -> Learned {
         Learned {
             generation: 0,
+            version: 0,
             capacity,
             map: fastmap::with_capacity(capacity),
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
@@ -128,6 +131,7 @@ impl Learned {
         if self.generation != generation {
             self.map.clear();
             self.generation = generation;
+            self.version += 1;
         }
     }
 
@@ -139,14 +143,21 @@ impl Learned {
             Some(existing) if *existing == lport => false,
             Some(existing) => {
                 *existing = lport;
+                self.version += 1;
                 true
             }
             None if room => {
                 self.map.insert(key, lport);
+                self.version += 1;
                 true
             }
             None => false,
         }
+    }
+
+    /// Changes whenever a MAC is learned, moved or flushed.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The port behind a learned MAC.

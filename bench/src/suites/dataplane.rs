@@ -7,10 +7,14 @@
 //! against the same frames with the feature off, so their ratio is the share
 //! of stateless forwarding speed they keep.
 //!
+//! The flow cache (on in every scenario above, as in the daemon) is measured
+//! against the same pipeline with the cache off, in the same process.
+//!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
 use keel_dataplane::bench::{
-    run_baseline, run_pipeline, run_service, run_stateful, Run, Scenario, Service, Stateful,
+    run_baseline, run_pipeline, run_pipeline_with_cache, run_service, run_stateful, Run, Scenario,
+    Service, Stateful,
 };
 
 use crate::{BenchError, Measurement, Scale, Suite};
@@ -69,9 +73,44 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
             .with_peer(PEER, peer.ns_per_packet()),
         );
     }
+    flow_cache(per_round, &mut out)?;
     stateful(scale, &mut out)?;
     services(scale, &mut out)?;
     Ok(out)
+}
+
+/// Flow cache on (sized for the flows) against the same pipeline with it off.
+fn flow_cache(per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    const ENTRIES: usize = 32 * 1024;
+    let scenarios = [
+        (
+            "flow cache: L2 switching, 10k MACs",
+            Scenario::L2 { macs: 10_000 },
+        ),
+        (
+            "flow cache: L2 → router → L2, 256 hosts",
+            Scenario::Routed { hosts: 256 },
+        ),
+    ];
+    for (name, s) in scenarios {
+        let (mut keel, mut peer) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            keel.push(run_pipeline_with_cache(s, per_round, ENTRIES).map_err(io)?);
+            peer.push(run_pipeline_with_cache(s, per_round, 0).map_err(io)?);
+        }
+        let (keel, peer) = (total(&keel), total(&peer));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, keel.mpps())
+                .with_peer("same pipeline, flow cache off", peer.mpps()),
+        );
+    }
+    out.push(Measurement::new(
+        "flow cache memory per entry",
+        "bytes",
+        false,
+        keel_dataplane::flowcache::FlowCache::bytes_per_entry() as f64,
+    ));
+    Ok(())
 }
 
 /// QoS meter + DSCP marking, traffic mirroring, NAT64 and router policies,
@@ -196,7 +235,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 14);
+        assert_eq!(ms.len(), 17);
         for m in ms.iter().filter(|m| m.unit != "bytes") {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
