@@ -36,6 +36,7 @@ pub mod cbt;
 pub mod config;
 pub mod device;
 pub mod disk;
+pub mod frontend;
 pub mod hook;
 pub mod net;
 pub mod request;
