@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod image;
 pub mod lb;
 pub mod store;
+pub mod vhost;
 pub mod vm;
 
 use crate::Suite;
@@ -21,6 +22,7 @@ pub const ALL: &[Suite] = &[
     vm::SUITE,
     backup::SUITE,
     cdp::SUITE,
+    vhost::SUITE,
 ];
 
 pub fn find(name: &str) -> Option<&'static Suite> {
