@@ -263,6 +263,22 @@ impl Agent {
         })
     }
 
+    /// Writes the agent's fields of a resource (see [`records::observe_spec`]).
+    fn observe_spec<S: serde::de::DeserializeOwned + serde::Serialize>(
+        &self,
+        kind: &str,
+        id: &str,
+        status: Option<(&[&str], &str)>,
+        update: impl FnOnce(&mut S),
+    ) -> Result<(), StepError> {
+        self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            records::observe_spec(&mut tx, kind, id, status, update).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
     fn task_state(
         &self,
         id: &str,

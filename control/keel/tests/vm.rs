@@ -254,17 +254,33 @@ fn login(keel: &KeelProcess, state: &Path) -> Api {
     }
 }
 
-/// Polls `path` until `done` holds for it; returns it.
-fn wait_for(api: &Api, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+/// A hang guard, not a speed check: it only ends a test whose awaited
+/// state never comes (the agent's loop is dead), instead of blocking CI.
+const HANG_GUARD: Duration = Duration::from_secs(600);
+
+/// Calls `probe` until it yields a value; fails with `what` and the last
+/// probe's note only if that never happens before the hang guard.
+fn eventually<T>(what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
     let start = Instant::now();
     loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > HANG_GUARD => panic!("{what} never happened: {last}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Polls `path` until `done` holds for it; returns it.
+fn wait_for(api: &Api, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually(what, || {
         let v = api.ok("GET", path, None);
         if done(&v) {
-            return v;
+            Ok(v)
+        } else {
+            Err(v.to_string())
         }
-        assert!(start.elapsed() < TASK_TIMEOUT, "{what}: {v}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    })
 }
 
 /// Disaster recovery of the running VM through the APIs of two keels: the
@@ -324,20 +340,18 @@ fn protect_and_replicate(
     assert_eq!(status, 409, "a VM is in one group only: {problem}");
 
     // The pairing: credentials the host agent made, and the VM to recover.
-    let start = Instant::now();
-    let pairing = loop {
+    let pairing = eventually("replica credentials", || {
         let (status, c) = api.call(
             "GET",
             &format!("/api/v1/protection-groups/{gid}/replica-credentials"),
             None,
         );
         if status == 200 {
-            break c;
+            return Ok(c);
         }
         assert_eq!(status, 409, "{c}");
-        assert!(start.elapsed() < TASK_TIMEOUT, "no credentials: {c}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        Err(c.to_string())
+    });
     assert_eq!(pairing["vms"][0]["vm_id"], vm, "{pairing}");
     assert_eq!(pairing["vms"][0]["disks"][0]["volume_id"], volume_id);
 
@@ -555,11 +569,13 @@ fn protect_and_replicate(
     assert_eq!(status, 204, "{problem}");
     let (status, problem) = api.delete_read(&format!("/api/v1/protection-groups/{gid}"), &g);
     assert_eq!(status, 204, "{problem}");
-    let start = Instant::now();
-    while state.join("cdp").join(&gid).exists() || replica_disk.exists() {
-        assert!(start.elapsed() < TASK_TIMEOUT, "group data left behind");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually("removal of both groups' data", || {
+        if state.join("cdp").join(&gid).exists() || replica_disk.exists() {
+            Err("journal or replica directory still there".into())
+        } else {
+            Ok(())
+        }
+    });
 }
 
 /// Runs `cmd` in the guest over its serial-console WebSocket (the guest's

@@ -34,7 +34,8 @@ use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, load, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, load, load_for_action, ok,
+    referenced_vdc, Resource,
 };
 use super::tasks::{self, Task};
 use super::vms::{self, VmSpec};
@@ -584,28 +585,15 @@ async fn group_action(
         _ => return Err(ApiError::NotFound),
     };
     let mut tx = state.store.begin_write().await?;
-    let record = load(
+    let record = load_for_action::<ProtectionGroup>(
         &mut tx,
         &principal,
-        Family::Compute,
-        Action::Update,
-        KIND,
+        "protection group",
         &id,
+        &action,
+        allowed,
     )
     .await?;
-    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this group",
-            task.id, task.action, task.state
-        )));
-    }
-    if !allowed.contains(&record.meta.status.as_str()) {
-        return Err(ApiError::Conflict(format!(
-            "cannot {action} a protection group that is {}; allowed when {}",
-            record.meta.status,
-            allowed.join(" or ")
-        )));
-    }
     let mut spec: ProtectionGroupSpec = record.spec()?;
     if protecting {
         let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
@@ -703,28 +691,4 @@ pub async fn protected_vms(
         });
     }
     Ok(vms_out)
-}
-
-/// Records what the host agent observed, re-reading the group inside the
-/// write so a concurrent start/stop or replace is never overwritten: the
-/// status changes only from one of `from` (so a reconcile pass cannot undo
-/// a start or stop queued meanwhile), and only the agent's fields change.
-pub async fn observe(
-    conn: &mut SqliteConnection,
-    id: &str,
-    status: Option<(&[&str], &str)>,
-    update: impl FnOnce(&mut ProtectionGroupSpec),
-) -> Result<(), ApiError> {
-    let Some(record) = records::get(conn, KIND, id).await? else {
-        return Ok(());
-    };
-    let mut spec: ProtectionGroupSpec = record.spec()?;
-    let status = match status {
-        Some((from, to)) if from.contains(&record.meta.status.as_str()) => to,
-        Some(_) => return Ok(()),
-        None => record.meta.status.as_str(),
-    };
-    update(&mut spec);
-    records::observe(conn, KIND, id, status, Some(to_json(&spec)?)).await?;
-    Ok(())
 }

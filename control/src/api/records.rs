@@ -254,6 +254,32 @@ pub async fn observe(
     Ok(Some(updated))
 }
 
+/// What a host agent observed about a resource whose spec it shares with
+/// API callers: re-reads the record inside the write so a concurrent
+/// action or replace is never overwritten (only `update`'s fields change),
+/// and moves the status only from one of `from` (so a reconcile pass cannot
+/// undo an action queued meanwhile). `None` keeps the status.
+pub async fn observe_spec<S: serde::de::DeserializeOwned + serde::Serialize>(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    id: &str,
+    status: Option<(&[&str], &str)>,
+    update: impl FnOnce(&mut S),
+) -> Result<(), ApiError> {
+    let Some(record) = get(conn, kind, id).await? else {
+        return Ok(());
+    };
+    let mut spec: S = record.spec()?;
+    let status = match status {
+        Some((from, to)) if from.contains(&record.meta.status.as_str()) => to,
+        Some(_) => return Ok(()),
+        None => record.meta.status.as_str(),
+    };
+    update(&mut spec);
+    observe(conn, kind, id, status, Some(to_json(&spec)?)).await?;
+    Ok(())
+}
+
 /// Every resource of `kind`, oldest first (host agents reconcile all).
 pub async fn all(conn: &mut SqliteConnection, kind: &str) -> Result<Vec<Record>, ApiError> {
     let rows = sqlx::query(&format!(

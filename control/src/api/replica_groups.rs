@@ -29,7 +29,8 @@ use super::problem::{ApiError, Problem};
 use super::protection_groups::{PairedVm, ReplicaPairing};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, load, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, load_for_action, referenced_vdc,
+    Resource,
 };
 use super::tasks::{self, Task};
 use super::vms::{self, VmSpec};
@@ -343,27 +344,15 @@ async fn failover(
     ValidJson(body): ValidJson<FailoverRequest>,
 ) -> Result<Response, ApiError> {
     let mut tx = state.store.begin_write().await?;
-    let record = load(
+    let record = load_for_action::<ReplicaGroup>(
         &mut tx,
         &principal,
-        Family::Compute,
-        Action::Update,
-        KIND,
+        "replica group",
         &id,
+        "fail over",
+        &[RECEIVING, ERROR],
     )
     .await?;
-    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this group",
-            task.id, task.action, task.state
-        )));
-    }
-    if record.meta.status != RECEIVING && record.meta.status != ERROR {
-        return Err(ApiError::Conflict(format!(
-            "cannot fail over a replica group that is {}; allowed when {RECEIVING} or {ERROR}",
-            record.meta.status
-        )));
-    }
     let spec: ReplicaGroupSpec = record.spec()?;
     if let Some(point) = body.recovery_point {
         let held: Vec<u64> = spec
@@ -394,28 +383,6 @@ async fn failover(
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
-}
-
-/// Records what the host agent observed, re-read inside the write; the
-/// status changes only from one of `from`.
-pub async fn observe(
-    conn: &mut SqliteConnection,
-    id: &str,
-    status: Option<(&[&str], &str)>,
-    update: impl FnOnce(&mut ReplicaGroupSpec),
-) -> Result<(), ApiError> {
-    let Some(record) = records::get(conn, KIND, id).await? else {
-        return Ok(());
-    };
-    let mut spec: ReplicaGroupSpec = record.spec()?;
-    let status = match status {
-        Some((from, to)) if from.contains(&record.meta.status.as_str()) => to,
-        Some(_) => return Ok(()),
-        None => record.meta.status.as_str(),
-    };
-    update(&mut spec);
-    records::observe(conn, KIND, id, status, Some(to_json(&spec)?)).await?;
-    Ok(())
 }
 
 /// The failover's resources, in one transaction with the group's
@@ -503,6 +470,15 @@ pub async fn failover_records(
         volume_ids,
     };
     let record = done.clone();
-    observe(conn, &group.meta.id, None, |s| s.failover = Some(record)).await?;
+    records::observe_spec(
+        conn,
+        KIND,
+        &group.meta.id,
+        None,
+        |s: &mut ReplicaGroupSpec| {
+            s.failover = Some(record);
+        },
+    )
+    .await?;
     Ok(done)
 }

@@ -133,6 +133,34 @@ pub async fn load(
     Ok(record)
 }
 
+/// Loads a resource for a task-queuing action: visible and updatable by
+/// the caller, no task still running on it, and in one of `allowed`
+/// (`noun` names the kind in the refusals).
+pub async fn load_for_action<R: Resource>(
+    conn: &mut SqliteConnection,
+    principal: &Principal,
+    noun: &str,
+    id: &str,
+    what: &str,
+    allowed: &[&str],
+) -> Result<Record, ApiError> {
+    let record = load(conn, principal, R::FAMILY, Action::Update, R::KIND, id).await?;
+    if let Some(task) = super::tasks::pending_for(conn, id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this {noun}",
+            task.id, task.action, task.state
+        )));
+    }
+    if !allowed.contains(&record.meta.status.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "cannot {what} a {noun} that is {}; allowed when {}",
+            record.meta.status,
+            allowed.join(" or ")
+        )));
+    }
+    Ok(record)
+}
+
 /// Checks `If-Match` against the loaded revision.
 pub fn check_revision(record: &Record, expected: i64) -> Result<(), ApiError> {
     if record.meta.revision == expected {

@@ -377,21 +377,7 @@ pub(super) async fn vm_for(
     what: &str,
     allowed: &[&str],
 ) -> Result<Record, ApiError> {
-    let vm = load(tx, principal, Family::Compute, Action::Update, KIND, id).await?;
-    if let Some(task) = tasks::pending_for(tx, id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this VM",
-            task.id, task.action, task.state
-        )));
-    }
-    if !allowed.contains(&vm.meta.status.as_str()) {
-        return Err(ApiError::Conflict(format!(
-            "cannot {what} a VM that is {}; allowed when {}",
-            vm.meta.status,
-            allowed.join(" or ")
-        )));
-    }
-    Ok(vm)
+    super::respond::load_for_action::<Vm>(tx, principal, "VM", id, what, allowed).await
 }
 
 #[utoipa::path(post, path = "/vms/{id}/actions/{action}", tag = "compute",

@@ -24,21 +24,6 @@ impl Agent {
         self.config.state_dir.join("cdp").join(id)
     }
 
-    /// Writes the agent's view of a group (see [`groups::observe`]).
-    fn observe_group(
-        &self,
-        id: &str,
-        status: Option<(&[&str], &str)>,
-        update: impl FnOnce(&mut ProtectionGroupSpec),
-    ) -> Result<(), StepError> {
-        self.block_on(async {
-            let mut tx = self.store.begin_write().await?;
-            groups::observe(&mut tx, id, status, update).await?;
-            tx.commit().await?;
-            Ok(())
-        })
-    }
-
     /// Makes the group's site CA and certificates (once) and publishes the
     /// replica's side; the source's key stays on this host.
     fn ensure_credentials(&self, record: &Record) -> Result<(), StepError> {
@@ -64,9 +49,14 @@ impl Agent {
         // The replica's key lives in the store now (handed out by the API).
         let _ = std::fs::remove_file(&replica.key);
         tracing::info!(group = %record.meta.id, "protection group certificates made");
-        self.observe_group(&record.meta.id, None, |s| {
-            s.credentials = Some(credentials);
-        })
+        self.observe_spec(
+            KIND,
+            &record.meta.id,
+            None,
+            |s: &mut ProtectionGroupSpec| {
+                s.credentials = Some(credentials);
+            },
+        )
     }
 
     /// What the group's CDP source serves: every disk of every member, in
@@ -135,16 +125,26 @@ impl Agent {
                 match started {
                     Ok(group) => {
                         let (observed, reason) = Self::shipping_status(&group);
-                        self.observe_group(&id, Some((&[STARTING], PROTECTING)), |s| {
-                            s.observed = observed;
-                            s.status_reason = reason;
-                        })
+                        self.observe_spec(
+                            KIND,
+                            &id,
+                            Some((&[STARTING], PROTECTING)),
+                            |s: &mut ProtectionGroupSpec| {
+                                s.observed = observed;
+                                s.status_reason = reason;
+                            },
+                        )
                     }
                     Err(e) => {
                         let reason = e.to_string();
-                        self.observe_group(&id, Some((&[STARTING], ERROR)), |s| {
-                            s.status_reason = reason;
-                        })?;
+                        self.observe_spec(
+                            KIND,
+                            &id,
+                            Some((&[STARTING], ERROR)),
+                            |s: &mut ProtectionGroupSpec| {
+                                s.status_reason = reason;
+                            },
+                        )?;
                         Err(e)
                     }
                 }
@@ -163,12 +163,17 @@ impl Agent {
                     }
                     _ => String::new(),
                 };
-                self.observe_group(&id, Some((&[STOPPING], UNPROTECTED)), |s| {
-                    if observed.is_some() {
-                        s.observed = observed;
-                    }
-                    s.status_reason = reason;
-                })
+                self.observe_spec(
+                    KIND,
+                    &id,
+                    Some((&[STOPPING], UNPROTECTED)),
+                    |s: &mut ProtectionGroupSpec| {
+                        if observed.is_some() {
+                            s.observed = observed;
+                        }
+                        s.status_reason = reason;
+                    },
+                )
             }
             other => Err(StepError::Invalid(format!(
                 "protection groups have no {other} task"
@@ -239,19 +244,29 @@ impl Agent {
                             || reason != spec.status_reason
                             || record.meta.status != PROTECTING
                         {
-                            self.observe_group(id, Some((from, PROTECTING)), |s| {
-                                s.observed = observed;
-                                s.status_reason = reason;
-                            })?;
+                            self.observe_spec(
+                                KIND,
+                                id,
+                                Some((from, PROTECTING)),
+                                |s: &mut ProtectionGroupSpec| {
+                                    s.observed = observed;
+                                    s.status_reason = reason;
+                                },
+                            )?;
                         }
                     }
                     Err(e) => {
                         let reason = e.to_string();
                         if reason != spec.status_reason || record.meta.status != ERROR {
                             tracing::warn!(group = %id, error = %reason, "protection group not served");
-                            self.observe_group(id, Some((from, ERROR)), |s| {
-                                s.status_reason = reason;
-                            })?;
+                            self.observe_spec(
+                                KIND,
+                                id,
+                                Some((from, ERROR)),
+                                |s: &mut ProtectionGroupSpec| {
+                                    s.status_reason = reason;
+                                },
+                            )?;
                         }
                     }
                 }

@@ -15,20 +15,6 @@ use super::{Agent, StepError};
 use crate::replica_servers::ReplicaRun;
 
 impl Agent {
-    fn observe_replica(
-        &self,
-        id: &str,
-        status: Option<(&[&str], &str)>,
-        update: impl FnOnce(&mut ReplicaGroupSpec),
-    ) -> Result<(), StepError> {
-        self.block_on(async {
-            let mut tx = self.store.begin_write().await?;
-            groups::observe(&mut tx, id, status, update).await?;
-            tx.commit().await?;
-            Ok(())
-        })
-    }
-
     /// Keeps a replica running for every receiving group and its status
     /// current; stops those of deleted or failed-over groups and removes
     /// what deleted groups left.
@@ -64,20 +50,30 @@ impl Agent {
                         || status != RECEIVING
                         || !spec.status_reason.is_empty()
                     {
-                        self.observe_replica(id, Some((from, RECEIVING)), |s| {
-                            if observed.is_some() {
-                                s.observed = observed;
-                            }
-                            s.status_reason = String::new();
-                        })?;
+                        self.observe_spec(
+                            KIND,
+                            id,
+                            Some((from, RECEIVING)),
+                            |s: &mut ReplicaGroupSpec| {
+                                if observed.is_some() {
+                                    s.observed = observed;
+                                }
+                                s.status_reason = String::new();
+                            },
+                        )?;
                     }
                 }
                 Err(e) => {
                     let reason = e.to_string();
                     tracing::warn!(group = %id, error = %reason, "replica not running");
-                    self.observe_replica(id, Some((from, ERROR)), |s| {
-                        s.status_reason = reason;
-                    })?;
+                    self.observe_spec(
+                        KIND,
+                        id,
+                        Some((from, ERROR)),
+                        |s: &mut ReplicaGroupSpec| {
+                            s.status_reason = reason;
+                        },
+                    )?;
                 }
             }
         }
@@ -107,9 +103,14 @@ impl Agent {
             Ok(()) => Ok(()),
             Err(e) => {
                 let reason = e.to_string();
-                self.observe_replica(&id, Some((&[FAILING_OVER], ERROR)), |s| {
-                    s.status_reason = reason;
-                })?;
+                self.observe_spec(
+                    KIND,
+                    &id,
+                    Some((&[FAILING_OVER], ERROR)),
+                    |s: &mut ReplicaGroupSpec| {
+                        s.status_reason = reason;
+                    },
+                )?;
                 Err(e)
             }
         }
@@ -169,8 +170,13 @@ impl Agent {
             let current = self.get(vms::KIND, vm)?.unwrap_or(vm_record);
             self.observe_vm(&current, true)?;
         }
-        self.observe_replica(id, Some((&[FAILING_OVER], FAILED_OVER)), |s| {
-            s.status_reason = String::new();
-        })
+        self.observe_spec(
+            KIND,
+            id,
+            Some((&[FAILING_OVER], FAILED_OVER)),
+            |s: &mut ReplicaGroupSpec| {
+                s.status_reason = String::new();
+            },
+        )
     }
 }
