@@ -25,6 +25,9 @@ const DRAIN_GRACE: Duration = api::REQUEST_TIMEOUT;
 pub struct UpConfig {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// Shared PostgreSQL database (`postgres://…`) instead of the embedded
+    /// SQLite file in the state directory.
+    pub database: Option<String>,
     /// Password of the bootstrap `admin` (from `KEEL_ADMIN_PASSWORD`); one is
     /// generated into `<state_dir>/admin-password` when absent.
     pub admin_password: Option<String>,
@@ -86,8 +89,12 @@ pub async fn up(
             }
         }
     })?;
-    let store = Store::open(&state_dir.path().join(DB_FILE)).await?;
-    let run = store.begin_run(env!("CARGO_PKG_VERSION")).await?;
+    let store = match &config.database {
+        Some(url) => Store::connect(url).await?,
+        None => Store::open(&state_dir.path().join(DB_FILE)).await?,
+    };
+    let node = format!("{}:{}", hostname(), state_dir.path().display());
+    let run = store.begin_run(env!("CARGO_PKG_VERSION"), &node).await?;
     if let Some(started) = run.previous_unclean_start {
         tracing::warn!(
             previous_start_ms = started,
@@ -115,6 +122,7 @@ pub async fn up(
     tracing::info!(
         %addr,
         state_dir = %state_dir.path().display(),
+        database = store.location(),
         instance_id = %version.instance_id,
         schema_version = version.schema_version,
         "keel is up"
@@ -126,8 +134,11 @@ pub async fn up(
         }
         None => None,
     };
-    let app = api::app(AppState::new(store.clone(), version))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let state = AppState::new(store.clone(), version, state_dir.path().to_owned());
+    if let Some(url) = &config.database {
+        tokio::spawn(relay_notifications(url.clone(), state.changes.clone()));
+    }
+    let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -153,6 +164,35 @@ pub async fn up(
     store.close().await?;
     tracing::info!("state flushed; keel stopped");
     Ok(())
+}
+
+/// Wakes this process's event streams when another keel process sharing
+/// the PostgreSQL database commits a change (`pg_notify` in
+/// `records::append_event`); without it they would notice within their poll
+/// interval.
+async fn relay_notifications(url: String, changes: std::sync::Arc<tokio::sync::Notify>) {
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            listener.listen("keel_changes").await?;
+            loop {
+                listener.recv().await?;
+                changes.notify_waiters();
+            }
+        };
+        let result: Result<(), sqlx::Error> = listener.await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "change notifications from the database stopped; retrying");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// This machine's name, naming its runs in a database many hosts share.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
 }
 
 /// Writes a secret readable by the owner only (created 0600, never wider).

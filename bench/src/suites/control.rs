@@ -86,7 +86,7 @@ pub(super) async fn fixture(dir: &std::path::Path) -> Result<Fixture, BenchError
         schema_version: store.schema_version().await?,
         instance_id: store.instance_id().await?,
     };
-    let app = api::app(AppState::new(store.clone(), version));
+    let app = api::app(AppState::new(store.clone(), version, dir.to_owned()));
     let login = serde_json::json!({"username": "admin", "password": PASSWORD});
     let (_, tokens) = call(&app, "POST", "/api/v1/auth/login", None, Some(login)).await?;
     let token = tokens["access_token"]

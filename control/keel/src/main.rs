@@ -58,6 +58,15 @@ enum Command {
         /// Seconds a graceful VM stop waits for the guest before forcing it off.
         #[arg(long, env = "KEEL_VM_SHUTDOWN_TIMEOUT", default_value_t = 60)]
         vm_shutdown_timeout: u64,
+        /// Shared PostgreSQL database for many hosts and API nodes
+        /// (postgres://user:password@host:port/database); without it, state
+        /// is an embedded SQLite file in the state directory.
+        #[arg(long, env = "KEEL_DATABASE", hide_env_values = true)]
+        database: Option<String>,
+        /// Serve only the REST API: no host agent in this process (an API
+        /// node in front of a shared --database).
+        #[arg(long, env = "KEEL_NO_HOST_AGENT")]
+        no_host_agent: bool,
     },
     /// Print the version.
     Version {
@@ -393,6 +402,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             accel,
             libvirt_uri,
             vm_shutdown_timeout,
+            database,
+            no_host_agent,
         } => {
             let keel_bin = std::env::current_exe().context("Cannot find the keel binary")?;
             let agent = keel_agent::AgentConfig {
@@ -430,10 +441,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                     UpConfig {
                         listen,
                         state_dir,
+                        database,
                         admin_password,
                     },
                     shutdown,
-                    Some(services),
+                    (!no_host_agent).then_some(services),
                 )
                 .await?;
                 anyhow::Ok(())

@@ -39,7 +39,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         .unwrap_or_else(|| "anonymous".into());
     let response = next.run(req).await;
     let written = sqlx::query(
-        "INSERT INTO audit_log (at, principal, method, path, remote, status) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit_log (at, principal, method, path, remote, status) VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(now_ms())
     .bind(&who)
@@ -96,7 +96,7 @@ async fn list_audit(
     principal.require(Family::Audit, Action::Read)?;
     let limit = query.limit.unwrap_or(1000).clamp(1, 1000);
     let rows = sqlx::query(
-        "SELECT id, at, principal, method, path, remote, status FROM audit_log WHERE id > ? ORDER BY id LIMIT ?",
+        "SELECT id, at, principal, method, path, remote, status FROM audit_log WHERE id > $1 ORDER BY id LIMIT $2",
     )
     .bind(query.after.unwrap_or(0))
     .bind(i64::from(limit))

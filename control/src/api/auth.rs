@@ -226,7 +226,7 @@ async fn lookup(
 ) -> Result<Option<Principal>, ApiError> {
     let row = sqlx::query(
         "SELECT u.id, u.name, u.role, u.vdc_id, t.kind FROM tokens t JOIN users u ON u.id = t.user_id \
-         WHERE t.hash = ? AND (t.expires_at IS NULL OR t.expires_at > ?)",
+         WHERE t.hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
     )
     .bind(hash_token(secret))
     .bind(now_ms())
@@ -339,7 +339,7 @@ async fn issue_pair(state: &AppState, user_id: &str) -> Result<Tokens, ApiError>
     let now = now_ms();
     let mut tx = state.store.begin_write().await?;
     // Expired session tokens are swept here rather than by a timer.
-    sqlx::query("DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < ?")
+    sqlx::query("DELETE FROM tokens WHERE expires_at IS NOT NULL AND expires_at < $1")
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -349,7 +349,7 @@ async fn issue_pair(state: &AppState, user_id: &str) -> Result<Tokens, ApiError>
     ] {
         sqlx::query(
             "INSERT INTO tokens (id, user_id, kind, name, hash, expires_at, created_at) \
-             VALUES (?, ?, ?, 'session', ?, ?, ?)",
+             VALUES ($1, $2, $3, 'session', $4, $5, $6)",
         )
         .bind(uuid::Uuid::new_v4().to_string())
         .bind(user_id)
@@ -381,7 +381,7 @@ async fn login(
     ValidJson(body): ValidJson<Login>,
 ) -> Result<Json<Tokens>, ApiError> {
     let row = sqlx::query(
-        "SELECT id, password_hash, failed_logins, locked_until FROM users WHERE name = ?",
+        "SELECT id, password_hash, failed_logins, locked_until FROM users WHERE name = $1",
     )
     .bind(&body.username)
     .fetch_optional(state.store.pool())
@@ -417,8 +417,8 @@ async fn login(
         // One statement, so concurrent failures all count.
         sqlx::query(
             "UPDATE users SET failed_logins = failed_logins + 1, \
-             locked_until = CASE WHEN failed_logins + 1 >= ? THEN ? ELSE locked_until END \
-             WHERE id = ?",
+             locked_until = CASE WHEN failed_logins + 1 >= $1 THEN $2 ELSE locked_until END \
+             WHERE id = $3",
         )
         .bind(LOCKOUT_AFTER)
         .bind(now_ms() + LOCKOUT_MS)
@@ -427,7 +427,7 @@ async fn login(
         .await?;
         return Err(ApiError::BadCredentials);
     }
-    sqlx::query("UPDATE users SET failed_logins = 0, locked_until = 0 WHERE id = ?")
+    sqlx::query("UPDATE users SET failed_logins = 0, locked_until = 0 WHERE id = $1")
         .bind(&id)
         .execute(state.store.pool())
         .await?;
@@ -448,7 +448,7 @@ async fn refresh(
         .await?
         .ok_or(ApiError::Unauthenticated)?;
     // Single use: a replayed refresh token finds nothing.
-    let used = sqlx::query("DELETE FROM tokens WHERE hash = ? AND kind = 'refresh'")
+    let used = sqlx::query("DELETE FROM tokens WHERE hash = $1 AND kind = 'refresh'")
         .bind(hash_token(&body.refresh_token))
         .execute(state.store.pool())
         .await?;
@@ -484,7 +484,7 @@ pub async fn bootstrap_admin(
     let mut tx = store.begin_write().await?;
     sqlx::query(
         "INSERT INTO users (id, name, password_hash, role, vdc_id, revision, created_at, updated_at) \
-         VALUES (?, 'admin', ?, 'system-admin', NULL, 1, ?, ?)",
+         VALUES ($1, 'admin', $2, 'system-admin', NULL, 1, $3, $4)",
     )
     .bind(&id)
     .bind(hash)

@@ -115,7 +115,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Refuses work on a volume that a running VM may write, or that has a
 /// task (or its VM has one) still to run.
-async fn quiet_volume(conn: &mut sqlx::SqliteConnection, volume: &Record) -> Result<(), ApiError> {
+async fn quiet_volume(
+    conn: &mut crate::store::DbConnection,
+    volume: &Record,
+) -> Result<(), ApiError> {
     let spec: VolumeSpec = volume.spec()?;
     let mut busy = vec![volume.meta.id.clone()];
     match volume.meta.status.as_str() {

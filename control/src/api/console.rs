@@ -128,10 +128,8 @@ async fn console_ticket(
         })?),
         ConsoleKind::Serial => Target::Serial(
             state
-                .store
-                .path()
-                .parent()
-                .unwrap_or_else(|| std::path::Path::new("."))
+                .state_dir
+                .as_path()
                 .join("vms")
                 .join(&id)
                 .join("console.sock"),

@@ -1,5 +1,8 @@
 //! In-process contract tests of the management API (`oneshot` against the
-//! real router and a real SQLite store in a temporary directory).
+//! real router and a real SQLite store in a temporary directory). The whole
+//! suite runs a second time against a real PostgreSQL server
+//! ([`contract_suite_passes_on_postgresql`]): each test then gets its own
+//! database on it.
 
 use std::collections::HashSet;
 
@@ -14,6 +17,50 @@ use super::{app, AppState};
 use crate::store::Store;
 
 const ADMIN_PW: &str = "Root-secret-pw-1";
+/// Set (to the server's URL) in the child run against PostgreSQL.
+const POSTGRES_ENV: &str = "KEEL_CONTRACT_POSTGRES";
+
+/// The store of one test: SQLite in `dir`, or a fresh database on the
+/// PostgreSQL server of the second run.
+async fn test_store(dir: &std::path::Path) -> Store {
+    let Ok(url) = std::env::var(POSTGRES_ENV) else {
+        return Store::open(&dir.join("keel.db")).await.unwrap();
+    };
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let name = format!("c{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::AnyConnection::connect(&url).await.unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let (server, _) = url.rsplit_once('/').unwrap();
+    Store::connect(&format!("{server}/{name}")).await.unwrap()
+}
+
+#[test]
+fn contract_suite_passes_on_postgresql() {
+    if std::env::var(POSTGRES_ENV).is_ok() {
+        return; // this is the child run
+    }
+    let pg = keel_testkit::PostgresServer::start().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["api::contract_tests::", "--test-threads", "2"])
+        .env(POSTGRES_ENV, pg.url())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let passed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(passed >= 20, "only {passed} contract tests ran:\n{stdout}");
+}
 const PW: &str = "Tenant-password-1";
 
 struct Api {
@@ -40,7 +87,7 @@ impl Reply {
 impl Api {
     async fn new() -> Api {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("keel.db")).await.unwrap();
+        let store = test_store(dir.path()).await;
         super::auth::bootstrap_admin(&store, Some(ADMIN_PW.into()))
             .await
             .unwrap();
@@ -50,7 +97,7 @@ impl Api {
             schema_version: 3,
             instance_id: uuid::Uuid::new_v4(),
         };
-        let state = AppState::new(store, version);
+        let state = AppState::new(store, version, dir.path().to_owned());
         Api {
             app: app(state.clone()),
             state,
@@ -1120,7 +1167,7 @@ async fn api_tokens_authenticate_until_revoked() {
         list.body[0].get("token").is_none(),
         "secret shown only once"
     );
-    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE hash = ?")
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE hash = $1")
         .bind(&secret)
         .fetch_one(api.state.store.pool())
         .await

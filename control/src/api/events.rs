@@ -67,10 +67,10 @@ pub async fn fetch(
     let scope = principal.list_scope();
     let sql = if scope.is_some() {
         "SELECT seq, at, resource_type, resource_id, action, vdc_id, revision FROM events \
-         WHERE seq > ? AND vdc_id = ? ORDER BY seq LIMIT ?"
+         WHERE seq > $1 AND vdc_id = $2 ORDER BY seq LIMIT $3"
     } else {
         "SELECT seq, at, resource_type, resource_id, action, vdc_id, revision FROM events \
-         WHERE seq > ? ORDER BY seq LIMIT ?"
+         WHERE seq > $1 ORDER BY seq LIMIT $2"
     };
     let mut query = sqlx::query(sql).bind(after);
     if let Some(vdc) = scope {

@@ -3,11 +3,11 @@
 //! maintenance, and only `ENABLED` hosts of the right CPU architecture with
 //! room for the VM's memory take new VMs. System admins only.
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -116,7 +116,7 @@ impl Resource for Host {
 /// Inserts or refreshes the host `id` (the agent's machine id). A new host
 /// starts `ENABLED`; a known one keeps the state an operator gave it.
 pub async fn register(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     id: &str,
     inventory: HostInventory,
 ) -> Result<Record, ApiError> {
@@ -152,7 +152,7 @@ pub async fn register(
 
 /// The first `ENABLED` host that fits a VM, or why none does.
 pub async fn place(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     cpu_arch: &str,
     memory_mib: u32,
 ) -> Result<Record, ApiError> {

@@ -63,7 +63,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
         .collect();
     let fingerprint = format!("{} {} {digest}", parts.method, parts.uri.path());
     let stored = sqlx::query(
-        "SELECT request, status, headers, body FROM idempotency WHERE principal = ? AND key = ?",
+        "SELECT request, status, headers, body FROM idempotency WHERE principal = $1 AND key = $2",
     )
     .bind(&principal)
     .bind(&key)
@@ -116,7 +116,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
         .collect();
     sqlx::query(
         "INSERT INTO idempotency (principal, key, request, status, headers, body, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (principal, key) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (principal, key) DO NOTHING",
     )
     .bind(&principal)
     .bind(&key)

@@ -137,12 +137,7 @@ impl Resource for Image {
 
 /// Where image files live: `<state dir>/images/`.
 pub fn images_dir(state: &AppState) -> PathBuf {
-    state
-        .store
-        .path()
-        .parent()
-        .unwrap_or_else(|| FsPath::new("."))
-        .join("images")
+    state.state_dir.as_path().join("images")
 }
 
 /// The file of an ACTIVE image.
@@ -401,7 +396,7 @@ async fn get_image(
 
 /// An image the caller may use: its own VDC's, or a public one.
 pub async fn visible_image(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     principal: &Principal,
     id: &str,
 ) -> Result<Record, ApiError> {

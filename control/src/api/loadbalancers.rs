@@ -179,7 +179,7 @@ fn compile(id: &str, body: &LoadBalancerCreate) -> Result<keel_lb::LoadBalancer,
 
 /// Two load balancers on one VIP cannot listen on the same port.
 async fn check_vip_ports(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     config: &keel_lb::LoadBalancer,
 ) -> Result<(), ApiError> {
     for other in records::all(conn, KIND).await? {

@@ -96,6 +96,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// The host's state directory (images, VM and volume files live below).
+    pub state_dir: Arc<std::path::PathBuf>,
     pub version: Arc<version::Version>,
     /// Woken after every mutating call, so event streams look for news.
     pub changes: Arc<tokio::sync::Notify>,
@@ -104,9 +106,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(store: Store, version: version::Version) -> AppState {
+    pub fn new(store: Store, version: version::Version, state_dir: std::path::PathBuf) -> AppState {
         AppState {
             store,
+            state_dir: Arc::new(state_dir),
             version: Arc::new(version),
             changes: Arc::new(tokio::sync::Notify::new()),
             consoles: console::Tickets::default(),

@@ -6,12 +6,12 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -105,7 +105,7 @@ impl Resource for Port {
 }
 
 /// Whether any port of the group's VDC uses the group.
-pub async fn group_in_use(conn: &mut SqliteConnection, group: &Record) -> Result<bool, ApiError> {
+pub async fn group_in_use(conn: &mut DbConnection, group: &Record) -> Result<bool, ApiError> {
     let vdc = group.meta.vdc_id.as_deref().unwrap_or("");
     for port in records::in_vdc(conn, KIND, vdc).await? {
         let spec: PortSpec = port.spec()?;
@@ -118,7 +118,7 @@ pub async fn group_in_use(conn: &mut SqliteConnection, group: &Record) -> Result
 
 /// Security groups must exist in the port's own VDC.
 async fn check_groups(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vdc_id: Option<&str>,
     ids: &[String],
 ) -> Result<(), ApiError> {
@@ -227,16 +227,18 @@ pub struct NewPort<'a> {
 /// Stores a port on `subnet` with a free address and a MAC unique in its
 /// VDC (for `POST /ports` and for the NICs of VM clones).
 pub async fn insert_port(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     subnet: &Record,
     new: NewPort<'_>,
 ) -> Result<Record, ApiError> {
     let subnet_spec: SubnetSpec = subnet.spec()?;
-    // Only the addresses and MACs are needed: SQLite extracts them, so a
-    // create does not parse every sibling port's spec.
-    let taken: Vec<(String,)> = sqlx::query_as(
-        "SELECT json_extract(spec, '$.fixed_ip') FROM resources WHERE kind = ? AND parent_id = ?",
-    )
+    // Only the addresses and MACs are needed: the database extracts them,
+    // so a create does not parse every sibling port's spec.
+    let backend = crate::store::backend_of(conn);
+    let taken: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT {} FROM resources WHERE kind = $1 AND parent_id = $2",
+        crate::store::json_text(backend, "spec", "fixed_ip")
+    ))
     .bind(KIND)
     .bind(&subnet.meta.id)
     .fetch_all(&mut *conn)
@@ -246,16 +248,17 @@ pub async fn insert_port(
     let mut mac_address = None;
     for _ in 0..8 {
         let candidate = random_mac();
-        let (clash,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM resources WHERE kind = ? AND vdc_id IS ? \
-             AND json_extract(spec, '$.mac_address') = ?)",
-        )
+        let (clash,): (i64,) = sqlx::query_as(&format!(
+            "SELECT COUNT(*) FROM resources WHERE kind = $1 \
+             AND vdc_id IS NOT DISTINCT FROM $2 AND {} = $3",
+            crate::store::json_text(backend, "spec", "mac_address")
+        ))
         .bind(KIND)
         .bind(subnet.meta.vdc_id.as_deref())
         .bind(&candidate)
         .fetch_one(&mut *conn)
         .await?;
-        if !clash {
+        if clash == 0 {
             mac_address = Some(candidate);
             break;
         }

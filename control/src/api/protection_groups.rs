@@ -17,13 +17,13 @@
 
 use std::net::SocketAddr;
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::SqliteConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -329,7 +329,7 @@ fn check_body(body: &ProtectionGroupCreate) -> Result<(), ApiError> {
 
 /// The groups `vm_id` is a member of, other than `except`.
 async fn groups_of(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vm_id: &str,
     except: Option<&str>,
 ) -> Result<Vec<(Record, ProtectionGroupSpec)>, ApiError> {
@@ -350,7 +350,7 @@ async fn groups_of(
 /// when the group is not protecting, for changes that would leave the
 /// group pointing at nothing).
 pub async fn refuse_if_member(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vm_id: &str,
     what: &str,
     always: bool,
@@ -374,7 +374,7 @@ pub async fn refuse_if_member(
 
 /// Every member is a VM with disks in the group's VDC and in no other group.
 async fn check_members(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vdc_id: &str,
     group_id: &str,
     members: &[Member],
@@ -654,7 +654,7 @@ async fn replica_credentials(
 /// every member, in member order): the one definition of the disk order
 /// the source journals and the replica's files follow.
 pub async fn protected_vms(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     spec: &ProtectionGroupSpec,
 ) -> Result<Vec<PairedVm>, ApiError> {
     let mut vms_out = Vec::with_capacity(spec.members.len());

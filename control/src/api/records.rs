@@ -5,8 +5,9 @@
 //! SQL here stays portable (no SQLite-only syntax) so a PostgreSQL backend
 //! can run the same statements; only the connection type is SQLite today.
 
+use crate::store::DbConnection;
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::listing::{ListQuery, Page};
@@ -53,7 +54,7 @@ impl Record {
     }
 }
 
-fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Record, ApiError> {
+fn record_from_row(row: &crate::store::DbRow) -> Result<Record, ApiError> {
     let spec: String = row.try_get("spec")?;
     Ok(Record {
         meta: Meta {
@@ -83,7 +84,7 @@ pub fn now_ms() -> i64 {
 
 /// Appends one change to the feed; call inside the transaction of the change.
 pub async fn append_event(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     resource_type: &str,
     resource_id: &str,
     action: &str,
@@ -92,7 +93,7 @@ pub async fn append_event(
 ) -> Result<i64, ApiError> {
     let seq: i64 = sqlx::query_scalar(
         "INSERT INTO events (at, resource_type, resource_id, action, vdc_id, revision) \
-         VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
     )
     .bind(now_ms())
     .bind(resource_type)
@@ -102,6 +103,13 @@ pub async fn append_event(
     .bind(revision)
     .fetch_one(&mut *conn)
     .await?;
+    if crate::store::backend_of(conn) == crate::store::Backend::Postgres {
+        // Delivered at commit to every keel process sharing the database:
+        // their event streams and task watchers look for news at once.
+        sqlx::query("SELECT pg_notify('keel_changes', '')")
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(seq)
 }
 
@@ -114,14 +122,14 @@ pub struct NewRecord<'a> {
     pub status: &'a str,
 }
 
-pub async fn insert(conn: &mut SqliteConnection, new: NewRecord<'_>) -> Result<Record, ApiError> {
+pub async fn insert(conn: &mut DbConnection, new: NewRecord<'_>) -> Result<Record, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     insert_with_id(conn, &id, new).await
 }
 
 /// As [`insert`], with an id the caller chose (a host's machine id).
 pub async fn insert_with_id(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     id: &str,
     new: NewRecord<'_>,
 ) -> Result<Record, ApiError> {
@@ -134,7 +142,7 @@ pub async fn insert_with_id(
     };
     let now = now_ms();
     let row = sqlx::query(&format!(
-        "INSERT INTO resources ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?) RETURNING {COLUMNS}"
+        "INSERT INTO resources ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8, $9) RETURNING {COLUMNS}"
     ))
     .bind(&id)
     .bind(new.kind)
@@ -161,12 +169,12 @@ pub async fn insert_with_id(
 }
 
 pub async fn get(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     id: &str,
 ) -> Result<Option<Record>, ApiError> {
     let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM resources WHERE kind = ? AND id = ?"
+        "SELECT {COLUMNS} FROM resources WHERE kind = $1 AND id = $2"
     ))
     .bind(kind)
     .bind(id)
@@ -177,15 +185,15 @@ pub async fn get(
 
 /// Writes a new name/spec if the stored revision is still `expected`.
 pub async fn update(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     record: &Record,
     kind: &str,
     name: &str,
     spec: serde_json::Value,
 ) -> Result<Record, ApiError> {
     let row = sqlx::query(&format!(
-        "UPDATE resources SET name = ?, spec = ?, revision = revision + 1, updated_at = ? \
-         WHERE kind = ? AND id = ? AND revision = ? RETURNING {COLUMNS}"
+        "UPDATE resources SET name = $1, spec = $2, revision = revision + 1, updated_at = $3 \
+         WHERE kind = $4 AND id = $5 AND revision = $6 RETURNING {COLUMNS}"
     ))
     .bind(name)
     .bind(spec.to_string())
@@ -217,7 +225,7 @@ pub async fn update(
 /// spec) without a client's revision check, bumping the revision so caches
 /// and `If-Match` holders see the change. `None` when the row is gone.
 pub async fn observe(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     id: &str,
     status: &str,
@@ -231,8 +239,8 @@ pub async fn observe(
         return Ok(Some(current));
     }
     let row = sqlx::query(&format!(
-        "UPDATE resources SET status = ?, spec = ?, revision = revision + 1, updated_at = ? \
-         WHERE kind = ? AND id = ? RETURNING {COLUMNS}"
+        "UPDATE resources SET status = $1, spec = $2, revision = revision + 1, updated_at = $3 \
+         WHERE kind = $4 AND id = $5 RETURNING {COLUMNS}"
     ))
     .bind(status)
     .bind(spec.to_string())
@@ -260,7 +268,7 @@ pub async fn observe(
 /// and moves the status only from one of `from` (so a reconcile pass cannot
 /// undo an action queued meanwhile). `None` keeps the status.
 pub async fn observe_spec<S: serde::de::DeserializeOwned + serde::Serialize>(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     id: &str,
     status: Option<(&[&str], &str)>,
@@ -281,9 +289,9 @@ pub async fn observe_spec<S: serde::de::DeserializeOwned + serde::Serialize>(
 }
 
 /// Every resource of `kind`, oldest first (host agents reconcile all).
-pub async fn all(conn: &mut SqliteConnection, kind: &str) -> Result<Vec<Record>, ApiError> {
+pub async fn all(conn: &mut DbConnection, kind: &str) -> Result<Vec<Record>, ApiError> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM resources WHERE kind = ? ORDER BY created_at, id"
+        "SELECT {COLUMNS} FROM resources WHERE kind = $1 ORDER BY created_at, id"
     ))
     .bind(kind)
     .fetch_all(&mut *conn)
@@ -291,12 +299,8 @@ pub async fn all(conn: &mut SqliteConnection, kind: &str) -> Result<Vec<Record>,
     rows.iter().map(record_from_row).collect()
 }
 
-pub async fn delete(
-    conn: &mut SqliteConnection,
-    record: &Record,
-    kind: &str,
-) -> Result<(), ApiError> {
-    let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE parent_id = ?")
+pub async fn delete(conn: &mut DbConnection, record: &Record, kind: &str) -> Result<(), ApiError> {
+    let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE parent_id = $1")
         .bind(&record.meta.id)
         .fetch_one(&mut *conn)
         .await?;
@@ -306,7 +310,7 @@ pub async fn delete(
             record.meta.id
         )));
     }
-    let done = sqlx::query("DELETE FROM resources WHERE kind = ? AND id = ? AND revision = ?")
+    let done = sqlx::query("DELETE FROM resources WHERE kind = $1 AND id = $2 AND revision = $3")
         .bind(kind)
         .bind(&record.meta.id)
         .bind(record.meta.revision)
@@ -329,22 +333,23 @@ pub async fn delete(
     Ok(())
 }
 
-pub async fn count(conn: &mut SqliteConnection, kind: &str, vdc_id: &str) -> Result<u64, ApiError> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE kind = ? AND vdc_id = ?")
-        .bind(kind)
-        .bind(vdc_id)
-        .fetch_one(&mut *conn)
-        .await?;
+pub async fn count(conn: &mut DbConnection, kind: &str, vdc_id: &str) -> Result<u64, ApiError> {
+    let n: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE kind = $1 AND vdc_id = $2")
+            .bind(kind)
+            .bind(vdc_id)
+            .fetch_one(&mut *conn)
+            .await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
 pub async fn children(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     parent_id: &str,
 ) -> Result<Vec<Record>, ApiError> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM resources WHERE kind = ? AND parent_id = ?"
+        "SELECT {COLUMNS} FROM resources WHERE kind = $1 AND parent_id = $2"
     ))
     .bind(kind)
     .bind(parent_id)
@@ -355,7 +360,7 @@ pub async fn children(
 
 /// One page of `kind`, restricted to `vdc` (tenants) and the query filters.
 pub async fn list(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     vdc: Option<&str>,
     query: &ListQuery,
@@ -392,6 +397,7 @@ pub async fn list(
         " ORDER BY {} {dir}, id {dir} LIMIT ?",
         plan.column
     ));
+    let sql = crate::store::numbered(&sql);
     let mut q = sqlx::query(&sql).bind(kind);
     for value in [vdc, query.vdc_id.as_deref(), query.parent_id.as_deref()]
         .into_iter()
@@ -433,12 +439,12 @@ pub async fn list(
 
 /// Every resource of `kind` owned by `vdc_id`.
 pub async fn in_vdc(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     kind: &str,
     vdc_id: &str,
 ) -> Result<Vec<Record>, ApiError> {
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM resources WHERE kind = ? AND vdc_id = ?"
+        "SELECT {COLUMNS} FROM resources WHERE kind = $1 AND vdc_id = $2"
     ))
     .bind(kind)
     .bind(vdc_id)

@@ -11,13 +11,13 @@
 
 use std::net::SocketAddr;
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::SqliteConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -390,7 +390,7 @@ async fn failover(
 /// them twice): a volume per promoted disk, attached to a VM per protected
 /// VM (CREATING, placed on a host), VMs in boot-priority order.
 pub async fn failover_records(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     group: &Record,
     recovery_point: u64,
 ) -> Result<Failover, ApiError> {

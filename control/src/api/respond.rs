@@ -1,11 +1,11 @@
 //! Response helpers shared by the resource modules: every single-resource
 //! answer carries its revision as `ETag`, creates add `Location`.
 
+use crate::store::{DbConnection, DbTransaction};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use sqlx::{Sqlite, SqliteConnection, Transaction};
 
 use super::auth::{Action, Family, Principal};
 use super::extract::{etag, if_match};
@@ -83,7 +83,7 @@ pub async fn begin_change<R: Resource>(
     action: Action,
     id: &str,
     headers: &HeaderMap,
-) -> Result<(Transaction<'static, Sqlite>, Record), ApiError> {
+) -> Result<(DbTransaction, Record), ApiError> {
     let expected = if_match(headers)?;
     let mut tx = state.store.begin_write().await?;
     let record = load(&mut tx, principal, R::FAMILY, action, R::KIND, id).await?;
@@ -93,7 +93,7 @@ pub async fn begin_change<R: Resource>(
 
 /// Deletes the record loaded by [`begin_change`] and commits.
 pub async fn finish_delete<R: Resource>(
-    mut tx: Transaction<'static, Sqlite>,
+    mut tx: DbTransaction,
     record: &Record,
 ) -> Result<StatusCode, ApiError> {
     records::delete(&mut tx, record, R::KIND).await?;
@@ -119,7 +119,7 @@ pub fn created<T: Serialize>(location: &str, revision: i64, body: &T) -> Respons
 
 /// Loads a resource and authorizes `action` on it (404 when invisible).
 pub async fn load(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     principal: &Principal,
     family: Family,
     action: Action,
@@ -137,7 +137,7 @@ pub async fn load(
 /// the caller, no task still running on it, and in one of `allowed`
 /// (`noun` names the kind in the refusals).
 pub async fn load_for_action<R: Resource>(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     principal: &Principal,
     noun: &str,
     id: &str,
@@ -175,7 +175,7 @@ pub fn check_revision(record: &Record, expected: i64) -> Result<(), ApiError> {
 /// Resolves a VDC referenced from a request body: one the caller cannot
 /// see is reported exactly like one that does not exist.
 pub async fn referenced_vdc(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     principal: &Principal,
     field: &str,
     id: &str,

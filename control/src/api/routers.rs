@@ -7,13 +7,13 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -123,7 +123,7 @@ impl Resource for Router {
 }
 
 /// Whether a router has an interface on the subnet (blocks its deletion).
-pub async fn subnet_in_use(conn: &mut SqliteConnection, subnet: &Record) -> Result<bool, ApiError> {
+pub async fn subnet_in_use(conn: &mut DbConnection, subnet: &Record) -> Result<bool, ApiError> {
     let vdc = subnet.meta.vdc_id.as_deref().unwrap_or("");
     for router in records::in_vdc(conn, KIND, vdc).await? {
         let spec: RouterSpec = router.spec()?;
@@ -140,7 +140,7 @@ pub async fn subnet_in_use(conn: &mut SqliteConnection, subnet: &Record) -> Resu
 
 /// Resolves interface requests and checks routes against them.
 async fn resolve(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vdc_id: &str,
     router_id: Option<&str>,
     requests: &[InterfaceRequest],

@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
+use crate::store::DbConnection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -58,7 +59,7 @@ impl Task {
 
 const COLUMNS: &str = "id, vdc_id, resource_type, resource_id, action, params, state, progress, message, created_at, updated_at";
 
-fn task_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, ApiError> {
+fn task_from_row(row: &crate::store::DbRow) -> Result<Task, ApiError> {
     let params: String = row.try_get("params")?;
     Ok(Task {
         id: row.try_get("id")?,
@@ -78,7 +79,7 @@ fn task_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Task, ApiError> {
 
 /// Queues a task; call in the transaction that changed the resource.
 pub async fn enqueue(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     vdc_id: Option<&str>,
     resource_type: &str,
     resource_id: &str,
@@ -88,7 +89,7 @@ pub async fn enqueue(
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     let row = sqlx::query(&format!(
-        "INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, '', ?, ?) RETURNING {COLUMNS}"
+        "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '', $8, $9) RETURNING {COLUMNS}"
     ))
     .bind(&id)
     .bind(vdc_id)
@@ -108,11 +109,11 @@ pub async fn enqueue(
 /// Whether `resource_id` has work not finished yet (a second conflicting
 /// action is refused instead of queued behind it).
 pub async fn pending_for(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     resource_id: &str,
 ) -> Result<Option<Task>, ApiError> {
     let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM tasks WHERE resource_id = ? AND state IN ('QUEUED', 'RUNNING') ORDER BY seq LIMIT 1"
+        "SELECT {COLUMNS} FROM tasks WHERE resource_id = $1 AND state IN ('QUEUED', 'RUNNING') ORDER BY seq LIMIT 1"
     ))
     .bind(resource_id)
     .fetch_optional(&mut *conn)
@@ -123,7 +124,7 @@ pub async fn pending_for(
 /// The oldest queued task, marked RUNNING (for the host agent). Tasks left
 /// RUNNING by a crashed agent are taken again first: their actions are
 /// idempotent by design (start of a running VM succeeds, and so on).
-pub async fn claim_next(conn: &mut SqliteConnection) -> Result<Option<Task>, ApiError> {
+pub async fn claim_next(conn: &mut DbConnection) -> Result<Option<Task>, ApiError> {
     let row = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM tasks WHERE state IN ('QUEUED', 'RUNNING') \
          ORDER BY CASE state WHEN 'RUNNING' THEN 0 ELSE 1 END, seq LIMIT 1"
@@ -141,14 +142,14 @@ pub async fn claim_next(conn: &mut SqliteConnection) -> Result<Option<Task>, Api
 
 /// Records progress or the outcome of a task.
 pub async fn set_state(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     id: &str,
     state: &str,
     progress: i64,
     message: &str,
 ) -> Result<(), ApiError> {
     let row = sqlx::query(
-        "UPDATE tasks SET state = ?, progress = ?, message = ?, updated_at = ? WHERE id = ? RETURNING vdc_id",
+        "UPDATE tasks SET state = $1, progress = $2, message = $3, updated_at = $4 WHERE id = $5 RETURNING vdc_id",
     )
     .bind(state)
     .bind(progress)
@@ -229,6 +230,7 @@ async fn list_tasks(
         sql.push_str(" AND state = ?");
     }
     sql.push_str(" ORDER BY seq DESC LIMIT ?");
+    let sql = crate::store::numbered(&sql);
     let mut q = sqlx::query(&sql);
     for v in [scope, query.resource_id, query.state]
         .into_iter()
@@ -256,7 +258,7 @@ async fn get_task(
 }
 
 async fn visible_task(state: &AppState, principal: &Principal, id: &str) -> Result<Task, ApiError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM tasks WHERE id = ?"))
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM tasks WHERE id = $1"))
         .bind(id)
         .fetch_optional(state.store.pool())
         .await?

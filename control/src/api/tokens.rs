@@ -71,7 +71,7 @@ async fn create_token(
     let secret = new_secret("keelt");
     let id = uuid::Uuid::new_v4().to_string();
     sqlx::query(
-        "INSERT INTO tokens (id, user_id, kind, name, hash, expires_at, created_at) VALUES (?, ?, 'api', ?, ?, ?, ?)",
+        "INSERT INTO tokens (id, user_id, kind, name, hash, expires_at, created_at) VALUES ($1, $2, 'api', $3, $4, $5, $6)",
     )
     .bind(&id)
     .bind(&principal.user_id)
@@ -100,7 +100,7 @@ async fn list_tokens(
 ) -> Result<Json<Vec<ApiToken>>, ApiError> {
     principal.require(Family::Token, Action::Read)?;
     let rows = sqlx::query(
-        "SELECT id, name, expires_at, created_at FROM tokens WHERE user_id = ? AND kind = 'api' ORDER BY created_at, id",
+        "SELECT id, name, expires_at, created_at FROM tokens WHERE user_id = $1 AND kind = 'api' ORDER BY created_at, id",
     )
     .bind(&principal.user_id)
     .fetch_all(state.store.pool())
@@ -131,7 +131,7 @@ async fn delete_token(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     principal.require(Family::Token, Action::Delete)?;
-    let done = sqlx::query("DELETE FROM tokens WHERE id = ? AND user_id = ? AND kind = 'api'")
+    let done = sqlx::query("DELETE FROM tokens WHERE id = $1 AND user_id = $2 AND kind = 'api'")
         .bind(&id)
         .bind(&principal.user_id)
         .execute(state.store.pool())

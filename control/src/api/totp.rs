@@ -80,10 +80,10 @@ pub fn step_of(secret_b32: &str, code: &str, after: i64) -> Result<Option<i64>, 
 /// Whether the user must give a code at login: their confirmed secret and
 /// the last accepted step.
 pub async fn second_factor(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     user_id: &str,
 ) -> Result<Option<(String, i64)>, ApiError> {
-    let row = sqlx::query("SELECT totp_secret, totp_last_step FROM users WHERE id = ?")
+    let row = sqlx::query("SELECT totp_secret, totp_last_step FROM users WHERE id = $1")
         .bind(user_id)
         .fetch_optional(&mut *conn)
         .await?;
@@ -95,12 +95,12 @@ pub async fn second_factor(
 
 /// Records that `step` was used, unless another login used it first.
 pub async fn consume_step(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     user_id: &str,
     step: i64,
 ) -> Result<bool, ApiError> {
     let done =
-        sqlx::query("UPDATE users SET totp_last_step = ? WHERE id = ? AND totp_last_step < ?")
+        sqlx::query("UPDATE users SET totp_last_step = $1 WHERE id = $2 AND totp_last_step < $3")
             .bind(step)
             .bind(user_id)
             .bind(step)
@@ -128,7 +128,7 @@ async fn setup(
             "TOTP is already on for this user; disable it first".into(),
         ));
     }
-    sqlx::query("UPDATE users SET totp_pending = ? WHERE id = ?")
+    sqlx::query("UPDATE users SET totp_pending = $1 WHERE id = $2")
         .bind(&secret)
         .bind(&principal.user_id)
         .execute(&mut *tx)
@@ -165,19 +165,20 @@ async fn confirm(
     ValidJson(body): ValidJson<TotpCode>,
 ) -> Result<StatusCode, ApiError> {
     let mut tx = state.store.begin_write().await?;
-    let pending: Option<String> = sqlx::query_scalar("SELECT totp_pending FROM users WHERE id = ?")
-        .bind(&principal.user_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .flatten();
+    let pending: Option<String> =
+        sqlx::query_scalar("SELECT totp_pending FROM users WHERE id = $1")
+            .bind(&principal.user_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .flatten();
     let pending = pending.ok_or_else(|| {
         ApiError::Conflict("no pending TOTP secret; POST /auth/totp first".into())
     })?;
     let step = step_of(&pending, body.code.trim(), 0)?
         .ok_or_else(|| ApiError::invalid("code", "does not match the pending secret"))?;
     sqlx::query(
-        "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = ? \
-         WHERE id = ?",
+        "UPDATE users SET totp_secret = totp_pending, totp_pending = NULL, totp_last_step = $1 \
+         WHERE id = $2",
     )
     .bind(step)
     .bind(&principal.user_id)
@@ -206,7 +207,7 @@ async fn disable(
         return Err(ApiError::invalid("code", "wrong or already used code"));
     }
     sqlx::query(
-        "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = 0 WHERE id = ?",
+        "UPDATE users SET totp_secret = NULL, totp_pending = NULL, totp_last_step = 0 WHERE id = $1",
     )
     .bind(&principal.user_id)
     .execute(&mut *tx)

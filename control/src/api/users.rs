@@ -2,12 +2,13 @@
 //! the store. A VDC admin manages the users of its own VDC and cannot make
 //! system admins.
 
+use crate::store::DbConnection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, SqliteConnection};
+use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -74,7 +75,7 @@ pub struct UserPage {
 
 const COLUMNS: &str = "id, name, role, vdc_id, locked_until, revision, created_at, updated_at";
 
-fn to_user(row: &sqlx::sqlite::SqliteRow) -> Result<User, ApiError> {
+fn to_user(row: &crate::store::DbRow) -> Result<User, ApiError> {
     let role: String = row.try_get("role")?;
     let locked_until: i64 = row.try_get("locked_until")?;
     Ok(User {
@@ -90,12 +91,12 @@ fn to_user(row: &sqlx::sqlite::SqliteRow) -> Result<User, ApiError> {
 }
 
 async fn load(
-    conn: &mut SqliteConnection,
+    conn: &mut DbConnection,
     principal: &Principal,
     action: Action,
     id: &str,
 ) -> Result<User, ApiError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE id = ?"))
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
         .bind(id)
         .fetch_optional(&mut *conn)
         .await?
@@ -154,7 +155,7 @@ async fn create_user(
     if let Some(vdc) = &vdc_id {
         referenced_vdc(&mut tx, &principal, "vdc_id", vdc).await?;
     }
-    let taken: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE name = ?")
+    let taken: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE name = $1")
         .bind(&body.name)
         .fetch_one(&mut *tx)
         .await?;
@@ -168,7 +169,7 @@ async fn create_user(
     let now = now_ms();
     let row = sqlx::query(&format!(
         "INSERT INTO users (id, name, password_hash, role, vdc_id, revision, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING {COLUMNS}"
+         VALUES ($1, $2, $3, $4, $5, 1, $6, $7) RETURNING {COLUMNS}"
     ))
     .bind(&id)
     .bind(&body.name)
@@ -214,6 +215,7 @@ async fn list_users(
         binds.push(format!("%{}%", q.to_lowercase().replace(['%', '_'], "")));
     }
     sql.push_str(" ORDER BY name LIMIT ?");
+    let sql = crate::store::numbered(&sql);
     let mut q = sqlx::query(&sql);
     for b in binds {
         q = q.bind(b);
@@ -299,6 +301,7 @@ async fn update_user(
     sql.push_str(&format!(
         " WHERE id = ? AND revision = ? RETURNING {COLUMNS}"
     ));
+    let sql = crate::store::numbered(&sql);
     let mut q = sqlx::query(&sql).bind(role.as_str()).bind(now_ms());
     if let Some((_, h)) = hash {
         q = q.bind(h);
@@ -314,7 +317,7 @@ async fn update_user(
     let updated = to_user(&row)?;
     if body.password.is_some() {
         // A new password ends every session of the old one.
-        sqlx::query("DELETE FROM tokens WHERE user_id = ? AND kind != 'api'")
+        sqlx::query("DELETE FROM tokens WHERE user_id = $1 AND kind != 'api'")
             .bind(&id)
             .execute(&mut *tx)
             .await?;
@@ -352,7 +355,7 @@ async fn delete_user(
     if user.id == principal.user_id {
         return Err(ApiError::Conflict("you cannot delete yourself".into()));
     }
-    let done = sqlx::query("DELETE FROM users WHERE id = ? AND revision = ?")
+    let done = sqlx::query("DELETE FROM users WHERE id = $1 AND revision = $2")
         .bind(&id)
         .bind(expected)
         .execute(&mut *tx)

@@ -263,7 +263,7 @@ async fn delete_vdc(
 ) -> Result<StatusCode, ApiError> {
     let (mut tx, record) =
         begin_change::<Vdc>(&state, &principal, Action::Delete, &id, &headers).await?;
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE vdc_id = ?")
+    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE vdc_id = $1")
         .bind(&id)
         .fetch_one(&mut *tx)
         .await?;

@@ -222,10 +222,8 @@ async fn delete_snapshot(
     records::delete(&mut tx, &snap, KIND).await?;
     tx.commit().await?;
     let dir = state
-        .store
-        .path()
-        .parent()
-        .unwrap_or_else(|| std::path::Path::new("."))
+        .state_dir
+        .as_path()
         .join("snapshots")
         .join(&snapshot_id);
     if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -340,7 +340,7 @@ async fn get_vm(
 /// The VDC's vCPU and memory quotas leave room for one more VM of this
 /// size (every VM counts, running or not: it holds its reservation).
 pub(super) async fn check_compute_quota(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     vdc: &Record,
     vcpus: u32,
     memory_mib: u32,
@@ -371,7 +371,7 @@ pub(super) async fn check_compute_quota(
 /// Loads the VM for a state-changing request: visible, no task running on
 /// it, and in one of `allowed`.
 pub(super) async fn vm_for(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut crate::store::DbConnection,
     principal: &Principal,
     id: &str,
     what: &str,

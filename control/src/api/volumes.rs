@@ -101,7 +101,7 @@ pub fn volume_path(state_dir: &FsPath, id: &str) -> PathBuf {
 /// volume of `new_bytes`. Checked in the inserting transaction (SQLite
 /// serializes writers, so racing creates cannot both pass).
 pub async fn check_volume_quota(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut crate::store::DbConnection,
     vdc: &Record,
     new_bytes: u64,
 ) -> Result<(), ApiError> {
@@ -363,11 +363,7 @@ async fn delete_volume(
     }
     records::delete(&mut tx, &record, KIND).await?;
     tx.commit().await?;
-    let dir = state
-        .store
-        .path()
-        .parent()
-        .unwrap_or_else(|| FsPath::new("."));
+    let dir = state.state_dir.as_path();
     remove_volume_files(dir, &id);
     Ok(StatusCode::NO_CONTENT)
 }
