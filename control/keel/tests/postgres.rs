@@ -4,7 +4,9 @@
 //! process writes the other serves; writers from both are serialized (one
 //! name wins a race, the change feed has every change once, in order); an
 //! idempotent retry may land on either; a task accepted by the API node is
-//! run by the host's agent; runs are per node; bad URLs are refused.
+//! run by the host's agent; runs are per node; kill -9 of either process
+//! loses nothing acknowledged and the restarted host finishes its tasks;
+//! bad URLs are refused.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -51,6 +53,18 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.attempt(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// As [`Api::send`]; a connection that breaks is an error, not a panic.
+    fn attempt(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Result<(u16, Value), ureq::Error> {
         let url = format!("{}{path}", self.base);
         let mut req = ureq::request(method, &url).timeout(Duration::from_secs(60));
         if !self.token.is_empty() {
@@ -65,12 +79,12 @@ impl Api {
         };
         let response = match result {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {url}: {e}"),
+            Err(e) => return Err(e),
         };
-        (
+        Ok((
             response.status(),
             response.into_json().unwrap_or(Value::Null),
-        )
+        ))
     }
 
     fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -139,7 +153,6 @@ fn host_and_api_node_share_one_postgresql_database() {
     let pw = password(host_dir.path());
     let a = Api::login(&host, &pw);
     let b = Api::login(&node, &pw);
-
     let va = a.ok("GET", "/api/v1/version", None);
     let vb = b.ok("GET", "/api/v1/version", None);
     assert_eq!(
@@ -368,7 +381,79 @@ fn host_and_api_node_share_one_postgresql_database() {
         a.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None)["status"],
         "AVAILABLE"
     );
-    drop(node);
+
+    // kill -9 of the API node in the middle of writes (some of them holding
+    // the write lock): the host goes on writing, and every create the node
+    // acknowledged is stored with its event.
+    let mut node = node;
+    let acked = std::sync::Mutex::new(Vec::<String>::new());
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 0.. {
+                let sent = b.attempt(
+                    "POST",
+                    "/api/v1/vpcs",
+                    &[],
+                    Some(json!({"name": format!("k{i}"), "vdc_id": vdc_id})),
+                );
+                // The process died mid-request: not acknowledged.
+                let Ok((201, v)) = sent else { break };
+                acked
+                    .lock()
+                    .unwrap()
+                    .push(v["id"].as_str().unwrap().to_owned());
+            }
+        });
+        while acked.lock().unwrap().len() < 20 && !writer.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        node.signal(libc::SIGKILL).unwrap();
+        node.wait(EXIT_TIMEOUT).unwrap();
+    });
+    let acked = acked.into_inner().unwrap();
+    assert!(acked.len() >= 20, "writer stopped early: {}", node.stderr());
+    a.ok("POST", "/api/v1/vdcs", Some(json!({"name": "after-kill"})));
+    let stored: HashSet<String> = a
+        .all("/api/v1/vpcs")
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(lost.is_empty(), "acknowledged creates lost: {lost:?}");
+
+    // kill -9 of the host while its agent has a task: a new node accepts
+    // another, the restarted host finishes both from the stored state.
+    let node =
+        KeelProcess::up_with(node_dir.path(), &["--database", &url, "--no-host-agent"]).unwrap();
+    assert!(
+        node.stderr().contains("did not shut down cleanly"),
+        "the killed node's run is reported by its own next start"
+    );
+    let b = Api::login(&node, &pw);
+    let (status, first) = b.send(
+        "POST",
+        "/api/v1/volumes",
+        &[],
+        Some(json!({"name": "during-kill", "vdc_id": vdc_id, "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{first}");
+    let mut host = host;
+    host.signal(libc::SIGKILL).unwrap();
+    host.wait(EXIT_TIMEOUT).unwrap();
+    let (status, second) = b.send(
+        "POST",
+        "/api/v1/volumes",
+        &[],
+        Some(json!({"name": "while-down", "vdc_id": vdc_id, "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{second}");
+    let _host = KeelProcess::up_with(host_dir.path(), &["--database", &url]).unwrap();
+    for task in [&first, &second] {
+        b.wait_task(task);
+        let id = task["resource_id"].as_str().unwrap();
+        let volume = b.ok("GET", &format!("/api/v1/volumes/{id}"), None);
+        assert_eq!(volume["status"], "AVAILABLE", "{volume}");
+    }
 }
 
 #[test]
