@@ -64,7 +64,7 @@ impl Api {
         path: &str,
         headers: &[(&str, &str)],
         body: Option<Value>,
-    ) -> Result<(u16, Value), ureq::Error> {
+    ) -> Result<(u16, Value), Box<ureq::Error>> {
         let url = format!("{}{path}", self.base);
         let mut req = ureq::request(method, &url).timeout(Duration::from_secs(60));
         if !self.token.is_empty() {
@@ -79,7 +79,7 @@ impl Api {
         };
         let response = match result {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Box::new(e)),
         };
         Ok((
             response.status(),
