@@ -50,8 +50,19 @@ pub struct PostgresServer {
 
 impl PostgresServer {
     /// `initdb` a new cluster in a temporary directory and start it on a
-    /// free loopback port; returns once it accepts connections.
+    /// free loopback port; returns once it accepts connections. Test data is
+    /// thrown away, so the server skips fsync.
     pub fn start() -> Result<PostgresServer> {
+        PostgresServer::start_with(false)
+    }
+
+    /// As [`PostgresServer::start`], but every commit is fsynced like a
+    /// production server's (for benchmarks against durable peers).
+    pub fn start_durable() -> Result<PostgresServer> {
+        PostgresServer::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<PostgresServer> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let bin = pg_bin_dir()?;
         let dir = std::env::temp_dir().join(format!(
@@ -89,8 +100,9 @@ impl PostgresServer {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={dir_s}"))
-            // Test data is thrown away: skip the fsyncs.
-            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .arg("-c")
+            .arg(if durable { "fsync=on" } else { "fsync=off" })
+            .args(["-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(

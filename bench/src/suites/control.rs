@@ -3,7 +3,9 @@
 //! transaction per create with its event row), against the bare durable
 //! store write each create has to pay anyway (`Store::put_meta`, one
 //! fsynced transaction) as the peer. Lists are compared with the same page
-//! read by one raw SQL query.
+//! read by one raw SQL query. Then the same creates (throughput and p99
+//! latency) and lists on a PostgreSQL server (fsync on, loopback, started
+//! from Debian's `postgresql` when installed) against embedded SQLite.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -76,7 +78,11 @@ pub(super) struct Fixture {
 }
 
 pub(super) async fn fixture(dir: &std::path::Path) -> Result<Fixture, BenchError> {
-    let store = Store::open(&dir.join(DB_FILE)).await?;
+    fixture_on(Store::open(&dir.join(DB_FILE)).await?, dir).await
+}
+
+/// As [`fixture`], on an open store (PostgreSQL for the backend comparison).
+async fn fixture_on(store: Store, dir: &std::path::Path) -> Result<Fixture, BenchError> {
     auth::bootstrap_admin(&store, Some(PASSWORD.into()))
         .await
         .map_err(|e| failed("bootstrap", e))?;
@@ -200,12 +206,121 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
             )
             .with_peer("raw SQL page read", per_sec(pages, peer_time));
             store.close().await?;
-            Ok(vec![create, list])
+            let mut results = vec![create, list];
+            // Ports already in the SQLite fixture's subnet would make the
+            // comparison unequal: both backends start from empty stores.
+            match keel_testkit::PostgresServer::start_durable() {
+                Ok(pg) => {
+                    let sqlite_dir = scratch.path().join("sqlite");
+                    std::fs::create_dir_all(&sqlite_dir)?;
+                    let sqlite = fixture(&sqlite_dir).await?;
+                    let postgres =
+                        fixture_on(Store::connect(&pg.url()).await?, scratch.path()).await?;
+                    results.extend(backends(&postgres, &sqlite, creates).await?);
+                    postgres.store.close().await?;
+                    sqlite.store.close().await?;
+                }
+                Err(e) => eprintln!("control: PostgreSQL measurements skipped: {e}"),
+            }
+            Ok(results)
         })
         .and_then(|mut results| {
             results.push(super::control_fanout::measurement(scale)?);
             Ok(results)
         })
+}
+
+/// Creates `count` ports in `fx`'s subnet (names from `first`), recording
+/// each create's latency in seconds.
+async fn create_ports(
+    fx: &Fixture,
+    first: usize,
+    count: usize,
+    latencies: &mut Vec<f64>,
+) -> Result<(), BenchError> {
+    for i in first..first + count {
+        let body = serde_json::json!({"name": format!("p{i}"), "subnet_id": fx.subnet});
+        let start = Instant::now();
+        let (status, reply) = call(
+            &fx.app,
+            "POST",
+            "/api/v1/ports",
+            Some(&fx.token),
+            Some(body),
+        )
+        .await?;
+        latencies.push(start.elapsed().as_secs_f64());
+        if status != 201 {
+            return Err(failed("port create", reply));
+        }
+    }
+    Ok(())
+}
+
+/// The same API work on PostgreSQL (fsync on, loopback) and on the embedded
+/// SQLite store, alternating rounds so noise hits both alike.
+async fn backends(
+    postgres: &Fixture,
+    sqlite: &Fixture,
+    creates: usize,
+) -> Result<Vec<Measurement>, BenchError> {
+    let (mut pg, mut sq) = (Vec::new(), Vec::new());
+    for round in 0..creates / 10 {
+        create_ports(postgres, round * 10, 10, &mut pg).await?;
+        create_ports(sqlite, round * 10, 10, &mut sq).await?;
+    }
+    let total = |l: &[f64]| l.iter().sum::<f64>();
+    let create = Measurement::new(
+        &format!("port creates via the API on PostgreSQL ({creates} ports)"),
+        "creates/s",
+        true,
+        per_sec(pg.len(), total(&pg)),
+    )
+    .with_peer("same on embedded SQLite", per_sec(sq.len(), total(&sq)));
+    let p99 = Measurement::new(
+        "p99 port create latency on PostgreSQL",
+        "ms",
+        false,
+        percentile(&mut pg, 990) * 1e3,
+    )
+    .with_peer("same on embedded SQLite", percentile(&mut sq, 990) * 1e3);
+    let pages = 50;
+    let (mut pg_time, mut sq_time) = (0.0, 0.0);
+    for _ in 0..pages {
+        for (fx, time) in [(postgres, &mut pg_time), (sqlite, &mut sq_time)] {
+            let start = Instant::now();
+            let (status, page) = call(
+                &fx.app,
+                "GET",
+                "/api/v1/ports?limit=100&sort=name",
+                Some(&fx.token),
+                None,
+            )
+            .await?;
+            *time += start.elapsed().as_secs_f64();
+            if status != 200 {
+                return Err(failed("list", page));
+            }
+        }
+    }
+    let list = Measurement::new(
+        "list pages of 100 ports via the API on PostgreSQL",
+        "pages/s",
+        true,
+        per_sec(pages, pg_time),
+    )
+    .with_peer("same on embedded SQLite", per_sec(pages, sq_time));
+    Ok(vec![create, p99, list])
+}
+
+/// The `per_mille`-th per-mille value (nearest rank).
+fn percentile(values: &mut [f64], per_mille: usize) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let rank = (values.len() * per_mille).div_ceil(1000);
+    values
+        .get(rank.saturating_sub(1).min(values.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 fn per_sec(count: usize, seconds: f64) -> f64 {
