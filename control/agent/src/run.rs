@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub accel: Option<Accel>,
     /// A graceful `stop` forces the VM off after this long.
     pub shutdown_timeout: Duration,
+    /// This host's id; `None`: the machine id (or one kept in the state
+    /// directory). Set to run several agents on one machine (tests).
+    pub host_id: Option<String>,
 }
 
 /// Why one task step failed; its message becomes the task's.
@@ -114,6 +117,7 @@ pub fn spawn(
                 started: crate::libvirtd::Started::default(),
                 files: FirmwareFiles::default(),
                 site: 1,
+                host_id: String::new(),
             };
             agent.run(&stop);
         })
@@ -132,6 +136,8 @@ struct Agent {
     files: FirmwareFiles,
     /// This host's number as a CDP source site (from its host id).
     site: u64,
+    /// This host's id: the tasks it claims and the VMs it observes.
+    host_id: String,
 }
 
 /// Libvirt's domain states, as keel reports them.
@@ -147,15 +153,25 @@ fn status_of(state: u32) -> &'static str {
 
 impl Agent {
     fn run(&mut self, stop: &AtomicBool) {
-        match self.register() {
-            Ok(id) => {
-                self.site = keel_control::api::protection_groups::group_number(&id);
-                tracing::info!(host = %id, "host registered");
+        match self.host_id() {
+            Ok(id) => self.host_id = id,
+            Err(e) => {
+                tracing::error!(error = %e, "no host id; the host agent does not run");
+                return;
             }
+        }
+        self.site = keel_control::api::protection_groups::group_number(&self.host_id);
+        match self.register() {
+            Ok(()) => tracing::info!(host = %self.host_id, "host registered"),
             Err(e) => {
                 tracing::error!(error = %e, "host registration failed; VMs cannot be placed here")
             }
         }
+        // Beats from the runtime, not this thread: a long task must not make
+        // the host look dead and its running task be taken over.
+        let beat = self
+            .rt
+            .spawn(beat(self.store.clone(), self.host_id.clone()));
         tracing::info!(uri = %self.config.libvirt_uri, accel = ?self.config.accel, "host agent running");
         let mut last_observe = Instant::now() - OBSERVE_EVERY;
         while !stop.load(Ordering::Relaxed) {
@@ -185,6 +201,7 @@ impl Agent {
                 std::thread::sleep(IDLE);
             }
         }
+        beat.abort();
         self.disks.stop_all();
         self.lbs.stop_all();
         self.replicas.stop_all();
@@ -196,33 +213,36 @@ impl Agent {
         tracing::info!("host agent stopped");
     }
 
-    /// Reports this host and its inventory; its id is the machine id (or
-    /// one kept in the state dir where the machine has none).
-    fn register(&self) -> Result<String, StepError> {
-        let id = match crate::inventory::machine_id() {
-            Some(id) => id,
-            None => {
-                let path = self.config.state_dir.join("host-id");
-                match std::fs::read_to_string(&path) {
-                    Ok(id) => id.trim().to_owned(),
-                    Err(_) => {
-                        let id = uuid::Uuid::new_v4().to_string();
-                        std::fs::write(&path, &id).map_err(|e| {
-                            StepError::Invalid(format!("write {}: {e}", path.display()))
-                        })?;
-                        id
-                    }
-                }
+    /// This host's id: the configured one, else the machine id, else one
+    /// kept in the state dir.
+    fn host_id(&self) -> Result<String, StepError> {
+        if let Some(id) = &self.config.host_id {
+            return Ok(id.clone());
+        }
+        if let Some(id) = crate::inventory::machine_id() {
+            return Ok(id);
+        }
+        let path = self.config.state_dir.join("host-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) => Ok(id.trim().to_owned()),
+            Err(_) => {
+                let id = uuid::Uuid::new_v4().to_string();
+                std::fs::write(&path, &id)
+                    .map_err(|e| StepError::Invalid(format!("write {}: {e}", path.display())))?;
+                Ok(id)
             }
-        };
+        }
+    }
+
+    /// Reports this host and its inventory.
+    fn register(&self) -> Result<(), StepError> {
         let inventory = crate::inventory::collect();
         self.block_on(async {
             let mut tx = self.store.begin_write().await?;
-            hosts::register(&mut tx, &id, inventory).await?;
+            hosts::register(&mut tx, &self.host_id, inventory).await?;
             tx.commit().await?;
             Ok::<_, StepError>(())
-        })?;
-        Ok(id)
+        })
     }
 
     fn conn(&mut self) -> Result<&Connect, StepError> {
@@ -298,7 +318,7 @@ impl Agent {
     fn next_task(&mut self) -> Result<bool, StepError> {
         let task = self.block_on(async {
             let mut tx = self.store.begin_write().await?;
-            let task = tasks::claim_next(&mut tx).await?;
+            let task = tasks::claim_next(&mut tx, &self.host_id).await?;
             tx.commit().await?;
             Ok::<_, StepError>(task)
         })?;
@@ -994,9 +1014,30 @@ impl Agent {
             if record.meta.status == vms::CREATING || record.meta.status == vms::DELETING {
                 continue;
             }
+            // Another host's VM: its agent observes it.
+            let placed = record.spec.get("host_id").and_then(|h| h.as_str());
+            if placed.is_some_and(|h| h != self.host_id) {
+                continue;
+            }
             self.observe_vm(&record, false)?;
         }
         Ok(())
+    }
+}
+
+/// Refreshes the host's heartbeat until aborted.
+async fn beat(store: Store, host_id: String) {
+    let every = Duration::from_millis(hosts::HEARTBEAT_EVERY_MS.unsigned_abs());
+    loop {
+        let beaten = async {
+            let mut conn = store.pool().acquire().await?;
+            hosts::heartbeat(&mut conn, &host_id).await?;
+            Ok::<_, StepError>(())
+        };
+        if let Err(e) = beaten.await {
+            tracing::warn!(error = %e, "heartbeat not recorded");
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -67,6 +67,10 @@ enum Command {
         /// node in front of a shared --database).
         #[arg(long, env = "KEEL_NO_HOST_AGENT")]
         no_host_agent: bool,
+        /// This host's id (default: the machine id); distinct ids let
+        /// several host agents share one machine, as tests do.
+        #[arg(long, env = "KEEL_HOST_ID")]
+        host_id: Option<String>,
     },
     /// Print the version.
     Version {
@@ -404,6 +408,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             vm_shutdown_timeout,
             database,
             no_host_agent,
+            host_id,
         } => {
             let keel_bin = std::env::current_exe().context("Cannot find the keel binary")?;
             let agent = keel_agent::AgentConfig {
@@ -416,6 +421,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     AccelChoice::Tcg => Some(keel_agent::Accel::Tcg),
                 },
                 shutdown_timeout: std::time::Duration::from_secs(vm_shutdown_timeout),
+                host_id,
             };
             let services: keel_control::server::HostServices = Box::new(move |store, dir| {
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -5,8 +5,8 @@
 //! name wins a race, the change feed has every change once, in order); an
 //! idempotent retry may land on either; a task accepted by the API node is
 //! run by the host's agent; runs are per node; kill -9 of either process
-//! loses nothing acknowledged and the restarted host finishes its tasks;
-//! bad URLs are refused.
+//! loses nothing acknowledged; with a second host agent the work goes on
+//! while the first is down, which heartbeats report; bad URLs are refused.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -18,6 +18,7 @@ use keel_testkit::{KeelProcess, PostgresServer};
 use serde_json::{json, Value};
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
+const HANG_GUARD: Duration = Duration::from_secs(120);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Creates per node in the concurrent phase.
 const CREATES: usize = 15;
@@ -421,8 +422,9 @@ fn host_and_api_node_share_one_postgresql_database() {
     let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
     assert!(lost.is_empty(), "acknowledged creates lost: {lost:?}");
 
-    // kill -9 of the host while its agent has a task: a new node accepts
-    // another, the restarted host finishes both from the stored state.
+    // A second host agent joins. kill -9 of the first host: the second takes
+    // the work accepted meanwhile, the first is reported not responding
+    // once its heartbeat expires, and responding again after its restart.
     let node =
         KeelProcess::up_with(node_dir.path(), &["--database", &url, "--no-host-agent"]).unwrap();
     assert!(
@@ -430,29 +432,69 @@ fn host_and_api_node_share_one_postgresql_database() {
         "the killed node's run is reported by its own next start"
     );
     let b = Api::login(&node, &pw);
-    let (status, first) = b.send(
-        "POST",
-        "/api/v1/volumes",
-        &[],
-        Some(json!({"name": "during-kill", "vdc_id": vdc_id, "size_gib": 1})),
-    );
-    assert_eq!(status, 202, "{first}");
+    let c_dir = tempfile::tempdir().unwrap();
+    let _second =
+        KeelProcess::up_with(c_dir.path(), &["--database", &url, "--host-id", "host-c"]).unwrap();
+    let first_host = eventually("both hosts responding", || {
+        let hosts = b.ok("GET", "/api/v1/hosts", None);
+        let items = hosts["items"].as_array().unwrap().clone();
+        let all = items.len() == 2 && items.iter().all(|h| h["responding"] == true);
+        all.then(|| {
+            items.iter().find(|h| h["id"] != "host-c").unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+    });
     let mut host = host;
     host.signal(libc::SIGKILL).unwrap();
     host.wait(EXIT_TIMEOUT).unwrap();
-    let (status, second) = b.send(
-        "POST",
-        "/api/v1/volumes",
-        &[],
-        Some(json!({"name": "while-down", "vdc_id": vdc_id, "size_gib": 1})),
-    );
-    assert_eq!(status, 202, "{second}");
-    let _host = KeelProcess::up_with(host_dir.path(), &["--database", &url]).unwrap();
-    for task in [&first, &second] {
+    let accepted: Vec<Value> = (0..3)
+        .map(|i| {
+            let (status, task) = b.send(
+                "POST",
+                "/api/v1/volumes",
+                &[],
+                Some(json!({"name": format!("while-down-{i}"), "vdc_id": vdc_id, "size_gib": 1})),
+            );
+            assert_eq!(status, 202, "{task}");
+            task
+        })
+        .collect();
+    for task in &accepted {
         b.wait_task(task);
         let id = task["resource_id"].as_str().unwrap();
         let volume = b.ok("GET", &format!("/api/v1/volumes/{id}"), None);
         assert_eq!(volume["status"], "AVAILABLE", "{volume}");
+        let on_c = walk(c_dir.path())
+            .iter()
+            .any(|p| p.to_string_lossy().contains(id));
+        assert!(on_c, "made by the host that is up");
+    }
+    eventually("the killed host reported not responding", || {
+        let h = b.ok("GET", &format!("/api/v1/hosts/{first_host}"), None);
+        (h["responding"] == false).then_some(())
+    });
+    let _host = KeelProcess::up_with(host_dir.path(), &["--database", &url]).unwrap();
+    eventually("the restarted host responding", || {
+        let h = b.ok("GET", &format!("/api/v1/hosts/{first_host}"), None);
+        (h["responding"] == true).then_some(())
+    });
+}
+
+/// Polls `check` until it gives a value. The limit is a hang guard only
+/// (heartbeats expire after 20 s), not a timing requirement.
+fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "{what}: still not after {HANG_GUARD:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

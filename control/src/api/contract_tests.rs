@@ -1970,6 +1970,7 @@ async fn volumes_attach_detach_and_grow_only_when_safe() {
         super::hosts::register(&mut tx, "h1", inventory)
             .await
             .unwrap();
+        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
         tx.commit().await.unwrap();
     }
     let mut volumes = Vec::new();
@@ -2128,4 +2129,87 @@ async fn volume_and_compute_quotas_are_enforced() {
     let r = api.post("/api/v1/vms", &admin, vm(1, 1024)).await;
     assert_problem(&r, 409, "quota-exceeded");
     assert_eq!(r.body["field"], "quota.memory_mib");
+}
+
+#[tokio::test]
+async fn tasks_are_claimed_per_host_and_taken_over_only_from_silent_agents() {
+    use super::{hosts, records, tasks};
+    let api = Api::new().await;
+    let store = &api.state.store;
+    let mut tx = store.begin_write().await.unwrap();
+    let vm = records::insert(
+        &mut tx,
+        records::NewRecord {
+            kind: super::vms::KIND,
+            vdc_id: None,
+            parent_id: None,
+            name: "placed",
+            spec: json!({"host_id": "c"}),
+            status: "STOPPED",
+        },
+    )
+    .await
+    .unwrap();
+    let mut queue = Vec::new();
+    for (kind, id, action) in [
+        ("volume", "r1", "create"),
+        ("volume", "r1", "resize"),
+        ("volume", "r2", "create"),
+        (super::vms::KIND, vm.meta.id.as_str(), "start"),
+    ] {
+        queue.push(
+            tasks::enqueue(&mut tx, None, kind, id, action, json!({}))
+                .await
+                .unwrap(),
+        );
+    }
+    for host in ["a", "b", "c"] {
+        hosts::heartbeat(&mut tx, host).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let (r1_create, r1_resize, r2_create, vm_start) = (
+        queue[0].id.clone(),
+        queue[1].id.clone(),
+        queue[2].id.clone(),
+        queue[3].id.clone(),
+    );
+    assert_eq!(
+        queue[3].host_id.as_deref(),
+        Some("c"),
+        "a VM's task runs on its host"
+    );
+    assert_eq!(queue[0].host_id, None);
+
+    let claim = |host: &'static str| async move {
+        let mut tx = store.begin_write().await.unwrap();
+        let task = tasks::claim_next(&mut tx, host).await.unwrap();
+        tx.commit().await.unwrap();
+        task.map(|t| t.id)
+    };
+    let finish = |id: String| async move {
+        let mut tx = store.begin_write().await.unwrap();
+        tasks::set_state(&mut tx, &id, tasks::SUCCEEDED, 100, "")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    };
+    assert_eq!(claim("a").await, Some(r1_create.clone()));
+    // r1's next task waits for its first; b takes other work.
+    assert_eq!(claim("b").await, Some(r2_create.clone()));
+    finish(r2_create).await;
+    assert_eq!(claim("b").await, None, "a is alive: its task stays with it");
+    sqlx::query("UPDATE heartbeats SET at = 0 WHERE host_id = 'a'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        claim("b").await,
+        Some(r1_create.clone()),
+        "a went silent: b takes its running task over"
+    );
+    finish(r1_create).await;
+    assert_eq!(claim("b").await, Some(r1_resize.clone()));
+    finish(r1_resize).await;
+    assert_eq!(claim("b").await, None, "the VM's task is for host c");
+    assert_eq!(claim("c").await, Some(vm_start));
 }

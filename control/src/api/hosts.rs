@@ -17,7 +17,7 @@ use super::extract::ValidQuery;
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{get_one, list_page, load, ok, Resource};
+use super::respond::{list_page, load, with_etag, Resource};
 use super::AppState;
 
 pub const KIND: &str = "host";
@@ -92,6 +92,52 @@ pub struct Host {
     pub meta: Meta,
     #[serde(flatten)]
     pub spec: HostSpec,
+    /// Unix ms of the agent's last heartbeat (none yet: null).
+    pub heartbeat_at: Option<i64>,
+    /// Whether the agent beat within the last `HEARTBEAT_EXPIRY_MS`
+    /// (20 s); a host that is not responding takes no new VMs and its
+    /// running tasks may be taken over by another host's agent.
+    pub responding: bool,
+}
+
+/// A host agent refreshes its heartbeat this often (from its own task, so a
+/// long-running task does not stop it).
+pub const HEARTBEAT_EVERY_MS: i64 = 3_000;
+/// A heartbeat older than this means the host is not responding.
+pub const HEARTBEAT_EXPIRY_MS: i64 = 20_000;
+
+/// Records that the agent of `host_id` is alive (no event: liveness is read
+/// on demand, not pushed).
+pub async fn heartbeat(conn: &mut DbConnection, host_id: &str) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO heartbeats (host_id, at) VALUES ($1, $2) \
+         ON CONFLICT (host_id) DO UPDATE SET at = excluded.at",
+    )
+    .bind(host_id)
+    .bind(records::now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Last heartbeat of `host_id`, if any.
+async fn last_heartbeat(conn: &mut DbConnection, host_id: &str) -> Result<Option<i64>, ApiError> {
+    Ok(
+        sqlx::query_scalar("SELECT at FROM heartbeats WHERE host_id = $1")
+            .bind(host_id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+impl Host {
+    async fn with_liveness(mut self, conn: &mut DbConnection) -> Result<Host, ApiError> {
+        self.heartbeat_at = last_heartbeat(conn, &self.meta.id).await?;
+        self.responding = self
+            .heartbeat_at
+            .is_some_and(|at| records::now_ms() - at < HEARTBEAT_EXPIRY_MS);
+        Ok(self)
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -109,6 +155,8 @@ impl Resource for Host {
         Ok(Host {
             spec: record.spec()?,
             meta: record.meta,
+            heartbeat_at: None,
+            responding: false,
         })
     }
 }
@@ -166,8 +214,16 @@ pub async fn place(
     let mut why = Vec::new();
     for host in hosts {
         let spec: HostSpec = host.spec()?;
+        let beat = last_heartbeat(conn, &host.meta.id).await?;
+        let silent_ms = beat.map(|at| records::now_ms() - at);
         if host.meta.status != ENABLED {
             why.push(format!("{} is {}", host.meta.name, host.meta.status));
+        } else if silent_ms.is_none_or(|ms| ms >= HEARTBEAT_EXPIRY_MS) {
+            why.push(format!(
+                "{} is not responding (no agent heartbeat for {} s)",
+                host.meta.name,
+                silent_ms.map_or_else(|| "ever".to_owned(), |ms| (ms / 1000).to_string())
+            ));
         } else if spec.inventory.cpu_arch != cpu_arch {
             why.push(format!(
                 "{} is {}, the image needs {cpu_arch}",
@@ -207,7 +263,15 @@ async fn list_hosts(
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<HostPage>, ApiError> {
     let Page { items, next_cursor } = list_page::<Host>(&state, &principal, &query).await?;
-    Ok(Json(HostPage { items, next_cursor }))
+    let mut conn = state.store.pool().acquire().await?;
+    let mut live = Vec::with_capacity(items.len());
+    for host in items {
+        live.push(host.with_liveness(&mut conn).await?);
+    }
+    Ok(Json(HostPage {
+        items: live,
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(get, path = "/hosts/{id}", tag = "compute", params(("id" = String, Path)),
@@ -220,7 +284,12 @@ async fn get_host(
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    get_one::<Host>(&state, &principal, &id).await
+    principal.require(Family::Host, Action::Read)?;
+    let mut conn = state.store.pool().acquire().await?;
+    let record = load(&mut conn, &principal, Family::Host, Action::Read, KIND, &id).await?;
+    let revision = record.meta.revision;
+    let host = Host::from_record(record)?.with_liveness(&mut conn).await?;
+    Ok(with_etag(axum::http::StatusCode::OK, revision, &host))
 }
 
 #[utoipa::path(post, path = "/hosts/{id}/actions/{action}", tag = "compute",
@@ -246,6 +315,8 @@ async fn host_action(
     let updated = records::observe(&mut tx, KIND, &id, status, None)
         .await?
         .ok_or(ApiError::NotFound)?;
+    let revision = updated.meta.revision;
+    let host = Host::from_record(updated)?.with_liveness(&mut tx).await?;
     tx.commit().await?;
-    ok::<Host>(updated)
+    Ok(with_etag(axum::http::StatusCode::OK, revision, &host))
 }

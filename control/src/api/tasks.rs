@@ -49,6 +49,9 @@ pub struct Task {
     pub message: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The host whose agent must run it (a VM's tasks run where the VM
+    /// is); null: any host's agent.
+    pub host_id: Option<String>,
 }
 
 impl Task {
@@ -57,7 +60,7 @@ impl Task {
     }
 }
 
-const COLUMNS: &str = "id, vdc_id, resource_type, resource_id, action, params, state, progress, message, created_at, updated_at";
+const COLUMNS: &str = "id, vdc_id, resource_type, resource_id, action, params, state, progress, message, created_at, updated_at, host_id";
 
 fn task_from_row(row: &crate::store::DbRow) -> Result<Task, ApiError> {
     let params: String = row.try_get("params")?;
@@ -74,6 +77,7 @@ fn task_from_row(row: &crate::store::DbRow) -> Result<Task, ApiError> {
         message: row.try_get("message")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        host_id: row.try_get("host_id")?,
     })
 }
 
@@ -88,8 +92,24 @@ pub async fn enqueue(
 ) -> Result<Task, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
+    // A VM's work runs on its host; everything else on any host's agent.
+    let host_id: Option<String> = if resource_type == super::vms::KIND {
+        let backend = crate::store::backend_of(conn);
+        sqlx::query_scalar(&format!(
+            "SELECT {} FROM resources WHERE kind = $1 AND id = $2",
+            crate::store::json_text(backend, "spec", "host_id")
+        ))
+        .bind(resource_type)
+        .bind(resource_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .flatten()
+    } else {
+        None
+    };
     let row = sqlx::query(&format!(
-        "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '', $8, $9) RETURNING {COLUMNS}"
+        "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '', $8, $9, $10) \
+         RETURNING {COLUMNS}"
     ))
     .bind(&id)
     .bind(vdc_id)
@@ -100,6 +120,7 @@ pub async fn enqueue(
     .bind(QUEUED)
     .bind(now)
     .bind(now)
+    .bind(host_id)
     .fetch_one(&mut *conn)
     .await?;
     append_event(conn, "task", &id, "created", vdc_id, 1).await?;
@@ -121,18 +142,33 @@ pub async fn pending_for(
     row.as_ref().map(task_from_row).transpose()
 }
 
-/// The oldest queued task, marked RUNNING (for the host agent). Tasks left
-/// RUNNING by a crashed agent are taken again first: their actions are
+/// The oldest task the agent of `host_id` may run, marked RUNNING and
+/// claimed by it. Tasks left RUNNING by this agent (it crashed) or by an
+/// agent whose heartbeat expired are taken again first: their actions are
 /// idempotent by design (start of a running VM succeeds, and so on).
-pub async fn claim_next(conn: &mut DbConnection) -> Result<Option<Task>, ApiError> {
+pub async fn claim_next(conn: &mut DbConnection, host_id: &str) -> Result<Option<Task>, ApiError> {
+    // Tasks for this host or any host; RUNNING ones first when their agent
+    // was this one (it crashed) or has stopped beating; a QUEUED one only
+    // when nothing else runs on its resource (per-resource order).
     let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM tasks WHERE state IN ('QUEUED', 'RUNNING') \
-         ORDER BY CASE state WHEN 'RUNNING' THEN 0 ELSE 1 END, seq LIMIT 1"
+        "SELECT {COLUMNS} FROM tasks t WHERE (t.host_id IS NULL OR t.host_id = $1) AND ( \
+           (t.state = 'RUNNING' AND (t.claimed_by IS NULL OR t.claimed_by = $1 OR NOT EXISTS \
+              (SELECT 1 FROM heartbeats h WHERE h.host_id = t.claimed_by AND h.at > $2))) \
+           OR (t.state = 'QUEUED' AND NOT EXISTS \
+              (SELECT 1 FROM tasks r WHERE r.resource_id = t.resource_id AND r.state = 'RUNNING'))) \
+         ORDER BY CASE t.state WHEN 'RUNNING' THEN 0 ELSE 1 END, t.seq LIMIT 1"
     ))
+    .bind(host_id)
+    .bind(now_ms() - super::hosts::HEARTBEAT_EXPIRY_MS)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(None) };
     let mut task = task_from_row(&row)?;
+    sqlx::query("UPDATE tasks SET claimed_by = $1 WHERE id = $2")
+        .bind(host_id)
+        .bind(&task.id)
+        .execute(&mut *conn)
+        .await?;
     if task.state == QUEUED {
         set_state(conn, &task.id, RUNNING, 0, "").await?;
         task.state = RUNNING.into();
