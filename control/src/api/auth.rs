@@ -40,6 +40,8 @@ pub enum Role {
     SystemAdmin,
     VdcAdmin,
     VdcUser,
+    /// A VDC role whose permissions are a custom role's (`/roles`).
+    Custom,
 }
 
 impl Role {
@@ -48,12 +50,18 @@ impl Role {
             Role::SystemAdmin => "system-admin",
             Role::VdcAdmin => "vdc-admin",
             Role::VdcUser => "vdc-user",
+            Role::Custom => "custom",
         }
     }
     pub fn parse(s: &str) -> Option<Role> {
-        [Role::SystemAdmin, Role::VdcAdmin, Role::VdcUser]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            Role::SystemAdmin,
+            Role::VdcAdmin,
+            Role::VdcUser,
+            Role::Custom,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 }
 
@@ -70,9 +78,12 @@ pub enum Family {
     Host,
     Event,
     Audit,
+    /// Custom role definitions (system admins only).
+    Role,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Action {
     Read,
     Create,
@@ -95,6 +106,7 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::Host, &[Read, Update]),
     (Role::SystemAdmin, Family::Event, &[Read]),
     (Role::SystemAdmin, Family::Audit, &[Read]),
+    (Role::SystemAdmin, Family::Role, ALL),
     (Role::VdcAdmin, Family::Vdc, &[Read]),
     (Role::VdcAdmin, Family::User, ALL),
     (Role::VdcAdmin, Family::Token, ALL),
@@ -123,6 +135,9 @@ pub struct Principal {
     pub role: Role,
     /// The VDC of a VDC role; `None` for system admins.
     pub vdc_id: Option<String>,
+    /// What a [`Role::Custom`] user may do (its role's permissions, read at
+    /// every request, so a role change applies at once).
+    pub grants: std::sync::Arc<[(Family, Action)]>,
 }
 
 impl Principal {
@@ -150,7 +165,11 @@ impl Principal {
 
     /// Authorizes an action not tied to one resource (list, create).
     pub fn require(&self, family: Family, action: Action) -> Result<(), ApiError> {
-        if permitted(self.role, family, action) {
+        let allowed = match self.role {
+            Role::Custom => self.grants.contains(&(family, action)),
+            role => permitted(role, family, action),
+        };
+        if allowed {
             Ok(())
         } else {
             Err(ApiError::Forbidden)
@@ -225,7 +244,8 @@ async fn lookup(
     kinds: &[&str],
 ) -> Result<Option<Principal>, ApiError> {
     let row = sqlx::query(
-        "SELECT u.id, u.name, u.role, u.vdc_id, t.kind FROM tokens t JOIN users u ON u.id = t.user_id \
+        "SELECT u.id, u.name, u.role, u.vdc_id, u.role_id, t.kind FROM tokens t \
+         JOIN users u ON u.id = t.user_id \
          WHERE t.hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
     )
     .bind(hash_token(secret))
@@ -238,11 +258,20 @@ async fn lookup(
         return Ok(None);
     }
     let role: String = row.try_get("role")?;
+    let role = Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("role {role}")))?;
+    let grants = match (role, row.try_get::<Option<String>, _>("role_id")?) {
+        (Role::Custom, Some(role_id)) => {
+            let mut conn = state.store.pool().acquire().await?;
+            super::roles::grants(&mut conn, &role_id).await?
+        }
+        _ => Vec::new(),
+    };
     Ok(Some(Principal {
         user_id: row.try_get("id")?,
         name: row.try_get("name")?,
-        role: Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("role {role}")))?,
+        role,
         vdc_id: row.try_get("vdc_id")?,
+        grants: grants.into(),
     }))
 }
 

@@ -2213,3 +2213,166 @@ async fn tasks_are_claimed_per_host_and_taken_over_only_from_silent_agents() {
     assert_eq!(claim("b").await, None, "the VM's task is for host c");
     assert_eq!(claim("c").await, Some(vm_start));
 }
+
+#[tokio::test]
+async fn custom_roles_grant_exactly_their_permissions() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let own = api.vdc(&admin, "own", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let other_vpc = api
+        .create(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "theirs", "vdc_id": other}),
+        )
+        .await;
+
+    // Nothing beyond a VDC admin's ceiling, each family once, precise fields.
+    for (permissions, field) in [
+        (
+            json!([{"family": "vdc", "actions": ["create"]}]),
+            "permissions[0].actions[0]",
+        ),
+        (
+            json!([{"family": "network", "actions": []}]),
+            "permissions[0].actions",
+        ),
+        (
+            json!([{"family": "network", "actions": ["read"]}, {"family": "network", "actions": ["create"]}]),
+            "permissions[1].family",
+        ),
+    ] {
+        let r = api
+            .post(
+                "/api/v1/roles",
+                &admin,
+                json!({"name": "bad", "permissions": permissions}),
+            )
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/roles",
+            &admin,
+            json!({"name": "bad", "permissions": [{"family": "host", "actions": ["read"]}]}),
+        )
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("host"),
+        "{}",
+        r.body
+    );
+    assert_eq!(api.count("resources WHERE kind = 'role'").await, 0);
+
+    let role = api
+        .post(
+            "/api/v1/roles",
+            &admin,
+            json!({"name": "net-operator", "description": "networks only",
+                   "permissions": [{"family": "network", "actions": ["read", "create", "update", "delete"]},
+                                   {"family": "token", "actions": ["read", "create", "delete"]}]}),
+        )
+        .await;
+    assert_eq!(role.status, 201, "{}", role.body);
+    let role_id = role.id();
+
+    // role_id goes with role custom only, and must exist.
+    for (body, field) in [
+        (
+            json!({"name": "x1", "password": PW, "role": "custom", "vdc_id": own}),
+            "role_id",
+        ),
+        (
+            json!({"name": "x2", "password": PW, "role": "vdc-user", "vdc_id": own, "role_id": role_id}),
+            "role_id",
+        ),
+        (
+            json!({"name": "x3", "password": PW, "role": "custom", "vdc_id": own, "role_id": "nope"}),
+            "role_id",
+        ),
+    ] {
+        let r = api.post("/api/v1/users", &admin, body).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/users",
+            &admin,
+            json!({"name": "netop", "password": PW, "role": "custom", "role_id": role_id, "vdc_id": own}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["role"], "custom");
+    assert_eq!(r.body["role_id"], role_id.as_str());
+    let netop = api.token("netop", PW).await;
+
+    // Granted: networks in its own VDC. Not granted: compute, users, roles.
+    let vpc = api
+        .post(
+            "/api/v1/vpcs",
+            &netop,
+            json!({"name": "mine", "vdc_id": own}),
+        )
+        .await;
+    assert_eq!(vpc.status, 201, "{}", vpc.body);
+    let r = api
+        .post(
+            "/api/v1/volumes",
+            &netop,
+            json!({"name": "v", "vdc_id": own, "size_gib": 1}),
+        )
+        .await;
+    assert_problem(&r, 403, "forbidden");
+    assert_problem(&api.get("/api/v1/users", &netop).await, 403, "forbidden");
+    assert_problem(&api.get("/api/v1/roles", &netop).await, 403, "forbidden");
+    // Another VDC stays invisible.
+    assert_problem(
+        &api.get(&format!("/api/v1/vpcs/{other_vpc}"), &netop).await,
+        404,
+        "not-found",
+    );
+
+    // A narrower role applies at the holder's next request.
+    let r = api
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/roles/{role_id}"),
+            Some(&admin),
+            &[("if-match", &role.etag())],
+            Some(json!({"permissions": [{"family": "network", "actions": ["read"]}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api
+        .post(
+            "/api/v1/vpcs",
+            &netop,
+            json!({"name": "more", "vdc_id": own}),
+        )
+        .await;
+    assert_problem(&r, 403, "forbidden");
+    assert_eq!(
+        api.get(&format!("/api/v1/vpcs/{}", vpc.id()), &netop)
+            .await
+            .status,
+        200
+    );
+
+    // A held role cannot be deleted.
+    let current = api.get(&format!("/api/v1/roles/{role_id}"), &admin).await;
+    let r = api
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/roles/{role_id}"),
+            Some(&admin),
+            &[("if-match", &current.etag())],
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+}

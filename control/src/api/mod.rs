@@ -25,6 +25,7 @@ pub mod protection_groups;
 pub mod records;
 pub mod replica_groups;
 pub mod respond;
+pub mod roles;
 pub mod routers;
 pub mod security_groups;
 pub mod tasks;
@@ -129,6 +130,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(tokens::router())
                 .merge(vdcs::router())
                 .merge(users::router())
+                .merge(roles::router())
                 .merge(networks::router())
                 .merge(security_groups::router())
                 .merge(ports::router())

@@ -25,6 +25,8 @@ pub struct User {
     pub id: String,
     pub name: String,
     pub role: Role,
+    /// The custom role (`/roles`) of a `custom` user.
+    pub role_id: Option<String>,
     pub vdc_id: Option<String>,
     /// Locked after too many failed logins.
     pub locked: bool,
@@ -39,6 +41,8 @@ pub struct UserCreate {
     pub name: String,
     pub password: String,
     pub role: Role,
+    /// The custom role, required with `role: custom` (and only then).
+    pub role_id: Option<String>,
     /// Required for VDC roles, absent for system admins.
     pub vdc_id: Option<String>,
 }
@@ -48,6 +52,8 @@ pub struct UserCreate {
 pub struct UserUpdate {
     pub password: Option<String>,
     pub role: Option<Role>,
+    /// The custom role, with `role: custom`.
+    pub role_id: Option<String>,
     /// Clears a login lockout.
     pub unlock: Option<bool>,
 }
@@ -73,7 +79,8 @@ pub struct UserPage {
     pub next_cursor: Option<String>,
 }
 
-const COLUMNS: &str = "id, name, role, vdc_id, locked_until, revision, created_at, updated_at";
+const COLUMNS: &str =
+    "id, name, role, role_id, vdc_id, locked_until, revision, created_at, updated_at";
 
 fn to_user(row: &crate::store::DbRow) -> Result<User, ApiError> {
     let role: String = row.try_get("role")?;
@@ -82,6 +89,7 @@ fn to_user(row: &crate::store::DbRow) -> Result<User, ApiError> {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         role: Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("role {role}")))?,
+        role_id: row.try_get("role_id")?,
         vdc_id: row.try_get("vdc_id")?,
         locked: locked_until > now_ms(),
         revision: row.try_get("revision")?,
@@ -104,6 +112,26 @@ async fn load(
     let user = to_user(&row)?;
     principal.authorize(Family::User, action, user.vdc_id.as_deref())?;
     Ok(user)
+}
+
+/// `role_id` goes with `role: custom` only, and must name a custom role.
+async fn check_custom(
+    conn: &mut DbConnection,
+    role: Role,
+    role_id: Option<&str>,
+) -> Result<(), ApiError> {
+    match (role, role_id) {
+        (Role::Custom, None) => Err(ApiError::invalid("role_id", "required with role custom")),
+        (Role::Custom, Some(id)) => {
+            if super::roles::exists(conn, id).await? {
+                Ok(())
+            } else {
+                Err(ApiError::invalid("role_id", format!("no custom role {id}")))
+            }
+        }
+        (_, Some(_)) => Err(ApiError::invalid("role_id", "only with role custom")),
+        (_, None) => Ok(()),
+    }
 }
 
 /// A VDC admin may only hand out VDC roles.
@@ -152,6 +180,7 @@ async fn create_user(
     };
     let hash = hash_password(body.password).await?;
     let mut tx = state.store.begin_write().await?;
+    check_custom(&mut tx, body.role, body.role_id.as_deref()).await?;
     if let Some(vdc) = &vdc_id {
         referenced_vdc(&mut tx, &principal, "vdc_id", vdc).await?;
     }
@@ -168,13 +197,14 @@ async fn create_user(
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     let row = sqlx::query(&format!(
-        "INSERT INTO users (id, name, password_hash, role, vdc_id, revision, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, 1, $6, $7) RETURNING {COLUMNS}"
+        "INSERT INTO users (id, name, password_hash, role, role_id, vdc_id, revision, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8) RETURNING {COLUMNS}"
     ))
     .bind(&id)
     .bind(&body.name)
     .bind(hash)
     .bind(body.role.as_str())
+    .bind(&body.role_id)
     .bind(&vdc_id)
     .bind(now)
     .bind(now)
@@ -281,6 +311,12 @@ async fn update_user(
     }
     let role = body.role.unwrap_or(user.role);
     check_grant(&principal, role)?;
+    let role_id = match (body.role, body.role_id) {
+        (_, Some(id)) => Some(id),
+        (Some(_), None) => None,
+        (None, None) => user.role_id.clone(),
+    };
+    check_custom(&mut tx, role, role_id.as_deref()).await?;
     if (role == Role::SystemAdmin) != user.vdc_id.is_none() {
         return Err(ApiError::invalid(
             "role",
@@ -290,8 +326,9 @@ async fn update_user(
     if let Some((password, _)) = &hash {
         check_password_policy(&user.name, password)?;
     }
-    let mut sql =
-        String::from("UPDATE users SET role = ?, revision = revision + 1, updated_at = ?");
+    let mut sql = String::from(
+        "UPDATE users SET role = ?, role_id = ?, revision = revision + 1, updated_at = ?",
+    );
     if hash.is_some() {
         sql.push_str(", password_hash = ?");
     }
@@ -302,7 +339,10 @@ async fn update_user(
         " WHERE id = ? AND revision = ? RETURNING {COLUMNS}"
     ));
     let sql = crate::store::numbered(&sql);
-    let mut q = sqlx::query(&sql).bind(role.as_str()).bind(now_ms());
+    let mut q = sqlx::query(&sql)
+        .bind(role.as_str())
+        .bind(role_id)
+        .bind(now_ms());
     if let Some((_, h)) = hash {
         q = q.bind(h);
     }
