@@ -2376,3 +2376,41 @@ async fn custom_roles_grant_exactly_their_permissions() {
         .await;
     assert_problem(&r, 409, "conflict");
 }
+
+#[tokio::test]
+async fn admins_reset_a_lost_second_factor() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let peer = api.user(&admin, "peer-user", "vdc-user", &vdc).await;
+    api.user(&admin, "lost-phone", "vdc-user", &vdc).await;
+    sqlx::query("UPDATE users SET totp_secret = 'JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP' WHERE name = 'lost-phone'")
+        .execute(api.state.store.pool())
+        .await
+        .unwrap();
+    assert_problem(&api.login("lost-phone", PW).await, 401, "totp-required");
+    let users = api.get("/api/v1/users?q=lost", &admin).await;
+    let user = &users.body["items"][0];
+    assert_eq!(user["totp_enabled"], true, "{user}");
+    let path = format!("/api/v1/users/{}", user["id"].as_str().unwrap());
+    let etag = format!("\"{}\"", user["revision"]);
+    let reset = |token: String| {
+        let (path, etag) = (path.clone(), etag.clone());
+        let api = &api;
+        async move {
+            api.call(
+                Method::PATCH,
+                &path,
+                Some(&token),
+                &[("if-match", &etag)],
+                Some(json!({"reset_totp": true})),
+            )
+            .await
+        }
+    };
+    assert_problem(&reset(peer).await, 403, "forbidden");
+    let r = reset(admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["totp_enabled"], false);
+    assert_eq!(api.login("lost-phone", PW).await.status, 200);
+}

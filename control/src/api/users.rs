@@ -30,6 +30,8 @@ pub struct User {
     pub vdc_id: Option<String>,
     /// Locked after too many failed logins.
     pub locked: bool,
+    /// Whether login needs a TOTP code too.
+    pub totp_enabled: bool,
     pub revision: i64,
     pub created_at: i64,
     pub updated_at: i64,
@@ -56,6 +58,9 @@ pub struct UserUpdate {
     pub role_id: Option<String>,
     /// Clears a login lockout.
     pub unlock: Option<bool>,
+    /// Turns the user's TOTP second factor off (a lost authenticator); the
+    /// user can set up a new one after logging in with the password.
+    pub reset_totp: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -79,8 +84,8 @@ pub struct UserPage {
     pub next_cursor: Option<String>,
 }
 
-const COLUMNS: &str =
-    "id, name, role, role_id, vdc_id, locked_until, revision, created_at, updated_at";
+const COLUMNS: &str = "id, name, role, role_id, vdc_id, locked_until, totp_secret, revision, \
+                       created_at, updated_at";
 
 fn to_user(row: &crate::store::DbRow) -> Result<User, ApiError> {
     let role: String = row.try_get("role")?;
@@ -92,6 +97,7 @@ fn to_user(row: &crate::store::DbRow) -> Result<User, ApiError> {
         role_id: row.try_get("role_id")?,
         vdc_id: row.try_get("vdc_id")?,
         locked: locked_until > now_ms(),
+        totp_enabled: row.try_get::<Option<String>, _>("totp_secret")?.is_some(),
         revision: row.try_get("revision")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -334,6 +340,9 @@ async fn update_user(
     }
     if body.unlock == Some(true) {
         sql.push_str(", failed_logins = 0, locked_until = 0");
+    }
+    if body.reset_totp == Some(true) {
+        sql.push_str(", totp_secret = NULL, totp_pending = NULL, totp_last_step = 0");
     }
     sql.push_str(&format!(
         " WHERE id = ? AND revision = ? RETURNING {COLUMNS}"
