@@ -80,6 +80,8 @@ pub enum Family {
     Audit,
     /// Custom role definitions (system admins only).
     Role,
+    /// API access rules by client address (system admins only).
+    Access,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -107,6 +109,7 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::Event, &[Read]),
     (Role::SystemAdmin, Family::Audit, &[Read]),
     (Role::SystemAdmin, Family::Role, ALL),
+    (Role::SystemAdmin, Family::Access, ALL),
     (Role::VdcAdmin, Family::Vdc, &[Read]),
     (Role::VdcAdmin, Family::User, ALL),
     (Role::VdcAdmin, Family::Token, ALL),

@@ -113,7 +113,27 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<Value>,
     ) -> Reply {
+        self.call_from(None, method, path, token, headers, body)
+            .await
+    }
+
+    /// As [`Api::call`], from the client address `from` (as the server's
+    /// connection info gives it).
+    async fn call_from(
+        &self,
+        from: Option<&str>,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
         let mut req = Request::builder().method(method).uri(path);
+        if let Some(ip) = from {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let addr = std::net::SocketAddr::new(ip, 40000);
+            req = req.extension(axum::extract::ConnectInfo(addr));
+        }
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -2413,4 +2433,125 @@ async fn admins_reset_a_lost_second_factor() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["totp_enabled"], false);
     assert_eq!(api.login("lost-phone", PW).await.status, 200);
+}
+
+#[tokio::test]
+async fn access_rules_admit_by_client_address_and_never_lock_out_their_author() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let tenant = api.user(&admin, "tenant-admin", "vdc-admin", &vdc).await;
+    let from = |ip: &'static str, method: Method, path: &str, body: Option<Value>| {
+        let admin = admin.clone();
+        let path = path.to_owned();
+        let api = &api;
+        async move {
+            api.call_from(Some(ip), method, &path, Some(&admin), &[], body)
+                .await
+        }
+    };
+    let rule = |name: &str, cidr: &str, action: &str| json!({"name": name, "cidr": cidr, "action": action});
+    for (cidr, why) in [
+        ("10.0.0.1/8", "host bits"),
+        ("10.0.0.0/33", "not an address"),
+    ] {
+        let r = from(
+            "10.1.1.1",
+            Method::POST,
+            "/api/v1/access-rules",
+            Some(rule("bad", cidr, "allow")),
+        )
+        .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(why),
+            "{}",
+            r.body
+        );
+    }
+    // An allow list that leaves out its author is refused.
+    let r = from(
+        "192.0.2.9",
+        Method::POST,
+        "/api/v1/access-rules",
+        Some(rule("lan", "10.0.0.0/8", "allow")),
+    )
+    .await;
+    assert_problem(&r, 409, "conflict");
+    let r = from(
+        "10.1.1.1",
+        Method::POST,
+        "/api/v1/access-rules",
+        Some(rule("lan", "10.0.0.0/8", "allow")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Outside the allow list: refused before authentication, login included.
+    let r = from("192.0.2.9", Method::GET, "/api/v1/vdcs", None).await;
+    assert_problem(&r, 403, "address-denied");
+    let r = api
+        .call_from(
+            Some("192.0.2.9"),
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            &[],
+            Some(json!({"username": "admin", "password": ADMIN_PW})),
+        )
+        .await;
+    assert_problem(&r, 403, "address-denied");
+    assert_eq!(
+        from("10.9.9.9", Method::GET, "/api/v1/vdcs", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from("::ffff:10.9.9.9", Method::GET, "/api/v1/vdcs", None)
+            .await
+            .status,
+        200
+    );
+    // Deny wins over allow; denying the author's own address is refused.
+    let r = from(
+        "10.1.1.1",
+        Method::POST,
+        "/api/v1/access-rules",
+        Some(rule("lab", "10.2.0.0/16", "deny")),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_problem(
+        &from("10.2.3.4", Method::GET, "/api/v1/vdcs", None).await,
+        403,
+        "address-denied",
+    );
+    let r = from(
+        "10.1.1.1",
+        Method::POST,
+        "/api/v1/access-rules",
+        Some(rule("me", "10.1.1.1", "deny")),
+    )
+    .await;
+    assert_problem(&r, 409, "conflict");
+    assert_eq!(api.count("resources WHERE kind = 'access_rule'").await, 2);
+    // Health checks are not API requests.
+    assert_eq!(
+        api.call_from(Some("192.0.2.9"), Method::GET, "/healthz", None, &[], None)
+            .await
+            .status,
+        200
+    );
+    // Only system admins manage the rules.
+    let r = api
+        .call_from(
+            Some("10.1.1.1"),
+            Method::GET,
+            "/api/v1/access-rules",
+            Some(&tenant),
+            &[],
+            None,
+        )
+        .await;
+    assert_problem(&r, 403, "forbidden");
 }

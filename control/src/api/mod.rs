@@ -6,6 +6,7 @@
 //! a resource is one module plus one `.merge()`/`.nest()` line below.
 //! Handlers only read and write the store; they never call a data plane.
 
+pub mod access_rules;
 pub mod audit;
 pub mod auth;
 pub mod backups;
@@ -131,6 +132,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vdcs::router())
                 .merge(users::router())
                 .merge(roles::router())
+                .merge(access_rules::router())
                 .merge(networks::router())
                 .merge(security_groups::router())
                 .merge(ports::router())
@@ -242,6 +244,11 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::identify,
+        ))
+        // Before authentication: a shut-out address learns nothing.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            access_rules::enforce,
         ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -105,6 +105,8 @@ pub enum ApiError {
     TotpRequired,
     #[error("Not allowed for this role")]
     Forbidden,
+    #[error("The API does not accept requests from this address")]
+    AddressDenied(String),
     #[error("Resource not found")]
     NotFound,
     #[error("Conflicts with existing state")]
@@ -155,6 +157,7 @@ impl ApiError {
             ApiError::AccountLocked => (S::TOO_MANY_REQUESTS, "account-locked"),
             ApiError::TotpRequired => (S::UNAUTHORIZED, "totp-required"),
             ApiError::Forbidden => (S::FORBIDDEN, "forbidden"),
+            ApiError::AddressDenied(_) => (S::FORBIDDEN, "address-denied"),
             ApiError::NotFound => (S::NOT_FOUND, "not-found"),
             ApiError::Conflict(_) => (S::CONFLICT, "conflict"),
             ApiError::QuotaExceeded { .. } => (S::CONFLICT, "quota-exceeded"),
@@ -167,6 +170,10 @@ impl ApiError {
 
     fn detail_and_field(&self) -> (Option<String>, Option<String>) {
         match self {
+            ApiError::AddressDenied(ip) => (
+                Some(format!("{ip} is not admitted by the access rules")),
+                None,
+            ),
             ApiError::BadJson(m) | ApiError::InvalidQuery(m) | ApiError::Conflict(m) => {
                 (Some(m.clone()), None)
             }
