@@ -226,6 +226,7 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         })
         .and_then(|mut results| {
             results.push(super::control_fanout::measurement(scale)?);
+            results.push(super::control_rss::measurement(scale)?);
             Ok(results)
         })
 }

@@ -4,6 +4,7 @@ pub mod backup;
 pub mod cdp;
 pub mod control;
 mod control_fanout;
+mod control_rss;
 pub mod dataplane;
 pub mod image;
 pub mod lb;
