@@ -2555,3 +2555,39 @@ async fn access_rules_admit_by_client_address_and_never_lock_out_their_author() 
         .await;
     assert_problem(&r, 403, "forbidden");
 }
+
+#[tokio::test]
+async fn docs_page_renders_every_operation_and_schema() {
+    let api = Api::new().await;
+    let response = api
+        .app
+        .clone()
+        .oneshot(Request::get("/api/v1/docs").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8(bytes.to_vec()).unwrap();
+    let spec = super::openapi();
+    let spec = serde_json::to_value(&spec).unwrap();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let heading = format!(
+                "<span class=m>{}</span> {}</h3>",
+                method.to_uppercase(),
+                path.replace('&', "&amp;")
+            );
+            assert!(page.contains(&heading), "{heading} missing");
+        }
+    }
+    for schema in spec["components"]["schemas"].as_object().unwrap().keys() {
+        assert!(
+            page.contains(&format!("id=\"schema-{schema}\"")),
+            "{schema}"
+        );
+    }
+}

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod auth;
 pub mod backups;
 pub mod console;
+pub mod docs;
 pub mod events;
 pub mod extract;
 pub mod health;
@@ -227,11 +228,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole API as one router, with its limits and tracing as layers.
 pub fn app(state: AppState) -> Router {
     let (router, spec) = parts();
+    let page = serde_json::to_value(&spec)
+        .map(|v| docs::render(&v))
+        .unwrap_or_default();
+    let page = Arc::new(page);
     let spec = Arc::new(spec);
     router
         .route(
             "/api/v1/openapi.json",
             get(move || async move { Json(spec.as_ref().clone()) }),
+        )
+        .route(
+            "/api/v1/docs",
+            get(move || async move { axum::response::Html(page.as_ref().clone()) }),
         )
         // Innermost to outermost; the problem rewrite wraps every layer that
         // can answer on its own, so their bare errors get a problem body too.
