@@ -351,11 +351,19 @@ impl Agent {
         match task.action.as_str() {
             "create" => {
                 let mut spec: VolumeSpec = record.spec()?;
-                let made = match task.params["from_backup"].as_str() {
-                    Some(backup) => self
+                let made = match (
+                    task.params["from_backup"].as_str(),
+                    task.params["copy_of"].as_str(),
+                ) {
+                    (Some(backup), _) => self
                         .volume_from_backup(task, &record, backup)
                         .map(|size| spec.size_bytes = size),
-                    None => self.provision(task, &record.meta.id, &mut spec),
+                    (None, Some(source)) => provision::copy_file(
+                        &volumes::volume_path(&self.config.state_dir, source),
+                        &volumes::volume_path(&self.config.state_dir, &record.meta.id),
+                    )
+                    .map_err(StepError::from),
+                    (None, None) => self.provision(task, &record.meta.id, &mut spec),
                 };
                 match made {
                     Ok(()) => {

@@ -253,3 +253,97 @@ fn event_feed_over_websocket_replays_then_pushes_live_changes() {
         other => panic!("anonymous watch: {:?}", other.map(|_| ())),
     }
 }
+
+/// Polls a task until it finishes; the limit is a hang guard only.
+fn wait_task(keel: &KeelProcess, token: &str, task: &Value) -> Value {
+    let url = keel.url(&format!("/api/v1/tasks/{}", task["id"].as_str().unwrap()));
+    let started = std::time::Instant::now();
+    loop {
+        let (_, t) = send("GET", &url, Some(token), None);
+        match t["state"].as_str().unwrap() {
+            "SUCCEEDED" => return t,
+            "FAILED" => panic!("task failed: {t}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "task stuck: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn volume_copy_carries_the_data_and_keeps_holes() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let state = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::up(state.path()).unwrap();
+    let token = login(&keel, &admin_password(state.path()));
+    let (_, vdc) = send(
+        "POST",
+        &keel.url("/api/v1/vdcs"),
+        Some(&token),
+        Some(json!({"name": "acme"})),
+    );
+    let (status, task) = send(
+        "POST",
+        &keel.url("/api/v1/volumes"),
+        Some(&token),
+        Some(json!({"name": "src", "vdc_id": vdc["id"], "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{task}");
+    wait_task(&keel, &token, &task);
+    let source = task["resource_id"].as_str().unwrap().to_owned();
+    let file = |id: &str| state.path().join("volumes").join(format!("{id}.raw"));
+    let marker = b"KEEL-COPY-MARKER";
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file(&source))
+            .unwrap();
+        f.seek(SeekFrom::Start(512 << 20)).unwrap();
+        f.write_all(marker).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    let copy_url = keel.url(&format!("/api/v1/volumes/{source}/actions/copy"));
+    let (status, body) = send("POST", &copy_url, Some(&token), Some(json!({"name": ""})));
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = send(
+        "POST",
+        &keel.url("/api/v1/volumes/nope/actions/copy"),
+        Some(&token),
+        Some(json!({"name": "x"})),
+    );
+    assert_eq!(status, 404, "{body}");
+    let (status, task) = send(
+        "POST",
+        &copy_url,
+        Some(&token),
+        Some(json!({"name": "dup"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    wait_task(&keel, &token, &task);
+    let copy = task["resource_id"].as_str().unwrap();
+    let (_, volume) = send(
+        "GET",
+        &keel.url(&format!("/api/v1/volumes/{copy}")),
+        Some(&token),
+        None,
+    );
+    assert_eq!(volume["status"], "AVAILABLE", "{volume}");
+    assert_eq!(volume["size_bytes"], 1u64 << 30);
+    let mut f = std::fs::File::open(file(copy)).unwrap();
+    let mut got = [0u8; 16];
+    f.seek(SeekFrom::Start(512 << 20)).unwrap();
+    f.read_exact(&mut got).unwrap();
+    assert_eq!(&got, marker);
+    let meta = f.metadata().unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(
+        meta.blocks() * 512 < 16 << 20,
+        "holes kept: {} blocks",
+        meta.blocks()
+    );
+}

@@ -138,6 +138,119 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(create_volume, list_volumes))
         .routes(routes!(get_volume, delete_volume))
         .routes(routes!(resize_volume))
+        .routes(routes!(copy_volume))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCopy {
+    /// Name of the new volume.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[utoipa::path(post, path = "/volumes/{id}/actions/copy", tag = "compute", request_body = VolumeCopy,
+    params(("id" = String, Path)),
+    responses(
+        (status = 202, description = "A new volume, CREATING; the task (Location) copies the source's data into it, keeping holes", body = Task),
+        (status = 409, description = "The source is not AVAILABLE (or IN_USE by a STOPPED VM), a task runs on it or its VM, or the VDC quota is full", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn copy_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<VolumeCopy>,
+) -> Result<Response, ApiError> {
+    principal.require(Family::Compute, Action::Create)?;
+    check_name("name", &body.name)?;
+    check_description(&body.description)?;
+    let mut tx = state.store.begin_write().await?;
+    let source = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Read,
+        KIND,
+        &id,
+    )
+    .await?;
+    let spec: VolumeSpec = source.spec()?;
+    let vm_id = quiet_source(&mut tx, &source, &spec).await?;
+    for resource in std::iter::once(&id).chain(vm_id.as_ref()) {
+        if let Some(task) = tasks::pending_for(&mut tx, resource).await? {
+            return Err(ApiError::Conflict(format!(
+                "task {} ({}) is still {} on {resource}",
+                task.id, task.action, task.state
+            )));
+        }
+    }
+    let vdc_id = source
+        .meta
+        .vdc_id
+        .clone()
+        .ok_or_else(|| ApiError::Internal(format!("volume {id} has no VDC")))?;
+    let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    check_volume_quota(&mut tx, &vdc, spec.size_bytes).await?;
+    let copy = VolumeSpec {
+        size_bytes: spec.size_bytes,
+        image_id: spec.image_id.clone(),
+        provisioning: spec.provisioning.clone(),
+        attached_to: None,
+        description: body.description,
+        status_reason: String::new(),
+    };
+    let record = records::insert(
+        &mut tx,
+        NewRecord {
+            kind: KIND,
+            vdc_id: Some(&vdc_id),
+            parent_id: None,
+            name: &body.name,
+            spec: to_json(&copy)?,
+            status: CREATING,
+        },
+    )
+    .await?;
+    let task = tasks::enqueue(
+        &mut tx,
+        Some(&vdc_id),
+        KIND,
+        &record.meta.id,
+        "create",
+        serde_json::json!({ "copy_of": id }),
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+/// A volume whose data holds still: AVAILABLE, or IN_USE by a STOPPED VM
+/// (returned, so its tasks can be checked too).
+async fn quiet_source(
+    conn: &mut crate::store::DbConnection,
+    volume: &Record,
+    spec: &VolumeSpec,
+) -> Result<Option<String>, ApiError> {
+    match (volume.meta.status.as_str(), &spec.attached_to) {
+        (AVAILABLE, None) => Ok(None),
+        (IN_USE, Some(vm_id)) => {
+            let vm = records::get(conn, super::vms::KIND, vm_id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            if vm.meta.status != super::vms::STOPPED {
+                return Err(ApiError::Conflict(format!(
+                    "the volume is used by VM {vm_id}, which is {}; stop it first",
+                    vm.meta.status
+                )));
+            }
+            Ok(Some(vm_id.clone()))
+        }
+        (status, _) => Err(ApiError::Conflict(format!(
+            "the volume is {status}; it can be copied when AVAILABLE, or IN_USE by a STOPPED VM"
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
