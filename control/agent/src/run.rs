@@ -29,6 +29,7 @@ mod backups;
 mod disk_attach;
 mod protection;
 mod replicas;
+mod volume_gc;
 
 /// How the agent reaches the host.
 #[derive(Debug, Clone)]
@@ -174,6 +175,7 @@ impl Agent {
             .spawn(beat(self.store.clone(), self.host_id.clone()));
         tracing::info!(uri = %self.config.libvirt_uri, accel = ?self.config.accel, "host agent running");
         let mut last_observe = Instant::now() - OBSERVE_EVERY;
+        let mut last_gc = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let worked = match self.next_task() {
                 Ok(worked) => worked,
@@ -195,6 +197,9 @@ impl Agent {
                 }
                 if let Err(e) = self.reconcile_replicas() {
                     tracing::warn!(error = %e, "reconciling replica groups failed");
+                }
+                if let Err(e) = self.gc_volume_files(&mut last_gc) {
+                    tracing::warn!(error = %e, "collecting deleted volumes' files failed");
                 }
             }
             if !worked {

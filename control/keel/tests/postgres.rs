@@ -353,6 +353,31 @@ fn host_and_api_node_share_one_postgresql_database() {
     assert!(!walk(node_dir.path())
         .iter()
         .any(|p| p.to_string_lossy().contains(volume_id)));
+    // Deleted through the API node: the host's agent removes the file.
+    let (status, kept) = b.send(
+        "POST",
+        "/api/v1/volumes",
+        &[],
+        Some(json!({"name": "to-delete", "vdc_id": vdc_id, "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{kept}");
+    b.wait_task(&kept);
+    let doomed = kept["resource_id"].as_str().unwrap().to_owned();
+    let read = b.ok("GET", &format!("/api/v1/volumes/{doomed}"), None);
+    let etag = format!("\"{}\"", read["revision"]);
+    let (status, body) = b.send(
+        "DELETE",
+        &format!("/api/v1/volumes/{doomed}"),
+        &[("If-Match", &etag)],
+        None,
+    );
+    assert_eq!(status, 204, "{body}");
+    eventually("the deleted volume's file gone from the host", || {
+        let left = walk(host_dir.path())
+            .iter()
+            .any(|p| p.to_string_lossy().contains(&doomed));
+        (!left).then_some(())
+    });
 
     // Runs are per node: restarting the host neither reports nor closes the
     // API node's run.
