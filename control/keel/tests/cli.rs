@@ -108,6 +108,50 @@ fn operator_cli_logs_in_creates_waits_lists_and_deletes() {
     assert_eq!(shown["size_bytes"], 2u64 << 30);
     let listed = json(config, &["list", "volumes", "q=dat"]);
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    let task = json(
+        config,
+        &[
+            "action",
+            "volumes",
+            volume,
+            "copy",
+            "name=data-copy",
+            "--wait",
+        ],
+    );
+    assert_eq!(task["state"], "SUCCEEDED", "{task}");
+
+    // Identity resources: users by name, custom roles, access rules.
+    let users = ok(config, &["list", "users"]);
+    assert!(
+        users.contains("admin") && users.contains("system-admin"),
+        "{users}"
+    );
+    let role = json(
+        config,
+        &[
+            "create",
+            "role",
+            "name=net-reader",
+            r#"permissions=[{"family":"network","actions":["read"]}]"#,
+        ],
+    );
+    assert_eq!(role["permissions"][0]["family"], "network", "{role}");
+    json(
+        config,
+        &[
+            "create",
+            "access-rule",
+            "name=loopback",
+            "cidr=127.0.0.0/8",
+            "action=allow",
+        ],
+    );
+    let rules = ok(config, &["list", "access-rules"]);
+    assert!(
+        rules.contains("127.0.0.0/8") && rules.contains("allow"),
+        "{rules}"
+    );
 
     // Bad input: the API's problem, with the field, on stderr; exit code 1.
     let out = keel(

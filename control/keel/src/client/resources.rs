@@ -22,12 +22,30 @@ pub const ALL: &[Kind] = &[
     Kind {
         name: "users",
         path: "/api/v1/users",
-        columns: &["id", "username", "role", "vdc_id"],
+        columns: &["id", "name", "role", "role_id", "vdc_id", "totp_enabled"],
+    },
+    Kind {
+        name: "roles",
+        path: "/api/v1/roles",
+        columns: &["id", "name", "description"],
+    },
+    Kind {
+        name: "access-rules",
+        path: "/api/v1/access-rules",
+        columns: &["id", "name", "cidr", "action"],
     },
     Kind {
         name: "hosts",
         path: "/api/v1/hosts",
-        columns: &["id", "name", "status", "cpu_arch", "cores", "memory_bytes"],
+        columns: &[
+            "id",
+            "name",
+            "status",
+            "responding",
+            "cpu_arch",
+            "cores",
+            "memory_bytes",
+        ],
     },
     Kind {
         name: "images",
@@ -96,6 +114,7 @@ pub const ALL: &[Kind] = &[
             "action",
             "state",
             "progress",
+            "host_id",
             "message",
         ],
     },
