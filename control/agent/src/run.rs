@@ -198,6 +198,9 @@ impl Agent {
                 if let Err(e) = self.reconcile_replicas() {
                     tracing::warn!(error = %e, "reconciling replica groups failed");
                 }
+                if let Err(e) = self.run_backup_policies() {
+                    tracing::warn!(error = %e, "running backup policies failed");
+                }
                 if let Err(e) = self.gc_volume_files(&mut last_gc) {
                     tracing::warn!(error = %e, "collecting deleted volumes' files failed");
                 }

@@ -347,3 +347,74 @@ fn volume_copy_carries_the_data_and_keeps_holes() {
         meta.blocks()
     );
 }
+
+#[test]
+fn backup_policy_takes_its_first_backup_through_the_agent() {
+    let state = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::up(state.path()).unwrap();
+    let token = login(&keel, &admin_password(state.path()));
+    let (_, vdc) = send(
+        "POST",
+        &keel.url("/api/v1/vdcs"),
+        Some(&token),
+        Some(json!({"name": "acme"})),
+    );
+    let (_, task) = send(
+        "POST",
+        &keel.url("/api/v1/volumes"),
+        Some(&token),
+        Some(json!({"name": "data", "vdc_id": vdc["id"], "size_gib": 1})),
+    );
+    wait_task(&keel, &token, &task);
+    let volume = task["resource_id"].as_str().unwrap();
+    let (status, policy) = send(
+        "POST",
+        &keel.url("/api/v1/backup-policies"),
+        Some(&token),
+        Some(
+            json!({"name": "hourly", "vdc_id": vdc["id"], "volume_ids": [volume],
+                    "interval_seconds": 3600, "retention": 24}),
+        ),
+    );
+    assert_eq!(status, 201, "{policy}");
+    // Hang guard only: the agent runs a due policy within its loop.
+    let started = std::time::Instant::now();
+    let backup = loop {
+        let (_, page) = send(
+            "GET",
+            &keel.url(&format!("/api/v1/backups?parent_id={volume}")),
+            Some(&token),
+            None,
+        );
+        let done = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["status"] == "AVAILABLE")
+            .cloned();
+        if let Some(b) = done {
+            break b;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{page}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(backup["policy_id"], policy["id"], "{backup}");
+    assert_eq!(
+        backup["kind"], "full",
+        "the first backup of a volume is full"
+    );
+    let (_, p) = send(
+        "GET",
+        &keel.url(&format!(
+            "/api/v1/backup-policies/{}",
+            policy["id"].as_str().unwrap()
+        )),
+        Some(&token),
+        None,
+    );
+    assert!(
+        p["last_result"].as_str().unwrap().contains("backup queued"),
+        "{p}"
+    );
+    assert!(p["next_run_at"].as_i64().unwrap() > p["last_run_at"].as_i64().unwrap());
+}

@@ -55,6 +55,9 @@ pub struct BackupSpec {
     pub bytes_stored: u64,
     #[serde(default)]
     pub status_reason: String,
+    /// The backup policy that took it (its retention applies), if any.
+    #[serde(default)]
+    pub policy_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -178,36 +181,96 @@ async fn create_backup(
         &id,
     )
     .await?;
-    quiet_volume(&mut tx, &volume).await?;
-    let backup = records::insert(
+    let task = start_backup(
         &mut tx,
+        &volume,
+        NewBackup {
+            name: &body.name,
+            incremental: body.incremental,
+            description: body.description,
+            policy_id: None,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+pub struct NewBackup<'a> {
+    pub name: &'a str,
+    pub incremental: bool,
+    pub description: String,
+    pub policy_id: Option<String>,
+}
+
+/// Stores a CREATING backup of a quiet `volume` and queues the task that
+/// takes it (for `POST /volumes/{id}/backups` and backup policies).
+pub async fn start_backup(
+    conn: &mut crate::store::DbConnection,
+    volume: &Record,
+    new: NewBackup<'_>,
+) -> Result<Task, ApiError> {
+    quiet_volume(conn, volume).await?;
+    let id = &volume.meta.id;
+    let backup = records::insert(
+        conn,
         NewRecord {
             kind: KIND,
             vdc_id: volume.meta.vdc_id.as_deref(),
-            parent_id: Some(&id),
-            name: &body.name,
+            parent_id: Some(id),
+            name: new.name,
             spec: to_json(&BackupSpec {
                 volume_id: id.clone(),
-                incremental: body.incremental,
-                description: body.description,
+                incremental: new.incremental,
+                description: new.description,
+                policy_id: new.policy_id,
                 ..BackupSpec::default()
             })?,
             status: CREATING,
         },
     )
     .await?;
-    let task = tasks::enqueue(
-        &mut tx,
+    tasks::enqueue(
+        conn,
         volume.meta.vdc_id.as_deref(),
         volumes::KIND,
-        &id,
+        id,
         "backup",
-        serde_json::json!({ "backup_id": backup.meta.id, "incremental": body.incremental }),
+        serde_json::json!({ "backup_id": backup.meta.id, "incremental": new.incremental }),
     )
-    .await?;
-    tx.commit().await?;
-    state.changes.notify_waiters();
-    Ok(tasks::accepted(&task))
+    .await
+}
+
+/// Marks an AVAILABLE or ERROR backup DELETING and queues the task that
+/// removes its point (for `DELETE /backups/{id}` and policy retention).
+pub async fn start_delete(
+    conn: &mut crate::store::DbConnection,
+    record: &Record,
+) -> Result<Task, ApiError> {
+    if record.meta.status == CREATING || record.meta.status == DELETING {
+        return Err(ApiError::Conflict(format!(
+            "the backup is {}",
+            record.meta.status
+        )));
+    }
+    let id = &record.meta.id;
+    if let Some(task) = tasks::pending_for(conn, id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this backup",
+            task.id, task.action, task.state
+        )));
+    }
+    records::observe(conn, KIND, id, DELETING, None).await?;
+    tasks::enqueue(
+        conn,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        id,
+        "delete",
+        serde_json::json!({}),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/backups", tag = "compute", params(ListQuery),
@@ -249,28 +312,7 @@ async fn delete_backup(
 ) -> Result<Response, ApiError> {
     let (mut tx, record) =
         begin_change::<Backup>(&state, &principal, Action::Delete, &id, &headers).await?;
-    if record.meta.status == CREATING || record.meta.status == DELETING {
-        return Err(ApiError::Conflict(format!(
-            "the backup is {}",
-            record.meta.status
-        )));
-    }
-    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this backup",
-            task.id, task.action, task.state
-        )));
-    }
-    records::observe(&mut tx, KIND, &id, DELETING, None).await?;
-    let task = tasks::enqueue(
-        &mut tx,
-        record.meta.vdc_id.as_deref(),
-        KIND,
-        &id,
-        "delete",
-        serde_json::json!({}),
-    )
-    .await?;
+    let task = start_delete(&mut tx, &record).await?;
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))

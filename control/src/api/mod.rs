@@ -9,6 +9,7 @@
 pub mod access_rules;
 pub mod audit;
 pub mod auth;
+pub mod backup_policies;
 pub mod backups;
 pub mod console;
 pub mod docs;
@@ -146,6 +147,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(vm_volumes::router())
                 .merge(loadbalancers::router())
                 .merge(backups::router())
+                .merge(backup_policies::router())
                 .merge(protection_groups::router())
                 .merge(replica_groups::router())
                 .merge(console::router())

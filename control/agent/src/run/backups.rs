@@ -157,4 +157,25 @@ impl Agent {
             other => Err(StepError::Invalid(format!("unknown backup action {other}"))),
         }
     }
+
+    /// Runs the backup policies that are due (see
+    /// `keel_control::api::backup_policies`).
+    pub(super) fn run_backup_policies(&mut self) -> Result<(), StepError> {
+        use keel_control::api::backup_policies;
+        self.block_on(async {
+            let now = keel_control::api::records::now_ms();
+            let mut conn = self.store.pool().acquire().await?;
+            if !backup_policies::any_due(&mut conn, now).await? {
+                return Ok(());
+            }
+            drop(conn);
+            let mut tx = self.store.begin_write().await?;
+            let rounds = backup_policies::run_due(&mut tx, now).await?;
+            tx.commit().await?;
+            if rounds > 0 {
+                tracing::info!(rounds, "backup policy rounds queued");
+            }
+            Ok::<_, StepError>(())
+        })
+    }
 }
