@@ -116,47 +116,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(restore_backup))
 }
 
-/// Refuses work on a volume that a running VM may write, or that has a
-/// task (or its VM has one) still to run.
-async fn quiet_volume(
-    conn: &mut crate::store::DbConnection,
-    volume: &Record,
-) -> Result<(), ApiError> {
-    let spec: VolumeSpec = volume.spec()?;
-    let mut busy = vec![volume.meta.id.clone()];
-    match volume.meta.status.as_str() {
-        volumes::AVAILABLE => {}
-        volumes::IN_USE => {
-            if let Some(vm_id) = &spec.attached_to {
-                let vm = records::get(conn, super::vms::KIND, vm_id)
-                    .await?
-                    .ok_or(ApiError::NotFound)?;
-                if vm.meta.status != super::vms::STOPPED {
-                    return Err(ApiError::Conflict(format!(
-                        "the volume is used by VM {vm_id}, which is {}; stop it first (backups of running VMs are not point-in-time yet)",
-                        vm.meta.status
-                    )));
-                }
-                busy.push(vm_id.clone());
-            }
-        }
-        other => {
-            return Err(ApiError::Conflict(format!(
-            "the volume is {other}; it can be backed up when AVAILABLE, or IN_USE by a STOPPED VM"
-        )))
-        }
-    }
-    for resource in &busy {
-        if let Some(task) = tasks::pending_for(conn, resource).await? {
-            return Err(ApiError::Conflict(format!(
-                "task {} ({}) is still {} on {resource}",
-                task.id, task.action, task.state
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[utoipa::path(post, path = "/volumes/{id}/backups", tag = "compute", request_body = BackupCreate,
     params(("id" = String, Path)),
     responses(
@@ -211,7 +170,7 @@ pub async fn start_backup(
     volume: &Record,
     new: NewBackup<'_>,
 ) -> Result<Task, ApiError> {
-    quiet_volume(conn, volume).await?;
+    volumes::require_quiet(conn, volume, "backed up").await?;
     let id = &volume.meta.id;
     let backup = records::insert(
         conn,

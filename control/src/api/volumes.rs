@@ -176,15 +176,7 @@ async fn copy_volume(
     )
     .await?;
     let spec: VolumeSpec = source.spec()?;
-    let vm_id = quiet_source(&mut tx, &source, &spec).await?;
-    for resource in std::iter::once(&id).chain(vm_id.as_ref()) {
-        if let Some(task) = tasks::pending_for(&mut tx, resource).await? {
-            return Err(ApiError::Conflict(format!(
-                "task {} ({}) is still {} on {resource}",
-                task.id, task.action, task.state
-            )));
-        }
-    }
+    require_quiet(&mut tx, &source, "copied").await?;
     let vdc_id = source
         .meta
         .vdc_id
@@ -226,31 +218,46 @@ async fn copy_volume(
     Ok(tasks::accepted(&task))
 }
 
-/// A volume whose data holds still: AVAILABLE, or IN_USE by a STOPPED VM
-/// (returned, so its tasks can be checked too).
-async fn quiet_source(
+/// Refuses work on a volume whose data may still change: it must be
+/// AVAILABLE, or IN_USE by a STOPPED VM, with no task to run on it or its
+/// VM. `what` says what the work would do to it ("copied", "grown", ...).
+pub async fn require_quiet(
     conn: &mut crate::store::DbConnection,
     volume: &Record,
-    spec: &VolumeSpec,
-) -> Result<Option<String>, ApiError> {
+    what: &str,
+) -> Result<(), ApiError> {
+    let spec: VolumeSpec = volume.spec()?;
+    let mut busy = vec![volume.meta.id.clone()];
     match (volume.meta.status.as_str(), &spec.attached_to) {
-        (AVAILABLE, None) => Ok(None),
+        (AVAILABLE, _) => {}
         (IN_USE, Some(vm_id)) => {
             let vm = records::get(conn, super::vms::KIND, vm_id)
                 .await?
                 .ok_or(ApiError::NotFound)?;
             if vm.meta.status != super::vms::STOPPED {
                 return Err(ApiError::Conflict(format!(
-                    "the volume is used by VM {vm_id}, which is {}; stop it first",
+                    "the volume is used by VM {vm_id}, which is {}; stop it first \
+                     (a running VM's disk is not {what} yet)",
                     vm.meta.status
                 )));
             }
-            Ok(Some(vm_id.clone()))
+            busy.push(vm_id.clone());
         }
-        (status, _) => Err(ApiError::Conflict(format!(
-            "the volume is {status}; it can be copied when AVAILABLE, or IN_USE by a STOPPED VM"
-        ))),
+        (status, _) => {
+            return Err(ApiError::Conflict(format!(
+                "the volume is {status}; it can be {what} when AVAILABLE, or IN_USE by a STOPPED VM"
+            )))
+        }
     }
+    for resource in &busy {
+        if let Some(task) = tasks::pending_for(conn, resource).await? {
+            return Err(ApiError::Conflict(format!(
+                "task {} ({}) is still {} on {resource}",
+                task.id, task.action, task.state
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -299,33 +306,7 @@ async fn resize_volume(
             ),
         ));
     }
-    if record.meta.status != AVAILABLE && record.meta.status != IN_USE {
-        return Err(ApiError::Conflict(format!(
-            "the volume is {}; it can grow when AVAILABLE, or IN_USE by a STOPPED VM",
-            record.meta.status
-        )));
-    }
-    let mut busy = vec![id.clone()];
-    if let Some(vm_id) = &spec.attached_to {
-        let vm = records::get(&mut tx, super::vms::KIND, vm_id)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-        if vm.meta.status != super::vms::STOPPED {
-            return Err(ApiError::Conflict(format!(
-                "the volume is used by VM {vm_id}, which is {}; stop it first",
-                vm.meta.status
-            )));
-        }
-        busy.push(vm_id.to_string());
-    }
-    for resource in &busy {
-        if let Some(task) = tasks::pending_for(&mut tx, resource).await? {
-            return Err(ApiError::Conflict(format!(
-                "task {} ({}) is still {} on {resource}",
-                task.id, task.action, task.state
-            )));
-        }
-    }
+    require_quiet(&mut tx, &record, "grown").await?;
     let task = tasks::enqueue(
         &mut tx,
         record.meta.vdc_id.as_deref(),
