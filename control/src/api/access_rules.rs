@@ -133,9 +133,18 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 async fn rules(conn: &mut DbConnection) -> Result<Vec<(IpNet, Verdict)>, ApiError> {
+    rules_except(conn, "").await
+}
+
+/// Every stored rule but `id` (the one being changed).
+async fn rules_except(
+    conn: &mut DbConnection,
+    id: &str,
+) -> Result<Vec<(IpNet, Verdict)>, ApiError> {
     records::all(conn, KIND)
         .await?
         .iter()
+        .filter(|r| r.meta.id != id)
         .map(|r| {
             let spec: RuleSpec = r.spec()?;
             let net = spec
@@ -315,13 +324,7 @@ async fn update_rule(
     if let Some(action) = body.action {
         spec.action = action;
     }
-    let mut others = Vec::new();
-    for r in records::all(&mut tx, KIND).await? {
-        if r.meta.id != id {
-            let s: RuleSpec = r.spec()?;
-            others.push((parse_cidr(&s.cidr)?, s.action));
-        }
-    }
+    let mut others = rules_except(&mut tx, &id).await?;
     others.push((parse_cidr(&spec.cidr)?, spec.action));
     keep_caller_in(&others, caller.0)?;
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
@@ -344,13 +347,7 @@ async fn delete_rule(
 ) -> Result<StatusCode, ApiError> {
     let (mut tx, record) =
         begin_change::<AccessRule>(&state, &principal, Action::Delete, &id, &headers).await?;
-    let mut rest = Vec::new();
-    for r in records::all(&mut tx, KIND).await? {
-        if r.meta.id != id {
-            let s: RuleSpec = r.spec()?;
-            rest.push((parse_cidr(&s.cidr)?, s.action));
-        }
-    }
+    let rest = rules_except(&mut tx, &id).await?;
     keep_caller_in(&rest, caller.0)?;
     finish_delete::<AccessRule>(tx, &record).await
 }
