@@ -375,6 +375,7 @@ impl Agent {
                 };
                 match made {
                     Ok(()) => {
+                        spec.host_id = Some(self.host_id.clone());
                         let status = if spec.attached_to.is_some() {
                             volumes::IN_USE
                         } else {

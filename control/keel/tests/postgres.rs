@@ -495,7 +495,22 @@ fn host_and_api_node_share_one_postgresql_database() {
             .iter()
             .any(|p| p.to_string_lossy().contains(id));
         assert!(on_c, "made by the host that is up");
+        assert_eq!(
+            volume["host_id"], "host-c",
+            "the volume says where its file is"
+        );
     }
+    // A copy runs where the source's file is, even when another host could
+    // take the task first.
+    let source = accepted[0]["resource_id"].as_str().unwrap();
+    let (status, copy) = b.send(
+        "POST",
+        &format!("/api/v1/volumes/{source}/actions/copy"),
+        &[],
+        Some(json!({"name": "copied"})),
+    );
+    assert_eq!(status, 202, "{copy}");
+    assert_eq!(copy["host_id"], "host-c", "{copy}");
     eventually("the killed host reported not responding", || {
         let h = b.ok("GET", &format!("/api/v1/hosts/{first_host}"), None);
         (h["responding"] == false).then_some(())

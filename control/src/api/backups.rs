@@ -309,6 +309,11 @@ async fn restore_backup(
     }
     let spec: BackupSpec = backup.spec()?;
     let vdc_id = backup.meta.vdc_id.clone();
+    // Restored on the host holding the repository: its volume's host.
+    let host_id = match records::get(&mut tx, volumes::KIND, &spec.volume_id).await? {
+        Some(source) => source.spec::<VolumeSpec>()?.host_id,
+        None => None,
+    };
     if let Some(vdc) = &vdc_id {
         if let Some(vdc_record) = records::get(&mut tx, "vdc", vdc).await? {
             volumes::check_volume_quota(&mut tx, &vdc_record, spec.size_bytes).await?;
@@ -328,6 +333,7 @@ async fn restore_backup(
                 attached_to: None,
                 description: format!("restored from backup {id}"),
                 status_reason: String::new(),
+                host_id,
             })?,
             status: volumes::CREATING,
         },

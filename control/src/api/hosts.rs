@@ -198,13 +198,23 @@ pub async fn register(
     }
 }
 
-/// The first `ENABLED` host that fits a VM, or why none does.
+/// The first `ENABLED`, responding host that fits a VM, or why none does;
+/// only `pinned` when the VM's disks already live on a host.
 pub async fn place(
     conn: &mut DbConnection,
     cpu_arch: &str,
     memory_mib: u32,
+    pinned: Option<&str>,
 ) -> Result<Record, ApiError> {
-    let hosts = records::all(conn, KIND).await?;
+    let mut hosts = records::all(conn, KIND).await?;
+    if let Some(pin) = pinned {
+        hosts.retain(|h| h.meta.id == pin);
+        if hosts.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "the VM's volumes live on host {pin}, which is not registered"
+            )));
+        }
+    }
     if hosts.is_empty() {
         return Err(ApiError::Conflict(
             "no host is registered yet (is the host agent running?)".into(),

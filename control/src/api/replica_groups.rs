@@ -404,7 +404,7 @@ pub async fn failover_records(
     let mut volume_ids = vec![String::new(); order.iter().map(|vm| vm.disks.len()).sum()];
     let mut vm_ids = Vec::with_capacity(order.len());
     for vm in order {
-        let host = super::hosts::place(conn, &vm.cpu_arch, vm.memory_mib).await?;
+        let host = super::hosts::place(conn, &vm.cpu_arch, vm.memory_mib, None).await?;
         let vm_id = uuid::Uuid::new_v4().to_string();
         let mut disks = Vec::with_capacity(vm.disks.len());
         for d in &vm.disks {
@@ -425,6 +425,7 @@ pub async fn failover_records(
                             d.volume_id, group.meta.id
                         ),
                         status_reason: String::new(),
+                host_id: None,
                     })?,
                     status: volumes::IN_USE,
                 },

@@ -92,21 +92,23 @@ pub async fn enqueue(
 ) -> Result<Task, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
-    // A VM's work runs on its host; everything else on any host's agent.
-    let host_id: Option<String> = if resource_type == super::vms::KIND {
-        let backend = crate::store::backend_of(conn);
-        sqlx::query_scalar(&format!(
-            "SELECT {} FROM resources WHERE kind = $1 AND id = $2",
-            crate::store::json_text(backend, "spec", "host_id")
-        ))
-        .bind(resource_type)
-        .bind(resource_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .flatten()
-    } else {
-        None
-    };
+    // A VM's work runs on its host, a volume's where its file is;
+    // everything else (and a volume not made yet) on any host's agent.
+    let host_id: Option<String> =
+        if resource_type == super::vms::KIND || resource_type == super::volumes::KIND {
+            let backend = crate::store::backend_of(conn);
+            sqlx::query_scalar(&format!(
+                "SELECT {} FROM resources WHERE kind = $1 AND id = $2",
+                crate::store::json_text(backend, "spec", "host_id")
+            ))
+            .bind(resource_type)
+            .bind(resource_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten()
+        } else {
+            None
+        };
     let row = sqlx::query(&format!(
         "INSERT INTO tasks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, '', $8, $9, $10) \
          RETURNING {COLUMNS}"

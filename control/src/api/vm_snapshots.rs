@@ -303,7 +303,14 @@ async fn clone_vm(
     )
     .await?;
     let spec: VmSpec = vm.spec()?;
-    let host = hosts::place(&mut tx, &spec.cpu_arch, spec.memory_mib).await?;
+    // The clone's disks are copied from the source's, on the source's host.
+    let host = hosts::place(
+        &mut tx,
+        &spec.cpu_arch,
+        spec.memory_mib,
+        Some(&spec.host_id),
+    )
+    .await?;
     let vdc = match &vm.meta.vdc_id {
         Some(v) => records::get(&mut tx, "vdc", v).await?,
         None => None,

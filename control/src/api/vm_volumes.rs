@@ -99,6 +99,12 @@ async fn attach_volume(
             body.volume_id, volume.meta.status
         )));
     }
+    if let Some(home) = spec.host_id.as_deref().filter(|h| *h != vm_spec.host_id) {
+        return Err(ApiError::Conflict(format!(
+            "volume {} lives on host {home}, the VM runs on {}; copy it there first",
+            body.volume_id, vm_spec.host_id
+        )));
+    }
     spec.attached_to = Some(id.clone());
     spec.status_reason.clear();
     records::observe(

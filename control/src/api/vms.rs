@@ -246,7 +246,20 @@ async fn create_vm(
             cpu_arch = spec.cpu_arch;
         }
     }
-    let host = hosts::place(&mut tx, &cpu_arch, body.memory_mib).await?;
+    // Local disks: the VM runs where its volumes' files are.
+    let mut homes: Vec<&str> = volumes
+        .iter()
+        .filter_map(|(_, s)| s.host_id.as_deref())
+        .collect();
+    homes.sort_unstable();
+    homes.dedup();
+    if homes.len() > 1 {
+        return Err(ApiError::Conflict(format!(
+            "the volumes live on different hosts ({}); copy them to one first",
+            homes.join(", ")
+        )));
+    }
+    let host = hosts::place(&mut tx, &cpu_arch, body.memory_mib, homes.first().copied()).await?;
     let spec = VmSpec {
         vcpus: body.vcpus,
         memory_mib: body.memory_mib,

@@ -46,6 +46,10 @@ pub struct VolumeSpec {
     /// Why the volume is in ERROR.
     #[serde(default)]
     pub status_reason: String,
+    /// The host whose agent made the file (its tasks run there, and VMs
+    /// using it are placed there); none until it is made.
+    #[serde(default)]
+    pub host_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -191,6 +195,8 @@ async fn copy_volume(
         attached_to: None,
         description: body.description,
         status_reason: String::new(),
+        // Copied where the source's file is.
+        host_id: spec.host_id.clone(),
     };
     let record = records::insert(
         &mut tx,
@@ -378,6 +384,7 @@ async fn create_volume(
         attached_to: None,
         description: body.description,
         status_reason: String::new(),
+        host_id: None,
     };
     let record = records::insert(
         &mut tx,
