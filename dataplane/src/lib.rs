@@ -148,6 +148,7 @@ pub mod fastmap;
 pub mod flowcache;
 #[cfg(test)]
 mod flowcache_tests;
+pub mod handoff;
 pub mod lpm;
 pub mod mirror;
 pub mod model;
@@ -166,5 +167,6 @@ pub mod security;
 pub mod stateful;
 #[cfg(test)]
 mod stateful_tests;
+pub mod steer;
 pub mod tables;
 pub mod testutil;

@@ -345,6 +345,7 @@ pub fn to_v4<T: Tracer>(
         return Err(DropReason::Nat64Unsupported);
     }
     let key = x.key.in_zone(n.zone);
+    let shard = st.shard;
     let ct = &mut st.ct;
     let (pool, port, new) = match ct.lookup(&key) {
         Some(f) if f.dir == Dir::Original => {
@@ -381,7 +382,9 @@ pub fn to_v4<T: Tracer>(
             let seed = u32::try_from(h.finish() >> 32).unwrap_or(0);
             let echo = proto4 == IPPROTO_ICMP;
             let mut chosen = None;
-            for i in 0..PORT_TRIES {
+            // Only ports whose replies steer back to this worker ([`crate::steer`]).
+            let tries = PORT_TRIES.saturating_mul(u32::try_from(st.shard.count).unwrap_or(1));
+            for i in 0..tries {
                 let cand = if i == 0 && (min..=max).contains(&key.sport) {
                     key.sport
                 } else {
@@ -396,7 +399,7 @@ pub fn to_v4<T: Tracer>(
                     dport: cand,
                     proto: proto4,
                 };
-                if !ct.key_in_use(&reply) {
+                if shard.owns_raw(&reply) && !ct.key_in_use(&reply) {
                     chosen = Some((cand, reply));
                     break;
                 }
