@@ -277,7 +277,8 @@ pub fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
-fn pin_to(cpu: usize) {
+/// Pins the calling thread to `cpu` (best effort: a refusal is logged).
+pub fn pin_to(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; all-zero is a valid (empty) set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu < libc::CPU_SETSIZE as usize {
