@@ -171,6 +171,9 @@ impl Worker {
             c.sync(&tables, core.learned.version());
         }
         crate::stateful::serve_flush(stats, &mut core.learned.stateful);
+        if shard.count > 1 {
+            core.apply_learned(fabric, shard.index);
+        }
         let mut total = 0;
         for i in 0..core.ports.len() {
             let Some(port) = core.ports.get_mut(i) else {
@@ -200,6 +203,7 @@ impl Worker {
         }
         if shard.count > 1 {
             total += core.serve_lanes(&tables, fabric, shard.index);
+            core.publish_learned(fabric, shard.index);
         }
         core.fold(stats, &tables, shard.index);
         total
@@ -326,6 +330,31 @@ impl Core {
             // Cannot happen (as many free buffers as slots); give it back.
             Err(h) => {
                 let _ = lane.free.push(h.buf);
+            }
+        }
+    }
+
+    /// Sends the MACs learned this round to every other worker.
+    fn publish_learned(&mut self, fabric: &Fabric, me: usize) {
+        let (generation, learned) = self.learned.take_journal();
+        for (key, lport) in learned {
+            for to in 0..fabric.workers() {
+                if let Some(lane) = fabric.lane(me, to) {
+                    let _ = lane.learned.push((generation, key, lport));
+                }
+            }
+        }
+    }
+
+    /// Applies the MACs other workers learned (before this round's frames).
+    // hot path: one empty-queue check per peer when nothing was learned.
+    fn apply_learned(&mut self, fabric: &Fabric, me: usize) {
+        for from in 0..fabric.workers() {
+            let Some(lane) = fabric.lane(from, me) else {
+                continue;
+            };
+            while let Some((generation, key, lport)) = lane.learned.pop() {
+                self.learned.learn_shared(generation, key, lport);
             }
         }
     }
@@ -757,5 +786,75 @@ mod multi_worker_tests {
         }
         let processed: u64 = snap.workers.iter().map(|w| w["processed"]).sum();
         assert_eq!(processed, 2 * per_worker);
+    }
+
+    fn udp(dst: [u8; 6], src: [u8; 6], sip: &str, dip: &str, sport: u16, dport: u16) -> Vec<u8> {
+        let mut udp = [0u8; 8];
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&dport.to_be_bytes());
+        udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+        ipv4(
+            dst,
+            src,
+            None,
+            sip.parse().unwrap(),
+            dip.parse().unwrap(),
+            64,
+            17,
+            &udp,
+        )
+    }
+
+    /// A MAC learned by one worker (behind the learning uplink) is known to
+    /// the other before its next round: a frame to it is unicast, not flooded.
+    #[test]
+    fn a_mac_learned_on_one_worker_is_not_flooded_by_the_other() {
+        let handle = ConfigHandle::new(interfaces());
+        handle.apply(topology()).unwrap();
+        let tables = handle.tables().load_full();
+        let (vm1, ext) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0x77]);
+        let owned_by = |w: usize, f: &dyn Fn(u16) -> Vec<u8>| {
+            (1000..2000u16)
+                .map(f)
+                .find(|fr| crate::steer::frame_worker(&tables, fr, 2) == w)
+                .unwrap()
+        };
+        // Worker 0 sees ext's frame on the uplink; worker 1 then sends vm1 → ext.
+        let from_ext = owned_by(0, &|p| udp(vm1, ext, "10.0.1.77", "10.0.1.10", p, 53));
+        let to_ext = owned_by(1, &|p| udp(ext, vm1, "10.0.1.10", "10.0.1.77", 53, p));
+        let stats = Arc::new(Stats::with_workers(&interfaces(), 2));
+        let fabric = Fabric::new(2);
+        let mut sinks = Vec::new();
+        let mut workers: Vec<Worker> = [(4, from_ext), (0, to_ext)]
+            .into_iter()
+            .enumerate()
+            .map(|(w, (gen_port, frame))| {
+                let mut mine = Vec::new();
+                let ports: Vec<Box<dyn Port>> = interfaces()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let p = if i == gen_port {
+                            MemPort::generator(n, vec![frame.clone()], 1)
+                        } else {
+                            MemPort::sink(n)
+                        };
+                        mine.push(p.counters());
+                        Box::new(p) as Box<dyn Port>
+                    })
+                    .collect();
+                sinks.push(mine);
+                Worker::new(ports, handle.tables(), Arc::clone(&stats))
+                    .with_shard(w, Arc::clone(&fabric))
+            })
+            .collect();
+        workers[0].poll_once();
+        workers[1].poll_once();
+        let sent = |w: usize, i: usize| sinks[w][i].packets.load(Ordering::Relaxed);
+        // Worker 1: vm1 → ext went to the uplink only (p1 = vm2 got nothing).
+        assert_eq!((sent(1, 4), sent(1, 1)), (1, 0));
+        let snap = stats.snapshot();
+        assert_eq!(snap.outcomes["l2_flood"], 0, "{snap:?}");
+        assert_eq!(snap.outcomes["l2_unicast"], 2, "{snap:?}");
     }
 }

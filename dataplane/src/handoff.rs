@@ -11,6 +11,11 @@
 //! the frame is dropped and counted (`handoff_full`), the backpressure of a
 //! full NIC queue.
 //!
+//! Learned MACs travel the same way (`learned`): a worker shares each MAC
+//! it learns with the others once per round, so a frame towards a MAC
+//! learned on another worker is not flooded (learning tables stay per
+//! worker, lock-free; the copies converge within a round).
+//!
 //! A sleeping owner (idle in `poll(2)`) is woken through its eventfd, only
 //! when it announced it sleeps ([`Wake`]), so a busy owner costs no syscall.
 
@@ -25,16 +30,26 @@ use crate::port::PacketBuf;
 /// Buffers in flight per ordered worker pair.
 pub const LANE_DEPTH: usize = 256;
 
+/// Learned MACs in flight per ordered worker pair; when full, the receiver
+/// learns the MAC itself (after flooding once), as a single worker would.
+pub const LEARN_DEPTH: usize = 1024;
+
 /// A frame in transit to its owner.
 pub struct Handed {
     pub in_port: u16,
     pub buf: PacketBuf,
 }
 
+/// A MAC one worker learned: (tables generation, switch+MAC key, logical port).
+pub type LearnedMac = (u64, u64, crate::tables::LportId);
+
 /// One direction between two workers.
 pub struct Lane {
     pub full: ArrayQueue<Handed>,
     pub free: ArrayQueue<PacketBuf>,
+    /// MACs the sender learned, so the receiver forwards to them without
+    /// flooding first (learning is rare: new or moved MACs only).
+    pub learned: ArrayQueue<LearnedMac>,
 }
 
 impl Lane {
@@ -46,6 +61,7 @@ impl Lane {
         Lane {
             full: ArrayQueue::new(LANE_DEPTH),
             free,
+            learned: ArrayQueue::new(LEARN_DEPTH),
         }
     }
 }
