@@ -1,8 +1,10 @@
 //! Counters: one per outcome and one per drop reason, per interface.
 //!
-//! Workers count into plain arrays and fold them into the shared atomics once
-//! per polling round (Cloud Hypervisor's queue-pair pattern), so the hot path
-//! never touches a shared cache line per packet.
+//! Workers count into plain arrays and fold them into the shared atomics
+//! once per polling round (Cloud Hypervisor's queue-pair pattern; with
+//! several workers every [`crate::engine::FOLD_ROUNDS`] busy rounds and
+//! whenever idle), so the hot path never touches a shared cache line per
+//! packet.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -167,8 +169,10 @@ pub const CONNTRACK_COUNTERS: [&str; 6] = [
 /// other workers, dropped because the lane to the owner was full.
 pub const WORKER_COUNTERS: [&str; 4] = ["processed", "handed_off", "handed_in", "handoff_full"];
 
-/// One worker's shared counters.
+/// One worker's shared counters (a cache line pair of its own: workers
+/// write theirs every fold, and must not share lines).
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct WorkerCounters {
     pub counts: [AtomicU64; WORKER_COUNTERS.len()],
     /// Its connection table's size (a gauge).

@@ -25,6 +25,11 @@ pub const CONNECTIONS: usize = 64 * 1024;
 /// Transmit queue depth per port: a flood can put one frame of every received
 /// frame on each port, so one batch always fits.
 const TX_DEPTH: usize = BATCH;
+/// With several workers, busy rounds between folds of the private counters
+/// into the shared atomics (an idle round always folds; a sole worker folds
+/// every round): the shared lines bounce between cores, so they are touched
+/// once per this many batches, not once per batch.
+pub const FOLD_ROUNDS: u32 = 16;
 /// Idle wait when no port had traffic (bounds the latency of a stop request).
 const IDLE_POLL_MS: i32 = 10;
 
@@ -52,6 +57,8 @@ struct Core {
     handed_off: u64,
     handed_in: u64,
     handoff_full: u64,
+    /// Busy rounds since the last fold.
+    unfolded: u32,
 }
 
 /// One worker thread's state: its ports, buffers, counters and learned MACs.
@@ -102,6 +109,7 @@ impl Worker {
                 handed_off: 0,
                 handed_in: 0,
                 handoff_full: 0,
+                unfolded: 0,
             },
             tables,
             stats,
@@ -205,7 +213,11 @@ impl Worker {
             total += core.serve_lanes(&tables, fabric, shard.index);
             core.publish_learned(fabric, shard.index);
         }
-        core.fold(stats, &tables, shard.index);
+        core.unfolded += 1;
+        if total == 0 || shard.count == 1 || core.unfolded >= FOLD_ROUNDS {
+            core.unfolded = 0;
+            core.fold(stats, &tables, shard.index);
+        }
         total
     }
 
@@ -850,6 +862,8 @@ mod multi_worker_tests {
             .collect();
         workers[0].poll_once();
         workers[1].poll_once();
+        // Idle rounds fold the counters.
+        while workers.iter_mut().map(Worker::poll_once).sum::<usize>() > 0 {}
         let sent = |w: usize, i: usize| sinks[w][i].packets.load(Ordering::Relaxed);
         // Worker 1: vm1 → ext went to the uplink only (p1 = vm2 got nothing).
         assert_eq!((sent(1, 4), sent(1, 1)), (1, 0));
