@@ -579,6 +579,45 @@ pub fn run_workers(
     ))
 }
 
+/// The machine's own scaling, the control for [`run_workers`]: the
+/// generator → sink copy loop of [`run_baseline`] (no pipeline, nothing
+/// shared) on `threads` pinned threads at once. Times from a common start
+/// to the last thread's end.
+pub fn run_baseline_threads(s: Scenario, threads: usize, packets_per_thread: u64) -> Run {
+    use std::sync::Barrier;
+    let threads = threads.max(1);
+    let cpus = crate::engine::allowed_cpus();
+    let start = Arc::new(Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let cpu = cpus.get(t % cpus.len().max(1)).copied();
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                if let Some(cpu) = cpu {
+                    crate::engine::pin_to(cpu);
+                }
+                start.wait();
+                let run = run_baseline(s, packets_per_thread);
+                (run.delivered, Instant::now())
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    let (mut delivered, mut end) = (0, t0);
+    for h in handles {
+        if let Ok((d, e)) = h.join() {
+            delivered += d;
+            end = end.max(e);
+        }
+    }
+    Run {
+        generated: packets_per_thread * threads as u64,
+        delivered,
+        seconds: end.duration_since(t0).as_secs_f64(),
+    }
+}
+
 /// The peer: the same generator straight into the same sink, batch by batch.
 pub fn run_baseline(s: Scenario, packets: u64) -> Run {
     let (_, frames) = scenario(s);
@@ -636,6 +675,8 @@ mod tests {
                 assert_eq!(lane_full, 0);
             }
         }
+        let control = run_baseline_threads(s, 2, 10_000);
+        assert_eq!((control.generated, control.delivered), (20_000, 20_000));
     }
 
     #[test]

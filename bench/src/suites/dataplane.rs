@@ -15,13 +15,16 @@
 //! the same process; the ratio is the 1→2 speed-up (goal ≥ 1.8). "Steered"
 //! feeds each worker only its own flows (symmetric RSS / eBPF fanout);
 //! "mixed" feeds each all flows, so half cross a handoff lane (AF_PACKET's
-//! fanout hash). On a shared 2-core machine other load lowers the ratio.
+//! fanout hash). On a shared 2-core machine other load lowers the ratio:
+//! the control row runs a pipeline-free copy loop on 2 threads vs 1 in the
+//! same process, so the workers' ratio can be read against what the
+//! machine gave two threads at that moment.
 //!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
 use keel_dataplane::bench::{
-    run_baseline, run_pipeline, run_pipeline_with_cache, run_service, run_stateful, run_workers,
-    Feed, Run, Scenario, Service, Stateful,
+    run_baseline, run_baseline_threads, run_pipeline, run_pipeline_with_cache, run_service,
+    run_stateful, run_workers, Feed, Run, Scenario, Service, Stateful,
 };
 
 use crate::{BenchError, Measurement, Scale, Suite};
@@ -152,6 +155,23 @@ fn scaling(per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchError>
             ));
         }
     }
+    // The control: what 2 threads get over 1 on this machine right now
+    // (a pipeline-free copy loop, nothing shared), for reading the above.
+    let (mut two, mut one) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        two.push(run_baseline_threads(s, 2, per_round * 4));
+        one.push(run_baseline_threads(s, 1, per_round * 4));
+    }
+    let (two, one) = (total(&two), total(&one));
+    out.push(
+        Measurement::new(
+            "control: 2 threads vs 1, generator→sink copy loop (machine scaling)",
+            "Mpps",
+            true,
+            two.mpps(),
+        )
+        .with_peer("1 thread, same loop", one.mpps()),
+    );
     Ok(())
 }
 
@@ -277,7 +297,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 20);
+        assert_eq!(ms.len(), 21);
         for m in ms
             .iter()
             .filter(|m| m.unit != "bytes" && m.unit != "frames")
