@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 
 use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
 use crate::flowcache::{self, FlowCache};
-use crate::handoff::{Fabric, Handed};
+use crate::handoff::{Fabric, Handed, LANE_DEPTH};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
@@ -30,6 +30,8 @@ const TX_DEPTH: usize = BATCH;
 /// every round): the shared lines bounce between cores, so they are touched
 /// once per this many batches, not once per batch.
 pub const FOLD_ROUNDS: u32 = 16;
+/// Handed-over frames taken from one lane per round.
+const LANE_DRAIN: usize = LANE_DEPTH / 4;
 /// Idle wait when no port had traffic (bounds the latency of a stop request).
 const IDLE_POLL_MS: i32 = 10;
 
@@ -378,8 +380,10 @@ impl Core {
             let Some(lane) = fabric.lane(from, me) else {
                 continue;
             };
+            // Up to a quarter lane per round: a peer hands over up to a
+            // batch per port per round, and this worker's rounds are longer.
             let mut n = 0;
-            while n < BATCH {
+            while n < LANE_DRAIN {
                 let Some(mut h) = lane.full.pop() else {
                     break;
                 };
