@@ -107,6 +107,35 @@ pub fn key_worker(t: &Tables, k: &Key, workers: usize) -> usize {
     steer(k.src, k.sport, k.dst, k.dport, k.proto, workers)
 }
 
+/// The tuple of the common case read straight from the frame: untagged
+/// IPv4 without options or fragmentation carrying TCP or UDP. Anything else
+/// (or a frame too short for it) takes the full parse. The same tuple
+/// [`extract`] gives, without its validation: a malformed frame may steer
+/// anywhere, and is then dropped by its worker's pipeline.
+// hot path: a few fixed-offset reads.
+fn plain_ipv4_l4(f: &[u8]) -> Option<Key> {
+    let h: &[u8; 38] = f.get(..38)?.try_into().ok()?;
+    let plain = h[12] == 0x08 && h[13] == 0x00 && h[14] == 0x45;
+    let unfragmented = h[20] & 0x3f == 0 && h[21] == 0;
+    let proto = h[23];
+    if !plain
+        || !unfragmented
+        || !(proto == crate::packet::headers::IPPROTO_TCP
+            || proto == crate::packet::headers::IPPROTO_UDP)
+    {
+        return None;
+    }
+    let ip = |o: usize| crate::conntrack::key::v4([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    Some(Key {
+        src: ip(26),
+        dst: ip(30),
+        zone: 0,
+        sport: u16::from_be_bytes([h[34], h[35]]),
+        dport: u16::from_be_bytes([h[36], h[37]]),
+        proto,
+    })
+}
+
 fn mac_u128(m: &[u8; 6]) -> u128 {
     let mut b = [0u8; 16];
     b[10..].copy_from_slice(m);
@@ -119,6 +148,9 @@ fn mac_u128(m: &[u8; 6]) -> u128 {
 pub fn frame_worker(t: &Tables, frame: &[u8], workers: usize) -> usize {
     if workers <= 1 {
         return 0;
+    }
+    if let Some(k) = plain_ipv4_l4(frame) {
+        return key_worker(t, &k, workers);
     }
     let Ok(p) = parse(frame) else {
         return 0;
@@ -133,5 +165,58 @@ pub fn frame_worker(t: &Tables, frame: &[u8], workers: usize) -> usize {
             Some(x) => key_worker(t, &x.related.unwrap_or(x.key), workers),
             None => 0,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::build::ipv4;
+
+    /// The fixed-offset fast path reads the same tuple as the full parse.
+    #[test]
+    fn fast_path_tuple_matches_the_full_parse() {
+        for (proto, sport, dport) in [(6u8, 40000u16, 443u16), (17, 5353, 53), (17, 1, 65535)] {
+            let mut l4 = [0u8; 20];
+            l4[0..2].copy_from_slice(&sport.to_be_bytes());
+            l4[2..4].copy_from_slice(&dport.to_be_bytes());
+            l4[12] = 0x50;
+            let f = ipv4(
+                [2; 6],
+                [4; 6],
+                None,
+                "10.0.1.10".parse().unwrap(),
+                "198.18.0.9".parse().unwrap(),
+                64,
+                proto,
+                &l4,
+            );
+            let slow = extract(&parse(&f).unwrap(), &f).unwrap().key;
+            assert_eq!(plain_ipv4_l4(&f), Some(slow));
+        }
+        // Tagged, ICMP and short frames take the full parse.
+        let tagged = ipv4(
+            [2; 6],
+            [4; 6],
+            Some(7),
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            64,
+            17,
+            &[0; 8],
+        );
+        let icmp = ipv4(
+            [2; 6],
+            [4; 6],
+            None,
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            64,
+            1,
+            &[8, 0, 0, 0, 0, 1, 0, 1],
+        );
+        assert_eq!(plain_ipv4_l4(&tagged), None);
+        assert_eq!(plain_ipv4_l4(&icmp), None);
+        assert_eq!(plain_ipv4_l4(&icmp[..20]), None);
     }
 }
