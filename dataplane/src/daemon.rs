@@ -43,7 +43,7 @@ pub struct DaemonArgs {
     /// Worker threads, each pinned to one of the allowed CPUs (round robin)
     /// and reading every interface through its own socket of a
     /// `PACKET_FANOUT` group; frames are steered between workers by a
-    /// symmetric flow hash ([`crate::steer`]). AF_PACKET ports only when > 1.
+    /// symmetric flow hash (module `steer`). AF_PACKET ports only when > 1.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
 }
