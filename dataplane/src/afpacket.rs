@@ -49,6 +49,10 @@ const PKT_VLAN_TPID: usize = 36;
 /// sockaddr_ll follows the 48-byte tpacket3_hdr; sll_pkttype is at +10.
 const PKT_SLL_PKTTYPE: usize = 48 + 10;
 const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
+// <linux/if_packet.h> (not in the locked libc version).
+const PACKET_FANOUT: libc::c_int = 18;
+const PACKET_FANOUT_HASH: u32 = 0;
+const PACKET_FANOUT_FLAG_UNIQUEID: u32 = 0x2000;
 
 /// An AF_PACKET socket bound to one interface.
 pub struct AfPacketPort {
@@ -88,6 +92,27 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: &T) -> 
 impl AfPacketPort {
     /// Opens the interface `name` (which must exist in this namespace).
     pub fn open(name: &str) -> Result<AfPacketPort, PortError> {
+        Self::open_inner(name, None).map(|(p, _)| p)
+    }
+
+    /// Opens `name` as one member of a `PACKET_FANOUT_HASH` group: the
+    /// kernel spreads the interface's frames over the group's sockets (one
+    /// per worker), every frame of a flow direction to the same socket.
+    /// `group` `None` creates a group with a kernel-chosen unique id
+    /// (`PACKET_FANOUT_FLAG_UNIQUEID`), returned for the other members.
+    ///
+    /// Why the hash mode: it keeps each direction of a flow on one socket,
+    /// so frames a worker hands to the flow's owner ([`crate::handoff`])
+    /// stay in order. It is not the steering itself: the kernel's hash has
+    /// a per-boot seed and knows nothing of NAT, so [`crate::steer`] decides.
+    pub fn open_fanout(name: &str, group: Option<u16>) -> Result<(AfPacketPort, u16), PortError> {
+        Self::open_inner(name, Some(group))
+    }
+
+    fn open_inner(
+        name: &str,
+        fanout: Option<Option<u16>>,
+    ) -> Result<(AfPacketPort, u16), PortError> {
         let eth_p_all = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call.
         let raw = unsafe {
@@ -169,6 +194,33 @@ impl AfPacketPort {
         if unsafe { libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), sll_len) } != 0 {
             return Err(setup_err(name, "bind"));
         }
+        let mut group = 0;
+        if let Some(g) = fanout {
+            let (id, flags) = match g {
+                Some(id) => (id, 0),
+                None => (0, PACKET_FANOUT_FLAG_UNIQUEID),
+            };
+            let arg: u32 = u32::from(id) | ((PACKET_FANOUT_HASH | flags) << 16);
+            if !setsockopt(raw, libc::SOL_PACKET, PACKET_FANOUT, &arg) {
+                return Err(setup_err(name, "PACKET_FANOUT"));
+            }
+            let mut got: u32 = 0;
+            let mut len = libc::socklen_t::try_from(size_of::<u32>()).unwrap_or(0);
+            // SAFETY: `got` is a live u32 of `len` bytes for the kernel to fill.
+            let r = unsafe {
+                libc::getsockopt(
+                    raw,
+                    libc::SOL_PACKET,
+                    PACKET_FANOUT,
+                    (&mut got as *mut u32).cast(),
+                    &mut len,
+                )
+            };
+            if r != 0 {
+                return Err(setup_err(name, "get PACKET_FANOUT"));
+            }
+            group = (got & 0xffff) as u16;
+        }
         // Promiscuous: VM MACs are not the interface's own (veth has no filter, TAP/NICs do).
         // SAFETY: packet_mreq is plain data; all-zero is a valid value.
         let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
@@ -186,7 +238,7 @@ impl AfPacketPort {
         );
         // SAFETY: mmsghdr is plain data; all-zero is a valid value.
         port.msgs.resize(BATCH, unsafe { std::mem::zeroed() });
-        Ok(port)
+        Ok((port, group))
     }
 
     fn block_ptr(&self) -> *mut u8 {

@@ -267,9 +267,7 @@ impl Controller {
                         }
                     }
                 };
-                self.stats
-                    .ct_flush
-                    .store(zone, std::sync::atomic::Ordering::Relaxed);
+                self.stats.request_ct_flush(zone);
                 Response::FlushRequested { zone }
             }
         }
@@ -599,7 +597,9 @@ mod tests {
         };
         assert_eq!(zone, crate::security::zone_id("port", "vm2"));
         assert_eq!(
-            c.stats.ct_flush.load(std::sync::atomic::Ordering::Relaxed),
+            c.stats.workers[0]
+                .ct_flush
+                .load(std::sync::atomic::Ordering::Relaxed),
             zone
         );
         let Response::Error { .. } = c.handle(Request::CtFlush {

@@ -1,8 +1,10 @@
 //! Counters: one per outcome and one per drop reason, per interface.
 //!
-//! Workers count into plain arrays and fold them into the shared atomics once
-//! per polling round (Cloud Hypervisor's queue-pair pattern), so the hot path
-//! never touches a shared cache line per packet.
+//! Workers count into plain arrays and fold them into the shared atomics
+//! once per polling round (Cloud Hypervisor's queue-pair pattern; with
+//! several workers every [`crate::engine::FOLD_ROUNDS`] busy rounds and
+//! whenever idle), so the hot path never touches a shared cache line per
+//! packet.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -64,6 +66,7 @@ counted_enum!(
         Nat64Unsupported => "nat64_unsupported",
         Nat64NoSession => "nat64_no_session",
         PolicyDropped => "router_policy_dropped",
+        HandoffFull => "handoff_full",
     }
 );
 
@@ -142,9 +145,8 @@ pub struct Stats {
     pub outcomes: [AtomicU64; Outcome::COUNT],
     /// Connection-tracking counters ([`CONNTRACK_COUNTERS`]) summed over workers.
     pub conntrack: [AtomicU64; CONNTRACK_COUNTERS.len()],
-    /// A pending request to flush one conntrack zone (0 = none); workers
-    /// check it once per round.
-    pub ct_flush: AtomicU32,
+    /// Per worker: its own counters and flush requests.
+    pub workers: Vec<WorkerCounters>,
     /// Flow-cache counters ([`FLOW_CACHE_COUNTERS`]) summed over workers.
     pub flow_cache: [AtomicU64; FLOW_CACHE_COUNTERS.len()],
 }
@@ -162,6 +164,24 @@ pub const CONNTRACK_COUNTERS: [&str; 6] = [
     "flushed",
 ];
 
+/// Names of [`WorkerCounters::counts`], in index order: frames the worker
+/// ran through the pipeline, handed to the owning worker, received from
+/// other workers, dropped because the lane to the owner was full.
+pub const WORKER_COUNTERS: [&str; 4] = ["processed", "handed_off", "handed_in", "handoff_full"];
+
+/// One worker's shared counters (a cache line pair of its own: workers
+/// write theirs every fold, and must not share lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerCounters {
+    pub counts: [AtomicU64; WORKER_COUNTERS.len()],
+    /// Its connection table's size (a gauge).
+    pub ct_entries: AtomicU64,
+    /// A pending request to flush one conntrack zone (0 = none); the worker
+    /// checks it once per round.
+    pub ct_flush: AtomicU32,
+}
+
 fn add(counter: &AtomicU64, value: &mut u64) {
     if *value != 0 {
         counter.fetch_add(*value, Ordering::Relaxed);
@@ -172,26 +192,55 @@ fn add(counter: &AtomicU64, value: &mut u64) {
 impl Stats {
     /// Zeroed counters for these interfaces.
     pub fn new(interfaces: &[String]) -> Stats {
+        Stats::with_workers(interfaces, 1)
+    }
+
+    /// Zeroed counters for these interfaces and `workers` workers.
+    pub fn with_workers(interfaces: &[String], workers: usize) -> Stats {
         Stats {
             interfaces: interfaces.to_vec(),
             ports: interfaces.iter().map(|_| PortCounters::default()).collect(),
             outcomes: Default::default(),
             conntrack: Default::default(),
             flow_cache: Default::default(),
-            ct_flush: AtomicU32::new(0),
+            workers: (0..workers.max(1))
+                .map(|_| WorkerCounters::default())
+                .collect(),
         }
     }
 
-    /// Adds and zeroes a worker's conntrack counts; `entries` is its table size.
-    pub fn fold_conntrack(&self, c: &mut crate::conntrack::CtCounters, entries: usize) {
-        let [e, created, expired, full, invalid, flushed] = &self.conntrack;
-        // One worker today: the gauge is its table's size.
-        e.store(entries as u64, Ordering::Relaxed);
+    /// Asks every worker to flush conntrack zone `zone`.
+    pub fn request_ct_flush(&self, zone: u32) {
+        for w in &self.workers {
+            w.ct_flush.store(zone, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds and zeroes worker `worker`'s conntrack counts; `entries` is its table size.
+    pub fn fold_conntrack(
+        &self,
+        worker: usize,
+        c: &mut crate::conntrack::CtCounters,
+        entries: usize,
+    ) {
+        let [_, created, expired, full, invalid, flushed] = &self.conntrack;
+        if let Some(w) = self.workers.get(worker) {
+            w.ct_entries.store(entries as u64, Ordering::Relaxed);
+        }
         add(created, &mut c.created);
         add(expired, &mut c.expired);
         add(full, &mut c.table_full);
         add(invalid, &mut c.invalid);
         add(flushed, &mut c.flushed);
+    }
+
+    /// Adds and zeroes worker `worker`'s own counts ([`WORKER_COUNTERS`]).
+    pub fn fold_worker(&self, worker: usize, counts: [&mut u64; WORKER_COUNTERS.len()]) {
+        if let Some(w) = self.workers.get(worker) {
+            for (s, l) in w.counts.iter().zip(counts) {
+                add(s, l);
+            }
+        }
     }
 
     /// Adds and zeroes a worker's flow-cache counts.
@@ -254,7 +303,27 @@ impl Stats {
             conntrack: CONNTRACK_COUNTERS
                 .iter()
                 .zip(&self.conntrack)
-                .map(|(n, c)| (n.to_string(), get(c)))
+                .map(|(n, c)| {
+                    let v = if *n == "entries" {
+                        self.workers.iter().map(|w| get(&w.ct_entries)).sum()
+                    } else {
+                        get(c)
+                    };
+                    (n.to_string(), v)
+                })
+                .collect(),
+            workers: self
+                .workers
+                .iter()
+                .map(|w| {
+                    let mut m: std::collections::BTreeMap<String, u64> = WORKER_COUNTERS
+                        .iter()
+                        .zip(&w.counts)
+                        .map(|(n, c)| (n.to_string(), get(c)))
+                        .collect();
+                    m.insert("conntrack_entries".into(), get(&w.ct_entries));
+                    m
+                })
                 .collect(),
             flow_cache: FLOW_CACHE_COUNTERS
                 .iter()
@@ -288,6 +357,9 @@ pub struct StatsSnapshot {
     /// Flow cache (hits, misses, evictions, invalidations), summed over workers.
     #[serde(default)]
     pub flow_cache: std::collections::BTreeMap<String, u64>,
+    /// Per worker: [`WORKER_COUNTERS`] and `conntrack_entries`.
+    #[serde(default)]
+    pub workers: Vec<std::collections::BTreeMap<String, u64>>,
 }
 
 impl StatsSnapshot {

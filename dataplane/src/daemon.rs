@@ -1,6 +1,6 @@
 //! `keel dataplane`: the data plane as a process. Opens AF_PACKET ports on
-//! the named interfaces, applies an optional JSON desired state, runs one
-//! worker thread and serves the control socket.
+//! the named interfaces, applies an optional JSON desired state, runs `--workers`
+//! worker threads and serves the control socket.
 //!
 //! Ports this crate cannot open itself (vhost-user-net NICs live in
 //! keel-vhost, which depends on this crate) are passed to
@@ -16,6 +16,7 @@ use crate::config::{ConfigError, ConfigHandle};
 use crate::control::Controller;
 use crate::counters::Stats;
 use crate::engine::Worker;
+use crate::handoff::Fabric;
 use crate::model::DesiredState;
 use crate::port::{Port, PortError};
 
@@ -39,6 +40,12 @@ pub struct DaemonArgs {
     /// Flow-cache entries per worker; 0 switches the cache off (A/B runs).
     #[arg(long, default_value_t = crate::flowcache::DEFAULT_ENTRIES)]
     pub flow_cache_entries: usize,
+    /// Worker threads, each pinned to one of the allowed CPUs (round robin)
+    /// and reading every interface through its own socket of a
+    /// `PACKET_FANOUT` group; frames are steered between workers by a
+    /// symmetric flow hash (module `steer`). AF_PACKET ports only when > 1.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 /// Why the data plane could not start.
@@ -70,6 +77,8 @@ pub enum DaemonError {
     NoPorts,
     #[error("--vhost-user-net needs keel-vhost: run `keel dataplane`")]
     VhostUnsupported,
+    #[error("--workers must be 1..=64, and 1 with --vhost-user-net ports (got {0})")]
+    BadWorkers(usize),
     #[error("Spawn worker")]
     SpawnWorker(#[source] std::io::Error),
 }
@@ -86,15 +95,37 @@ pub fn run(args: DaemonArgs) -> Result<(), DaemonError> {
 /// `extra` ports (interface indexes in that order; each port's `name()` is
 /// what the desired state's `interface` refers to).
 pub fn run_with_ports(args: DaemonArgs, extra: Vec<Box<dyn Port>>) -> Result<(), DaemonError> {
+    let workers = args.workers;
+    if workers == 0 || workers > 64 || (workers > 1 && !extra.is_empty()) {
+        return Err(DaemonError::BadWorkers(workers));
+    }
     let mut ports: Vec<Box<dyn Port>> = Vec::with_capacity(args.interfaces.len() + extra.len());
+    // Worker w's sockets; worker 0's create the fanout groups.
+    let mut groups = Vec::with_capacity(args.interfaces.len());
     for name in &args.interfaces {
-        ports.push(Box::new(
-            AfPacketPort::open(name).map_err(DaemonError::OpenPort)?,
-        ));
+        if workers == 1 {
+            ports.push(Box::new(
+                AfPacketPort::open(name).map_err(DaemonError::OpenPort)?,
+            ));
+        } else {
+            let (p, g) = AfPacketPort::open_fanout(name, None).map_err(DaemonError::OpenPort)?;
+            groups.push(g);
+            ports.push(Box::new(p));
+        }
     }
     ports.extend(extra);
     if ports.is_empty() {
         return Err(DaemonError::NoPorts);
+    }
+    let mut more: Vec<Vec<Box<dyn Port>>> = Vec::with_capacity(workers.saturating_sub(1));
+    for _ in 1..workers {
+        let mut mine: Vec<Box<dyn Port>> = Vec::with_capacity(args.interfaces.len());
+        for (name, g) in args.interfaces.iter().zip(&groups) {
+            let (p, _) =
+                AfPacketPort::open_fanout(name, Some(*g)).map_err(DaemonError::OpenPort)?;
+            mine.push(Box::new(p));
+        }
+        more.push(mine);
     }
     let names: Vec<String> = ports.iter().map(|p| p.name().to_string()).collect();
     let config = ConfigHandle::new(names.clone());
@@ -116,12 +147,27 @@ pub fn run_with_ports(args: DaemonArgs, extra: Vec<Box<dyn Port>>) -> Result<(),
         path: args.socket.display().to_string(),
         source,
     })?;
-    let stats = Arc::new(Stats::new(&names));
+    let stats = Arc::new(Stats::with_workers(&names, workers));
     let stop = Arc::new(AtomicBool::new(false));
-    let worker = Worker::new(ports, config.tables(), Arc::clone(&stats))
-        .with_flow_cache(args.flow_cache_entries);
-    let _worker = worker.spawn(stop).map_err(DaemonError::SpawnWorker)?;
-    tracing::info!(interfaces = ?names, socket = %args.socket.display(), "data plane running");
+    let fabric = Fabric::new(workers);
+    let cpus = crate::engine::allowed_cpus();
+    let mut handles = Vec::with_capacity(workers);
+    for (index, ports) in std::iter::once(ports).chain(more).enumerate() {
+        let worker = Worker::new(ports, config.tables(), Arc::clone(&stats))
+            .with_flow_cache(args.flow_cache_entries)
+            .with_shard(index, Arc::clone(&fabric));
+        // Pin only when there are several workers (one worker keeps the
+        // scheduler's choice, as before).
+        let cpu = (workers > 1 && !cpus.is_empty())
+            .then(|| cpus.get(index % cpus.len()).copied())
+            .flatten();
+        handles.push(
+            worker
+                .spawn_on(Arc::clone(&stop), cpu)
+                .map_err(DaemonError::SpawnWorker)?,
+        );
+    }
+    tracing::info!(interfaces = ?names, workers, socket = %args.socket.display(), "data plane running");
     let controller = Controller { config, stats };
     for stream in listener.incoming() {
         match stream {

@@ -96,18 +96,40 @@
 //!
 //! # Threading model
 //!
-//! One worker thread ([`engine::Worker`]) owns all ports of a data plane and
-//! runs each batch of up to 32 frames to completion: no allocation, no lock and
-//! no syscall per packet (one `sendmmsg` per output port per batch; a `poll(2)`
-//! only when every port was idle). Counters are plain per-worker arrays folded
-//! into shared atomics once per round. The control socket runs on other threads
-//! and only touches the `ArcSwap` and the atomics.
+//! `--workers N` worker threads ([`engine::Worker`], default 1), each pinned
+//! to one of the allowed CPUs (round robin) when N > 1. Each worker owns
+//! one socket per interface (AF_PACKET: the N sockets of an interface form
+//! one `PACKET_FANOUT_HASH` group, so the kernel spreads frames over them),
+//! its own buffers, connection table, flow cache, learned MACs, QoS buckets
+//! and counters, and runs each batch of up to 32 frames to completion: no
+//! allocation, no lock and no syscall per packet (one `sendmmsg` per output
+//! port per batch; a `poll(2)` only when every port was idle). All workers
+//! read the same RCU-published tables. Counters are plain per-worker arrays
+//! folded into shared atomics once per round, so every control op
+//! (`stats`, `rule_stats`, `qos_stats`, `mirror_stats`, `policy_stats`)
+//! reports sums over workers; `stats.workers` has each worker's own
+//! (`processed`, `handed_off`, `handed_in`, `handoff_full`,
+//! `conntrack_entries`), and `ct_flush` is run by every worker. The control
+//! socket runs on other threads and only touches the `ArcSwap` and the
+//! atomics.
 //!
-//! The worker owns its connection table (pre-allocated, bounded; no lock).
-//! With several workers, frames must reach the worker by
-//! [`conntrack::steer`], a hash symmetric in the endpoints, so both
-//! directions of a connection meet in one table (see [`conntrack`]). Rule
-//! hit counters (security groups, firewall) are relaxed atomics in the
+//! **Steering.** Stateful stages need both directions of a connection on
+//! one worker. No fanout mode gives that: `PACKET_FANOUT_HASH` uses the
+//! kernel's flow hash (symmetric for software-hashed veth traffic, but not
+//! for NIC RSS hashes, with a per-boot seed we cannot reproduce, and blind
+//! to NAT), CPU/QM/LB follow the sender, and an eBPF fanout program would
+//! still not know NAT sessions. So every frame's owner is computed in
+//! software ([`steer::frame_worker`]: a symmetric hash of the flow's inside
+//! view; DNAT/floating IPs mapped back statically; SNAT and NAT64 choose
+//! ports whose replies hash back to the creating worker, VPP NAT44-ED's
+//! scheme), and a frame that arrived on another worker's socket is handed
+//! over through a pre-allocated lock-free ring ([`handoff`], VPP's handoff:
+//! the buffer moves, nothing is copied or allocated). The hash fanout still
+//! matters: it keeps each flow direction on one socket, so handed-over
+//! frames stay in order. Learned MACs are shared over the same lanes, so a
+//! frame towards a MAC another worker learned is not flooded.
+//!
+//! Rule hit counters (security groups, firewall) are relaxed atomics in the
 //! tables, bumped only when rules are evaluated (first packets), not per
 //! packet; they restart at zero with each apply.
 //!
@@ -116,8 +138,14 @@
 //! - Frames fit a 2048-byte buffer (MTU 1500 + tags); larger ones are counted
 //!   as `oversize` drops. No GSO/TSO and no checksum offload: endpoints on veth
 //!   must run `ethtool -K <if> tx off` (no `PACKET_VNET_HDR` support yet).
-//! - At most 64 interfaces per data plane; one worker (multi-worker sharding of
-//!   ports is not implemented).
+//! - At most 64 interfaces per data plane. Several workers need AF_PACKET
+//!   ports (vhost-user-net NICs are single-queue: `--workers 1` with them).
+//!   With N workers about (N-1)/N of the frames cross a handoff lane (the
+//!   kernel's fanout hash cannot agree with ours); a full lane drops the
+//!   frame (`handoff_full`).
+//! - QoS meters are per worker: one flow is policed exactly, but a port whose
+//!   flows spread over N workers may get up to N × its rate (no shared
+//!   token pool yet). Mirror ERSPAN sequence numbers are per worker.
 //! - Next hops are resolved from bindings only (no ARP resolution by the router).
 //! - Stateful services: conntrack keys hold IPv6 addresses and security
 //!   groups filter IPv6, but NAT and the router firewall are IPv4 only (no
@@ -148,6 +176,7 @@ pub mod fastmap;
 pub mod flowcache;
 #[cfg(test)]
 mod flowcache_tests;
+pub mod handoff;
 pub mod lpm;
 pub mod mirror;
 pub mod model;
@@ -166,5 +195,6 @@ pub mod security;
 pub mod stateful;
 #[cfg(test)]
 mod stateful_tests;
+pub mod steer;
 pub mod tables;
 pub mod testutil;

@@ -503,7 +503,6 @@ pub fn post_route<T: Tracer>(
         }
         tr.note("router_firewall", || "allowed by firewall rule".into());
     }
-    let ct = &mut st.ct;
     let mut out = cur;
     if Some(out_switch) == rs.external_switch {
         if let Some(s) = rs.snat.iter().find(|s| cur.src & s.mask == s.addr) {
@@ -519,7 +518,10 @@ pub fn post_route<T: Tracer>(
                 h.write_u16(cur.dport);
                 let base = u32::try_from(h.finish() >> 32).unwrap_or(0);
                 let first = (lo..=hi).contains(&cur.sport).then_some(cur.sport);
-                let candidates = first.into_iter().chain((0..SNAT_PROBES).map(|i| {
+                // With several workers only 1 in `count` ports steers back
+                // here: probe as many more.
+                let probes = SNAT_PROBES.saturating_mul(u32::try_from(st.shard.count).unwrap_or(1));
+                let candidates = first.into_iter().chain((0..probes).map(|i| {
                     let off = base.wrapping_add(i.wrapping_mul(7919)) % span;
                     lo.wrapping_add(u16::try_from(off).unwrap_or(0))
                 }));
@@ -530,7 +532,8 @@ pub fn post_route<T: Tracer>(
                     if icmp {
                         cand.dport = port;
                     }
-                    if !ct.key_in_use(&cand.reversed()) {
+                    let reply = cand.reversed();
+                    if st.shard.owns(t, &reply) && !st.ct.key_in_use(&reply) {
                         out = cand;
                         found = true;
                         break;
@@ -543,6 +546,7 @@ pub fn post_route<T: Tracer>(
             }
         }
     }
+    let ct = &mut st.ct;
     if out == orig && rs.firewall.is_empty() {
         return Ok(false);
     }

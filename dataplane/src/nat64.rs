@@ -32,7 +32,9 @@
 //! fragments, IPv6 extension headers and IPv4
 //! options; no "packet too big" is sent when a 1500-byte IPv4 packet
 //! becomes a 1520-byte IPv6 one (TCP's MSS keeps within the MTU); no
-//! IPv4-initiated sessions (static bindings); one worker's table.
+//! IPv4-initiated sessions (static bindings). With several workers each
+//! session lives in its creator's table; its pool port is chosen so the
+//! IPv4 replies steer back there ([`crate::steer`]).
 
 use std::hash::Hasher;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -271,10 +273,12 @@ fn rewrite_l4(
         IPPROTO_UDP => 6,
         _ => 2,
     };
-    let old_word0 = [*seg.first()?, *seg.get(1)?];
     let old_port = be16(seg, port_at)?;
     let csum = be16(seg, csum_at)?;
     put(seg, port_at, &port.to_be_bytes())?;
+    // Word 0 is the source port of TCP/UDP (already accounted for above):
+    // read it after the port write so only the ICMP type change counts.
+    let old_word0 = [*seg.first()?, *seg.get(1)?];
     if let Some(t) = change.new_type {
         put(seg, 0, &[t])?;
     }
@@ -345,6 +349,7 @@ pub fn to_v4<T: Tracer>(
         return Err(DropReason::Nat64Unsupported);
     }
     let key = x.key.in_zone(n.zone);
+    let shard = st.shard;
     let ct = &mut st.ct;
     let (pool, port, new) = match ct.lookup(&key) {
         Some(f) if f.dir == Dir::Original => {
@@ -381,7 +386,9 @@ pub fn to_v4<T: Tracer>(
             let seed = u32::try_from(h.finish() >> 32).unwrap_or(0);
             let echo = proto4 == IPPROTO_ICMP;
             let mut chosen = None;
-            for i in 0..PORT_TRIES {
+            // Only ports whose replies steer back to this worker ([`crate::steer`]).
+            let tries = PORT_TRIES.saturating_mul(u32::try_from(st.shard.count).unwrap_or(1));
+            for i in 0..tries {
                 let cand = if i == 0 && (min..=max).contains(&key.sport) {
                     key.sport
                 } else {
@@ -396,7 +403,7 @@ pub fn to_v4<T: Tracer>(
                     dport: cand,
                     proto: proto4,
                 };
-                if !ct.key_in_use(&reply) {
+                if shard.owns_raw(&reply) && !ct.key_in_use(&reply) {
                     chosen = Some((cand, reply));
                     break;
                 }
@@ -878,6 +885,38 @@ mod tests {
             tables(vec![s]).unwrap_err(),
             ConfigError::Nat64(Nat64Error::PortRangeOutOfOrder { .. })
         ));
+    }
+
+    /// With two workers, the pool port is chosen so the IPv4 reply steers
+    /// to the worker holding the session.
+    #[test]
+    fn replies_steer_to_the_worker_holding_the_session() {
+        use crate::steer::{frame_worker, Shard};
+        let t = tables(vec![spec("10.0.2.100", None)]).unwrap();
+        for index in 0..2 {
+            let mut l = Learned::new(16);
+            l.stateful.shard = Shard { index, count: 2 };
+            let (v, out) = run(&t, &mut l, 1, &udp6());
+            assert_eq!(v, Verdict::Unicast { port: 2 });
+            let pool_port = u16::from_be_bytes([out[34], out[35]]);
+            let ps = pseudo(&out[26..30], &out[30..34], IPPROTO_UDP, out.len() - 34);
+            assert_eq!(
+                finish(accumulate(ps, &out[34..])),
+                0,
+                "UDP checksum, pool port {pool_port}"
+            );
+            let mut reply = crate::packet::build::udp64(
+                GW_B,
+                VM3,
+                "10.0.2.10".parse().unwrap(),
+                "10.0.2.100".parse().unwrap(),
+            );
+            reply[34..36].copy_from_slice(&53u16.to_be_bytes());
+            reply[36..38].copy_from_slice(&pool_port.to_be_bytes());
+            reply[40..42].copy_from_slice(&[0, 0]);
+            assert_eq!(frame_worker(&t, &reply, 2), index, "pool port {pool_port}");
+            assert_eq!(run(&t, &mut l, 2, &reply).0, Verdict::Unicast { port: 1 });
+        }
     }
 
     #[test]

@@ -80,6 +80,10 @@ impl Tracer for RecordTrace {
     }
 }
 
+/// Learned MACs a worker passes to the others per round at most (more are
+/// learned by each worker on its own, after a flood).
+pub const JOURNAL: usize = 64;
+
 /// MACs learned on ports without bindings; owned by one worker.
 ///
 /// Bounded: allocated once with its capacity and never grown, so learning
@@ -91,6 +95,9 @@ pub struct Learned {
     version: u64,
     capacity: usize,
     map: FastMap<u64, LportId>,
+    /// MACs learned here since the engine last shared them with the other
+    /// workers ([`crate::handoff`]); bounded, allocated once.
+    journal: Vec<(u64, LportId)>,
     /// Connection tracking for the stateful stages ([`crate::stateful`]).
     pub stateful: crate::stateful::WorkerState,
     /// Meter buckets ([`crate::qos`]).
@@ -107,6 +114,7 @@ impl Learned {
             version: 0,
             capacity,
             map: fastmap::with_capacity(capacity),
+            journal: Vec::with_capacity(JOURNAL),
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
             qos: crate::qos::QosState::new(),
             policy: crate::policy::PolicyState::default(),
@@ -130,6 +138,7 @@ impl Learned {
         self.qos.tick();
         if self.generation != generation {
             self.map.clear();
+            self.journal.clear();
             self.generation = generation;
             self.version += 1;
         }
@@ -138,6 +147,28 @@ impl Learned {
     /// Records `mac` behind `lport`; `true` when the entry is new or moved.
     pub fn learn(&mut self, switch: SwitchId, mac: &Mac, lport: LportId) -> bool {
         let key = Self::key(switch, mac);
+        let changed = self.learn_key(key, lport);
+        if changed && self.journal.len() < JOURNAL {
+            self.journal.push((key, lport));
+        }
+        changed
+    }
+
+    /// MACs learned since the last call, for the other workers (the
+    /// generation they were learned under, and `(key, lport)` pairs).
+    pub fn take_journal(&mut self) -> (u64, std::vec::Drain<'_, (u64, LportId)>) {
+        (self.generation, self.journal.drain(..))
+    }
+
+    /// Applies a MAC another worker learned under `generation` (ignored when
+    /// this worker's tables moved on); not journaled again.
+    pub fn learn_shared(&mut self, generation: u64, key: u64, lport: LportId) {
+        if generation == self.generation {
+            self.learn_key(key, lport);
+        }
+    }
+
+    fn learn_key(&mut self, key: u64, lport: LportId) -> bool {
         let room = self.map.len() < self.capacity;
         match self.map.get_mut(&key) {
             Some(existing) if *existing == lport => false,

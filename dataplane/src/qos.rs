@@ -7,8 +7,9 @@
 //!   ([`QosTables`]): a meter index per (logical port, direction) and the
 //!   DSCP to write. The buckets themselves are mutable, so they live in the
 //!   worker ([`QosState`]), one set per worker, and are touched without locks
-//!   or atomics. With several workers each worker would police its share of
-//!   a port's traffic (today there is one).
+//!   or atomics. With several workers each worker polices the flows steered
+//!   to it at the full rate, so a port whose flows spread over N workers
+//!   may get up to N × its rate (a shared token pool would fix that).
 //! - Tokens are kept in "nano-bytes" (bytes × 10⁹): a refill is
 //!   `elapsed_ns × rate_bytes_per_s` with no division and no rounding loss,
 //!   so the long-run rate is exact. The clock is read once per batch

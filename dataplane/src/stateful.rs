@@ -56,6 +56,9 @@ pub const DEFAULT_CONNECTIONS: usize = 256;
 /// A worker's mutable state for the stateful stages.
 pub struct WorkerState {
     pub ct: Conntrack,
+    /// This worker's place among the workers: NAT picks only ports whose
+    /// replies steer back here ([`crate::steer`]).
+    pub shard: crate::steer::Shard,
     start: Instant,
     /// A zone flush in progress: (zone, next slab slot).
     flushing: Option<(u32, usize)>,
@@ -69,6 +72,7 @@ impl WorkerState {
     pub fn new(connections: usize) -> WorkerState {
         WorkerState {
             ct: Conntrack::with_capacity(connections),
+            shard: crate::steer::Shard::SOLE,
             start: Instant::now(),
             flushing: None,
         }
@@ -81,13 +85,16 @@ impl WorkerState {
     }
 }
 
-/// Runs a zone flush requested through [`crate::counters::Stats::ct_flush`].
+/// Runs a zone flush requested through [`crate::counters::Stats::request_ct_flush`].
 // hot path: one relaxed atomic load per round.
 /// The flush runs incrementally, [`FLUSH_PER_BATCH`] slots per round, so one
 /// zone's flush does not stall forwarding for the others.
 pub fn serve_flush(stats: &crate::counters::Stats, st: &mut WorkerState) {
-    if st.flushing.is_none() && stats.ct_flush.load(Ordering::Relaxed) != 0 {
-        let zone = stats.ct_flush.swap(0, Ordering::Relaxed);
+    let Some(request) = stats.workers.get(st.shard.index).map(|w| &w.ct_flush) else {
+        return;
+    };
+    if st.flushing.is_none() && request.load(Ordering::Relaxed) != 0 {
+        let zone = request.swap(0, Ordering::Relaxed);
         st.flushing = Some((zone, 0));
     }
     if let Some((zone, from)) = st.flushing {

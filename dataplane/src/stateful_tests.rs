@@ -664,3 +664,92 @@ fn ipv6_echo_is_filtered_but_neighbor_discovery_passes() {
         Verdict::Unicast { port: 1 }
     );
 }
+
+/// Several workers: every NATed reply steers to the worker that created
+/// the session (SNAT picks such ports), DNAT/floating-IP traffic steers
+/// like the inside's replies, and un-NATed flows are symmetric.
+#[test]
+fn nat_replies_steer_to_the_worker_that_created_the_session() {
+    use crate::steer::{frame_worker, Shard};
+    let up = 4;
+    let mut per_worker = [0usize; 2];
+    for (index, done) in per_worker.iter_mut().enumerate() {
+        let mut r = Rig::new(&nat_state());
+        r.learned.stateful.shard = Shard { index, count: 2 };
+        for sport in 40000..40040u16 {
+            let syn = with_tcp_checksum(tcp(GW_A, VM1, VM1_IP, EXT_HOST_IP, sport, 443, SYN, 1, 0));
+            // Only the frames steered here reach this worker.
+            if frame_worker(&r.t, &syn, 2) != index {
+                continue;
+            }
+            let (v, out) = r.run(0, &syn);
+            if v == Verdict::Drop(DropReason::NatPortsExhausted) {
+                break; // this worker's share of the 10 ports is used up
+            }
+            assert_eq!(v, Verdict::Unicast { port: up });
+            let port = u16::from_be_bytes([out[34], out[35]]);
+            let reply = with_tcp_checksum(tcp(
+                GW_EXT,
+                EXT_HOST,
+                EXT_HOST_IP,
+                "198.18.0.1",
+                443,
+                port,
+                SYN | ACK,
+                9,
+                2,
+            ));
+            assert_eq!(
+                frame_worker(&r.t, &reply, 2),
+                index,
+                "SNAT reply to port {port}"
+            );
+            let (v, back) = r.run(up, &reply);
+            assert_eq!(v, Verdict::Unicast { port: 0 });
+            assert_eq!(u16::from_be_bytes([back[36], back[37]]), sport);
+            *done += 1;
+        }
+    }
+    assert!(per_worker.iter().all(|n| *n >= 3), "{per_worker:?}");
+
+    let r = Rig::new(&nat_state());
+    for sport in 5000..5064u16 {
+        // Port forwarding 198.18.0.1:8080 → vm2:80, and vm2's reply.
+        let c = tcp(
+            GW_EXT,
+            EXT_HOST,
+            EXT_HOST_IP,
+            "198.18.0.1",
+            sport,
+            8080,
+            SYN,
+            1,
+            0,
+        );
+        let s = tcp(GW_A, VM2, VM2_IP, EXT_HOST_IP, 80, sport, SYN | ACK, 1, 2);
+        assert_eq!(frame_worker(&r.t, &c, 2), frame_worker(&r.t, &s, 2));
+        // Floating IP 198.18.0.50 ↔ vm3.
+        let c = tcp(
+            GW_EXT,
+            EXT_HOST,
+            EXT_HOST_IP,
+            "198.18.0.50",
+            sport,
+            22,
+            SYN,
+            1,
+            0,
+        );
+        let s = tcp(GW_B, VM3, VM3_IP, EXT_HOST_IP, 22, sport, SYN | ACK, 1, 2);
+        assert_eq!(frame_worker(&r.t, &c, 2), frame_worker(&r.t, &s, 2));
+        // Plain routed traffic, both directions.
+        let a = tcp(GW_A, VM1, VM1_IP, VM3_IP, sport, 443, SYN, 1, 0);
+        let b = tcp(GW_B, VM3, VM3_IP, VM1_IP, 443, sport, SYN | ACK, 1, 2);
+        assert_eq!(frame_worker(&r.t, &a, 2), frame_worker(&r.t, &b, 2));
+    }
+    // ARP request and reply meet.
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let req = crate::packet::build::arp(1, [0xff; 6], VM1, ip(VM1_IP), [0; 6], ip(VM2_IP), None);
+    let rep = crate::packet::build::arp(2, VM1, VM2, ip(VM2_IP), VM1, ip(VM1_IP), None);
+    assert_eq!(frame_worker(&r.t, &req, 2), frame_worker(&r.t, &rep, 2));
+}

@@ -122,6 +122,11 @@ impl Lab {
 
     /// `ipv6`: keep IPv6 on and give each VM `fd00:1::1<i>/64`.
     fn start_with(ipv6: bool) -> Lab {
+        Lab::start_opts(ipv6, 1)
+    }
+
+    /// [`Lab::start_with`] with `workers` data-plane workers.
+    fn start_opts(ipv6: bool, workers: usize) -> Lab {
         let switch = NetnsHost::new("dpsw").unwrap();
         let mut vms = Vec::new();
         for (i, (sw, mac, cidr, gw)) in VMS.iter().enumerate() {
@@ -168,6 +173,8 @@ impl Lab {
             config.display().to_string(),
             "--socket".into(),
             socket.display().to_string(),
+            "--workers".into(),
+            workers.to_string(),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         switch.spawn(&args).unwrap();
@@ -227,9 +234,28 @@ impl Lab {
     }
 }
 
+/// Switching, ARP suppression and routing with two workers: frames of one
+/// flow may arrive on either worker's socket and are steered to one.
+#[test]
+fn switching_arp_and_routing_with_two_workers() {
+    let lab = Lab::start_opts(false, 2);
+    same_subnet_ping_and_tcp_on(&lab);
+    router_forwards_across_subnets_decrementing_ttl_on(&lab);
+    arp_for_known_binding_is_answered_without_flooding_on(&lab);
+    let stats = lab.stats();
+    assert_eq!(stats.workers.len(), 2, "{stats:?}");
+    assert!(
+        stats.workers.iter().all(|w| w["processed"] > 0),
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn same_subnet_ping_and_tcp() {
-    let lab = Lab::start();
+    same_subnet_ping_and_tcp_on(&Lab::start());
+}
+
+fn same_subnet_ping_and_tcp_on(lab: &Lab) {
     let out = lab.ping(0, lab.vms[1].ip);
     assert!(out.contains("3 received"), "{out}");
     assert!(
@@ -238,7 +264,7 @@ fn same_subnet_ping_and_tcp() {
     );
 
     // TCP: 1 MiB from a real socket in vm0 to one in vm1, checked end to end.
-    let (mut client, mut server) = tcp_pair(&lab, 0, 1);
+    let (mut client, mut server) = tcp_pair(lab, 0, 1);
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
@@ -262,7 +288,10 @@ fn same_subnet_ping_and_tcp() {
 
 #[test]
 fn router_forwards_across_subnets_decrementing_ttl() {
-    let lab = Lab::start();
+    router_forwards_across_subnets_decrementing_ttl_on(&Lab::start());
+}
+
+fn router_forwards_across_subnets_decrementing_ttl_on(lab: &Lab) {
     let out = lab.ping(0, lab.vms[2].ip);
     assert!(out.contains("3 received"), "{out}");
     // vm2 replies with TTL 64; the router takes one off on the way back.
@@ -363,7 +392,10 @@ fn spoofed_source_is_dropped_and_counted() {
 
 #[test]
 fn arp_for_known_binding_is_answered_without_flooding() {
-    let lab = Lab::start();
+    arp_for_known_binding_is_answered_without_flooding_on(&Lab::start());
+}
+
+fn arp_for_known_binding_is_answered_without_flooding_on(lab: &Lab) {
     let pcap = lab.dir().join("vm3.pcap");
     lab.vm(3)
         .spawn(&[
@@ -380,7 +412,10 @@ fn arp_for_known_binding_is_answered_without_flooding() {
     wait_for(|| std::fs::metadata(&pcap).is_ok(), "tcpdump started");
     // Let tcpdump attach its filter (the file is created just before).
     std::thread::sleep(Duration::from_millis(500));
-    let before = lab.stats().outcomes["arp_replied"];
+    let (before, vm1_tx) = {
+        let s = lab.stats();
+        (s.outcomes["arp_replied"], s.port("dp1").unwrap().tx_packets)
+    };
     let out = lab
         .vm(0)
         .sh(&format!(
@@ -396,7 +431,7 @@ fn arp_for_known_binding_is_answered_without_flooding() {
     let stats = lab.stats();
     assert!(stats.outcomes["arp_replied"] >= before + 3, "{stats:?}");
     // vm1 never saw the requests either: the data plane answered.
-    assert_eq!(stats.port("dp1").unwrap().tx_packets, 0, "{stats:?}");
+    assert_eq!(stats.port("dp1").unwrap().tx_packets, vm1_tx, "{stats:?}");
     // Control: an ARP for an unbound address is flooded and reaches vm3.
     let _ = lab.vm(0).capture(&[
         "busybox",

@@ -28,6 +28,10 @@ use common::{in_netns, wait_for, Host, Lab};
 type HostSpec = (&'static str, &'static str, &'static str);
 
 fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+    lab_with(hosts, state, &[])
+}
+
+fn lab_with(hosts: &[HostSpec], state: &DesiredState, extra: &[&str]) -> Lab {
     let hosts: Vec<Host> = hosts
         .iter()
         .map(|&(name, mac, cidr)| Host {
@@ -37,7 +41,7 @@ fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
             gateway: "",
         })
         .collect();
-    Lab::start("svsw", &hosts, state)
+    Lab::start_with("svsw", &hosts, state, extra)
 }
 
 fn mirror_stats(lab: &Lab) -> Vec<MirrorStats> {
@@ -452,7 +456,17 @@ fn nat64_state() -> DesiredState {
 
 #[test]
 fn nat64_ipv6_client_reaches_ipv4_server_over_tcp_udp_and_ping() {
-    let lab = lab(&NAT64_HOSTS, &nat64_state());
+    nat64_client_reaches_server(&lab(&NAT64_HOSTS, &nat64_state()));
+}
+
+/// The same with two workers: each session's pool port is chosen so the
+/// IPv4 replies steer back to the worker holding it.
+#[test]
+fn nat64_with_two_workers() {
+    nat64_client_reaches_server(&lab_with(&NAT64_HOSTS, &nat64_state(), &["--workers", "2"]));
+}
+
+fn nat64_client_reaches_server(lab: &Lab) {
     let (client, server) = (&lab.hosts[0], &lab.hosts[1]);
     client
         .sh(

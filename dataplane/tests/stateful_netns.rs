@@ -31,6 +31,10 @@ type HostSpec = (
 );
 
 fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
+    lab_with(hosts, state, &[])
+}
+
+fn lab_with(hosts: &[HostSpec], state: &DesiredState, extra: &[&str]) -> Lab {
     let hosts: Vec<Host> = hosts
         .iter()
         .map(|&(name, _, mac, cidr, gateway)| Host {
@@ -40,7 +44,7 @@ fn lab(hosts: &[HostSpec], state: &DesiredState) -> Lab {
             gateway,
         })
         .collect();
-    Lab::start("ctsw", &hosts, state)
+    Lab::start_with("ctsw", &hosts, state, extra)
 }
 
 /// What the tests ask a lab beyond the common part.
@@ -332,7 +336,84 @@ fn nat_state() -> DesiredState {
 
 #[test]
 fn snat_dnat_and_floating_ip_with_an_internet_host() {
-    let lab = lab(&NAT_HOSTS, &nat_state());
+    nat_with_an_internet_host(&lab(&NAT_HOSTS, &nat_state()));
+}
+
+/// The same with two workers: frames arrive on either worker's socket
+/// (PACKET_FANOUT) and are steered so each connection, NATed or not, is
+/// handled by one worker in both directions.
+#[test]
+fn snat_dnat_and_floating_ip_with_two_workers() {
+    nat_with_an_internet_host(&lab_with(&NAT_HOSTS, &nat_state(), &["--workers", "2"]));
+}
+
+/// Two workers, many parallel TCP connections through a security group and
+/// SNAT: every connection carries data both ways, both workers track some
+/// of them, and nothing is dropped as invalid, denied or for want of a port.
+#[test]
+fn two_workers_share_parallel_snat_connections() {
+    const CONNECTIONS: usize = 32;
+    let mut state = nat_state();
+    // Default groups: egress allowed, ingress only as replies (stateful).
+    state.security_groups = vec![SecurityGroupSpec {
+        name: "egress-only".into(),
+        ports: vec!["vmsnat".into()],
+        rules: vec![],
+    }];
+    let lab = lab_with(&NAT_HOSTS, &state, &["--workers", "2"]);
+    let (snat_vm, internet) = (1, 2);
+    let l = lab.listen(internet, 7000);
+    let mut pairs = Vec::new();
+    for i in 0..CONNECTIONS {
+        let mut c = lab.connect(snat_vm, "198.18.0.100:7000").unwrap();
+        let (mut s, peer) = accept(&l);
+        assert_eq!(peer.ip().to_string(), "198.18.0.1");
+        deliver(&mut c, &mut s, format!("out {i}").as_bytes()).unwrap();
+        pairs.push((c, s));
+    }
+    for (i, (c, s)) in pairs.iter_mut().enumerate() {
+        deliver(s, c, format!("back {i}").as_bytes()).unwrap();
+        deliver(c, s, &vec![u8::try_from(i).unwrap(); 64 * 1024]).unwrap();
+    }
+    let stats = lab.stats();
+    assert_eq!(stats.workers.len(), 2, "{stats:?}");
+    for (i, w) in stats.workers.iter().enumerate() {
+        // Each connection has a router (SNAT) and a port-zone entry on its worker.
+        assert!(
+            w["processed"] > 0 && w["conntrack_entries"] >= 2,
+            "worker {i} carried no connection: {stats:?}"
+        );
+    }
+    assert!(
+        stats.conntrack["created"] >= 2 * CONNECTIONS as u64,
+        "{stats:?}"
+    );
+    for p in &stats.ports {
+        for bad in [
+            "ct_invalid",
+            "security_group_denied",
+            "nat_ports_exhausted",
+            "handoff_full",
+            "ct_table_full",
+        ] {
+            assert_eq!(p.drops.get(bad), None, "{}: {stats:?}", p.interface);
+        }
+    }
+    // Zone flushes reach both workers.
+    match lab.request(&Request::CtFlush {
+        port: Some("vmsnat".into()),
+        router: None,
+    }) {
+        Response::FlushRequested { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    wait_for(
+        || lab.stats().conntrack["flushed"] >= CONNECTIONS as u64,
+        "both workers to flush the port's zone",
+    );
+}
+
+fn nat_with_an_internet_host(lab: &Lab) {
     let (fip_vm, snat_vm, internet) = (0, 1, 2);
 
     // Floating IP: the internet host reaches the VM at 198.18.0.50, and the VM

@@ -10,11 +10,21 @@
 //! The flow cache (on in every scenario above, as in the daemon) is measured
 //! against the same pipeline with the cache off, in the same process.
 //!
+//! Worker scaling: 2 worker threads (each with its own generator and sink,
+//! pinned to the two allowed CPUs) against 1, same tables and frames, in
+//! the same process; the ratio is the 1→2 speed-up (goal ≥ 1.8). "Steered"
+//! feeds each worker only its own flows (symmetric RSS / eBPF fanout);
+//! "mixed" feeds each all flows, so half cross a handoff lane (AF_PACKET's
+//! fanout hash). On a shared 2-core machine other load lowers the ratio:
+//! the control row runs a pipeline-free copy loop on 2 threads vs 1 in the
+//! same process, so the workers' ratio can be read against what the
+//! machine gave two threads at that moment.
+//!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
 use keel_dataplane::bench::{
-    run_baseline, run_pipeline, run_pipeline_with_cache, run_service, run_stateful, Run, Scenario,
-    Service, Stateful,
+    run_baseline, run_baseline_threads, run_pipeline, run_pipeline_with_cache, run_service,
+    run_stateful, run_workers, Feed, Run, Scenario, Service, Stateful,
 };
 
 use crate::{BenchError, Measurement, Scale, Suite};
@@ -74,6 +84,7 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         );
     }
     flow_cache(per_round, &mut out)?;
+    scaling(per_round, &mut out)?;
     stateful(scale, &mut out)?;
     services(scale, &mut out)?;
     Ok(out)
@@ -110,6 +121,57 @@ fn flow_cache(per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchErr
         false,
         keel_dataplane::flowcache::FlowCache::bytes_per_entry() as f64,
     ));
+    Ok(())
+}
+
+/// 2 workers against 1 on the routed scenario.
+fn scaling(per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    let s = Scenario::Routed { hosts: 256 };
+    for (name, feed) in [
+        ("2 workers vs 1, routed, steered feed", Feed::Steered),
+        (
+            "2 workers vs 1, routed, mixed feed (half handed over)",
+            Feed::Mixed,
+        ),
+    ] {
+        let (mut two, mut one, mut lane_full) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..ROUNDS {
+            let (run, full) = run_workers(s, 2, per_round, feed).map_err(io)?;
+            lane_full += full;
+            two.push(run);
+            one.push(run_workers(s, 1, per_round, feed).map_err(io)?.0);
+        }
+        let (two, one) = (total(&two), total(&one));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, two.mpps())
+                .with_peer("1 worker, same frames", one.mpps()),
+        );
+        if feed == Feed::Mixed {
+            out.push(Measurement::new(
+                &format!("{name}: frames dropped, handoff lane full"),
+                "frames",
+                false,
+                lane_full as f64,
+            ));
+        }
+    }
+    // The control: what 2 threads get over 1 on this machine right now
+    // (a pipeline-free copy loop, nothing shared), for reading the above.
+    let (mut two, mut one) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        two.push(run_baseline_threads(s, 2, per_round * 4));
+        one.push(run_baseline_threads(s, 1, per_round * 4));
+    }
+    let (two, one) = (total(&two), total(&one));
+    out.push(
+        Measurement::new(
+            "control: 2 threads vs 1, generator→sink copy loop (machine scaling)",
+            "Mpps",
+            true,
+            two.mpps(),
+        )
+        .with_peer("1 thread, same loop", one.mpps()),
+    );
     Ok(())
 }
 
@@ -235,8 +297,11 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 17);
-        for m in ms.iter().filter(|m| m.unit != "bytes") {
+        assert_eq!(ms.len(), 21);
+        for m in ms
+            .iter()
+            .filter(|m| m.unit != "bytes" && m.unit != "frames")
+        {
             assert!(m.value > 0.0 && m.ratio.is_some_and(|r| r > 0.0), "{m:?}");
         }
     }

@@ -39,10 +39,11 @@
 //! a connection reach the same worker: frames are meant to be steered to
 //! workers with [`steer`], a hash that is *symmetric* in the endpoints
 //! (`steer(a→b) == steer(b→a)`), the software equivalent of symmetric RSS
-//! (Toeplitz with a repeated 16-bit key). NAT breaks symmetry on the wire; the
-//! plan (VPP NAT44-ED's) is to pick SNAT ports whose reply tuple steers to the
-//! worker that created the session. Today one worker runs, so steering is
-//! implemented and tested but not yet wired to multiple RX queues.
+//! (Toeplitz with a repeated 16-bit key). NAT breaks symmetry on the wire: as in VPP
+//! NAT44-ED, SNAT and NAT64 pick only ports whose reply tuple steers to the
+//! worker that created the session, and static DNAT is mapped back before
+//! hashing ([`crate::steer`]); frames are moved to their worker by
+//! [`crate::handoff`].
 //!
 //! # Assumptions
 //!

@@ -61,6 +61,11 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 impl Lab {
     /// Hosts on `dp0..`, the data plane started on them with `state`.
     pub fn start(label: &str, hosts: &[Host], state: &DesiredState) -> Lab {
+        Lab::start_with(label, hosts, state, &[])
+    }
+
+    /// [`Lab::start`] with more data-plane options (e.g. `--workers 2`).
+    pub fn start_with(label: &str, hosts: &[Host], state: &DesiredState, extra: &[&str]) -> Lab {
         let switch = NetnsHost::new(label).unwrap();
         let mut made = Vec::new();
         for (i, spec) in hosts.iter().enumerate() {
@@ -104,6 +109,7 @@ impl Lab {
             "--socket".into(),
             socket.display().to_string(),
         ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         switch.spawn(&args).unwrap();
         let lab = Lab {
