@@ -1,7 +1,10 @@
 //! One worker thread's I/O engine: its own io_uring and a pre-allocated
-//! request slot per queue entry. A queue kick drains the available ring into
-//! slots, submits every request's SQEs with one `io_uring_enter`, waits for
-//! the batch, then completes all requests and signals the guest once.
+//! request slot per queue entry. A queue kick starts a pipeline: available
+//! chains go into free slots, their SQEs are submitted together with the
+//! wait for the next completion (one `io_uring_enter` per round), finished
+//! requests are completed and the guest is signalled once per round, and
+//! freed slots are refilled at once, so the guest's queue depth stays in
+//! flight.
 
 use std::sync::atomic::Ordering;
 
@@ -58,6 +61,10 @@ pub(crate) struct Worker {
     ring: IoUring,
     slots: Vec<Request>,
     states: Vec<SlotState>,
+    /// Indices of slots not in flight (pre-allocated stack).
+    free: Vec<usize>,
+    /// Slots whose request finished and still need a used-ring entry.
+    done: Vec<usize>,
     pub(crate) mem: Option<GuestMem>,
 }
 
@@ -65,19 +72,26 @@ impl Worker {
     pub(crate) fn new(queue_size: u16) -> Result<Self, WorkerError> {
         let entries = u32::from(queue_size).next_power_of_two().max(64);
         let ring = IoUring::new(entries).map_err(WorkerError::CreateRing)?;
+        let n = usize::from(queue_size);
         let slots = (0..queue_size).map(|_| Request::default()).collect();
         Ok(Self {
             ring,
             slots,
-            states: vec![SlotState::default(); usize::from(queue_size)],
+            states: vec![SlotState::default(); n],
+            free: (0..n).rev().collect(),
+            done: Vec::with_capacity(n),
             mem: None,
         })
     }
 
-    /// Serves a kicked queue until it is empty.
+    /// Serves a kicked queue until it is empty and nothing is in flight.
     ///
-    /// hot path: no allocation, one io_uring_enter per batch, one guest
-    /// notification per batch.
+    /// hot path: no allocation. Requests are kept in flight as a pipeline:
+    /// every round submits all newly available requests together with the
+    /// wait for at least one completion (one io_uring_enter), completes what
+    /// finished, signals the guest once for them, and refills freed slots
+    /// from the available ring, so the queue depth the guest offers stays on
+    /// the device instead of draining to zero after each batch.
     pub(crate) fn process_queue<H: WriteHook>(
         &mut self,
         vring: &VringRwLock<GuestMem>,
@@ -89,123 +103,151 @@ impl Worker {
             return Ok(());
         };
         let mem = vm_memory::GuestAddressSpace::memory(&atomic);
-        loop {
-            if event_idx {
-                vring
-                    .disable_notification()
-                    .map_err(WorkerError::AvailRing)?;
-            }
-            let more = self.run_batch(vring, &mem, disk, hook, event_idx)?;
-            if more {
-                continue;
-            }
-            if !event_idx
-                || !vring
-                    .enable_notification()
-                    .map_err(WorkerError::AvailRing)?
-            {
-                return Ok(());
-            }
-        }
-    }
-
-    /// One batch; returns true when it stopped because slots or SQ space ran
-    /// out (more requests may be waiting).
-    fn run_batch<H: WriteHook>(
-        &mut self,
-        vring: &VringRwLock<GuestMem>,
-        mem: &GuestMemoryMmap<()>,
-        disk: &DiskShared,
-        hook: &H,
-        event_idx: bool,
-    ) -> Result<bool, WorkerError> {
         let view = DiskView {
             sectors: disk.disk.sectors(),
             readonly: disk.disk.readonly(),
             failed: disk.disk.failed(),
             serial: &disk.serial,
         };
-        let writethrough = !disk.wce.load(Ordering::Relaxed);
-        let fd = types::Fd(disk.disk.raw_fd());
-        let sq_cap = self.ring.params().sq_entries() as usize;
-
-        // Phase 1: pop and parse chains, queue their SQEs.
-        let mut n = 0usize;
-        let mut sqes = 0usize;
-        let mut more = false;
-        {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            let mut iter = queue.iter(mem).map_err(WorkerError::AvailRing)?;
-            loop {
-                if n == self.slots.len() || sq_cap - sqes < MAX_SQES_PER_REQUEST {
-                    more = true;
-                    break;
-                }
-                let Some(chain) = iter.next() else { break };
-                let head = chain.head_index();
-                let (slot, st) = (&mut self.slots[n], &mut self.states[n]);
-                *st = SlotState::default();
-                match slot.parse(head, chain, mem, &view) {
-                    Ok(()) => {
-                        let pushed = push_sqes(&mut self.ring, slot, n, fd, writethrough);
-                        st.pending = pushed;
-                        sqes += pushed as usize;
-                    }
-                    Err(e) => st.parse = Some(e),
-                }
-                n += 1;
+        let mut in_flight = 0usize;
+        if event_idx {
+            vring
+                .disable_notification()
+                .map_err(WorkerError::AvailRing)?;
+        }
+        loop {
+            in_flight += self.refill(vring, &mem, disk, &view)?;
+            if !self.done.is_empty() {
+                // Parse errors and GET_ID complete without I/O.
+                self.complete(vring, &mem, hook, event_idx)?;
+                continue;
             }
-        }
-        if n == 0 {
-            return Ok(false);
-        }
-
-        // Phase 2: one submit for the whole batch, reap until all done.
-        let mut outstanding = sqes;
-        while outstanding > 0 {
+            if in_flight == 0 {
+                if !event_idx
+                    || !vring
+                        .enable_notification()
+                        .map_err(WorkerError::AvailRing)?
+                {
+                    return Ok(());
+                }
+                vring
+                    .disable_notification()
+                    .map_err(WorkerError::AvailRing)?;
+                continue;
+            }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(WorkerError::Submit(e)),
             }
-            for cqe in self.ring.completion() {
-                outstanding -= 1;
-                let ud = cqe.user_data();
-                let Ok(idx) = usize::try_from(ud >> 1) else {
-                    continue;
-                };
-                let (Some(slot), Some(st)) = (self.slots.get(idx), self.states.get_mut(idx)) else {
-                    continue;
-                };
-                st.pending = st.pending.saturating_sub(1);
-                let res = cqe.result();
-                let ok = if ud & UD_DATA != 0 {
-                    match slot.kind {
-                        RequestKind::Read | RequestKind::Write => {
-                            u64::try_from(res).is_ok_and(|r| r == slot.len)
-                        }
-                        _ => res >= 0,
+            in_flight -= self.reap(disk);
+            self.complete(vring, &mem, hook, event_idx)?;
+        }
+    }
+
+    /// Moves available chains into free slots and queues their SQEs (not
+    /// submitted yet); returns the number of SQEs queued.
+    fn refill(
+        &mut self,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestMemoryMmap<()>,
+        disk: &DiskShared,
+        view: &DiskView<'_>,
+    ) -> Result<usize, WorkerError> {
+        let writethrough = !disk.wce.load(Ordering::Relaxed);
+        let fd = types::Fd(disk.disk.raw_fd());
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let mut iter = queue.iter(mem).map_err(WorkerError::AvailRing)?;
+        let mut sqes = 0usize;
+        loop {
+            let sq_free = {
+                let sq = self.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if sq_free < MAX_SQES_PER_REQUEST {
+                break;
+            }
+            let Some(&n) = self.free.last() else { break };
+            let Some(chain) = iter.next() else { break };
+            self.free.pop();
+            let head = chain.head_index();
+            let (slot, st) = (&mut self.slots[n], &mut self.states[n]);
+            *st = SlotState::default();
+            match slot.parse(head, chain, mem, view) {
+                Ok(()) => {
+                    let pushed = push_sqes(&mut self.ring, slot, n, fd, writethrough);
+                    st.pending = pushed;
+                    sqes += pushed as usize;
+                    if pushed == 0 {
+                        self.done.push(n);
                     }
-                } else {
-                    // An fsync: a failure (other than cancellation after a
-                    // failed linked write) means written-back data may be
-                    // lost, so the disk is failed for good.
-                    if res < 0 && res != -libc::ECANCELED {
-                        disk.disk.mark_failed();
-                    }
-                    res >= 0
-                };
-                if !ok {
-                    st.io_failed = true;
+                }
+                Err(e) => {
+                    st.parse = Some(e);
+                    self.done.push(n);
                 }
             }
         }
+        Ok(sqes)
+    }
 
-        // Phase 3: complete to the guest, hook first.
+    /// Takes every available CQE; requests whose last SQE finished go to
+    /// `done`. Returns the number of CQEs taken.
+    fn reap(&mut self, disk: &DiskShared) -> usize {
+        let mut taken = 0usize;
+        for cqe in self.ring.completion() {
+            taken += 1;
+            let ud = cqe.user_data();
+            let Ok(idx) = usize::try_from(ud >> 1) else {
+                continue;
+            };
+            let (Some(slot), Some(st)) = (self.slots.get(idx), self.states.get_mut(idx)) else {
+                continue;
+            };
+            st.pending = st.pending.saturating_sub(1);
+            let res = cqe.result();
+            let ok = if ud & UD_DATA != 0 {
+                match slot.kind {
+                    RequestKind::Read | RequestKind::Write => {
+                        u64::try_from(res).is_ok_and(|r| r == slot.len)
+                    }
+                    _ => res >= 0,
+                }
+            } else {
+                // An fsync: a failure (other than cancellation after a
+                // failed linked write) means written-back data may be
+                // lost, so the disk is failed for good.
+                if res < 0 && res != -libc::ECANCELED {
+                    disk.disk.mark_failed();
+                }
+                res >= 0
+            };
+            if !ok {
+                st.io_failed = true;
+            }
+            if st.pending == 0 {
+                self.done.push(idx);
+            }
+        }
+        taken
+    }
+
+    /// Completes the finished requests to the guest (hook first), frees
+    /// their slots and signals the guest once for all of them.
+    fn complete<H: WriteHook>(
+        &mut self,
+        vring: &VringRwLock<GuestMem>,
+        mem: &GuestMemoryMmap<()>,
+        hook: &H,
+        event_idx: bool,
+    ) -> Result<(), WorkerError> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        for i in 0..n {
+        for &i in &self.done {
             let (slot, st) = (&self.slots[i], self.states[i]);
             let status = match st.parse {
                 Some(e) => e.status(),
@@ -222,7 +264,9 @@ impl Worker {
             queue
                 .add_used(mem, slot.head, used)
                 .map_err(WorkerError::AddUsed)?;
+            self.free.push(i);
         }
+        self.done.clear();
         let notify = if event_idx {
             queue
                 .needs_notification(mem)
@@ -233,7 +277,7 @@ impl Worker {
         if notify {
             state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
-        Ok(more)
+        Ok(())
     }
 }
 
