@@ -55,7 +55,7 @@ fn postgres_cluster_applies_keel_schema() {
         .unwrap();
     assert_eq!(
         tables.trim(),
-        "audit_log,events,idempotency,keel_meta,resources,runs,tasks,tokens,users"
+        "audit_log,events,heartbeats,idempotency,keel_meta,resources,runs,tasks,tokens,users"
     );
     // Unix-ms times and identity sequence numbers are 64-bit.
     server
