@@ -266,6 +266,25 @@ fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     panic!("{what}: still not after 720 polls");
 }
 
+/// A VDC and a 1 GiB volume in it, made by the agent: `(vdc, volume id)`.
+fn vdc_with_volume(keel: &KeelProcess, token: &str) -> (Value, String) {
+    let (_, vdc) = send(
+        "POST",
+        &keel.url("/api/v1/vdcs"),
+        Some(token),
+        Some(json!({"name": "acme"})),
+    );
+    let (status, task) = send(
+        "POST",
+        &keel.url("/api/v1/volumes"),
+        Some(token),
+        Some(json!({"name": "data", "vdc_id": vdc["id"], "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{task}");
+    wait_task(keel, token, &task);
+    (vdc, task["resource_id"].as_str().unwrap().to_owned())
+}
+
 /// Polls a task until it finishes.
 fn wait_task(keel: &KeelProcess, token: &str, task: &Value) -> Value {
     let url = keel.url(&format!("/api/v1/tasks/{}", task["id"].as_str().unwrap()));
@@ -286,21 +305,7 @@ fn volume_copy_carries_the_data_and_keeps_holes() {
     let state = tempfile::tempdir().unwrap();
     let keel = KeelProcess::up(state.path()).unwrap();
     let token = login(&keel, &admin_password(state.path()));
-    let (_, vdc) = send(
-        "POST",
-        &keel.url("/api/v1/vdcs"),
-        Some(&token),
-        Some(json!({"name": "acme"})),
-    );
-    let (status, task) = send(
-        "POST",
-        &keel.url("/api/v1/volumes"),
-        Some(&token),
-        Some(json!({"name": "src", "vdc_id": vdc["id"], "size_gib": 1})),
-    );
-    assert_eq!(status, 202, "{task}");
-    wait_task(&keel, &token, &task);
-    let source = task["resource_id"].as_str().unwrap().to_owned();
+    let (_, source) = vdc_with_volume(&keel, &token);
     let file = |id: &str| state.path().join("volumes").join(format!("{id}.raw"));
     let marker = b"KEEL-COPY-MARKER";
     {
@@ -359,20 +364,8 @@ fn backup_policy_takes_its_first_backup_through_the_agent() {
     let state = tempfile::tempdir().unwrap();
     let keel = KeelProcess::up(state.path()).unwrap();
     let token = login(&keel, &admin_password(state.path()));
-    let (_, vdc) = send(
-        "POST",
-        &keel.url("/api/v1/vdcs"),
-        Some(&token),
-        Some(json!({"name": "acme"})),
-    );
-    let (_, task) = send(
-        "POST",
-        &keel.url("/api/v1/volumes"),
-        Some(&token),
-        Some(json!({"name": "data", "vdc_id": vdc["id"], "size_gib": 1})),
-    );
-    wait_task(&keel, &token, &task);
-    let volume = task["resource_id"].as_str().unwrap();
+    let (vdc, volume) = vdc_with_volume(&keel, &token);
+    let volume = volume.as_str();
     let (status, policy) = send(
         "POST",
         &keel.url("/api/v1/backup-policies"),
