@@ -3,7 +3,11 @@
 //! ([`keel_dataplane::model::DesiredState`]) and runs `keel dataplane` with
 //! a vhost-user-net socket per NIC port. Subnets become switches (with
 //! keel's DHCP when the subnet enables it), router interfaces their
-//! gateways, ports the bound MAC/IP of a VM NIC.
+//! gateways, ports the bound MAC/IP of a VM NIC. A router with an external
+//! gateway gets a leg on its external network's switch, whose one port is
+//! this host's uplink interface for the network's physical network (`keel
+//! up --uplink NAME=IFACE`), a default route to the network's gateway,
+//! SNAT for its subnets and the 1:1 NAT of its floating IPs.
 //!
 //! A change that keeps the set of NIC ports (rules, routers, DHCP) is
 //! applied in place over the data plane's control socket: the tables swap
@@ -16,14 +20,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keel_control::api::external_networks::ExternalNetworkSpec;
+use keel_control::api::floating_ips::FloatingIpSpec;
 use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
 use keel_control::api::records::Record;
 use keel_control::api::routers::RouterSpec as ApiRouter;
 use keel_control::api::security_groups::{self as api_sg, SgSpec};
 use keel_dataplane::model::{
-    DesiredState, DhcpSpec, EtherType, PortSpec, RouterPortSpec, RouterSpec, RuleAction,
-    RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
+    DesiredState, DhcpSpec, EtherType, NatKind, NatRuleSpec, PortSpec, RouterPortSpec,
+    RouterSpec, RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, StaticRouteSpec,
+    SwitchSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,22 +98,52 @@ fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
         .collect()
 }
 
-/// Compiles the desired state from the NIC ports of `vms`, and the subnets,
-/// routers and security groups those ports use. Non-IPv4 subnets are left
-/// out (the data plane routes IPv4).
-pub fn desired_state(
-    vms: &[(Record, Vec<String>)],
-    ports: &BTreeMap<String, Record>,
-    subnets: &BTreeMap<String, Record>,
-    routers: &[Record],
-    groups: &BTreeMap<String, Record>,
-) -> DesiredState {
+/// The store's network resources an agent compiles (ids to records).
+pub struct NetworkView<'a> {
+    /// VMs of this host with NICs, and their port ids.
+    pub vms: &'a [(Record, Vec<String>)],
+    pub ports: &'a BTreeMap<String, Record>,
+    pub subnets: &'a BTreeMap<String, Record>,
+    pub routers: &'a [Record],
+    pub groups: &'a BTreeMap<String, Record>,
+    pub external_networks: &'a BTreeMap<String, Record>,
+    pub floating_ips: &'a [Record],
+    /// This host's uplink interface per physical network.
+    pub uplinks: &'a BTreeMap<String, String>,
+}
+
+/// The name of the data-plane port on an uplink interface.
+fn uplink_port(interface: &str) -> String {
+    format!("uplink-{interface}")
+}
+
+/// A NAT rule of `router` without ports.
+fn nat(router: &str, kind: NatKind, external_ip: String, logical_ip: String) -> NatRuleSpec {
+    NatRuleSpec {
+        router: router.to_owned(),
+        kind,
+        external_ip,
+        logical_ip,
+        protocol: None,
+        external_port: None,
+        logical_port: None,
+        port_min: None,
+        port_max: None,
+    }
+}
+
+/// Compiles the desired state from the NIC ports of `view.vms`, and the
+/// subnets, routers, security groups, external networks and floating IPs
+/// those ports use. Non-IPv4 subnets are left out (the data plane routes
+/// IPv4); an external network whose physical network has no uplink on this
+/// host is left out too (its routers then route only inside the VPC).
+pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
     let mut state = DesiredState::default();
     let mut used: BTreeSet<String> = BTreeSet::new();
     let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (_, port_ids) in vms {
+    for (_, port_ids) in view.vms {
         for pid in port_ids {
-            let Some(port) = ports.get(pid) else { continue };
+            let Some(port) = view.ports.get(pid) else { continue };
             let Ok(spec) = port.spec::<ApiPort>() else {
                 continue;
             };
@@ -128,11 +165,14 @@ pub fn desired_state(
         }
     }
     let mut gateways: BTreeMap<String, bool> = BTreeMap::new();
-    for router in routers {
+    // External network → the uplink interface its switch is plugged into.
+    let mut plugged: BTreeMap<String, String> = BTreeMap::new();
+    for router in view.routers {
         let Ok(spec) = router.spec::<ApiRouter>() else {
             continue;
         };
-        let ports: Vec<RouterPortSpec> = spec
+        let rid = router.meta.id.as_str();
+        let mut ports: Vec<RouterPortSpec> = spec
             .interfaces
             .iter()
             .filter(|i| used.contains(&i.subnet_id) && i.ip_address.is_ipv4())
@@ -140,22 +180,126 @@ pub fn desired_state(
                 gateways.insert(i.subnet_id.clone(), true);
                 RouterPortSpec {
                     switch: i.subnet_id.clone(),
-                    mac: gateway_mac(&router.meta.id, &i.subnet_id),
+                    mac: gateway_mac(rid, &i.subnet_id),
                     ip: i.ip_address.to_string(),
                     ip6: None,
                 }
             })
             .collect();
-        if !ports.is_empty() {
-            state.routers.push(RouterSpec {
-                name: router.meta.id.clone(),
-                ports,
-                static_routes: Vec::new(),
-            });
+        if ports.is_empty() {
+            continue;
         }
+        let inside: Vec<String> = ports.iter().map(|p| p.switch.clone()).collect();
+        // Networks a next hop may be on: the data plane refuses others.
+        let mut connected: Vec<ipnet::IpNet> = inside
+            .iter()
+            .filter_map(|s| view.subnets.get(s)?.spec::<SubnetSpec>().ok())
+            .map(|s| s.cidr)
+            .collect();
+        let mut static_routes: Vec<StaticRouteSpec> = Vec::new();
+        if let Some(gw) = &spec.external_gateway {
+            let external = view
+                .external_networks
+                .get(&gw.external_network_id)
+                .and_then(|r| r.spec::<ExternalNetworkSpec>().ok());
+            let interface = external
+                .as_ref()
+                .and_then(|e| view.uplinks.get(&e.physical_network));
+            if let (Some(ext), Some(interface)) = (external, interface) {
+                let net_id = gw.external_network_id.clone();
+                let free = plugged.get(&net_id).is_some_and(|i| i == interface)
+                    || !plugged.values().any(|i| i == interface);
+                if free {
+                    if !plugged.contains_key(&net_id) {
+                        plugged.insert(net_id.clone(), interface.clone());
+                        state.switches.push(SwitchSpec {
+                            name: net_id.clone(),
+                            subnet: ext.cidr.trunc().to_string(),
+                            vlan: None,
+                            subnet6: None,
+                            dhcp: None,
+                        });
+                        state.ports.push(PortSpec {
+                            name: uplink_port(interface),
+                            switch: net_id.clone(),
+                            interface: interface.clone(),
+                            mac: None,
+                            ips: Vec::new(),
+                            port_security: false,
+                        });
+                    }
+                    connected.push(ext.cidr);
+                    ports.push(RouterPortSpec {
+                        switch: net_id.clone(),
+                        mac: gateway_mac(rid, &net_id),
+                        ip: gw.external_ip.to_string(),
+                        ip6: None,
+                    });
+                    if let Some(next_hop) = ext.gateway_ip {
+                        static_routes.push(StaticRouteSpec {
+                            prefix: "0.0.0.0/0".into(),
+                            next_hop: next_hop.to_string(),
+                        });
+                    }
+                    if gw.enable_snat {
+                        for subnet in &inside {
+                            let Some(cidr) = view
+                                .subnets
+                                .get(subnet)
+                                .and_then(|s| s.spec::<SubnetSpec>().ok())
+                            else {
+                                continue;
+                            };
+                            state.nat.push(nat(
+                                rid,
+                                NatKind::Snat,
+                                gw.external_ip.to_string(),
+                                cidr.cidr.trunc().to_string(),
+                            ));
+                        }
+                    }
+                    for fip in view.floating_ips {
+                        let Ok(f) = fip.spec::<FloatingIpSpec>() else {
+                            continue;
+                        };
+                        let served = f.router_id.as_deref() == Some(rid)
+                            && f.external_network_id == net_id
+                            && f.port_id.as_ref().is_some_and(|p| {
+                                state.ports.iter().any(|sp| &sp.name == p)
+                            });
+                        if let (true, Some(fixed)) = (served, f.fixed_ip_address) {
+                            state.nat.push(nat(
+                                rid,
+                                NatKind::DnatAndSnat,
+                                f.floating_ip_address.to_string(),
+                                fixed.to_string(),
+                            ));
+                        }
+                    }
+                } else {
+                    tracing::warn!(router = rid, network = %net_id, %interface,
+                        "uplink already carries another external network; gateway left out");
+                }
+            }
+        }
+        // The user's routes replace the default one for the same prefix.
+        for route in &spec.routes {
+            if route.nexthop.is_ipv4() && connected.iter().any(|c| c.contains(&route.nexthop)) {
+                static_routes.retain(|r| r.prefix != route.destination);
+                static_routes.push(StaticRouteSpec {
+                    prefix: route.destination.clone(),
+                    next_hop: route.nexthop.to_string(),
+                });
+            }
+        }
+        state.routers.push(RouterSpec {
+            name: rid.to_owned(),
+            ports,
+            static_routes,
+        });
     }
     for (group, ports) in members {
-        let Some(record) = groups.get(&group) else {
+        let Some(record) = view.groups.get(&group) else {
             continue;
         };
         let Ok(spec) = record.spec::<SgSpec>() else {
@@ -168,7 +312,7 @@ pub fn desired_state(
         });
     }
     for subnet_id in &used {
-        let Some(subnet) = subnets.get(subnet_id) else {
+        let Some(subnet) = view.subnets.get(subnet_id) else {
             continue;
         };
         let Ok(spec) = subnet.spec::<SubnetSpec>() else {
@@ -253,7 +397,7 @@ impl Dataplane {
             }
         }
         self.stop();
-        if state.ports.is_empty() {
+        if state.ports.iter().all(|p| p.name == uplink_port(&p.interface)) {
             return Ok(());
         }
         let config = self.write_state(state)?;
@@ -267,6 +411,10 @@ impl Dataplane {
             .arg("--socket")
             .arg(&socket);
         for port in &state.ports {
+            if port.name == uplink_port(&port.interface) {
+                cmd.arg("--interface").arg(&port.interface);
+                continue;
+            }
             let sock = nic_socket(&self.run_dir, &port.name);
             cmd.arg("--vhost-user-net")
                 .arg(format!("{}={}", port.name, sock.display()));
@@ -281,6 +429,7 @@ impl Dataplane {
         let sockets: Vec<PathBuf> = state
             .ports
             .iter()
+            .filter(|p| p.name != uplink_port(&p.interface))
             .map(|p| nic_socket(&self.run_dir, &p.name))
             .collect();
         while !sockets.iter().all(|s| s.exists()) && start.elapsed() < START_WAIT {

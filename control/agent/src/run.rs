@@ -45,6 +45,8 @@ pub struct AgentConfig {
     /// This host's id; `None`: the machine id (or one kept in the state
     /// directory). Set to run several agents on one machine (tests).
     pub host_id: Option<String>,
+    /// This host's uplink interface per physical network (`--uplink`).
+    pub uplinks: std::collections::BTreeMap<String, String>,
 }
 
 /// Why one task step failed; its message becomes the task's.
@@ -794,6 +796,7 @@ impl Agent {
                 if let Some(port) = records::get(&mut tx, "port", pid).await? {
                     let mut pspec: keel_control::api::ports::PortSpec = port.spec()?;
                     if pspec.delete_with_device {
+                        keel_control::api::floating_ips::release_port(&mut tx, pid).await?;
                         records::delete(&mut tx, &port, "port").await?;
                         continue;
                     }
@@ -936,20 +939,26 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        let (vm_records, ports, subnets, routers, groups, vpcs) = self.block_on(async {
-            let mut conn = self.store.pool().acquire().await?;
-            let vms = records::all(&mut conn, vms::KIND).await?;
-            let ports = records::all(&mut conn, "port").await?;
-            let subnets = records::all(&mut conn, "subnet").await?;
-            let routers = records::all(&mut conn, "router").await?;
-            let groups = records::all(&mut conn, "security_group").await?;
-            let vpcs = records::all(&mut conn, "vpc").await?;
-            Ok::<_, StepError>((vms, ports, subnets, routers, groups, vpcs))
-        })?;
+        use keel_control::api::{external_networks, floating_ips};
+        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips) =
+            self.block_on(async {
+                let mut conn = self.store.pool().acquire().await?;
+                let vms = records::all(&mut conn, vms::KIND).await?;
+                let ports = records::all(&mut conn, "port").await?;
+                let subnets = records::all(&mut conn, "subnet").await?;
+                let routers = records::all(&mut conn, "router").await?;
+                let groups = records::all(&mut conn, "security_group").await?;
+                let vpcs = records::all(&mut conn, "vpc").await?;
+                let externals = records::all(&mut conn, external_networks::KIND).await?;
+                let fips = records::all(&mut conn, floating_ips::KIND).await?;
+                Ok::<_, StepError>((vms, ports, subnets, routers, groups, vpcs, externals, fips))
+            })?;
         let mut with_nics = Vec::new();
         for vm in vm_records {
             let spec: VmSpec = vm.spec()?;
-            if !spec.port_ids.is_empty() && vm.meta.status != vms::DELETING {
+            // Another host's VM: its agent's data plane serves its NICs.
+            let elsewhere = !spec.host_id.is_empty() && spec.host_id != self.host_id;
+            if !spec.port_ids.is_empty() && vm.meta.status != vms::DELETING && !elsewhere {
                 with_nics.push((vm, spec.port_ids));
             }
         }
@@ -961,6 +970,7 @@ impl Agent {
             ("router", &routers),
             ("security_group", &groups),
             ("vpc", &vpcs),
+            (external_networks::KIND, &externals),
         ] {
             for r in list {
                 reported.push((kind, r.meta.id.clone(), r.meta.status.clone()));
@@ -973,13 +983,22 @@ impl Agent {
         let by_id = |v: Vec<Record>| -> std::collections::BTreeMap<String, Record> {
             v.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
         };
-        let state = crate::network::desired_state(
-            &with_nics,
-            &by_id(ports),
-            &by_id(subnets),
-            &routers,
-            &by_id(groups),
-        );
+        // Floating IPs: DOWN (not associated) is the API's to set.
+        for f in &fips {
+            if f.meta.status != floating_ips::DOWN {
+                reported.push((floating_ips::KIND, f.meta.id.clone(), f.meta.status.clone()));
+            }
+        }
+        let state = crate::network::desired_state(&crate::network::NetworkView {
+            vms: &with_nics,
+            ports: &by_id(ports),
+            subnets: &by_id(subnets),
+            routers: &routers,
+            groups: &by_id(groups),
+            external_networks: &by_id(externals),
+            floating_ips: &fips,
+            uplinks: &self.config.uplinks,
+        });
         self.net
             .ensure(&state)
             .map_err(|e| StepError::Invalid(format!("data plane: {e}")))?;
@@ -989,6 +1008,14 @@ impl Agent {
         realized.extend(state.ports.iter().map(|p| p.name.clone()));
         realized.extend(state.routers.iter().map(|r| r.name.clone()));
         realized.extend(state.security_groups.iter().map(|g| g.name.clone()));
+        for f in &fips {
+            if let Ok(spec) = f.spec::<floating_ips::FloatingIpSpec>() {
+                let address = spec.floating_ip_address.to_string();
+                if state.nat.iter().any(|n| n.external_ip == address) {
+                    realized.insert(f.meta.id.clone());
+                }
+            }
+        }
         for switch in &state.switches {
             realized.insert(switch.name.clone());
             if let Some(Some(vpc)) = vpc_of.get(&switch.name) {

@@ -71,6 +71,11 @@ enum Command {
         /// several host agents share one machine, as tests do.
         #[arg(long, env = "KEEL_HOST_ID")]
         host_id: Option<String>,
+        /// This host's interface on a physical network, as NAME=IFACE
+        /// (repeat, or comma-separate in KEEL_UPLINKS): external networks on
+        /// NAME reach the data plane through IFACE.
+        #[arg(long = "uplink", env = "KEEL_UPLINKS", value_delimiter = ',', value_name = "NAME=IFACE")]
+        uplinks: Vec<String>,
     },
     /// Print the version.
     Version {
@@ -398,6 +403,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--uplink NAME=IFACE` values: each interface must exist here, and each
+/// name and interface appear once.
+fn parse_uplinks(
+    values: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for value in values {
+        let Some((name, iface)) = value.split_once('=') else {
+            anyhow::bail!("--uplink {value:?}: expected NAME=IFACE");
+        };
+        if name.is_empty() || iface.is_empty() || iface.contains('/') {
+            anyhow::bail!("--uplink {value:?}: expected NAME=IFACE");
+        }
+        if !std::path::Path::new("/sys/class/net").join(iface).exists() {
+            anyhow::bail!("--uplink {value:?}: there is no interface {iface} on this host");
+        }
+        if out.values().any(|i| i == iface) {
+            anyhow::bail!("--uplink {value:?}: interface {iface} is given twice");
+        }
+        if out.insert(name.to_owned(), iface.to_owned()).is_some() {
+            anyhow::bail!("--uplink {value:?}: physical network {name} is given twice");
+        }
+    }
+    Ok(out)
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up {
@@ -409,7 +440,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             database,
             no_host_agent,
             host_id,
+            uplinks,
         } => {
+            let uplinks = parse_uplinks(&uplinks)?;
             let keel_bin = std::env::current_exe().context("Cannot find the keel binary")?;
             let agent = keel_agent::AgentConfig {
                 state_dir: PathBuf::new(),
@@ -422,6 +455,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
                 shutdown_timeout: std::time::Duration::from_secs(vm_shutdown_timeout),
                 host_id,
+                uplinks,
             };
             let services: keel_control::server::HostServices = Box::new(move |store, dir| {
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

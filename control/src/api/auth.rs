@@ -82,6 +82,9 @@ pub enum Family {
     Role,
     /// API access rules by client address (system admins only).
     Access,
+    /// External (provider) networks: system admins define them, every
+    /// tenant reads them to pick one for a floating IP or router gateway.
+    ExternalNetwork,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -110,16 +113,19 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::Audit, &[Read]),
     (Role::SystemAdmin, Family::Role, ALL),
     (Role::SystemAdmin, Family::Access, ALL),
+    (Role::SystemAdmin, Family::ExternalNetwork, ALL),
     (Role::VdcAdmin, Family::Vdc, &[Read]),
     (Role::VdcAdmin, Family::User, ALL),
     (Role::VdcAdmin, Family::Token, ALL),
     (Role::VdcAdmin, Family::Network, ALL),
+    (Role::VdcAdmin, Family::ExternalNetwork, &[Read]),
     (Role::VdcAdmin, Family::Compute, ALL),
     (Role::VdcAdmin, Family::Event, &[Read]),
     (Role::VdcUser, Family::Vdc, &[Read]),
     (Role::VdcUser, Family::User, &[Read]),
     (Role::VdcUser, Family::Token, ALL),
     (Role::VdcUser, Family::Network, ALL),
+    (Role::VdcUser, Family::ExternalNetwork, &[Read]),
     (Role::VdcUser, Family::Compute, ALL),
     (Role::VdcUser, Family::Event, &[Read]),
 ];

@@ -14,7 +14,9 @@ pub mod backups;
 pub mod console;
 pub mod docs;
 pub mod events;
+pub mod external_networks;
 pub mod extract;
+pub mod floating_ips;
 pub mod health;
 pub mod hosts;
 pub mod idempotency;
@@ -139,6 +141,8 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(security_groups::router())
                 .merge(ports::router())
                 .merge(routers::router())
+                .merge(external_networks::router())
+                .merge(floating_ips::router())
                 .merge(hosts::router())
                 .merge(images::router())
                 .merge(volumes::router())

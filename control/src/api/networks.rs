@@ -285,14 +285,14 @@ pub struct SubnetCreate {
 }
 
 /// Tells an explicit `null` (no gateway) from an absent field (default).
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
     T::deserialize(d).map(Some)
 }
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
@@ -393,7 +393,7 @@ fn default_pools(cidr: &IpNet, gateway: Option<IpAddr>) -> Vec<AllocationPool> {
 
 /// Validates a create body into the stored spec (everything but overlap,
 /// which needs the VPC's other subnets).
-fn validate_subnet(body: SubnetCreate) -> Result<SubnetSpec, ApiError> {
+pub(crate) fn validate_subnet(body: SubnetCreate) -> Result<SubnetSpec, ApiError> {
     let cidr: IpNet = body.cidr.parse().map_err(|_| {
         ApiError::invalid(
             "cidr",

@@ -159,10 +159,11 @@ fn random_mac() -> String {
 
 /// Picks the fixed IP: checks a requested one, or takes the first free
 /// address of the pools. Work is bounded by the number of ports + 1 per pool.
-fn choose_ip(
+pub(crate) fn choose_ip(
     subnet: &SubnetSpec,
     used: &HashSet<IpAddr>,
     requested: Option<IpAddr>,
+    field: &str,
 ) -> Result<IpAddr, ApiError> {
     let taken = |ip: &IpAddr| {
         used.contains(ip) || subnet.reserved_ips.contains(ip) || subnet.gateway_ip == Some(*ip)
@@ -170,22 +171,22 @@ fn choose_ip(
     if let Some(ip) = requested {
         if !usable(&subnet.cidr, ip) {
             return Err(ApiError::invalid(
-                "fixed_ip",
+                field,
                 format!("{ip} is not a host address inside {}", subnet.cidr),
             ));
         }
         if subnet.gateway_ip == Some(ip) {
             return Err(ApiError::invalid(
-                "fixed_ip",
+                field,
                 format!("{ip} is the subnet's gateway"),
             ));
         }
         if subnet.reserved_ips.contains(&ip) {
-            return Err(ApiError::invalid("fixed_ip", format!("{ip} is reserved")));
+            return Err(ApiError::invalid(field, format!("{ip} is reserved")));
         }
         if used.contains(&ip) {
             return Err(ApiError::Conflict(format!(
-                "{ip} is already used by another port"
+                "{ip} is already in use"
             )));
         }
         return Ok(ip);
@@ -206,7 +207,7 @@ fn choose_ip(
         }
     }
     Err(ApiError::Conflict(format!(
-        "subnet {} has no free address left in its pools",
+        "{} has no free address left in its pools",
         subnet.cidr
     )))
 }
@@ -244,7 +245,7 @@ pub async fn insert_port(
     .fetch_all(&mut *conn)
     .await?;
     let used: HashSet<IpAddr> = taken.iter().filter_map(|(ip,)| ip.parse().ok()).collect();
-    let fixed_ip = choose_ip(&subnet_spec, &used, new.fixed_ip)?;
+    let fixed_ip = choose_ip(&subnet_spec, &used, new.fixed_ip, "fixed_ip")?;
     let mut mac_address = None;
     for _ in 0..8 {
         let candidate = random_mac();
@@ -404,7 +405,7 @@ async fn update_port(
 #[utoipa::path(delete, path = "/ports/{id}", tag = "networks",
     params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
     responses(
-        (status = 204, description = "Deleted; its address is free again"),
+        (status = 204, description = "Deleted; its address is free again, its floating IP disassociated"),
         (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn delete_port(
@@ -413,12 +414,13 @@ async fn delete_port(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (tx, record) =
+    let (mut tx, record) =
         begin_change::<Port>(&state, &principal, Action::Delete, &id, &headers).await?;
     if let Some(vm) = record.spec::<PortSpec>()?.device_id {
         return Err(ApiError::Conflict(format!(
             "the port is a NIC of VM {vm}; delete the VM first"
         )));
     }
+    super::floating_ips::release_port(&mut tx, &id).await?;
     finish_delete::<Port>(tx, &record).await
 }

@@ -34,11 +34,8 @@ pub async fn get_one<R: Resource>(
     principal: &Principal,
     id: &str,
 ) -> Result<Response, ApiError> {
-    if R::SYSTEM_WIDE {
-        principal.require(R::FAMILY, Action::Read)?;
-    }
     let mut conn = state.store.pool().acquire().await?;
-    let record = load(&mut conn, principal, R::FAMILY, Action::Read, R::KIND, id).await?;
+    let record = load_resource::<R>(&mut conn, principal, Action::Read, id).await?;
     ok::<R>(record)
 }
 
@@ -86,7 +83,7 @@ pub async fn begin_change<R: Resource>(
 ) -> Result<(DbTransaction, Record), ApiError> {
     let expected = if_match(headers)?;
     let mut tx = state.store.begin_write().await?;
-    let record = load(&mut tx, principal, R::FAMILY, action, R::KIND, id).await?;
+    let record = load_resource::<R>(&mut tx, principal, action, id).await?;
     check_revision(&record, expected)?;
     Ok((tx, record))
 }
@@ -115,6 +112,24 @@ pub fn created<T: Serialize>(location: &str, revision: i64, body: &T) -> Respons
         response.headers_mut().insert(header::LOCATION, v);
     }
     response
+}
+
+/// Loads an `R` and authorizes `action` on it: a system-wide resource
+/// needs only the family's permission (everyone permitted sees it), a VDC's
+/// resource also visibility (404 when invisible).
+async fn load_resource<R: Resource>(
+    conn: &mut DbConnection,
+    principal: &Principal,
+    action: Action,
+    id: &str,
+) -> Result<Record, ApiError> {
+    if !R::SYSTEM_WIDE {
+        return load(conn, principal, R::FAMILY, action, R::KIND, id).await;
+    }
+    principal.require(R::FAMILY, action)?;
+    records::get(conn, R::KIND, id)
+        .await?
+        .ok_or(ApiError::NotFound)
 }
 
 /// Loads a resource and authorizes `action` on it (404 when invisible).

@@ -33,6 +33,8 @@ pub enum Grantable {
     User,
     Token,
     Network,
+    #[serde(rename = "external_network")]
+    ExternalNetwork,
     Compute,
     Event,
 }
@@ -44,6 +46,7 @@ impl Grantable {
             Grantable::User => Family::User,
             Grantable::Token => Family::Token,
             Grantable::Network => Family::Network,
+            Grantable::ExternalNetwork => Family::ExternalNetwork,
             Grantable::Compute => Family::Compute,
             Grantable::Event => Family::Event,
         }

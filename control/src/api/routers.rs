@@ -2,7 +2,10 @@
 //! An interface takes the subnet's gateway address unless one is given;
 //! a route's next hop must lie in a subnet the router is attached to.
 //! Interfaces and routes are replaced as a whole through PATCH + If-Match.
-//! PENDING until a data plane routes for it.
+//! An external gateway puts the router on an external network with an
+//! address from its pools: the default route leaves there, through SNAT
+//! unless `enable_snat` is false, and floating IPs of the router's subnets'
+//! ports are reached through it. PENDING until a data plane routes for it.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -21,7 +24,9 @@ use utoipa_axum::routes;
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
-use super::networks::{not_realized, usable, SubnetSpec};
+use super::external_networks;
+use super::floating_ips;
+use super::networks::{not_realized, present, usable, yes, SubnetSpec};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
@@ -30,7 +35,7 @@ use super::respond::{
 };
 use super::AppState;
 
-const KIND: &str = "router";
+pub const KIND: &str = "router";
 const MAX_ROUTES: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -58,11 +63,34 @@ pub struct StaticRoute {
     pub nexthop: IpAddr,
 }
 
+/// The router's place on an external network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExternalGateway {
+    pub external_network_id: String,
+    /// Sources of the router's subnets leave as `external_ip`.
+    pub enable_snat: bool,
+    #[schema(value_type = String)]
+    pub external_ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalGatewayRequest {
+    pub external_network_id: String,
+    #[serde(default = "yes")]
+    pub enable_snat: bool,
+    /// Allocated from the external network's pools when absent.
+    #[schema(value_type = Option<String>)]
+    pub external_ip: Option<IpAddr>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RouterSpec {
     pub description: String,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<StaticRoute>,
+    #[serde(default)]
+    pub external_gateway: Option<ExternalGateway>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -72,6 +100,7 @@ pub struct Router {
     pub description: String,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<StaticRoute>,
+    pub external_gateway: Option<ExternalGateway>,
     pub status_reason: String,
 }
 
@@ -86,6 +115,7 @@ pub struct RouterCreate {
     pub interfaces: Vec<InterfaceRequest>,
     #[serde(default)]
     pub routes: Vec<StaticRoute>,
+    pub external_gateway: Option<ExternalGatewayRequest>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -97,6 +127,9 @@ pub struct RouterUpdate {
     pub interfaces: Option<Vec<InterfaceRequest>>,
     /// Replaces every static route.
     pub routes: Option<Vec<StaticRoute>>,
+    /// Sets the gateway; `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub external_gateway: Option<Option<ExternalGatewayRequest>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -117,6 +150,7 @@ impl Resource for Router {
             description: spec.description,
             interfaces: spec.interfaces,
             routes: spec.routes,
+            external_gateway: spec.external_gateway,
             status_reason: reason,
         })
     }
@@ -275,6 +309,45 @@ async fn resolve(
     Ok((interfaces, out))
 }
 
+/// Resolves a gateway request: the external network must exist; its
+/// address is kept while the network stays the same and none is asked for.
+async fn resolve_gateway(
+    conn: &mut DbConnection,
+    current: Option<&ExternalGateway>,
+    request: Option<&ExternalGatewayRequest>,
+) -> Result<Option<ExternalGateway>, ApiError> {
+    let Some(req) = request else {
+        return Ok(None);
+    };
+    let (network, _) = external_networks::referenced(
+        conn,
+        "external_gateway.external_network_id",
+        &req.external_network_id,
+    )
+    .await?;
+    let kept = current.filter(|c| {
+        c.external_network_id == req.external_network_id
+            && req.external_ip.is_none_or(|ip| ip == c.external_ip)
+    });
+    let external_ip = match kept {
+        Some(c) => c.external_ip,
+        None => {
+            external_networks::allocate(
+                conn,
+                &network,
+                req.external_ip,
+                "external_gateway.external_ip",
+            )
+            .await?
+        }
+    };
+    Ok(Some(ExternalGateway {
+        external_network_id: req.external_network_id.clone(),
+        enable_snat: req.enable_snat,
+        external_ip,
+    }))
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_router, list_routers))
@@ -285,7 +358,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
     responses(
         (status = 201, description = "Stored; PENDING until a data plane routes for it", body = Router),
-        (status = 409, description = "Interface address in use", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Interface or gateway address in use, or no free external address", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_router(
@@ -304,10 +377,13 @@ async fn create_router(
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let (interfaces, routes) =
         resolve(&mut tx, &vdc_id, None, &body.interfaces, &body.routes).await?;
+    let external_gateway =
+        resolve_gateway(&mut tx, None, body.external_gateway.as_ref()).await?;
     let spec = RouterSpec {
         description: body.description,
         interfaces,
         routes,
+        external_gateway,
     };
     let record = records::insert(
         &mut tx,
@@ -388,6 +464,11 @@ async fn update_router(
     let (interfaces, routes) = resolve(&mut tx, &vdc_id, Some(&id), &requests, &routes).await?;
     spec.interfaces = interfaces;
     spec.routes = routes;
+    if let Some(request) = body.external_gateway {
+        spec.external_gateway =
+            resolve_gateway(&mut tx, spec.external_gateway.as_ref(), request.as_ref()).await?;
+    }
+    floating_ips::check_still_reached(&mut tx, &id, &spec).await?;
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
     ok::<Router>(updated)
@@ -405,7 +486,8 @@ async fn delete_router(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (tx, record) =
+    let (mut tx, record) =
         begin_change::<Router>(&state, &principal, Action::Delete, &id, &headers).await?;
+    floating_ips::check_still_reached(&mut tx, &id, &RouterSpec::default()).await?;
     finish_delete::<Router>(tx, &record).await
 }
