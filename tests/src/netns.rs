@@ -160,6 +160,32 @@ pub fn veth_pair(a: &NetnsHost, a_if: &str, b: &NetnsHost, b_if: &str) -> Result
     Ok(())
 }
 
+/// A veth pair from `host` (end `host_if`, up, TX checksum offload off so
+/// a userspace switch sees whole checksums) to this (root) namespace, where
+/// the returned end is up with no address: the uplink a data plane
+/// forwards on, standing in for a host's NIC on an external network.
+/// Deleting `host` (on drop, or the sweep of a crashed run's namespaces)
+/// deletes both ends.
+pub fn root_veth(host: &NetnsHost, host_if: &str) -> Result<String> {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    // Interface names have at most 15 bytes.
+    let root_if = format!("ku{}x{seq}", std::process::id() % 1_000_000);
+    run(&[
+        "ip", "link", "add", &root_if, "type", "veth", "peer", "name", host_if, "netns",
+        host.name(),
+    ])?;
+    // IPv6 off: no router solicitations or DAD from the host into the switch.
+    let _ = capture(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv6.conf.{root_if}.disable_ipv6=1"),
+    ]);
+    run(&["ip", "link", "set", "dev", &root_if, "up"])?;
+    host.ip(&["link", "set", "dev", host_if, "up"])?;
+    host.exec(&["ethtool", "-K", host_if, "tx", "off"])?;
+    Ok(root_if)
+}
+
 /// Kills what still runs in a namespace, then deletes it (which removes its
 /// interfaces, and the peers of its veths).
 fn remove_namespace(name: &str) {

@@ -487,3 +487,150 @@ impl Drop for Dataplane {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_control::api::records::Meta;
+    use serde_json::json;
+
+    fn record(id: &str, spec: serde_json::Value) -> Record {
+        Record {
+            meta: Meta {
+                id: id.into(),
+                vdc_id: Some("vdc".into()),
+                name: id.into(),
+                status: "PENDING".into(),
+                revision: 1,
+                created_at: 0,
+                updated_at: 0,
+            },
+            parent_id: None,
+            spec,
+        }
+    }
+
+    fn by_id(records: Vec<Record>) -> BTreeMap<String, Record> {
+        records.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
+    }
+
+    fn port(id: &str, subnet: &str, ip: &str, mac: &str) -> Record {
+        record(
+            id,
+            json!({"subnet_id": subnet, "vpc_id": "vpc", "mac_address": mac, "fixed_ip": ip,
+                   "security_group_ids": [], "description": ""}),
+        )
+    }
+
+    fn subnet(id: &str, cidr: &str) -> Record {
+        record(
+            id,
+            json!({"vpc_id": "vpc", "cidr": cidr, "gateway_ip": null, "allocation_pools": [],
+                   "reserved_ips": [], "dns_servers": [], "enable_dhcp": true, "description": ""}),
+        )
+    }
+
+    /// Two VMs behind a router with a gateway on an external network: the
+    /// uplink, routes and NAT come out as the data plane accepts them.
+    #[test]
+    fn gateways_and_floating_ips_compile_to_uplink_routes_and_nat() {
+        let vms = vec![
+            (record("vm1", json!({})), vec!["p1".to_string()]),
+            (record("vm2", json!({})), vec!["p2".to_string()]),
+        ];
+        let ports = by_id(vec![
+            port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01"),
+            port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02"),
+        ]);
+        let subnets = by_id(vec![subnet("s1", "10.0.1.0/24"), subnet("s2", "10.0.2.0/24")]);
+        let router = record(
+            "r1",
+            json!({"description": "", "interfaces": [
+                        {"subnet_id": "s1", "ip_address": "10.0.1.1"},
+                        {"subnet_id": "s2", "ip_address": "10.0.2.1"}],
+                   "routes": [{"destination": "172.16.0.0/12", "nexthop": "10.0.1.254"},
+                              {"destination": "192.168.0.0/16", "nexthop": "10.0.2.254"}],
+                   "external_gateway": {"external_network_id": "ext", "enable_snat": true,
+                                        "external_ip": "198.18.0.2"}}),
+        );
+        let external = by_id(vec![record(
+            "ext",
+            json!({"physical_network": "public", "cidr": "198.18.0.0/24",
+                   "gateway_ip": "198.18.0.1", "allocation_pools": [], "reserved_ips": [],
+                   "description": ""}),
+        )]);
+        let fips = vec![
+            record(
+                "f1",
+                json!({"external_network_id": "ext", "floating_ip_address": "198.18.0.50",
+                       "port_id": "p2", "fixed_ip_address": "10.0.1.6", "router_id": "r1",
+                       "description": ""}),
+            ),
+            // Not associated: no translation.
+            record(
+                "f2",
+                json!({"external_network_id": "ext", "floating_ip_address": "198.18.0.51",
+                       "port_id": null, "fixed_ip_address": null, "router_id": null,
+                       "description": ""}),
+            ),
+        ];
+        let uplinks: BTreeMap<String, String> =
+            [("public".to_string(), "veth-up".to_string())].into();
+        let groups = BTreeMap::new();
+        let view = NetworkView {
+            vms: &vms,
+            ports: &ports,
+            subnets: &subnets,
+            routers: std::slice::from_ref(&router),
+            groups: &groups,
+            external_networks: &external,
+            floating_ips: &fips,
+            uplinks: &uplinks,
+        };
+        let state = desired_state(&view);
+        let uplink = state.ports.iter().find(|p| p.interface == "veth-up").unwrap();
+        assert_eq!(uplink.switch, "ext");
+        assert!(!uplink.port_security);
+        assert_eq!(uplink.name, uplink_port("veth-up"));
+        let r = &state.routers[0];
+        let legs: Vec<(&str, &str)> =
+            r.ports.iter().map(|p| (p.switch.as_str(), p.ip.as_str())).collect();
+        // s2 has no port on this host: not routed here.
+        assert_eq!(legs, [("s1", "10.0.1.1"), ("ext", "198.18.0.2")]);
+        let routes: Vec<(&str, &str)> = r
+            .static_routes
+            .iter()
+            .map(|s| (s.prefix.as_str(), s.next_hop.as_str()))
+            .collect();
+        assert_eq!(
+            routes,
+            [("0.0.0.0/0", "198.18.0.1"), ("172.16.0.0/12", "10.0.1.254")],
+            "the default route to the external gateway; a route via a subnet not here is left out"
+        );
+        let nat: Vec<(NatKind, &str, &str)> = state
+            .nat
+            .iter()
+            .map(|n| (n.kind, n.external_ip.as_str(), n.logical_ip.as_str()))
+            .collect();
+        assert_eq!(
+            nat,
+            [
+                (NatKind::Snat, "198.18.0.2", "10.0.1.0/24"),
+                (NatKind::DnatAndSnat, "198.18.0.50", "10.0.1.6"),
+            ]
+        );
+        // The data plane accepts it as is.
+        let interfaces: Vec<String> = state.ports.iter().map(|p| p.interface.clone()).collect();
+        keel_dataplane::config::compile(&state, &interfaces, 1).unwrap();
+
+        // Without an uplink for the physical network: routed inside only.
+        let none = BTreeMap::new();
+        let state = desired_state(&NetworkView {
+            uplinks: &none,
+            ..view
+        });
+        assert!(state.nat.is_empty());
+        assert_eq!(state.routers[0].ports.len(), 1);
+        assert!(state.ports.iter().all(|p| p.port_security));
+    }
+}

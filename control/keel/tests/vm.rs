@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keel_testkit::{guest_disk_image, Accel, KeelProcess};
+use keel_testkit::{guest_disk_image, root_veth, Accel, KeelProcess, NetnsHost};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -697,8 +697,40 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
     };
-    let mut keel =
-        KeelProcess::up_with(&state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
+    // The "outside": a namespace on the external network's wire, at its
+    // gateway address, reached through this host's uplink interface.
+    let outside = NetnsHost::new("outside").unwrap();
+    let uplink = root_veth(&outside, "eth0").unwrap();
+    outside.add_addr("eth0", "198.18.0.1/24").unwrap();
+    let peers_file = work.path().join("outside-peers");
+    // A TCP server outside that greets and writes down who connected.
+    outside
+        .spawn(&[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('0.0.0.0', 7000)); s.listen()\n\
+                 while True:\n    c, a = s.accept()\n    \
+                 open('{}', 'a').write(a[0] + '\\n')\n    \
+                 c.sendall(b'HELLO-FROM-OUTSIDE\\n'); c.close()\n",
+                peers_file.display()
+            ),
+        ])
+        .unwrap();
+    let mut keel = KeelProcess::up_with(
+        &state,
+        &[
+            "--accel",
+            accel,
+            "--vm-shutdown-timeout",
+            "5",
+            "--uplink",
+            &format!("public={uplink}"),
+        ],
+    )
+    .unwrap();
     let password = std::fs::read_to_string(state.join("admin-password")).unwrap();
     let (status, login) = {
         let r = ureq::post(&keel.url("/api/v1/auth/login"))
@@ -1211,12 +1243,22 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         );
         subnet_ids.push(s["id"].as_str().unwrap().to_owned());
     }
+    // The external network on this host's uplink: the router's gateway
+    // takes its first free address (198.18.0.2; .1 is the gateway).
+    let public = api.ok(
+        "POST",
+        "/api/v1/external-networks",
+        Some(json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24"})),
+    );
+    let public_id = public["id"].as_str().unwrap().to_owned();
     let router = api.ok(
         "POST",
         "/api/v1/routers",
         Some(json!({"name": "r1", "vdc_id": vdc_id,
-                    "interfaces": [{"subnet_id": subnet_ids[0]}, {"subnet_id": subnet_ids[1]}]})),
+                    "interfaces": [{"subnet_id": subnet_ids[0]}, {"subnet_id": subnet_ids[1]}],
+                    "external_gateway": {"external_network_id": public_id}})),
     );
+    assert_eq!(router["external_gateway"]["external_ip"], "198.18.0.2", "{router}");
     let sg = api.ok(
         "POST",
         "/api/v1/security-groups",
@@ -1231,6 +1273,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         format!("/api/v1/subnets/{}", subnet_ids[1]),
         format!("/api/v1/routers/{}", router["id"].as_str().unwrap()),
         format!("/api/v1/security-groups/{sg_id}"),
+        format!("/api/v1/external-networks/{public_id}"),
     ]
     .into();
     let network_status = |want: &str| {
@@ -1250,6 +1293,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     };
     network_status("PENDING");
     let mut vms = Vec::new();
+    let mut nic_ports = Vec::new();
     let mut guards = Vec::new();
     for (i, subnet) in subnet_ids.iter().enumerate() {
         let groups = if i == 1 { json!([sg_id]) } else { json!([]) };
@@ -1280,6 +1324,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         let p = api.ok("GET", &format!("/api/v1/ports/{port_id}"), None);
         assert_eq!(p["device_id"], vm.as_str(), "{p}");
         vms.push((vm, port["fixed_ip"].as_str().unwrap().to_owned(), task));
+        nic_ports.push(port_id.to_owned());
     }
     for (vm, ip, task) in &vms {
         api.wait_task(task);
@@ -1354,6 +1399,58 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert!(text.contains("G2=0"), "the peer's own link: {text}");
     let text = run_in(&vms[0].0, "P3", &format!("ping -c 3 -W 2 {peer}"));
     assert!(text.contains("P3=0"), "allowed again: {text}");
+
+    // Out through the router's gateway: the first VM leaves by SNAT (the
+    // outside sees the gateway address); the second gets a floating IP,
+    // leaves as it and is reached at it from outside (its group admits
+    // ICMP), until the floating IP is disassociated.
+    let fip = api.ok(
+        "POST",
+        "/api/v1/floating-ips",
+        Some(json!({"external_network_id": public_id, "vdc_id": vdc_id, "port_id": nic_ports[1]})),
+    );
+    let fip_id = fip["id"].as_str().unwrap().to_owned();
+    let fip_ip = fip["floating_ip_address"].as_str().unwrap().to_owned();
+    assert_eq!(fip_ip, "198.18.0.3", "{fip}");
+    assert_eq!(fip["fixed_ip_address"], vms[1].1.as_str(), "{fip}");
+    wait_for(&api, &format!("/api/v1/floating-ips/{fip_id}"), "floating IP ACTIVE", |f| {
+        f["status"] == "ACTIVE"
+    });
+    let outside_peers = || std::fs::read_to_string(&peers_file).unwrap_or_default();
+    let text = run_in(&vms[0].0, "S1", "nc 198.18.0.1 7000 </dev/null");
+    assert!(text.contains("HELLO-FROM-OUTSIDE") && text.contains("S1=0"), "{text}");
+    assert_eq!(outside_peers().lines().last(), Some("198.18.0.2"), "SNAT to the gateway address");
+    let text = run_in(&vms[1].0, "S2", "nc 198.18.0.1 7000 </dev/null");
+    assert!(text.contains("HELLO-FROM-OUTSIDE") && text.contains("S2=0"), "{text}");
+    assert_eq!(outside_peers().lines().last(), Some(fip_ip.as_str()), "leaves as its floating IP");
+    let ping_from_outside = || {
+        outside
+            .capture(&["ping", "-c", "3", "-W", "2", &fip_ip])
+            .unwrap()
+    };
+    let out = ping_from_outside();
+    assert!(out.stdout.contains("3 received"), "the floating IP answers: {out:?}");
+    let fip_path = format!("{}/api/v1/floating-ips/{fip_id}", keel.url(""));
+    let current = api.ok("GET", &format!("/api/v1/floating-ips/{fip_id}"), None);
+    let r = ureq::patch(&fip_path)
+        .set("authorization", &format!("Bearer {}", api.token))
+        .set("if-match", &format!("\"{}\"", current["revision"]))
+        .send_json(json!({ "port_id": null }));
+    assert!(r.is_ok(), "{r:?}");
+    eventually("the floating IP's translation is gone", || {
+        let applied = std::fs::read_to_string(state.join("run").join("dataplane.json"))
+            .unwrap_or_default();
+        if applied.contains(fip_ip.as_str()) {
+            Err(format!("still in {applied}"))
+        } else {
+            Ok(())
+        }
+    });
+    let out = ping_from_outside();
+    assert!(out.stdout.contains(" 0 received"), "disassociated: {out:?}");
+    let text = run_in(&vms[1].0, "S3", "nc 198.18.0.1 7000 </dev/null");
+    assert!(text.contains("S3=0"), "{text}");
+    assert_eq!(outside_peers().lines().last(), Some("198.18.0.2"), "back to SNAT");
     // A clone of a VM with a NIC gets its own port (new address and MAC on
     // the same subnet) and its lease for it from keel's DHCP.
     let (status, task) = api.call(

@@ -1951,6 +1951,206 @@ async fn routers_attach_subnets_and_check_routes() {
 }
 
 impl Api {
+    /// PATCH or DELETE at the revision just read (the If-Match dance).
+    async fn change(&self, method: Method, path: &str, token: &str, body: Option<Value>) -> Reply {
+        let current = self.get(path, token).await;
+        assert_eq!(current.status, 200, "GET {path}: {}", current.body);
+        let etag = current.etag();
+        self.call(method, path, Some(token), &[("if-match", etag.as_str())], body)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn external_networks_router_gateways_and_floating_ips() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let ext = |body: Value| api.post("/api/v1/external-networks", &admin, body);
+    // Bad input: precise errors, nothing stored.
+    for (body, field) in [
+        (json!({"name": "e", "physical_network": "public", "cidr": "2001:db8::/64"}), "cidr"),
+        (json!({"name": "e", "physical_network": "pub lic", "cidr": "198.18.0.0/24"}), "physical_network"),
+        (json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.1/24"}), "cidr"),
+        (json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.0/24",
+                "allocation_pools": [{"start": "198.18.0.9", "end": "198.18.0.3"}]}), "allocation_pools[0]"),
+    ] {
+        let r = ext(body).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/external-networks",
+            &tenant,
+            json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.0/24"}),
+        )
+        .await;
+    assert_problem(&r, 403, "forbidden");
+    // A pool of three addresses: a gateway, two floating IPs, then none.
+    let r = ext(json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24",
+                      "allocation_pools": [{"start": "198.18.0.10", "end": "198.18.0.12"}]}))
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["gateway_ip"], "198.18.0.1");
+    assert_eq!(r.body["status"], "PENDING");
+    let net = r.id();
+    assert_problem(
+        &ext(json!({"name": "public", "physical_network": "x", "cidr": "198.19.0.0/24"})).await,
+        409,
+        "conflict",
+    );
+    // Tenants read external networks (to pick one), never change them.
+    let r = api.get(&format!("/api/v1/external-networks/{net}"), &tenant).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api.get("/api/v1/external-networks", &tenant).await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1, "{}", r.body);
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &tenant, None)
+        .await;
+    assert_problem(&r, 403, "forbidden");
+
+    let vpc = api.create("/api/v1/vpcs", &tenant, json!({"name": "n"})).await;
+    let subnet = api
+        .create(
+            "/api/v1/subnets",
+            &tenant,
+            json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await;
+    let port = api
+        .create("/api/v1/ports", &tenant, json!({"name": "p", "subnet_id": subnet}))
+        .await;
+    let port2 = api
+        .create("/api/v1/ports", &tenant, json!({"name": "p2", "subnet_id": subnet}))
+        .await;
+    // A floating IP: allocated DOWN; associating needs a router between.
+    let r = api
+        .post("/api/v1/floating-ips", &tenant, json!({"external_network_id": net}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["floating_ip_address"], "198.18.0.10");
+    assert_eq!(r.body["status"], "DOWN");
+    assert_eq!(r.body["status_reason"], "not associated with a port");
+    let fip_path = format!("/api/v1/floating-ips/{}", r.id());
+    let r = api
+        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": port})))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("not reachable"), "{}", r.body);
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &tenant,
+            json!({"name": "r", "interfaces": [{"subnet_id": subnet}],
+                   "external_gateway": {"external_network_id": "nope"}}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "external_gateway.external_network_id");
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &tenant,
+            json!({"name": "r", "interfaces": [{"subnet_id": subnet}],
+                   "external_gateway": {"external_network_id": net, "external_ip": "198.18.0.10"}}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &tenant,
+            json!({"name": "r", "interfaces": [{"subnet_id": subnet}],
+                   "external_gateway": {"external_network_id": net}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["external_gateway"],
+        json!({"external_network_id": net, "enable_snat": true, "external_ip": "198.18.0.11"})
+    );
+    let router_path = format!("/api/v1/routers/{}", r.id());
+    let r = api
+        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": port})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    assert_eq!(r.body["fixed_ip_address"], "10.0.0.2");
+    // One floating IP per port; the last address; then the pool is empty.
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "port_id": port}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "port_id": port2}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["floating_ip_address"], "198.18.0.12");
+    let fip2_path = format!("/api/v1/floating-ips/{}", r.id());
+    let r = api
+        .post("/api/v1/floating-ips", &tenant, json!({"external_network_id": net}))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(r.body["detail"].as_str().unwrap().contains("no free address"), "{}", r.body);
+    // The path of an association cannot be cut under it.
+    for body in [json!({"external_gateway": null}), json!({"interfaces": []})] {
+        let r = api.change(Method::PATCH, &router_path, &tenant, Some(body)).await;
+        assert_problem(&r, 409, "conflict");
+    }
+    let r = api.change(Method::DELETE, &router_path, &tenant, None).await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &admin, None)
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // Deleting a port disassociates its floating IP.
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/ports/{port2}"), &tenant, None)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api.get(&fip2_path, &tenant).await;
+    assert_eq!(r.body["status"], "DOWN", "{}", r.body);
+    assert_eq!(r.body["port_id"], Value::Null);
+    // Disassociated, the gateway may go; its address is free again.
+    let r = api
+        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": null})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "DOWN");
+    let r = api
+        .change(Method::PATCH, &router_path, &tenant, Some(json!({"external_gateway": null})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["external_gateway"], Value::Null);
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "floating_ip_address": "198.18.0.11"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "the gateway's address is free again: {}", r.body);
+    for path in [fip_path, fip2_path, format!("/api/v1/floating-ips/{}", r.id())] {
+        let r = api.change(Method::DELETE, &path, &tenant, None).await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &admin, None)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+impl Api {
     /// Plays the host agent: a task finished and its resource reached `status`.
     async fn agent_did(&self, task: &Value, status: &str) {
         let mut tx = self.state.store.begin_write().await.unwrap();

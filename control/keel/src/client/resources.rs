@@ -100,6 +100,22 @@ pub const ALL: &[Kind] = &[
         columns: COMMON,
     },
     Kind {
+        name: "external-networks",
+        path: "/api/v1/external-networks",
+        columns: &["id", "name", "status", "physical_network", "cidr"],
+    },
+    Kind {
+        name: "floating-ips",
+        path: "/api/v1/floating-ips",
+        columns: &[
+            "id",
+            "status",
+            "floating_ip_address",
+            "fixed_ip_address",
+            "port_id",
+        ],
+    },
+    Kind {
         name: "loadbalancers",
         path: "/api/v1/loadbalancers",
         columns: &["id", "name", "status", "vip_address"],
