@@ -357,6 +357,7 @@ impl Controller {
             Verdict::Drop(r) => (format!("drop: {}", r.name()), None),
             Verdict::Unicast { port } => (format!("output to {}", name(port)), Some(&buf[..len])),
             Verdict::Reply => (format!("reply out {interface}"), Some(&buf[..len])),
+            Verdict::Consumed => ("taken by the data plane".to_string(), None),
             Verdict::Flood { switch, .. } => {
                 let sw = tables
                     .switches

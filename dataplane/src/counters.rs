@@ -87,6 +87,8 @@ counted_enum!(
         DhcpNaked => "dhcp_nak_sent",
         Nat64To4 => "nat64_translated_6to4",
         Nat64To6 => "nat64_translated_4to6",
+        ArpRequested => "arp_requested",
+        NeighborLearned => "neighbor_learned",
     }
 );
 

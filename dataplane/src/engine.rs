@@ -469,6 +469,7 @@ impl Core {
                     mirror_copies(mirrors, taps, frame, false, ports, tx, local, mirror);
                 }
             }
+            Verdict::Consumed => {}
             Verdict::Flood { switch, except } => {
                 let Some(sw) = tables.switches.get(switch as usize) else {
                     return;

@@ -42,6 +42,8 @@ pub enum Verdict {
     },
     /// Back out the ingress interface (ARP replies, ICMP errors, echo replies).
     Reply,
+    /// Taken by the data plane itself (an ARP reply to a router).
+    Consumed,
 }
 
 /// Receives per-stage decisions; [`NoTrace`] on the forwarding path.
@@ -83,6 +85,9 @@ impl Tracer for RecordTrace {
 /// Learned MACs a worker passes to the others per round at most (more are
 /// learned by each worker on its own, after a flood).
 pub const JOURNAL: usize = 64;
+/// Neighbors (IP → MAC of hosts without a binding, e.g. behind an uplink)
+/// a worker's routers hold at most.
+pub const NEIGHBORS: usize = 4096;
 
 /// MACs learned on ports without bindings; owned by one worker.
 ///
@@ -104,6 +109,12 @@ pub struct Learned {
     pub qos: crate::qos::QosState,
     /// Router policy hit counts ([`crate::policy`]).
     pub policy: crate::policy::PolicyState,
+    /// Neighbors learned from ARP on switches with a router leg: hosts
+    /// with no binding (an uplink's far side). Bounded, allocated once.
+    neighbors: FastMap<u64, Mac>,
+    /// When (conntrack clock, s) a router last asked for an unresolved
+    /// neighbor: at most one ARP request per neighbor per second.
+    asked: FastMap<u64, u32>,
 }
 
 impl Learned {
@@ -118,6 +129,8 @@ impl Learned {
             stateful: crate::stateful::WorkerState::new(crate::stateful::DEFAULT_CONNECTIONS),
             qos: crate::qos::QosState::new(),
             policy: crate::policy::PolicyState::default(),
+            neighbors: fastmap::with_capacity(NEIGHBORS),
+            asked: fastmap::with_capacity(NEIGHBORS),
         }
     }
 
@@ -139,6 +152,8 @@ impl Learned {
         if self.generation != generation {
             self.map.clear();
             self.journal.clear();
+            self.neighbors.clear();
+            self.asked.clear();
             self.generation = generation;
             self.version += 1;
         }
@@ -180,6 +195,59 @@ impl Learned {
             None if room => {
                 self.map.insert(key, lport);
                 self.version += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn neighbor_key(switch: SwitchId, ip: Ipv4Addr) -> u64 {
+        (u64::from(switch) << 32) | u64::from(u32::from(ip))
+    }
+
+    /// Records that `ip` on `switch` is at `mac`; `true` when new or moved.
+    pub fn learn_neighbor(&mut self, switch: SwitchId, ip: Ipv4Addr, mac: Mac) -> bool {
+        let key = Self::neighbor_key(switch, ip);
+        let room = self.neighbors.len() < NEIGHBORS;
+        let changed = match self.neighbors.get_mut(&key) {
+            Some(known) if *known == mac => false,
+            Some(known) => {
+                *known = mac;
+                true
+            }
+            None if room => {
+                self.neighbors.insert(key, mac);
+                true
+            }
+            None => false,
+        };
+        if changed {
+            self.asked.remove(&key);
+            // Cached "no neighbor" drops must go.
+            self.version += 1;
+        }
+        changed
+    }
+
+    /// The MAC learned for `ip` on `switch`.
+    pub fn neighbor(&self, switch: SwitchId, ip: Ipv4Addr) -> Option<Mac> {
+        self.neighbors.get(&Self::neighbor_key(switch, ip)).copied()
+    }
+
+    /// Whether to send an ARP request for `ip` on `switch` now (not within
+    /// the last second, and room to remember asking).
+    fn should_ask(&mut self, switch: SwitchId, ip: Ipv4Addr) -> bool {
+        let key = Self::neighbor_key(switch, ip);
+        let now = self.stateful.ct.now();
+        let room = self.asked.len() < NEIGHBORS;
+        match self.asked.get_mut(&key) {
+            Some(at) if *at == now => false,
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None if room => {
+                self.asked.insert(key, now);
                 true
             }
             None => false,
@@ -352,6 +420,30 @@ pub fn process<T: Tracer>(
     // DHCPv4 server for bound ports (crate::dhcp): answered in place, never flooded.
     if let Some(d) = crate::dhcp::stage(sw, lp, &p, buf, len, learned_now, tr) {
         return d;
+    }
+
+    if let (L3::Arp(a), Some(gw)) = (p.l3, sw.gateway) {
+        // A router leg learns the hosts without a binding (an uplink's far
+        // side) from their ARP, requests and replies alike.
+        let unbound = lp.learning
+            && a.spa != gw.ip
+            && sw.subnet.contains(a.spa)
+            && !sw.arp.contains_key(&u32::from(a.spa))
+            && !is_group(&a.sha);
+        if unbound && learned.learn_neighbor(lp.switch, a.spa, a.sha) {
+            learned_now = true;
+            tr.note("neighbor", || {
+                format!("{} is at {}", a.spa, mac_to_string(&a.sha))
+            });
+        }
+        if unbound && a.op == ARP_REPLY && p.dst == gw.mac {
+            tr.note("neighbor", || "ARP reply to the router: taken".into());
+            return Decision {
+                verdict: Verdict::Consumed,
+                outcome: Some(Outcome::NeighborLearned),
+                learned: true,
+            };
+        }
     }
 
     if let L3::Arp(a) = p.l3 {
@@ -577,6 +669,44 @@ fn arp_reply_in_place(buf: &mut [u8], p: &Parsed, mac: Mac) -> bool {
         && put(buf, o + 24, &a.spa.octets())
 }
 
+/// Rewrites the frame into a broadcast ARP request from `mac`/`ip` for
+/// `target` (on `vlan`, 0 = untagged).
+fn arp_request_in_place(
+    buf: &mut [u8],
+    len: &mut usize,
+    vlan: u16,
+    mac: Mac,
+    ip: Ipv4Addr,
+    target: Ipv4Addr,
+) -> bool {
+    let o: usize = if vlan == 0 { 14 } else { 18 };
+    let end = o + 28;
+    if buf.len() < end {
+        return false;
+    }
+    let tag_ok = if vlan == 0 {
+        put(buf, 12, &0x0806u16.to_be_bytes())
+    } else {
+        put(buf, 12, &ETHERTYPE_VLAN.to_be_bytes())
+            && put(buf, 14, &vlan.to_be_bytes())
+            && put(buf, 16, &0x0806u16.to_be_bytes())
+    };
+    let ok = put(buf, 0, &[0xff; 6])
+        && put(buf, 6, &mac)
+        && tag_ok
+        // Ethernet, IPv4, 6-byte MACs, 4-byte addresses.
+        && put(buf, o, &[0, 1, 8, 0, 6, 4])
+        && put(buf, o + 6, &ARP_REQUEST.to_be_bytes())
+        && put(buf, o + 8, &mac)
+        && put(buf, o + 14, &ip.octets())
+        && put(buf, o + 18, &[0; 6])
+        && put(buf, o + 24, &target.octets());
+    if ok {
+        *len = end;
+    }
+    ok
+}
+
 fn route<T: Tracer>(
     t: &Tables,
     learned: &mut Learned,
@@ -791,7 +921,33 @@ fn route<T: Tracer>(
             ip.dst, out_sw.name, next_hop
         )
     });
-    let nh_mac = out_sw.arp.get(&u32::from(next_hop)).copied();
+    let nh_mac = out_sw
+        .arp
+        .get(&u32::from(next_hop))
+        .copied()
+        .or_else(|| learned.neighbor(r.switch, next_hop));
+    if let (None, Some(out_gw)) = (nh_mac, out_sw.gateway) {
+        // Unknown next hop on a switch with unbound hosts: this packet
+        // becomes the router's ARP request for it (the sender retransmits).
+        if out_sw.subnet.contains(next_hop) && learned.should_ask(r.switch, next_hop) {
+            if arp_request_in_place(buf, len, out_sw.vlan, out_gw.mac, out_gw.ip, next_hop) {
+                tr.note("router", || {
+                    format!(
+                        "next hop {next_hop} unknown: ARP request from {}",
+                        out_gw.ip
+                    )
+                });
+                return Decision {
+                    verdict: Verdict::Flood {
+                        switch: r.switch,
+                        except: LportId::MAX,
+                    },
+                    outcome: Some(Outcome::ArpRequested),
+                    learned: true,
+                };
+            }
+        }
+    }
     let out = nh_mac.and_then(|m| {
         out_sw
             .macs

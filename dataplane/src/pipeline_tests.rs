@@ -567,3 +567,46 @@ fn routes_ipv6_across_subnets() {
     assert_eq!(d.outcome, Some(Outcome::NdReplied));
     assert_eq!(&out[6..12], &GW_A);
 }
+
+/// A next hop behind a learning port (an uplink) has no binding: the
+/// router asks for it (once per second), learns it from the reply (taken,
+/// not forwarded) and routes to it from then on.
+#[test]
+fn router_resolves_unbound_next_hops_by_arp() {
+    const HOST: Mac = [2, 0, 0, 0, 0x77, 1];
+    let mut r = Rig::new();
+    let frame = ping(GW_B, VM3, "10.0.2.10", "10.0.1.77", 64);
+    let (d, out) = r.run(2, &frame);
+    assert_eq!(d.outcome, Some(Outcome::ArpRequested));
+    assert!(matches!(d.verdict, Verdict::Flood { .. }), "{d:?}");
+    assert_eq!(
+        out,
+        arp(
+            1,
+            BCAST,
+            GW_A,
+            ip("10.0.1.1"),
+            [0; 6],
+            ip("10.0.1.77"),
+            None
+        )
+    );
+    // Within the same second: not asked again.
+    let (d, _) = r.run(2, &frame);
+    assert_eq!(d.verdict, Verdict::Drop(DropReason::NoNeighbor));
+    let reply = arp(2, GW_A, HOST, ip("10.0.1.77"), GW_A, ip("10.0.1.1"), None);
+    let (d, _) = r.run(UP, &reply);
+    assert_eq!(d.verdict, Verdict::Consumed);
+    assert_eq!(d.outcome, Some(Outcome::NeighborLearned));
+    assert_eq!(r.learned.neighbor(0, ip("10.0.1.77")), Some(HOST));
+    let (d, out) = r.run(2, &frame);
+    assert_eq!(d.verdict, Verdict::Unicast { port: UP });
+    assert_eq!((&out[0..6], &out[6..12]), (&HOST[..], &GW_A[..]));
+    // A bound address is never learned over its binding.
+    let spoof = arp(2, GW_A, HOST, ip("10.0.1.11"), GW_A, ip("10.0.1.1"), None);
+    r.run(UP, &spoof);
+    assert_eq!(r.learned.neighbor(0, ip("10.0.1.11")), None);
+    // A new configuration forgets what was learned.
+    r.learned.sync(2);
+    assert_eq!(r.learned.neighbor(0, ip("10.0.1.77")), None);
+}

@@ -171,7 +171,16 @@ pub fn root_veth(host: &NetnsHost, host_if: &str) -> Result<String> {
     // Interface names have at most 15 bytes.
     let root_if = format!("ku{}x{seq}", std::process::id() % 1_000_000);
     run(&[
-        "ip", "link", "add", &root_if, "type", "veth", "peer", "name", host_if, "netns",
+        "ip",
+        "link",
+        "add",
+        &root_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_if,
+        "netns",
         host.name(),
     ])?;
     // IPv6 off: no router solicitations or DAD from the host into the switch.

@@ -155,6 +155,7 @@ pub fn collect() -> HostInventory {
         gpus,
         kvm: Path::new("/dev/kvm").exists(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        uplinks: Default::default(),
     }
 }
 

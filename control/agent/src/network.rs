@@ -28,9 +28,8 @@ use keel_control::api::records::Record;
 use keel_control::api::routers::RouterSpec as ApiRouter;
 use keel_control::api::security_groups::{self as api_sg, SgSpec};
 use keel_dataplane::model::{
-    DesiredState, DhcpSpec, EtherType, NatKind, NatRuleSpec, PortSpec, RouterPortSpec,
-    RouterSpec, RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, StaticRouteSpec,
-    SwitchSpec,
+    DesiredState, DhcpSpec, EtherType, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
+    RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, StaticRouteSpec, SwitchSpec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +142,9 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
     let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (_, port_ids) in view.vms {
         for pid in port_ids {
-            let Some(port) = view.ports.get(pid) else { continue };
+            let Some(port) = view.ports.get(pid) else {
+                continue;
+            };
             let Ok(spec) = port.spec::<ApiPort>() else {
                 continue;
             };
@@ -264,9 +265,9 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                         };
                         let served = f.router_id.as_deref() == Some(rid)
                             && f.external_network_id == net_id
-                            && f.port_id.as_ref().is_some_and(|p| {
-                                state.ports.iter().any(|sp| &sp.name == p)
-                            });
+                            && f.port_id
+                                .as_ref()
+                                .is_some_and(|p| state.ports.iter().any(|sp| &sp.name == p));
                         if let (true, Some(fixed)) = (served, f.fixed_ip_address) {
                             state.nat.push(nat(
                                 rid,
@@ -397,7 +398,11 @@ impl Dataplane {
             }
         }
         self.stop();
-        if state.ports.iter().all(|p| p.name == uplink_port(&p.interface)) {
+        if state
+            .ports
+            .iter()
+            .all(|p| p.name == uplink_port(&p.interface))
+        {
             return Ok(());
         }
         let config = self.write_state(state)?;
@@ -511,7 +516,10 @@ mod tests {
     }
 
     fn by_id(records: Vec<Record>) -> BTreeMap<String, Record> {
-        records.into_iter().map(|r| (r.meta.id.clone(), r)).collect()
+        records
+            .into_iter()
+            .map(|r| (r.meta.id.clone(), r))
+            .collect()
     }
 
     fn port(id: &str, subnet: &str, ip: &str, mac: &str) -> Record {
@@ -542,7 +550,10 @@ mod tests {
             port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01"),
             port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02"),
         ]);
-        let subnets = by_id(vec![subnet("s1", "10.0.1.0/24"), subnet("s2", "10.0.2.0/24")]);
+        let subnets = by_id(vec![
+            subnet("s1", "10.0.1.0/24"),
+            subnet("s2", "10.0.2.0/24"),
+        ]);
         let router = record(
             "r1",
             json!({"description": "", "interfaces": [
@@ -588,13 +599,20 @@ mod tests {
             uplinks: &uplinks,
         };
         let state = desired_state(&view);
-        let uplink = state.ports.iter().find(|p| p.interface == "veth-up").unwrap();
+        let uplink = state
+            .ports
+            .iter()
+            .find(|p| p.interface == "veth-up")
+            .unwrap();
         assert_eq!(uplink.switch, "ext");
         assert!(!uplink.port_security);
         assert_eq!(uplink.name, uplink_port("veth-up"));
         let r = &state.routers[0];
-        let legs: Vec<(&str, &str)> =
-            r.ports.iter().map(|p| (p.switch.as_str(), p.ip.as_str())).collect();
+        let legs: Vec<(&str, &str)> = r
+            .ports
+            .iter()
+            .map(|p| (p.switch.as_str(), p.ip.as_str()))
+            .collect();
         // s2 has no port on this host: not routed here.
         assert_eq!(legs, [("s1", "10.0.1.1"), ("ext", "198.18.0.2")]);
         let routes: Vec<(&str, &str)> = r

@@ -246,7 +246,10 @@ impl Agent {
 
     /// Reports this host and its inventory.
     fn register(&self) -> Result<(), StepError> {
-        let inventory = crate::inventory::collect();
+        let inventory = hosts::HostInventory {
+            uplinks: self.config.uplinks.clone(),
+            ..crate::inventory::collect()
+        };
         self.block_on(async {
             let mut tx = self.store.begin_write().await?;
             hosts::register(&mut tx, &self.host_id, inventory).await?;

@@ -74,7 +74,12 @@ enum Command {
         /// This host's interface on a physical network, as NAME=IFACE
         /// (repeat, or comma-separate in KEEL_UPLINKS): external networks on
         /// NAME reach the data plane through IFACE.
-        #[arg(long = "uplink", env = "KEEL_UPLINKS", value_delimiter = ',', value_name = "NAME=IFACE")]
+        #[arg(
+            long = "uplink",
+            env = "KEEL_UPLINKS",
+            value_delimiter = ',',
+            value_name = "NAME=IFACE"
+        )]
         uplinks: Vec<String>,
     },
     /// Print the version.
@@ -405,9 +410,7 @@ fn main() -> std::process::ExitCode {
 
 /// `--uplink NAME=IFACE` values: each interface must exist here, and each
 /// name and interface appear once.
-fn parse_uplinks(
-    values: &[String],
-) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+fn parse_uplinks(values: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     let mut out = std::collections::BTreeMap::new();
     for value in values {
         let Some((name, iface)) = value.split_once('=') else {

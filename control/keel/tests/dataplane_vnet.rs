@@ -116,3 +116,113 @@ fn keel_dataplane_serves_vm_nics_over_vhost_user() {
     a.poweroff(Duration::from_secs(60)).unwrap();
     b.poweroff(Duration::from_secs(60)).unwrap();
 }
+
+const UPLINK_STATE: &str = r#"{
+  "switches": [
+    {"name": "s1", "subnet": "10.0.1.0/24", "dhcp": {}},
+    {"name": "ext", "subnet": "198.18.0.0/24"}
+  ],
+  "ports": [
+    {"name": "a", "switch": "s1", "interface": "vm-a", "mac": "52:54:00:00:01:10", "ips": ["10.0.1.10"]},
+    {"name": "up", "switch": "ext", "interface": "UPLINK", "port_security": false}
+  ],
+  "routers": [{"name": "r", "ports": [
+    {"switch": "s1", "mac": "02:00:00:00:01:01", "ip": "10.0.1.1"},
+    {"switch": "ext", "mac": "02:00:00:00:09:01", "ip": "198.18.0.2"}
+  ], "static_routes": [{"prefix": "0.0.0.0/0", "next_hop": "198.18.0.1"}]}],
+  "nat": [
+    {"router": "r", "type": "snat", "external_ip": "198.18.0.2", "logical_ip": "10.0.1.0/24"}
+  ]
+}"#;
+
+/// A VM NIC (vhost-user-net) and an uplink (AF_PACKET on a veth into an
+/// "outside" namespace) on one data plane: the guest reaches a TCP server
+/// outside, which sees the router's external address (SNAT); with a
+/// floating IP applied in place the guest answers pings at it from outside.
+#[test]
+fn vm_nic_reaches_the_outside_through_an_uplink() {
+    use keel_testkit::{root_veth, NetnsHost};
+    let dir = tempfile::tempdir().unwrap();
+    let outside = NetnsHost::new("dpout").unwrap();
+    let uplink = root_veth(&outside, "eth0").unwrap();
+    outside.add_addr("eth0", "198.18.0.1/24").unwrap();
+    let peers = dir.path().join("peers");
+    outside
+        .spawn(&[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('0.0.0.0', 7000)); s.listen()\n\
+                 while True:\n    c, a = s.accept()\n    \
+                 open('{}', 'a').write(a[0] + '\\n')\n    \
+                 c.sendall(b'HELLO-FROM-OUTSIDE\\n'); c.close()\n",
+                peers.display()
+            ),
+        ])
+        .unwrap();
+    let sa = dir.path().join("a.sock");
+    let (config, socket) = (dir.path().join("state.json"), dir.path().join("dp.sock"));
+    let state = UPLINK_STATE.replace("UPLINK", &uplink);
+    std::fs::write(&config, &state).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("dataplane")
+        .arg("--interface")
+        .arg(&uplink)
+        .arg("--vhost-user-net")
+        .arg(format!("vm-a={}", sa.display()))
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let _dp = DataPlane(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(request(&socket, &Request::Get), Ok(Response::State { .. })) {
+        assert!(Instant::now() < deadline, "keel dataplane did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut a = boot("cli-vnet-up", &sa, "52:54:00:00:01:10");
+    let lease = dhcp(&mut a);
+    assert!(lease.contains("router=10.0.1.1"), "{lease}");
+    let (code, out) = a
+        .exec("nc 198.18.0.1 7000 </dev/null", Duration::from_secs(60))
+        .unwrap();
+    let Response::Stats { stats } = request(&socket, &Request::Stats).unwrap() else {
+        panic!("no stats");
+    };
+    assert!(
+        code == 0 && out.contains("HELLO-FROM-OUTSIDE"),
+        "{code} {out}\n{stats:?}"
+    );
+    let seen = std::fs::read_to_string(&peers).unwrap();
+    assert_eq!(seen.lines().last(), Some("198.18.0.2"), "SNAT");
+
+    let mut desired: keel_dataplane::model::DesiredState = serde_json::from_str(&state).unwrap();
+    desired.nat.push(keel_dataplane::model::NatRuleSpec {
+        router: "r".into(),
+        kind: keel_dataplane::model::NatKind::DnatAndSnat,
+        external_ip: "198.18.0.50".into(),
+        logical_ip: "10.0.1.10".into(),
+        protocol: None,
+        external_port: None,
+        logical_port: None,
+        port_min: None,
+        port_max: None,
+    });
+    let r = request(&socket, &Request::Apply { state: desired }).unwrap();
+    assert!(matches!(r, Response::Applied { .. }), "{r:?}");
+    let out = outside
+        .capture(&["ping", "-c", "3", "-W", "2", "198.18.0.50"])
+        .unwrap();
+    assert!(out.stdout.contains("3 received"), "{out:?}");
+    let (code, out) = a
+        .exec("nc 198.18.0.1 7000 </dev/null", Duration::from_secs(60))
+        .unwrap();
+    assert!(code == 0 && out.contains("HELLO"), "{code} {out}");
+    let seen = std::fs::read_to_string(&peers).unwrap();
+    assert_eq!(seen.lines().last(), Some("198.18.0.50"), "1:1 NAT");
+    a.poweroff(Duration::from_secs(60)).unwrap();
+}

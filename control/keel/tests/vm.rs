@@ -752,6 +752,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert_eq!(host["cpu_arch"], std::env::consts::ARCH);
     assert!(host["cores"].as_u64().unwrap() >= 1, "{host}");
     assert!(host["memory_bytes"].as_u64().unwrap() > 0, "{host}");
+    assert_eq!(host["uplinks"]["public"], uplink.as_str(), "{host}");
     let host_id = host["id"].as_str().unwrap().to_owned();
     let vdc = api.ok("POST", "/api/v1/vdcs", Some(json!({"name": "tenant-a"})));
     let vdc_id = vdc["id"].as_str().unwrap();
@@ -1258,7 +1259,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
                     "interfaces": [{"subnet_id": subnet_ids[0]}, {"subnet_id": subnet_ids[1]}],
                     "external_gateway": {"external_network_id": public_id}})),
     );
-    assert_eq!(router["external_gateway"]["external_ip"], "198.18.0.2", "{router}");
+    assert_eq!(
+        router["external_gateway"]["external_ip"], "198.18.0.2",
+        "{router}"
+    );
     let sg = api.ok(
         "POST",
         "/api/v1/security-groups",
@@ -1413,23 +1417,43 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let fip_ip = fip["floating_ip_address"].as_str().unwrap().to_owned();
     assert_eq!(fip_ip, "198.18.0.3", "{fip}");
     assert_eq!(fip["fixed_ip_address"], vms[1].1.as_str(), "{fip}");
-    wait_for(&api, &format!("/api/v1/floating-ips/{fip_id}"), "floating IP ACTIVE", |f| {
-        f["status"] == "ACTIVE"
-    });
+    wait_for(
+        &api,
+        &format!("/api/v1/floating-ips/{fip_id}"),
+        "floating IP ACTIVE",
+        |f| f["status"] == "ACTIVE",
+    );
     let outside_peers = || std::fs::read_to_string(&peers_file).unwrap_or_default();
     let text = run_in(&vms[0].0, "S1", "nc 198.18.0.1 7000 </dev/null");
-    assert!(text.contains("HELLO-FROM-OUTSIDE") && text.contains("S1=0"), "{text}");
-    assert_eq!(outside_peers().lines().last(), Some("198.18.0.2"), "SNAT to the gateway address");
+    assert!(
+        text.contains("HELLO-FROM-OUTSIDE") && text.contains("S1=0"),
+        "{text}"
+    );
+    assert_eq!(
+        outside_peers().lines().last(),
+        Some("198.18.0.2"),
+        "SNAT to the gateway address"
+    );
     let text = run_in(&vms[1].0, "S2", "nc 198.18.0.1 7000 </dev/null");
-    assert!(text.contains("HELLO-FROM-OUTSIDE") && text.contains("S2=0"), "{text}");
-    assert_eq!(outside_peers().lines().last(), Some(fip_ip.as_str()), "leaves as its floating IP");
+    assert!(
+        text.contains("HELLO-FROM-OUTSIDE") && text.contains("S2=0"),
+        "{text}"
+    );
+    assert_eq!(
+        outside_peers().lines().last(),
+        Some(fip_ip.as_str()),
+        "leaves as its floating IP"
+    );
     let ping_from_outside = || {
         outside
             .capture(&["ping", "-c", "3", "-W", "2", &fip_ip])
             .unwrap()
     };
     let out = ping_from_outside();
-    assert!(out.stdout.contains("3 received"), "the floating IP answers: {out:?}");
+    assert!(
+        out.stdout.contains("3 received"),
+        "the floating IP answers: {out:?}"
+    );
     let fip_path = format!("{}/api/v1/floating-ips/{fip_id}", keel.url(""));
     let current = api.ok("GET", &format!("/api/v1/floating-ips/{fip_id}"), None);
     let r = ureq::patch(&fip_path)
@@ -1438,8 +1462,8 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         .send_json(json!({ "port_id": null }));
     assert!(r.is_ok(), "{r:?}");
     eventually("the floating IP's translation is gone", || {
-        let applied = std::fs::read_to_string(state.join("run").join("dataplane.json"))
-            .unwrap_or_default();
+        let applied =
+            std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
         if applied.contains(fip_ip.as_str()) {
             Err(format!("still in {applied}"))
         } else {
@@ -1450,7 +1474,11 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert!(out.stdout.contains(" 0 received"), "disassociated: {out:?}");
     let text = run_in(&vms[1].0, "S3", "nc 198.18.0.1 7000 </dev/null");
     assert!(text.contains("S3=0"), "{text}");
-    assert_eq!(outside_peers().lines().last(), Some("198.18.0.2"), "back to SNAT");
+    assert_eq!(
+        outside_peers().lines().last(),
+        Some("198.18.0.2"),
+        "back to SNAT"
+    );
     // A clone of a VM with a NIC gets its own port (new address and MAC on
     // the same subnet) and its lease for it from keel's DHCP.
     let (status, task) = api.call(

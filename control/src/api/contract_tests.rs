@@ -1956,8 +1956,14 @@ impl Api {
         let current = self.get(path, token).await;
         assert_eq!(current.status, 200, "GET {path}: {}", current.body);
         let etag = current.etag();
-        self.call(method, path, Some(token), &[("if-match", etag.as_str())], body)
-            .await
+        self.call(
+            method,
+            path,
+            Some(token),
+            &[("if-match", etag.as_str())],
+            body,
+        )
+        .await
     }
 }
 
@@ -1970,11 +1976,23 @@ async fn external_networks_router_gateways_and_floating_ips() {
     let ext = |body: Value| api.post("/api/v1/external-networks", &admin, body);
     // Bad input: precise errors, nothing stored.
     for (body, field) in [
-        (json!({"name": "e", "physical_network": "public", "cidr": "2001:db8::/64"}), "cidr"),
-        (json!({"name": "e", "physical_network": "pub lic", "cidr": "198.18.0.0/24"}), "physical_network"),
-        (json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.1/24"}), "cidr"),
-        (json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.0/24",
-                "allocation_pools": [{"start": "198.18.0.9", "end": "198.18.0.3"}]}), "allocation_pools[0]"),
+        (
+            json!({"name": "e", "physical_network": "public", "cidr": "2001:db8::/64"}),
+            "cidr",
+        ),
+        (
+            json!({"name": "e", "physical_network": "pub lic", "cidr": "198.18.0.0/24"}),
+            "physical_network",
+        ),
+        (
+            json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.1/24"}),
+            "cidr",
+        ),
+        (
+            json!({"name": "e", "physical_network": "public", "cidr": "198.18.0.0/24",
+                "allocation_pools": [{"start": "198.18.0.9", "end": "198.18.0.3"}]}),
+            "allocation_pools[0]",
+        ),
     ] {
         let r = ext(body).await;
         assert_problem(&r, 422, "invalid-field");
@@ -1989,8 +2007,10 @@ async fn external_networks_router_gateways_and_floating_ips() {
         .await;
     assert_problem(&r, 403, "forbidden");
     // A pool of three addresses: a gateway, two floating IPs, then none.
-    let r = ext(json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24",
-                      "allocation_pools": [{"start": "198.18.0.10", "end": "198.18.0.12"}]}))
+    let r = ext(
+        json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24",
+                      "allocation_pools": [{"start": "198.18.0.10", "end": "198.18.0.12"}]}),
+    )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["gateway_ip"], "198.18.0.1");
@@ -2002,16 +2022,25 @@ async fn external_networks_router_gateways_and_floating_ips() {
         "conflict",
     );
     // Tenants read external networks (to pick one), never change them.
-    let r = api.get(&format!("/api/v1/external-networks/{net}"), &tenant).await;
+    let r = api
+        .get(&format!("/api/v1/external-networks/{net}"), &tenant)
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = api.get("/api/v1/external-networks", &tenant).await;
     assert_eq!(r.body["items"].as_array().unwrap().len(), 1, "{}", r.body);
     let r = api
-        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &tenant, None)
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/external-networks/{net}"),
+            &tenant,
+            None,
+        )
         .await;
     assert_problem(&r, 403, "forbidden");
 
-    let vpc = api.create("/api/v1/vpcs", &tenant, json!({"name": "n"})).await;
+    let vpc = api
+        .create("/api/v1/vpcs", &tenant, json!({"name": "n"}))
+        .await;
     let subnet = api
         .create(
             "/api/v1/subnets",
@@ -2020,14 +2049,26 @@ async fn external_networks_router_gateways_and_floating_ips() {
         )
         .await;
     let port = api
-        .create("/api/v1/ports", &tenant, json!({"name": "p", "subnet_id": subnet}))
+        .create(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p", "subnet_id": subnet}),
+        )
         .await;
     let port2 = api
-        .create("/api/v1/ports", &tenant, json!({"name": "p2", "subnet_id": subnet}))
+        .create(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p2", "subnet_id": subnet}),
+        )
         .await;
     // A floating IP: allocated DOWN; associating needs a router between.
     let r = api
-        .post("/api/v1/floating-ips", &tenant, json!({"external_network_id": net}))
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net}),
+        )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["floating_ip_address"], "198.18.0.10");
@@ -2035,10 +2076,19 @@ async fn external_networks_router_gateways_and_floating_ips() {
     assert_eq!(r.body["status_reason"], "not associated with a port");
     let fip_path = format!("/api/v1/floating-ips/{}", r.id());
     let r = api
-        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": port})))
+        .change(
+            Method::PATCH,
+            &fip_path,
+            &tenant,
+            Some(json!({"port_id": port})),
+        )
         .await;
     assert_problem(&r, 409, "conflict");
-    assert!(r.body["detail"].as_str().unwrap().contains("not reachable"), "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("not reachable"),
+        "{}",
+        r.body
+    );
     let r = api
         .post(
             "/api/v1/routers",
@@ -2073,7 +2123,12 @@ async fn external_networks_router_gateways_and_floating_ips() {
     );
     let router_path = format!("/api/v1/routers/{}", r.id());
     let r = api
-        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": port})))
+        .change(
+            Method::PATCH,
+            &fip_path,
+            &tenant,
+            Some(json!({"port_id": port})),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "PENDING");
@@ -2098,24 +2153,49 @@ async fn external_networks_router_gateways_and_floating_ips() {
     assert_eq!(r.body["floating_ip_address"], "198.18.0.12");
     let fip2_path = format!("/api/v1/floating-ips/{}", r.id());
     let r = api
-        .post("/api/v1/floating-ips", &tenant, json!({"external_network_id": net}))
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net}),
+        )
         .await;
     assert_problem(&r, 409, "conflict");
-    assert!(r.body["detail"].as_str().unwrap().contains("no free address"), "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no free address"),
+        "{}",
+        r.body
+    );
     // The path of an association cannot be cut under it.
     for body in [json!({"external_gateway": null}), json!({"interfaces": []})] {
-        let r = api.change(Method::PATCH, &router_path, &tenant, Some(body)).await;
+        let r = api
+            .change(Method::PATCH, &router_path, &tenant, Some(body))
+            .await;
         assert_problem(&r, 409, "conflict");
     }
-    let r = api.change(Method::DELETE, &router_path, &tenant, None).await;
+    let r = api
+        .change(Method::DELETE, &router_path, &tenant, None)
+        .await;
     assert_problem(&r, 409, "conflict");
     let r = api
-        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &admin, None)
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/external-networks/{net}"),
+            &admin,
+            None,
+        )
         .await;
     assert_problem(&r, 409, "conflict");
     // Deleting a port disassociates its floating IP.
     let r = api
-        .change(Method::DELETE, &format!("/api/v1/ports/{port2}"), &tenant, None)
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/ports/{port2}"),
+            &tenant,
+            None,
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.body);
     let r = api.get(&fip2_path, &tenant).await;
@@ -2123,12 +2203,22 @@ async fn external_networks_router_gateways_and_floating_ips() {
     assert_eq!(r.body["port_id"], Value::Null);
     // Disassociated, the gateway may go; its address is free again.
     let r = api
-        .change(Method::PATCH, &fip_path, &tenant, Some(json!({"port_id": null})))
+        .change(
+            Method::PATCH,
+            &fip_path,
+            &tenant,
+            Some(json!({"port_id": null})),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "DOWN");
     let r = api
-        .change(Method::PATCH, &router_path, &tenant, Some(json!({"external_gateway": null})))
+        .change(
+            Method::PATCH,
+            &router_path,
+            &tenant,
+            Some(json!({"external_gateway": null})),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["external_gateway"], Value::Null);
@@ -2139,13 +2229,26 @@ async fn external_networks_router_gateways_and_floating_ips() {
             json!({"external_network_id": net, "floating_ip_address": "198.18.0.11"}),
         )
         .await;
-    assert_eq!(r.status, 201, "the gateway's address is free again: {}", r.body);
-    for path in [fip_path, fip2_path, format!("/api/v1/floating-ips/{}", r.id())] {
+    assert_eq!(
+        r.status, 201,
+        "the gateway's address is free again: {}",
+        r.body
+    );
+    for path in [
+        fip_path,
+        fip2_path,
+        format!("/api/v1/floating-ips/{}", r.id()),
+    ] {
         let r = api.change(Method::DELETE, &path, &tenant, None).await;
         assert_eq!(r.status, 204, "{}", r.body);
     }
     let r = api
-        .change(Method::DELETE, &format!("/api/v1/external-networks/{net}"), &admin, None)
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/external-networks/{net}"),
+            &admin,
+            None,
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.body);
 }

@@ -166,14 +166,14 @@ pub async fn referenced(
 }
 
 /// Every router's gateway on the external network `id`: (router, address).
-async fn gateways_on(
-    conn: &mut DbConnection,
-    id: &str,
-) -> Result<Vec<(Record, IpAddr)>, ApiError> {
+async fn gateways_on(conn: &mut DbConnection, id: &str) -> Result<Vec<(Record, IpAddr)>, ApiError> {
     let mut out = Vec::new();
     for router in records::all(conn, routers::KIND).await? {
         let spec: RouterSpec = router.spec()?;
-        if let Some(gw) = spec.external_gateway.filter(|g| g.external_network_id == id) {
+        if let Some(gw) = spec
+            .external_gateway
+            .filter(|g| g.external_network_id == id)
+        {
             out.push((router, gw.external_ip));
         }
     }
@@ -199,7 +199,9 @@ pub async fn allocate(
         used.insert(fip.spec::<FloatingIpSpec>()?.floating_ip_address);
     }
     choose_ip(&spec.as_subnet(), &used, requested, field).map_err(|e| match e {
-        ApiError::Conflict(m) => ApiError::Conflict(format!("external network {}: {m}", network.meta.name)),
+        ApiError::Conflict(m) => {
+            ApiError::Conflict(format!("external network {}: {m}", network.meta.name))
+        }
         other => other,
     })
 }

@@ -19,8 +19,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, ValidJson, ValidQuery};
 use super::external_networks;
+use super::extract::{check_description, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::{present, NOT_REALIZED};
 use super::ports::PortSpec;
@@ -161,8 +161,7 @@ async fn associate(
     };
     for other in records::in_vdc(conn, KIND, vdc_id).await? {
         let other_spec: FloatingIpSpec = other.spec()?;
-        if Some(other.meta.id.as_str()) != fip_id
-            && other_spec.port_id.as_deref() == Some(port_id)
+        if Some(other.meta.id.as_str()) != fip_id && other_spec.port_id.as_deref() == Some(port_id)
         {
             return Err(ApiError::Conflict(format!(
                 "port {port_id} already has floating IP {}",
@@ -257,8 +256,7 @@ async fn create_floating_ip(
             .await?;
     let (fixed_ip_address, router_id) = match &body.port_id {
         Some(port_id) => {
-            let (ip, router) =
-                associate(&mut tx, &vdc_id, &network.meta.id, None, port_id).await?;
+            let (ip, router) = associate(&mut tx, &vdc_id, &network.meta.id, None, port_id).await?;
             (Some(ip), Some(router))
         }
         None => (None, None),
@@ -270,7 +268,11 @@ async fn create_floating_ip(
         "floating_ip_address",
     )
     .await?;
-    let status = if body.port_id.is_some() { PENDING } else { DOWN };
+    let status = if body.port_id.is_some() {
+        PENDING
+    } else {
+        DOWN
+    };
     let spec = FloatingIpSpec {
         external_network_id: network.meta.id.clone(),
         floating_ip_address: address,
@@ -294,7 +296,11 @@ async fn create_floating_ip(
     tx.commit().await?;
     let location = format!("/api/v1/floating-ips/{}", record.meta.id);
     let revision = record.meta.revision;
-    Ok(created(&location, revision, &FloatingIp::from_record(record)?))
+    Ok(created(
+        &location,
+        revision,
+        &FloatingIp::from_record(record)?,
+    ))
 }
 
 #[utoipa::path(get, path = "/floating-ips", tag = "networks", params(ListQuery),

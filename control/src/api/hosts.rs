@@ -76,6 +76,11 @@ pub struct HostInventory {
     pub gpus: Vec<Gpu>,
     pub kvm: bool,
     pub agent_version: String,
+    /// The host's interface per physical network (`keel up --uplink`):
+    /// external networks on other physical networks are not reachable
+    /// from VMs on this host.
+    #[serde(default)]
+    pub uplinks: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -185,9 +185,7 @@ pub(crate) fn choose_ip(
             return Err(ApiError::invalid(field, format!("{ip} is reserved")));
         }
         if used.contains(&ip) {
-            return Err(ApiError::Conflict(format!(
-                "{ip} is already in use"
-            )));
+            return Err(ApiError::Conflict(format!("{ip} is already in use")));
         }
         return Ok(ip);
     }

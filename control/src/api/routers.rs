@@ -22,10 +22,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, ValidJson, ValidQuery};
-use super::listing::{ListQuery, Page};
 use super::external_networks;
+use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::floating_ips;
+use super::listing::{ListQuery, Page};
 use super::networks::{not_realized, present, usable, yes, SubnetSpec};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
@@ -377,8 +377,7 @@ async fn create_router(
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let (interfaces, routes) =
         resolve(&mut tx, &vdc_id, None, &body.interfaces, &body.routes).await?;
-    let external_gateway =
-        resolve_gateway(&mut tx, None, body.external_gateway.as_ref()).await?;
+    let external_gateway = resolve_gateway(&mut tx, None, body.external_gateway.as_ref()).await?;
     let spec = RouterSpec {
         description: body.description,
         interfaces,
