@@ -929,23 +929,24 @@ fn route<T: Tracer>(
     if let (None, Some(out_gw)) = (nh_mac, out_sw.gateway) {
         // Unknown next hop on a switch with unbound hosts: this packet
         // becomes the router's ARP request for it (the sender retransmits).
-        if out_sw.subnet.contains(next_hop) && learned.should_ask(r.switch, next_hop) {
-            if arp_request_in_place(buf, len, out_sw.vlan, out_gw.mac, out_gw.ip, next_hop) {
-                tr.note("router", || {
-                    format!(
-                        "next hop {next_hop} unknown: ARP request from {}",
-                        out_gw.ip
-                    )
-                });
-                return Decision {
-                    verdict: Verdict::Flood {
-                        switch: r.switch,
-                        except: LportId::MAX,
-                    },
-                    outcome: Some(Outcome::ArpRequested),
-                    learned: true,
-                };
-            }
+        if out_sw.subnet.contains(next_hop)
+            && learned.should_ask(r.switch, next_hop)
+            && arp_request_in_place(buf, len, out_sw.vlan, out_gw.mac, out_gw.ip, next_hop)
+        {
+            tr.note("router", || {
+                format!(
+                    "next hop {next_hop} unknown: ARP request from {}",
+                    out_gw.ip
+                )
+            });
+            return Decision {
+                verdict: Verdict::Flood {
+                    switch: r.switch,
+                    except: LportId::MAX,
+                },
+                outcome: Some(Outcome::ArpRequested),
+                learned: true,
+            };
         }
     }
     let out = nh_mac.and_then(|m| {

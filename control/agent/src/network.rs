@@ -24,6 +24,7 @@ use keel_control::api::external_networks::ExternalNetworkSpec;
 use keel_control::api::floating_ips::FloatingIpSpec;
 use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
+use keel_control::api::qos_policies::{BandwidthLimit, QosPolicySpec};
 use keel_control::api::records::Record;
 use keel_control::api::routers::RouterSpec as ApiRouter;
 use keel_control::api::security_groups::{self as api_sg, SgSpec};
@@ -107,8 +108,37 @@ pub struct NetworkView<'a> {
     pub groups: &'a BTreeMap<String, Record>,
     pub external_networks: &'a BTreeMap<String, Record>,
     pub floating_ips: &'a [Record],
+    pub qos_policies: &'a BTreeMap<String, Record>,
     /// This host's uplink interface per physical network.
     pub uplinks: &'a BTreeMap<String, String>,
+}
+
+/// The data plane's QoS entry for `policy_id` on a port (or, with
+/// `floating_ip`, on that address): `None` when the policy is gone.
+fn qos_of(
+    policies: &BTreeMap<String, Record>,
+    policy_id: &str,
+    port: Option<String>,
+    floating_ip: Option<String>,
+) -> Option<keel_dataplane::qos::QosSpec> {
+    let spec: QosPolicySpec = policies.get(policy_id)?.spec().ok()?;
+    let meter = |l: Option<BandwidthLimit>| {
+        l.map(|l| keel_dataplane::qos::MeterSpec {
+            rate_kbps: l.max_kbps,
+            burst_bytes: l.max_burst_kbits.unwrap_or(l.max_kbps) * 125,
+        })
+    };
+    Some(keel_dataplane::qos::QosSpec {
+        dscp: if floating_ip.is_some() {
+            None
+        } else {
+            spec.dscp_mark
+        },
+        port,
+        floating_ip,
+        ingress: meter(spec.ingress),
+        egress: meter(spec.egress),
+    })
 }
 
 /// The name of the data-plane port on an uplink interface.
@@ -154,6 +184,13 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
             used.insert(spec.subnet_id.clone());
             for g in &spec.security_group_ids {
                 members.entry(g.clone()).or_default().push(pid.clone());
+            }
+            if let Some(q) = spec
+                .qos_policy_id
+                .as_deref()
+                .and_then(|q| qos_of(view.qos_policies, q, Some(pid.clone()), None))
+            {
+                state.qos.push(q);
             }
             state.ports.push(PortSpec {
                 name: pid.clone(),
@@ -269,10 +306,16 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                                 .as_ref()
                                 .is_some_and(|p| state.ports.iter().any(|sp| &sp.name == p));
                         if let (true, Some(fixed)) = (served, f.fixed_ip_address) {
+                            let address = f.floating_ip_address.to_string();
+                            if let Some(q) = f.qos_policy_id.as_deref().and_then(|q| {
+                                qos_of(view.qos_policies, q, None, Some(address.clone()))
+                            }) {
+                                state.qos.push(q);
+                            }
                             state.nat.push(nat(
                                 rid,
                                 NatKind::DnatAndSnat,
-                                f.floating_ip_address.to_string(),
+                                address,
                                 fixed.to_string(),
                             ));
                         }
@@ -546,9 +589,20 @@ mod tests {
             (record("vm1", json!({})), vec!["p1".to_string()]),
             (record("vm2", json!({})), vec!["p2".to_string()]),
         ];
-        let ports = by_id(vec![
-            port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01"),
-            port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02"),
+        let mut p1 = port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01");
+        p1.spec["qos_policy_id"] = json!("q1");
+        let ports = by_id(vec![p1, port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02")]);
+        let qos = by_id(vec![
+            record(
+                "q1",
+                json!({"description": "", "ingress": null, "dscp_mark": 46,
+                       "egress": {"max_kbps": 100000, "max_burst_kbits": 80000}}),
+            ),
+            record(
+                "q2",
+                json!({"description": "", "egress": null, "dscp_mark": null,
+                       "ingress": {"max_kbps": 5000, "max_burst_kbits": 4000}}),
+            ),
         ]);
         let subnets = by_id(vec![
             subnet("s1", "10.0.1.0/24"),
@@ -575,7 +629,7 @@ mod tests {
                 "f1",
                 json!({"external_network_id": "ext", "floating_ip_address": "198.18.0.50",
                        "port_id": "p2", "fixed_ip_address": "10.0.1.6", "router_id": "r1",
-                       "description": ""}),
+                       "description": "", "qos_policy_id": "q2"}),
             ),
             // Not associated: no translation.
             record(
@@ -596,6 +650,7 @@ mod tests {
             groups: &groups,
             external_networks: &external,
             floating_ips: &fips,
+            qos_policies: &qos,
             uplinks: &uplinks,
         };
         let state = desired_state(&view);
@@ -635,6 +690,26 @@ mod tests {
             [
                 (NatKind::Snat, "198.18.0.2", "10.0.1.0/24"),
                 (NatKind::DnatAndSnat, "198.18.0.50", "10.0.1.6"),
+            ]
+        );
+        let qos_entries: Vec<_> = state
+            .qos
+            .iter()
+            .map(|q| {
+                (
+                    q.port.as_deref(),
+                    q.floating_ip.as_deref(),
+                    q.ingress.map(|m| m.rate_kbps),
+                    q.egress.map(|m| m.burst_bytes),
+                    q.dscp,
+                )
+            })
+            .collect();
+        assert_eq!(
+            qos_entries,
+            [
+                (Some("p1"), None, None, Some(10_000_000), Some(46)),
+                (None, Some("198.18.0.50"), Some(5000), None, None),
             ]
         );
         // The data plane accepts it as is.

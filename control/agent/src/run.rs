@@ -942,9 +942,9 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        use keel_control::api::{external_networks, floating_ips};
-        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips) =
-            self.block_on(async {
+        use keel_control::api::{external_networks, floating_ips, qos_policies};
+        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos) = self
+            .block_on(async {
                 let mut conn = self.store.pool().acquire().await?;
                 let vms = records::all(&mut conn, vms::KIND).await?;
                 let ports = records::all(&mut conn, "port").await?;
@@ -954,7 +954,10 @@ impl Agent {
                 let vpcs = records::all(&mut conn, "vpc").await?;
                 let externals = records::all(&mut conn, external_networks::KIND).await?;
                 let fips = records::all(&mut conn, floating_ips::KIND).await?;
-                Ok::<_, StepError>((vms, ports, subnets, routers, groups, vpcs, externals, fips))
+                let qos = records::all(&mut conn, qos_policies::KIND).await?;
+                Ok::<_, StepError>((
+                    vms, ports, subnets, routers, groups, vpcs, externals, fips, qos,
+                ))
             })?;
         let mut with_nics = Vec::new();
         for vm in vm_records {
@@ -1000,6 +1003,7 @@ impl Agent {
             groups: &by_id(groups),
             external_networks: &by_id(externals),
             floating_ips: &fips,
+            qos_policies: &by_id(qos),
             uplinks: &self.config.uplinks,
         });
         self.net

@@ -1434,6 +1434,57 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         Some("198.18.0.2"),
         "SNAT to the gateway address"
     );
+    // A QoS policy marking DSCP EF (46) on the first VM's port: applied in
+    // place, what it sends reaches the outside with the mark.
+    let policy = api.ok(
+        "POST",
+        "/api/v1/qos-policies",
+        Some(json!({"name": "ef", "vdc_id": vdc_id, "dscp_mark": 46})),
+    );
+    let port_path = format!("{}/api/v1/ports/{}", keel.url(""), nic_ports[0]);
+    let current = api.ok("GET", &format!("/api/v1/ports/{}", nic_ports[0]), None);
+    let r = ureq::patch(&port_path)
+        .set("authorization", &format!("Bearer {}", api.token))
+        .set("if-match", &format!("\"{}\"", current["revision"]))
+        .send_json(json!({ "qos_policy_id": policy["id"] }));
+    assert!(r.is_ok(), "{r:?}");
+    eventually("the port's QoS reaches the data plane", || {
+        let applied =
+            std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
+        if applied.contains("\"dscp\": 46") {
+            Ok(())
+        } else {
+            Err(applied)
+        }
+    });
+    let marked = work.path().join("marked.pcap");
+    outside
+        .spawn(&[
+            "tcpdump",
+            "-Z",
+            "root",
+            "-n",
+            "-U",
+            "-c",
+            "1",
+            "-i",
+            "eth0",
+            "-w",
+            &marked.display().to_string(),
+            "tcp dst port 7000 and ip[1] & 0xfc == 184",
+        ])
+        .unwrap();
+    eventually("tcpdump listens", || {
+        marked.exists().then_some(()).ok_or_else(String::new)
+    });
+    let text = run_in(&vms[0].0, "S1b", "nc 198.18.0.1 7000 </dev/null");
+    assert!(text.contains("S1b=0"), "{text}");
+    eventually("a packet marked EF arrives outside", || {
+        let n = std::fs::metadata(&marked).map_or(0, |m| m.len());
+        (n > 24)
+            .then_some(())
+            .ok_or_else(|| format!("{n} bytes captured"))
+    });
     let text = run_in(&vms[1].0, "S2", "nc 198.18.0.1 7000 </dev/null");
     assert!(
         text.contains("HELLO-FROM-OUTSIDE") && text.contains("S2=0"),

@@ -2253,6 +2253,152 @@ async fn external_networks_router_gateways_and_floating_ips() {
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
+#[tokio::test]
+async fn qos_policies_limit_ports_and_floating_ips() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    for (body, field) in [
+        (json!({"name": "q"}), "ingress"),
+        (
+            json!({"name": "q", "ingress": {"max_kbps": 0}}),
+            "ingress.max_kbps",
+        ),
+        (
+            json!({"name": "q", "egress": {"max_kbps": 1000, "max_burst_kbits": 1}}),
+            "egress.max_burst_kbits",
+        ),
+        (json!({"name": "q", "dscp_mark": 64}), "dscp_mark"),
+    ] {
+        let r = api.post("/api/v1/qos-policies", &tenant, body).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/qos-policies",
+            &tenant,
+            json!({"name": "bw", "ingress": {"max_kbps": 1000}, "egress": {"max_kbps": 2000, "max_burst_kbits": 500}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["ingress"]["max_burst_kbits"], 800,
+        "80 % of a second by default"
+    );
+    assert_eq!(r.body["egress"]["max_burst_kbits"], 500);
+    let bw = r.id();
+    let mark = api
+        .create(
+            "/api/v1/qos-policies",
+            &tenant,
+            json!({"name": "ef", "dscp_mark": 46}),
+        )
+        .await;
+    let net = api
+        .create(
+            "/api/v1/external-networks",
+            &admin,
+            json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24"}),
+        )
+        .await;
+    let vpc = api
+        .create("/api/v1/vpcs", &tenant, json!({"name": "n"}))
+        .await;
+    let subnet = api
+        .create(
+            "/api/v1/subnets",
+            &tenant,
+            json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await;
+    let r = api
+        .post(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p", "subnet_id": subnet, "qos_policy_id": "nope"}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "qos_policy_id");
+    let port = api
+        .create(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p", "subnet_id": subnet, "qos_policy_id": mark}),
+        )
+        .await;
+    let port_path = format!("/api/v1/ports/{port}");
+    let r = api
+        .change(
+            Method::PATCH,
+            &port_path,
+            &tenant,
+            Some(json!({"qos_policy_id": bw})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["qos_policy_id"], bw.as_str());
+    // Floating IPs take bandwidth limits only.
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "qos_policy_id": mark}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let fip = api
+        .create(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "qos_policy_id": bw}),
+        )
+        .await;
+    let bw_path = format!("/api/v1/qos-policies/{bw}");
+    let r = api
+        .change(
+            Method::PATCH,
+            &bw_path,
+            &tenant,
+            Some(json!({"dscp_mark": 10})),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .change(
+            Method::PATCH,
+            &bw_path,
+            &tenant,
+            Some(json!({"ingress": null, "egress": {"max_kbps": 3000}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["ingress"], Value::Null);
+    assert_eq!(r.body["egress"]["max_burst_kbits"], 2400);
+    // In use: not deleted; free again once nothing refers to it.
+    assert_problem(
+        &api.change(Method::DELETE, &bw_path, &tenant, None).await,
+        409,
+        "conflict",
+    );
+    let fip_path = format!("/api/v1/floating-ips/{fip}");
+    for path in [&port_path, &fip_path] {
+        let r = api
+            .change(
+                Method::PATCH,
+                path,
+                &tenant,
+                Some(json!({"qos_policy_id": null})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = api.change(Method::DELETE, &bw_path, &tenant, None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
 impl Api {
     /// Plays the host agent: a task finished and its resource reached `status`.
     async fn agent_did(&self, task: &Value, status: &str) {

@@ -25,6 +25,7 @@ use super::listing::{ListQuery, Page};
 use super::networks::{present, NOT_REALIZED};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
+use super::qos_policies;
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
@@ -50,6 +51,9 @@ pub struct FloatingIpSpec {
     /// The router through which the port is reached.
     pub router_id: Option<String>,
     pub description: String,
+    /// Bandwidth limits of the floating IP (`/qos-policies`, no DSCP).
+    #[serde(default)]
+    pub qos_policy_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -73,6 +77,7 @@ pub struct FloatingIpCreate {
     pub port_id: Option<String>,
     #[serde(default)]
     pub description: String,
+    pub qos_policy_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -82,6 +87,9 @@ pub struct FloatingIpUpdate {
     #[serde(default, deserialize_with = "present")]
     pub port_id: Option<Option<String>>,
     pub description: Option<String>,
+    /// Sets the QoS policy; `null` removes it.
+    #[serde(default, deserialize_with = "present")]
+    pub qos_policy_id: Option<Option<String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -254,6 +262,9 @@ async fn create_floating_ip(
     let (network, _) =
         external_networks::referenced(&mut tx, "external_network_id", &body.external_network_id)
             .await?;
+    if let Some(q) = &body.qos_policy_id {
+        qos_policies::check_reference(&mut tx, Some(&vdc_id), "qos_policy_id", q, true).await?;
+    }
     let (fixed_ip_address, router_id) = match &body.port_id {
         Some(port_id) => {
             let (ip, router) = associate(&mut tx, &vdc_id, &network.meta.id, None, port_id).await?;
@@ -280,6 +291,7 @@ async fn create_floating_ip(
         fixed_ip_address,
         router_id,
         description: body.description,
+        qos_policy_id: body.qos_policy_id,
     };
     let record = records::insert(
         &mut tx,
@@ -348,6 +360,19 @@ async fn update_floating_ip(
     if let Some(d) = body.description {
         check_description(&d)?;
         spec.description = d;
+    }
+    if let Some(policy) = body.qos_policy_id {
+        if let Some(q) = &policy {
+            qos_policies::check_reference(
+                &mut tx,
+                record.meta.vdc_id.as_deref(),
+                "qos_policy_id",
+                q,
+                true,
+            )
+            .await?;
+        }
+        spec.qos_policy_id = policy;
     }
     let mut status = record.meta.status.clone();
     match body.port_id {

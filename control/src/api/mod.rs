@@ -27,6 +27,7 @@ pub mod networks;
 pub mod ports;
 pub mod problem;
 pub mod protection_groups;
+pub mod qos_policies;
 pub mod records;
 pub mod replica_groups;
 pub mod respond;
@@ -143,6 +144,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(routers::router())
                 .merge(external_networks::router())
                 .merge(floating_ips::router())
+                .merge(qos_policies::router())
                 .merge(hosts::router())
                 .merge(images::router())
                 .merge(volumes::router())

@@ -46,6 +46,9 @@ pub struct PortSpec {
     /// VM is deleted; ports a user made stay, detached.
     #[serde(default)]
     pub delete_with_device: bool,
+    /// Bandwidth limits and DSCP marking of the port (`/qos-policies`).
+    #[serde(default)]
+    pub qos_policy_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -69,6 +72,7 @@ pub struct PortCreate {
     pub security_group_ids: Vec<String>,
     #[serde(default)]
     pub description: String,
+    pub qos_policy_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -77,6 +81,9 @@ pub struct PortUpdate {
     pub name: Option<String>,
     pub description: Option<String>,
     pub security_group_ids: Option<Vec<String>>,
+    /// Sets the QoS policy; `null` removes it.
+    #[serde(default, deserialize_with = "super::networks::present")]
+    pub qos_policy_id: Option<Option<String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -221,6 +228,8 @@ pub struct NewPort<'a> {
     pub device_id: Option<String>,
     /// See [`PortSpec::delete_with_device`].
     pub delete_with_device: bool,
+    /// Already checked to be a policy of the subnet's VDC.
+    pub qos_policy_id: Option<String>,
 }
 
 /// Stores a port on `subnet` with a free address and a MAC unique in its
@@ -273,6 +282,7 @@ pub async fn insert_port(
         description: new.description,
         device_id: new.device_id,
         delete_with_device: new.delete_with_device,
+        qos_policy_id: new.qos_policy_id,
     };
     records::insert(
         conn,
@@ -325,6 +335,16 @@ async fn create_port(
         &body.security_group_ids,
     )
     .await?;
+    if let Some(q) = &body.qos_policy_id {
+        super::qos_policies::check_reference(
+            &mut tx,
+            subnet.meta.vdc_id.as_deref(),
+            "qos_policy_id",
+            q,
+            false,
+        )
+        .await?;
+    }
     let record = insert_port(
         &mut tx,
         &subnet,
@@ -335,6 +355,7 @@ async fn create_port(
             description: body.description,
             device_id: None,
             delete_with_device: false,
+            qos_policy_id: body.qos_policy_id,
         },
     )
     .await?;
@@ -394,6 +415,19 @@ async fn update_port(
     if let Some(groups) = body.security_group_ids {
         check_groups(&mut tx, record.meta.vdc_id.as_deref(), &groups).await?;
         spec.security_group_ids = groups;
+    }
+    if let Some(policy) = body.qos_policy_id {
+        if let Some(q) = &policy {
+            super::qos_policies::check_reference(
+                &mut tx,
+                record.meta.vdc_id.as_deref(),
+                "qos_policy_id",
+                q,
+                false,
+            )
+            .await?;
+        }
+        spec.qos_policy_id = policy;
     }
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;

@@ -348,6 +348,7 @@ async fn clone_vm(
                     description: format!("NIC {i} of {name}, a clone of {}", vm.meta.name),
                     device_id: Some(clone_id.clone()),
                     delete_with_device: true,
+                    qos_policy_id: pspec.qos_policy_id,
                 },
             )
             .await?;

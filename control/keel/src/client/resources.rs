@@ -105,6 +105,11 @@ pub const ALL: &[Kind] = &[
         columns: &["id", "name", "status", "physical_network", "cidr"],
     },
     Kind {
+        name: "qos-policies",
+        path: "/api/v1/qos-policies",
+        columns: &["id", "name", "dscp_mark"],
+    },
+    Kind {
         name: "floating-ips",
         path: "/api/v1/floating-ips",
         columns: &[
