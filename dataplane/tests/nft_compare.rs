@@ -35,7 +35,7 @@ use keel_testkit::{veth_pair, NetnsHost};
 
 mod common;
 
-use common::{in_netns, Host, Lab};
+use common::{in_netns, wait_for, Host, Lab};
 
 const CLIENT_MAC: &str = "02:00:00:00:00:10";
 const SINK_MAC: &str = "02:00:00:00:00:11";
@@ -240,9 +240,9 @@ fn state() -> DesiredState {
     }
 }
 
-/// One keel rule as an nftables rule; `None` when it can never match (a
-/// remote group without addresses of its family).
-fn nft_rule(r: &SecurityRuleSpec, state: &DesiredState) -> Option<String> {
+/// One keel rule as an nftables rule with a counter named `name`; `None`
+/// when it can never match (a remote group without addresses of its family).
+fn nft_rule(r: &SecurityRuleSpec, name: &str, state: &DesiredState) -> Option<String> {
     let v6 = r.ethertype == EtherType::Ipv6;
     let (family, ether) = if v6 { ("ip6", "ip6") } else { ("ip", "ip") };
     let far = match r.direction {
@@ -297,24 +297,32 @@ fn nft_rule(r: &SecurityRuleSpec, state: &DesiredState) -> Option<String> {
         RuleAction::Allow => "accept",
         RuleAction::Deny => "drop",
     };
-    Some(format!("{} {verdict}", m.join(" ")))
+    Some(format!(
+        "{} counter {verdict} comment \"{name}\"",
+        m.join(" ")
+    ))
 }
 
 /// The nftables rule set of the bridge: keel's semantics spelled out.
 fn nft_ruleset(state: &DesiredState, client: &str, sink: &str) -> String {
     let rules_of = |port: &str, dir: RuleDirection| {
-        let mut rules: Vec<&SecurityRuleSpec> = state
+        let mut rules: Vec<(String, &SecurityRuleSpec)> = state
             .security_groups
             .iter()
             .filter(|g| g.ports.iter().any(|p| p == port))
-            .flat_map(|g| g.rules.iter())
-            .filter(|r| r.direction == dir)
+            .flat_map(|g| {
+                g.rules
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("{}/{i}", g.name), r))
+            })
+            .filter(|(_, r)| r.direction == dir)
             .collect();
         // Higher priority first; on a tie deny first (documented on SecurityRuleSpec).
-        rules.sort_by_key(|r| (std::cmp::Reverse(r.priority), r.action == RuleAction::Allow));
+        rules.sort_by_key(|(_, r)| (std::cmp::Reverse(r.priority), r.action == RuleAction::Allow));
         rules
             .into_iter()
-            .filter_map(|r| nft_rule(r, state))
+            .filter_map(|(name, r)| nft_rule(r, &name, state))
             .map(|r| format!("    {r}\n"))
             .collect::<String>()
     };
@@ -584,14 +592,6 @@ fn security_group_verdicts_equal_nftables() {
 
     let keel: BTreeSet<u32> = via_keel.keys().copied().collect();
     let nft: BTreeSet<u32> = via_nft.keys().copied().collect();
-    let drops = match lab.request(&Request::Stats) {
-        Response::Stats { stats } => stats
-            .ports
-            .iter()
-            .map(|p| (p.interface.clone(), p.drops.clone()))
-            .collect::<Vec<_>>(),
-        other => panic!("{other:?}"),
-    };
     println!(
         "corpus: {} frames; keel delivered {}, denied {}; nftables delivered {}, denied {}",
         frames.len(),
@@ -600,7 +600,6 @@ fn security_group_verdicts_equal_nftables() {
         nft.len(),
         frames.len() - nft.len()
     );
-    println!("keel drops by port and reason: {drops:?}");
 
     let show = |ids: &BTreeSet<u32>, what: &str| {
         ids.iter()
@@ -632,4 +631,82 @@ fn security_group_verdicts_equal_nftables() {
         "too few denied"
     );
     assert!(frames.len() >= 300, "corpus too small: {}", frames.len());
+
+    // Every frame keel did not deliver was dropped by a security group (not
+    // lost elsewhere): the drop counters settle at the difference.
+    let denied = u64::try_from(frames.len() - keel.len()).unwrap();
+    wait_for(
+        || match lab.request(&Request::Stats) {
+            Response::Stats { stats } => {
+                let drops: u64 = stats.ports.iter().flat_map(|p| p.drops.values()).sum();
+                let sg = stats
+                    .ports
+                    .iter()
+                    .filter_map(|p| p.drops.get("security_group_denied"))
+                    .sum::<u64>();
+                drops == denied && sg == denied
+            }
+            other => panic!("{other:?}"),
+        },
+        "keel's drop counters to show every denied frame as security_group_denied",
+    );
+
+    // The same rule decided each frame on both sides: per-rule hit counts
+    // are equal, and every rule decided at least one frame.
+    let keel_hits = keel_rule_hits(&lab);
+    let nft_hits = nft_rule_hits(&bridge);
+    let table: String = keel_hits
+        .iter()
+        .map(|(r, n)| format!("  {r}: keel {n}, nftables {:?}\n", nft_hits.get(r)))
+        .collect();
+    println!("frames decided per rule:\n{table}");
+    assert_eq!(keel_hits.len(), nft_hits.len(), "{table}");
+    for (rule, n) in &keel_hits {
+        assert_eq!(Some(n), nft_hits.get(rule), "rule {rule}:\n{table}");
+    }
+    let unused: Vec<String> = keel_hits
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(r, _)| {
+            let label = r.replacen('/', " rule ", 1) + " ";
+            let cases: String = info
+                .iter()
+                .filter(|c| c.case.starts_with(&label))
+                .map(|c| format!("    #{} {} [{}]\n", c.id, c.summary, c.case))
+                .collect();
+            format!("  {r}, its frames:\n{cases}")
+        })
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "rules that decided no frame:\n{}",
+        unused.concat()
+    );
+}
+
+/// Frames each rule decided in keel (`group/index` → count).
+fn keel_rule_hits(lab: &Lab) -> BTreeMap<String, u64> {
+    match lab.request(&Request::RuleStats) {
+        Response::RuleStats { rules } => rules
+            .iter()
+            .map(|r| (format!("{}/{}", r.rule.owner, r.rule.index), r.hits))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Packets each nftables rule matched, by the `group/index` comment.
+fn nft_rule_hits(bridge: &NetnsHost) -> BTreeMap<String, u64> {
+    let listing = bridge
+        .exec(&["nft", "list", "table", "bridge", "keel"])
+        .unwrap()
+        .stdout;
+    listing
+        .lines()
+        .filter_map(|l| {
+            let name = l.split("comment \"").nth(1)?.split('"').next()?;
+            let packets = l.split("counter packets ").nth(1)?.split(' ').next()?;
+            Some((name.to_string(), packets.parse().ok()?))
+        })
+        .collect()
 }

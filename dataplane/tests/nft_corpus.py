@@ -28,6 +28,7 @@ import sys
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPOption_RR, Raw, wrpcap
 from scapy.layers.inet6 import (
     IPv6,
+    ICMPv6EchoReply,
     ICMPv6EchoRequest,
     ICMPv6Unknown,
     IPv6ExtHdrDestOpt,
@@ -111,6 +112,14 @@ class Corpus:
                     out += [a, a - 1, a + 1]
         return out
 
+    def in_remote(self, r, a):
+        """Whether address `a` is inside the rule's remote (CIDR or group)."""
+        if r.get("remote_cidr"):
+            return a in ipaddress.ip_network(r["remote_cidr"], strict=False)
+        if r.get("remote_group"):
+            return str(a) in self.members.get(r["remote_group"], [])
+        return True
+
     def port_candidates(self, r):
         pr = port_range(r)
         if pr is None:
@@ -173,8 +182,10 @@ class Corpus:
             what = f"icmp {src} > {dst} type {t} code {c}"
         elif proto == 58:
             t, c = icmp
-            if t in (128, 129):
-                l4 = ICMPv6EchoRequest(id=flow[3], data=bytes(tag)) if t == 128 else ICMPv6Unknown(type=t, code=c, msgbody=bytes(tag))
+            if t == 128:
+                l4 = ICMPv6EchoRequest(id=flow[3], code=c, data=bytes(tag))
+            elif t == 129:
+                l4 = ICMPv6EchoReply(id=flow[3], code=c, data=bytes(tag))
             else:
                 l4 = ICMPv6Unknown(type=t, code=c, msgbody=bytes(tag))
             what = f"icmpv6 {src} > {dst} type {t} code {c}"
@@ -201,6 +212,11 @@ class Corpus:
         proto = proto_of(r)
         remotes = self.remote_candidates(r) or [self.any_addr(v6) for _ in range(3)]
         ports = self.port_candidates(r) or [self.rng.choice(self.port_pool)]
+        # Matches vary one field at a time: an address edge with a port
+        # inside the range, a port edge from an address inside the remote.
+        inside = [a for a in remotes if self.in_remote(r, a)] or remotes
+        pr = port_range(r)
+        in_ports = [p for p in ports if pr is None or pr[0] <= p <= pr[1]] or ports
         label = f"{group} rule {idx} ({r['direction']}, prio {r.get('priority', 0)}, {r.get('action', 'allow')})"
 
         def local():
@@ -238,9 +254,10 @@ class Corpus:
         icmp_p = 58 if v6 else 1
         for remote in remotes:
             if proto in (6, 17):
-                one(remote, proto, self.rng.choice(ports), None, f"remote {remote}")
+                one(remote, proto, self.rng.choice(in_ports), None, f"remote {remote}")
             elif proto == icmp_p:
-                one(remote, proto, None, self.rng.choice(icmp_variants()), f"remote {remote}")
+                icmp = icmp_variants()[0] if remote in inside else self.rng.choice(icmp_variants())
+                one(remote, proto, None, icmp, f"remote {remote}")
             else:
                 p = proto if proto is not None else self.rng.choice(OTHER_PROTOS[v6])
                 port = self.rng.choice(self.port_pool) if p in (6, 17) else None
@@ -248,10 +265,10 @@ class Corpus:
                 one(remote, p, port, icmp, f"remote {remote}, proto {p}")
         if proto in (6, 17):
             for port in ports:
-                one(self.rng.choice(remotes), proto, port, None, f"dport {port}")
+                one(self.rng.choice(inside), proto, port, None, f"dport {port}")
         if proto == icmp_p:
             for icmp in icmp_variants():
-                one(self.rng.choice(remotes), proto, None, icmp, f"icmp {icmp}")
+                one(self.rng.choice(inside), proto, None, icmp, f"icmp {icmp}")
         # Other protocols at the same remote and port.
         for p in self.rng.sample([q for q in OTHER_PROTOS[v6] if q != proto], 2):
             port = self.rng.choice(ports) if p in (6, 17) else None
