@@ -536,135 +536,246 @@ fn corpus(dir: &Path, state: &DesiredState) -> (Vec<Vec<u8>>, Vec<CaseInfo>) {
     (frames, info)
 }
 
-#[test]
-fn security_group_verdicts_equal_nftables() {
-    let state = state();
-    let hosts = [
-        Host {
-            name: "nftcl",
-            mac: CLIENT_MAC,
-            cidr: "",
-            gateway: "",
-        },
-        Host {
-            name: "nftsink",
-            mac: SINK_MAC,
-            cidr: "",
-            gateway: "",
-        },
-    ];
-    let lab = Lab::start("nftsw", &hosts, &state);
-    let (client, sink) = (&lab.hosts[0], &lab.hosts[1]);
-
-    // The nftables path: client eth1 → bridge (nft) → sink eth1.
-    let bridge = NetnsHost::new("nftbr").unwrap();
-    bridge
-        .sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
-        .unwrap();
-    veth_pair(client, "eth1", &bridge, "p0").unwrap();
-    veth_pair(&bridge, "p1", sink, "eth1").unwrap();
-    for h in [client, sink] {
-        h.sh("sysctl -qw net.ipv6.conf.eth1.disable_ipv6=1")
-            .unwrap();
+/// The policy after a change: a service range turned into a blacklist, a
+/// deny lifted above an allow and vice versa, a range narrowed, a rule added.
+fn changed_state() -> DesiredState {
+    let mut s = state();
+    fn g<'a>(s: &'a mut DesiredState, name: &str) -> &'a mut Vec<SecurityRuleSpec> {
+        &mut s
+            .security_groups
+            .iter_mut()
+            .find(|g| g.name == name)
+            .unwrap()
+            .rules
     }
-    bridge
-        .sh(
-            "ip link add br0 type bridge && ip link set p0 master br0 && \
-             ip link set p1 master br0 && ip link set br0 up",
+    g(&mut s, "sink-web")[0].action = RuleAction::Deny;
+    g(&mut s, "sink-web")[12].priority = 3;
+    g(&mut s, "sink-web")[6].port_max = Some(5049);
+    g(&mut s, "sink-web").push(allow_in(10).v6().proto("udp").ports(53, 53));
+    g(&mut s, "sink-ops")[1].action = RuleAction::Allow;
+    g(&mut s, "client-out")[1].priority = 30;
+    s
+}
+
+/// The two paths from the client to the sink, and what runs the corpus.
+struct Compare {
+    lab: Lab,
+    bridge: NetnsHost,
+    dir: tempfile::TempDir,
+    keel: (RawPort, RawPort),
+    nft: (RawPort, RawPort),
+}
+
+/// What one comparison saw.
+struct Outcome {
+    frames: usize,
+    delivered: usize,
+    rule_hits: BTreeMap<String, u64>,
+}
+
+impl Compare {
+    fn new(state: &DesiredState) -> Compare {
+        let hosts = [
+            Host {
+                name: "nftcl",
+                mac: CLIENT_MAC,
+                cidr: "",
+                gateway: "",
+            },
+            Host {
+                name: "nftsink",
+                mac: SINK_MAC,
+                cidr: "",
+                gateway: "",
+            },
+        ];
+        let lab = Lab::start("nftsw", &hosts, state);
+        let (client, sink) = (&lab.hosts[0], &lab.hosts[1]);
+        // The nftables path: client eth1 → bridge (nft) → sink eth1.
+        let bridge = NetnsHost::new("nftbr").unwrap();
+        bridge
+            .sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+            .unwrap();
+        veth_pair(client, "eth1", &bridge, "p0").unwrap();
+        veth_pair(&bridge, "p1", sink, "eth1").unwrap();
+        for h in [client, sink] {
+            h.sh("sysctl -qw net.ipv6.conf.eth1.disable_ipv6=1")
+                .unwrap();
+        }
+        bridge
+            .sh(
+                "ip link add br0 type bridge && ip link set p0 master br0 && \
+                 ip link set p1 master br0 && ip link set br0 up",
+            )
+            .unwrap();
+        // Receivers first: nothing sent can arrive before they listen.
+        let keel = (
+            RawPort::open(client.name(), "eth0", false),
+            RawPort::open(sink.name(), "eth0", true),
+        );
+        let nft = (
+            RawPort::open(client.name(), "eth1", false),
+            RawPort::open(sink.name(), "eth1", true),
+        );
+        Compare {
+            lab,
+            bridge,
+            dir: tempfile::tempdir().unwrap(),
+            keel,
+            nft,
+        }
+    }
+
+    /// Loads `state` into nftables (replacing the table and its counters)
+    /// and keel (a whole-state apply).
+    fn apply(&self, state: &DesiredState) -> String {
+        let ruleset = nft_ruleset(state, "client", "sink");
+        let file = self.dir.path().join("keel.nft");
+        // Declaring then deleting the table makes the load replace it atomically.
+        std::fs::write(
+            &file,
+            format!("table bridge keel\ndelete table bridge keel\n{ruleset}"),
         )
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ruleset = nft_ruleset(&state, "client", "sink");
-    let nft_file = dir.path().join("keel.nft");
-    std::fs::write(&nft_file, &ruleset).unwrap();
-    bridge
-        .exec(&["nft", "-f", &nft_file.display().to_string()])
-        .unwrap_or_else(|e| panic!("{e}\n{ruleset}"));
+        self.bridge
+            .exec(&["nft", "-f", &file.display().to_string()])
+            .unwrap_or_else(|e| panic!("{e}\n{ruleset}"));
+        self.lab.apply(state);
+        ruleset
+    }
 
-    let (frames, info) = corpus(dir.path(), &state);
-
-    let keel_rx = RawPort::open(sink.name(), "eth0", true);
-    let keel_tx = RawPort::open(client.name(), "eth0", false);
-    let via_keel = run_corpus(&keel_tx, &keel_rx, &frames);
-    let nft_rx = RawPort::open(sink.name(), "eth1", true);
-    let nft_tx = RawPort::open(client.name(), "eth1", false);
-    let via_nft = run_corpus(&nft_tx, &nft_rx, &frames);
-
-    let keel: BTreeSet<u32> = via_keel.keys().copied().collect();
-    let nft: BTreeSet<u32> = via_nft.keys().copied().collect();
-    println!(
-        "corpus: {} frames; keel delivered {}, denied {}; nftables delivered {}, denied {}",
-        frames.len(),
-        keel.len(),
-        frames.len() - keel.len(),
-        nft.len(),
-        frames.len() - nft.len()
-    );
-
-    let show = |ids: &BTreeSet<u32>, what: &str| {
-        ids.iter()
-            .map(|id| {
-                let c = &info[usize::try_from(*id).unwrap()];
-                format!("  #{id} {what}: {} [{}]\n", c.summary, c.case)
-            })
-            .collect::<String>()
-    };
-    let only_keel: BTreeSet<u32> = keel.difference(&nft).copied().collect();
-    let only_nft: BTreeSet<u32> = nft.difference(&keel).copied().collect();
-    assert!(
-        only_keel.is_empty() && only_nft.is_empty(),
-        "verdicts differ on {} frames:\n{}{}nftables rules:\n{ruleset}",
-        only_keel.len() + only_nft.len(),
-        show(&only_keel, "keel allowed, nftables denied"),
-        show(&only_nft, "nftables allowed, keel denied"),
-    );
-    let dup: Vec<_> = via_keel
-        .iter()
-        .chain(&via_nft)
-        .filter(|(_, n)| **n > 1)
-        .collect();
-    assert!(dup.is_empty(), "frames delivered twice: {dup:?}");
-    // Non-trivial on both sides: a good share allowed and a good share denied.
-    assert!(keel.len() >= frames.len() / 5, "too few allowed");
-    assert!(
-        frames.len() - keel.len() >= frames.len() / 5,
-        "too few denied"
-    );
-    assert!(frames.len() >= 300, "corpus too small: {}", frames.len());
-
-    // Every frame keel did not deliver was dropped by a security group (not
-    // lost elsewhere): the drop counters settle at the difference.
-    let denied = u64::try_from(frames.len() - keel.len()).unwrap();
-    wait_for(
-        || match lab.request(&Request::Stats) {
+    fn keel_drops(&self) -> (u64, u64) {
+        match self.lab.request(&Request::Stats) {
             Response::Stats { stats } => {
-                let drops: u64 = stats.ports.iter().flat_map(|p| p.drops.values()).sum();
+                let all = stats.ports.iter().flat_map(|p| p.drops.values()).sum();
                 let sg = stats
                     .ports
                     .iter()
                     .filter_map(|p| p.drops.get("security_group_denied"))
-                    .sum::<u64>();
-                drops == denied && sg == denied
+                    .sum();
+                (all, sg)
             }
             other => panic!("{other:?}"),
-        },
-        "keel's drop counters to show every denied frame as security_group_denied",
-    );
-
-    // The same rule decided each frame on both sides: per-rule hit counts
-    // are equal, and every rule decided at least one frame.
-    let keel_hits = keel_rule_hits(&lab);
-    let nft_hits = nft_rule_hits(&bridge);
-    let table: String = keel_hits
-        .iter()
-        .map(|(r, n)| format!("  {r}: keel {n}, nftables {:?}\n", nft_hits.get(r)))
-        .collect();
-    println!("frames decided per rule:\n{table}");
-    assert_eq!(keel_hits.len(), nft_hits.len(), "{table}");
-    for (rule, n) in &keel_hits {
-        assert_eq!(Some(n), nft_hits.get(rule), "rule {rule}:\n{table}");
+        }
     }
-    let unused: Vec<String> = keel_hits
+
+    /// Sends `frames` through both paths under `ruleset` (already applied)
+    /// and asserts identical deliveries and drop reasons, and per-rule hits
+    /// if `same_hits` (not when keel holds connections an earlier run cut:
+    /// their frames are dropped without a rule being consulted, so without
+    /// a hit, while nftables counts them on the deny rule).
+    fn run(
+        &self,
+        what: &str,
+        ruleset: &str,
+        frames: &[Vec<u8>],
+        info: &[CaseInfo],
+        same_hits: bool,
+    ) -> Outcome {
+        let (drops_before, sg_before) = self.keel_drops();
+        let hits_before = keel_rule_hits(&self.lab);
+        let nft_before = nft_rule_hits(&self.bridge);
+        let via_keel = run_corpus(&self.keel.0, &self.keel.1, frames);
+        let via_nft = run_corpus(&self.nft.0, &self.nft.1, frames);
+        let keel: BTreeSet<u32> = via_keel.keys().copied().collect();
+        let nft: BTreeSet<u32> = via_nft.keys().copied().collect();
+        println!(
+            "{what}: {} frames; keel delivered {}, denied {}; nftables delivered {}, denied {}",
+            frames.len(),
+            keel.len(),
+            frames.len() - keel.len(),
+            nft.len(),
+            frames.len() - nft.len()
+        );
+        let show = |ids: &BTreeSet<u32>, verdicts: &str| {
+            ids.iter()
+                .map(|id| {
+                    let c = &info[usize::try_from(*id).unwrap()];
+                    format!("  #{id} {verdicts}: {} [{}]\n", c.summary, c.case)
+                })
+                .collect::<String>()
+        };
+        let only_keel: BTreeSet<u32> = keel.difference(&nft).copied().collect();
+        let only_nft: BTreeSet<u32> = nft.difference(&keel).copied().collect();
+        assert!(
+            only_keel.is_empty() && only_nft.is_empty(),
+            "{what}: verdicts differ on {} frames:\n{}{}nftables rules:\n{ruleset}",
+            only_keel.len() + only_nft.len(),
+            show(&only_keel, "keel allowed, nftables denied"),
+            show(&only_nft, "nftables allowed, keel denied"),
+        );
+        let dup: Vec<_> = via_keel
+            .iter()
+            .chain(&via_nft)
+            .filter(|(_, n)| **n > 1)
+            .collect();
+        assert!(dup.is_empty(), "{what}: frames delivered twice: {dup:?}");
+
+        // Every frame keel did not deliver was dropped by a security group
+        // (not lost elsewhere): the drop counters settle at the difference.
+        let denied = u64::try_from(frames.len() - keel.len()).unwrap();
+        wait_for(
+            || self.keel_drops() == (drops_before + denied, sg_before + denied),
+            "keel's drop counters to show every denied frame as security_group_denied",
+        );
+
+        // The same rule decided each frame on both sides.
+        let rule_hits: BTreeMap<String, u64> = keel_rule_hits(&self.lab)
+            .into_iter()
+            .map(|(r, n)| {
+                let before = hits_before.get(&r).copied().unwrap_or(0);
+                (r, n - before)
+            })
+            .collect();
+        let nft_hits: BTreeMap<String, u64> = nft_rule_hits(&self.bridge)
+            .into_iter()
+            .map(|(r, n)| {
+                let before = nft_before.get(&r).copied().unwrap_or(0);
+                (r, n - before)
+            })
+            .collect();
+        let table: String = rule_hits
+            .iter()
+            .map(|(r, n)| format!("  {r}: keel {n}, nftables {:?}\n", nft_hits.get(r)))
+            .collect();
+        println!("{what}: frames decided per rule:\n{table}");
+        if !same_hits {
+            return Outcome {
+                frames: frames.len(),
+                delivered: keel.len(),
+                rule_hits,
+            };
+        }
+        assert_eq!(rule_hits.len(), nft_hits.len(), "{what}:\n{table}");
+        for (rule, n) in &rule_hits {
+            assert_eq!(Some(n), nft_hits.get(rule), "{what}: rule {rule}:\n{table}");
+        }
+        Outcome {
+            frames: frames.len(),
+            delivered: keel.len(),
+            rule_hits,
+        }
+    }
+}
+
+#[test]
+fn security_group_verdicts_equal_nftables() {
+    let state = state();
+    let cmp = Compare::new(&state);
+    let ruleset = cmp.apply(&state);
+    let (frames, info) = corpus(cmp.dir.path(), &state);
+    let first = cmp.run("corpus", &ruleset, &frames, &info, true);
+
+    // Non-trivial: a good share allowed and a good share denied.
+    assert!(first.frames >= 300, "corpus too small: {}", first.frames);
+    assert!(first.delivered >= first.frames / 5, "too few allowed");
+    assert!(
+        first.frames - first.delivered >= first.frames / 5,
+        "too few denied"
+    );
+    // Every rule decided at least one frame.
+    let unused: Vec<String> = first
+        .rule_hits
         .iter()
         .filter(|(_, n)| **n == 0)
         .map(|(r, _)| {
@@ -681,6 +792,32 @@ fn security_group_verdicts_equal_nftables() {
         unused.is_empty(),
         "rules that decided no frame:\n{}",
         unused.concat()
+    );
+
+    // A rule change. The same frames again: keel tracks the flows it let
+    // through and must re-judge them with the new rules (cutting those now
+    // denied), which nftables does statelessly. Then a corpus of the new rules.
+    let changed = changed_state();
+    let ruleset = cmp.apply(&changed);
+    let again = cmp.run(
+        "same corpus after a rule change",
+        &ruleset,
+        &frames,
+        &info,
+        true,
+    );
+    assert_ne!(
+        again.delivered, first.delivered,
+        "the change changed nothing"
+    );
+    let (frames, info) = corpus(cmp.dir.path(), &changed);
+    // Its flows may include some cut just before (hits then differ, see run).
+    cmp.run(
+        "corpus of the changed rules",
+        &ruleset,
+        &frames,
+        &info,
+        false,
     );
 }
 
