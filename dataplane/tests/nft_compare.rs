@@ -16,8 +16,17 @@
 //! AF_PACKET socket, in chunks closed by a barrier frame (non-IP, which
 //! neither side filters) it waits for at the sink, so nothing is lost to
 //! queue overflow and no timing decides anything. Only connections' first
-//! packets are sent (TCP SYNs, unique flow keys): keel's connection tracking
-//! and the stateless nftables rules must then agree frame by frame.
+//! packets are sent (TCP SYNs, unique flow keys, except ICMP messages sent on
+//! purpose on the key of another ICMP type): keel's connection tracking and
+//! the stateless nftables rules must then agree frame by frame, and the same
+//! rule must decide each frame (per-rule hit counters are compared).
+//!
+//! Then the rules change on both sides: the same corpus again (keel re-judges
+//! the flows it tracks, cutting those now denied) and a corpus of the new
+//! rules must agree too.
+//!
+//! Found so far (fixed): IPv6 extension headers hid the transport from the
+//! rules; ICMP messages of any type rode on another type's tracked key.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};

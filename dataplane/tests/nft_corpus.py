@@ -10,12 +10,15 @@ rules of a keel desired state, deterministically (fixed seed):
   addresses just outside it, remote-group members and their neighbours,
   other protocols, ICMP type/code one off;
 - random background over the same addresses, ports and protocols;
-- a few special cases: DHCP replies, ND, IPv4 options, IPv6 extension headers.
+- a few special cases: DHCP replies, ND, IPv4 options, IPv6 extension
+  headers, ICMP conversations (see below).
 
 Every frame is a connection's first packet (TCP: a SYN) and carries
 b"KNFT" + its id (u32, big endian) as payload. No two frames share a
 connection key in either direction (ICMP errors count their quoted flow), so
-keel's connection tracking never decides one frame by an earlier one.
+keel's connection tracking never decides one frame by an earlier one --
+except in the "ICMP conversation" pairs, on purpose: a second ICMP type on
+the key of an allowed first one must still be judged by the rules.
 
 usage: nft_corpus.py STATE.json CLIENT_PORT SINK_PORT SRC_MAC DST_MAC OUT.pcap OUT.json
 Writes the frames (pcap) and, per id, a case label and a readable summary (json).
@@ -136,8 +139,10 @@ class Corpus:
         return self.rng.choice(self.pool[v6])
 
     # --- frames -----------------------------------------------------------
-    def add(self, case, v6, src, dst, proto, dport=None, icmp=None, ext=None, options=False, sport=None):
-        """Adds one frame unless its connection key is taken; returns whether added."""
+    def add(self, case, v6, src, dst, proto, dport=None, icmp=None, ext=None, options=False, sport=None,
+            icmp_id=None, follows=False):
+        """Adds one frame unless its connection key is taken (or it `follows`
+        the frame that took it, on purpose); returns whether added."""
         fid = len(self.frames)
         tag = Raw(MAGIC + fid.to_bytes(4, "big"))
         src, dst = str(src), str(dst)
@@ -146,7 +151,8 @@ class Corpus:
             flow_sport = sport if sport is not None else 20000 + fid
             flow = (src, dst, proto, flow_sport, dport)
         elif icmp is not None and icmp[0] in ((128, 129) if v6 else (8, 0)):
-            flow = (src, dst, proto, 1000 + fid, 1000 + fid)
+            echo_id = icmp_id if icmp_id is not None else 1000 + fid
+            flow = (src, dst, proto, echo_id, echo_id)
         else:
             flow = (src, dst, proto, 0, 0)
         quoted = None
@@ -156,7 +162,7 @@ class Corpus:
         taken = [flow, (flow[1], flow[0], flow[2], flow[4], flow[3])]
         if quoted:
             taken += [quoted, (quoted[1], quoted[0], 17, quoted[4], quoted[3])]
-        if any(k in self.keys for k in taken):
+        if not follows and any(k in self.keys for k in taken):
             return False
         self.keys.update(taken)
 
@@ -311,6 +317,22 @@ class Corpus:
             self.add("IPv6 ext header", True, "fd00:aa:bb::7", sink6, 6, 443, ext=ext)
             self.add("IPv6 ext header", True, "fd00:99::9", sink6, 17, 1500, ext=ext)
             self.add("IPv6 ext header", True, "fd00:61::6", "fd00:dead::1", 17, 1500, ext=ext)
+        # ICMP conversations: an allowed ICMP message, then another type
+        # between the same hosts (same echo id) that no rule allows. Tracking
+        # the first must not let the second in.
+        pairs = [
+            (False, "10.40.0.9", (13, 0), (17, 0)),  # timestamp, then address mask
+            (False, "10.40.0.10", (13, 0), (5, 1)),  # timestamp, then a redirect (error)
+            (False, "10.9.9.9", (8, 0), (0, 0)),  # echo request, then an echo reply
+            (True, "fd00:5::9", (128, 0), (129, 0)),
+        ]
+        for v6, src, first, second in pairs:
+            dst = self.sink_ips[v6][0]
+            proto = 58 if v6 else 1
+            echo_id = 4242 + len(self.frames)
+            self.add("ICMP conversation: allowed opener", v6, src, dst, proto, icmp=first, icmp_id=echo_id)
+            self.add(f"ICMP conversation: type {second[0]} after type {first[0]}", v6, src, dst, proto,
+                     icmp=second, icmp_id=echo_id, follows=True)
 
 
 def main():
