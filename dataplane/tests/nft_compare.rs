@@ -253,12 +253,12 @@ fn state() -> DesiredState {
 /// when it can never match (a remote group without addresses of its family).
 fn nft_rule(r: &SecurityRuleSpec, name: &str, state: &DesiredState) -> Option<String> {
     let v6 = r.ethertype == EtherType::Ipv6;
-    let (family, ether) = if v6 { ("ip6", "ip6") } else { ("ip", "ip") };
+    let family = if v6 { "ip6" } else { "ip" };
     let far = match r.direction {
         RuleDirection::Ingress => "saddr",
         RuleDirection::Egress => "daddr",
     };
-    let mut m = vec![format!("ether type {ether}")];
+    let mut m = vec![format!("ether type {family}")];
     if let Some(c) = &r.remote_cidr {
         m.push(format!("{family} {far} {c}"));
     }
@@ -327,7 +327,9 @@ fn nft_ruleset(state: &DesiredState, client: &str, sink: &str) -> String {
             })
             .filter(|(_, r)| r.direction == dir)
             .collect();
-        // Higher priority first; on a tie deny first (documented on SecurityRuleSpec).
+        // Higher priority first; on a tie deny first (documented on
+        // SecurityRuleSpec). Equal rules keep group, then rule order: that
+        // only shows in the hit counters, and matches keel's stable sort.
         rules.sort_by_key(|(_, r)| (std::cmp::Reverse(r.priority), r.action == RuleAction::Allow));
         rules
             .into_iter()
