@@ -101,7 +101,10 @@ impl From<ParseError> for DropReason {
             ParseError::TruncatedIpv4 | ParseError::BadIpv4Header | ParseError::BadIpv4Length => {
                 DropReason::MalformedIpv4
             }
-            ParseError::TruncatedIpv6 | ParseError::BadIpv6Length => DropReason::MalformedIpv6,
+            ParseError::TruncatedIpv6
+            | ParseError::BadIpv6Length
+            | ParseError::TruncatedIpv6Extension
+            | ParseError::TooManyIpv6Extensions => DropReason::MalformedIpv6,
             ParseError::TruncatedL4 => DropReason::MalformedL4,
         }
     }

@@ -11,6 +11,10 @@
 //! is dropped (OVN's `ct_mark.blocked`), so a removed rule cuts established
 //! connections while connections that stay allowed are untouched.
 //!
+//! An ICMP connection is one query type and its answer (echo, timestamp,
+//! information, address mask): another ICMP type on the same key is judged
+//! on its own and starts nothing, as in Linux conntrack.
+//!
 //! Always allowed: IPv6 neighbor discovery / router advertisements and DHCP
 //! replies to the port. Not filtered: non-IP frames (ARP is answered or switched as before) and
 //! flooded frames (broadcast / unknown unicast are checked on the way out of
@@ -24,6 +28,7 @@ use crate::conntrack::key::{extract, show};
 use crate::conntrack::{Conntrack, CreateError, Dir, Extracted, TcpState};
 use crate::counters::DropReason;
 use crate::nat::RouterStateful;
+use crate::packet::headers::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 use crate::packet::parse::L3;
 use crate::packet::Parsed;
 use crate::pipeline::Tracer;
@@ -160,6 +165,32 @@ fn implicitly_allowed(x: &Extracted, ingress: bool) -> bool {
     nd || dhcp_reply
 }
 
+/// The ICMP answer to a query type (RFC 792, RFC 4443): echo, timestamp,
+/// information and address mask.
+fn icmp_answer(v6: bool, ty: u8) -> Option<u8> {
+    match (v6, ty) {
+        (false, 8) => Some(0),
+        (false, 13) => Some(14),
+        (false, 15) => Some(16),
+        (false, 17) => Some(18),
+        (true, 128) => Some(129),
+        _ => None,
+    }
+}
+
+/// Whether ICMP message `msg` (type, code) belongs to the tracked ICMP
+/// connection opened by `opened`. Connection keys carry no ICMP type (an
+/// echo's identifier at most), so without this check one allowed message
+/// would let every other type between the same hosts pass, whatever the
+/// type/code rules say: the opener's type and code go one way, its answer
+/// comes back.
+fn icmp_fits(v6: bool, opened: (u8, u8), dir: Dir, msg: (u8, u8)) -> bool {
+    match dir {
+        Dir::Original => msg == opened,
+        Dir::Reply => icmp_answer(v6, opened.0) == Some(msg.0),
+    }
+}
+
 fn acl_stage<T: Tracer>(
     t: &Tables,
     st: &mut WorkerState,
@@ -185,7 +216,17 @@ fn acl_stage<T: Tracer>(
     let ct = &mut st.ct;
     // A cut connection is held (dropping its packets) this long, then freed.
     let blocked_until = ct.now().saturating_add(ct.timeouts.tcp_fin);
-    if let Some(f) = ct.lookup(&key) {
+    let found = ct.lookup(&key);
+    // An ICMP message of another type than the tracked one on its key (e.g.
+    // an echo reply sent where an echo request was allowed) is no part of
+    // that connection: it is judged on its own and tracks nothing.
+    let misfit = match (found, x.icmp) {
+        (Some(f), Some(msg)) => ct
+            .get(f.id)
+            .is_some_and(|c| !icmp_fits(x.v6, c.icmp, f.dir, msg)),
+        _ => false,
+    };
+    if let Some(f) = found.filter(|_| !misfit) {
         let Some(conn) = ct.get_mut(f.id) else {
             return Err(DropReason::CtInvalid);
         };
@@ -204,7 +245,9 @@ fn acl_stage<T: Tracer>(
                 let orig = Extracted {
                     key: conn.orig,
                     v6: x.v6,
-                    icmp: (conn.icmp != (0, 0)).then_some(conn.icmp),
+                    // (0, 0) is an echo reply's type and code, not "no ICMP".
+                    icmp: matches!(conn.orig.proto, IPPROTO_ICMP | IPPROTO_ICMPV6)
+                        .then_some(conn.icmp),
                     tcp: None,
                     related: None,
                 };
@@ -286,9 +329,10 @@ fn acl_stage<T: Tracer>(
         });
         return Err(DropReason::SecurityGroupDenied);
     }
-    if x.related.is_some() {
-        // An ICMP error the rules allow on its own; errors start no connection.
-        tr.note(stage, || format!("ICMP error allowed by {}", rule()));
+    if x.related.is_some() || misfit {
+        // An ICMP error (or a message on another conversation's key) the
+        // rules allow on its own: it starts no connection.
+        tr.note(stage, || format!("ICMP message allowed by {}", rule()));
         return Ok(());
     }
     let id = match ct.create(key, key.reversed(), t.generation) {

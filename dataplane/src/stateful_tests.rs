@@ -665,6 +665,59 @@ fn ipv6_echo_is_filtered_but_neighbor_discovery_passes() {
     );
 }
 
+/// Found by dataplane/tests/nft_compare.rs: ICMP connection keys carry no
+/// type, so an allowed echo request (or timestamp) let any other ICMP type
+/// between the same hosts pass as "the same connection", whatever the
+/// type/code rules said. Now only the opener's type and its answer do.
+#[test]
+fn icmp_types_do_not_ride_on_another_types_connection() {
+    let mut s = state(&[80]);
+    for ty in [8, 13] {
+        s.security_groups[0].rules.push(SecurityRuleSpec {
+            icmp_type: Some(ty),
+            ..rule(RuleDirection::Ingress, "icmp", None)
+        });
+    }
+    let mut r = Rig::new(&s);
+    let vm1_ip: Ipv4Addr = VM1_IP.parse().unwrap();
+    let vm2_ip: Ipv4Addr = VM2_IP.parse().unwrap();
+    let icmp = |dst, src, sip, dip, ty: u8| {
+        let mut m = vec![ty, 0, 0, 0, 0x12, 0x34, 0, 1];
+        let c = internet_checksum(&m);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        ipv4(dst, src, None, sip, dip, 64, 1, &m)
+    };
+    let to_vm2 = |ty| icmp(VM2, VM1, vm1_ip, vm2_ip, ty);
+    // The echo request is allowed and tracked; more requests pass.
+    assert_eq!(r.verdict(0, &to_vm2(8)), Verdict::Unicast { port: 1 });
+    assert_eq!(r.verdict(0, &to_vm2(8)), Verdict::Unicast { port: 1 });
+    // Its reply comes back out of vm2.
+    assert_eq!(
+        r.verdict(1, &icmp(VM1, VM2, vm2_ip, vm1_ip, 0)),
+        Verdict::Unicast { port: 0 }
+    );
+    // An echo reply *to* vm2 on the same identifier is no part of it (no
+    // rule lets replies in).
+    assert_eq!(r.verdict(0, &to_vm2(0)), DENIED);
+    // Timestamps are allowed: one is tracked (key without identifier), its
+    // answer comes back; an address mask request on that key is denied.
+    assert_eq!(r.verdict(0, &to_vm2(13)), Verdict::Unicast { port: 1 });
+    assert_eq!(
+        r.verdict(1, &icmp(VM1, VM2, vm2_ip, vm1_ip, 14)),
+        Verdict::Unicast { port: 0 }
+    );
+    assert_eq!(r.verdict(0, &to_vm2(17)), DENIED);
+    // Allowed on its own merits, a misfit passes without being tracked.
+    let mut s2 = s.clone();
+    s2.security_groups[0].rules.push(SecurityRuleSpec {
+        icmp_type: Some(0),
+        ..rule(RuleDirection::Ingress, "icmp", None)
+    });
+    r.apply(&s2);
+    assert_eq!(r.verdict(0, &to_vm2(0)), Verdict::Unicast { port: 1 });
+    assert_eq!(r.verdict(0, &to_vm2(8)), Verdict::Unicast { port: 1 });
+}
+
 /// Several workers: every NATed reply steers to the worker that created
 /// the session (SNAT picks such ports), DNAT/floating-IP traffic steers
 /// like the inside's replies, and un-NATed flows are symmetric.

@@ -183,9 +183,10 @@ pub fn extract(p: &Parsed, frame: &[u8]) -> Option<Extracted> {
         L3::Ipv6(ip) => (
             u128::from(ip.src),
             u128::from(ip.dst),
-            ip.next_header,
+            // The transport behind any extension headers (the parser walked them).
+            ip.proto,
             true,
-            usize::from(be16(frame, p.l3_offset + 4)?),
+            usize::from(be16(frame, p.l3_offset + 4)?).saturating_sub(ip.ext_len),
         ),
         _ => return None,
     };

@@ -39,6 +39,10 @@ pub enum ParseError {
     BadIpv6Length,
     #[error("Packet ends inside its transport header")]
     TruncatedL4,
+    #[error("Packet ends inside an IPv6 extension header")]
+    TruncatedIpv6Extension,
+    #[error("More IPv6 extension headers than the data plane walks")]
+    TooManyIpv6Extensions,
 }
 
 /// ARP fields the pipeline decides on.
@@ -71,7 +75,13 @@ pub struct Ipv6Info {
     pub src: Ipv6Addr,
     pub dst: Ipv6Addr,
     pub hop_limit: u8,
+    /// The fixed header's next header (an extension header or the transport).
     pub next_header: u8,
+    /// The upper-layer protocol behind the extension headers (44 for a
+    /// non-first fragment, whose transport header is in the first one).
+    pub proto: u8,
+    /// Bytes of extension headers between the fixed header and `proto`'s header.
+    pub ext_len: usize,
 }
 
 /// The network layer of a frame.
@@ -193,21 +203,75 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, ParseError> {
                 Ipv6Hdr::ref_from_prefix(payload).map_err(|_| ParseError::TruncatedIpv6)?;
             let len = usize::from(ip.payload_len.get());
             let l4 = rest.get(..len).ok_or(ParseError::BadIpv6Length)?;
+            // Security groups and connection tracking must see the transport
+            // behind extension headers, as nftables does: otherwise a
+            // hop-by-hop header hides a TCP port from a deny rule.
+            let (proto, ext_len) = skip_ipv6_extensions(ip.next_header, l4)?;
             parsed.l3 = L3::Ipv6(Ipv6Info {
                 src: Ipv6Addr::from(ip.src),
                 dst: Ipv6Addr::from(ip.dst),
                 hop_limit: ip.hop_limit,
                 next_header: ip.next_header,
+                proto,
+                ext_len,
             });
-            // Extension headers are not walked: their transport stays `None`.
-            parsed.l4 = parse_l4(ip.next_header, l4)?;
+            parsed.l4 = parse_l4(proto, l4.get(ext_len..).unwrap_or(&[]))?;
             if parsed.l4 != L4::None {
-                parsed.l4_offset = l3_offset + size_of::<Ipv6Hdr>();
+                parsed.l4_offset = l3_offset + size_of::<Ipv6Hdr>() + ext_len;
             }
         }
         _ => {}
     }
     Ok(parsed)
+}
+
+/// Extension headers walked before giving up on a packet (RFC 8200 4.1
+/// recommends at most one of each, and the destination options header twice).
+const MAX_IPV6_EXTENSIONS: usize = 8;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// Walks IPv6 extension headers (hop-by-hop, routing, destination options,
+/// and the fragment header of a first fragment) from `next` over `bytes`
+/// (the IPv6 payload) to the upper-layer protocol; returns it and the
+/// length of the headers skipped. A non-first fragment stops at its
+/// fragment header. A chain longer than [`MAX_IPV6_EXTENSIONS`] is refused
+/// rather than passed with an unknown transport.
+fn skip_ipv6_extensions(mut next: u8, bytes: &[u8]) -> Result<(u8, usize), ParseError> {
+    let mut off = 0usize;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        let len = match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let len_field = bytes
+                    .get(off + 1)
+                    .ok_or(ParseError::TruncatedIpv6Extension)?;
+                (usize::from(*len_field) + 1) * 8
+            }
+            IPPROTO_FRAGMENT => {
+                let offset = bytes
+                    .get(off + 2..off + 4)
+                    .ok_or(ParseError::TruncatedIpv6Extension)?;
+                if u16::from_be_bytes([offset[0], offset[1]]) & 0xfff8 != 0 {
+                    return Ok((next, off));
+                }
+                8
+            }
+            _ => return Ok((next, off)),
+        };
+        if bytes.len() < off + len {
+            return Err(ParseError::TruncatedIpv6Extension);
+        }
+        next = *bytes.get(off).ok_or(ParseError::TruncatedIpv6Extension)?;
+        off += len;
+    }
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_DSTOPTS => {
+            Err(ParseError::TooManyIpv6Extensions)
+        }
+        _ => Ok((next, off)),
+    }
 }
 
 fn parse_l4(proto: u8, bytes: &[u8]) -> Result<L4, ParseError> {
@@ -433,6 +497,8 @@ mod tests {
             L3::Ipv6(Ipv6Info {
                 hop_limit: 255,
                 next_header: 58,
+                proto: 58,
+                ext_len: 0,
                 ..
             })
         ));
@@ -477,6 +543,99 @@ mod tests {
         assert_eq!(p.l4, L4::None);
         let L3::Ipv4(ip) = p.l3 else { panic!() };
         assert!(ip.later_fragment);
+    }
+
+    /// An IPv6 frame whose payload is `ext` (extension headers, each given
+    /// as (next header, bytes)) then a TCP SYN to port 22.
+    fn ipv6_tcp_behind(first: u8, ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for (next, body) in ext {
+            let mut h = body.clone();
+            h[0] = *next;
+            payload.extend_from_slice(&h);
+        }
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&22u16.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        payload.extend_from_slice(&tcp);
+        let mut f = vec![0u8; 14 + 40];
+        f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        f[14] = 0x60;
+        f[18..20].copy_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        f[20] = first;
+        f[21] = 64;
+        f.extend_from_slice(&payload);
+        f
+    }
+
+    /// Found by dataplane/tests/nft_compare.rs: a hop-by-hop or destination
+    /// options header hid the TCP port from security groups (a deny rule on
+    /// TCP 22 did not match, an allow-any rule let the SYN in), while
+    /// nftables matched the port behind it.
+    #[test]
+    fn ipv6_transport_is_found_behind_extension_headers() {
+        let opts = |len_units: u8| {
+            let mut h = vec![0u8; (usize::from(len_units) + 1) * 8];
+            h[1] = len_units;
+            h
+        };
+        let frag = |offset: u16| {
+            let mut h = vec![0u8; 8];
+            h[2..4].copy_from_slice(&(offset << 3).to_be_bytes());
+            h
+        };
+        let tcp = L4::Tcp {
+            sport: 40000,
+            dport: 22,
+            flags: 0x02,
+        };
+        // Hop-by-hop (8 bytes), routing (16), destination options (8), first fragment (8).
+        let f = ipv6_tcp_behind(
+            0,
+            &[(43, opts(0)), (60, opts(1)), (44, opts(0)), (6, frag(0))],
+        );
+        let p = parse(&f).unwrap();
+        assert_eq!(p.l4, tcp);
+        assert_eq!(p.l4_offset, 14 + 40 + 40);
+        let L3::Ipv6(ip) = p.l3 else { panic!() };
+        assert_eq!((ip.next_header, ip.proto, ip.ext_len), (0, 6, 40));
+        let x = crate::conntrack::key::extract(&p, &f).unwrap();
+        assert_eq!((x.key.proto, x.key.sport, x.key.dport), (6, 40000, 22));
+        assert!(
+            x.tcp.is_some(),
+            "the SYN is seen, so it may start a connection"
+        );
+
+        // A later fragment carries no transport header: the walk stops at it.
+        let f = ipv6_tcp_behind(60, &[(44, opts(0)), (6, frag(185))]);
+        let p = parse(&f).unwrap();
+        assert_eq!(p.l4, L4::None);
+        let L3::Ipv6(ip) = p.l3 else { panic!() };
+        assert_eq!((ip.proto, ip.ext_len), (44, 8));
+
+        // Hostile chains: truncated, and longer than the walk allows.
+        let f = ipv6_tcp_behind(0, &[(6, opts(4))]);
+        assert_eq!(
+            parse(&f[..14 + 40 + 16]).unwrap_err(),
+            ParseError::BadIpv6Length
+        );
+        let mut cut = f.clone();
+        cut[18..20].copy_from_slice(&16u16.to_be_bytes());
+        assert_eq!(
+            parse(&cut[..14 + 40 + 16]),
+            Err(ParseError::TruncatedIpv6Extension)
+        );
+        let chain: Vec<(u8, Vec<u8>)> = (0..MAX_IPV6_EXTENSIONS + 1)
+            .map(|i| (if i == MAX_IPV6_EXTENSIONS { 6 } else { 60 }, opts(0)))
+            .collect();
+        assert_eq!(
+            parse(&ipv6_tcp_behind(60, &chain)),
+            Err(ParseError::TooManyIpv6Extensions)
+        );
+        let chain = &chain[1..];
+        assert_eq!(parse(&ipv6_tcp_behind(60, chain)).unwrap().l4, tcp);
     }
 
     #[test]
