@@ -300,25 +300,52 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                         let Ok(f) = fip.spec::<FloatingIpSpec>() else {
                             continue;
                         };
-                        let served = f.router_id.as_deref() == Some(rid)
-                            && f.external_network_id == net_id
-                            && f.port_id
-                                .as_ref()
-                                .is_some_and(|p| state.ports.iter().any(|sp| &sp.name == p));
-                        if let (true, Some(fixed)) = (served, f.fixed_ip_address) {
-                            let address = f.floating_ip_address.to_string();
-                            if let Some(q) = f.qos_policy_id.as_deref().and_then(|q| {
-                                qos_of(view.qos_policies, q, None, Some(address.clone()))
-                            }) {
-                                state.qos.push(q);
-                            }
-                            state.nat.push(nat(
+                        if f.router_id.as_deref() != Some(rid) || f.external_network_id != net_id {
+                            continue;
+                        }
+                        let here = |p: &String| state.ports.iter().any(|sp| &sp.name == p);
+                        let address = f.floating_ip_address.to_string();
+                        let mut rules: Vec<NatRuleSpec> = Vec::new();
+                        if let (Some(true), Some(fixed)) =
+                            (f.port_id.as_ref().map(here), f.fixed_ip_address)
+                        {
+                            rules.push(nat(
                                 rid,
                                 NatKind::DnatAndSnat,
-                                address,
+                                address.clone(),
                                 fixed.to_string(),
                             ));
                         }
+                        for pf in f
+                            .port_forwardings
+                            .iter()
+                            .filter(|pf| here(&pf.internal_port_id))
+                        {
+                            rules.push(NatRuleSpec {
+                                protocol: Some(pf.protocol.as_str().to_owned()),
+                                external_port: Some(pf.external_port),
+                                logical_port: Some(pf.internal_port),
+                                ..nat(
+                                    rid,
+                                    NatKind::Dnat,
+                                    address.clone(),
+                                    pf.internal_ip_address.to_string(),
+                                )
+                            });
+                        }
+                        // QoS meters 1:1 floating IPs only (the API refuses
+                        // it on forwardings; the data plane keys meters on
+                        // dnat_and_snat addresses).
+                        let one_to_one = rules.iter().any(|r| r.kind == NatKind::DnatAndSnat);
+                        if let Some(q) = f
+                            .qos_policy_id
+                            .as_deref()
+                            .filter(|_| one_to_one)
+                            .and_then(|q| qos_of(view.qos_policies, q, None, Some(address.clone())))
+                        {
+                            state.qos.push(q);
+                        }
+                        state.nat.extend(rules);
                     }
                 } else {
                     tracing::warn!(router = rid, network = %net_id, %interface,
@@ -631,6 +658,15 @@ mod tests {
                        "port_id": "p2", "fixed_ip_address": "10.0.1.6", "router_id": "r1",
                        "description": "", "qos_policy_id": "q2"}),
             ),
+            // Port forwarding: TCP 2222 → p1:22.
+            record(
+                "f3",
+                json!({"external_network_id": "ext", "floating_ip_address": "198.18.0.52",
+                       "port_id": null, "fixed_ip_address": null, "router_id": "r1",
+                       "description": "", "port_forwardings": [
+                           {"protocol": "tcp", "external_port": 2222, "internal_port_id": "p1",
+                            "internal_ip_address": "10.0.1.5", "internal_port": 22}]}),
+            ),
             // Not associated: no translation.
             record(
                 "f2",
@@ -690,6 +726,7 @@ mod tests {
             [
                 (NatKind::Snat, "198.18.0.2", "10.0.1.0/24"),
                 (NatKind::DnatAndSnat, "198.18.0.50", "10.0.1.6"),
+                (NatKind::Dnat, "198.18.0.52", "10.0.1.5"),
             ]
         );
         let qos_entries: Vec<_> = state
@@ -711,6 +748,15 @@ mod tests {
                 (Some("p1"), None, None, Some(10_000_000), Some(46)),
                 (None, Some("198.18.0.50"), Some(5000), None, None),
             ]
+        );
+        let forward = &state.nat[2];
+        assert_eq!(
+            (
+                forward.protocol.as_deref(),
+                forward.external_port,
+                forward.logical_port
+            ),
+            (Some("tcp"), Some(2222), Some(22))
         );
         // The data plane accepts it as is.
         let interfaces: Vec<String> = state.ports.iter().map(|p| p.interface.clone()).collect();

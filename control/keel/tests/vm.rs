@@ -1530,6 +1530,47 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         Some("198.18.0.2"),
         "back to SNAT"
     );
+    // Port forwarding: another floating IP's TCP 2222 reaches a listener
+    // on port 8000 of the first VM (which has no security group).
+    let forwarder = api.ok(
+        "POST",
+        "/api/v1/floating-ips",
+        Some(json!({"external_network_id": public_id, "vdc_id": vdc_id,
+                    "port_forwardings": [{"protocol": "tcp", "external_port": 2222,
+                                          "internal_port_id": nic_ports[0], "internal_port": 8000}]})),
+    );
+    let forwarded_ip = forwarder["floating_ip_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for(
+        &api,
+        &format!("/api/v1/floating-ips/{}", forwarder["id"].as_str().unwrap()),
+        "port forwarding ACTIVE",
+        |f| f["status"] == "ACTIVE",
+    );
+    let text = run_in(
+        &vms[0].0,
+        "L1",
+        "(echo HELLO-FROM-VM0 | nc -l -p 8000 >/dev/null 2>&1 &); sleep 1",
+    );
+    assert!(text.contains("L1=0"), "{text}");
+    let out = outside
+        .capture(&[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\n\
+                 s = socket.create_connection(('{forwarded_ip}', 2222), timeout=20)\n\
+                 print(s.recv(64).decode())"
+            ),
+        ])
+        .unwrap();
+    assert!(
+        out.stdout.contains("HELLO-FROM-VM0"),
+        "forwarded to the VM: {out:?}"
+    );
+
     // A clone of a VM with a NIC gets its own port (new address and MAC on
     // the same subnet) and its lease for it from keel's DHCP.
     let (status, task) = api.call(

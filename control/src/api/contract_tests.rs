@@ -2254,6 +2254,151 @@ async fn external_networks_router_gateways_and_floating_ips() {
 }
 
 #[tokio::test]
+async fn floating_ips_forward_ports_through_one_router() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let net = api
+        .create(
+            "/api/v1/external-networks",
+            &admin,
+            json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24"}),
+        )
+        .await;
+    let vpc = api
+        .create("/api/v1/vpcs", &tenant, json!({"name": "n"}))
+        .await;
+    let subnet = |name: &'static str, cidr: &'static str| {
+        let vpc = vpc.clone();
+        let api = &api;
+        let tenant = tenant.clone();
+        async move {
+            api.create(
+                "/api/v1/subnets",
+                &tenant,
+                json!({"name": name, "vpc_id": vpc, "cidr": cidr}),
+            )
+            .await
+        }
+    };
+    let (s1, s2) = (
+        subnet("a", "10.0.1.0/24").await,
+        subnet("b", "10.0.2.0/24").await,
+    );
+    let p1 = api
+        .create(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p1", "subnet_id": s1}),
+        )
+        .await;
+    let p2 = api
+        .create(
+            "/api/v1/ports",
+            &tenant,
+            json!({"name": "p2", "subnet_id": s2}),
+        )
+        .await;
+    let fwd = |port: &str, ext: u16, int: u16| json!({"protocol": "tcp", "external_port": ext, "internal_port_id": port, "internal_port": int});
+    // No router between yet: not reachable.
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net, "port_forwardings": [fwd(&p1, 2222, 22)]}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    api.create(
+        "/api/v1/routers",
+        &tenant,
+        json!({"name": "r1", "interfaces": [{"subnet_id": s1}],
+               "external_gateway": {"external_network_id": net}}),
+    )
+    .await;
+    api.create(
+        "/api/v1/routers",
+        &tenant,
+        json!({"name": "r2", "interfaces": [{"subnet_id": s2}],
+               "external_gateway": {"external_network_id": net}}),
+    )
+    .await;
+    for (body, field) in [
+        (
+            json!({"external_network_id": net, "port_id": p1, "port_forwardings": [fwd(&p2, 80, 80)]}),
+            "port_forwardings",
+        ),
+        (
+            json!({"external_network_id": net, "port_forwardings": [fwd(&p1, 80, 80), fwd(&p1, 80, 81)]}),
+            "port_forwardings[1].external_port",
+        ),
+        (
+            json!({"external_network_id": net, "port_forwardings": [fwd(&p1, 0, 80)]}),
+            "port_forwardings[0].external_port",
+        ),
+        (
+            json!({"external_network_id": net, "port_forwardings": [fwd(&p1, 80, 80), fwd(&p2, 81, 80)]}),
+            "port_forwardings[1].internal_port_id",
+        ),
+    ] {
+        let r = api.post("/api/v1/floating-ips", &tenant, body).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net,
+                   "port_forwardings": [fwd(&p1, 2222, 22), {"protocol": "udp", "external_port": 2222,
+                                        "internal_port_id": p1, "internal_port": 53}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    assert_eq!(
+        r.body["port_forwardings"][0]["internal_ip_address"],
+        "10.0.1.2"
+    );
+    let fip = r.id();
+    let path = format!("/api/v1/floating-ips/{fip}");
+    // Forwarding and 1:1 exclude each other.
+    let r = api
+        .change(Method::PATCH, &path, &tenant, Some(json!({"port_id": p2})))
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    // Deleting the internal port drops its forwardings: DOWN again.
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/ports/{p1}"),
+            &tenant,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api.get(&path, &tenant).await;
+    assert_eq!(r.body["status"], "DOWN", "{}", r.body);
+    assert_eq!(r.body["port_forwardings"], json!([]));
+    assert_eq!(r.body["router_id"], Value::Null);
+    let r = api
+        .change(
+            Method::PATCH,
+            &path,
+            &tenant,
+            Some(json!({"port_forwardings": [fwd(&p2, 8080, 80)]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    assert_eq!(
+        r.body["port_forwardings"][0]["internal_ip_address"],
+        "10.0.2.2"
+    );
+}
+
+#[tokio::test]
 async fn qos_policies_limit_ports_and_floating_ips() {
     let api = Api::new().await;
     let admin = api.admin().await;

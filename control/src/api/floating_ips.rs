@@ -4,8 +4,11 @@
 //! an external network only through a router that has an interface on the
 //! port's subnet and its gateway on that network, so association checks
 //! that path, and routers cannot remove it while an association uses it.
-//! DOWN while not associated, PENDING until a data plane serves the
-//! association, then ACTIVE.
+//! Instead of a port, a floating IP may forward ports (`port_forwardings`:
+//! protocol and external port → a port's address and internal port, DNAT;
+//! Neutron's port forwardings), all through one router.
+//! DOWN while it neither is associated nor forwards, PENDING until a data
+//! plane serves it, then ACTIVE.
 
 use std::net::IpAddr;
 
@@ -54,6 +57,44 @@ pub struct FloatingIpSpec {
     /// Bandwidth limits of the floating IP (`/qos-policies`, no DSCP).
     #[serde(default)]
     pub qos_policy_id: Option<String>,
+    #[serde(default)]
+    pub port_forwardings: Vec<PortForwarding>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardedProtocol {
+    Tcp,
+    Udp,
+}
+
+impl ForwardedProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardedProtocol::Tcp => "tcp",
+            ForwardedProtocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForwardingRequest {
+    pub protocol: ForwardedProtocol,
+    pub external_port: u16,
+    pub internal_port_id: String,
+    pub internal_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortForwarding {
+    pub protocol: ForwardedProtocol,
+    pub external_port: u16,
+    pub internal_port_id: String,
+    /// The internal port's address.
+    #[schema(value_type = String)]
+    pub internal_ip_address: IpAddr,
+    pub internal_port: u16,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -78,6 +119,9 @@ pub struct FloatingIpCreate {
     #[serde(default)]
     pub description: String,
     pub qos_policy_id: Option<String>,
+    /// Instead of `port_id`: external ports forwarded to ports' addresses.
+    #[serde(default)]
+    pub port_forwardings: Vec<PortForwardingRequest>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -90,6 +134,8 @@ pub struct FloatingIpUpdate {
     /// Sets the QoS policy; `null` removes it.
     #[serde(default, deserialize_with = "present")]
     pub qos_policy_id: Option<Option<String>>,
+    /// Replaces every port forwarding.
+    pub port_forwardings: Option<Vec<PortForwardingRequest>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -140,11 +186,106 @@ async fn associate(
     fip_id: Option<&str>,
     port_id: &str,
 ) -> Result<(IpAddr, String), ApiError> {
+    let reached = reach(conn, vdc_id, network_id, "port_id", port_id).await?;
+    for other in records::in_vdc(conn, KIND, vdc_id).await? {
+        let other_spec: FloatingIpSpec = other.spec()?;
+        if Some(other.meta.id.as_str()) != fip_id && other_spec.port_id.as_deref() == Some(port_id)
+        {
+            return Err(ApiError::Conflict(format!(
+                "port {port_id} already has floating IP {}",
+                other_spec.floating_ip_address
+            )));
+        }
+    }
+    Ok(reached)
+}
+
+/// Resolves port forwardings: every internal port reachable from the
+/// network, all through one router, each protocol/external port once.
+async fn forwardings(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    network_id: &str,
+    requests: &[PortForwardingRequest],
+) -> Result<(Vec<PortForwarding>, Option<String>), ApiError> {
+    const MAX: usize = 256;
+    if requests.len() > MAX {
+        return Err(ApiError::invalid(
+            "port_forwardings",
+            format!("at most {MAX}"),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut through: Option<String> = None;
+    for (i, req) in requests.iter().enumerate() {
+        let field = |f: &str| format!("port_forwardings[{i}].{f}");
+        if req.external_port == 0 {
+            return Err(ApiError::invalid(
+                field("external_port"),
+                "must be 1..=65535",
+            ));
+        }
+        if req.internal_port == 0 {
+            return Err(ApiError::invalid(
+                field("internal_port"),
+                "must be 1..=65535",
+            ));
+        }
+        if requests[..i]
+            .iter()
+            .any(|r| r.protocol == req.protocol && r.external_port == req.external_port)
+        {
+            return Err(ApiError::invalid(
+                field("external_port"),
+                format!(
+                    "{} {} is forwarded twice",
+                    req.protocol.as_str(),
+                    req.external_port
+                ),
+            ));
+        }
+        let (ip, router) = reach(
+            conn,
+            vdc_id,
+            network_id,
+            &field("internal_port_id"),
+            &req.internal_port_id,
+        )
+        .await?;
+        match &through {
+            Some(r) if *r != router => {
+                return Err(ApiError::invalid(
+                    field("internal_port_id"),
+                    format!("reached through router {router}, the others through {r}: one router per floating IP"),
+                ))
+            }
+            _ => through = Some(router),
+        }
+        out.push(PortForwarding {
+            protocol: req.protocol,
+            external_port: req.external_port,
+            internal_port_id: req.internal_port_id.clone(),
+            internal_ip_address: ip,
+            internal_port: req.internal_port,
+        });
+    }
+    Ok((out, through))
+}
+
+/// A port of `vdc_id` reachable from the external network `network_id`:
+/// its address and the router between (named `field` in refusals).
+async fn reach(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    network_id: &str,
+    field: &str,
+    port_id: &str,
+) -> Result<(IpAddr, String), ApiError> {
     let port = match records::get(conn, "port", port_id).await? {
         Some(p) if p.meta.vdc_id.as_deref() == Some(vdc_id) => p,
         _ => {
             return Err(ApiError::invalid(
-                "port_id",
+                field,
                 format!("no port {port_id} in the floating IP's VDC"),
             ))
         }
@@ -152,7 +293,7 @@ async fn associate(
     let spec: PortSpec = port.spec()?;
     if !spec.fixed_ip.is_ipv4() {
         return Err(ApiError::invalid(
-            "port_id",
+            field,
             format!(
                 "port {port_id} has the IPv6 address {}; floating IPs are IPv4",
                 spec.fixed_ip
@@ -167,16 +308,6 @@ async fn associate(
             spec.subnet_id
         )));
     };
-    for other in records::in_vdc(conn, KIND, vdc_id).await? {
-        let other_spec: FloatingIpSpec = other.spec()?;
-        if Some(other.meta.id.as_str()) != fip_id && other_spec.port_id.as_deref() == Some(port_id)
-        {
-            return Err(ApiError::Conflict(format!(
-                "port {port_id} already has floating IP {}",
-                other_spec.floating_ip_address
-            )));
-        }
-    }
     Ok((spec.fixed_ip, router_id))
 }
 
@@ -193,38 +324,71 @@ pub async fn check_still_reached(
         if fspec.router_id.as_deref() != Some(router_id) {
             continue;
         }
-        let Some(port_id) = &fspec.port_id else {
-            continue;
-        };
-        let subnet = match records::get(conn, "port", port_id).await? {
-            Some(p) => p.spec::<PortSpec>()?.subnet_id,
-            None => continue,
-        };
-        let gateway_kept = spec
-            .external_gateway
-            .as_ref()
-            .is_some_and(|g| g.external_network_id == fspec.external_network_id);
-        let interface_kept = spec.interfaces.iter().any(|i| i.subnet_id == subnet);
-        if !(gateway_kept && interface_kept) {
-            return Err(ApiError::Conflict(format!(
-                "floating IP {} reaches port {port_id} through router {router_id}; disassociate it first",
-                fspec.floating_ip_address
-            )));
+        let targets = fspec
+            .port_id
+            .iter()
+            .chain(fspec.port_forwardings.iter().map(|f| &f.internal_port_id));
+        for port_id in targets {
+            let subnet = match records::get(conn, "port", port_id).await? {
+                Some(p) => p.spec::<PortSpec>()?.subnet_id,
+                None => continue,
+            };
+            let gateway_kept = spec
+                .external_gateway
+                .as_ref()
+                .is_some_and(|g| g.external_network_id == fspec.external_network_id);
+            let interface_kept = spec.interfaces.iter().any(|i| i.subnet_id == subnet);
+            if !(gateway_kept && interface_kept) {
+                return Err(ApiError::Conflict(format!(
+                    "floating IP {} reaches port {port_id} through router {router_id}; disassociate it first",
+                    fspec.floating_ip_address
+                )));
+            }
         }
     }
     Ok(())
 }
 
-/// Disassociates the floating IPs of a port that is being deleted.
+/// Disassociates the floating IPs of a port that is being deleted, and
+/// drops the forwardings to it.
 pub async fn release_port(conn: &mut DbConnection, port_id: &str) -> Result<(), ApiError> {
     for fip in records::all(conn, KIND).await? {
         let mut spec: FloatingIpSpec = fip.spec()?;
+        let forwarded = spec.port_forwardings.len();
+        spec.port_forwardings
+            .retain(|f| f.internal_port_id != port_id);
         if spec.port_id.as_deref() == Some(port_id) {
             spec.port_id = None;
             spec.fixed_ip_address = None;
-            spec.router_id = None;
-            records::observe(conn, KIND, &fip.meta.id, DOWN, Some(to_json(&spec)?)).await?;
+        } else if forwarded == spec.port_forwardings.len() {
+            continue;
         }
+        let status = if spec.port_id.is_none() && spec.port_forwardings.is_empty() {
+            spec.router_id = None;
+            DOWN
+        } else {
+            fip.meta.status.as_str()
+        };
+        records::observe(conn, KIND, &fip.meta.id, status, Some(to_json(&spec)?)).await?;
+    }
+    Ok(())
+}
+
+/// A floating IP does one of the two: 1:1 for a port, or port forwarding
+/// (and QoS meters only the first: the data plane keys meters on 1:1
+/// addresses).
+fn one_use(port: bool, forwardings: bool, qos: bool) -> Result<(), ApiError> {
+    if port && forwardings {
+        return Err(ApiError::invalid(
+            "port_forwardings",
+            "a floating IP is either associated with a port or forwards ports, not both",
+        ));
+    }
+    if qos && forwardings {
+        return Err(ApiError::invalid(
+            "qos_policy_id",
+            "QoS policies apply to floating IPs associated with a port, not to port forwardings",
+        ));
     }
     Ok(())
 }
@@ -265,12 +429,19 @@ async fn create_floating_ip(
     if let Some(q) = &body.qos_policy_id {
         qos_policies::check_reference(&mut tx, Some(&vdc_id), "qos_policy_id", q, true).await?;
     }
+    one_use(
+        body.port_id.is_some(),
+        !body.port_forwardings.is_empty(),
+        body.qos_policy_id.is_some(),
+    )?;
+    let (port_forwardings, forwarded_through) =
+        forwardings(&mut tx, &vdc_id, &network.meta.id, &body.port_forwardings).await?;
     let (fixed_ip_address, router_id) = match &body.port_id {
         Some(port_id) => {
             let (ip, router) = associate(&mut tx, &vdc_id, &network.meta.id, None, port_id).await?;
             (Some(ip), Some(router))
         }
-        None => (None, None),
+        None => (None, forwarded_through),
     };
     let address = external_networks::allocate(
         &mut tx,
@@ -279,11 +450,7 @@ async fn create_floating_ip(
         "floating_ip_address",
     )
     .await?;
-    let status = if body.port_id.is_some() {
-        PENDING
-    } else {
-        DOWN
-    };
+    let status = if router_id.is_some() { PENDING } else { DOWN };
     let spec = FloatingIpSpec {
         external_network_id: network.meta.id.clone(),
         floating_ip_address: address,
@@ -292,6 +459,7 @@ async fn create_floating_ip(
         router_id,
         description: body.description,
         qos_policy_id: body.qos_policy_id,
+        port_forwardings,
     };
     let record = records::insert(
         &mut tx,
@@ -375,9 +543,20 @@ async fn update_floating_ip(
         spec.qos_policy_id = policy;
     }
     let mut status = record.meta.status.clone();
+    let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
+    if let Some(requests) = &body.port_forwardings {
+        let (resolved, through) =
+            forwardings(&mut tx, &vdc_id, &spec.external_network_id, requests).await?;
+        if resolved != spec.port_forwardings {
+            status = PENDING.into();
+        }
+        spec.port_forwardings = resolved;
+        if spec.port_id.is_none() {
+            spec.router_id = through;
+        }
+    }
     match body.port_id {
         Some(Some(port_id)) => {
-            let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
             let (ip, router) = associate(
                 &mut tx,
                 &vdc_id,
@@ -396,10 +575,19 @@ async fn update_floating_ip(
         Some(None) => {
             spec.port_id = None;
             spec.fixed_ip_address = None;
-            spec.router_id = None;
-            status = DOWN.into();
+            if spec.port_forwardings.is_empty() {
+                spec.router_id = None;
+            }
         }
         None => {}
+    }
+    one_use(
+        spec.port_id.is_some(),
+        !spec.port_forwardings.is_empty(),
+        spec.qos_policy_id.is_some(),
+    )?;
+    if spec.router_id.is_none() {
+        status = DOWN.into();
     }
     // Spec and status in one write (one revision, one event).
     let updated = records::observe(&mut tx, KIND, &id, &status, Some(to_json(&spec)?))

@@ -1,6 +1,12 @@
 //! `/security-groups`: per-VDC packet filters with their rules embedded
 //! (rules change through PATCH of the group, guarded by `If-Match`, so a
 //! rule set is replaced atomically). PENDING until a data plane enforces them.
+//!
+//! Rules allow by default (OpenStack's white list); `action: deny` with a
+//! `priority` (higher first, deny before allow on a tie) makes black lists.
+//! A rule's peers are a CIDR or the members of another group of the VDC
+//! (`remote_group_id`, followed as membership changes). Ingress that no
+//! rule allows is denied, egress that no rule denies is allowed.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,6 +28,7 @@ use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
 };
 use super::AppState;
+use crate::store::DbConnection;
 
 const KIND: &str = "security_group";
 const MAX_RULES: usize = 1000;
@@ -53,6 +60,39 @@ pub struct Rule {
     /// Peer addresses; absent means any (of the rule's family: any family).
     #[schema(value_type = Option<String>)]
     pub remote_cidr: Option<String>,
+    /// Peers are the ports of this group (instead of `remote_cidr`).
+    #[serde(default)]
+    pub remote_group_id: Option<String>,
+    /// ICMP only: the type, and with it optionally the code (ICMPv4 numbers;
+    /// a rule with a type matches IPv4 unless its remote CIDR is IPv6).
+    #[serde(default)]
+    pub icmp_type: Option<u8>,
+    #[serde(default)]
+    pub icmp_code: Option<u8>,
+    #[serde(default)]
+    pub action: RuleAction,
+    /// Higher first; deny wins a tie.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl Rule {
+    /// Everything a packet is matched on (all but action and priority).
+    fn same_match(&self, other: &Rule) -> bool {
+        Rule {
+            action: other.action,
+            priority: other.priority,
+            ..self.clone()
+        } == *other
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -125,6 +165,25 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
                 ))
             }
         }
+        if rule.protocol != Protocol::Icmp && (rule.icmp_type.is_some() || rule.icmp_code.is_some())
+        {
+            return Err(ApiError::invalid(
+                field("icmp_type"),
+                "only for protocol icmp",
+            ));
+        }
+        if rule.icmp_code.is_some() && rule.icmp_type.is_none() {
+            return Err(ApiError::invalid(
+                field("icmp_code"),
+                "give icmp_type with it",
+            ));
+        }
+        if rule.remote_cidr.is_some() && rule.remote_group_id.is_some() {
+            return Err(ApiError::invalid(
+                field("remote_group_id"),
+                "give remote_cidr or remote_group_id, not both",
+            ));
+        }
         if let Some(cidr) = &rule.remote_cidr {
             let net: IpNet = cidr.parse().map_err(|_| {
                 ApiError::invalid(field("remote_cidr"), format!("{cidr:?} is not a CIDR"))
@@ -140,6 +199,38 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
     for (i, rule) in rules.iter().enumerate() {
         if rules[..i].contains(rule) {
             return Err(ApiError::invalid(format!("rules[{i}]"), "duplicate rule"));
+        }
+        // The data plane refuses such a pair: say so here, precisely.
+        if let Some(j) = rules[..i].iter().position(|o| {
+            o.priority == rule.priority && o.action != rule.action && o.same_match(rule)
+        }) {
+            return Err(ApiError::invalid(
+                format!("rules[{i}]"),
+                format!("conflicts with rules[{j}]: same match and priority, opposite actions"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Remote groups must be groups of the same VDC.
+async fn check_remote_groups(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    rules: &[Rule],
+) -> Result<(), ApiError> {
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(id) = &rule.remote_group_id else {
+            continue;
+        };
+        match records::get(conn, KIND, id).await? {
+            Some(g) if g.meta.vdc_id.as_deref() == Some(vdc_id) => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("rules[{i}].remote_group_id"),
+                    format!("no security group {id} in this VDC"),
+                ))
+            }
         }
     }
     Ok(())
@@ -188,6 +279,7 @@ async fn create_sg(
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    check_remote_groups(&mut tx, &vdc_id, &body.rules).await?;
     let record = records::insert(
         &mut tx,
         NewRecord {
@@ -263,6 +355,8 @@ async fn update_sg(
     }
     if let Some(rules) = body.rules {
         validate_rules(&rules)?;
+        let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
+        check_remote_groups(&mut tx, &vdc_id, &rules).await?;
         spec.rules = rules;
     }
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
@@ -289,6 +383,21 @@ async fn delete_sg(
         return Err(ApiError::Conflict(format!(
             "security group {id} is used by a port"
         )));
+    }
+    let vdc = record.meta.vdc_id.as_deref().unwrap_or("");
+    for other in records::in_vdc(&mut tx, KIND, vdc).await? {
+        let spec: SgSpec = other.spec()?;
+        if other.meta.id != id
+            && spec
+                .rules
+                .iter()
+                .any(|r| r.remote_group_id.as_deref() == Some(id.as_str()))
+        {
+            return Err(ApiError::Conflict(format!(
+                "security group {} has rules with it as remote group",
+                other.meta.id
+            )));
+        }
     }
     finish_delete::<SecurityGroup>(tx, &record).await
 }
