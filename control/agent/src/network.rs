@@ -63,12 +63,13 @@ fn gateway_mac(router: &str, subnet: &str) -> String {
     format!("fa:16:3e:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-/// An API rule as data-plane rules: API groups are allow-lists (OpenStack
-/// semantics); a rule without a remote CIDR covers both address families.
+/// An API rule as data-plane rules: a rule without a remote CIDR covers
+/// both address families, except an ICMP rule with a type (ICMPv4 numbers).
 fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
     let families: &[EtherType] = match rule.remote_cidr.as_deref() {
         Some(c) if c.contains(':') => &[EtherType::Ipv6],
         Some(_) => &[EtherType::Ipv4],
+        None if rule.icmp_type.is_some() => &[EtherType::Ipv4],
         None => &[EtherType::Ipv4, EtherType::Ipv6],
     };
     families
@@ -88,12 +89,15 @@ fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
             },
             port_min: rule.port_range_min,
             port_max: rule.port_range_max,
-            icmp_type: None,
-            icmp_code: None,
+            icmp_type: rule.icmp_type,
+            icmp_code: rule.icmp_code,
             remote_cidr: rule.remote_cidr.clone(),
-            remote_group: None,
-            priority: 0,
-            action: RuleAction::Allow,
+            remote_group: rule.remote_group_id.clone(),
+            priority: rule.priority,
+            action: match rule.action {
+                api_sg::RuleAction::Allow => RuleAction::Allow,
+                api_sg::RuleAction::Deny => RuleAction::Deny,
+            },
         })
         .collect()
 }
@@ -369,17 +373,40 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
             static_routes,
         });
     }
-    for (group, ports) in members {
-        let Some(record) = view.groups.get(&group) else {
+    // Groups of this host's ports, and the groups their rules name as
+    // remote (whose members here give the addresses; members on other
+    // hosts are not known to this data plane).
+    let mut wanted: Vec<String> = members.keys().cloned().collect();
+    let mut i = 0;
+    while let Some(group) = wanted.get(i).cloned() {
+        i += 1;
+        let Some(spec) = view
+            .groups
+            .get(&group)
+            .and_then(|r| r.spec::<SgSpec>().ok())
+        else {
             continue;
         };
-        let Ok(spec) = record.spec::<SgSpec>() else {
-            continue;
-        };
+        for remote in spec.rules.iter().filter_map(|r| r.remote_group_id.as_ref()) {
+            if view.groups.contains_key(remote) && !wanted.contains(remote) {
+                wanted.push(remote.clone());
+            }
+        }
         state.security_groups.push(SecurityGroupSpec {
+            ports: members.get(&group).cloned().unwrap_or_default(),
             name: group,
-            ports,
-            rules: spec.rules.iter().flat_map(rules_of).collect(),
+            // A rule naming a group that is gone (the API prevents it)
+            // would make the data plane refuse the whole state.
+            rules: spec
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.remote_group_id
+                        .as_ref()
+                        .is_none_or(|g| view.groups.contains_key(g))
+                })
+                .flat_map(rules_of)
+                .collect(),
         });
     }
     for subnet_id in &used {
@@ -618,6 +645,7 @@ mod tests {
         ];
         let mut p1 = port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01");
         p1.spec["qos_policy_id"] = json!("q1");
+        p1.spec["security_group_ids"] = json!(["web"]);
         let ports = by_id(vec![p1, port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02")]);
         let qos = by_id(vec![
             record(
@@ -677,7 +705,20 @@ mod tests {
         ];
         let uplinks: BTreeMap<String, String> =
             [("public".to_string(), "veth-up".to_string())].into();
-        let groups = BTreeMap::new();
+        // p1's group allows the web from the members of "others" (no port
+        // here) and denies one address above it.
+        let groups = by_id(vec![
+            record(
+                "web",
+                json!({"description": "", "rules": [
+                    {"direction": "ingress", "protocol": "tcp", "port_range_min": 80,
+                     "port_range_max": 80, "remote_group_id": "others"},
+                    {"direction": "ingress", "protocol": "any", "remote_cidr": "10.0.1.6/32",
+                     "action": "deny", "priority": 10},
+                    {"direction": "ingress", "protocol": "icmp", "icmp_type": 8}]}),
+            ),
+            record("others", json!({"description": "", "rules": []})),
+        ]);
         let view = NetworkView {
             vms: &vms,
             ports: &ports,
@@ -758,6 +799,16 @@ mod tests {
             ),
             (Some("tcp"), Some(2222), Some(22))
         );
+        let groups: Vec<(&str, usize, usize)> = state
+            .security_groups
+            .iter()
+            .map(|g| (g.name.as_str(), g.ports.len(), g.rules.len()))
+            .collect();
+        // The remote group comes along (no member here); a rule without a
+        // CIDR covers both families, the ICMP type rule only IPv4.
+        assert_eq!(groups, [("web", 1, 4), ("others", 0, 0)]);
+        let deny = &state.security_groups[0].rules[2];
+        assert_eq!((deny.action, deny.priority), (RuleAction::Deny, 10));
         // The data plane accepts it as is.
         let interfaces: Vec<String> = state.ports.iter().map(|p| p.interface.clone()).collect();
         keel_dataplane::config::compile(&state, &interfaces, 1).unwrap();

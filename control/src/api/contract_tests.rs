@@ -1599,6 +1599,19 @@ async fn security_group_rules_are_validated() {
             json!({"remote_cidr": "10.0.0.1/24"}),
             "rules[0].remote_cidr",
         ),
+        (json!({"icmp_type": 8}), "rules[0].icmp_type"),
+        (
+            json!({"protocol": "icmp", "icmp_code": 0}),
+            "rules[0].icmp_code",
+        ),
+        (
+            json!({"remote_cidr": "10.0.0.0/8", "remote_group_id": "x"}),
+            "rules[0].remote_group_id",
+        ),
+        (
+            json!({"remote_group_id": "nope"}),
+            "rules[0].remote_group_id",
+        ),
     ] {
         let r = api
             .post("/api/v1/security-groups", &admin, rule(extra.clone()))
@@ -1626,6 +1639,43 @@ async fn security_group_rules_are_validated() {
         .await;
     assert_eq!(ok.status, 201, "{}", ok.body);
     assert_eq!(ok.body["status"], "PENDING");
+    // Black and white lists: a deny above an allow; the same match at the
+    // same priority with opposite actions is refused (the data plane would).
+    let web = json!({"direction": "ingress", "protocol": "tcp", "port_range_min": 80, "port_range_max": 80});
+    let mut deny = web.clone();
+    deny["action"] = json!("deny");
+    let r = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "c", "vdc_id": vdc, "rules": [web, deny]}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "rules[1]", "{}", r.body);
+    deny["priority"] = json!(10);
+    deny["remote_group_id"] = json!(ok.id());
+    let lists = api
+        .post(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "lists", "vdc_id": vdc, "rules": [web, deny,
+                   {"direction": "ingress", "protocol": "icmp", "icmp_type": 8, "icmp_code": 0}]}),
+        )
+        .await;
+    assert_eq!(lists.status, 201, "{}", lists.body);
+    assert_eq!(lists.body["rules"][1]["action"], "deny");
+    assert_eq!(lists.body["rules"][1]["priority"], 10);
+    // A group other groups name as remote stays.
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/security-groups/{}", ok.id()),
+            &admin,
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
 }
 
 #[tokio::test]
