@@ -26,12 +26,17 @@ use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
 use keel_control::api::qos_policies::{BandwidthLimit, QosPolicySpec};
 use keel_control::api::records::Record;
+use keel_control::api::router_rules::{
+    FirewallAction, FirewallProtocol, FirewallRule, PolicyAction as ApiPolicyAction, RouterPolicy,
+};
 use keel_control::api::routers::RouterSpec as ApiRouter;
 use keel_control::api::security_groups::{self as api_sg, SgSpec};
+use keel_dataplane::model::FirewallRuleSpec;
 use keel_dataplane::model::{
     DesiredState, DhcpSpec, EtherType, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
     RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, StaticRouteSpec, SwitchSpec,
 };
+use keel_dataplane::policy::{PolicyAction, RouterPolicySpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -143,6 +148,46 @@ fn qos_of(
         ingress: meter(spec.ingress),
         egress: meter(spec.egress),
     })
+}
+
+fn firewall_rule(router: &str, r: &FirewallRule) -> FirewallRuleSpec {
+    FirewallRuleSpec {
+        router: router.to_owned(),
+        priority: r.priority,
+        protocol: Some(
+            match r.protocol {
+                FirewallProtocol::Any => "any",
+                FirewallProtocol::Tcp => "tcp",
+                FirewallProtocol::Udp => "udp",
+            }
+            .to_owned(),
+        ),
+        src_cidr: r.src_cidr.clone(),
+        dst_cidr: r.dst_cidr.clone(),
+        port_min: r.port_range_min,
+        port_max: r.port_range_max,
+        action: match r.action {
+            FirewallAction::Allow => RuleAction::Allow,
+            FirewallAction::Deny => RuleAction::Deny,
+        },
+    }
+}
+
+fn router_policy(router: &str, p: &RouterPolicy) -> RouterPolicySpec {
+    RouterPolicySpec {
+        router: router.to_owned(),
+        priority: p.priority,
+        from_switch: p.from_subnet_id.clone(),
+        src_cidr: p.src_cidr.clone(),
+        dst_cidr: p.dst_cidr.clone(),
+        protocol: p.protocol.clone(),
+        action: match p.action {
+            ApiPolicyAction::Allow => PolicyAction::Allow,
+            ApiPolicyAction::Drop => PolicyAction::Drop,
+            ApiPolicyAction::Reroute => PolicyAction::Reroute,
+        },
+        next_hop: p.nexthop.map(|h| h.to_string()),
+    }
 }
 
 /// The name of the data-plane port on an uplink interface.
@@ -365,6 +410,23 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                     prefix: route.destination.clone(),
                     next_hop: route.nexthop.to_string(),
                 });
+            }
+        }
+        for rule in &spec.firewall_rules {
+            state.firewall.push(firewall_rule(rid, rule));
+        }
+        // A policy on a subnet, or to a next hop, not routed here is left
+        // out (the data plane refuses those).
+        for p in &spec.policies {
+            let from_here = p
+                .from_subnet_id
+                .as_ref()
+                .is_none_or(|s| ports.iter().any(|rp| &rp.switch == s));
+            let hop_here = p
+                .nexthop
+                .is_none_or(|h| connected.iter().any(|c| c.contains(&h)));
+            if from_here && hop_here {
+                state.router_policies.push(router_policy(rid, p));
             }
         }
         state.routers.push(RouterSpec {
@@ -671,7 +733,13 @@ mod tests {
                    "routes": [{"destination": "172.16.0.0/12", "nexthop": "10.0.1.254"},
                               {"destination": "192.168.0.0/16", "nexthop": "10.0.2.254"}],
                    "external_gateway": {"external_network_id": "ext", "enable_snat": true,
-                                        "external_ip": "198.18.0.2"}}),
+                                        "external_ip": "198.18.0.2"},
+                   "firewall_rules": [{"protocol": "tcp", "port_range_min": 22,
+                                       "port_range_max": 22, "action": "deny"}],
+                   "policies": [
+                       {"from_subnet_id": "s1", "dst_cidr": "172.16.0.0/12", "action": "reroute",
+                        "nexthop": "10.0.1.254", "priority": 5},
+                       {"from_subnet_id": "s2", "action": "drop"}]}),
         );
         let external = by_id(vec![record(
             "ext",
@@ -789,6 +857,14 @@ mod tests {
                 (Some("p1"), None, None, Some(10_000_000), Some(46)),
                 (None, Some("198.18.0.50"), Some(5000), None, None),
             ]
+        );
+        // The firewall rule, and the one policy whose subnet is routed here.
+        assert_eq!(state.firewall.len(), 1);
+        assert_eq!(state.firewall[0].action, RuleAction::Deny);
+        assert_eq!(state.router_policies.len(), 1);
+        assert_eq!(
+            state.router_policies[0].next_hop.as_deref(),
+            Some("10.0.1.254")
         );
         let forward = &state.nat[2];
         assert_eq!(

@@ -82,6 +82,15 @@ impl Api {
         )
     }
 
+    /// PATCH at the revision just read (If-Match); must succeed.
+    fn patch(&self, path: &str, body: Value) -> Value {
+        let current = self.ok("GET", path, None);
+        let etag = format!("\"{}\"", current["revision"]);
+        let (status, value) = self.send("PATCH", path, &[("If-Match", &etag)], Some(body));
+        assert_eq!(status, 200, "PATCH {path}: {value}");
+        value
+    }
+
     fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let (status, value) = self.call(method, path, body);
         assert!(
@@ -1358,14 +1367,11 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     // The security group on the peer's port is enforced by the data plane:
     // without its ICMP rule the peer is unreachable (its own link still
     // works: it reaches its gateway), with it back it answers again.
-    let sg_url = format!("{}/api/v1/security-groups/{sg_id}", keel.url(""));
     let set_rules = |rules: Value| {
-        let current = api.ok("GET", &format!("/api/v1/security-groups/{sg_id}"), None);
-        let r = ureq::patch(&sg_url)
-            .set("authorization", &format!("Bearer {}", api.token))
-            .set("if-match", &format!("\"{}\"", current["revision"]))
-            .send_json(json!({ "rules": rules }));
-        assert!(r.is_ok(), "{r:?}");
+        api.patch(
+            &format!("/api/v1/security-groups/{sg_id}"),
+            json!({ "rules": rules }),
+        );
         let start = Instant::now();
         loop {
             let applied: Value = serde_json::from_str(
@@ -1441,13 +1447,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         "/api/v1/qos-policies",
         Some(json!({"name": "ef", "vdc_id": vdc_id, "dscp_mark": 46})),
     );
-    let port_path = format!("{}/api/v1/ports/{}", keel.url(""), nic_ports[0]);
-    let current = api.ok("GET", &format!("/api/v1/ports/{}", nic_ports[0]), None);
-    let r = ureq::patch(&port_path)
-        .set("authorization", &format!("Bearer {}", api.token))
-        .set("if-match", &format!("\"{}\"", current["revision"]))
-        .send_json(json!({ "qos_policy_id": policy["id"] }));
-    assert!(r.is_ok(), "{r:?}");
+    api.patch(
+        &format!("/api/v1/ports/{}", nic_ports[0]),
+        json!({ "qos_policy_id": policy["id"] }),
+    );
     eventually("the port's QoS reaches the data plane", || {
         let applied =
             std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
@@ -1505,13 +1508,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         out.stdout.contains("3 received"),
         "the floating IP answers: {out:?}"
     );
-    let fip_path = format!("{}/api/v1/floating-ips/{fip_id}", keel.url(""));
-    let current = api.ok("GET", &format!("/api/v1/floating-ips/{fip_id}"), None);
-    let r = ureq::patch(&fip_path)
-        .set("authorization", &format!("Bearer {}", api.token))
-        .set("if-match", &format!("\"{}\"", current["revision"]))
-        .send_json(json!({ "port_id": null }));
-    assert!(r.is_ok(), "{r:?}");
+    api.patch(
+        &format!("/api/v1/floating-ips/{fip_id}"),
+        json!({ "port_id": null }),
+    );
     eventually("the floating IP's translation is gone", || {
         let applied =
             std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
@@ -1569,6 +1569,38 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert!(
         out.stdout.contains("HELLO-FROM-VM0"),
         "forwarded to the VM: {out:?}"
+    );
+    // The router's firewall: TCP to the outside server denied for the
+    // first subnet, then allowed again.
+    let router_path = format!("/api/v1/routers/{}", router["id"].as_str().unwrap());
+    let set_firewall = |rules: Value| {
+        let n = rules.as_array().unwrap().len();
+        api.patch(&router_path, json!({ "firewall_rules": rules }));
+        eventually("the firewall reaches the data plane", || {
+            let applied: Value = serde_json::from_str(
+                &std::fs::read_to_string(state.join("run").join("dataplane.json"))
+                    .unwrap_or_default(),
+            )
+            .unwrap_or(Value::Null);
+            let have = applied["firewall"].as_array().map_or(0, Vec::len);
+            (have == n)
+                .then_some(())
+                .ok_or_else(|| format!("{have} rules"))
+        });
+    };
+    set_firewall(json!([{"protocol": "tcp", "src_cidr": "10.20.1.0/24",
+                          "dst_cidr": "198.18.0.1/32", "port_range_min": 7000,
+                          "port_range_max": 7000, "action": "deny"}]));
+    let text = run_in(&vms[0].0, "F1", "nc -w 3 198.18.0.1 7000 </dev/null");
+    assert!(
+        !text.contains("HELLO-FROM-OUTSIDE") && !text.contains("F1=0"),
+        "denied: {text}"
+    );
+    set_firewall(json!([]));
+    let text = run_in(&vms[0].0, "F2", "nc 198.18.0.1 7000 </dev/null");
+    assert!(
+        text.contains("HELLO-FROM-OUTSIDE") && text.contains("F2=0"),
+        "allowed again: {text}"
     );
 
     // A clone of a VM with a NIC gets its own port (new address and MAC on

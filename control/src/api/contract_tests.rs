@@ -2449,6 +2449,122 @@ async fn floating_ips_forward_ports_through_one_router() {
 }
 
 #[tokio::test]
+async fn router_firewall_rules_and_policies_are_checked_like_the_data_plane() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let vpc = api
+        .create("/api/v1/vpcs", &tenant, json!({"name": "n"}))
+        .await;
+    let s1 = api
+        .create(
+            "/api/v1/subnets",
+            &tenant,
+            json!({"name": "a", "vpc_id": vpc, "cidr": "10.0.1.0/24"}),
+        )
+        .await;
+    let s2 = api
+        .create(
+            "/api/v1/subnets",
+            &tenant,
+            json!({"name": "b", "vpc_id": vpc, "cidr": "10.0.2.0/24"}),
+        )
+        .await;
+    let router = |extra: Value| {
+        let mut body = json!({"name": "r", "interfaces": [{"subnet_id": s1}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (extra, field) in [
+        (
+            json!({"firewall_rules": [{"src_cidr": "10.0.0.1/8", "action": "deny"}]}),
+            "firewall_rules[0].src_cidr",
+        ),
+        (
+            json!({"firewall_rules": [{"dst_cidr": "fd00::/8", "action": "deny"}]}),
+            "firewall_rules[0].dst_cidr",
+        ),
+        (
+            json!({"firewall_rules": [{"port_range_min": 22, "port_range_max": 22, "action": "deny"}]}),
+            "firewall_rules[0].port_range_min",
+        ),
+        (
+            json!({"firewall_rules": [{"protocol": "tcp", "port_range_min": 22, "action": "deny"}]}),
+            "firewall_rules[0].port_range_max",
+        ),
+        (
+            json!({"policies": [{"action": "reroute"}]}),
+            "policies[0].nexthop",
+        ),
+        (
+            json!({"policies": [{"action": "drop", "nexthop": "10.0.1.9"}]}),
+            "policies[0].nexthop",
+        ),
+        (
+            json!({"policies": [{"action": "reroute", "nexthop": "10.0.2.9"}]}),
+            "policies[0].nexthop",
+        ),
+        (
+            json!({"policies": [{"action": "drop", "from_subnet_id": s2}]}),
+            "policies[0].from_subnet_id",
+        ),
+        (
+            json!({"policies": [{"action": "drop", "protocol": "sctp"}]}),
+            "policies[0].protocol",
+        ),
+        (
+            json!({"policies": [{"action": "drop"}, {"action": "allow", "protocol": "any"}]}),
+            "policies[1]",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/routers", &tenant, router(extra.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{extra}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/routers",
+            &tenant,
+            router(json!({
+                "firewall_rules": [{"protocol": "tcp", "port_range_min": 22, "port_range_max": 22,
+                                    "src_cidr": "0.0.0.0/0", "action": "deny", "priority": 10}],
+                "policies": [{"from_subnet_id": s1, "dst_cidr": "0.0.0.0/0", "protocol": "tcp",
+                              "action": "reroute", "nexthop": "10.0.1.9", "priority": 5},
+                             {"protocol": "47", "action": "drop"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["firewall_rules"][0]["action"], "deny");
+    assert_eq!(r.body["policies"][0]["nexthop"], "10.0.1.9");
+    // Detaching the subnet a policy names (or reroutes into) is refused.
+    let path = format!("/api/v1/routers/{}", r.id());
+    let r = api
+        .change(
+            Method::PATCH,
+            &path,
+            &tenant,
+            Some(json!({"interfaces": [{"subnet_id": s2}]})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api
+        .change(
+            Method::PATCH,
+            &path,
+            &tenant,
+            Some(json!({"policies": [], "firewall_rules": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["policies"], json!([]));
+}
+
+#[tokio::test]
 async fn qos_policies_limit_ports_and_floating_ips() {
     let api = Api::new().await;
     let admin = api.admin().await;

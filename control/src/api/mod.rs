@@ -32,6 +32,7 @@ pub mod records;
 pub mod replica_groups;
 pub mod respond;
 pub mod roles;
+pub mod router_rules;
 pub mod routers;
 pub mod security_groups;
 pub mod tasks;

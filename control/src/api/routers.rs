@@ -33,6 +33,7 @@ use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
 };
+use super::router_rules::{check_firewall, check_policies, FirewallRule, RouterPolicy};
 use super::AppState;
 
 pub const KIND: &str = "router";
@@ -91,6 +92,10 @@ pub struct RouterSpec {
     pub routes: Vec<StaticRoute>,
     #[serde(default)]
     pub external_gateway: Option<ExternalGateway>,
+    #[serde(default)]
+    pub firewall_rules: Vec<FirewallRule>,
+    #[serde(default)]
+    pub policies: Vec<RouterPolicy>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -101,6 +106,8 @@ pub struct Router {
     pub interfaces: Vec<Interface>,
     pub routes: Vec<StaticRoute>,
     pub external_gateway: Option<ExternalGateway>,
+    pub firewall_rules: Vec<FirewallRule>,
+    pub policies: Vec<RouterPolicy>,
     pub status_reason: String,
 }
 
@@ -116,6 +123,10 @@ pub struct RouterCreate {
     #[serde(default)]
     pub routes: Vec<StaticRoute>,
     pub external_gateway: Option<ExternalGatewayRequest>,
+    #[serde(default)]
+    pub firewall_rules: Vec<FirewallRule>,
+    #[serde(default)]
+    pub policies: Vec<RouterPolicy>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -130,6 +141,10 @@ pub struct RouterUpdate {
     /// Sets the gateway; `null` removes it.
     #[serde(default, deserialize_with = "present")]
     pub external_gateway: Option<Option<ExternalGatewayRequest>>,
+    /// Replaces every firewall rule.
+    pub firewall_rules: Option<Vec<FirewallRule>>,
+    /// Replaces every policy.
+    pub policies: Option<Vec<RouterPolicy>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,6 +166,8 @@ impl Resource for Router {
             interfaces: spec.interfaces,
             routes: spec.routes,
             external_gateway: spec.external_gateway,
+            firewall_rules: spec.firewall_rules,
+            policies: spec.policies,
             status_reason: reason,
         })
     }
@@ -309,6 +326,20 @@ async fn resolve(
     Ok((interfaces, out))
 }
 
+/// The subnets the interfaces attach, with their CIDRs.
+async fn attached(
+    conn: &mut DbConnection,
+    interfaces: &[Interface],
+) -> Result<Vec<(String, IpNet)>, ApiError> {
+    let mut out = Vec::new();
+    for i in interfaces {
+        if let Some(s) = records::get(conn, "subnet", &i.subnet_id).await? {
+            out.push((i.subnet_id.clone(), s.spec::<SubnetSpec>()?.cidr));
+        }
+    }
+    Ok(out)
+}
+
 /// Resolves a gateway request: the external network must exist; its
 /// address is kept while the network stays the same and none is asked for.
 async fn resolve_gateway(
@@ -378,11 +409,15 @@ async fn create_router(
     let (interfaces, routes) =
         resolve(&mut tx, &vdc_id, None, &body.interfaces, &body.routes).await?;
     let external_gateway = resolve_gateway(&mut tx, None, body.external_gateway.as_ref()).await?;
+    check_firewall(&body.firewall_rules)?;
+    check_policies(&body.policies, &attached(&mut tx, &interfaces).await?)?;
     let spec = RouterSpec {
         description: body.description,
         interfaces,
         routes,
         external_gateway,
+        firewall_rules: body.firewall_rules,
+        policies: body.policies,
     };
     let record = records::insert(
         &mut tx,
@@ -467,6 +502,16 @@ async fn update_router(
         spec.external_gateway =
             resolve_gateway(&mut tx, spec.external_gateway.as_ref(), request.as_ref()).await?;
     }
+    if let Some(rules) = body.firewall_rules {
+        spec.firewall_rules = rules;
+    }
+    if let Some(policies) = body.policies {
+        spec.policies = policies;
+    }
+    check_firewall(&spec.firewall_rules)?;
+    // Also when only the interfaces change: a policy's subnet or next hop
+    // must stay attached.
+    check_policies(&spec.policies, &attached(&mut tx, &spec.interfaces).await?)?;
     floating_ips::check_still_reached(&mut tx, &id, &spec).await?;
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
