@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use keel_control::api::external_networks::ExternalNetworkSpec;
 use keel_control::api::floating_ips::FloatingIpSpec;
+use keel_control::api::mirror_sessions::{self as api_mirror, MirrorSessionSpec};
 use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
 use keel_control::api::qos_policies::{BandwidthLimit, QosPolicySpec};
@@ -118,6 +119,7 @@ pub struct NetworkView<'a> {
     pub external_networks: &'a BTreeMap<String, Record>,
     pub floating_ips: &'a [Record],
     pub qos_policies: &'a BTreeMap<String, Record>,
+    pub mirror_sessions: &'a [Record],
     /// This host's uplink interface per physical network.
     pub uplinks: &'a BTreeMap<String, String>,
 }
@@ -471,6 +473,38 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                 .collect(),
         });
     }
+    // Mirror sessions whose target and some source this host serves.
+    for session in view.mirror_sessions {
+        let Ok(spec) = session.spec::<MirrorSessionSpec>() else {
+            continue;
+        };
+        let here = |p: &String| state.ports.iter().any(|sp| &sp.name == p);
+        let sources: Vec<String> = spec
+            .source_port_ids
+            .iter()
+            .filter(|p| here(p))
+            .cloned()
+            .collect();
+        if sources.is_empty() || !here(&spec.target_port_id) {
+            continue;
+        }
+        state.mirrors.push(keel_dataplane::mirror::MirrorSpec {
+            name: session.meta.id.clone(),
+            ports: sources,
+            direction: match spec.direction {
+                api_mirror::MirrorDirection::In => keel_dataplane::mirror::MirrorDirection::In,
+                api_mirror::MirrorDirection::Out => keel_dataplane::mirror::MirrorDirection::Out,
+                api_mirror::MirrorDirection::Both => keel_dataplane::mirror::MirrorDirection::Both,
+            },
+            filter: spec.filter.map(|f| keel_dataplane::mirror::MirrorFilter {
+                protocol: f.protocol,
+                cidr: f.cidr,
+            }),
+            target: keel_dataplane::mirror::MirrorTarget::Port {
+                port: spec.target_port_id,
+            },
+        });
+    }
     for subnet_id in &used {
         let Some(subnet) = view.subnets.get(subnet_id) else {
             continue;
@@ -771,6 +805,20 @@ mod tests {
                        "description": ""}),
             ),
         ];
+        // p1's copies (sent only, TCP) go to p2; a session whose target is
+        // on another host is left out.
+        let mirrors = vec![
+            record(
+                "m1",
+                json!({"description": "", "source_port_ids": ["p1"], "direction": "out",
+                       "filter": {"protocol": "tcp", "cidr": null}, "target_port_id": "p2"}),
+            ),
+            record(
+                "m2",
+                json!({"description": "", "source_port_ids": ["p1"], "direction": "both",
+                       "filter": null, "target_port_id": "elsewhere"}),
+            ),
+        ];
         let uplinks: BTreeMap<String, String> =
             [("public".to_string(), "veth-up".to_string())].into();
         // p1's group allows the web from the members of "others" (no port
@@ -796,6 +844,7 @@ mod tests {
             external_networks: &external,
             floating_ips: &fips,
             qos_policies: &qos,
+            mirror_sessions: &mirrors,
             uplinks: &uplinks,
         };
         let state = desired_state(&view);
@@ -885,6 +934,8 @@ mod tests {
         assert_eq!(groups, [("web", 1, 4), ("others", 0, 0)]);
         let deny = &state.security_groups[0].rules[2];
         assert_eq!((deny.action, deny.priority), (RuleAction::Deny, 10));
+        assert_eq!(state.mirrors.len(), 1);
+        assert_eq!(state.mirrors[0].ports, ["p1"]);
         // The data plane accepts it as is.
         let interfaces: Vec<String> = state.ports.iter().map(|p| p.interface.clone()).collect();
         keel_dataplane::config::compile(&state, &interfaces, 1).unwrap();

@@ -942,9 +942,9 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        use keel_control::api::{external_networks, floating_ips, qos_policies};
-        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos) = self
-            .block_on(async {
+        use keel_control::api::{external_networks, floating_ips, mirror_sessions, qos_policies};
+        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors) =
+            self.block_on(async {
                 let mut conn = self.store.pool().acquire().await?;
                 let vms = records::all(&mut conn, vms::KIND).await?;
                 let ports = records::all(&mut conn, "port").await?;
@@ -955,8 +955,9 @@ impl Agent {
                 let externals = records::all(&mut conn, external_networks::KIND).await?;
                 let fips = records::all(&mut conn, floating_ips::KIND).await?;
                 let qos = records::all(&mut conn, qos_policies::KIND).await?;
+                let mirrors = records::all(&mut conn, mirror_sessions::KIND).await?;
                 Ok::<_, StepError>((
-                    vms, ports, subnets, routers, groups, vpcs, externals, fips, qos,
+                    vms, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors,
                 ))
             })?;
         let mut with_nics = Vec::new();
@@ -977,6 +978,7 @@ impl Agent {
             ("security_group", &groups),
             ("vpc", &vpcs),
             (external_networks::KIND, &externals),
+            (mirror_sessions::KIND, &mirrors),
         ] {
             for r in list {
                 reported.push((kind, r.meta.id.clone(), r.meta.status.clone()));
@@ -1004,6 +1006,7 @@ impl Agent {
             external_networks: &by_id(externals),
             floating_ips: &fips,
             qos_policies: &by_id(qos),
+            mirror_sessions: &mirrors,
             uplinks: &self.config.uplinks,
         });
         self.net
@@ -1015,6 +1018,7 @@ impl Agent {
         realized.extend(state.ports.iter().map(|p| p.name.clone()));
         realized.extend(state.routers.iter().map(|r| r.name.clone()));
         realized.extend(state.security_groups.iter().map(|g| g.name.clone()));
+        realized.extend(state.mirrors.iter().map(|m| m.name.clone()));
         for f in &fips {
             if let Ok(spec) = f.spec::<floating_ips::FloatingIpSpec>() {
                 let address = spec.floating_ip_address.to_string();

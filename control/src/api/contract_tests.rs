@@ -2565,6 +2565,103 @@ async fn router_firewall_rules_and_policies_are_checked_like_the_data_plane() {
 }
 
 #[tokio::test]
+async fn mirror_sessions_copy_ports_of_their_vdc() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let mut ports = Vec::new();
+    for (v, name) in [(&vdc, "a"), (&vdc, "b"), (&other, "c")] {
+        let vpc = api
+            .create("/api/v1/vpcs", &admin, json!({"name": name, "vdc_id": v}))
+            .await;
+        let subnet = api
+            .create(
+                "/api/v1/subnets",
+                &admin,
+                json!({"name": name, "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+            )
+            .await;
+        ports.push(
+            api.create(
+                "/api/v1/ports",
+                &admin,
+                json!({"name": name, "subnet_id": subnet}),
+            )
+            .await,
+        );
+    }
+    let (a, b, foreign) = (&ports[0], &ports[1], &ports[2]);
+    for (body, field) in [
+        (
+            json!({"source_port_ids": [], "target_port_id": b}),
+            "source_port_ids",
+        ),
+        (
+            json!({"source_port_ids": [foreign], "target_port_id": b}),
+            "source_port_ids[0]",
+        ),
+        (
+            json!({"source_port_ids": [a], "target_port_id": a}),
+            "target_port_id",
+        ),
+        (
+            json!({"source_port_ids": [a, a], "target_port_id": b}),
+            "source_port_ids[1]",
+        ),
+        (
+            json!({"source_port_ids": [a], "target_port_id": b, "filter": {"cidr": "10.0.0.1/8"}}),
+            "filter.cidr",
+        ),
+        (
+            json!({"source_port_ids": [a], "target_port_id": b, "filter": {"protocol": "sctp"}}),
+            "filter.protocol",
+        ),
+    ] {
+        let mut body = body;
+        body["name"] = json!("m");
+        let r = api
+            .post("/api/v1/mirror-sessions", &tenant, body.clone())
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/mirror-sessions",
+            &tenant,
+            json!({"name": "m", "source_port_ids": [a], "direction": "out",
+                   "filter": {"protocol": "tcp", "cidr": "10.0.0.0/24"}, "target_port_id": b}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "PENDING");
+    let path = format!("/api/v1/mirror-sessions/{}", r.id());
+    // Ports in a session stay until the session goes.
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/ports/{b}"), &tenant, None)
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .change(
+            Method::PATCH,
+            &path,
+            &tenant,
+            Some(json!({"direction": "both", "filter": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["filter"], Value::Null);
+    let r = api.change(Method::DELETE, &path, &tenant, None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = api
+        .change(Method::DELETE, &format!("/api/v1/ports/{b}"), &tenant, None)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+#[tokio::test]
 async fn qos_policies_limit_ports_and_floating_ips() {
     let api = Api::new().await;
     let admin = api.admin().await;

@@ -23,6 +23,7 @@ pub mod idempotency;
 pub mod images;
 pub mod listing;
 pub mod loadbalancers;
+pub mod mirror_sessions;
 pub mod networks;
 pub mod ports;
 pub mod problem;
@@ -146,6 +147,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(external_networks::router())
                 .merge(floating_ips::router())
                 .merge(qos_policies::router())
+                .merge(mirror_sessions::router())
                 .merge(hosts::router())
                 .merge(images::router())
                 .merge(volumes::router())

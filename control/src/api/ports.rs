@@ -453,6 +453,12 @@ async fn delete_port(
             "the port is a NIC of VM {vm}; delete the VM first"
         )));
     }
+    let vdc = record.meta.vdc_id.clone().unwrap_or_default();
+    if let Some(session) = super::mirror_sessions::port_in_use(&mut tx, &vdc, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "mirror session {session} uses the port"
+        )));
+    }
     super::floating_ips::release_port(&mut tx, &id).await?;
     finish_delete::<Port>(tx, &record).await
 }

@@ -105,6 +105,11 @@ pub const ALL: &[Kind] = &[
         columns: &["id", "name", "status", "physical_network", "cidr"],
     },
     Kind {
+        name: "mirror-sessions",
+        path: "/api/v1/mirror-sessions",
+        columns: &["id", "name", "status", "direction", "target_port_id"],
+    },
+    Kind {
         name: "qos-policies",
         path: "/api/v1/qos-policies",
         columns: &["id", "name", "dscp_mark"],
