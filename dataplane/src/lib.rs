@@ -177,7 +177,11 @@ pub mod flowcache;
 #[cfg(test)]
 mod flowcache_tests;
 pub mod handoff;
+pub mod lb4;
+#[cfg(test)]
+mod lb4_tests;
 pub mod lpm;
+pub mod maglev;
 pub mod mirror;
 pub mod model;
 pub mod nat;

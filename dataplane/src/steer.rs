@@ -70,8 +70,13 @@ impl Shard {
     }
 }
 
-/// `(addr, port)` seen from inside when it is a DNAT external side.
+/// `(addr, port)` seen from inside when it is a DNAT external side; a
+/// load-balancer VIP or member endpoint is left out (zero), so a client's
+/// packets to a VIP and the member's replies hash alike.
 fn inside(t: &Tables, proto: u8, addr: u128, port: u16) -> (u128, u16) {
+    if t.stateful.lb.is_endpoint(proto, addr, port) {
+        return (0, 0);
+    }
     for rs in t.stateful.routers.iter().flatten() {
         for d in &rs.dnat {
             if d.external != addr {
