@@ -37,7 +37,10 @@
 //! - **Steering** (several workers): a VIP or member endpoint
 //!   (address, port, protocol) is left out of the steering hash, so a
 //!   client's packets to the VIP and the member's replies to that client
-//!   meet on one worker ([`crate::steer`]).
+//!   meet on one worker ([`crate::steer`]). A member with weight 0 stays an
+//!   endpoint (drained: no new connections, its open ones keep steering
+//!   right); one removed outright is no endpoint any more, so with several
+//!   workers its open connections are cut. Drain first, then remove.
 //!
 //! # Assumptions / not yet
 //!
