@@ -499,6 +499,23 @@ pub fn compile(
     }
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
+    // A load balancer's VIP is the router's own address: it answers echo
+    // requests, and other traffic to it stops at the router.
+    for lb in &desired.load_balancers {
+        let (Some(r), Ok(vip)) = (
+            desired
+                .routers
+                .iter()
+                .position(|r| r.name == lb.router)
+                .and_then(|i| routers.get_mut(i)),
+            lb.vip.parse::<std::net::Ipv4Addr>(),
+        ) else {
+            continue;
+        };
+        if !r.own_ips.contains(&vip) {
+            r.own_ips.push(vip);
+        }
+    }
     let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
     let nat64 = crate::nat64::compile(&desired.nat64, &router_names, &mut switches)?;
     let views: Vec<crate::policy::RouterView<'_>> = desired

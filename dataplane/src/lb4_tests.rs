@@ -322,9 +322,28 @@ fn udp_request_and_response_pass_through_the_vip() {
         seen[usize::from(m == [10, 0, 2, 11])] = true;
     }
     assert_eq!(seen, [true, true]);
-    // TCP to the UDP VIP is not balanced (routed to the VIP: nobody owns it).
+    // TCP to the UDP VIP is not balanced: it stops at the router.
     let (v, _) = r.run(0, &l4(GW_A, VM1, "10.0.1.10", VIP, 6, (1234, 80), SYN));
-    assert!(matches!(v, Verdict::Drop(_)), "{v:?}");
+    assert_eq!(
+        v,
+        Verdict::Drop(crate::counters::DropReason::RouterLocalUnsupported)
+    );
+    // The router answers pings to the VIP.
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    let echo = ipv4(
+        GW_A,
+        VM1,
+        None,
+        "10.0.1.10".parse().unwrap(),
+        vip,
+        64,
+        1,
+        &[8, 0, 0xf7, 0xfe, 0, 1, 0, 0],
+    );
+    let (v, back) = r.run(0, &echo);
+    assert_eq!(v, Verdict::Reply);
+    assert_eq!(&back[26..30], &vip.octets());
+    assert_eq!(back[34], 0, "echo reply");
 }
 
 #[test]

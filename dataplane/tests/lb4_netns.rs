@@ -371,4 +371,8 @@ fn udp_requests_are_answered_through_the_vip() {
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with(member));
     }
     assert_eq!(seen.len(), 3, "every member answered some flows: {seen:?}");
+    // The router answers pings to the VIP.
+    lab.hosts[CLIENT]
+        .sh(&format!("ping -c 2 -i 0.2 -W 2 {VIP}"))
+        .unwrap();
 }
