@@ -14,6 +14,10 @@
 //!   router's DNAT external side is replaced by its internal side before
 //!   hashing ([`steering_key`]): the outside's packets to `E:e` steer like
 //!   the inside's replies from `I:i`.
+//! - L4 load balancers ([`crate::lb4`]): a VIP or member endpoint (address,
+//!   port, protocol) is replaced by zero, so client → VIP and member →
+//!   client hash by the client's side alone and meet, whichever member the
+//!   Maglev table picked.
 //! - SNAT (and NAT64) replies come back to an address and port the worker
 //!   chose; the worker only chooses ports whose reply tuple steers to itself
 //!   ([`Shard::owns`], VPP NAT44-ED's trick), so the reply meets its session
