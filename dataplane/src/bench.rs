@@ -174,7 +174,15 @@ pub enum Stateful {
     SecurityGroups { hosts: u32, rules: u32, flows: u32 },
     /// Routed to one far host through SNAT, `flows` UDP connections.
     Snat { flows: u32 },
+    /// `flows` UDP connections to an L4 load-balancer VIP (10.0.255.100:53
+    /// on the client's subnet) over `members` far hosts: Maglev pick + DNAT
+    /// on each connection's first packet, conntrack translation after. Off:
+    /// the same number of flows routed straight to the member addresses.
+    Lb4 { members: u32, flows: u32 },
 }
+
+/// The VIP of [`Stateful::Lb4`].
+pub const LB_VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 255, 100);
 
 fn with_sport(mut frame: Vec<u8>, sport: u16) -> Vec<u8> {
     // UDP source port at 34; the UDP checksum of these frames is 0 (none).
@@ -192,8 +200,13 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
     let (base, flows) = match s {
         Stateful::SecurityGroups { hosts, flows, .. } => (Scenario::L2 { macs: hosts }, flows),
         Stateful::Snat { flows } => (Scenario::Routed { hosts: 1 }, flows),
+        Stateful::Lb4 { members, flows } => (Scenario::Routed { hosts: members }, flows),
     };
-    let (mut state, templates) = scenario(base);
+    let (mut state, mut templates) = scenario(base);
+    if let (Stateful::Lb4 { .. }, true) = (s, enabled) {
+        // Every flow goes to the VIP; the client port tells them apart.
+        templates = vec![udp64(GW_A, SRC, Ipv4Addr::new(10, 0, 0, 1), LB_VIP)];
+    }
     let n = u32::try_from(templates.len()).unwrap_or(1).max(1);
     let frames = (0..flows)
         .map(|f| {
@@ -250,6 +263,30 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
                 port_min: None,
                 port_max: None,
             }),
+            Stateful::Lb4 { members, .. } => {
+                let far: Vec<String> = state
+                    .ports
+                    .iter()
+                    .filter(|p| p.name.starts_with("dst"))
+                    .take(members as usize)
+                    .filter_map(|p| p.ips.first().cloned())
+                    .collect();
+                state.load_balancers.push(crate::lb4::LoadBalancerSpec {
+                    name: "bench".into(),
+                    router: "r".into(),
+                    vip: LB_VIP.to_string(),
+                    protocol: crate::lb4::LbProtocol::Udp,
+                    port: 53,
+                    members: far
+                        .into_iter()
+                        .map(|ip| crate::lb4::LbMemberSpec {
+                            ip,
+                            port: 5353,
+                            weight: 1,
+                        })
+                        .collect(),
+                });
+            }
         }
     }
     (state, frames)
@@ -709,6 +746,10 @@ mod tests {
                 flows: 2_000,
             },
             Stateful::Snat { flows: 2_000 },
+            Stateful::Lb4 {
+                members: 16,
+                flows: 2_000,
+            },
         ] {
             for enabled in [true, false] {
                 let (run, bytes) = run_stateful(s, enabled, 6_000).unwrap();
@@ -716,6 +757,32 @@ mod tests {
                 assert!(bytes > 0);
             }
         }
+        // The load balancer really translates: the VIP frame leaves DNATed
+        // to a member's port.
+        let (state, frames) = stateful_scenario(
+            Stateful::Lb4 {
+                members: 4,
+                flows: 1,
+            },
+            true,
+        );
+        let t = crate::config::compile(&state, &interfaces(), 1).unwrap();
+        let mut buf = vec![0u8; 2048];
+        buf[..frames[0].len()].copy_from_slice(&frames[0]);
+        let mut len = frames[0].len();
+        let mut learned = crate::pipeline::Learned::new(0).with_connections(16);
+        let v = crate::pipeline::process(
+            &t,
+            &mut learned,
+            0,
+            &mut buf,
+            &mut len,
+            &mut crate::pipeline::NoTrace,
+        )
+        .verdict;
+        assert_eq!(v, crate::pipeline::Verdict::Unicast { port: 1 });
+        assert_eq!(u16::from_be_bytes([buf[36], buf[37]]), 5353);
+        assert_eq!(buf[30..32], [10, 1]);
         // The rules are really evaluated: with the allowing rule moved to
         // another port, the same frame is dropped.
         let s = Stateful::SecurityGroups {

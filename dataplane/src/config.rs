@@ -104,6 +104,8 @@ pub enum ConfigError {
     Nat64(#[from] crate::nat64::Nat64Error),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Lb4(#[from] crate::lb4::Lb4Error),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -497,6 +499,23 @@ pub fn compile(
     }
 
     let stateful = compile_stateful(desired, &lports, &mut switches)?;
+    // A load balancer's VIP is the router's own address: it answers echo
+    // requests, and other traffic to it stops at the router.
+    for lb in &desired.load_balancers {
+        let (Some(r), Ok(vip)) = (
+            desired
+                .routers
+                .iter()
+                .position(|r| r.name == lb.router)
+                .and_then(|i| routers.get_mut(i)),
+            lb.vip.parse::<std::net::Ipv4Addr>(),
+        ) else {
+            continue;
+        };
+        if !r.own_ips.contains(&vip) {
+            r.own_ips.push(vip);
+        }
+    }
     let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
     let nat64 = crate::nat64::compile(&desired.nat64, &router_names, &mut switches)?;
     let views: Vec<crate::policy::RouterView<'_>> = desired
@@ -554,7 +573,14 @@ fn compile_stateful(
 ) -> Result<crate::stateful::StatefulTables, ConfigError> {
     let mut names = Vec::new();
     let acls = crate::security::compile(desired, lports, &mut names)?;
-    let routers = crate::nat::compile(desired, switches, &mut names)?;
+    let mut routers = crate::nat::compile(desired, switches, &mut names)?;
+    let router_names: Vec<&str> = desired.routers.iter().map(|r| r.name.as_str()).collect();
+    let lb = crate::lb4::compile(
+        &desired.load_balancers,
+        &router_names,
+        switches,
+        &mut routers,
+    )?;
     let hits = names
         .iter()
         .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -562,6 +588,7 @@ fn compile_stateful(
     Ok(crate::stateful::StatefulTables {
         acls,
         routers,
+        lb,
         counters: crate::security::RuleCounters {
             names: names.into(),
             hits,

@@ -49,6 +49,8 @@ pub enum Request {
     MirrorStats,
     /// Hit counters of the router policies.
     PolicyStats,
+    /// New flows and packets per load-balancer member.
+    LbStats,
     /// Drop the tracked connections of one port's (or router's) conntrack zone.
     CtFlush {
         #[serde(default)]
@@ -95,6 +97,9 @@ pub enum Response {
     },
     PolicyStats {
         policies: Vec<crate::policy::PolicyStats>,
+    },
+    LbStats {
+        members: Vec<crate::lb4::LbMemberStats>,
     },
     /// The flush was handed to the workers (they run it within one round).
     FlushRequested {
@@ -256,6 +261,9 @@ impl Controller {
             },
             Request::PolicyStats => Response::PolicyStats {
                 policies: self.config.tables().load().policies.stats(),
+            },
+            Request::LbStats => Response::LbStats {
+                members: self.config.tables().load().stateful.lb.stats(),
             },
             Request::CtFlush { port, router } => {
                 let zone = match (port, router) {

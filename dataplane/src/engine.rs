@@ -502,6 +502,7 @@ impl Core {
         }
         self.learned.qos.fold(&tables.qos);
         self.learned.policy.fold(&tables.policies);
+        self.learned.stateful.lb.fold(&tables.stateful.lb);
         self.mirror.fold(&tables.mirror);
         let ct = &mut self.learned.stateful.ct;
         let entries = ct.len();

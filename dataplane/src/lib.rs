@@ -37,6 +37,16 @@
 //!   packet, and cuts those now denied. Per-rule hit counters:
 //!   `{"op":"rule_stats"}`; one zone's connections are flushed with
 //!   `{"op":"ct_flush","port":"vm1"}` (or `"router"`).
+//! - **L4 load balancing** ([`lb4`]): a VIP:port (TCP or UDP) on a router
+//!   spread over member addresses by Maglev consistent hashing
+//!   ([`maglev`], tables built at apply time, members named by address so a
+//!   member change only remaps its own share). The first packet of a
+//!   connection is DNATed to the picked member in the router's NAT stage and
+//!   tracked in the router's zone, so every later packet (replies un-DNATed
+//!   back to the VIP) follows the connection, not the table: affinity
+//!   survives member changes. DNAT only: members see the client's address
+//!   and answer through the router (their gateway). Per-member new-flow and
+//!   packet counters: `{"op":"lb_stats"}`; the trace shows the `lb` stage.
 //! - **Network services** (same desired state, same apply): QoS
 //!   ([`qos`]: per-port and per-floating-IP token-bucket meters, ingress and
 //!   egress, that drop over the rate, and DSCP marking per port; buckets are per worker, lock-free, and
@@ -93,6 +103,10 @@
 //! (or `"target":{"type":"port","port":"collector"}`),
 //! `"nat64":[{"router":"r","pool":["198.18.1.100"]}]` (prefix `64:ff9b::/96` unless `"prefix"` is given),
 //! `"router_policies":[{"router":"r","priority":100,"from_switch":"a","dst_cidr":"10.0.2.0/24","action":"reroute","next_hop":"10.0.3.10"}]`.
+//! L4 load balancers:
+//! `"load_balancers":[{"name":"web","router":"r","vip":"10.0.1.100","protocol":"tcp","port":80,
+//! "members":[{"ip":"10.0.2.21","port":8080,"weight":1},{"ip":"10.0.2.22","port":8080,"weight":2}]}]`
+//! (weight 0 drains a member: no new connections, its open ones stay).
 //!
 //! # Threading model
 //!
@@ -106,7 +120,7 @@
 //! port per batch; a `poll(2)` only when every port was idle). All workers
 //! read the same RCU-published tables. Counters are plain per-worker arrays
 //! folded into shared atomics once per round, so every control op
-//! (`stats`, `rule_stats`, `qos_stats`, `mirror_stats`, `policy_stats`)
+//! (`stats`, `rule_stats`, `qos_stats`, `mirror_stats`, `policy_stats`, `lb_stats`)
 //! reports sums over workers; `stats.workers` has each worker's own
 //! (`processed`, `handed_off`, `handed_in`, `handoff_full`,
 //! `conntrack_entries`), and `ct_flush` is run by every worker. The control
@@ -154,6 +168,12 @@
 //!   tracked (dropped on ports with groups); flooded frames are filtered on
 //!   the sending port only. The trace runs a fresh connection table, so it
 //!   shows the decision for a connection's first packet.
+//! - L4 load balancers are IPv4 only, without health checks of their own
+//!   (the control plane sends the member set it wants) and without hairpin:
+//!   a client on the subnet of the member it is sent to is answered directly
+//!   at L2, bypassing the un-DNAT. With several workers a member removed
+//!   outright loses its open connections (their replies no longer steer to
+//!   the worker holding them); drain it with weight 0 first.
 //! - QoS meters police, they do not shape (no queueing); flooded frames are
 //!   not metered. Mirror copies to an ERSPAN
 //!   collector add 50 bytes: its link needs MTU ≥ 1550 for full-size frames.
@@ -177,7 +197,11 @@ pub mod flowcache;
 #[cfg(test)]
 mod flowcache_tests;
 pub mod handoff;
+pub mod lb4;
+#[cfg(test)]
+mod lb4_tests;
 pub mod lpm;
+pub mod maglev;
 pub mod mirror;
 pub mod model;
 pub mod nat;

@@ -38,6 +38,9 @@ pub struct DesiredState {
     /// Router policies: policy routing and service chains ([`crate::policy`]).
     #[serde(default)]
     pub router_policies: Vec<crate::policy::RouterPolicySpec>,
+    /// L4 load balancers on routers ([`crate::lb4`]).
+    #[serde(default)]
+    pub load_balancers: Vec<crate::lb4::LoadBalancerSpec>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -116,6 +116,22 @@ pub struct RouterStateful {
     pub snat: Vec<Snat>,
     /// Highest priority first.
     pub firewall: Vec<FwRule>,
+    /// L4 load balancers by VIP endpoint ([`crate::lb4::endpoint`]).
+    pub lb: crate::fastmap::FastMap<u64, crate::lb4::Vip>,
+}
+
+impl RouterStateful {
+    /// An empty stage for router `name` (its conntrack zone).
+    pub fn new(name: &str) -> RouterStateful {
+        RouterStateful {
+            zone: zone_id("router", name),
+            external_switch: None,
+            dnat: Vec::new(),
+            snat: Vec::new(),
+            firewall: Vec::new(),
+            lb: crate::fastmap::with_capacity(0),
+        }
+    }
 }
 
 fn v4_of(owner: &str, value: &str) -> Result<Ipv4Addr, NatError> {
@@ -148,19 +164,14 @@ pub fn compile(
                 router: router.to_string(),
             })
     };
-    let new_router = |rid: usize| RouterStateful {
-        zone: zone_id(
-            "router",
+    let new_router = |rid: usize| {
+        RouterStateful::new(
             desired
                 .routers
                 .get(rid)
                 .map(|r| r.name.as_str())
                 .unwrap_or(""),
-        ),
-        external_switch: None,
-        dnat: Vec::new(),
-        snat: Vec::new(),
-        firewall: Vec::new(),
+        )
     };
     for (i, n) in desired.nat.iter().enumerate() {
         let owner = format!("NAT rule {i} ({:?} on {:?})", n.kind, n.router);
@@ -316,11 +327,13 @@ pub enum PreRoute {
     Off,
     /// A tracked connection; `rewritten` = translated in place (re-parse).
     Tracked { rewritten: bool },
-    /// A first packet: `orig` as it arrived, `cur` after DNAT (already written).
+    /// A first packet: `orig` as it arrived, `cur` after DNAT (already
+    /// written); `lb`: the load-balancer member's counter slot, if any.
     New {
         orig: Key,
         cur: Key,
         rewritten: bool,
+        lb: u32,
     },
 }
 
@@ -369,6 +382,9 @@ pub fn pre_route<T: Tracer>(
                 "drop: invalid for the connection's TCP state".into()
             });
             return Err(DropReason::CtInvalid);
+        }
+        if c.lb != crate::lb4::NO_MEMBER {
+            count_lb_packet(t, st, rs, f.id, &c);
         }
         let to = match f.dir {
             Dir::Original => c.reply.reversed(),
@@ -431,6 +447,33 @@ pub fn pre_route<T: Tracer>(
         }
     }
     let mut cur = key;
+    if !rs.lb.is_empty() {
+        // (Every compiled VIP has a member with weight: `pick` finds one.)
+        let vip = rs
+            .lb
+            .get(&crate::lb4::endpoint(key.proto, key.dst, key.dport));
+        if let Some((vip, m)) = vip.and_then(|v| Some((v, v.pick(&key)?))) {
+            cur.dst = m.addr;
+            cur.dport = m.port;
+            if !rewrite(buf, p, &key, &cur) {
+                return Err(DropReason::MalformedL4);
+            }
+            tr.note("lb", || {
+                format!(
+                    "load balancer {:?}: new connection to {} → member {} (Maglev)",
+                    vip.name,
+                    crate::lb4::show(key.dst, key.dport),
+                    crate::lb4::show(m.addr, m.port)
+                )
+            });
+            return Ok(PreRoute::New {
+                orig: key,
+                cur,
+                rewritten: true,
+                lb: m.slot,
+            });
+        }
+    }
     let dnat = rs.dnat.iter().find(|d| {
         d.external == key.dst
             && d.forward
@@ -458,7 +501,41 @@ pub fn pre_route<T: Tracer>(
         orig: key,
         cur,
         rewritten: dnat.is_some(),
+        lb: crate::lb4::NO_MEMBER,
     })
+}
+
+/// Counts a packet of a load-balanced connection on its member. After an
+/// apply the member's slot is looked up again in the new tables (once per
+/// connection); a member no longer configured is not counted.
+fn count_lb_packet(
+    t: &Tables,
+    st: &mut WorkerState,
+    rs: &RouterStateful,
+    id: u32,
+    c: &crate::conntrack::Conn,
+) {
+    let slot = if c.generation == t.generation {
+        c.lb
+    } else {
+        let slot = rs
+            .lb
+            .get(&crate::lb4::endpoint(
+                c.orig.proto,
+                c.orig.dst,
+                c.orig.dport,
+            ))
+            .and_then(|v| v.member(c.reply.src, c.reply.sport))
+            .map_or(crate::lb4::NO_MEMBER, |m| m.slot);
+        if let Some(conn) = st.ct.get_mut(id) {
+            conn.lb = slot;
+            conn.generation = t.generation;
+        }
+        slot
+    };
+    if slot != crate::lb4::NO_MEMBER {
+        st.lb.count(slot, false);
+    }
 }
 
 /// Tries SNAT ports for a connection: the original if free, then hash-picked ones.
@@ -474,6 +551,7 @@ pub fn post_route<T: Tracer>(
     orig: Key,
     cur: Key,
     out_switch: SwitchId,
+    lb: u32,
     p: &Parsed,
     buf: &mut [u8],
     tr: &mut T,
@@ -570,6 +648,12 @@ pub fn post_route<T: Tracer>(
     if rewritten && !rewrite(buf, p, &cur, &out) {
         ct.remove(id);
         return Err(DropReason::MalformedL4);
+    }
+    if lb != crate::lb4::NO_MEMBER {
+        if let Some(c) = ct.get_mut(id) {
+            c.lb = lb;
+        }
+        st.lb.count(lb, true);
     }
     tr.note("router_ct", || {
         format!(

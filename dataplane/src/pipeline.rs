@@ -875,7 +875,7 @@ fn route<T: Tracer>(
     };
     let resnat;
     let p = match pre {
-        crate::nat::PreRoute::New { orig, cur, .. } => {
+        crate::nat::PreRoute::New { orig, cur, lb, .. } => {
             match crate::nat::post_route(
                 t,
                 &mut learned.stateful,
@@ -883,6 +883,7 @@ fn route<T: Tracer>(
                 orig,
                 cur,
                 r.switch,
+                lb,
                 p,
                 buf.get_mut(..*len).unwrap_or(&mut []),
                 tr,

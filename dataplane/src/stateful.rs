@@ -43,6 +43,8 @@ pub struct StatefulTables {
     /// NAT and firewall per router (indexed like `Tables::routers`).
     pub routers: Vec<Option<RouterStateful>>,
     pub counters: RuleCounters,
+    /// Load-balancer member counters ([`crate::lb4`]).
+    pub lb: crate::lb4::Lb4Tables,
 }
 
 impl StatefulTables {
@@ -64,6 +66,8 @@ pub struct WorkerState {
     /// This worker's place among the workers: NAT picks only ports whose
     /// replies steer back here ([`crate::steer`]).
     pub shard: crate::steer::Shard,
+    /// Load-balancer member counts of this worker ([`crate::lb4`]).
+    pub lb: crate::lb4::LbCounters,
     start: Instant,
     /// A zone flush in progress: (zone, next slab slot).
     flushing: Option<(u32, usize)>,
@@ -78,6 +82,7 @@ impl WorkerState {
         WorkerState {
             ct: Conntrack::with_capacity(connections),
             shard: crate::steer::Shard::SOLE,
+            lb: crate::lb4::LbCounters::default(),
             start: Instant::now(),
             flushing: None,
         }

@@ -14,6 +14,10 @@
 //!   router's DNAT external side is replaced by its internal side before
 //!   hashing ([`steering_key`]): the outside's packets to `E:e` steer like
 //!   the inside's replies from `I:i`.
+//! - L4 load balancers ([`crate::lb4`]): a VIP or member endpoint (address,
+//!   port, protocol) is replaced by zero, so client → VIP and member →
+//!   client hash by the client's side alone and meet, whichever member the
+//!   Maglev table picked.
 //! - SNAT (and NAT64) replies come back to an address and port the worker
 //!   chose; the worker only chooses ports whose reply tuple steers to itself
 //!   ([`Shard::owns`], VPP NAT44-ED's trick), so the reply meets its session
@@ -70,8 +74,13 @@ impl Shard {
     }
 }
 
-/// `(addr, port)` seen from inside when it is a DNAT external side.
+/// `(addr, port)` seen from inside when it is a DNAT external side; a
+/// load-balancer VIP or member endpoint is left out (zero), so a client's
+/// packets to a VIP and the member's replies hash alike.
 fn inside(t: &Tables, proto: u8, addr: u128, port: u16) -> (u128, u16) {
+    if t.stateful.lb.is_endpoint(proto, addr, port) {
+        return (0, 0);
+    }
     for rs in t.stateful.routers.iter().flatten() {
         for d in &rs.dnat {
             if d.external != addr {

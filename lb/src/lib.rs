@@ -10,7 +10,8 @@ pub mod daemon;
 pub mod health;
 mod http;
 pub mod listener;
-pub mod maglev;
+/// Maglev lives in the data plane (its L4 LB builds the same tables); one copy.
+pub use keel_dataplane::maglev;
 pub mod model;
 pub mod plan;
 pub mod pool;

@@ -3,9 +3,10 @@
 //! generator → sink with no pipeline (the ceiling of the in-memory ports).
 //! The ratio is the share of the I/O ceiling the pipeline keeps.
 //!
-//! Stateful scenarios (security groups + conntrack, SNAT) are measured
-//! against the same frames with the feature off, so their ratio is the share
-//! of stateless forwarding speed they keep.
+//! Stateful scenarios (security groups + conntrack, SNAT, the L4 load
+//! balancer) are measured against the same frames with the feature off (for
+//! the LB: the same flows routed straight to its members), so their ratio is
+//! the share of stateless routed forwarding speed they keep.
 //!
 //! The flow cache (on in every scenario above, as in the daemon) is measured
 //! against the same pipeline with the cache off, in the same process.
@@ -281,12 +282,53 @@ fn stateful(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> 
             peer.mpps(),
         ),
     );
+    lb4(flows, per_round, out)?;
     out.push(Measurement::new(
         "conntrack memory per connection",
         "bytes",
         false,
         bytes_per_conn as f64,
     ));
+    Ok(())
+}
+
+/// L4 load balancing (Maglev pick + DNAT, conntrack affinity) against the
+/// same number of flows routed straight to the members, LB off: on
+/// established flows, then one pass in which every packet is a new
+/// connection.
+fn lb4(flows: u32, per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    let s = Stateful::Lb4 { members: 16, flows };
+    let peer_name = "same flows routed to the members, LB off";
+    let (mut keel, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        keel.push(run_stateful(s, true, per_round).map_err(io)?.0);
+        peer.push(run_stateful(s, false, per_round).map_err(io)?.0);
+    }
+    let (keel, peer) = (total(&keel), total(&peer));
+    out.push(
+        Measurement::new(
+            &format!("L4 LB (Maglev + DNAT), 16 members, {flows} established flows: throughput"),
+            "Mpps",
+            true,
+            keel.mpps(),
+        )
+        .with_peer(peer_name, peer.mpps()),
+    );
+    let (mut keel, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        keel.push(run_stateful(s, true, u64::from(flows)).map_err(io)?.0);
+        peer.push(run_stateful(s, false, u64::from(flows)).map_err(io)?.0);
+    }
+    let (keel, peer) = (total(&keel), total(&peer));
+    out.push(
+        Measurement::new(
+            "L4 LB new connections (Maglev pick + DNAT + conntrack entry)",
+            "M conn/s",
+            true,
+            keel.mpps(),
+        )
+        .with_peer("same first packets routed, LB off (Mpps)", peer.mpps()),
+    );
     Ok(())
 }
 
@@ -297,7 +339,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 21);
+        assert_eq!(ms.len(), 23);
         for m in ms
             .iter()
             .filter(|m| m.unit != "bytes" && m.unit != "frames")

@@ -132,6 +132,9 @@ pub struct Conn {
     pub ingress: bool,
     /// ICMP type and code of the original packet (rules match on them).
     pub icmp: (u8, u8),
+    /// Router zones: the load-balancer member counter slot
+    /// ([`crate::lb4::NO_MEMBER`] if none), valid for `generation`.
+    pub lb: u32,
     live: bool,
 }
 
@@ -183,6 +186,7 @@ const EMPTY: Conn = Conn {
     blocked: false,
     ingress: false,
     icmp: (0, 0),
+    lb: u32::MAX,
     live: false,
 };
 

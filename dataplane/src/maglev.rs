@@ -3,7 +3,8 @@
 //! Each backend walks its own permutation of the table (offset and skip
 //! derived from its *name*, not its position), so adding or removing one
 //! backend moves few entries between the others. Used by SOURCE_IP pools in
-//! the L7/L4 proxy and meant for the data-plane L4 LB.
+//! keel-lb's L7/L4 proxy (re-exported as `keel_lb::maglev`) and by the
+//! data plane's L4 load balancer ([`crate::lb4`]).
 //!
 //! Weights follow the usual credit extension: in each round a backend places
 //! an entry only once its accumulated weight reaches the largest weight.

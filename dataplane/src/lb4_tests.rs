@@ -1,0 +1,363 @@
+//! L4 load balancer: configuration errors and forwarding through the
+//! pipeline (selection, DNAT with checksums, affinity, un-DNAT of replies,
+//! counters, member removal).
+
+use std::net::Ipv4Addr;
+
+use crate::config::{compile, ConfigError};
+use crate::conntrack::tcp::{ACK, SYN};
+use crate::lb4::{Lb4Error, LbMemberSpec, LbProtocol, LoadBalancerSpec};
+use crate::model::{DesiredState, PortSpec};
+use crate::packet::build::ipv4;
+use crate::packet::checksum::{accumulate, finish, internet_checksum};
+use crate::packet::headers::Mac;
+use crate::pipeline::{process, Learned, NoTrace, RecordTrace, Verdict};
+use crate::tables::Tables;
+use crate::testutil::{interfaces, topology};
+
+const VM1: Mac = [2, 0, 0, 0, 0, 1];
+const GW_A: Mac = [2, 0, 0, 0, 0xff, 1];
+const GW_B: Mac = [2, 0, 0, 0, 0xff, 2];
+const VM3: Mac = [2, 0, 0, 0, 0, 3];
+const VM5: Mac = [2, 0, 0, 0, 0, 5];
+const VIP: &str = "10.0.1.100";
+
+fn member(ip: &str, weight: u16) -> LbMemberSpec {
+    LbMemberSpec {
+        ip: ip.into(),
+        port: 8080,
+        weight,
+    }
+}
+
+fn lb(protocol: LbProtocol, members: Vec<LbMemberSpec>) -> LoadBalancerSpec {
+    LoadBalancerSpec {
+        name: "web".into(),
+        router: "r".into(),
+        vip: VIP.into(),
+        protocol,
+        port: 80,
+        members,
+    }
+}
+
+/// The shared topology plus vm5 (10.0.2.11) next to vm3 on switch b, and a
+/// TCP load balancer 10.0.1.100:80 → vm3, vm5 port 8080.
+fn state(members: &[&str]) -> DesiredState {
+    let mut s = topology();
+    s.ports.push(PortSpec {
+        name: "vm5".into(),
+        switch: "b".into(),
+        interface: "p2".into(),
+        mac: Some("02:00:00:00:00:05".into()),
+        ips: vec!["10.0.2.11".into()],
+        port_security: true,
+    });
+    s.load_balancers = vec![lb(
+        LbProtocol::Tcp,
+        members.iter().map(|m| member(m, 1)).collect(),
+    )];
+    s
+}
+
+fn err(s: &DesiredState) -> Lb4Error {
+    match compile(s, &interfaces(), 1) {
+        Err(ConfigError::Lb4(e)) => e,
+        other => panic!("expected a load-balancer error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_load_balancers_are_rejected_precisely() {
+    let ok = state(&["10.0.2.10", "10.0.2.11"]);
+    assert!(compile(&ok, &interfaces(), 1).is_ok());
+
+    let mut s = ok.clone();
+    s.load_balancers[0].vip = "172.16.0.1".into();
+    assert!(matches!(err(&s), Lb4Error::VipOffRouter { .. }));
+    assert!(err(&s).to_string().contains("172.16.0.1"));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].vip = "10.0.1.10".into(); // vm1's address
+    assert!(matches!(err(&s), Lb4Error::VipInUse { .. }));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].vip = "fd00:1::100".into();
+    assert!(matches!(err(&s), Lb4Error::BadAddress { .. }));
+
+    let mut s = ok.clone();
+    let mut second = s.load_balancers[0].clone();
+    second.name = "web2".into();
+    s.load_balancers.push(second.clone());
+    let e = err(&s);
+    assert!(matches!(e, Lb4Error::DuplicateVip { port: 80, .. }), "{e}");
+    assert!(e.to_string().contains("\"web\""), "{e}");
+    // Same VIP and port over UDP is another service.
+    s.load_balancers[1].protocol = LbProtocol::Udp;
+    assert!(compile(&s, &interfaces(), 1).is_ok());
+    // Same name twice.
+    s.load_balancers[1].name = "web".into();
+    assert!(matches!(err(&s), Lb4Error::DuplicateName { .. }));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].members.clear();
+    assert!(matches!(err(&s), Lb4Error::NoMembers { .. }));
+    let mut s = ok.clone();
+    for m in &mut s.load_balancers[0].members {
+        m.weight = 0;
+    }
+    assert!(matches!(err(&s), Lb4Error::NoMembers { .. }));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].members.push(member("192.168.7.7", 1));
+    assert!(matches!(err(&s), Lb4Error::MemberOffRouter { .. }));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].members.push(member("10.0.2.10", 3));
+    assert!(matches!(err(&s), Lb4Error::DuplicateMember { .. }));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].port = 0;
+    assert!(matches!(
+        err(&s),
+        Lb4Error::PortOutOfRange { what: "VIP", .. }
+    ));
+    let mut s = ok.clone();
+    s.load_balancers[0].members[0].port = 0;
+    assert!(matches!(
+        err(&s),
+        Lb4Error::PortOutOfRange { what: "member", .. }
+    ));
+
+    let mut s = ok.clone();
+    s.load_balancers[0].router = "nope".into();
+    assert!(matches!(err(&s), Lb4Error::UnknownRouter { .. }));
+
+    // Ports above 65535 and unknown fields fail at parse time.
+    let json = r#"{"name":"x","router":"r","vip":"10.0.1.100","protocol":"tcp","port":70000,"members":[]}"#;
+    assert!(serde_json::from_str::<LoadBalancerSpec>(json).is_err());
+    let json =
+        r#"{"name":"x","router":"r","vip":"10.0.1.100","protocol":"sctp","port":7,"members":[]}"#;
+    assert!(serde_json::from_str::<LoadBalancerSpec>(json).is_err());
+    let json = r#"{"name":"x","router":"r","vip":"10.0.1.100","protocol":"tcp","port":7,"members":[{"ip":"10.0.2.10","port":1,"wieght":2}]}"#;
+    assert!(serde_json::from_str::<LoadBalancerSpec>(json).is_err());
+}
+
+#[test]
+fn the_vip_is_answered_by_the_gateway_mac() {
+    let t = compile(&state(&["10.0.2.10"]), &interfaces(), 1).unwrap();
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    assert_eq!(t.switches[0].arp.get(&u32::from(vip)), Some(&GW_A));
+}
+
+fn l4(
+    dst: Mac,
+    src: Mac,
+    sip: &str,
+    dip: &str,
+    proto: u8,
+    ports: (u16, u16),
+    flags: u8,
+) -> Vec<u8> {
+    let mut h = vec![0u8; if proto == 6 { 24 } else { 12 }];
+    h[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    h[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    let sip: Ipv4Addr = sip.parse().unwrap();
+    let dip: Ipv4Addr = dip.parse().unwrap();
+    let len = u16::try_from(h.len()).unwrap();
+    let sum_at = if proto == 6 {
+        h[12] = 0x50;
+        h[13] = flags;
+        h[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        h[20..24].copy_from_slice(b"ping");
+        16
+    } else {
+        h[4..6].copy_from_slice(&len.to_be_bytes());
+        h[8..12].copy_from_slice(b"ping");
+        6
+    };
+    let mut sum = accumulate(0, &sip.octets());
+    sum = accumulate(sum, &dip.octets());
+    sum = accumulate(sum, &[0, proto]);
+    sum = accumulate(sum, &len.to_be_bytes());
+    sum = accumulate(sum, &h);
+    h[sum_at..sum_at + 2].copy_from_slice(&finish(sum).to_be_bytes());
+    ipv4(dst, src, None, sip, dip, 64, proto, &h)
+}
+
+/// IPv4 header and L4 checksum (pseudo-header included) both verify.
+fn checksums_ok(f: &[u8]) -> bool {
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    let seg = &f[34..14 + total];
+    let mut sum = accumulate(0, &f[26..34]);
+    sum = accumulate(sum, &[0, f[23]]);
+    sum = accumulate(sum, &u16::try_from(seg.len()).unwrap().to_be_bytes());
+    sum = accumulate(sum, seg);
+    finish(sum) == 0 && internet_checksum(&f[14..34]) == 0
+}
+
+struct Rig {
+    t: Tables,
+    learned: Learned,
+}
+
+impl Rig {
+    fn new(s: &DesiredState) -> Rig {
+        let mut learned = Learned::new(64).with_connections(4096);
+        learned.sync(1);
+        Rig {
+            t: compile(s, &interfaces(), 1).unwrap(),
+            learned,
+        }
+    }
+
+    fn apply(&mut self, s: &DesiredState) {
+        self.fold();
+        let g = self.t.generation + 1;
+        self.t = compile(s, &interfaces(), g).unwrap();
+        self.learned.sync(g);
+    }
+
+    fn run(&mut self, in_port: u16, frame: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        let mut len = frame.len();
+        let d = process(
+            &self.t,
+            &mut self.learned,
+            in_port,
+            &mut buf,
+            &mut len,
+            &mut NoTrace,
+        );
+        buf.truncate(len);
+        (d.verdict, buf)
+    }
+
+    fn fold(&mut self) {
+        self.learned.stateful.lb.fold(&self.t.stateful.lb);
+    }
+
+    /// Client vm1:sport → VIP:80: the member address the router sent it to.
+    fn connect(&mut self, proto: u8, sport: u16, flags: u8) -> [u8; 4] {
+        let (v, out) = self.run(
+            0,
+            &l4(GW_A, VM1, "10.0.1.10", VIP, proto, (sport, 80), flags),
+        );
+        assert_eq!(v, Verdict::Unicast { port: 2 }, "sport {sport}");
+        assert_eq!(&out[26..30], &[10, 0, 1, 10], "the member sees the client");
+        assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8080);
+        assert!(checksums_ok(&out), "DNATed checksums");
+        let dst: [u8; 4] = out[30..34].try_into().unwrap();
+        let expect_mac = if dst == [10, 0, 2, 10] { VM3 } else { VM5 };
+        assert_eq!(&out[0..6], &expect_mac);
+        dst
+    }
+
+    /// The member's reply to vm1:sport; asserts it leaves as VIP:80.
+    fn reply(&mut self, proto: u8, member: [u8; 4], sport: u16) {
+        let ip = Ipv4Addr::from(member).to_string();
+        let mac = if member == [10, 0, 2, 10] { VM3 } else { VM5 };
+        let (v, back) = self.run(
+            2,
+            &l4(GW_B, mac, &ip, "10.0.1.10", proto, (8080, sport), SYN | ACK),
+        );
+        assert_eq!(v, Verdict::Unicast { port: 0 });
+        assert_eq!(&back[26..30], &[10, 0, 1, 100], "un-DNATed to the VIP");
+        assert_eq!(u16::from_be_bytes([back[34], back[35]]), 80);
+        assert!(checksums_ok(&back), "un-DNATed checksums");
+    }
+}
+
+#[test]
+fn connections_spread_stick_and_survive_member_removal() {
+    let both = state(&["10.0.2.10", "10.0.2.11"]);
+    let mut r = Rig::new(&both);
+    let mut first = Vec::new();
+    for sport in 40000..40200u16 {
+        let m = r.connect(6, sport, SYN);
+        r.reply(6, m, sport);
+        // Later packets of the flow keep their member.
+        assert_eq!(r.connect(6, sport, ACK), m);
+        first.push((sport, m));
+    }
+    let on_vm3 = first.iter().filter(|(_, m)| *m == [10, 0, 2, 10]).count();
+    assert!((60..140).contains(&on_vm3), "{on_vm3} of 200 on vm3");
+    r.fold();
+    let stats = r.t.stateful.lb.stats();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats.iter().map(|s| s.flows).sum::<u64>(), 200);
+    assert_eq!(stats[0].flows, on_vm3 as u64);
+    assert_eq!(stats.iter().map(|s| s.packets).sum::<u64>(), 600);
+
+    // vm5 leaves the member set: established flows keep their member (vm5's
+    // included, they drain); new flows only go to vm3, and clients vm3 had
+    // would have stayed on vm3 anyway.
+    r.apply(&state(&["10.0.2.10"]));
+    for (sport, m) in &first {
+        assert_eq!(r.connect(6, *sport, ACK), *m);
+        r.reply(6, *m, *sport);
+    }
+    for sport in 50000..50100u16 {
+        assert_eq!(r.connect(6, sport, SYN), [10, 0, 2, 10]);
+    }
+    r.fold();
+    let stats = r.t.stateful.lb.stats();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].flows, 100);
+    // Packets of the old vm3 flows were found again under the new tables.
+    assert_eq!(stats[0].packets, 100 + 2 * on_vm3 as u64);
+}
+
+#[test]
+fn udp_request_and_response_pass_through_the_vip() {
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    s.load_balancers[0].protocol = LbProtocol::Udp;
+    let mut r = Rig::new(&s);
+    let mut seen = [false; 2];
+    for sport in 30000..30050u16 {
+        let m = r.connect(17, sport, 0);
+        r.reply(17, m, sport);
+        assert_eq!(r.connect(17, sport, 0), m);
+        seen[usize::from(m == [10, 0, 2, 11])] = true;
+    }
+    assert_eq!(seen, [true, true]);
+    // TCP to the UDP VIP is not balanced: it stops at the router.
+    let (v, _) = r.run(0, &l4(GW_A, VM1, "10.0.1.10", VIP, 6, (1234, 80), SYN));
+    assert_eq!(
+        v,
+        Verdict::Drop(crate::counters::DropReason::RouterLocalUnsupported)
+    );
+    // The router answers pings to the VIP.
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    let echo = ipv4(
+        GW_A,
+        VM1,
+        None,
+        "10.0.1.10".parse().unwrap(),
+        vip,
+        64,
+        1,
+        &[8, 0, 0xf7, 0xfe, 0, 1, 0, 0],
+    );
+    let (v, back) = r.run(0, &echo);
+    assert_eq!(v, Verdict::Reply);
+    assert_eq!(&back[26..30], &vip.octets());
+    assert_eq!(back[34], 0, "echo reply");
+}
+
+#[test]
+fn trace_shows_the_lb_stage() {
+    let r = Rig::new(&state(&["10.0.2.10", "10.0.2.11"]));
+    let mut learned = Learned::new(64);
+    learned.sync(1);
+    let f = l4(GW_A, VM1, "10.0.1.10", VIP, 6, (40000, 80), SYN);
+    let mut buf = vec![0u8; 2048];
+    buf[..f.len()].copy_from_slice(&f);
+    let mut len = f.len();
+    let mut tr = RecordTrace::default();
+    process(&r.t, &mut learned, 0, &mut buf, &mut len, &mut tr);
+    let lb = tr.steps.iter().find(|s| s.stage == "lb").expect("lb stage");
+    assert!(lb.decision.contains("\"web\""), "{}", lb.decision);
+    assert!(lb.decision.contains("10.0.1.100:80"), "{}", lb.decision);
+}
