@@ -268,13 +268,14 @@ fn balance_tcp(lab: &Lab) {
     // Long-lived connections, then m1 is drained (weight 0) and removed,
     // each applied in place: open connections keep their member (m1's while
     // it drains), new ones avoid m1 from the drain on.
-    let mut open: Vec<(BufReader<TcpStream>, String)> = (0..24)
-        .map(|_| {
-            let (c, line) = connect(lab);
-            let member = line.split(' ').next().unwrap().to_string();
-            (c, member)
-        })
-        .collect();
+    // At least 24, and until one is on m1 (the hash may cluster a few
+    // consecutive client ports; bounded so a broken spread still fails).
+    let mut open: Vec<(BufReader<TcpStream>, String)> = Vec::new();
+    while open.len() < 24 || (open.len() < 200 && !open.iter().any(|(_, m)| m == "m1")) {
+        let (c, line) = connect(lab);
+        let member = line.split(' ').next().unwrap().to_string();
+        open.push((c, member));
+    }
     assert!(open.iter().any(|(_, m)| m == "m1"), "some open flow on m1");
     let new_connections = |lab: &Lab| {
         let m1_before = at(1);

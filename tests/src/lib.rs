@@ -23,7 +23,7 @@ pub mod postgres;
 pub use cmd::{run, CmdOutput};
 pub use guest::{guest_disk_image, Accel, Guest, GuestConfig};
 pub use keel::{keel_bin, KeelProcess};
-pub use netns::{root_veth, veth_pair, NetnsHost};
+pub use netns::{root_veth, serve_greeting, veth_pair, NetnsHost};
 pub use postgres::PostgresServer;
 
 use std::path::PathBuf;

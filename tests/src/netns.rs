@@ -195,6 +195,27 @@ pub fn root_veth(host: &NetnsHost, host_if: &str) -> Result<String> {
     Ok(root_if)
 }
 
+/// Runs a TCP server on `port` in `host` that greets every client with
+/// `greeting` and a newline, closes, and appends the client's address to
+/// the file `peers` (what the server saw: tests of NAT read it).
+pub fn serve_greeting(
+    host: &NetnsHost,
+    port: u16,
+    greeting: &str,
+    peers: &std::path::Path,
+) -> Result<u32> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         while True:\n    c, a = s.accept()\n    \
+         open({peers:?}, 'a').write(a[0] + '\\n')\n    \
+         c.sendall({greeting:?}.encode() + b'\\n'); c.close()\n",
+        peers = peers.display().to_string(),
+    );
+    host.spawn(&["python3", "-c", &script])
+}
+
 /// Kills what still runs in a namespace, then deletes it (which removes its
 /// interfaces, and the peers of its veths).
 fn remove_namespace(name: &str) {

@@ -37,6 +37,27 @@ const STATE: &str = r#"{
   ]}]
 }"#;
 
+/// Starts `keel dataplane` with `config` and the control `socket` plus
+/// `ports` arguments; returns once it answers on the socket.
+fn start(config: &Path, socket: &Path, ports: &[String]) -> DataPlane {
+    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("dataplane")
+        .args(ports)
+        .arg("--config")
+        .arg(config)
+        .arg("--socket")
+        .arg(socket)
+        .spawn()
+        .unwrap();
+    let dp = DataPlane(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(request(socket, &Request::Get), Ok(Response::State { .. })) {
+        assert!(Instant::now() < deadline, "keel dataplane did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dp
+}
+
 fn boot(name: &str, sock: &Path, mac: &str) -> Guest {
     Guest::boot(GuestConfig::new(name).memory_mib(256).qemu_args([
         "-chardev".to_string(),
@@ -73,24 +94,16 @@ fn keel_dataplane_serves_vm_nics_over_vhost_user() {
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let (config, socket) = (dir.path().join("state.json"), dir.path().join("dp.sock"));
     std::fs::write(&config, STATE).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("dataplane")
-        .arg("--vhost-user-net")
-        .arg(format!("vm-a={}", sa.display()))
-        .arg("--vhost-user-net")
-        .arg(format!("vm-b={}", sb.display()))
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .spawn()
-        .unwrap();
-    let _dp = DataPlane(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(request(&socket, &Request::Get), Ok(Response::State { .. })) {
-        assert!(Instant::now() < deadline, "keel dataplane did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _dp = start(
+        &config,
+        &socket,
+        &[
+            "--vhost-user-net".into(),
+            format!("vm-a={}", sa.display()),
+            "--vhost-user-net".into(),
+            format!("vm-b={}", sb.display()),
+        ],
+    );
 
     let mut a = boot("cli-vnet-a", &sa, "52:54:00:00:01:10");
     let mut b = boot("cli-vnet-b", &sb, "52:54:00:00:02:10");
@@ -141,49 +154,27 @@ const UPLINK_STATE: &str = r#"{
 /// floating IP applied in place the guest answers pings at it from outside.
 #[test]
 fn vm_nic_reaches_the_outside_through_an_uplink() {
-    use keel_testkit::{root_veth, NetnsHost};
+    use keel_testkit::{root_veth, serve_greeting, NetnsHost};
     let dir = tempfile::tempdir().unwrap();
     let outside = NetnsHost::new("dpout").unwrap();
     let uplink = root_veth(&outside, "eth0").unwrap();
     outside.add_addr("eth0", "198.18.0.1/24").unwrap();
     let peers = dir.path().join("peers");
-    outside
-        .spawn(&[
-            "python3",
-            "-c",
-            &format!(
-                "import socket\n\
-                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                 s.bind(('0.0.0.0', 7000)); s.listen()\n\
-                 while True:\n    c, a = s.accept()\n    \
-                 open('{}', 'a').write(a[0] + '\\n')\n    \
-                 c.sendall(b'HELLO-FROM-OUTSIDE\\n'); c.close()\n",
-                peers.display()
-            ),
-        ])
-        .unwrap();
+    serve_greeting(&outside, 7000, "HELLO-FROM-OUTSIDE", &peers).unwrap();
     let sa = dir.path().join("a.sock");
     let (config, socket) = (dir.path().join("state.json"), dir.path().join("dp.sock"));
     let state = UPLINK_STATE.replace("UPLINK", &uplink);
     std::fs::write(&config, &state).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .arg("dataplane")
-        .arg("--interface")
-        .arg(&uplink)
-        .arg("--vhost-user-net")
-        .arg(format!("vm-a={}", sa.display()))
-        .arg("--config")
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .spawn()
-        .unwrap();
-    let _dp = DataPlane(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(request(&socket, &Request::Get), Ok(Response::State { .. })) {
-        assert!(Instant::now() < deadline, "keel dataplane did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _dp = start(
+        &config,
+        &socket,
+        &[
+            "--interface".into(),
+            uplink.clone(),
+            "--vhost-user-net".into(),
+            format!("vm-a={}", sa.display()),
+        ],
+    );
     let mut a = boot("cli-vnet-up", &sa, "52:54:00:00:01:10");
     let lease = dhcp(&mut a);
     assert!(lease.contains("router=10.0.1.1"), "{lease}");

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keel_testkit::{guest_disk_image, root_veth, Accel, KeelProcess, NetnsHost};
+use keel_testkit::{guest_disk_image, root_veth, serve_greeting, Accel, KeelProcess, NetnsHost};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -713,21 +713,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     outside.add_addr("eth0", "198.18.0.1/24").unwrap();
     let peers_file = work.path().join("outside-peers");
     // A TCP server outside that greets and writes down who connected.
-    outside
-        .spawn(&[
-            "python3",
-            "-c",
-            &format!(
-                "import socket\n\
-                 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-                 s.bind(('0.0.0.0', 7000)); s.listen()\n\
-                 while True:\n    c, a = s.accept()\n    \
-                 open('{}', 'a').write(a[0] + '\\n')\n    \
-                 c.sendall(b'HELLO-FROM-OUTSIDE\\n'); c.close()\n",
-                peers_file.display()
-            ),
-        ])
-        .unwrap();
+    serve_greeting(&outside, 7000, "HELLO-FROM-OUTSIDE", &peers_file).unwrap();
     let mut keel = KeelProcess::up_with(
         &state,
         &[

@@ -81,6 +81,32 @@ pub fn check_description(description: &str) -> Result<(), ApiError> {
 
 /// Validates a resource name: 1..=63 chars of `[A-Za-z0-9._-]`, starting
 /// with a letter or digit.
+/// A rule's `port_range_min`/`port_range_max` (`field` names them in
+/// refusals): both or neither, 1..=max, and only where ports apply.
+pub fn check_port_range(
+    field: impl Fn(&str) -> String,
+    ports_apply: bool,
+    min: Option<u16>,
+    max: Option<u16>,
+) -> Result<(), ApiError> {
+    match (min, max) {
+        (None, None) => Ok(()),
+        (Some(_), Some(_)) if !ports_apply => Err(ApiError::invalid(
+            field("port_range_min"),
+            "ports only apply to tcp and udp",
+        )),
+        (Some(lo), Some(hi)) if lo == 0 || lo > hi => Err(ApiError::invalid(
+            field("port_range_min"),
+            "must be 1..=port_range_max",
+        )),
+        (Some(_), Some(_)) => Ok(()),
+        _ => Err(ApiError::invalid(
+            field("port_range_max"),
+            "give both port_range_min and port_range_max, or neither",
+        )),
+    }
+}
+
 pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     let ok_len = (1..=63).contains(&name.len());
     let ok_first = name

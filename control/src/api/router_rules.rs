@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::extract::check_port_range;
 use super::problem::ApiError;
 
 /// Rules or policies one router holds at most (a host's data plane holds
@@ -121,28 +122,12 @@ pub fn check_firewall(rules: &[FirewallRule]) -> Result<(), ApiError> {
         let field = |f: &str| format!("firewall_rules[{i}].{f}");
         ipv4_cidr(field("src_cidr"), &rule.src_cidr)?;
         ipv4_cidr(field("dst_cidr"), &rule.dst_cidr)?;
-        match (rule.port_range_min, rule.port_range_max) {
-            (None, None) => {}
-            (Some(_), Some(_)) if rule.protocol == FirewallProtocol::Any => {
-                return Err(ApiError::invalid(
-                    field("port_range_min"),
-                    "ports only apply to tcp and udp",
-                ))
-            }
-            (Some(lo), Some(hi)) if lo == 0 || lo > hi => {
-                return Err(ApiError::invalid(
-                    field("port_range_min"),
-                    "must be 1..=port_range_max",
-                ))
-            }
-            (Some(_), Some(_)) => {}
-            _ => {
-                return Err(ApiError::invalid(
-                    field("port_range_max"),
-                    "give both port_range_min and port_range_max, or neither",
-                ))
-            }
-        }
+        check_port_range(
+            field,
+            rule.protocol != FirewallProtocol::Any,
+            rule.port_range_min,
+            rule.port_range_max,
+        )?;
         if rules[..i].contains(rule) {
             return Err(ApiError::invalid(
                 format!("firewall_rules[{i}]"),

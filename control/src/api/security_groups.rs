@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::extract::{check_description, check_name, ValidJson, ValidQuery};
+use super::extract::{check_description, check_name, check_port_range, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::not_realized;
 use super::problem::{ApiError, Problem};
@@ -143,28 +143,7 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
     for (i, rule) in rules.iter().enumerate() {
         let field = |f: &str| format!("rules[{i}].{f}");
         let ports = matches!(rule.protocol, Protocol::Tcp | Protocol::Udp);
-        match (rule.port_range_min, rule.port_range_max) {
-            (None, None) => {}
-            (Some(_), Some(_)) if !ports => {
-                return Err(ApiError::invalid(
-                    field("port_range_min"),
-                    "ports only apply to tcp and udp",
-                ))
-            }
-            (Some(lo), Some(hi)) if lo == 0 || lo > hi => {
-                return Err(ApiError::invalid(
-                    field("port_range_min"),
-                    "must be 1..=port_range_max",
-                ))
-            }
-            (Some(_), Some(_)) => {}
-            _ => {
-                return Err(ApiError::invalid(
-                    field("port_range_max"),
-                    "give both port_range_min and port_range_max, or neither",
-                ))
-            }
-        }
+        check_port_range(field, ports, rule.port_range_min, rule.port_range_max)?;
         if rule.protocol != Protocol::Icmp && (rule.icmp_type.is_some() || rule.icmp_code.is_some())
         {
             return Err(ApiError::invalid(
