@@ -263,21 +263,31 @@ fn login(keel: &KeelProcess, state: &Path) -> Api {
     }
 }
 
-/// A hang guard, not a speed check: it only ends a test whose awaited
-/// state never comes (the agent's loop is dead), instead of blocking CI.
-const HANG_GUARD: Duration = Duration::from_secs(600);
+/// A hang guard counted in polls, not a speed check: it only ends a test
+/// whose awaited state never comes (the agent's loop is dead), instead of
+/// blocking CI.
+const HANG_GUARD_POLLS: usize = 2400;
 
-/// Calls `probe` until it yields a value; fails with `what` and the last
-/// probe's note only if that never happens before the hang guard.
+/// Calls `probe` (every 250 ms) until it yields a value; fails with `what`
+/// and the last probe's note only if that never happens within the guard.
 fn eventually<T>(what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
+    let mut last = String::new();
+    for _ in 0..HANG_GUARD_POLLS {
         match probe() {
             Ok(v) => return v,
-            Err(last) if start.elapsed() > HANG_GUARD => panic!("{what} never happened: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            Err(note) => last = note,
         }
+        std::thread::sleep(Duration::from_millis(250));
     }
+    panic!("{what} never happened: {last}")
+}
+
+/// The desired state the agent last gave the data plane (`Null` before).
+fn applied(state: &Path) -> Value {
+    std::fs::read_to_string(state.join("run").join("dataplane.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
 }
 
 /// Polls `path` until `done` holds for it; returns it.
@@ -1358,25 +1368,15 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
             &format!("/api/v1/security-groups/{sg_id}"),
             json!({ "rules": rules }),
         );
-        let start = Instant::now();
-        loop {
-            let applied: Value = serde_json::from_str(
-                &std::fs::read_to_string(state.join("run").join("dataplane.json"))
-                    .unwrap_or_default(),
-            )
-            .unwrap_or(Value::Null);
-            let n = applied["security_groups"][0]["rules"]
+        let want = rules.as_array().unwrap().len() * 2;
+        eventually("the rules reach the data plane", || {
+            let n = applied(&state)["security_groups"][0]["rules"]
                 .as_array()
                 .map_or(usize::MAX, Vec::len);
-            if n == rules.as_array().unwrap().len() * 2 {
-                break;
-            }
-            assert!(
-                start.elapsed() < TASK_TIMEOUT,
-                "rules never reached the data plane"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            (n == want)
+                .then_some(())
+                .ok_or_else(|| format!("{n} rules"))
+        });
     };
     set_rules(json!([]));
     assert!(
@@ -1438,13 +1438,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         json!({ "qos_policy_id": policy["id"] }),
     );
     eventually("the port's QoS reaches the data plane", || {
-        let applied =
-            std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
-        if applied.contains("\"dscp\": 46") {
-            Ok(())
-        } else {
-            Err(applied)
-        }
+        let qos = applied(&state)["qos"].clone();
+        (qos[0]["dscp"] == 46)
+            .then_some(())
+            .ok_or_else(|| qos.to_string())
     });
     let marked = work.path().join("marked.pcap");
     outside
@@ -1499,13 +1496,13 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         json!({ "port_id": null }),
     );
     eventually("the floating IP's translation is gone", || {
-        let applied =
-            std::fs::read_to_string(state.join("run").join("dataplane.json")).unwrap_or_default();
-        if applied.contains(fip_ip.as_str()) {
-            Err(format!("still in {applied}"))
-        } else {
-            Ok(())
-        }
+        let nat = applied(&state)["nat"].clone();
+        let kept = nat
+            .as_array()
+            .is_some_and(|n| n.iter().any(|r| r["external_ip"] == fip_ip.as_str()));
+        (!kept)
+            .then_some(())
+            .ok_or_else(|| format!("still in {nat}"))
     });
     let out = ping_from_outside();
     assert!(out.stdout.contains(" 0 received"), "disassociated: {out:?}");
@@ -1563,12 +1560,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         let n = rules.as_array().unwrap().len();
         api.patch(&router_path, json!({ "firewall_rules": rules }));
         eventually("the firewall reaches the data plane", || {
-            let applied: Value = serde_json::from_str(
-                &std::fs::read_to_string(state.join("run").join("dataplane.json"))
-                    .unwrap_or_default(),
-            )
-            .unwrap_or(Value::Null);
-            let have = applied["firewall"].as_array().map_or(0, Vec::len);
+            let have = applied(&state)["firewall"].as_array().map_or(0, Vec::len);
             (have == n)
                 .then_some(())
                 .ok_or_else(|| format!("{have} rules"))
