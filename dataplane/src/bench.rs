@@ -277,6 +277,7 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
                     vip: LB_VIP.to_string(),
                     protocol: crate::lb4::LbProtocol::Udp,
                     port: 53,
+                    hash: crate::lb4::LbHash::default(),
                     members: far
                         .into_iter()
                         .map(|ip| crate::lb4::LbMemberSpec {

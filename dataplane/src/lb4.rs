@@ -90,7 +90,22 @@ pub struct LoadBalancerSpec {
     pub protocol: LbProtocol,
     /// 1..=65535.
     pub port: u16,
+    /// What a new connection's member is chosen by.
+    #[serde(default)]
+    pub hash: LbHash,
     pub members: Vec<LbMemberSpec>,
+}
+
+/// The key of the Maglev lookup for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbHash {
+    /// Client address, port and protocol: each connection on its own.
+    #[default]
+    SourceIpPort,
+    /// Client address only: all of a client's connections on one member
+    /// (source-IP persistence).
+    SourceIp,
 }
 
 /// A member of a load balancer.
@@ -175,6 +190,7 @@ pub struct Vip {
     pub members: Vec<Member>,
     /// Hash → index in `members`.
     pub maglev: Maglev,
+    pub hash: LbHash,
 }
 
 impl Vip {
@@ -182,7 +198,11 @@ impl Vip {
     // hot path (new connections): a mix and one table read.
     #[inline]
     pub fn pick(&self, k: &Key) -> Option<&Member> {
-        self.members.get(self.maglev.lookup(flow_hash(k))?)
+        let hash = match self.hash {
+            LbHash::SourceIpPort => flow_hash(k),
+            LbHash::SourceIp => client_hash(k),
+        };
+        self.members.get(self.maglev.lookup(hash)?)
     }
 
     /// The member at `addr:port` (after an apply: a connection's member).
@@ -199,6 +219,12 @@ impl Vip {
 pub fn flow_hash(k: &Key) -> u64 {
     let client = u64::try_from(k.src & 0xffff_ffff).unwrap_or(0);
     maglev::mix((client << 24) | (u64::from(k.sport) << 8) | u64::from(k.proto))
+}
+
+/// The Maglev hash of a connection's client address alone.
+#[inline]
+pub fn client_hash(k: &Key) -> u64 {
+    maglev::mix(u64::try_from(k.src & 0xffff_ffff).unwrap_or(0) << 24)
 }
 
 /// Key of an IPv4 `(protocol, address, port)` endpoint in the lookup maps.
@@ -478,6 +504,7 @@ pub fn compile(
                 name,
                 members,
                 maglev,
+                hash: s.hash,
             },
         );
     }

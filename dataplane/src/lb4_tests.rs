@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use crate::config::{compile, ConfigError};
 use crate::conntrack::tcp::{ACK, SYN};
-use crate::lb4::{Lb4Error, LbMemberSpec, LbProtocol, LoadBalancerSpec};
+use crate::lb4::{Lb4Error, LbHash, LbMemberSpec, LbProtocol, LoadBalancerSpec};
 use crate::model::{DesiredState, PortSpec};
 use crate::packet::build::ipv4;
 use crate::packet::checksum::{accumulate, finish, internet_checksum};
@@ -37,6 +37,7 @@ fn lb(protocol: LbProtocol, members: Vec<LbMemberSpec>) -> LoadBalancerSpec {
         vip: VIP.into(),
         protocol,
         port: 80,
+        hash: LbHash::default(),
         members,
     }
 }
@@ -266,6 +267,17 @@ impl Rig {
         assert_eq!(&back[26..30], &[10, 0, 1, 100], "un-DNATed to the VIP");
         assert_eq!(u16::from_be_bytes([back[34], back[35]]), 80);
         assert!(checksums_ok(&back), "un-DNATed checksums");
+    }
+}
+
+#[test]
+fn source_ip_hashing_keeps_a_clients_connections_together() {
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    s.load_balancers[0].hash = LbHash::SourceIp;
+    let mut r = Rig::new(&s);
+    let first = r.connect(6, 40000, SYN);
+    for sport in 40001..40100u16 {
+        assert_eq!(r.connect(6, sport, SYN), first, "sport {sport}");
     }
 }
 

@@ -113,6 +113,11 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Flow hash of a client address and port (SOURCE_IP_PORT algorithm).
+pub fn hash_socket(client: std::net::SocketAddr) -> u64 {
+    hash_ip(client.ip()) ^ mix(u64::from(client.port()))
+}
+
 /// Flow hash of a client address (SOURCE_IP algorithm and persistence).
 pub fn hash_ip(ip: std::net::IpAddr) -> u64 {
     match ip {

@@ -56,6 +56,7 @@ fn state(members: &[(usize, u16)]) -> DesiredState {
         vip: VIP.into(),
         protocol,
         port,
+        hash: Default::default(),
         members: members
             .iter()
             .map(|&(i, weight)| LbMemberSpec {

@@ -251,7 +251,7 @@ async fn forward(
     route: &Route,
     pool: &Arc<Pool>,
 ) -> (Response<Body>, Option<Arc<Member>>) {
-    let Some(member) = pool.pick(conn.peer.ip()) else {
+    let Some(member) = pool.pick(conn.peer) else {
         Counters::add(&pool.counters.request_errors, 1);
         return (simple(StatusCode::SERVICE_UNAVAILABLE), None);
     };
@@ -323,7 +323,7 @@ async fn forward(
     if let (Err(Some(e)), Some((method, uri, headers))) = (&result, retry) {
         if e.is_connect() {
             if let Some(other) = pool
-                .pick(conn.peer.ip())
+                .pick(conn.peer)
                 .filter(|m| !Arc::ptr_eq(m, &member))
             {
                 Counters::add(&member.counters.request_errors, 1);

@@ -8,6 +8,7 @@
 pub mod cores;
 pub mod daemon;
 pub mod health;
+pub mod l4;
 mod http;
 pub mod listener;
 /// Maglev lives in the data plane (its L4 LB builds the same tables); one copy.

@@ -125,6 +125,10 @@ pub enum LbAlgorithm {
     RoundRobin,
     LeastConnections,
     SourceIp,
+    /// Consistent hash of client address and port: a connection keeps its
+    /// member, a client's connections spread (Octavia's OVN algorithm; the
+    /// one the data plane's L4 balancer runs).
+    SourceIpPort,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

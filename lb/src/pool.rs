@@ -202,7 +202,9 @@ impl Pool {
         let weights: Vec<u16> = eligible.iter().map(|m| m.weight.load(Relaxed)).collect();
         let slots = smooth_weighted_order(&weights);
         let maglev =
-            (plan.algorithm == LbAlgorithm::SourceIp || plan.sticky_source_ip).then(|| {
+            (matches!(plan.algorithm, LbAlgorithm::SourceIp | LbAlgorithm::SourceIpPort)
+                || plan.sticky_source_ip)
+                .then(|| {
                 let named: Vec<(&str, u16)> = eligible
                     .iter()
                     .zip(&weights)
@@ -218,15 +220,22 @@ impl Pool {
     }
 
     /// Picks the member for a new request or connection from `client`.
-    pub fn pick(&self, client: IpAddr) -> Option<Arc<Member>> {
+    pub fn pick(&self, client: SocketAddr) -> Option<Arc<Member>> {
         let sel = self.selection.load();
         if sel.members.is_empty() {
             return None;
         }
-        let algorithm = self.plan.load().algorithm;
+        let plan = self.plan.load();
+        let algorithm = plan.algorithm;
         if let Some(table) = &sel.maglev {
+            // Persistence by source address overrides the per-connection hash.
+            let hash = if algorithm == LbAlgorithm::SourceIpPort && !plan.sticky_source_ip {
+                maglev::hash_socket(client)
+            } else {
+                maglev::hash_ip(client.ip())
+            };
             return table
-                .lookup(maglev::hash_ip(client))
+                .lookup(hash)
                 .and_then(|i| sel.members.get(i).cloned());
         }
         let turn = self.rr.fetch_add(1, Relaxed);
@@ -355,7 +364,7 @@ mod tests {
     fn tally(pool: &Pool, n: usize, client: impl Fn(usize) -> IpAddr) -> Vec<usize> {
         let mut c = vec![0; pool.members().len()];
         for i in 0..n {
-            let m = pool.pick(client(i)).unwrap();
+            let m = pool.pick(SocketAddr::new(client(i), 40000)).unwrap();
             let idx: usize = m.id[1..].parse().unwrap();
             c[idx] += 1;
         }
@@ -394,14 +403,32 @@ mod tests {
     }
 
     #[test]
+    fn source_ip_port_keeps_a_connection_and_spreads_one_clients_ports() {
+        let pool = Pool::new(&plan(LbAlgorithm::SourceIpPort, &[1, 1]));
+        let client = |port: u16| SocketAddr::from(([10, 0, 0, 1], port));
+        let pick = |port| pool.pick(client(port)).unwrap().id.clone();
+        let first: Vec<String> = (1000..3000).map(pick).collect();
+        let again: Vec<String> = (1000..3000).map(pick).collect();
+        assert_eq!(first, again);
+        let on_m0 = first.iter().filter(|m| *m == "m0").count();
+        assert!((800..1200).contains(&on_m0), "{on_m0} of 2000 ports on m0");
+        // Persistence by source address wins over the per-port hash.
+        let mut sticky = plan(LbAlgorithm::SourceIpPort, &[1, 1]);
+        sticky.sticky_source_ip = true;
+        let pool = Pool::new(&sticky);
+        let one = pool.pick(client(1000)).unwrap().id.clone();
+        assert!((1000..1200).all(|p| pool.pick(client(p)).unwrap().id == one));
+    }
+
+    #[test]
     fn source_ip_is_sticky_and_spreads_clients() {
         let pool = Pool::new(&plan(LbAlgorithm::SourceIp, &[1, 1, 1]));
         let client = |i: usize| IpAddr::from(u32::try_from(0x0a00_0000 + i).unwrap().to_be_bytes());
         let first: Vec<String> = (0..3000)
-            .map(|i| pool.pick(client(i)).unwrap().id.clone())
+            .map(|i| pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone())
             .collect();
         let again: Vec<String> = (0..3000)
-            .map(|i| pool.pick(client(i)).unwrap().id.clone())
+            .map(|i| pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone())
             .collect();
         assert_eq!(first, again);
         for c in tally(&pool, 3000, client) {
@@ -411,7 +438,7 @@ mod tests {
         let m2 = pool.members()[2].clone();
         pool.set_health(&m2, Health::Down);
         for (i, before) in first.iter().enumerate() {
-            let now = pool.pick(client(i)).unwrap().id.clone();
+            let now = pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone();
             if before != "m2" {
                 assert_eq!(&now, before);
             } else {

@@ -24,7 +24,7 @@ pub async fn serve(
         Counters::add(&listener.request_errors, 1);
         return;
     };
-    let Some(member) = pool.pick(peer.ip()) else {
+    let Some(member) = pool.pick(peer) else {
         Counters::add(&listener.request_errors, 1);
         Counters::add(&pool.counters.request_errors, 1);
         return;
