@@ -8,7 +8,7 @@
 //! weight 0 or whose monitor says ERROR is not in the selection, so no new
 //! request or connection can go to it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -337,6 +337,7 @@ fn smooth_weighted_order(weights: &[u16]) -> Vec<u32> {
 mod tests {
     use super::*;
     use crate::model::PoolProtocol;
+    use std::net::IpAddr;
 
     fn plan(algorithm: LbAlgorithm, weights: &[u16]) -> PoolPlan {
         PoolPlan {
