@@ -322,10 +322,7 @@ async fn forward(
     let mut result = exchange(route, &member, parts, body).await;
     if let (Err(Some(e)), Some((method, uri, headers))) = (&result, retry) {
         if e.is_connect() {
-            if let Some(other) = pool
-                .pick(conn.peer)
-                .filter(|m| !Arc::ptr_eq(m, &member))
-            {
+            if let Some(other) = pool.pick(conn.peer).filter(|m| !Arc::ptr_eq(m, &member)) {
                 Counters::add(&member.counters.request_errors, 1);
                 tracing::debug!(member = %member.addr, retry = %other.addr, "connect failed, retrying");
                 Counters::add(&other.counters.requests, 1);

@@ -138,7 +138,10 @@ fn check_pool(pool: &Pool) -> Result<L4Pool<'_>, ValidationError> {
 fn check_listener(l: &Listener) -> Result<LbProtocol, ValidationError> {
     let at = format!("listener {:?}", l.id);
     let Some(protocol) = transport(l.protocol) else {
-        return Err(unsupported(&at, format!("a {:?} listener {L7}", l.protocol)));
+        return Err(unsupported(
+            &at,
+            format!("a {:?} listener {L7}", l.protocol),
+        ));
     };
     if l.protocol_port == 0 {
         return Err(range(at, "protocol_port", 0, "1-65535"));
@@ -153,7 +156,10 @@ fn check_listener(l: &Listener) -> Result<LbProtocol, ValidationError> {
     for (field, set) in [
         ("insert_headers", !l.insert_headers.is_empty()),
         ("l7policies", !l.l7policies.is_empty()),
-        ("default_tls_certificate", l.default_tls_certificate.is_some()),
+        (
+            "default_tls_certificate",
+            l.default_tls_certificate.is_some(),
+        ),
     ] {
         if set {
             return Err(ValidationError::NotAllowed {
@@ -302,15 +308,27 @@ mod tests {
     #[test]
     fn what_the_data_plane_cannot_do_is_refused_with_the_reason() {
         let cases: [(&str, serde_json::Value, &str); 8] = [
-            ("/listeners/0/protocol", "HTTP".into(), "HTTP needs a host VIP"),
-            ("/pools/1/lb_algorithm", "ROUND_ROBIN".into(), "SOURCE_IP_PORT or SOURCE_IP"),
+            (
+                "/listeners/0/protocol",
+                "HTTP".into(),
+                "HTTP needs a host VIP",
+            ),
+            (
+                "/pools/1/lb_algorithm",
+                "ROUND_ROBIN".into(),
+                "SOURCE_IP_PORT or SOURCE_IP",
+            ),
             (
                 "/pools/1/healthmonitor",
                 serde_json::json!({"type": "TCP", "delay": 5, "timeout": 5, "max_retries": 3}),
                 "no prober",
             ),
             ("/pools/1/members/0/backup", true.into(), "backup member"),
-            ("/listeners/1/connection_limit", 10.into(), "connection_limit"),
+            (
+                "/listeners/1/connection_limit",
+                10.into(),
+                "connection_limit",
+            ),
             ("/vip_address", "fd00::1".into(), "IPv6 VIP"),
             ("/listeners/1/protocol_port", 53.into(), "unused"),
             ("/listeners/2/protocol_port", 53.into(), "already used"),

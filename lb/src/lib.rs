@@ -8,8 +8,8 @@
 pub mod cores;
 pub mod daemon;
 pub mod health;
-pub mod l4;
 mod http;
+pub mod l4;
 pub mod listener;
 /// Maglev lives in the data plane (its L4 LB builds the same tables); one copy.
 pub use keel_dataplane::maglev;

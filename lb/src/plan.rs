@@ -764,7 +764,12 @@ pub fn parse_expected_codes(s: &str) -> Option<Vec<(u16, u16)>> {
     Some(out)
 }
 
-pub(crate) fn range(at: String, field: &'static str, value: i64, allowed: &'static str) -> ValidationError {
+pub(crate) fn range(
+    at: String,
+    field: &'static str,
+    value: i64,
+    allowed: &'static str,
+) -> ValidationError {
     ValidationError::OutOfRange {
         at,
         field,

@@ -201,10 +201,11 @@ impl Pool {
         }
         let weights: Vec<u16> = eligible.iter().map(|m| m.weight.load(Relaxed)).collect();
         let slots = smooth_weighted_order(&weights);
-        let maglev =
-            (matches!(plan.algorithm, LbAlgorithm::SourceIp | LbAlgorithm::SourceIpPort)
-                || plan.sticky_source_ip)
-                .then(|| {
+        let maglev = (matches!(
+            plan.algorithm,
+            LbAlgorithm::SourceIp | LbAlgorithm::SourceIpPort
+        ) || plan.sticky_source_ip)
+            .then(|| {
                 let named: Vec<(&str, u16)> = eligible
                     .iter()
                     .zip(&weights)
@@ -234,9 +235,7 @@ impl Pool {
             } else {
                 maglev::hash_ip(client.ip())
             };
-            return table
-                .lookup(hash)
-                .and_then(|i| sel.members.get(i).cloned());
+            return table.lookup(hash).and_then(|i| sel.members.get(i).cloned());
         }
         let turn = self.rr.fetch_add(1, Relaxed);
         match algorithm {
@@ -426,10 +425,20 @@ mod tests {
         let pool = Pool::new(&plan(LbAlgorithm::SourceIp, &[1, 1, 1]));
         let client = |i: usize| IpAddr::from(u32::try_from(0x0a00_0000 + i).unwrap().to_be_bytes());
         let first: Vec<String> = (0..3000)
-            .map(|i| pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone())
+            .map(|i| {
+                pool.pick(SocketAddr::new(client(i), 40000))
+                    .unwrap()
+                    .id
+                    .clone()
+            })
             .collect();
         let again: Vec<String> = (0..3000)
-            .map(|i| pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone())
+            .map(|i| {
+                pool.pick(SocketAddr::new(client(i), 40000))
+                    .unwrap()
+                    .id
+                    .clone()
+            })
             .collect();
         assert_eq!(first, again);
         for c in tally(&pool, 3000, client) {
@@ -439,7 +448,11 @@ mod tests {
         let m2 = pool.members()[2].clone();
         pool.set_health(&m2, Health::Down);
         for (i, before) in first.iter().enumerate() {
-            let now = pool.pick(SocketAddr::new(client(i), 40000)).unwrap().id.clone();
+            let now = pool
+                .pick(SocketAddr::new(client(i), 40000))
+                .unwrap()
+                .id
+                .clone();
             if before != "m2" {
                 assert_eq!(&now, before);
             } else {

@@ -3578,3 +3578,246 @@ async fn backup_policies_run_on_schedule_and_keep_their_retention() {
         p.body
     );
 }
+
+#[tokio::test]
+async fn loadbalancers_on_vpc_subnets_hold_a_vip_port_and_refuse_what_the_data_plane_cannot_do() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let vpc = api
+        .create("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await;
+    let mut subnets = Vec::new();
+    for (name, cidr) in [
+        ("a", "10.0.1.0/24"),
+        ("b", "10.0.2.0/24"),
+        ("c", "10.0.3.0/24"),
+    ] {
+        subnets.push(
+            api.create(
+                "/api/v1/subnets",
+                &admin,
+                json!({"name": name, "vpc_id": vpc, "cidr": cidr}),
+            )
+            .await,
+        );
+    }
+    let foreign_vpc = api
+        .create(
+            "/api/v1/vpcs",
+            &admin,
+            json!({"name": "f", "vdc_id": other}),
+        )
+        .await;
+    let foreign = api
+        .create(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "f", "vpc_id": foreign_vpc, "cidr": "10.0.1.0/24"}),
+        )
+        .await;
+    let router = api
+        .create(
+            "/api/v1/routers",
+            &admin,
+            json!({"name": "r", "vdc_id": vdc,
+                   "interfaces": [{"subnet_id": subnets[0]}, {"subnet_id": subnets[1]}]}),
+        )
+        .await;
+    let doc = |subnet: &str, vip: Option<&str>, listener: &str, algorithm: &str, member: &str| {
+        let mut d = json!({
+            "name": "web", "vdc_id": vdc, "vip_subnet_id": subnet,
+            "listeners": [{"id": "l", "protocol": listener, "protocol_port": 80, "default_pool_id": "p"}],
+            "pools": [{"id": "p", "protocol": "TCP", "lb_algorithm": algorithm, "members": [
+                {"address": member, "protocol_port": 8080},
+                {"address": "10.0.2.11", "protocol_port": 8080, "weight": 2}]}]
+        });
+        if let Some(vip) = vip {
+            d["vip_address"] = vip.into();
+        }
+        d
+    };
+    let ports_before = api.count("resources WHERE kind = 'port'").await;
+    let (a, b, c) = (&subnets[0], &subnets[1], &subnets[2]);
+    for (body, status, field, why) in [
+        (
+            doc(a, None, "HTTP", "SOURCE_IP_PORT", "10.0.2.10"),
+            422,
+            "load_balancer",
+            "HTTP needs a host VIP",
+        ),
+        (
+            doc(a, None, "TCP", "ROUND_ROBIN", "10.0.2.10"),
+            422,
+            "load_balancer",
+            "SOURCE_IP_PORT or SOURCE_IP",
+        ),
+        (
+            doc(a, None, "TCP", "SOURCE_IP_PORT", "10.0.3.5"),
+            422,
+            "pools[0].members[0].address",
+            "no subnet of router",
+        ),
+        (
+            doc(a, Some("10.0.2.100"), "TCP", "SOURCE_IP_PORT", "10.0.2.10"),
+            422,
+            "vip_address",
+            "inside 10.0.1.0/24",
+        ),
+        (
+            doc(&foreign, None, "TCP", "SOURCE_IP_PORT", "10.0.2.10"),
+            422,
+            "vip_subnet_id",
+            "no subnet",
+        ),
+        (
+            doc(c, None, "TCP", "SOURCE_IP_PORT", "10.0.2.10"),
+            409,
+            "",
+            "no router of the VDC",
+        ),
+    ] {
+        let r = api.post("/api/v1/loadbalancers", &admin, body).await;
+        assert_eq!(r.status.as_u16(), status, "{}", r.body);
+        if status == 422 {
+            assert_eq!(r.body["field"], field, "{}", r.body);
+        }
+        assert!(r.body.to_string().contains(why), "{why}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/loadbalancers",
+            &admin,
+            json!({"name": "x", "vdc_id": vdc, "listeners": [], "pools": []}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "vip_address", "{}", r.body);
+    assert_eq!(
+        api.count("resources WHERE kind = 'port'").await,
+        ports_before,
+        "nothing taken by refused load balancers"
+    );
+
+    // The VIP's address is held by a port of the subnet owned by the load
+    // balancer; the router on the subnet balances it.
+    let r = api
+        .post(
+            "/api/v1/loadbalancers",
+            &admin,
+            doc(a, Some("10.0.1.100"), "TCP", "SOURCE_IP_PORT", "10.0.2.10"),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let lb = r.id();
+    assert_eq!(r.body["vip_address"], "10.0.1.100");
+    assert_eq!(r.body["vip_subnet_id"], a.as_str());
+    assert_eq!(r.body["router_id"], router.as_str());
+    let vip_port = r.body["vip_port_id"].as_str().unwrap().to_owned();
+    let port = api.get(&format!("/api/v1/ports/{vip_port}"), &admin).await;
+    assert_eq!(port.body["fixed_ip"], "10.0.1.100", "{}", port.body);
+    assert_eq!(port.body["device_id"], lb.as_str(), "{}", port.body);
+    let r = api
+        .post(
+            "/api/v1/loadbalancers",
+            &admin,
+            doc(a, Some("10.0.1.100"), "TCP", "SOURCE_IP", "10.0.2.10"),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    // Another VIP on the subnet comes from its pools; UDP on the same port
+    // is fine.
+    let mut udp = doc(a, None, "UDP", "SOURCE_IP", "10.0.2.10");
+    udp["pools"][0]["protocol"] = "UDP".into();
+    let r = api.post("/api/v1/loadbalancers", &admin, udp).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_ne!(r.body["vip_address"], "10.0.1.100");
+    let udp_lb = r.id();
+
+    // What holds the VIP cannot go from under it.
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/ports/{vip_port}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .change(
+            Method::PATCH,
+            &format!("/api/v1/routers/{router}"),
+            &admin,
+            Some(json!({"interfaces": [{"subnet_id": b}]})),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(
+        r.body.to_string().contains(&lb) || r.body.to_string().contains(&udp_lb),
+        "{}",
+        r.body
+    );
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/routers/{router}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+
+    // Replace: the subnet and address stay; members are checked again.
+    let path = format!("/api/v1/loadbalancers/{lb}");
+    let r = api
+        .change(
+            Method::PUT,
+            &path,
+            &admin,
+            Some(doc(b, None, "TCP", "SOURCE_IP_PORT", "10.0.2.10")),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "vip_subnet_id");
+    let r = api
+        .change(
+            Method::PUT,
+            &path,
+            &admin,
+            Some(doc(a, None, "TCP", "SOURCE_IP_PORT", "10.0.3.9")),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    let r = api
+        .change(
+            Method::PUT,
+            &path,
+            &admin,
+            Some(doc(a, None, "TCP", "SOURCE_IP", "10.0.2.12")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["vip_address"], "10.0.1.100");
+    assert_eq!(r.body["pools"][0]["members"][0]["address"], "10.0.2.12");
+
+    // Deleting the load balancer frees its address.
+    for id in [&lb, &udp_lb] {
+        let r = api
+            .change(
+                Method::DELETE,
+                &format!("/api/v1/loadbalancers/{id}"),
+                &admin,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let r = api.get(&format!("/api/v1/ports/{vip_port}"), &admin).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(
+        api.count("resources WHERE kind = 'port'").await,
+        ports_before
+    );
+}

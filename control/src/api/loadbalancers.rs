@@ -5,9 +5,15 @@
 //! can serve. The host agent runs one `keel lb` per load balancer and
 //! reports the proxy's status tree (member health) back as `observed`.
 //!
-//! Nested objects without an `id` get one. The VIP is an address of the
-//! host the agent runs on (loopback on a single-host appliance); VIPs on
-//! VPC subnets need the data plane's L4 VIP, which is not wired yet.
+//! Nested objects without an `id` get one. Two kinds of VIP:
+//! - `vip_address` alone: an address of the host the agent runs on
+//!   (loopback on a single-host appliance), served by the proxy (L4 and L7);
+//! - `vip_subnet_id` (Octavia's field): an address on a VPC subnet, held by
+//!   a port of the subnet (`vip_port_id`, taken from the pools unless
+//!   `vip_address` names one) and served by the data plane's L4 balancer in
+//!   the VDC router that has an interface on the subnet (`router_id`).
+//!   Members must be on that router's subnets. What the data plane cannot
+//!   do is refused with the reason ([`keel_lb::l4`]).
 
 use std::net::IpAddr;
 
@@ -24,11 +30,14 @@ use utoipa_axum::routes;
 use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
+use super::networks::SubnetSpec;
+use super::ports::{self, NewPort, PortSpec};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
 };
+use super::routers::RouterSpec;
 use super::AppState;
 
 pub const KIND: &str = "loadbalancer";
@@ -40,8 +49,16 @@ pub const ERROR: &str = "ERROR";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadBalancerSpec {
     pub description: String,
-    /// What the proxy runs.
+    /// What the proxy (or, with a VPC VIP, the data plane) runs.
     pub config: keel_lb::LoadBalancer,
+    /// With a VPC VIP: its subnet, the port holding the address and the
+    /// router whose data plane serves it.
+    #[serde(default)]
+    pub vip_subnet_id: Option<String>,
+    #[serde(default)]
+    pub vip_port_id: Option<String>,
+    #[serde(default)]
+    pub router_id: Option<String>,
     /// The proxy's status tree as the agent last saw it.
     #[serde(default)]
     pub observed: Option<Value>,
@@ -56,6 +73,12 @@ pub struct LoadBalancer {
     pub description: String,
     #[schema(value_type = String)]
     pub vip_address: IpAddr,
+    /// The VPC subnet of the VIP (`null`: a host VIP served by the proxy).
+    pub vip_subnet_id: Option<String>,
+    /// The port that holds a VPC VIP's address.
+    pub vip_port_id: Option<String>,
+    /// The router whose data plane balances a VPC VIP.
+    pub router_id: Option<String>,
     pub admin_state_up: bool,
     /// Octavia listeners (with `l7policies`), ids filled in.
     #[schema(value_type = Vec<Object>)]
@@ -79,8 +102,13 @@ pub struct LoadBalancerCreate {
     pub vdc_id: Option<String>,
     #[serde(default)]
     pub description: String,
-    #[schema(value_type = String)]
-    pub vip_address: IpAddr,
+    /// Required for a host VIP; with `vip_subnet_id`, the address wanted
+    /// on the subnet (default: one from its pools). Kept on replace.
+    #[schema(value_type = Option<String>)]
+    pub vip_address: Option<IpAddr>,
+    /// A VPC subnet of the VDC: the VIP is served by the data plane (TCP
+    /// and UDP listeners). Cannot change on replace.
+    pub vip_subnet_id: Option<String>,
     #[serde(default = "yes")]
     pub admin_state_up: bool,
     #[serde(default)]
@@ -112,6 +140,9 @@ impl Resource for LoadBalancer {
             meta: record.meta,
             description: spec.description,
             vip_address: spec.config.vip_address,
+            vip_subnet_id: spec.vip_subnet_id,
+            vip_port_id: spec.vip_port_id,
+            router_id: spec.router_id,
             admin_state_up: spec.config.admin_state_up,
             listeners: config["listeners"].clone(),
             pools: config["pools"].clone(),
@@ -142,8 +173,24 @@ fn fill_ids(items: &mut [Value], children: &[&str]) {
     }
 }
 
-/// Builds and checks the proxy's document: every error names its place.
-fn compile(id: &str, body: &LoadBalancerCreate) -> Result<keel_lb::LoadBalancer, ApiError> {
+/// Builds and checks the proxy's document (with `vpc`, the data plane's):
+/// every error names its place. A VPC VIP not chosen yet is checked as
+/// `0.0.0.0` and set once its port has it.
+fn compile(
+    id: &str,
+    body: &LoadBalancerCreate,
+    vpc: bool,
+) -> Result<keel_lb::LoadBalancer, ApiError> {
+    let vip = match (body.vip_address, vpc) {
+        (Some(vip), _) => vip,
+        (None, true) => IpAddr::from([0, 0, 0, 0]),
+        (None, false) => {
+            return Err(ApiError::invalid(
+                "vip_address",
+                "required without vip_subnet_id",
+            ))
+        }
+    };
     let mut listeners = body.listeners.clone();
     let mut pools = body.pools.clone();
     fill_ids(&mut listeners, &["l7policies"]);
@@ -151,7 +198,7 @@ fn compile(id: &str, body: &LoadBalancerCreate) -> Result<keel_lb::LoadBalancer,
     let doc = serde_json::json!({
         "id": id,
         "name": body.name,
-        "vip_address": body.vip_address,
+        "vip_address": vip,
         "admin_state_up": body.admin_state_up,
         "listeners": listeners,
         "pools": pools,
@@ -172,9 +219,148 @@ fn compile(id: &str, body: &LoadBalancerCreate) -> Result<keel_lb::LoadBalancer,
             "TLS certificates cannot be given through the API yet (no secret store)",
         ));
     }
-    keel_lb::plan::compile(&config)
-        .map_err(|e| ApiError::invalid("load_balancer", e.to_string()))?;
+    if vpc {
+        keel_lb::l4::compile(&config, "")
+            .map_err(|e| ApiError::invalid("load_balancer", e.to_string()))?;
+    } else {
+        keel_lb::plan::compile(&config)
+            .map_err(|e| ApiError::invalid("load_balancer", e.to_string()))?;
+    }
     Ok(config)
+}
+
+/// The router of `vdc_id` with an interface on `subnet_id`, if any.
+async fn router_on(
+    conn: &mut crate::store::DbConnection,
+    vdc_id: &str,
+    subnet_id: &str,
+) -> Result<Option<(String, RouterSpec)>, ApiError> {
+    for r in records::in_vdc(conn, "router", vdc_id).await? {
+        let spec: RouterSpec = r.spec()?;
+        if spec.interfaces.iter().any(|i| i.subnet_id == subnet_id) {
+            return Ok(Some((r.meta.id, spec)));
+        }
+    }
+    Ok(None)
+}
+
+/// The router that serves a VPC VIP on `subnet_id`, after checking that
+/// every member is on one of its subnets (the data plane reaches members
+/// only through it).
+async fn serving_router(
+    conn: &mut crate::store::DbConnection,
+    vdc_id: &str,
+    subnet_id: &str,
+    config: &keel_lb::LoadBalancer,
+) -> Result<String, ApiError> {
+    let (router_id, spec) = router_on(conn, vdc_id, subnet_id).await?.ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "no router of the VDC has an interface on subnet {subnet_id}: a VPC VIP is \
+             balanced by that router's data plane; add an interface first"
+        ))
+    })?;
+    let mut cidrs = Vec::new();
+    for i in &spec.interfaces {
+        if let Some(subnet) = records::get(conn, "subnet", &i.subnet_id).await? {
+            cidrs.push(subnet.spec::<SubnetSpec>()?.cidr);
+        }
+    }
+    for (i, pool) in config.pools.iter().enumerate() {
+        for (j, m) in pool.members.iter().enumerate() {
+            if !cidrs.iter().any(|c| c.contains(&m.address)) {
+                return Err(ApiError::invalid(
+                    format!("pools[{i}].members[{j}].address"),
+                    format!(
+                        "{} is on no subnet of router {router_id}, which balances the VIP",
+                        m.address
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(router_id)
+}
+
+/// The IPv4 subnet `subnet_id` of `vdc_id` a VIP is asked for on.
+async fn vip_subnet(
+    conn: &mut crate::store::DbConnection,
+    principal: &Principal,
+    vdc_id: &str,
+    subnet_id: &str,
+) -> Result<Record, ApiError> {
+    let subnet = match records::get(conn, "subnet", subnet_id).await? {
+        Some(s)
+            if principal.sees(s.meta.vdc_id.as_deref())
+                && s.meta.vdc_id.as_deref() == Some(vdc_id) =>
+        {
+            s
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "vip_subnet_id",
+                format!("no subnet {subnet_id} in VDC {vdc_id}"),
+            ))
+        }
+    };
+    if !subnet.spec::<SubnetSpec>()?.cidr.addr().is_ipv4() {
+        return Err(ApiError::invalid(
+            "vip_subnet_id",
+            "an IPv6 subnet: the data plane's balancer is IPv4 only",
+        ));
+    }
+    Ok(subnet)
+}
+
+/// Takes the VIP's address on `subnet` for load balancer `id`: a port of
+/// the subnet owned by the load balancer.
+async fn take_vip_port(
+    conn: &mut crate::store::DbConnection,
+    subnet: &Record,
+    wanted: Option<IpAddr>,
+    id: &str,
+) -> Result<Record, ApiError> {
+    let new = NewPort {
+        name: &format!("lb-vip-{id}"),
+        fixed_ip: wanted,
+        security_group_ids: Vec::new(),
+        description: format!("VIP of load balancer {id}"),
+        device_id: Some(id.to_owned()),
+        delete_with_device: true,
+        qos_policy_id: None,
+    };
+    ports::insert_port(conn, subnet, new)
+        .await
+        .map_err(|e| match e {
+            ApiError::InvalidField { message, .. } => ApiError::InvalidField {
+                field: "vip_address".into(),
+                message,
+            },
+            e => e,
+        })
+}
+
+/// A router change must keep the interface each VPC VIP it balances is on.
+pub async fn check_still_served(
+    conn: &mut crate::store::DbConnection,
+    router_id: &str,
+    spec: &RouterSpec,
+) -> Result<(), ApiError> {
+    for lb in records::all(conn, KIND).await? {
+        let lspec: LoadBalancerSpec = lb.spec()?;
+        let Some(subnet) = lspec.vip_subnet_id.as_deref() else {
+            continue;
+        };
+        if lspec.router_id.as_deref() == Some(router_id)
+            && !spec.interfaces.iter().any(|i| i.subnet_id == subnet)
+        {
+            return Err(ApiError::Conflict(format!(
+                "load balancer {} has its VIP on subnet {subnet}, balanced by router {router_id}; \
+                 delete it first",
+                lb.meta.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Two load balancers on one VIP cannot listen on the same port.
@@ -187,7 +373,8 @@ async fn check_vip_ports(
             continue;
         }
         let spec: LoadBalancerSpec = other.spec()?;
-        if spec.config.vip_address != config.vip_address {
+        // A VPC VIP has a port of its own: no other load balancer has it.
+        if spec.vip_subnet_id.is_some() || spec.config.vip_address != config.vip_address {
             continue;
         }
         for l in &config.listeners {
@@ -209,8 +396,8 @@ async fn check_vip_ports(
 
 #[utoipa::path(post, path = "/loadbalancers", tag = "networks", request_body = LoadBalancerCreate,
     responses(
-        (status = 201, description = "Stored; PENDING until the host's proxy serves it, then ACTIVE (or ERROR)", body = LoadBalancer),
-        (status = 409, description = "VDC load balancer quota exceeded, or a listener port is taken on the VIP", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Stored; PENDING until the host's proxy (VPC VIP: a host's data plane) serves it, then ACTIVE (or ERROR)", body = LoadBalancer),
+        (status = 409, description = "VDC load balancer quota exceeded, a listener port is taken on the VIP, the VIP address is taken, or no router of the VDC is on the VIP's subnet", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid document: the field path or the failed check is named", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_lb(
@@ -227,7 +414,7 @@ async fn create_lb(
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
     let id = uuid::Uuid::new_v4().to_string();
-    let config = compile(&id, &body)?;
+    let mut config = compile(&id, &body, body.vip_subnet_id.is_some())?;
     let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     if let Some(limit) = super::vdcs::quota_of(&vdc)?.load_balancers {
@@ -238,7 +425,16 @@ async fn create_lb(
             });
         }
     }
-    check_vip_ports(&mut tx, &config).await?;
+    let (mut vip_port_id, mut router_id) = (None, None);
+    if let Some(subnet_id) = &body.vip_subnet_id {
+        let subnet = vip_subnet(&mut tx, &principal, &vdc_id, subnet_id).await?;
+        router_id = Some(serving_router(&mut tx, &vdc_id, subnet_id, &config).await?);
+        let port = take_vip_port(&mut tx, &subnet, body.vip_address, &id).await?;
+        config.vip_address = port.spec::<PortSpec>()?.fixed_ip;
+        vip_port_id = Some(port.meta.id);
+    } else {
+        check_vip_ports(&mut tx, &config).await?;
+    }
     let record = records::insert_with_id(
         &mut tx,
         &id,
@@ -250,6 +446,9 @@ async fn create_lb(
             spec: to_json(&LoadBalancerSpec {
                 description: body.description,
                 config,
+                vip_subnet_id: body.vip_subnet_id,
+                vip_port_id,
+                router_id,
                 observed: None,
                 status_reason: String::new(),
             })?,
@@ -309,14 +508,39 @@ async fn replace_lb(
 ) -> Result<Response, ApiError> {
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    let config = compile(&id, &body)?;
+    let mut config = compile(&id, &body, body.vip_subnet_id.is_some())?;
     let (mut tx, record) =
         begin_change::<LoadBalancer>(&state, &principal, Action::Update, &id, &headers).await?;
-    check_vip_ports(&mut tx, &config).await?;
     let old: LoadBalancerSpec = record.spec()?;
+    if body.vip_subnet_id != old.vip_subnet_id {
+        return Err(ApiError::invalid(
+            "vip_subnet_id",
+            "cannot change: create a new load balancer",
+        ));
+    }
+    let mut router_id = None;
+    if let Some(subnet_id) = &old.vip_subnet_id {
+        if body
+            .vip_address
+            .is_some_and(|a| a != old.config.vip_address)
+        {
+            return Err(ApiError::invalid(
+                "vip_address",
+                "a VPC VIP's address cannot change: create a new load balancer",
+            ));
+        }
+        config.vip_address = old.config.vip_address;
+        let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
+        router_id = Some(serving_router(&mut tx, &vdc_id, subnet_id, &config).await?);
+    } else {
+        check_vip_ports(&mut tx, &config).await?;
+    }
     let spec = LoadBalancerSpec {
         description: body.description,
         config,
+        vip_subnet_id: old.vip_subnet_id,
+        vip_port_id: old.vip_port_id,
+        router_id,
         observed: old.observed,
         status_reason: String::new(),
     };
@@ -332,7 +556,7 @@ async fn replace_lb(
 #[utoipa::path(delete, path = "/loadbalancers/{id}", tag = "networks",
     params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
     responses(
-        (status = 204, description = "Deleted; the host's proxy stops"),
+        (status = 204, description = "Deleted; the host's proxy stops (a VPC VIP's port is deleted with it)"),
         (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn delete_lb(
@@ -341,8 +565,14 @@ async fn delete_lb(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let (tx, record) =
+    let (mut tx, record) =
         begin_change::<LoadBalancer>(&state, &principal, Action::Delete, &id, &headers).await?;
+    let spec: LoadBalancerSpec = record.spec()?;
+    if let Some(port_id) = &spec.vip_port_id {
+        if let Some(port) = records::get(&mut tx, ports::KIND, port_id).await? {
+            records::delete(&mut tx, &port, ports::KIND).await?;
+        }
+    }
     let done = finish_delete::<LoadBalancer>(tx, &record).await;
     state.changes.notify_waiters();
     done

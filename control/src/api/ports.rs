@@ -25,7 +25,7 @@ use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{begin_change, created, finish_delete, get_one, list_page, ok, Resource};
 use super::AppState;
 
-const KIND: &str = "port";
+pub const KIND: &str = "port";
 /// OpenStack's locally administered prefix, so keel MACs are recognisable.
 const MAC_PREFIX: [u8; 3] = [0xfa, 0x16, 0x3e];
 const MAX_GROUPS: usize = 16;
@@ -448,9 +448,9 @@ async fn delete_port(
 ) -> Result<StatusCode, ApiError> {
     let (mut tx, record) =
         begin_change::<Port>(&state, &principal, Action::Delete, &id, &headers).await?;
-    if let Some(vm) = record.spec::<PortSpec>()?.device_id {
+    if let Some(device) = record.spec::<PortSpec>()?.device_id {
         return Err(ApiError::Conflict(format!(
-            "the port is a NIC of VM {vm}; delete the VM first"
+            "the port belongs to {device} (a VM's NIC or a load balancer's VIP); delete that first"
         )));
     }
     let vdc = record.meta.vdc_id.clone().unwrap_or_default();

@@ -513,6 +513,7 @@ async fn update_router(
     // must stay attached.
     check_policies(&spec.policies, &attached(&mut tx, &spec.interfaces).await?)?;
     floating_ips::check_still_reached(&mut tx, &id, &spec).await?;
+    super::loadbalancers::check_still_served(&mut tx, &id, &spec).await?;
     let updated = records::update(&mut tx, &record, KIND, &name, to_json(&spec)?).await?;
     tx.commit().await?;
     ok::<Router>(updated)
@@ -533,5 +534,6 @@ async fn delete_router(
     let (mut tx, record) =
         begin_change::<Router>(&state, &principal, Action::Delete, &id, &headers).await?;
     floating_ips::check_still_reached(&mut tx, &id, &RouterSpec::default()).await?;
+    super::loadbalancers::check_still_served(&mut tx, &id, &RouterSpec::default()).await?;
     finish_delete::<Router>(tx, &record).await
 }

@@ -231,7 +231,7 @@ async fn create_vm(
         let pspec: PortSpec = port.spec()?;
         if let Some(other) = &pspec.device_id {
             return Err(ApiError::Conflict(format!(
-                "port {id} is a NIC of VM {other}"
+                "port {id} belongs to {other} (a VM's NIC or a load balancer's VIP)"
             )));
         }
         nics.push((port, pspec));
