@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use keel_control::api::external_networks::ExternalNetworkSpec;
 use keel_control::api::floating_ips::FloatingIpSpec;
+use keel_control::api::loadbalancers::LoadBalancerSpec as ApiLoadBalancer;
 use keel_control::api::mirror_sessions::{self as api_mirror, MirrorSessionSpec};
 use keel_control::api::networks::SubnetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
@@ -120,6 +121,8 @@ pub struct NetworkView<'a> {
     pub floating_ips: &'a [Record],
     pub qos_policies: &'a BTreeMap<String, Record>,
     pub mirror_sessions: &'a [Record],
+    /// Load balancers with a VIP on a VPC subnet.
+    pub load_balancers: &'a [Record],
     /// This host's uplink interface per physical network.
     pub uplinks: &'a BTreeMap<String, String>,
 }
@@ -253,6 +256,7 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
             });
         }
     }
+    let balanced = balanced_here(view, &mut used);
     let mut gateways: BTreeMap<String, bool> = BTreeMap::new();
     // External network → the uplink interface its switch is plugged into.
     let mut plugged: BTreeMap<String, String> = BTreeMap::new();
@@ -437,6 +441,17 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
             static_routes,
         });
     }
+    for (rid, lb) in balanced {
+        if !state.routers.iter().any(|r| r.name == rid) {
+            continue;
+        }
+        match keel_lb::l4::compile(&lb.config, &rid) {
+            Ok(specs) => state.load_balancers.extend(specs),
+            // The API checked it with the same code: only a document
+            // stored by an older keel can fail here.
+            Err(e) => tracing::warn!(lb = %lb.config.id, error = %e, "load balancer left out"),
+        }
+    }
     // Groups of this host's ports, and the groups their rules name as
     // remote (whose members here give the addresses; members on other
     // hosts are not known to this data plane).
@@ -535,6 +550,87 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
         });
     }
     state
+}
+
+/// The VPC load balancers this host's data plane balances (their router
+/// has a leg here for a VM's NIC), with their routers. Their VIP's subnet
+/// and their members' subnets are added to `used`, so the router gets a
+/// leg on each (the data plane needs the VIP and members on its subnets).
+fn balanced_here(
+    view: &NetworkView<'_>,
+    used: &mut BTreeSet<String>,
+) -> Vec<(String, ApiLoadBalancer)> {
+    let mut out = Vec::new();
+    for record in view.load_balancers {
+        let Ok(lb) = record.spec::<ApiLoadBalancer>() else {
+            continue;
+        };
+        let (Some(vip_subnet), Some(rid)) = (lb.vip_subnet_id.clone(), lb.router_id.clone()) else {
+            continue;
+        };
+        let Some(router) = view
+            .routers
+            .iter()
+            .find(|r| r.meta.id == rid)
+            .and_then(|r| r.spec::<ApiRouter>().ok())
+        else {
+            continue;
+        };
+        if !router
+            .interfaces
+            .iter()
+            .any(|i| used.contains(&i.subnet_id))
+        {
+            continue;
+        }
+        used.insert(vip_subnet);
+        for member in lb.config.pools.iter().flat_map(|p| &p.members) {
+            let subnet = router.interfaces.iter().find(|i| {
+                view.subnets
+                    .get(&i.subnet_id)
+                    .and_then(|s| s.spec::<SubnetSpec>().ok())
+                    .is_some_and(|s| s.cidr.contains(&member.address))
+            });
+            if let Some(i) = subnet {
+                used.insert(i.subnet_id.clone());
+            }
+        }
+        out.push((rid, lb));
+    }
+    out
+}
+
+/// The status tree of a VPC load balancer, in the proxy's shape: a
+/// listener is ONLINE when `forwarded` (the data plane has it), members
+/// are NO_MONITOR (no prober) or OFFLINE when drained.
+pub fn vpc_lb_status(
+    lb: &keel_lb::LoadBalancer,
+    forwarded: impl Fn(&str) -> bool,
+) -> serde_json::Value {
+    let online = |up: bool| if up { "ONLINE" } else { "OFFLINE" };
+    serde_json::json!({
+        "id": lb.id,
+        "served_by": "data plane",
+        "provisioning_status": "ACTIVE",
+        "operating_status": online(lb.admin_state_up),
+        "listeners": lb.listeners.iter().map(|l| serde_json::json!({
+            "id": l.id,
+            "provisioning_status": "ACTIVE",
+            "operating_status": online(forwarded(&l.id)),
+        })).collect::<Vec<_>>(),
+        "pools": lb.pools.iter().map(|p| serde_json::json!({
+            "id": p.id,
+            "provisioning_status": "ACTIVE",
+            "operating_status": online(p.admin_state_up),
+            "members": p.members.iter().map(|m| serde_json::json!({
+                "id": m.id,
+                "address": m.address,
+                "protocol_port": m.protocol_port,
+                "provisioning_status": "ACTIVE",
+                "operating_status": if m.admin_state_up && m.weight > 0 { "NO_MONITOR" } else { "OFFLINE" },
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The `keel dataplane` child and the state it runs with.
@@ -845,6 +941,7 @@ mod tests {
             floating_ips: &fips,
             qos_policies: &qos,
             mirror_sessions: &mirrors,
+            load_balancers: &[],
             uplinks: &uplinks,
         };
         let state = desired_state(&view);
@@ -949,5 +1046,99 @@ mod tests {
         assert!(state.nat.is_empty());
         assert_eq!(state.routers[0].ports.len(), 1);
         assert!(state.ports.iter().all(|p| p.port_security));
+    }
+
+    #[test]
+    fn vpc_load_balancers_are_balanced_by_their_router_where_it_has_a_leg() {
+        let vms = vec![(
+            record("vm1", json!({})),
+            vec!["p1".to_string(), "p2".to_string()],
+        )];
+        let ports = by_id(vec![
+            port("p1", "s1", "10.0.1.5", "fa:16:3e:00:00:01"),
+            port("p2", "s1", "10.0.1.6", "fa:16:3e:00:00:02"),
+        ]);
+        let subnets = by_id(vec![
+            subnet("s1", "10.0.1.0/24"),
+            subnet("s2", "10.0.2.0/24"),
+            subnet("s3", "10.0.3.0/24"),
+        ]);
+        let router = |id: &str, subnets: &[&str]| {
+            let interfaces: Vec<serde_json::Value> = subnets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| json!({"subnet_id": s, "ip_address": format!("10.0.{}.1", i + 1)}))
+                .collect();
+            record(
+                id,
+                json!({"description": "", "interfaces": interfaces, "routes": []}),
+            )
+        };
+        let routers = vec![router("r1", &["s1", "s2"]), router("r3", &["s3"])];
+        let lb = |id: &str, vip: &str, subnet: &str, router: &str| {
+            record(
+                id,
+                json!({"description": "", "vip_subnet_id": subnet, "vip_port_id": "vp",
+                       "router_id": router, "config": {
+                    "id": id, "vip_address": vip,
+                    "listeners": [{"id": format!("{id}-l"), "protocol": "TCP", "protocol_port": 80,
+                                   "default_pool_id": "p"}],
+                    "pools": [{"id": "p", "protocol": "TCP", "lb_algorithm": "SOURCE_IP_PORT",
+                               "members": [
+                        {"id": "m1", "address": "10.0.1.5", "protocol_port": 8080},
+                        {"id": "m2", "address": "10.0.1.6", "protocol_port": 8080,
+                         "admin_state_up": false}]}]}}),
+            )
+        };
+        // lb1's VIP is on s2, where no VM of this host is: s2 is routed
+        // here for it. lb3's router has no leg here: left to other hosts.
+        let lbs = vec![
+            lb("lb1", "10.0.2.100", "s2", "r1"),
+            lb("lb3", "10.0.3.100", "s3", "r3"),
+        ];
+        let none = BTreeMap::new();
+        let empty = BTreeMap::new();
+        let state = desired_state(&NetworkView {
+            vms: &vms,
+            ports: &ports,
+            subnets: &subnets,
+            routers: &routers,
+            groups: &empty,
+            external_networks: &empty,
+            floating_ips: &[],
+            qos_policies: &empty,
+            mirror_sessions: &[],
+            load_balancers: &lbs,
+            uplinks: &none,
+        });
+        assert_eq!(state.routers.len(), 1);
+        let legs: Vec<&str> = state.routers[0]
+            .ports
+            .iter()
+            .map(|p| p.switch.as_str())
+            .collect();
+        assert_eq!(legs, ["s1", "s2"]);
+        assert_eq!(state.load_balancers.len(), 1);
+        let l = &state.load_balancers[0];
+        assert_eq!(
+            (l.name.as_str(), l.router.as_str(), l.vip.as_str(), l.port),
+            ("lb1-l", "r1", "10.0.2.100", 80)
+        );
+        let weights: Vec<u16> = l.members.iter().map(|m| m.weight).collect();
+        assert_eq!(weights, [1, 0], "the disabled member is drained");
+        let interfaces: Vec<String> = state.ports.iter().map(|p| p.interface.clone()).collect();
+        keel_dataplane::config::compile(&state, &interfaces, 1).unwrap();
+        let config: keel_lb::LoadBalancer =
+            serde_json::from_value(lbs[0].spec["config"].clone()).unwrap();
+        let tree = vpc_lb_status(&config, |id| id == "lb1-l");
+        assert_eq!(tree["listeners"][0]["operating_status"], "ONLINE");
+        assert_eq!(
+            tree["pools"][0]["members"][0]["operating_status"],
+            "NO_MONITOR"
+        );
+        assert_eq!(
+            tree["pools"][0]["members"][1]["operating_status"],
+            "OFFLINE"
+        );
     }
 }

@@ -883,13 +883,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Runs a proxy for every load balancer in the store and reports what
-    /// each one serves.
+    /// Runs a proxy for every load balancer with a host VIP in the store
+    /// and reports what each one serves (VPC VIPs are the data plane's:
+    /// [`Self::reconcile_network`]).
     fn reconcile_lbs(&mut self) -> Result<(), StepError> {
-        let records = self.block_on(async {
+        let mut records = self.block_on(async {
             let mut conn = self.store.pool().acquire().await?;
             Ok::<_, StepError>(records::all(&mut conn, loadbalancers::KIND).await?)
         })?;
+        records.retain(|r| r.spec.get("vip_subnet_id").is_none_or(|s| s.is_null()));
         let ids: Vec<String> = records.iter().map(|r| r.meta.id.clone()).collect();
         self.lbs.retain(&ids);
         for record in records {
@@ -943,7 +945,7 @@ impl Agent {
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
         use keel_control::api::{external_networks, floating_ips, mirror_sessions, qos_policies};
-        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors) =
+        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs) =
             self.block_on(async {
                 let mut conn = self.store.pool().acquire().await?;
                 let vms = records::all(&mut conn, vms::KIND).await?;
@@ -956,8 +958,10 @@ impl Agent {
                 let fips = records::all(&mut conn, floating_ips::KIND).await?;
                 let qos = records::all(&mut conn, qos_policies::KIND).await?;
                 let mirrors = records::all(&mut conn, mirror_sessions::KIND).await?;
+                let mut lbs = records::all(&mut conn, loadbalancers::KIND).await?;
+                lbs.retain(|r| r.spec.get("vip_subnet_id").is_some_and(|s| !s.is_null()));
                 Ok::<_, StepError>((
-                    vms, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors,
+                    vms, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs,
                 ))
             })?;
         let mut with_nics = Vec::new();
@@ -1007,6 +1011,7 @@ impl Agent {
             floating_ips: &fips,
             qos_policies: &by_id(qos),
             mirror_sessions: &mirrors,
+            load_balancers: &lbs,
             uplinks: &self.config.uplinks,
         });
         self.net
@@ -1024,6 +1029,17 @@ impl Agent {
                 let address = spec.floating_ip_address.to_string();
                 if state.nat.iter().any(|n| n.external_ip == address) {
                     realized.insert(f.meta.id.clone());
+                }
+            }
+        }
+        // A VPC VIP's port is plugged where its router's data plane runs.
+        for lb in &lbs {
+            if let Ok(spec) = lb.spec::<LoadBalancerSpec>() {
+                let here = |r: &keel_dataplane::model::RouterSpec| {
+                    spec.router_id.as_ref() == Some(&r.name)
+                };
+                if let (true, Some(port)) = (state.routers.iter().any(here), spec.vip_port_id) {
+                    realized.insert(port);
                 }
             }
         }
@@ -1053,6 +1069,49 @@ impl Agent {
                 tx.commit().await?;
                 Ok::<_, StepError>(())
             })?;
+        }
+        self.report_vpc_lbs(&lbs, &state)
+    }
+
+    /// A VPC load balancer is ACTIVE once its router is in the data plane
+    /// (each enabled listener with a member to send to is then forwarded);
+    /// PENDING until a VM NIC of the router's subnets brings it to a host.
+    fn report_vpc_lbs(
+        &self,
+        lbs: &[Record],
+        state: &keel_dataplane::model::DesiredState,
+    ) -> Result<(), StepError> {
+        for record in lbs {
+            let mut spec: LoadBalancerSpec = record.spec()?;
+            let router = spec.router_id.clone().unwrap_or_default();
+            let here = state.routers.iter().any(|r| r.name == router);
+            let (status, reason, observed) = if here {
+                let forwarded = |id: &str| state.load_balancers.iter().any(|l| l.name == id);
+                (
+                    loadbalancers::ACTIVE,
+                    String::new(),
+                    Some(crate::network::vpc_lb_status(&spec.config, forwarded)),
+                )
+            } else {
+                (
+                    records::PENDING,
+                    format!("waits for a VM NIC on a subnet of router {router} (its data plane balances the VIP)"),
+                    None,
+                )
+            };
+            if status != record.meta.status
+                || reason != spec.status_reason
+                || observed != spec.observed
+            {
+                spec.status_reason = reason;
+                spec.observed = observed;
+                self.observe(
+                    loadbalancers::KIND,
+                    &record.meta.id,
+                    status,
+                    Some(records::to_json(&spec)?),
+                )?;
+            }
         }
         Ok(())
     }
