@@ -84,10 +84,18 @@ impl Api {
 
     /// PATCH at the revision just read (If-Match); must succeed.
     fn patch(&self, path: &str, body: Value) -> Value {
+        self.at_revision("PATCH", path, Some(body))
+    }
+
+    /// `method` at the revision just read (If-Match); must succeed.
+    fn at_revision(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let current = self.ok("GET", path, None);
         let etag = format!("\"{}\"", current["revision"]);
-        let (status, value) = self.send("PATCH", path, &[("If-Match", &etag)], Some(body));
-        assert_eq!(status, 200, "PATCH {path}: {value}");
+        let (status, value) = self.send(method, path, &[("If-Match", &etag)], body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {value}"
+        );
         value
     }
 
@@ -1580,6 +1588,74 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         text.contains("HELLO-FROM-OUTSIDE") && text.contains("F2=0"),
         "allowed again: {text}"
     );
+
+    // An L4 load balancer with its VIP on the second subnet, balanced by
+    // the router's data plane: two web servers of the second VM (ports
+    // 8001, 8002) behind VIP:8080, fetched from the first VM.
+    set_rules(json!([{"direction": "ingress", "protocol": "icmp"},
+                     {"direction": "ingress", "protocol": "tcp",
+                      "port_range_min": 8001, "port_range_max": 8002}]));
+    let text = run_in(
+        &vms[1].0,
+        "W1",
+        "mkdir -p /w1 /w2 && echo MEMBER-ONE > /w1/id && echo MEMBER-TWO > /w2/id && \
+         httpd -p 8001 -h /w1 && httpd -p 8002 -h /w2",
+    );
+    assert!(text.contains("W1=0"), "{text}");
+    let lb_doc = |drained: u16| {
+        json!({"name": "web", "vdc_id": vdc_id, "vip_subnet_id": subnet_ids[1],
+               "vip_address": "10.20.2.100",
+               "listeners": [{"id": "http", "protocol": "TCP", "protocol_port": 8080,
+                              "default_pool_id": "web"}],
+               "pools": [{"id": "web", "protocol": "TCP", "lb_algorithm": "SOURCE_IP_PORT",
+                          "members": [
+                   {"id": "one", "address": vms[1].1, "protocol_port": 8001},
+                   {"id": "two", "address": vms[1].1, "protocol_port": 8002, "weight": drained}]}]})
+    };
+    let lb = api.ok("POST", "/api/v1/loadbalancers", Some(lb_doc(1)));
+    let lb_path = format!("/api/v1/loadbalancers/{}", lb["id"].as_str().unwrap());
+    let served = wait_for(&api, &lb_path, "load balancer ACTIVE", |l| {
+        l["status"] == "ACTIVE" && l["observed"]["listeners"][0]["operating_status"] == "ONLINE"
+    });
+    assert_eq!(served["router_id"], router["id"], "{served}");
+    let fetch = |tag: &str| {
+        let text = run_in(
+            &vms[0].0,
+            tag,
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16; do \
+             wget -q -O - http://10.20.2.100:8080/id; done",
+        );
+        assert!(text.contains(&format!("{tag}=0")), "{text}");
+        (
+            text.matches("MEMBER-ONE").count(),
+            text.matches("MEMBER-TWO").count(),
+        )
+    };
+    // Each connection is hashed on its own (client port): 16 spread over
+    // both members (all on one: 1 in 32768).
+    let (one, two) = fetch("B1");
+    assert_eq!(one + two, 16, "every request answered through the VIP");
+    assert!(one > 0 && two > 0, "both members serve: {one}/{two}");
+    // Weight 0 drains the second member: new connections avoid it.
+    api.at_revision("PUT", &lb_path, Some(lb_doc(0)));
+    eventually("the drain reaches the data plane", || {
+        let lbs = applied(&state)["load_balancers"].clone();
+        (lbs[0]["members"][1]["weight"] == 0)
+            .then_some(())
+            .ok_or_else(|| lbs.to_string())
+    });
+    assert_eq!(fetch("B2"), (16, 0), "drained");
+    let vip_port = served["vip_port_id"].as_str().unwrap().to_owned();
+    api.at_revision("DELETE", &lb_path, None);
+    eventually("the VIP leaves the data plane", || {
+        let lbs = applied(&state)["load_balancers"].clone();
+        lbs.as_array()
+            .is_none_or(Vec::is_empty)
+            .then_some(())
+            .ok_or_else(|| lbs.to_string())
+    });
+    let (status, _) = api.call("GET", &format!("/api/v1/ports/{vip_port}"), None);
+    assert_eq!(status, 404, "the VIP's port goes with it");
 
     // A clone of a VM with a NIC gets its own port (new address and MAC on
     // the same subnet) and its lease for it from keel's DHCP.
