@@ -278,6 +278,7 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
                     protocol: crate::lb4::LbProtocol::Udp,
                     port: 53,
                     hash: crate::lb4::LbHash::default(),
+                    monitor: None,
                     members: far
                         .into_iter()
                         .map(|ip| crate::lb4::LbMemberSpec {

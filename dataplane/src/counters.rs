@@ -67,6 +67,7 @@ counted_enum!(
         Nat64NoSession => "nat64_no_session",
         PolicyDropped => "router_policy_dropped",
         HandoffFull => "handoff_full",
+        LbNoMemberUp => "lb_no_member_up",
     }
 );
 
@@ -89,6 +90,8 @@ counted_enum!(
         Nat64To6 => "nat64_translated_4to6",
         ArpRequested => "arp_requested",
         NeighborLearned => "neighbor_learned",
+        LbProbeAnswered => "lb_probe_answered",
+        LbProbeRefused => "lb_probe_refused",
     }
 );
 
@@ -133,13 +136,26 @@ impl Default for LocalPortCounters {
 }
 
 /// Shared counters of one interface.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PortCounters {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub tx_packets: AtomicU64,
     pub tx_bytes: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
+}
+
+// (Arrays implement Default only up to 32 entries.)
+impl Default for PortCounters {
+    fn default() -> Self {
+        PortCounters {
+            rx_packets: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 /// Shared counters of a data plane.

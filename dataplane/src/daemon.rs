@@ -167,6 +167,13 @@ pub fn run_with_ports(args: DaemonArgs, extra: Vec<Box<dyn Port>>) -> Result<(),
                 .map_err(DaemonError::SpawnWorker)?,
         );
     }
+    {
+        let (tables, stop) = (config.tables(), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("lb-monitor".into())
+            .spawn(move || crate::lb4_health::run(tables, stop))
+            .map_err(DaemonError::SpawnWorker)?;
+    }
     tracing::info!(interfaces = ?names, workers, socket = %args.socket.display(), "data plane running");
     let controller = Controller { config, stats };
     for stream in listener.incoming() {

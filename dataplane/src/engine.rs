@@ -9,8 +9,11 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 
 use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
+use crate::fastmap::mac_key;
 use crate::flowcache::{self, FlowCache};
 use crate::handoff::{Fabric, Handed, LANE_DEPTH};
+use crate::lb4::ProbeTarget;
+use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
@@ -61,6 +64,15 @@ struct Core {
     handoff_full: u64,
     /// Busy rounds since the last fold.
     unfolded: u32,
+    probes: Probes,
+}
+
+/// Health-monitor rounds this worker has seen, and the probe it builds.
+struct Probes {
+    generation: u64,
+    /// Per monitored load balancer of `generation`: its last round.
+    seen: Vec<u64>,
+    frame: [u8; PROBE_LEN],
 }
 
 /// One worker thread's state: its ports, buffers, counters and learned MACs.
@@ -112,6 +124,11 @@ impl Worker {
                 handed_in: 0,
                 handoff_full: 0,
                 unfolded: 0,
+                probes: Probes {
+                    generation: 0,
+                    seen: Vec::with_capacity(64),
+                    frame: [0; PROBE_LEN],
+                },
             },
             tables,
             stats,
@@ -180,6 +197,7 @@ impl Worker {
         if let Some(c) = core.cache.as_mut() {
             c.sync(&tables, core.learned.version());
         }
+        core.send_probes(&tables, *shard);
         crate::stateful::serve_flush(stats, &mut core.learned.stateful);
         if shard.count > 1 {
             core.apply_learned(fabric, shard.index);
@@ -398,6 +416,119 @@ impl Core {
             }
         }
         total
+    }
+
+    /// Sends the probes of the health-monitor rounds started since the last
+    /// poll, those whose flow this worker owns ([`crate::lb4_health`]).
+    // once per poll: an atomic load per monitored load balancer.
+    fn send_probes(&mut self, tables: &Tables, shard: Shard) {
+        let lb = &tables.stateful.lb;
+        if lb.monitors.is_empty() {
+            return;
+        }
+        if self.probes.generation != tables.generation {
+            self.probes.generation = tables.generation;
+            self.probes.seen.clear();
+            self.probes
+                .seen
+                .extend(lb.monitors.iter().map(|m| m.round.load(Ordering::Relaxed)));
+            return;
+        }
+        let mut sent = false;
+        for (i, m) in lb.monitors.iter().enumerate() {
+            let round = m.round.load(Ordering::Relaxed);
+            match self.probes.seen.get_mut(i) {
+                Some(seen) if *seen != round => *seen = round,
+                _ => continue,
+            }
+            for target in &m.targets {
+                sent |= self.send_probe(tables, shard, target, round);
+            }
+        }
+        if sent {
+            self.flush_all();
+        }
+    }
+
+    /// Queues the SYN of `target`'s probe, through its port's security
+    /// group like routed traffic; false when it cannot be sent from here.
+    fn send_probe(
+        &mut self,
+        tables: &Tables,
+        shard: Shard,
+        target: &ProbeTarget,
+        round: u64,
+    ) -> bool {
+        let Some(sw) = tables.switches.get(target.switch as usize) else {
+            return false;
+        };
+        let (Some(gw), 0) = (sw.gateway, sw.vlan) else {
+            return false;
+        };
+        let Some(mac) = sw
+            .arp
+            .get(&u32::from(target.ip))
+            .copied()
+            .or_else(|| self.learned.neighbor(target.switch, target.ip))
+        else {
+            return false;
+        };
+        let lport = sw
+            .macs
+            .get(&mac_key(&mac))
+            .copied()
+            .or_else(|| self.learned.lookup(target.switch, &mac));
+        let (Some(lport), Some(sport)) = (lport, probe_port(target.slot)) else {
+            return false;
+        };
+        let Some(out) = tables
+            .lports
+            .get(lport as usize)
+            .map(|l| usize::from(l.port))
+        else {
+            return false;
+        };
+        let seq = u32::try_from(round & 0xffff_ffff).unwrap_or(0);
+        let n = build_probe(
+            &mut self.probes.frame,
+            mac,
+            gw.mac,
+            gw.ip,
+            target.ip,
+            sport,
+            target.port,
+            seq,
+        );
+        let frame = &self.probes.frame[..n];
+        if crate::steer::frame_worker(tables, frame, shard.count) != shard.index {
+            return false;
+        }
+        let Ok(p) = crate::packet::parse(frame) else {
+            return false;
+        };
+        if crate::stateful::to_lport(
+            tables,
+            &mut self.learned.stateful,
+            lport,
+            &p,
+            frame,
+            &mut NoTrace,
+        )
+        .is_err()
+        {
+            return false;
+        }
+        if let Some(c) = tables.stateful.lb.probes_sent.get(target.slot as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        enqueue(
+            &mut self.ports,
+            &mut self.tx,
+            &mut self.local,
+            out,
+            &[],
+            frame,
+        )
     }
 
     fn flush_all(&mut self) {

@@ -49,7 +49,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -93,7 +93,25 @@ pub struct LoadBalancerSpec {
     /// What a new connection's member is chosen by.
     #[serde(default)]
     pub hash: LbHash,
+    /// TCP connect probes from the router; members that fail them get no
+    /// new connections ([`crate::lb4_health`]).
+    #[serde(default)]
+    pub monitor: Option<LbMonitorSpec>,
     pub members: Vec<LbMemberSpec>,
+}
+
+/// A TCP health monitor: a SYN from the router's address on the member's
+/// subnet every `interval_ms`; a SYN-ACK within `timeout_ms` is a success,
+/// anything else (RST, silence) a failure. `fall` failures in a row take a
+/// member out, `rise` successes bring it back (HAProxy's semantics; members
+/// start in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbMonitorSpec {
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u8,
+    pub fall: u8,
 }
 
 /// The key of the Maglev lookup for a new connection.
@@ -155,6 +173,8 @@ pub enum Lb4Error {
         protocol: &'static str,
         other: String,
     },
+    #[error("Load balancer {lb:?}: monitor {why}")]
+    BadMonitor { lb: String, why: &'static str },
     #[error("Load balancer {lb:?}: no member with a weight above 0")]
     NoMembers { lb: String },
     #[error("Load balancer {lb:?}: member {ip}:{port} is listed twice")]
@@ -197,12 +217,22 @@ impl Vip {
     /// The member for a new connection `k` (client → VIP).
     // hot path (new connections): a mix and one table read.
     #[inline]
-    pub fn pick(&self, k: &Key) -> Option<&Member> {
+    /// A member its monitor took out is skipped: the next table entries
+    /// are tried, so only its own connections move (spread like its
+    /// entries' neighbours), and `None` when every member is out.
+    pub fn pick(&self, k: &Key, up: &[AtomicBool]) -> Option<&Member> {
         let hash = match self.hash {
             LbHash::SourceIpPort => flow_hash(k),
             LbHash::SourceIp => client_hash(k),
         };
-        self.members.get(self.maglev.lookup(hash)?)
+        (0..PICK_TRIES).find_map(|i| {
+            let m = self
+                .members
+                .get(self.maglev.lookup(hash.wrapping_add(i))?)?;
+            up.get(m.slot as usize)
+                .is_none_or(|u| u.load(Ordering::Relaxed))
+                .then_some(m)
+        })
     }
 
     /// The member at `addr:port` (after an apply: a connection's member).
@@ -212,6 +242,10 @@ impl Vip {
             .find(|m| m.addr == addr && m.port == port)
     }
 }
+
+/// Table entries tried past a member that is out (the chance that a
+/// healthy member owns none of them is negligible unless nearly all are out).
+const PICK_TRIES: u64 = 64;
 
 /// The Maglev hash of a connection: client address, client port, protocol
 /// (the VIP is fixed per table). Stable across processes and releases.
@@ -254,8 +288,47 @@ pub struct Lb4Tables {
     pub names: Arc<[(Arc<str>, Ipv4Addr, u16)]>,
     pub flows: Arc<[AtomicU64]>,
     pub packets: Arc<[AtomicU64]>,
+    /// Per slot: whether the member takes new connections (its monitor's
+    /// verdict, kept across applies by [`crate::lb4_health`]).
+    pub up: Arc<[AtomicBool]>,
+    /// Per slot: probes sent and answered (SYN-ACK).
+    pub probes_sent: Arc<[AtomicU64]>,
+    pub probes_answered: Arc<[AtomicU64]>,
+    /// The monitored load balancers.
+    pub monitors: Arc<[Monitor]>,
     /// Every VIP and member endpoint ([`endpoint`]), for steering.
     pub endpoints: FastMap<u64, ()>,
+}
+
+/// A monitored load balancer: what its probes go to.
+#[derive(Debug)]
+pub struct Monitor {
+    pub name: Arc<str>,
+    pub spec: LbMonitorSpec,
+    /// Bumped by the monitor thread: every worker sends the probes of a
+    /// new round it owns ([`crate::lb4_health`]).
+    pub round: AtomicU64,
+    pub targets: Vec<ProbeTarget>,
+}
+
+/// A member to probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub slot: u32,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// The member's switch (the router's leg the probe leaves from).
+    pub switch: u32,
+}
+
+/// A member's health as the data plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberHealth {
+    /// No monitor: always takes connections.
+    Unmonitored,
+    Up,
+    Down,
 }
 
 /// One member's counters, as reported by `{"op":"lb_stats"}`.
@@ -268,20 +341,39 @@ pub struct LbMemberStats {
     pub flows: u64,
     /// Packets of those connections, both directions.
     pub packets: u64,
+    pub health: MemberHealth,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
 }
 
 impl Lb4Tables {
     /// Counters per member, in configuration order.
     pub fn stats(&self) -> Vec<LbMemberStats> {
+        let load = |v: &[AtomicU64], i: usize| v.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+        let monitored = |slot: usize| {
+            self.monitors
+                .iter()
+                .any(|m| m.targets.iter().any(|t| t.slot as usize == slot))
+        };
         self.names
             .iter()
-            .zip(self.flows.iter().zip(self.packets.iter()))
-            .map(|((lb, ip, port), (f, p))| LbMemberStats {
+            .enumerate()
+            .map(|(i, (lb, ip, port))| LbMemberStats {
                 load_balancer: lb.to_string(),
                 ip: *ip,
                 port: *port,
-                flows: f.load(Ordering::Relaxed),
-                packets: p.load(Ordering::Relaxed),
+                flows: load(&self.flows, i),
+                packets: load(&self.packets, i),
+                health: match (
+                    monitored(i),
+                    self.up.get(i).map(|u| u.load(Ordering::Relaxed)),
+                ) {
+                    (false, _) => MemberHealth::Unmonitored,
+                    (true, Some(false)) => MemberHealth::Down,
+                    (true, _) => MemberHealth::Up,
+                },
+                probes_sent: load(&self.probes_sent, i),
+                probes_answered: load(&self.probes_answered, i),
             })
             .collect()
     }
@@ -374,6 +466,7 @@ pub fn compile(
         return Err(Lb4Error::TooManyMembers { count });
     }
     let mut seen_names: HashMap<&str, ()> = HashMap::new();
+    let mut monitors = Vec::new();
     let mut names = Vec::with_capacity(count);
     let mut endpoints = crate::fastmap::with_capacity(count + specs.len());
     // (router, VIP endpoint) → load balancer name, for duplicates.
@@ -454,6 +547,10 @@ pub fn compile(
             return Err(dup("a NAT rule".into()));
         }
         let name: Arc<str> = Arc::from(lb);
+        if let Some(m) = &s.monitor {
+            check_monitor(lb, s.protocol, m)?;
+        }
+        let mut targets = Vec::new();
         let mut members = Vec::with_capacity(s.members.len());
         let mut table_names = Vec::with_capacity(s.members.len());
         for m in &s.members {
@@ -464,13 +561,13 @@ pub fn compile(
                     what: "member",
                 });
             }
-            if !switches.iter().any(|sw| on_router(sw, ip)) {
+            let Some(member_switch) = switches.iter().position(|sw| on_router(sw, ip)) else {
                 return Err(Lb4Error::MemberOffRouter {
                     lb: lb.into(),
                     ip,
                     router: s.router.clone(),
                 });
-            }
+            };
             if members
                 .iter()
                 .any(|o: &Member| o.addr == from_v4(ip) && o.port == m.port)
@@ -482,6 +579,14 @@ pub fn compile(
                 });
             }
             let slot = u32::try_from(names.len()).unwrap_or(NO_MEMBER);
+            if s.monitor.is_some() {
+                targets.push(ProbeTarget {
+                    slot,
+                    ip,
+                    port: m.port,
+                    switch: u32::try_from(member_switch).unwrap_or(u32::MAX),
+                });
+            }
             names.push((name.clone(), ip, m.port));
             endpoints.insert(endpoint(proto, from_v4(ip), m.port), ());
             members.push(Member {
@@ -497,6 +602,14 @@ pub fn compile(
             return Err(Lb4Error::NoMembers { lb: lb.into() });
         }
         endpoints.insert(key, ());
+        if let Some(spec) = s.monitor {
+            monitors.push(Monitor {
+                name: name.clone(),
+                spec,
+                round: AtomicU64::new(0),
+                targets,
+            });
+        }
         let maglev = Maglev::new(&table_names, table_size(table_names.len()));
         stage.lb.insert(
             key,
@@ -512,9 +625,35 @@ pub fn compile(
     Ok(Lb4Tables {
         flows: zeros(names.len()),
         packets: zeros(names.len()),
+        up: (0..names.len()).map(|_| AtomicBool::new(true)).collect(),
+        probes_sent: zeros(names.len()),
+        probes_answered: zeros(names.len()),
+        monitors: monitors.into(),
         names: names.into(),
         endpoints,
     })
+}
+
+fn check_monitor(lb: &str, protocol: LbProtocol, m: &LbMonitorSpec) -> Result<(), Lb4Error> {
+    let bad = |why| {
+        Err(Lb4Error::BadMonitor {
+            lb: lb.to_owned(),
+            why,
+        })
+    };
+    if protocol != LbProtocol::Tcp {
+        return bad("probes TCP members only (UDP has no handshake to answer)");
+    }
+    if !(100..=3_600_000).contains(&m.interval_ms) {
+        return bad("interval_ms must be 100..=3600000");
+    }
+    if m.timeout_ms == 0 || m.timeout_ms > m.interval_ms {
+        return bad("timeout_ms must be 1..=interval_ms");
+    }
+    if !(1..=10).contains(&m.rise) || !(1..=10).contains(&m.fall) {
+        return bad("rise and fall must be 1..=10");
+    }
+    Ok(())
 }
 
 /// The address and port of a member or VIP as text (traces).

@@ -38,6 +38,7 @@ fn lb(protocol: LbProtocol, members: Vec<LbMemberSpec>) -> LoadBalancerSpec {
         protocol,
         port: 80,
         hash: LbHash::default(),
+        monitor: None,
         members,
     }
 }
@@ -372,4 +373,142 @@ fn trace_shows_the_lb_stage() {
     let lb = tr.steps.iter().find(|s| s.stage == "lb").expect("lb stage");
     assert!(lb.decision.contains("\"web\""), "{}", lb.decision);
     assert!(lb.decision.contains("10.0.1.100:80"), "{}", lb.decision);
+}
+
+#[test]
+fn monitors_are_checked_and_members_out_are_skipped() {
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    let monitor = |interval_ms, timeout_ms, rise, fall| crate::lb4::LbMonitorSpec {
+        interval_ms,
+        timeout_ms,
+        rise,
+        fall,
+    };
+    for bad in [
+        monitor(50, 10, 1, 1),
+        monitor(1000, 2000, 1, 1),
+        monitor(1000, 500, 0, 1),
+        monitor(1000, 500, 1, 11),
+    ] {
+        s.load_balancers[0].monitor = Some(bad);
+        assert!(matches!(err(&s), Lb4Error::BadMonitor { .. }), "{bad:?}");
+    }
+    let mut udp = s.clone();
+    udp.load_balancers[0].protocol = LbProtocol::Udp;
+    udp.load_balancers[0].monitor = Some(monitor(1000, 500, 1, 1));
+    assert!(matches!(err(&udp), Lb4Error::BadMonitor { .. }));
+
+    s.load_balancers[0].monitor = Some(monitor(1000, 500, 2, 3));
+    let mut r = Rig::new(&s);
+    let lb = &r.t.stateful.lb;
+    assert_eq!(lb.monitors.len(), 1);
+    let targets: Vec<(u32, Ipv4Addr)> = lb.monitors[0]
+        .targets
+        .iter()
+        .map(|t| (t.slot, t.ip))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            (0, Ipv4Addr::new(10, 0, 2, 10)),
+            (1, Ipv4Addr::new(10, 0, 2, 11))
+        ]
+    );
+    // vm3 out: every new connection goes to vm5, open ones stay.
+    let kept = r.connect(6, 40000, SYN);
+    r.reply(6, kept, 40000);
+    r.t.stateful.lb.up[0].store(false, std::sync::atomic::Ordering::Relaxed);
+    for sport in 41000..41100u16 {
+        assert_eq!(r.connect(6, sport, SYN), [10, 0, 2, 11], "sport {sport}");
+    }
+    assert_eq!(
+        r.connect(6, 40000, ACK),
+        kept,
+        "an open connection keeps its member"
+    );
+    // Both out: new connections are dropped, counted.
+    r.t.stateful.lb.up[1].store(false, std::sync::atomic::Ordering::Relaxed);
+    let (v, _) = r.run(0, &l4(GW_A, VM1, "10.0.1.10", VIP, 6, (42000, 80), SYN));
+    assert_eq!(v, Verdict::Drop(crate::counters::DropReason::LbNoMemberUp));
+    let stats = r.t.stateful.lb.stats();
+    assert_eq!(stats[0].health, crate::lb4::MemberHealth::Down);
+}
+
+#[test]
+fn a_probe_answer_is_counted_and_reset() {
+    use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    s.load_balancers[0].monitor = Some(crate::lb4::LbMonitorSpec {
+        interval_ms: 1000,
+        timeout_ms: 500,
+        rise: 1,
+        fall: 1,
+    });
+    let mut r = Rig::new(&s);
+    let gw: Ipv4Addr = "10.0.2.1".parse().unwrap();
+    let vm5: Ipv4Addr = "10.0.2.11".parse().unwrap();
+    // The probe the worker sends vm5 is a well-formed SYN.
+    let mut probe = [0u8; PROBE_LEN];
+    let n = build_probe(
+        &mut probe,
+        VM5,
+        GW_B,
+        gw,
+        vm5,
+        probe_port(1).unwrap(),
+        8080,
+        7,
+    );
+    assert!(checksums_ok(&probe[..n]));
+    // vm5's SYN-ACK to the router: counted, answered with a RST.
+    let mut synack = l4(
+        GW_B,
+        VM5,
+        "10.0.2.11",
+        "10.0.2.1",
+        6,
+        (8080, probe_port(1).unwrap()),
+        SYN | ACK,
+    );
+    synack[14 + 20 + 8..14 + 20 + 12].copy_from_slice(&8u32.to_be_bytes());
+    let synack = {
+        // The ack number changed: fix the TCP checksum.
+        let mut f = synack;
+        f[14 + 20 + 16..14 + 20 + 18].fill(0);
+        let seg = f[34..].to_vec();
+        let mut sum = accumulate(0, &[10, 0, 2, 11]);
+        sum = accumulate(sum, &[10, 0, 2, 1]);
+        sum = accumulate(sum, &[0, 6]);
+        sum = accumulate(sum, &u16::try_from(seg.len()).unwrap().to_be_bytes());
+        sum = accumulate(sum, &seg);
+        f[50..52].copy_from_slice(&finish(sum).to_be_bytes());
+        f
+    };
+    let (v, out) = r.run(2, &synack);
+    assert_eq!(v, Verdict::Reply);
+    assert_eq!(&out[0..6], &VM5);
+    assert_eq!(&out[26..30], &[10, 0, 2, 1]);
+    assert_eq!(&out[30..34], &[10, 0, 2, 11]);
+    assert_eq!(out[47], crate::conntrack::tcp::RST);
+    assert_eq!(&out[38..42], &8u32.to_be_bytes(), "sequence = their ack");
+    assert!(checksums_ok(&out));
+    let stats = r.t.stateful.lb.stats();
+    assert_eq!(stats[1].probes_answered, 1);
+    assert_eq!(stats[0].probes_answered, 0);
+    assert_eq!(stats[1].health, crate::lb4::MemberHealth::Up);
+    // A SYN-ACK naming another member's slot is not taken for a probe.
+    let (v, _) = r.run(
+        2,
+        &l4(
+            GW_B,
+            VM5,
+            "10.0.2.11",
+            "10.0.2.1",
+            6,
+            (8080, probe_port(0).unwrap()),
+            SYN | ACK,
+        ),
+    );
+    assert_ne!(v, Verdict::Reply);
+    assert_eq!(r.t.stateful.lb.stats()[0].probes_answered, 0);
 }

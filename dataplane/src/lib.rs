@@ -198,6 +198,7 @@ pub mod flowcache;
 mod flowcache_tests;
 pub mod handoff;
 pub mod lb4;
+pub mod lb4_health;
 #[cfg(test)]
 mod lb4_tests;
 pub mod lpm;

@@ -448,11 +448,18 @@ pub fn pre_route<T: Tracer>(
     }
     let mut cur = key;
     if !rs.lb.is_empty() {
-        // (Every compiled VIP has a member with weight: `pick` finds one.)
+        // Every compiled VIP has a member with weight: `pick` finds one
+        // unless its monitor took every member out.
         let vip = rs
             .lb
             .get(&crate::lb4::endpoint(key.proto, key.dst, key.dport));
-        if let Some((vip, m)) = vip.and_then(|v| Some((v, v.pick(&key)?))) {
+        if let Some(vip) = vip {
+            let Some(m) = vip.pick(&key, &t.stateful.lb.up) else {
+                tr.note("lb", || {
+                    format!("drop: load balancer {:?} has no member up", vip.name)
+                });
+                return Err(DropReason::LbNoMemberUp);
+            };
             cur.dst = m.addr;
             cur.dport = m.port;
             if !rewrite(buf, p, &key, &cur) {

@@ -787,6 +787,9 @@ fn route<T: Tracer>(
         (p, ip)
     };
     if router.own_ips.contains(&ip.dst) {
+        if let Some(d) = crate::lb4_health::take_answer(t, p, &ip, buf, len, tr) {
+            return d;
+        }
         if p.l4
             == (L4::Icmp {
                 ty: ICMP_ECHO_REQUEST,

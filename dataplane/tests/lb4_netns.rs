@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_dataplane::control::{Request, Response};
-use keel_dataplane::lb4::{LbMemberSpec, LbMemberStats, LbProtocol, LoadBalancerSpec};
+use keel_dataplane::lb4::{
+    LbMemberSpec, LbMemberStats, LbMonitorSpec, LbProtocol, LoadBalancerSpec, MemberHealth,
+};
 use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
 
 mod common;
@@ -57,6 +59,7 @@ fn state(members: &[(usize, u16)]) -> DesiredState {
         protocol,
         port,
         hash: Default::default(),
+        monitor: None,
         members: members
             .iter()
             .map(|&(i, weight)| LbMemberSpec {
@@ -377,4 +380,96 @@ fn udp_requests_are_answered_through_the_vip() {
     lab.hosts[CLIENT]
         .sh(&format!("ping -c 2 -i 0.2 -W 2 {VIP}"))
         .unwrap();
+}
+
+/// A TCP monitor on "web": probes every 200 ms, two in a row decide.
+fn monitored(members: &[(usize, u16)]) -> DesiredState {
+    let mut s = state(members);
+    s.load_balancers[0].monitor = Some(LbMonitorSpec {
+        interval_ms: 200,
+        timeout_ms: 150,
+        rise: 2,
+        fall: 2,
+    });
+    s
+}
+
+/// The data plane probes the members itself (SYN from the router, RST
+/// after the SYN-ACK): a member whose server stops is taken out of new
+/// connections, and comes back when it listens again.
+#[test]
+fn monitored_members_that_stop_answering_get_no_new_connections() {
+    monitor_members(&lab(&[]));
+}
+
+/// The same with two workers: each probe leaves from the worker its
+/// answer is steered to.
+#[test]
+fn monitored_members_with_two_workers() {
+    monitor_members(&lab(&["--workers", "2"]));
+}
+
+fn monitor_members(lab: &Lab) {
+    lab.apply(&monitored(&ALL));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_m3 = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listen = |i: usize, stop: &Arc<AtomicBool>| {
+        let l = in_netns(lab.ns(i), || TcpListener::bind("0.0.0.0:8080").unwrap());
+        serve_tcp(HOSTS[i].0, l, accepted.clone(), stop.clone());
+    };
+    listen(1, &stop);
+    listen(2, &stop);
+    listen(3, &stop_m3);
+    let member = |i: usize| {
+        lb_stats(lab)
+            .into_iter()
+            .find(|s| s.load_balancer == "web" && s.ip.to_string() == ip_of(i))
+            .unwrap()
+    };
+    wait_for(
+        || (1..=3).all(|i| member(i).probes_answered >= 2),
+        "every member answers probes",
+    );
+    assert!((1..=3).all(|i| member(i).health == MemberHealth::Up));
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        0,
+        "probes are reset before the server accepts them"
+    );
+
+    stop_m3.store(true, Ordering::Relaxed);
+    wait_for(|| member(3).health == MemberHealth::Down, "m3 taken out");
+    let mut to: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let (_, line) = connect(lab);
+        *to.entry(line.split(' ').next().unwrap().into())
+            .or_default() += 1;
+    }
+    assert!(!to.contains_key("m3"), "{to:?}");
+    assert!(to.contains_key("m1") && to.contains_key("m2"), "{to:?}");
+
+    listen(3, &stop);
+    wait_for(|| member(3).health == MemberHealth::Up, "m3 back");
+    let mut back = false;
+    for _ in 0..60 {
+        if connect(lab).1.starts_with("m3 ") {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "m3 gets new connections again");
+    let Response::Stats { stats } = lab.request(&Request::Stats) else {
+        panic!("stats");
+    };
+    assert!(
+        stats.outcomes["lb_probe_answered"] > 0,
+        "{:?}",
+        stats.outcomes
+    );
+    assert!(
+        stats.outcomes["lb_probe_refused"] > 0,
+        "m3 refused while out"
+    );
+    stop.store(true, Ordering::Relaxed);
 }
