@@ -44,8 +44,14 @@
 //!
 //! # Assumptions / not yet
 //!
-//! IPv4 only. No health checks here (the control plane sends the member set
-//! it wants, e.g. only healthy members); no connection limits.
+//! - **Health.** A load balancer with a monitor has its TCP members probed
+//!   by the data plane ([`crate::lb4_health`]); a member out is skipped by
+//!   [`Vip::pick`] (the next table entries are tried), so only its own
+//!   connections move and open ones are kept.
+//!
+//! # Assumptions / not yet
+//!
+//! IPv4 only; no connection limits; UDP members are not probed.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

@@ -10,21 +10,23 @@
 //! What a VPC VIP supports: TCP and UDP listeners and pools,
 //! `SOURCE_IP_PORT` (each connection hashed on its own) and `SOURCE_IP`
 //! (a client's connections together; also `SOURCE_IP` persistence),
-//! weights (0 drains), members disabled by `admin_state_up` (drained).
-//! Refused with the reason: HTTP/HTTPS/TERMINATED_HTTPS (L7 needs a host
-//! VIP), round robin and least connections, health monitors (the data plane
-//! has no prober yet), backup members, connection limits, IPv6. Timeouts
-//! are the data plane's connection-tracking ones.
+//! weights (0 drains), members disabled by `admin_state_up` (drained), TCP
+//! health monitors on TCP pools (probed by the data plane,
+//! [`keel_dataplane::lb4_health`]). Refused with the reason:
+//! HTTP/HTTPS/TERMINATED_HTTPS (L7 needs a host VIP), round robin and least
+//! connections, other monitor types, backup members, connection limits,
+//! IPv6. Timeouts are the data plane's connection-tracking ones.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use keel_dataplane::lb4::{LbHash, LbMemberSpec, LbProtocol, LoadBalancerSpec};
+use keel_dataplane::lb4::{LbHash, LbMemberSpec, LbMonitorSpec, LbProtocol, LoadBalancerSpec};
 
 use crate::model::{
-    LbAlgorithm, Listener, ListenerProtocol, LoadBalancer, PersistenceType, Pool, PoolProtocol,
+    HealthMonitor, LbAlgorithm, Listener, ListenerProtocol, LoadBalancer, MonitorType,
+    PersistenceType, Pool, PoolProtocol,
 };
-use crate::plan::{range, ValidationError};
+use crate::plan::{compile_monitor, range, ValidationError};
 
 /// Why an L7 feature is refused on a VPC VIP.
 const L7: &str = "on a VPC VIP (the data plane balances TCP and UDP; HTTP needs a host VIP)";
@@ -48,7 +50,43 @@ fn transport(l: ListenerProtocol) -> Option<LbProtocol> {
 struct L4Pool<'a> {
     pool: &'a Pool,
     hash: LbHash,
+    monitor: Option<LbMonitorSpec>,
     members: Vec<LbMemberSpec>,
+}
+
+/// The data plane's probes for a TCP monitor (disabled: none).
+fn check_monitor(
+    hm: &HealthMonitor,
+    protocol: PoolProtocol,
+    at: &str,
+) -> Result<Option<LbMonitorSpec>, ValidationError> {
+    if hm.kind != MonitorType::Tcp || protocol != PoolProtocol::Tcp {
+        return Err(unsupported(
+            at,
+            format!(
+                "a {} monitor on a {} pool of a VPC VIP (the data plane probes TCP \
+                 connects to TCP members)",
+                format!("{:?}", hm.kind).to_uppercase(),
+                format!("{protocol:?}").to_uppercase()
+            ),
+        ));
+    }
+    compile_monitor(hm, at)?;
+    if hm.delay > 3600 {
+        return Err(range(
+            format!("{at} healthmonitor"),
+            "delay",
+            i64::from(hm.delay),
+            "1-3600 s",
+        ));
+    }
+    let narrow = |v: u32| u8::try_from(v).unwrap_or(u8::MAX);
+    Ok(hm.admin_state_up.then(|| LbMonitorSpec {
+        interval_ms: hm.delay * 1000,
+        timeout_ms: hm.timeout * 1000,
+        rise: narrow(hm.max_retries),
+        fall: narrow(hm.max_retries_down),
+    }))
 }
 
 fn check_pool(pool: &Pool) -> Result<L4Pool<'_>, ValidationError> {
@@ -81,12 +119,10 @@ fn check_pool(pool: &Pool) -> Result<L4Pool<'_>, ValidationError> {
             ))
         }
     }
-    if pool.healthmonitor.is_some() {
-        return Err(unsupported(
-            &at,
-            "a health monitor on a VPC VIP (the data plane has no prober yet)".into(),
-        ));
-    }
+    let monitor = match &pool.healthmonitor {
+        Some(hm) => check_monitor(hm, pool.protocol, &at)?,
+        None => None,
+    };
     let mut ids = HashSet::new();
     let mut endpoints = HashSet::new();
     let mut members = Vec::with_capacity(pool.members.len());
@@ -108,11 +144,7 @@ fn check_pool(pool: &Pool) -> Result<L4Pool<'_>, ValidationError> {
             return Err(range(m_at, "weight", i64::from(m.weight), "0-256"));
         }
         if m.backup {
-            return Err(unsupported(
-                &m_at,
-                "a backup member on a VPC VIP (members are never marked down without a monitor)"
-                    .into(),
-            ));
+            return Err(unsupported(&m_at, "a backup member on a VPC VIP".into()));
         }
         if !endpoints.insert((m.address, m.protocol_port)) {
             return Err(ValidationError::InvalidValue {
@@ -131,6 +163,7 @@ fn check_pool(pool: &Pool) -> Result<L4Pool<'_>, ValidationError> {
     Ok(L4Pool {
         pool,
         hash,
+        monitor,
         members,
     })
 }
@@ -245,6 +278,7 @@ pub fn compile(lb: &LoadBalancer, router: &str) -> Result<Vec<LoadBalancerSpec>,
                 protocol,
                 port: l.protocol_port,
                 hash: pool.hash,
+                monitor: pool.monitor,
                 members: pool.members.clone(),
             });
         }
@@ -306,6 +340,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tcp_monitor_becomes_data_plane_probes() {
+        let mut d = base();
+        d["pools"][1]["healthmonitor"] =
+            serde_json::json!({"type": "TCP", "delay": 2, "timeout": 1, "max_retries": 2});
+        let lbs = compile(&doc(d.clone()), "r").unwrap();
+        assert_eq!(
+            lbs[1].monitor,
+            Some(LbMonitorSpec {
+                interval_ms: 2000,
+                timeout_ms: 1000,
+                rise: 2,
+                fall: 3
+            })
+        );
+        d["pools"][1]["healthmonitor"]["delay"] = 7200.into();
+        let e = compile(&doc(d.clone()), "r").unwrap_err().to_string();
+        assert!(e.contains("delay"), "{e}");
+        d["pools"][0]["healthmonitor"] =
+            serde_json::json!({"type": "TCP", "delay": 2, "timeout": 1, "max_retries": 2});
+        d["pools"][1]["healthmonitor"]["delay"] = 2.into();
+        let e = compile(&doc(d), "r").unwrap_err().to_string();
+        assert!(e.contains("UDP pool"), "{e}");
+    }
+
+    #[test]
     fn what_the_data_plane_cannot_do_is_refused_with_the_reason() {
         let cases: [(&str, serde_json::Value, &str); 8] = [
             (
@@ -320,8 +379,8 @@ mod tests {
             ),
             (
                 "/pools/1/healthmonitor",
-                serde_json::json!({"type": "TCP", "delay": 5, "timeout": 5, "max_retries": 3}),
-                "no prober",
+                serde_json::json!({"type": "HTTP", "delay": 5, "timeout": 5, "max_retries": 3}),
+                "probes TCP connects",
             ),
             ("/pools/1/members/0/backup", true.into(), "backup member"),
             (

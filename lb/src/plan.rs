@@ -667,7 +667,10 @@ fn compile_member(m: &Member, at: String) -> Result<MemberPlan, ValidationError>
     })
 }
 
-fn compile_monitor(hm: &HealthMonitor, pool_at: &str) -> Result<MonitorPlan, ValidationError> {
+pub(crate) fn compile_monitor(
+    hm: &HealthMonitor,
+    pool_at: &str,
+) -> Result<MonitorPlan, ValidationError> {
     let at = format!("{pool_at} healthmonitor");
     let kind = match hm.kind {
         MonitorType::Http => ProbeKind::Http,

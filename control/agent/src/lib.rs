@@ -28,6 +28,7 @@
 //! the backends the next `keel up` starts.
 
 pub mod accel;
+pub mod children;
 pub mod disk_servers;
 pub mod domain_xml;
 pub mod inventory;

@@ -146,7 +146,7 @@ impl LbServers {
         let status = free_loopback_port().map_err(spawn_err)?;
         let log = std::fs::File::create(self.log(id)).map_err(spawn_err)?;
         let log2 = log.try_clone().map_err(spawn_err)?;
-        let mut child = Command::new(&self.keel_bin)
+        let mut child = crate::children::end_with_agent(&mut Command::new(&self.keel_bin))
             .arg("lb")
             .arg("--config")
             .arg(self.document(id))

@@ -33,6 +33,7 @@ use keel_control::api::router_rules::{
 };
 use keel_control::api::routers::RouterSpec as ApiRouter;
 use keel_control::api::security_groups::{self as api_sg, SgSpec};
+use keel_dataplane::lb4::{LbMemberStats, MemberHealth};
 use keel_dataplane::model::FirewallRuleSpec;
 use keel_dataplane::model::{
     DesiredState, DhcpSpec, EtherType, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
@@ -601,12 +602,24 @@ fn balanced_here(
 }
 
 /// The status tree of a VPC load balancer, in the proxy's shape: a
-/// listener is ONLINE when `forwarded` (the data plane has it), members
-/// are NO_MONITOR (no prober) or OFFLINE when drained.
+/// listener is ONLINE when `forwarded` (the data plane has it); a member
+/// is what the data plane's monitor says (`health`: ONLINE, ERROR, or
+/// NO_MONITOR), OFFLINE when disabled or drained.
 pub fn vpc_lb_status(
     lb: &keel_lb::LoadBalancer,
     forwarded: impl Fn(&str) -> bool,
+    health: impl Fn(std::net::IpAddr, u16) -> Option<MemberHealth>,
 ) -> serde_json::Value {
+    let member_status = |m: &keel_lb::model::Member| {
+        if !m.admin_state_up || m.weight == 0 {
+            return "OFFLINE";
+        }
+        match health(m.address, m.protocol_port) {
+            Some(MemberHealth::Up) => "ONLINE",
+            Some(MemberHealth::Down) => "ERROR",
+            _ => "NO_MONITOR",
+        }
+    };
     let online = |up: bool| if up { "ONLINE" } else { "OFFLINE" };
     serde_json::json!({
         "id": lb.id,
@@ -627,7 +640,7 @@ pub fn vpc_lb_status(
                 "address": m.address,
                 "protocol_port": m.protocol_port,
                 "provisioning_status": "ACTIVE",
-                "operating_status": if m.admin_state_up && m.weight > 0 { "NO_MONITOR" } else { "OFFLINE" },
+                "operating_status": member_status(m),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -699,6 +712,7 @@ impl Dataplane {
         let log = std::fs::File::create(&log_path).map_err(NetworkError::Spawn)?;
         let log2 = log.try_clone().map_err(NetworkError::Spawn)?;
         let mut cmd = Command::new(&self.keel_bin);
+        crate::children::end_with_agent(&mut cmd);
         cmd.arg("dataplane")
             .arg("--config")
             .arg(&config)
@@ -743,6 +757,20 @@ impl Dataplane {
         );
         self.running = Some((child, state.clone()));
         Ok(())
+    }
+
+    /// The load-balancer member counters and health of the running data
+    /// plane (none when it is not running or does not answer).
+    pub fn lb_stats(&self) -> Vec<LbMemberStats> {
+        if self.running.is_none() {
+            return Vec::new();
+        }
+        let socket = self.run_dir.join("dataplane.sock");
+        match keel_dataplane::control::request(&socket, &keel_dataplane::control::Request::LbStats)
+        {
+            Ok(keel_dataplane::control::Response::LbStats { members }) => members,
+            _ => Vec::new(),
+        }
     }
 
     /// Keeps the state the data plane runs with in `dataplane.json` (its
@@ -1130,7 +1158,9 @@ mod tests {
         keel_dataplane::config::compile(&state, &interfaces, 1).unwrap();
         let config: keel_lb::LoadBalancer =
             serde_json::from_value(lbs[0].spec["config"].clone()).unwrap();
-        let tree = vpc_lb_status(&config, |id| id == "lb1-l");
+        let down = vpc_lb_status(&config, |_| true, |_, _| Some(MemberHealth::Down));
+        assert_eq!(down["pools"][0]["members"][0]["operating_status"], "ERROR");
+        let tree = vpc_lb_status(&config, |id| id == "lb1-l", |_, _| None);
         assert_eq!(tree["listeners"][0]["operating_status"], "ONLINE");
         assert_eq!(
             tree["pools"][0]["members"][0]["operating_status"],

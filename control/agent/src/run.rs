@@ -1081,16 +1081,42 @@ impl Agent {
         lbs: &[Record],
         state: &keel_dataplane::model::DesiredState,
     ) -> Result<(), StepError> {
+        let stats = if state.load_balancers.is_empty() {
+            Vec::new()
+        } else {
+            self.net.lb_stats()
+        };
         for record in lbs {
             let mut spec: LoadBalancerSpec = record.spec()?;
             let router = spec.router_id.clone().unwrap_or_default();
             let here = state.routers.iter().any(|r| r.name == router);
             let (status, reason, observed) = if here {
                 let forwarded = |id: &str| state.load_balancers.iter().any(|l| l.name == id);
+                // Data-plane load balancers are named by listener id.
+                let listeners: Vec<&str> = spec
+                    .config
+                    .listeners
+                    .iter()
+                    .map(|l| l.id.as_str())
+                    .collect();
+                let health = |ip: std::net::IpAddr, port: u16| {
+                    stats
+                        .iter()
+                        .find(|s| {
+                            listeners.contains(&s.load_balancer.as_str())
+                                && std::net::IpAddr::V4(s.ip) == ip
+                                && s.port == port
+                        })
+                        .map(|s| s.health)
+                };
                 (
                     loadbalancers::ACTIVE,
                     String::new(),
-                    Some(crate::network::vpc_lb_status(&spec.config, forwarded)),
+                    Some(crate::network::vpc_lb_status(
+                        &spec.config,
+                        forwarded,
+                        health,
+                    )),
                 )
             } else {
                 (

@@ -314,7 +314,7 @@ fn load_balancer_created_through_the_api_is_served_by_the_host_agent() {
         "POST",
         "/api/v1/loadbalancers",
         &[],
-        Some(doc(both)),
+        Some(doc(both.clone())),
     );
     assert_eq!(status, 201, "{lb}");
     assert_eq!(lb["status"], "PENDING");
@@ -405,5 +405,29 @@ fn load_balancer_created_through_the_api_is_served_by_the_host_agent() {
             "proxy still serving after delete"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // keel killed outright: its proxies end with it (none left to collide
+    // with the ones the next `keel up` starts).
+    let (status, lb) = api(
+        &keel,
+        &token,
+        "POST",
+        "/api/v1/loadbalancers",
+        &[],
+        Some(doc(both.clone())),
+    );
+    assert_eq!(status, 201, "{lb}");
+    let id = lb["id"].as_str().unwrap().to_owned();
+    wait_lb(&keel, &token, &id, "served again", |lb| {
+        lb["status"] == "ACTIVE"
+    });
+    assert!(!proxy_pids(&id).is_empty());
+    keel.signal(libc::SIGKILL).unwrap();
+    let mut polls = 0;
+    while !proxy_pids(&id).is_empty() {
+        polls += 1;
+        assert!(polls < 600, "the proxy outlived keel: {}", proxy_pids(&id));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

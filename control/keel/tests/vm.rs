@@ -1591,7 +1591,8 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
 
     // An L4 load balancer with its VIP on the second subnet, balanced by
     // the router's data plane: two web servers of the second VM (ports
-    // 8001, 8002) behind VIP:8080, fetched from the first VM.
+    // 8001, 8002) behind VIP:8080, fetched from the first VM, with a TCP
+    // health monitor the data plane runs itself.
     set_rules(json!([{"direction": "ingress", "protocol": "icmp"},
                      {"direction": "ingress", "protocol": "tcp",
                       "port_range_min": 8001, "port_range_max": 8002}]));
@@ -1601,6 +1602,8 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         "mkdir -p /w1 /w2 && echo MEMBER-ONE > /w1/id && echo MEMBER-TWO > /w2/id && \
          httpd -p 8001 -h /w1 && httpd -p 8002 -h /w2",
     );
+    let member_status =
+        |l: &Value, i: usize| l["observed"]["pools"][0]["members"][i]["operating_status"].clone();
     assert!(text.contains("W1=0"), "{text}");
     let lb_doc = |drained: u16| {
         json!({"name": "web", "vdc_id": vdc_id, "vip_subnet_id": subnet_ids[1],
@@ -1608,15 +1611,25 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
                "listeners": [{"id": "http", "protocol": "TCP", "protocol_port": 8080,
                               "default_pool_id": "web"}],
                "pools": [{"id": "web", "protocol": "TCP", "lb_algorithm": "SOURCE_IP_PORT",
+                          "healthmonitor": {"type": "TCP", "delay": 1, "timeout": 1,
+                                            "max_retries": 1, "max_retries_down": 2},
                           "members": [
                    {"id": "one", "address": vms[1].1, "protocol_port": 8001},
                    {"id": "two", "address": vms[1].1, "protocol_port": 8002, "weight": drained}]}]})
     };
     let lb = api.ok("POST", "/api/v1/loadbalancers", Some(lb_doc(1)));
     let lb_path = format!("/api/v1/loadbalancers/{}", lb["id"].as_str().unwrap());
-    let served = wait_for(&api, &lb_path, "load balancer ACTIVE", |l| {
-        l["status"] == "ACTIVE" && l["observed"]["listeners"][0]["operating_status"] == "ONLINE"
-    });
+    let served = wait_for(
+        &api,
+        &lb_path,
+        "load balancer ACTIVE, members ONLINE",
+        |l| {
+            l["status"] == "ACTIVE"
+                && l["observed"]["listeners"][0]["operating_status"] == "ONLINE"
+                && member_status(l, 0) == "ONLINE"
+                && member_status(l, 1) == "ONLINE"
+        },
+    );
     assert_eq!(served["router_id"], router["id"], "{served}");
     let fetch = |tag: &str| {
         let text = run_in(
@@ -1636,6 +1649,21 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let (one, two) = fetch("B1");
     assert_eq!(one + two, 16, "every request answered through the VIP");
     assert!(one > 0 && two > 0, "both members serve: {one}/{two}");
+    // The second server stops: the monitor takes it out (ERROR), every new
+    // connection goes to the first; back when it listens again.
+    let text = run_in(&vms[1].0, "K1", "killall httpd; httpd -p 8001 -h /w1");
+    assert!(text.contains("K1=0"), "{text}");
+    wait_for(&api, &lb_path, "the stopped member ERROR", |l| {
+        member_status(l, 1) == "ERROR" && member_status(l, 0) == "ONLINE"
+    });
+    assert_eq!(fetch("B2"), (16, 0), "the member out gets nothing");
+    let text = run_in(&vms[1].0, "K2", "httpd -p 8002 -h /w2");
+    assert!(text.contains("K2=0"), "{text}");
+    wait_for(&api, &lb_path, "the member ONLINE again", |l| {
+        member_status(l, 1) == "ONLINE"
+    });
+    let (_, two) = fetch("B3");
+    assert!(two > 0, "back in the selection");
     // Weight 0 drains the second member: new connections avoid it.
     api.at_revision("PUT", &lb_path, Some(lb_doc(0)));
     eventually("the drain reaches the data plane", || {
