@@ -12,7 +12,7 @@ use crate::counters::{DropReason, LocalPortCounters, Outcome, Stats};
 use crate::fastmap::mac_key;
 use crate::flowcache::{self, FlowCache};
 use crate::handoff::{Fabric, Handed, LANE_DEPTH};
-use crate::lb4::ProbeTarget;
+use crate::lb4::{ProbeKind, ProbeTarget};
 use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
 use crate::pipeline::{process, Learned, NoTrace, Verdict};
@@ -442,7 +442,7 @@ impl Core {
                 _ => continue,
             }
             for target in &m.targets {
-                sent |= self.send_probe(tables, shard, target, round);
+                sent |= self.send_probe(tables, shard, target, m.spec.kind, round);
             }
         }
         if sent {
@@ -457,6 +457,7 @@ impl Core {
         tables: &Tables,
         shard: Shard,
         target: &ProbeTarget,
+        kind: ProbeKind,
         round: u64,
     ) -> bool {
         let Some(sw) = tables.switches.get(target.switch as usize) else {
@@ -491,6 +492,7 @@ impl Core {
         let seq = u32::try_from(round & 0xffff_ffff).unwrap_or(0);
         let n = build_probe(
             &mut self.probes.frame,
+            kind,
             mac,
             gw.mac,
             gw.ip,

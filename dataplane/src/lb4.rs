@@ -51,7 +51,7 @@
 //!
 //! # Assumptions / not yet
 //!
-//! IPv4 only; no connection limits; UDP members are not probed.
+//! IPv4 only; no connection limits; UDP members are probed by ping only.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -106,18 +106,31 @@ pub struct LoadBalancerSpec {
     pub members: Vec<LbMemberSpec>,
 }
 
-/// A TCP health monitor: a SYN from the router's address on the member's
-/// subnet every `interval_ms`; a SYN-ACK within `timeout_ms` is a success,
+/// A health monitor: a probe from the router's address on the member's
+/// subnet every `interval_ms`; its answer within `timeout_ms` is a success,
 /// anything else (RST, silence) a failure. `fall` failures in a row take a
 /// member out, `rise` successes bring it back (HAProxy's semantics; members
 /// start in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LbMonitorSpec {
+    #[serde(default)]
+    pub kind: ProbeKind,
     pub interval_ms: u32,
     pub timeout_ms: u32,
     pub rise: u8,
     pub fall: u8,
+}
+
+/// What a probe is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// A SYN to the member's port, answered by a SYN-ACK (TCP members).
+    #[default]
+    Tcp,
+    /// An ICMP echo request to the member, answered by a reply (any member).
+    Ping,
 }
 
 /// The key of the Maglev lookup for a new connection.
@@ -647,8 +660,8 @@ fn check_monitor(lb: &str, protocol: LbProtocol, m: &LbMonitorSpec) -> Result<()
             why,
         })
     };
-    if protocol != LbProtocol::Tcp {
-        return bad("probes TCP members only (UDP has no handshake to answer)");
+    if m.kind == ProbeKind::Tcp && protocol != LbProtocol::Tcp {
+        return bad("kind tcp probes TCP members only (UDP has no handshake to answer: use ping)");
     }
     if !(100..=3_600_000).contains(&m.interval_ms) {
         return bad("interval_ms must be 100..=3600000");

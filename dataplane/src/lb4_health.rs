@@ -8,13 +8,15 @@
 //! - **Probe.** A SYN from the router's address on the member's subnet,
 //!   source port `PROBE_PORT_BASE + slot` (the member's counter slot: the
 //!   reply names its member, no table needed), to the member's address and
-//!   port. It passes the member port's security group like routed traffic
+//!   port; or (`ping`) an ICMP echo request with that number as its
+//!   identifier. It passes the member port's security group like routed traffic
 //!   (so the member's answer is an established connection there), and is
 //!   sent by the worker that owns its flow, where the answer will arrive.
 //! - **Answer.** A SYN-ACK to the router's address and a probe port counts
 //!   as answered and is turned into a RST in place (the member's half-open
 //!   connection is closed at once, its backlog never fills); a RST counts
-//!   as refused. Neither goes further.
+//!   as refused; an echo reply with a probe identifier counts as answered.
+//!   None goes further.
 //! - **Verdict.** A monitor thread ([`run`]) starts a round per load
 //!   balancer every `interval_ms` (workers see the round counter move at
 //!   their next poll), and after `timeout_ms` compares each member's
@@ -26,8 +28,8 @@
 //!
 //! # Assumptions / not yet
 //!
-//! TCP only (a UDP probe has nothing to answer it reliably); untagged
-//! switches; a member is probed only while its MAC is known (bound port or
+//! TCP connect and ping (a UDP probe has nothing to answer it reliably);
+//! untagged switches; a member is probed only while its MAC is known (bound port or
 //! a learned neighbor), else the round counts as a failure.
 
 use std::collections::HashMap;
@@ -40,8 +42,9 @@ use arc_swap::ArcSwap;
 
 use crate::conntrack::tcp::{ACK, RST, SYN};
 use crate::counters::Outcome;
+use crate::lb4::ProbeKind;
 use crate::packet::checksum::{accumulate, finish, internet_checksum};
-use crate::packet::headers::{Mac, IPPROTO_TCP};
+use crate::packet::headers::{Mac, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP};
 use crate::packet::parse::{Ipv4Info, Parsed, L4};
 use crate::pipeline::{Decision, Tracer, Verdict};
 use crate::tables::Tables;
@@ -59,10 +62,12 @@ pub fn probe_port(slot: u32) -> Option<u16> {
         .and_then(|s| PROBE_PORT_BASE.checked_add(s))
 }
 
-/// Writes the probe SYN into `buf`; returns its length.
+/// Writes the probe (a SYN, or an echo request identified by `sport`)
+/// into `buf`; returns its length.
 #[allow(clippy::too_many_arguments)]
 pub fn build_probe(
     buf: &mut [u8; PROBE_LEN],
+    kind: ProbeKind,
     dst_mac: Mac,
     src_mac: Mac,
     src: Ipv4Addr,
@@ -75,16 +80,29 @@ pub fn build_probe(
     buf[0..6].copy_from_slice(&dst_mac);
     buf[6..12].copy_from_slice(&src_mac);
     buf[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let (proto, l4_len) = match kind {
+        ProbeKind::Tcp => (IPPROTO_TCP, 20u16),
+        ProbeKind::Ping => (IPPROTO_ICMP, 8u16),
+    };
     let ip = &mut buf[14..34];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[2..4].copy_from_slice(&(20 + l4_len).to_be_bytes());
     ip[6] = 0x40; // don't fragment
     ip[8] = 64;
-    ip[9] = IPPROTO_TCP;
+    ip[9] = proto;
     ip[12..16].copy_from_slice(&src.octets());
     ip[16..20].copy_from_slice(&dst.octets());
     let sum = internet_checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    if kind == ProbeKind::Ping {
+        let icmp = &mut buf[34..42];
+        icmp[0] = ICMP_ECHO_REQUEST;
+        icmp[4..6].copy_from_slice(&sport.to_be_bytes());
+        icmp[6..8].copy_from_slice(&seq.to_be_bytes()[2..4]);
+        let sum = internet_checksum(icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        return 42;
+    }
     let tcp = &mut buf[34..54];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -118,6 +136,32 @@ pub fn take_answer<T: Tracer>(
     len: &mut usize,
     tr: &mut T,
 ) -> Option<Decision> {
+    let lb = &t.stateful.lb;
+    if p.l4
+        == (L4::Icmp {
+            ty: ICMP_ECHO_REPLY,
+            code: 0,
+        })
+    {
+        let at = p.l4_offset + 4;
+        let id = u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]);
+        let slot = usize::from(id.checked_sub(PROBE_PORT_BASE)?);
+        let (_, member_ip, _) = lb.names.get(slot)?;
+        if *member_ip != ip.src {
+            return None;
+        }
+        if let Some(c) = lb.probes_answered.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        tr.note("lb_probe", || {
+            format!("{member_ip} answered the ping probe")
+        });
+        return Some(Decision {
+            verdict: Verdict::Consumed,
+            outcome: Some(Outcome::LbProbeAnswered),
+            learned: false,
+        });
+    }
     let L4::Tcp {
         sport,
         dport,
@@ -126,7 +170,6 @@ pub fn take_answer<T: Tracer>(
     else {
         return None;
     };
-    let lb = &t.stateful.lb;
     let slot = usize::from(dport.checked_sub(PROBE_PORT_BASE)?);
     let (_, member_ip, member_port) = lb.names.get(slot)?;
     if *member_ip != ip.src || *member_port != sport {

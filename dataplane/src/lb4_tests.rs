@@ -379,6 +379,7 @@ fn trace_shows_the_lb_stage() {
 fn monitors_are_checked_and_members_out_are_skipped() {
     let mut s = state(&["10.0.2.10", "10.0.2.11"]);
     let monitor = |interval_ms, timeout_ms, rise, fall| crate::lb4::LbMonitorSpec {
+        kind: crate::lb4::ProbeKind::Tcp,
         interval_ms,
         timeout_ms,
         rise,
@@ -439,6 +440,7 @@ fn a_probe_answer_is_counted_and_reset() {
     use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
     let mut s = state(&["10.0.2.10", "10.0.2.11"]);
     s.load_balancers[0].monitor = Some(crate::lb4::LbMonitorSpec {
+        kind: crate::lb4::ProbeKind::Tcp,
         interval_ms: 1000,
         timeout_ms: 500,
         rise: 1,
@@ -451,6 +453,7 @@ fn a_probe_answer_is_counted_and_reset() {
     let mut probe = [0u8; PROBE_LEN];
     let n = build_probe(
         &mut probe,
+        crate::lb4::ProbeKind::Tcp,
         VM5,
         GW_B,
         gw,
@@ -460,6 +463,33 @@ fn a_probe_answer_is_counted_and_reset() {
         7,
     );
     assert!(checksums_ok(&probe[..n]));
+    // A ping probe is an echo request identified by the slot's number; the
+    // echo reply is counted, not routed.
+    let n = build_probe(
+        &mut probe,
+        crate::lb4::ProbeKind::Ping,
+        VM5,
+        GW_B,
+        gw,
+        vm5,
+        probe_port(1).unwrap(),
+        0,
+        7,
+    );
+    assert_eq!(n, 42);
+    assert_eq!(internet_checksum(&probe[34..42]), 0);
+    let mut reply = probe[..n].to_vec();
+    reply[0..6].copy_from_slice(&GW_B);
+    reply[6..12].copy_from_slice(&VM5);
+    reply[26..30].copy_from_slice(&[10, 0, 2, 11]);
+    reply[30..34].copy_from_slice(&[10, 0, 2, 1]);
+    reply[34] = 0; // echo reply
+    reply[36..38].fill(0);
+    let sum = internet_checksum(&reply[34..42]);
+    reply[36..38].copy_from_slice(&sum.to_be_bytes());
+    let (v, _) = r.run(2, &reply);
+    assert_eq!(v, Verdict::Consumed);
+    assert_eq!(r.t.stateful.lb.stats()[1].probes_answered, 1);
     // vm5's SYN-ACK to the router: counted, answered with a RST.
     let mut synack = l4(
         GW_B,
@@ -493,7 +523,10 @@ fn a_probe_answer_is_counted_and_reset() {
     assert_eq!(&out[38..42], &8u32.to_be_bytes(), "sequence = their ack");
     assert!(checksums_ok(&out));
     let stats = r.t.stateful.lb.stats();
-    assert_eq!(stats[1].probes_answered, 1);
+    assert_eq!(
+        stats[1].probes_answered, 2,
+        "the echo reply and the SYN-ACK"
+    );
     assert_eq!(stats[0].probes_answered, 0);
     assert_eq!(stats[1].health, crate::lb4::MemberHealth::Up);
     // A SYN-ACK naming another member's slot is not taken for a probe.
@@ -511,4 +544,52 @@ fn a_probe_answer_is_counted_and_reset() {
     );
     assert_ne!(v, Verdict::Reply);
     assert_eq!(r.t.stateful.lb.stats()[0].probes_answered, 0);
+}
+
+#[test]
+fn a_floating_ip_on_the_vip_reaches_the_members() {
+    use crate::model::{NatKind, NatRuleSpec};
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    // 10.0.1.200 stands for the floating IP (the router answers it).
+    s.nat.push(NatRuleSpec {
+        router: "r".into(),
+        kind: NatKind::DnatAndSnat,
+        external_ip: "10.0.1.200".into(),
+        logical_ip: VIP.into(),
+        protocol: None,
+        external_port: None,
+        logical_port: None,
+        port_min: None,
+        port_max: None,
+    });
+    let mut r = Rig::new(&s);
+    let mut seen = [0usize; 2];
+    for sport in 43000..43040u16 {
+        let (v, out) = r.run(
+            0,
+            &l4(GW_A, VM1, "10.0.1.10", "10.0.1.200", 6, (sport, 80), SYN),
+        );
+        assert_eq!(v, Verdict::Unicast { port: 2 }, "sport {sport}");
+        assert!(checksums_ok(&out));
+        assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8080);
+        let member: [u8; 4] = out[30..34].try_into().unwrap();
+        seen[usize::from(member == [10, 0, 2, 11])] += 1;
+        // The member's answer leaves as the floating IP.
+        let mac = if member == [10, 0, 2, 10] { VM3 } else { VM5 };
+        let ip = Ipv4Addr::from(member).to_string();
+        let (v, back) = r.run(
+            2,
+            &l4(GW_B, mac, &ip, "10.0.1.10", 6, (8080, sport), SYN | ACK),
+        );
+        assert_eq!(v, Verdict::Unicast { port: 0 });
+        assert_eq!(&back[26..30], &[10, 0, 1, 200]);
+        assert_eq!(u16::from_be_bytes([back[34], back[35]]), 80);
+        assert!(checksums_ok(&back));
+    }
+    assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
+    r.fold();
+    assert_eq!(
+        r.t.stateful.lb.stats().iter().map(|s| s.flows).sum::<u64>(),
+        40
+    );
 }

@@ -486,13 +486,11 @@ pub fn pre_route<T: Tracer>(
             && d.forward
                 .is_none_or(|(proto, ext, _)| proto == key.proto && ext == key.dport)
     });
+    let mut lb = crate::lb4::NO_MEMBER;
     if let Some(d) = dnat {
         cur.dst = d.internal;
         if let Some((_, _, port)) = d.forward {
             cur.dport = port;
-        }
-        if !rewrite(buf, p, &key, &cur) {
-            return Err(DropReason::MalformedL4);
         }
         tr.note("router_ct", || {
             format!(
@@ -503,12 +501,39 @@ pub fn pre_route<T: Tracer>(
                 cur.dport
             )
         });
+        // A floating IP on a load balancer's VIP: the VIP's member, in the
+        // same translation (one rewrite, one tracked connection).
+        let vip = rs
+            .lb
+            .get(&crate::lb4::endpoint(cur.proto, cur.dst, cur.dport));
+        if let Some(vip) = vip {
+            let Some(m) = vip.pick(&key, &t.stateful.lb.up) else {
+                tr.note("lb", || {
+                    format!("drop: load balancer {:?} has no member up", vip.name)
+                });
+                return Err(DropReason::LbNoMemberUp);
+            };
+            tr.note("lb", || {
+                format!(
+                    "load balancer {:?} behind the DNAT: {} → member {} (Maglev)",
+                    vip.name,
+                    crate::lb4::show(cur.dst, cur.dport),
+                    crate::lb4::show(m.addr, m.port)
+                )
+            });
+            cur.dst = m.addr;
+            cur.dport = m.port;
+            lb = m.slot;
+        }
+        if !rewrite(buf, p, &key, &cur) {
+            return Err(DropReason::MalformedL4);
+        }
     }
     Ok(PreRoute::New {
         orig: key,
         cur,
         rewritten: dnat.is_some(),
-        lb: crate::lb4::NO_MEMBER,
+        lb,
     })
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use keel_dataplane::control::{Request, Response};
 use keel_dataplane::lb4::{
     LbMemberSpec, LbMemberStats, LbMonitorSpec, LbProtocol, LoadBalancerSpec, MemberHealth,
+    ProbeKind,
 };
 use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
 
@@ -386,6 +387,7 @@ fn udp_requests_are_answered_through_the_vip() {
 fn monitored(members: &[(usize, u16)]) -> DesiredState {
     let mut s = state(members);
     s.load_balancers[0].monitor = Some(LbMonitorSpec {
+        kind: ProbeKind::Tcp,
         interval_ms: 200,
         timeout_ms: 150,
         rise: 2,
@@ -472,4 +474,60 @@ fn monitor_members(lab: &Lab) {
         "m3 refused while out"
     );
     stop.store(true, Ordering::Relaxed);
+}
+
+/// A ping monitor on the UDP "dns" load balancer: a member that stops
+/// answering echo requests gets no new flows until it answers again.
+#[test]
+fn udp_members_are_probed_by_ping() {
+    let lab = lab(&[]);
+    let mut s = state(&ALL);
+    s.load_balancers[1].monitor = Some(LbMonitorSpec {
+        kind: ProbeKind::Ping,
+        interval_ms: 200,
+        timeout_ms: 150,
+        rise: 2,
+        fall: 2,
+    });
+    lab.apply(&s);
+    let _members = start_members(&lab);
+    let member = |i: usize| {
+        lb_stats(&lab)
+            .into_iter()
+            .find(|s| s.load_balancer == "dns" && s.ip.to_string() == ip_of(i))
+            .unwrap()
+    };
+    wait_for(
+        || (1..=3).all(|i| member(i).health == MemberHealth::Up && member(i).probes_answered >= 2),
+        "every member answers pings",
+    );
+    let ignore = |on: bool| {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", lab.ns(3), "sysctl", "-qw"])
+            .arg(format!("net.ipv4.icmp_echo_ignore_all={}", u8::from(on)))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    ignore(true);
+    wait_for(|| member(3).health == MemberHealth::Down, "m3 taken out");
+    let vip: SocketAddr = format!("{VIP}:53").parse().unwrap();
+    for _ in 0..20 {
+        let sock = in_netns(lab.ns(CLIENT), || UdpSocket::bind("10.0.1.10:0").unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut answer = String::new();
+        for _ in 0..6 {
+            sock.send_to(b"query", vip).unwrap();
+            let mut buf = [0u8; 128];
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                break;
+            }
+        }
+        assert!(!answer.is_empty(), "answered through the VIP");
+        assert!(!answer.starts_with("m3 "), "{answer}");
+    }
+    ignore(false);
+    wait_for(|| member(3).health == MemberHealth::Up, "m3 back");
 }

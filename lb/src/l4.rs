@@ -11,8 +11,8 @@
 //! `SOURCE_IP_PORT` (each connection hashed on its own) and `SOURCE_IP`
 //! (a client's connections together; also `SOURCE_IP` persistence),
 //! weights (0 drains), members disabled by `admin_state_up` (drained), TCP
-//! health monitors on TCP pools (probed by the data plane,
-//! [`keel_dataplane::lb4_health`]). Refused with the reason:
+//! health monitors on TCP pools and PING monitors on any (probed by the
+//! data plane, [`keel_dataplane::lb4_health`]). Refused with the reason:
 //! HTTP/HTTPS/TERMINATED_HTTPS (L7 needs a host VIP), round robin and least
 //! connections, other monitor types, backup members, connection limits,
 //! IPv6. Timeouts are the data plane's connection-tracking ones.
@@ -20,7 +20,9 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use keel_dataplane::lb4::{LbHash, LbMemberSpec, LbMonitorSpec, LbProtocol, LoadBalancerSpec};
+use keel_dataplane::lb4::{
+    LbHash, LbMemberSpec, LbMonitorSpec, LbProtocol, LoadBalancerSpec, ProbeKind,
+};
 
 use crate::model::{
     HealthMonitor, LbAlgorithm, Listener, ListenerProtocol, LoadBalancer, MonitorType,
@@ -60,18 +62,29 @@ fn check_monitor(
     protocol: PoolProtocol,
     at: &str,
 ) -> Result<Option<LbMonitorSpec>, ValidationError> {
-    if hm.kind != MonitorType::Tcp || protocol != PoolProtocol::Tcp {
-        return Err(unsupported(
-            at,
-            format!(
-                "a {} monitor on a {} pool of a VPC VIP (the data plane probes TCP \
-                 connects to TCP members)",
-                format!("{:?}", hm.kind).to_uppercase(),
-                format!("{protocol:?}").to_uppercase()
-            ),
-        ));
-    }
-    compile_monitor(hm, at)?;
+    let kind = match (hm.kind, protocol) {
+        (MonitorType::Tcp, PoolProtocol::Tcp) => ProbeKind::Tcp,
+        (MonitorType::Ping, _) => ProbeKind::Ping,
+        _ => {
+            return Err(unsupported(
+                at,
+                format!(
+                    "a {} monitor on a {} pool of a VPC VIP (the data plane probes TCP \
+                 connects to TCP members, or pings)",
+                    format!("{:?}", hm.kind).to_uppercase(),
+                    format!("{protocol:?}").to_uppercase()
+                ),
+            ))
+        }
+    };
+    // Ranges as the proxy checks them (its monitor types aside).
+    compile_monitor(
+        &HealthMonitor {
+            kind: MonitorType::Tcp,
+            ..hm.clone()
+        },
+        at,
+    )?;
     if hm.delay > 3600 {
         return Err(range(
             format!("{at} healthmonitor"),
@@ -82,6 +95,7 @@ fn check_monitor(
     }
     let narrow = |v: u32| u8::try_from(v).unwrap_or(u8::MAX);
     Ok(hm.admin_state_up.then(|| LbMonitorSpec {
+        kind,
         interval_ms: hm.delay * 1000,
         timeout_ms: hm.timeout * 1000,
         rise: narrow(hm.max_retries),
@@ -348,6 +362,7 @@ mod tests {
         assert_eq!(
             lbs[1].monitor,
             Some(LbMonitorSpec {
+                kind: ProbeKind::Tcp,
                 interval_ms: 2000,
                 timeout_ms: 1000,
                 rise: 2,
@@ -360,8 +375,12 @@ mod tests {
         d["pools"][0]["healthmonitor"] =
             serde_json::json!({"type": "TCP", "delay": 2, "timeout": 1, "max_retries": 2});
         d["pools"][1]["healthmonitor"]["delay"] = 2.into();
-        let e = compile(&doc(d), "r").unwrap_err().to_string();
+        let e = compile(&doc(d.clone()), "r").unwrap_err().to_string();
         assert!(e.contains("UDP pool"), "{e}");
+        // UDP members are pinged.
+        d["pools"][0]["healthmonitor"]["type"] = "PING".into();
+        let lbs = compile(&doc(d), "r").unwrap();
+        assert_eq!(lbs[0].monitor.map(|m| m.kind), Some(ProbeKind::Ping));
     }
 
     #[test]
