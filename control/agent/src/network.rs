@@ -258,6 +258,11 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
         }
     }
     let balanced = balanced_here(view, &mut used);
+    // VIP ports the data plane balances here: a floating IP may target them.
+    let vip_ports: BTreeSet<String> = balanced
+        .iter()
+        .filter_map(|(_, lb)| lb.vip_port_id.clone())
+        .collect();
     let mut gateways: BTreeMap<String, bool> = BTreeMap::new();
     // External network → the uplink interface its switch is plugged into.
     let mut plugged: BTreeMap<String, String> = BTreeMap::new();
@@ -359,7 +364,9 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                         if f.router_id.as_deref() != Some(rid) || f.external_network_id != net_id {
                             continue;
                         }
-                        let here = |p: &String| state.ports.iter().any(|sp| &sp.name == p);
+                        let here = |p: &String| {
+                            vip_ports.contains(p) || state.ports.iter().any(|sp| &sp.name == p)
+                        };
                         let address = f.floating_ip_address.to_string();
                         let mut rules: Vec<NatRuleSpec> = Vec::new();
                         if let (Some(true), Some(fixed)) =

@@ -1664,6 +1664,34 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     });
     let (_, two) = fetch("B3");
     assert!(two > 0, "back in the selection");
+    // A floating IP on the VIP's port: the outside reaches the members.
+    let vip_fip = api.ok(
+        "POST",
+        "/api/v1/floating-ips",
+        Some(json!({"external_network_id": public_id, "vdc_id": vdc_id,
+                    "port_id": served["vip_port_id"]})),
+    );
+    let vip_fip_path = format!("/api/v1/floating-ips/{}", vip_fip["id"].as_str().unwrap());
+    wait_for(&api, &vip_fip_path, "the VIP's floating IP ACTIVE", |f| {
+        f["status"] == "ACTIVE"
+    });
+    let out = outside
+        .capture(&[
+            "python3",
+            "-c",
+            &format!(
+                "import urllib.request\n\
+                 for i in range(8):\n    \
+                 print(urllib.request.urlopen('http://{}:8080/id', timeout=20).read().decode().strip())",
+                vip_fip["floating_ip_address"].as_str().unwrap()
+            ),
+        ])
+        .unwrap();
+    let answered = out.stdout.matches("MEMBER-").count();
+    assert_eq!(
+        answered, 8,
+        "through the floating IP to the members: {out:?}"
+    );
     // Weight 0 drains the second member: new connections avoid it.
     api.at_revision("PUT", &lb_path, Some(lb_doc(0)));
     eventually("the drain reaches the data plane", || {
@@ -1684,6 +1712,11 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     });
     let (status, _) = api.call("GET", &format!("/api/v1/ports/{vip_port}"), None);
     assert_eq!(status, 404, "the VIP's port goes with it");
+    let f = api.ok("GET", &vip_fip_path, None);
+    assert!(
+        f["port_id"].is_null(),
+        "its floating IP is disassociated: {f}"
+    );
 
     // A clone of a VM with a NIC gets its own port (new address and MAC on
     // the same subnet) and its lease for it from keel's DHCP.

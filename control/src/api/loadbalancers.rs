@@ -569,6 +569,7 @@ async fn delete_lb(
         begin_change::<LoadBalancer>(&state, &principal, Action::Delete, &id, &headers).await?;
     let spec: LoadBalancerSpec = record.spec()?;
     if let Some(port_id) = &spec.vip_port_id {
+        super::floating_ips::release_port(&mut tx, port_id).await?;
         if let Some(port) = records::get(&mut tx, ports::KIND, port_id).await? {
             records::delete(&mut tx, &port, ports::KIND).await?;
         }
