@@ -448,18 +448,7 @@ pub fn pre_route<T: Tracer>(
     }
     let mut cur = key;
     if !rs.lb.is_empty() {
-        // Every compiled VIP has a member with weight: `pick` finds one
-        // unless its monitor took every member out.
-        let vip = rs
-            .lb
-            .get(&crate::lb4::endpoint(key.proto, key.dst, key.dport));
-        if let Some(vip) = vip {
-            let Some(m) = vip.pick(&key, &t.stateful.lb.up) else {
-                tr.note("lb", || {
-                    format!("drop: load balancer {:?} has no member up", vip.name)
-                });
-                return Err(DropReason::LbNoMemberUp);
-            };
+        if let Some((vip, m)) = lb_member(t, rs, &key, &key, tr)? {
             cur.dst = m.addr;
             cur.dport = m.port;
             if !rewrite(buf, p, &key, &cur) {
@@ -503,16 +492,7 @@ pub fn pre_route<T: Tracer>(
         });
         // A floating IP on a load balancer's VIP: the VIP's member, in the
         // same translation (one rewrite, one tracked connection).
-        let vip = rs
-            .lb
-            .get(&crate::lb4::endpoint(cur.proto, cur.dst, cur.dport));
-        if let Some(vip) = vip {
-            let Some(m) = vip.pick(&key, &t.stateful.lb.up) else {
-                tr.note("lb", || {
-                    format!("drop: load balancer {:?} has no member up", vip.name)
-                });
-                return Err(DropReason::LbNoMemberUp);
-            };
+        if let Some((vip, m)) = lb_member(t, rs, &key, &cur, tr)? {
             tr.note("lb", || {
                 format!(
                     "load balancer {:?} behind the DNAT: {} → member {} (Maglev)",
@@ -535,6 +515,31 @@ pub fn pre_route<T: Tracer>(
         rewritten: dnat.is_some(),
         lb,
     })
+}
+
+/// The member a new connection `key` gets when `at` (its destination,
+/// after any DNAT) is a VIP: `None` when it is not one, an error when every
+/// member is out (every compiled VIP has a member with weight, so `pick`
+/// finds one unless monitors took them all out).
+fn lb_member<'a, T: Tracer>(
+    t: &Tables,
+    rs: &'a RouterStateful,
+    key: &Key,
+    at: &Key,
+    tr: &mut T,
+) -> Result<Option<(&'a crate::lb4::Vip, &'a crate::lb4::Member)>, DropReason> {
+    let Some(vip) = rs.lb.get(&crate::lb4::endpoint(at.proto, at.dst, at.dport)) else {
+        return Ok(None);
+    };
+    match vip.pick(key, &t.stateful.lb.up) {
+        Some(m) => Ok(Some((vip, m))),
+        None => {
+            tr.note("lb", || {
+                format!("drop: load balancer {:?} has no member up", vip.name)
+            });
+            Err(DropReason::LbNoMemberUp)
+        }
+    }
 }
 
 /// Counts a packet of a load-balanced connection on its member. After an

@@ -895,7 +895,7 @@ impl Agent {
         let ids: Vec<String> = records.iter().map(|r| r.meta.id.clone()).collect();
         self.lbs.retain(&ids);
         for record in records {
-            let mut spec: LoadBalancerSpec = record.spec()?;
+            let spec: LoadBalancerSpec = record.spec()?;
             let doc = records::to_json(&spec.config)?;
             let (status, reason, observed) = match self.lbs.ensure(&record.meta.id, &doc) {
                 Err(e) => (loadbalancers::ERROR, e.to_string(), spec.observed.clone()),
@@ -922,24 +922,36 @@ impl Agent {
                     }
                 },
             };
-            if status != record.meta.status
-                || reason != spec.status_reason
-                || observed != spec.observed
-            {
-                if status != record.meta.status {
-                    tracing::info!(lb = %record.meta.id, from = %record.meta.status, to = status, reason = %reason, "load balancer state changed");
-                }
-                spec.status_reason = reason;
-                spec.observed = observed;
-                self.observe(
-                    loadbalancers::KIND,
-                    &record.meta.id,
-                    status,
-                    Some(records::to_json(&spec)?),
-                )?;
-            }
+            self.report_lb(&record, spec, status, reason, observed)?;
         }
         Ok(())
+    }
+
+    /// Records what a load balancer's server (proxy or data plane) shows,
+    /// when it changed.
+    fn report_lb(
+        &self,
+        record: &Record,
+        mut spec: LoadBalancerSpec,
+        status: &str,
+        reason: String,
+        observed: Option<serde_json::Value>,
+    ) -> Result<(), StepError> {
+        if status == record.meta.status && reason == spec.status_reason && observed == spec.observed
+        {
+            return Ok(());
+        }
+        if status != record.meta.status {
+            tracing::info!(lb = %record.meta.id, from = %record.meta.status, to = status, reason = %reason, "load balancer state changed");
+        }
+        spec.status_reason = reason;
+        spec.observed = observed;
+        self.observe(
+            loadbalancers::KIND,
+            &record.meta.id,
+            status,
+            Some(records::to_json(&spec)?),
+        )
     }
 
     /// Brings the data plane to the NICs of every VM in the store.
@@ -1087,7 +1099,7 @@ impl Agent {
             self.net.lb_stats()
         };
         for record in lbs {
-            let mut spec: LoadBalancerSpec = record.spec()?;
+            let spec: LoadBalancerSpec = record.spec()?;
             let router = spec.router_id.clone().unwrap_or_default();
             let here = state.routers.iter().any(|r| r.name == router);
             let (status, reason, observed) = if here {
@@ -1125,19 +1137,7 @@ impl Agent {
                     None,
                 )
             };
-            if status != record.meta.status
-                || reason != spec.status_reason
-                || observed != spec.observed
-            {
-                spec.status_reason = reason;
-                spec.observed = observed;
-                self.observe(
-                    loadbalancers::KIND,
-                    &record.meta.id,
-                    status,
-                    Some(records::to_json(&spec)?),
-                )?;
-            }
+            self.report_lb(record, spec, status, reason, observed)?;
         }
         Ok(())
     }
