@@ -3821,3 +3821,40 @@ async fn loadbalancers_on_vpc_subnets_hold_a_vip_port_and_refuse_what_the_data_p
         ports_before
     );
 }
+
+#[tokio::test]
+async fn floating_ips_count_against_the_vdc_quota() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({"floating_ips": 1})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let net = api
+        .create(
+            "/api/v1/external-networks",
+            &admin,
+            json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24"}),
+        )
+        .await;
+    let fip = || {
+        api.post(
+            "/api/v1/floating-ips",
+            &tenant,
+            json!({"external_network_id": net}),
+        )
+    };
+    let first = fip().await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let r = fip().await;
+    assert_problem(&r, 409, "quota-exceeded");
+    assert_eq!(api.count("resources WHERE kind = 'floating_ip'").await, 1);
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/floating-ips/{}", first.id()),
+            &tenant,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(fip().await.status, 201, "room again after a release");
+}

@@ -407,7 +407,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
     responses(
         (status = 201, description = "Allocated; DOWN, or PENDING until a data plane serves the association", body = FloatingIp),
-        (status = 409, description = "No free address, the address is taken, the port is not reachable from the network or has a floating IP", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VDC floating IP quota exceeded, no free address, the address is taken, the port is not reachable from the network or has a floating IP", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_floating_ip(
@@ -422,7 +422,15 @@ async fn create_floating_ip(
         .or_else(|| principal.vdc_id.clone())
         .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
     let mut tx = state.store.begin_write().await?;
-    referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    if let Some(limit) = super::vdcs::quota_of(&vdc)?.floating_ips {
+        if records::count(&mut tx, KIND, &vdc_id).await? >= limit {
+            return Err(ApiError::QuotaExceeded {
+                resource: "floating_ips",
+                limit,
+            });
+        }
+    }
     let (network, _) =
         external_networks::referenced(&mut tx, "external_network_id", &body.external_network_id)
             .await?;
