@@ -23,12 +23,14 @@
 //!   Replies are un-DNATed back to the VIP by the same generic rewrite as NAT
 //!   replies; checksums (IPv4 header and the L4 pseudo-header) are updated
 //!   incrementally.
-//! - **Client address preserved (DNAT only, no SNAT).** Members see the real
-//!   client address; their replies must come back through the router, which
-//!   holds for members on the router's subnets using its gateway (the usual
-//!   VM setup). A client on the same subnet as the member it is sent to
-//!   would be answered directly at L2 and is not supported (no hairpin SNAT);
-//!   DSR is not used because members would need the VIP on a loopback.
+//! - **Client address preserved (DNAT only).** Members see the real client
+//!   address; their replies must come back through the router, which holds
+//!   for members on the router's subnets using its gateway (the usual VM
+//!   setup). A client on the same subnet as the member it is sent to would
+//!   be answered directly at L2: that connection is hairpinned (its source
+//!   becomes the VIP, [`crate::nat::post_route`]), so that member sees the
+//!   VIP instead of the client. DSR is not used because members would need
+//!   the VIP on a loopback.
 //! - **Counters.** Per member: new flows and packets (both directions),
 //!   counted in per-worker arrays and folded into the tables' atomics once
 //!   per round (`{"op":"lb_stats"}`). A connection remembers its member's

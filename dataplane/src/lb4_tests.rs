@@ -593,3 +593,32 @@ fn a_floating_ip_on_the_vip_reaches_the_members() {
         40
     );
 }
+
+#[test]
+fn a_client_on_the_members_subnet_is_answered_through_the_router() {
+    let mut r = Rig::new(&state(&["10.0.2.11"]));
+    // vm3 (10.0.2.10) shares switch b with the member vm5.
+    let (v, out) = r.run(2, &l4(GW_B, VM3, "10.0.2.10", VIP, 6, (40000, 80), SYN));
+    assert_eq!(v, Verdict::Unicast { port: 2 });
+    assert_eq!(&out[0..6], &VM5);
+    assert_eq!(&out[26..30], &[10, 0, 1, 100], "source: the VIP");
+    assert_eq!(&out[30..34], &[10, 0, 2, 11]);
+    assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8080);
+    assert!(checksums_ok(&out));
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    // vm5 answers the VIP; the router turns it back into the VIP's answer.
+    let (v, back) = r.run(
+        2,
+        &l4(GW_B, VM5, "10.0.2.11", VIP, 6, (8080, sport), SYN | ACK),
+    );
+    assert_eq!(v, Verdict::Unicast { port: 2 });
+    assert_eq!(&back[0..6], &VM3);
+    assert_eq!(&back[26..30], &[10, 0, 1, 100]);
+    assert_eq!(u16::from_be_bytes([back[34], back[35]]), 80);
+    assert_eq!(&back[30..34], &[10, 0, 2, 10]);
+    assert_eq!(u16::from_be_bytes([back[36], back[37]]), 40000);
+    assert!(checksums_ok(&back));
+    // A client on another subnet keeps its address (no hairpin).
+    let member = r.connect(6, 41000, SYN);
+    assert_eq!(member, [10, 0, 2, 11]);
+}

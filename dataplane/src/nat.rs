@@ -578,6 +578,51 @@ fn count_lb_packet(
 /// Tries SNAT ports for a connection: the original if free, then hash-picked ones.
 const SNAT_PROBES: u32 = 32;
 
+/// A source port in `lo..=hi` for connection `cur` leaving as `out` (its
+/// new source address set) whose reply is free and steers to this worker:
+/// the original port if it fits, else hash-picked ones.
+fn source_port<T: Tracer>(
+    t: &Tables,
+    st: &WorkerState,
+    cur: Key,
+    out: Key,
+    (lo, hi): (u16, u16),
+    tr: &mut T,
+) -> Result<Key, DropReason> {
+    let icmp = cur.proto == IPPROTO_ICMP;
+    if !(cur.proto == IPPROTO_TCP || cur.proto == IPPROTO_UDP || icmp) {
+        return Ok(out);
+    }
+    let span = u32::from(hi - lo) + 1;
+    let mut h = foldhash::fast::FixedState::with_seed(0x736e_6174).build_hasher();
+    h.write_u128(cur.src);
+    h.write_u128(cur.dst);
+    h.write_u16(cur.sport);
+    h.write_u16(cur.dport);
+    let base = u32::try_from(h.finish() >> 32).unwrap_or(0);
+    let first = (lo..=hi).contains(&cur.sport).then_some(cur.sport);
+    // With several workers only 1 in `count` ports steers back here: probe
+    // as many more.
+    let probes = SNAT_PROBES.saturating_mul(u32::try_from(st.shard.count).unwrap_or(1));
+    let candidates = first.into_iter().chain((0..probes).map(|i| {
+        let off = base.wrapping_add(i.wrapping_mul(7919)) % span;
+        lo.wrapping_add(u16::try_from(off).unwrap_or(0))
+    }));
+    for port in candidates {
+        let mut cand = out;
+        cand.sport = port;
+        if icmp {
+            cand.dport = port;
+        }
+        let reply = cand.reversed();
+        if st.shard.owns(t, &reply) && !st.ct.key_in_use(&reply) {
+            return Ok(cand);
+        }
+    }
+    tr.note("router_ct", || "drop: SNAT ports exhausted".into());
+    Err(DropReason::NatPortsExhausted)
+}
+
 /// Router egress of a first packet: firewall, SNAT, start tracking.
 /// Returns whether the frame was rewritten.
 #[allow(clippy::too_many_arguments)]
@@ -622,43 +667,30 @@ pub fn post_route<T: Tracer>(
     if Some(out_switch) == rs.external_switch {
         if let Some(s) = rs.snat.iter().find(|s| cur.src & s.mask == s.addr) {
             out.src = s.external;
-            let icmp = cur.proto == IPPROTO_ICMP;
-            let has_ports = cur.proto == IPPROTO_TCP || cur.proto == IPPROTO_UDP || icmp;
-            if let (Some((lo, hi)), true) = (s.ports, has_ports) {
-                let span = u32::from(hi - lo) + 1;
-                let mut h = foldhash::fast::FixedState::with_seed(0x736e_6174).build_hasher();
-                h.write_u128(cur.src);
-                h.write_u128(cur.dst);
-                h.write_u16(cur.sport);
-                h.write_u16(cur.dport);
-                let base = u32::try_from(h.finish() >> 32).unwrap_or(0);
-                let first = (lo..=hi).contains(&cur.sport).then_some(cur.sport);
-                // With several workers only 1 in `count` ports steers back
-                // here: probe as many more.
-                let probes = SNAT_PROBES.saturating_mul(u32::try_from(st.shard.count).unwrap_or(1));
-                let candidates = first.into_iter().chain((0..probes).map(|i| {
-                    let off = base.wrapping_add(i.wrapping_mul(7919)) % span;
-                    lo.wrapping_add(u16::try_from(off).unwrap_or(0))
-                }));
-                let mut found = false;
-                for port in candidates {
-                    let mut cand = out;
-                    cand.sport = port;
-                    if icmp {
-                        cand.dport = port;
-                    }
-                    let reply = cand.reversed();
-                    if st.shard.owns(t, &reply) && !st.ct.key_in_use(&reply) {
-                        out = cand;
-                        found = true;
-                        break;
-                    }
-                }
-                if !found {
-                    tr.note("router_ct", || "drop: SNAT ports exhausted".into());
-                    return Err(DropReason::NatPortsExhausted);
-                }
+            if let Some(ports) = s.ports {
+                out = source_port(t, st, cur, out, ports, tr)?;
             }
+        }
+    }
+    // Hairpin: a client on the subnet of the member it was sent to would be
+    // answered by the member directly, past the router. Its source becomes
+    // the VIP, so the member answers the VIP and the answer comes back here.
+    if lb != crate::lb4::NO_MEMBER && out.src == cur.src {
+        let on_member_subnet = t
+            .switches
+            .get(out_switch as usize)
+            .zip(crate::conntrack::key::to_v4(cur.src))
+            .is_some_and(|(sw, client)| sw.subnet.contains(client));
+        if on_member_subnet {
+            out.src = orig.dst;
+            out = source_port(t, st, cur, out, (1024, 65535), tr)?;
+            tr.note("lb", || {
+                format!(
+                    "hairpin: the client {} shares the member's subnet; source becomes the VIP {}",
+                    show(cur.src),
+                    crate::lb4::show(out.src, out.sport)
+                )
+            });
         }
     }
     let ct = &mut st.ct;

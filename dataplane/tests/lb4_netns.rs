@@ -531,3 +531,25 @@ fn udp_members_are_probed_by_ping() {
     ignore(false);
     wait_for(|| member(3).health == MemberHealth::Up, "m3 back");
 }
+
+/// A client on the members' subnet (m1, itself a member) reaches the VIP:
+/// the router hairpins it (the members see the VIP as the client).
+#[test]
+fn a_client_on_the_members_subnet_reaches_the_vip() {
+    let lab = lab(&[]);
+    let _members = start_members(&lab);
+    let addr: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let s = in_netns(lab.ns(1), || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap()
+        });
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        let (member, client) = line.trim().split_once(' ').unwrap();
+        assert_eq!(client, VIP, "hairpinned through the VIP");
+        *seen.entry(member.into()).or_default() += 1;
+    }
+    assert!(seen.len() >= 2, "spread over the members: {seen:?}");
+}
