@@ -3769,6 +3769,36 @@ async fn loadbalancers_on_vpc_subnets_hold_a_vip_port_and_refuse_what_the_data_p
         .await;
     assert_problem(&r, 409, "conflict");
 
+    // A floating IP on the VIP, through the router that balances it; it is
+    // released with the load balancer.
+    let net = api
+        .create(
+            "/api/v1/external-networks",
+            &admin,
+            json!({"name": "public", "physical_network": "public", "cidr": "198.18.0.0/24"}),
+        )
+        .await;
+    let r = api
+        .change(
+            Method::PATCH,
+            &format!("/api/v1/routers/{router}"),
+            &admin,
+            Some(json!({"external_gateway": {"external_network_id": net}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = api
+        .post(
+            "/api/v1/floating-ips",
+            &admin,
+            json!({"external_network_id": net, "vdc_id": vdc, "port_id": vip_port}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["fixed_ip_address"], "10.0.1.100");
+    assert_eq!(r.body["router_id"], router.as_str());
+    let vip_fip = r.id();
+
     // Replace: the subnet and address stay; members are checked again.
     let path = format!("/api/v1/loadbalancers/{lb}");
     let r = api
@@ -3820,6 +3850,11 @@ async fn loadbalancers_on_vpc_subnets_hold_a_vip_port_and_refuse_what_the_data_p
         api.count("resources WHERE kind = 'port'").await,
         ports_before
     );
+    let r = api
+        .get(&format!("/api/v1/floating-ips/{vip_fip}"), &admin)
+        .await;
+    assert!(r.body["port_id"].is_null(), "{}", r.body);
+    assert_eq!(r.body["status"], "DOWN");
 }
 
 #[tokio::test]

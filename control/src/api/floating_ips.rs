@@ -300,7 +300,16 @@ async fn reach(
             ),
         ));
     }
-    let routers = records::in_vdc(conn, routers::KIND, vdc_id).await?;
+    let mut routers = records::in_vdc(conn, routers::KIND, vdc_id).await?;
+    // A load balancer's VIP is reached only through the router balancing it.
+    if let Some(device) = &spec.device_id {
+        if let Some(lb) = records::get(conn, super::loadbalancers::KIND, device).await? {
+            let balancer = lb
+                .spec::<super::loadbalancers::LoadBalancerSpec>()?
+                .router_id;
+            routers.retain(|r| Some(&r.meta.id) == balancer.as_ref());
+        }
+    }
     let Some(router_id) = router_between(&routers, &spec.subnet_id, network_id) else {
         return Err(ApiError::Conflict(format!(
             "external network {network_id} is not reachable from subnet {}: no router has an \
