@@ -7,8 +7,9 @@
 //! flight.
 //!
 //! Latency: before sleeping the worker polls for a short, bounded time
-//! ([`POLL_BUDGET`]): the completion queue while I/O is in flight, the
-//! available ring once the queue drained. A sleep and wake-up through the
+//! (at most [`POLL_BUDGET`]): the completion queue while I/O is in flight
+//! (an adaptive window that closes when completions take longer, see
+//! [`adapt_poll`]), the available ring once the queue drained. A sleep and wake-up through the
 //! scheduler (and, in a VM, a halted vCPU) costs about as much as a fast
 //! device I/O, so at low queue depth polling saves a wake-up per request
 //! on both sides; it is bounded so an idle disk costs no CPU.
@@ -39,8 +40,11 @@ const MAX_SQES_PER_REQUEST: usize = crate::config::MAX_DISCARD_SEGS as usize;
 /// queue stops burning CPU at once.
 const POLL_BUDGET: Duration = Duration::from_micros(50);
 
-/// Polling iterations between two clock reads (the clock is a vDSO call,
-/// cheap but not free).
+/// Smallest completion-poll window; below it the worker does not poll.
+const POLL_MIN: Duration = Duration::from_micros(4);
+
+/// Polling iterations between two clock reads and yields (the clock is a
+/// vDSO call, the yield a syscall: cheap, but not free).
 const POLL_CLOCK_EVERY: u32 = 64;
 
 /// The image is registered with the ring as fixed file 0, so the kernel
@@ -91,6 +95,9 @@ pub(crate) struct Worker {
     free: Vec<usize>,
     /// Slots whose request finished and still need a used-ring entry.
     done: Vec<usize>,
+    /// Current completion-poll window, adapted to how long completions
+    /// take (see [`adapt_poll`]).
+    cq_poll: Duration,
     pub(crate) mem: Option<GuestMem>,
 }
 
@@ -110,6 +117,7 @@ impl Worker {
             states: vec![SlotState::default(); n],
             free: (0..n).rev().collect(),
             done: Vec::with_capacity(n),
+            cq_poll: POLL_BUDGET,
             mem: None,
         })
     }
@@ -181,7 +189,8 @@ impl Worker {
     /// Submits the queued SQEs and returns once at least one completion is
     /// there: completions already posted need no syscall at all, new
     /// SQEs are submitted without waiting and the completion queue is
-    /// polled for up to [`POLL_BUDGET`]; only then the worker sleeps.
+    /// polled for up to the adaptive window `cq_poll`; only then the
+    /// worker sleeps.
     fn submit_and_poll(&mut self) -> std::io::Result<()> {
         let queued = !self.ring.submission().is_empty();
         if !self.ring.completion().is_empty() {
@@ -190,13 +199,18 @@ impl Worker {
             }
             return Ok(());
         }
-        if queued {
-            self.ring.submit()?;
+        let start = Instant::now();
+        if !self.cq_poll.is_zero() {
+            if queued {
+                self.ring.submit()?;
+            }
+            if poll_until(self.cq_poll, || !self.ring.completion().is_empty()) {
+                return Ok(());
+            }
         }
-        if poll_until(|| !self.ring.completion().is_empty()) {
-            return Ok(());
-        }
-        self.ring.submit_and_wait(1).map(drop)
+        self.ring.submit_and_wait(1)?;
+        self.cq_poll = adapt_poll(self.cq_poll, start.elapsed());
+        Ok(())
     }
 
     /// Moves available chains into free slots and queues their SQEs (not
@@ -411,9 +425,31 @@ fn push_sqes(ring: &mut IoUring, req: &Request, idx: usize, writethrough: bool) 
     pushed
 }
 
-/// Calls `ready` until it returns true or [`POLL_BUDGET`] passed; returns
-/// its last answer.
-fn poll_until(mut ready: impl FnMut() -> bool) -> bool {
+/// The next completion-poll window after a wait of `waited` that ended
+/// in a sleep (as QEMU adapts its event-loop polling): a completion that
+/// came after the window but within [`POLL_BUDGET`] widens it, one that
+/// took longer than the budget halves it, down to no polling. Slow
+/// completions (large writes at depth, a slow device) so stop the spin:
+/// it would burn CPU for nothing and, for writes, delay the kernel worker
+/// thread that completes them on this CPU.
+fn adapt_poll(window: Duration, waited: Duration) -> Duration {
+    if waited > POLL_BUDGET {
+        let half = window / 2;
+        if half < POLL_MIN {
+            Duration::ZERO
+        } else {
+            half
+        }
+    } else if waited > window {
+        (window * 2).clamp(POLL_MIN, POLL_BUDGET)
+    } else {
+        window
+    }
+}
+
+/// Calls `ready` until it returns true or `budget` passed; returns its
+/// last answer.
+fn poll_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     let mut spins = 0u32;
     loop {
@@ -422,8 +458,15 @@ fn poll_until(mut ready: impl FnMut() -> bool) -> bool {
         }
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(POLL_CLOCK_EVERY) && start.elapsed() >= POLL_BUDGET {
-            return false;
+        if spins.is_multiple_of(POLL_CLOCK_EVERY) {
+            if start.elapsed() >= budget {
+                return false;
+            }
+            // Let a runnable thread on this CPU go first (often the very
+            // frontend whose next request or completion handling we wait
+            // for); returns at once when there is none.
+            // SAFETY: plain syscall without arguments.
+            unsafe { libc::sched_yield() };
         }
     }
 }
@@ -437,7 +480,7 @@ fn poll_avail(
     mem: &GuestMemoryMmap<()>,
 ) -> Result<bool, WorkerError> {
     let mut broken = None;
-    let found = poll_until(|| {
+    let found = poll_until(POLL_BUDGET, || {
         let state = vring.get_ref();
         let queue = state.get_queue();
         match queue.avail_idx(mem, Ordering::Acquire) {
@@ -470,5 +513,31 @@ fn run_hook<H: WriteHook>(hook: &H, req: &Request) {
         }
         RequestKind::Flush => hook.on_flush(),
         RequestKind::Read | RequestKind::GetId => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn poll_window_grows_for_fast_completions_and_closes_for_slow_ones() {
+        // A completion just after the window widens it, up to the budget.
+        assert_eq!(adapt_poll(us(8), us(12)), us(16));
+        assert_eq!(adapt_poll(Duration::ZERO, us(3)), POLL_MIN);
+        assert_eq!(adapt_poll(POLL_BUDGET, us(49)), POLL_BUDGET);
+        // Within the window: unchanged.
+        assert_eq!(adapt_poll(us(16), us(10)), us(16));
+        // Slower than the budget: halved, then off.
+        let mut w = POLL_BUDGET;
+        for _ in 0..8 {
+            w = adapt_poll(w, us(400));
+        }
+        assert_eq!(w, Duration::ZERO);
+        assert_eq!(adapt_poll(Duration::ZERO, us(400)), Duration::ZERO);
     }
 }
