@@ -108,7 +108,7 @@ impl<H: WriteHook> BlockDevice<H> {
         }
         let threads = queues.threads.min(usize::from(queues.num_queues));
         let workers = (0..threads)
-            .map(|_| Worker::new(queues.queue_size).map(Mutex::new))
+            .map(|_| Worker::new(queues.queue_size, shared.disk.raw_fd()).map(Mutex::new))
             .collect::<Result<_, _>>()
             .map_err(DeviceError::CreateWorker)?;
         let exit_events = (0..threads)

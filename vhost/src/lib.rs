@@ -14,7 +14,10 @@
 //! - [`hook`] is the single write-path seam: every completed write,
 //!   discard, write-zeroes and flush passes a [`WriteHook`]; [`cbt`] is the
 //!   changed-block-tracking implementation on it.
-//! - [`disk`] creates and opens raw images (thin or thick).
+//! - [`disk`] creates and opens raw images (thin or thick). An O_DIRECT
+//!   image's page cache is dropped at open: io_uring cannot submit a direct
+//!   write inline while pages of its range are cached and hands it to its
+//!   worker threads, which serialize the writes of one file.
 //!
 //! # Threading model
 //! vhost-user-backend runs one thread for the vhost-user socket and one
@@ -22,6 +25,11 @@
 //! `i % threads`). Each worker owns its io_uring and slots (a `Mutex` taken
 //! once per kick, uncontended). A kick is served to completion on that
 //! thread: parse the whole available ring, submit, wait, complete, notify.
+//! Before sleeping, a worker polls for a bounded time (50 us at most): the
+//! completion queue while at most two requests are in flight (adaptive
+//! window, closed when completions take longer), the available ring once
+//! the queue drained. This saves a sleep/wake-up per request at QD1 and
+//! costs no CPU on an idle disk.
 //!
 //! # Assumptions
 //! - Guest memory is shared (memfd) and stays mapped while a batch runs

@@ -5,6 +5,12 @@
 //! (`keel_vhost::frontend`: the virtqueues a guest driver would fill, no
 //! guest CPU in the way). Random 4 KiB reads and writes at QD32 and QD1,
 //! sequential 128 KiB reads and writes at QD8, each for a fixed time.
+//!
+//! Both backends run at once, each with its own frontend; every workload
+//! is run in alternating rounds (keel, qsd, qsd, keel, ...) so drift and
+//! noise of the shared machine hit both sides alike, and the median of
+//! each side's rounds is compared. The image's page cache is dropped after
+//! it is written, so neither side starts with a cached file.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,9 +63,19 @@ fn wait_socket(daemon: &mut Daemon, socket: &Path, who: &str) -> Result<(), Benc
     Ok(())
 }
 
+/// The keel binary that serves the disk: this one, or `KEEL_BENCH_VHOST_BIN`
+/// to measure another build (e.g. before and after a change) against the
+/// same peer with the same harness.
+fn keel_binary() -> Result<PathBuf, BenchError> {
+    match std::env::var_os("KEEL_BENCH_VHOST_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(std::env::current_exe()?),
+    }
+}
+
 fn keel(image: &Path, socket: &Path) -> Result<Daemon, BenchError> {
     let mut d = Daemon(
-        Command::new(std::env::current_exe()?)
+        Command::new(keel_binary()?)
             .arg("vhost-blk")
             .arg("--socket")
             .arg(socket)
@@ -196,9 +212,16 @@ fn drive(q: &mut Queue, capacity: u64, w: Workload, time: Duration) -> Result<f6
     Ok(completed as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Every workload against one backend: requests per second, in order.
-fn measure(socket: &Path, time: Duration) -> Result<Vec<f64>, BenchError> {
-    let mut fe = Frontend::connect(
+/// One backend, connected: its frontend (kept alive) and its queue.
+struct Side {
+    _daemon: Daemon,
+    _frontend: Frontend,
+    queue: Queue,
+    capacity: u64,
+}
+
+fn connect(daemon: Daemon, socket: &Path) -> Result<Side, BenchError> {
+    let mut frontend = Frontend::connect(
         socket,
         FrontendConfig {
             queues: 1,
@@ -207,21 +230,50 @@ fn measure(socket: &Path, time: Duration) -> Result<Vec<f64>, BenchError> {
         },
     )
     .map_err(err)?;
-    let capacity = fe.capacity_sectors();
-    let mut queues = fe.take_queues();
-    let q = queues
-        .first_mut()
+    let capacity = frontend.capacity_sectors();
+    let queue = frontend
+        .take_queues()
+        .into_iter()
+        .next()
         .ok_or_else(|| BenchError::Io(std::io::Error::other("the backend offered no queue")))?;
-    WORKLOADS
-        .iter()
-        .map(|w| drive(q, capacity, *w, time))
-        .collect()
+    Ok(Side {
+        _daemon: daemon,
+        _frontend: frontend,
+        queue,
+        capacity,
+    })
+}
+
+/// Median of the rounds of one side.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Drops the cached pages of `image` (written just before), so both
+/// backends start from the same, uncached file.
+fn drop_cache(image: &Path) -> Result<(), BenchError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(image)?;
+    f.sync_all()?;
+    // SAFETY: plain syscall on an fd we own; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        return Err(BenchError::Io(std::io::Error::from_raw_os_error(rc)));
+    }
+    Ok(())
 }
 
 fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
-    let (size, time): (u64, Duration) = match scale {
-        Scale::Quick => (256 << 20, Duration::from_secs(2)),
-        Scale::Full => (4 << 30, Duration::from_secs(15)),
+    // Rounds per side and workload (even: each side goes first as often).
+    let (size, time, rounds): (u64, Duration, usize) = match scale {
+        Scale::Quick => (256 << 20, Duration::from_secs(1), 4),
+        Scale::Full => (4 << 30, Duration::from_secs(5), 6),
     };
     let base = std::env::var_os("KEEL_BENCH_DIR").map_or_else(|| PathBuf::from("."), PathBuf::from);
     let scratch = tempfile::Builder::new()
@@ -238,28 +290,35 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         }
         f.sync_all()?;
     }
-    let socket = scratch.path().join("blk.sock");
-    // keel first, then qsd, each on the same file with nothing else running.
-    let keel_rates = {
-        let _d = keel(&image, &socket)?;
-        measure(&socket, time)?
-    };
-    let _ = std::fs::remove_file(&socket);
-    let qsd_rates = {
-        let _d = qsd(&image, &socket)?;
-        measure(&socket, time)?
-    };
-    Ok(WORKLOADS
-        .iter()
-        .zip(keel_rates.iter().zip(&qsd_rates))
-        .map(|(w, (k, q))| {
-            let (unit, scale) = if w.block >= 128 << 10 {
-                ("MB/s", f64::from(w.block) / 1e6)
-            } else {
-                ("IOPS", 1.0)
-            };
+    drop_cache(&image)?;
+    let keel_socket = scratch.path().join("keel.sock");
+    let qsd_socket = scratch.path().join("qsd.sock");
+    let mut keel_side = connect(keel(&image, &keel_socket)?, &keel_socket)?;
+    let mut qsd_side = connect(qsd(&image, &qsd_socket)?, &qsd_socket)?;
+    let mut results = Vec::with_capacity(WORKLOADS.len());
+    for w in WORKLOADS {
+        let (mut k, mut q) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // keel first in even rounds, qsd first in odd ones (ABBA).
+            for keel_turn in [round % 2 == 0, round % 2 == 1] {
+                let (side, out) = if keel_turn {
+                    (&mut keel_side, &mut k)
+                } else {
+                    (&mut qsd_side, &mut q)
+                };
+                out.push(drive(&mut side.queue, side.capacity, *w, time)?);
+            }
+        }
+        let (k, q) = (median(&mut k), median(&mut q));
+        let (unit, scale) = if w.block >= 128 << 10 {
+            ("MB/s", f64::from(w.block) / 1e6)
+        } else {
+            ("IOPS", 1.0)
+        };
+        results.push(
             Measurement::new(w.name, unit, true, k * scale)
-                .with_peer("qemu-storage-daemon (aio=native)", q * scale)
-        })
-        .collect())
+                .with_peer("qemu-storage-daemon (aio=native)", q * scale),
+        );
+    }
+    Ok(results)
 }
