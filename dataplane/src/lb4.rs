@@ -53,7 +53,7 @@
 //!
 //! # Assumptions / not yet
 //!
-//! IPv4 only; no connection limits; UDP members are probed by ping only.
+//! IPv4 only; no connection limits.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -133,6 +133,9 @@ pub enum ProbeKind {
     Tcp,
     /// An ICMP echo request to the member, answered by a reply (any member).
     Ping,
+    /// An empty datagram to the member's port (Octavia's UDP-CONNECT): an
+    /// ICMP port unreachable is a failure, an answer or silence a success.
+    UdpConnect,
 }
 
 /// The key of the Maglev lookup for a new connection.
@@ -312,9 +315,11 @@ pub struct Lb4Tables {
     /// Per slot: whether the member takes new connections (its monitor's
     /// verdict, kept across applies by [`crate::lb4_health`]).
     pub up: Arc<[AtomicBool]>,
-    /// Per slot: probes sent and answered (SYN-ACK).
+    /// Per slot: probes sent, answered (SYN-ACK, echo reply, datagram) and
+    /// refused (RST, ICMP port unreachable).
     pub probes_sent: Arc<[AtomicU64]>,
     pub probes_answered: Arc<[AtomicU64]>,
+    pub probes_refused: Arc<[AtomicU64]>,
     /// The monitored load balancers.
     pub monitors: Arc<[Monitor]>,
     /// Every VIP and member endpoint ([`endpoint`]), for steering.
@@ -365,6 +370,7 @@ pub struct LbMemberStats {
     pub health: MemberHealth,
     pub probes_sent: u64,
     pub probes_answered: u64,
+    pub probes_refused: u64,
 }
 
 impl Lb4Tables {
@@ -395,6 +401,7 @@ impl Lb4Tables {
                 },
                 probes_sent: load(&self.probes_sent, i),
                 probes_answered: load(&self.probes_answered, i),
+                probes_refused: load(&self.probes_refused, i),
             })
             .collect()
     }
@@ -649,6 +656,7 @@ pub fn compile(
         up: (0..names.len()).map(|_| AtomicBool::new(true)).collect(),
         probes_sent: zeros(names.len()),
         probes_answered: zeros(names.len()),
+        probes_refused: zeros(names.len()),
         monitors: monitors.into(),
         names: names.into(),
         endpoints,
@@ -664,6 +672,9 @@ fn check_monitor(lb: &str, protocol: LbProtocol, m: &LbMonitorSpec) -> Result<()
     };
     if m.kind == ProbeKind::Tcp && protocol != LbProtocol::Tcp {
         return bad("kind tcp probes TCP members only (UDP has no handshake to answer: use ping)");
+    }
+    if m.kind == ProbeKind::UdpConnect && protocol != LbProtocol::Udp {
+        return bad("kind udp_connect probes UDP members only");
     }
     if !(100..=3_600_000).contains(&m.interval_ms) {
         return bad("interval_ms must be 100..=3600000");

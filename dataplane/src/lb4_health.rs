@@ -9,14 +9,18 @@
 //!   source port `PROBE_PORT_BASE + slot` (the member's counter slot: the
 //!   reply names its member, no table needed), to the member's address and
 //!   port; or (`ping`) an ICMP echo request with that number as its
-//!   identifier. It passes the member port's security group like routed traffic
+//!   identifier; or (`udp_connect`) an empty datagram from that port. It passes the member port's security group like routed traffic
 //!   (so the member's answer is an established connection there), and is
 //!   sent by the worker that owns its flow, where the answer will arrive.
 //! - **Answer.** A SYN-ACK to the router's address and a probe port counts
 //!   as answered and is turned into a RST in place (the member's half-open
 //!   connection is closed at once, its backlog never fills); a RST counts
-//!   as refused; an echo reply with a probe identifier counts as answered.
-//!   None goes further.
+//!   as refused; an echo reply with a probe identifier, or a datagram to a
+//!   probe port, counts as answered; an ICMP port unreachable quoting a
+//!   probe counts as refused. None goes further. A `udp_connect` round
+//!   fails only on a refusal (UDP may stay silent: Octavia's semantics, which
+//!   relies on the member's ICMP not being rate limited below the probe
+//!   rate).
 //! - **Verdict.** A monitor thread ([`run`]) starts a round per load
 //!   balancer every `interval_ms` (workers see the round counter move at
 //!   their next poll), and after `timeout_ms` compares each member's
@@ -28,8 +32,7 @@
 //!
 //! # Assumptions / not yet
 //!
-//! TCP connect and ping (a UDP probe has nothing to answer it reliably);
-//! untagged switches; a member is probed only while its MAC is known (bound port or
+//! Untagged switches; a member is probed only while its MAC is known (bound port or
 //! a learned neighbor), else the round counts as a failure.
 
 use std::collections::HashMap;
@@ -44,7 +47,9 @@ use crate::conntrack::tcp::{ACK, RST, SYN};
 use crate::counters::Outcome;
 use crate::lb4::ProbeKind;
 use crate::packet::checksum::{accumulate, finish, internet_checksum};
-use crate::packet::headers::{Mac, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP};
+use crate::packet::headers::{
+    Mac, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 use crate::packet::parse::{Ipv4Info, Parsed, L4};
 use crate::pipeline::{Decision, Tracer, Verdict};
 use crate::tables::Tables;
@@ -83,6 +88,7 @@ pub fn build_probe(
     let (proto, l4_len) = match kind {
         ProbeKind::Tcp => (IPPROTO_TCP, 20u16),
         ProbeKind::Ping => (IPPROTO_ICMP, 8u16),
+        ProbeKind::UdpConnect => (IPPROTO_UDP, 8u16),
     };
     let ip = &mut buf[14..34];
     ip[0] = 0x45;
@@ -103,6 +109,15 @@ pub fn build_probe(
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         return 42;
     }
+    if kind == ProbeKind::UdpConnect {
+        let udp = &mut buf[34..42];
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&dport.to_be_bytes());
+        udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+        let sum = l4_checksum(IPPROTO_UDP, src, dst, udp);
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
+        return 42;
+    }
     let tcp = &mut buf[34..54];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -110,16 +125,16 @@ pub fn build_probe(
     tcp[12] = 0x50;
     tcp[13] = SYN;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let sum = tcp_checksum(src, dst, tcp);
+    let sum = l4_checksum(IPPROTO_TCP, src, dst, tcp);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     PROBE_LEN
 }
 
-fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+fn l4_checksum(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
     let len = u16::try_from(segment.len()).unwrap_or(u16::MAX);
     let mut sum = accumulate(0, &src.octets());
     sum = accumulate(sum, &dst.octets());
-    sum = accumulate(sum, &[0, IPPROTO_TCP]);
+    sum = accumulate(sum, &[0, proto]);
     sum = accumulate(sum, &len.to_be_bytes());
     finish(accumulate(sum, segment))
 }
@@ -162,6 +177,32 @@ pub fn take_answer<T: Tracer>(
             learned: false,
         });
     }
+    if p.l4
+        == (L4::Icmp {
+            ty: ICMP_DEST_UNREACHABLE,
+            code: ICMP_PORT_UNREACHABLE,
+        })
+    {
+        return refused_datagram(lb, p, ip, buf, tr);
+    }
+    if let L4::Udp { sport, dport } = p.l4 {
+        let slot = usize::from(dport.checked_sub(PROBE_PORT_BASE)?);
+        let (_, member_ip, member_port) = lb.names.get(slot)?;
+        if *member_ip != ip.src || *member_port != sport {
+            return None;
+        }
+        if let Some(c) = lb.probes_answered.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        tr.note("lb_probe", || {
+            format!("{member_ip}:{member_port} answered the datagram probe")
+        });
+        return Some(Decision {
+            verdict: Verdict::Consumed,
+            outcome: Some(Outcome::LbProbeAnswered),
+            learned: false,
+        });
+    }
     let L4::Tcp {
         sport,
         dport,
@@ -176,6 +217,9 @@ pub fn take_answer<T: Tracer>(
         return None;
     }
     if flags & RST != 0 {
+        if let Some(c) = lb.probes_refused.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         tr.note("lb_probe", || {
             format!("{member_ip}:{member_port} refused the probe (RST)")
         });
@@ -204,6 +248,49 @@ pub fn take_answer<T: Tracer>(
     Some(Decision {
         verdict: Verdict::Reply,
         outcome: Some(Outcome::LbProbeAnswered),
+        learned: false,
+    })
+}
+
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_PORT_UNREACHABLE: u8 = 3;
+
+/// An ICMP port unreachable from a member quoting a datagram probe: counted
+/// as refused.
+fn refused_datagram<T: Tracer>(
+    lb: &crate::lb4::Lb4Tables,
+    p: &Parsed,
+    ip: &Ipv4Info,
+    buf: &[u8],
+    tr: &mut T,
+) -> Option<Decision> {
+    // The quoted IPv4 header follows the 8-byte ICMP header.
+    let q = p.l4_offset + 8;
+    let ihl = usize::from(*buf.get(q)? & 0x0f) * 4;
+    if *buf.get(q + 9)? != IPPROTO_UDP || ihl < 20 {
+        return None;
+    }
+    let quoted_dst = Ipv4Addr::new(
+        *buf.get(q + 16)?,
+        *buf.get(q + 17)?,
+        *buf.get(q + 18)?,
+        *buf.get(q + 19)?,
+    );
+    let sport = u16::from_be_bytes([*buf.get(q + ihl)?, *buf.get(q + ihl + 1)?]);
+    let slot = usize::from(sport.checked_sub(PROBE_PORT_BASE)?);
+    let (_, member_ip, member_port) = lb.names.get(slot)?;
+    if *member_ip != ip.src || *member_ip != quoted_dst {
+        return None;
+    }
+    if let Some(c) = lb.probes_refused.get(slot) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    tr.note("lb_probe", || {
+        format!("{member_ip}:{member_port} refused the datagram probe (port unreachable)")
+    });
+    Some(Decision {
+        verdict: Verdict::Consumed,
+        outcome: Some(Outcome::LbProbeRefused),
         learned: false,
     })
 }
@@ -242,7 +329,7 @@ fn rst_in_place(buf: &mut [u8], len: &mut usize, p: &Parsed) -> bool {
     tcp[12] = 0x50;
     tcp[13] = RST;
     tcp[14..20].fill(0);
-    let sum = tcp_checksum(Ipv4Addr::from(dst), Ipv4Addr::from(src), tcp);
+    let sum = l4_checksum(IPPROTO_TCP, Ipv4Addr::from(dst), Ipv4Addr::from(src), tcp);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     *len = end;
     true
@@ -260,9 +347,9 @@ struct Verdicts {
 struct Round {
     generation: u64,
     next: Instant,
-    /// When the round in flight is judged, with each target's answers
-    /// before it.
-    judge: Option<(Instant, Vec<u64>)>,
+    /// When the round in flight is judged, with each target's answers and
+    /// refusals before it.
+    judge: Option<(Instant, Vec<(u64, u64)>)>,
 }
 
 /// How often the monitor thread looks at its rounds.
@@ -312,10 +399,12 @@ fn tick(
     verdicts: &mut HashMap<(Arc<str>, Ipv4Addr, u16), Verdicts>,
 ) {
     let lb = &t.stateful.lb;
-    let answered = |slot: u32| {
-        lb.probes_answered
-            .get(slot as usize)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+    let counts = |slot: u32| {
+        let load = |v: &[std::sync::atomic::AtomicU64]| {
+            v.get(slot as usize)
+                .map_or(0, |c| c.load(Ordering::Relaxed))
+        };
+        (load(&lb.probes_answered), load(&lb.probes_refused))
     };
     for m in lb.monitors.iter() {
         let round = rounds.entry(m.name.clone()).or_insert(Round {
@@ -333,7 +422,11 @@ fn tick(
                 continue;
             }
             for (target, before) in m.targets.iter().zip(before) {
-                let ok = answered(target.slot) > *before;
+                let (answered, refused) = counts(target.slot);
+                let ok = match m.spec.kind {
+                    ProbeKind::UdpConnect => refused == before.1,
+                    _ => answered > before.0,
+                };
                 let key = (m.name.clone(), target.ip, target.port);
                 let v = verdicts.entry(key).or_insert(Verdicts {
                     up: true,
@@ -353,7 +446,7 @@ fn tick(
             round.judge = None;
         }
         if now >= round.next {
-            let before = m.targets.iter().map(|t| answered(t.slot)).collect();
+            let before = m.targets.iter().map(|t| counts(t.slot)).collect();
             round.judge = Some((
                 now + Duration::from_millis(u64::from(m.spec.timeout_ms)),
                 before,

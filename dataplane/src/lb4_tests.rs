@@ -622,3 +622,57 @@ fn a_client_on_the_members_subnet_is_answered_through_the_router() {
     let member = r.connect(6, 41000, SYN);
     assert_eq!(member, [10, 0, 2, 11]);
 }
+
+#[test]
+fn a_refused_datagram_probe_is_counted() {
+    use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
+    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    s.load_balancers[0].protocol = LbProtocol::Udp;
+    s.load_balancers[0].monitor = Some(crate::lb4::LbMonitorSpec {
+        kind: crate::lb4::ProbeKind::UdpConnect,
+        interval_ms: 1000,
+        timeout_ms: 500,
+        rise: 1,
+        fall: 1,
+    });
+    let mut r = Rig::new(&s);
+    let gw: Ipv4Addr = "10.0.2.1".parse().unwrap();
+    let vm5: Ipv4Addr = "10.0.2.11".parse().unwrap();
+    let mut probe = [0u8; PROBE_LEN];
+    let n = build_probe(
+        &mut probe,
+        crate::lb4::ProbeKind::UdpConnect,
+        VM5,
+        GW_B,
+        gw,
+        vm5,
+        probe_port(1).unwrap(),
+        8080,
+        7,
+    );
+    assert_eq!(n, 42);
+    assert!(checksums_ok(&probe[..n]), "an empty UDP datagram");
+    // vm5's ICMP port unreachable quoting it, to the router.
+    let mut icmp = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&probe[14..n]);
+    let sum = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let frame = crate::packet::build::ipv4(GW_B, VM5, None, vm5, gw, 64, 1, &icmp);
+    let (v, _) = r.run(2, &frame);
+    assert_eq!(v, Verdict::Consumed);
+    let stats = r.t.stateful.lb.stats();
+    assert_eq!((stats[1].probes_refused, stats[1].probes_answered), (1, 0));
+    // A datagram back from the member's port counts as answered.
+    let answer = l4(
+        GW_B,
+        VM5,
+        "10.0.2.11",
+        "10.0.2.1",
+        17,
+        (8080, probe_port(1).unwrap()),
+        0,
+    );
+    let (v, _) = r.run(2, &answer);
+    assert_eq!(v, Verdict::Consumed);
+    assert_eq!(r.t.stateful.lb.stats()[1].probes_answered, 1);
+}

@@ -553,3 +553,60 @@ fn a_client_on_the_members_subnet_reaches_the_vip() {
     }
     assert!(seen.len() >= 2, "spread over the members: {seen:?}");
 }
+
+/// A UDP-CONNECT monitor on "dns": a member whose socket closes answers the
+/// probe with ICMP port unreachable and is taken out; back when it binds
+/// again. (The member's ICMP rate limit is lifted: Linux sends one port
+/// unreachable per second per peer by default, fewer than the probes here.)
+#[test]
+fn udp_members_that_close_their_port_are_taken_out() {
+    let lab = lab(&[]);
+    let mut s = state(&ALL);
+    s.load_balancers[1].monitor = Some(LbMonitorSpec {
+        kind: ProbeKind::UdpConnect,
+        interval_ms: 200,
+        timeout_ms: 150,
+        rise: 2,
+        fall: 2,
+    });
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.ns(3),
+            "sysctl",
+            "-qw",
+            "net.ipv4.icmp_ratelimit=0",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_m3 = Arc::new(AtomicBool::new(false));
+    let bind = |i: usize, stop: &Arc<AtomicBool>| {
+        let u = in_netns(lab.ns(i), || UdpSocket::bind("0.0.0.0:5353").unwrap());
+        serve_udp(HOSTS[i].0, u, stop.clone());
+    };
+    bind(1, &stop);
+    bind(2, &stop);
+    bind(3, &stop_m3);
+    // Probes start once every member listens.
+    lab.apply(&s);
+    let member = |i: usize| {
+        lb_stats(&lab)
+            .into_iter()
+            .find(|s| s.load_balancer == "dns" && s.ip.to_string() == ip_of(i))
+            .unwrap()
+    };
+    wait_for(
+        || (1..=3).all(|i| member(i).probes_sent >= 3),
+        "probes sent to every member",
+    );
+    assert!((1..=3).all(|i| member(i).health == MemberHealth::Up && member(i).probes_refused == 0));
+    stop_m3.store(true, Ordering::Relaxed);
+    wait_for(|| member(3).health == MemberHealth::Down, "m3 taken out");
+    assert!(member(3).probes_refused >= 2);
+    bind(3, &stop);
+    wait_for(|| member(3).health == MemberHealth::Up, "m3 back");
+    stop.store(true, Ordering::Relaxed);
+}

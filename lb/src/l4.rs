@@ -11,8 +11,8 @@
 //! `SOURCE_IP_PORT` (each connection hashed on its own) and `SOURCE_IP`
 //! (a client's connections together; also `SOURCE_IP` persistence),
 //! weights (0 drains), members disabled by `admin_state_up` (drained), TCP
-//! health monitors on TCP pools and PING monitors on any (probed by the
-//! data plane, [`keel_dataplane::lb4_health`]). Refused with the reason:
+//! health monitors on TCP pools, UDP-CONNECT on UDP pools and PING on any
+//! (probed by the data plane, [`keel_dataplane::lb4_health`]). Refused with the reason:
 //! HTTP/HTTPS/TERMINATED_HTTPS (L7 needs a host VIP), round robin and least
 //! connections, other monitor types, backup members, connection limits,
 //! IPv6. Timeouts are the data plane's connection-tracking ones.
@@ -65,12 +65,13 @@ fn check_monitor(
     let kind = match (hm.kind, protocol) {
         (MonitorType::Tcp, PoolProtocol::Tcp) => ProbeKind::Tcp,
         (MonitorType::Ping, _) => ProbeKind::Ping,
+        (MonitorType::UdpConnect, PoolProtocol::Udp) => ProbeKind::UdpConnect,
         _ => {
             return Err(unsupported(
                 at,
                 format!(
                     "a {} monitor on a {} pool of a VPC VIP (the data plane probes TCP \
-                 connects to TCP members, or pings)",
+                 connects to TCP members, UDP-CONNECT to UDP members, or pings)",
                     format!("{:?}", hm.kind).to_uppercase(),
                     format!("{protocol:?}").to_uppercase()
                 ),
@@ -379,8 +380,11 @@ mod tests {
         assert!(e.contains("UDP pool"), "{e}");
         // UDP members are pinged.
         d["pools"][0]["healthmonitor"]["type"] = "PING".into();
-        let lbs = compile(&doc(d), "r").unwrap();
+        let lbs = compile(&doc(d.clone()), "r").unwrap();
         assert_eq!(lbs[0].monitor.map(|m| m.kind), Some(ProbeKind::Ping));
+        d["pools"][0]["healthmonitor"]["type"] = "UDP-CONNECT".into();
+        let lbs = compile(&doc(d), "r").unwrap();
+        assert_eq!(lbs[0].monitor.map(|m| m.kind), Some(ProbeKind::UdpConnect));
     }
 
     #[test]
