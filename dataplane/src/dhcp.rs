@@ -17,7 +17,7 @@
 use std::net::Ipv4Addr;
 
 use crate::counters::{DropReason, Outcome};
-use crate::packet::checksum::{accumulate, finish, internet_checksum};
+use crate::packet::checksum::{accumulate, finish, internet_checksum, pseudo};
 use crate::packet::headers::{mac_to_string, Mac, IPPROTO_UDP};
 use crate::packet::parse::{L3, L4};
 use crate::packet::Parsed;
@@ -292,11 +292,13 @@ pub fn write_reply(
     udp[2..4].copy_from_slice(&CLIENT_PORT.to_be_bytes());
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     udp[6..8].fill(0);
-    let mut sum = accumulate(0, &cfg.server_ip.octets());
-    sum = accumulate(sum, &ip_dst.octets());
-    sum = accumulate(sum, &[0, IPPROTO_UDP]);
-    sum = accumulate(sum, &udp_len.to_be_bytes());
-    sum = accumulate(sum, buf.get(udp_off..new_bootp + bootp_len)?);
+    let sum = pseudo(
+        &cfg.server_ip.octets(),
+        &ip_dst.octets(),
+        IPPROTO_UDP,
+        usize::from(udp_len),
+    );
+    let sum = accumulate(sum, buf.get(udp_off..new_bootp + bootp_len)?);
     let c = match finish(sum) {
         0 => 0xffff,
         c => c,

@@ -377,11 +377,12 @@ impl Lb4Tables {
     /// Counters per member, in configuration order.
     pub fn stats(&self) -> Vec<LbMemberStats> {
         let load = |v: &[AtomicU64], i: usize| v.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
-        let monitored = |slot: usize| {
-            self.monitors
-                .iter()
-                .any(|m| m.targets.iter().any(|t| t.slot as usize == slot))
-        };
+        let mut monitored = vec![false; self.names.len()];
+        for t in self.monitors.iter().flat_map(|m| &m.targets) {
+            if let Some(m) = monitored.get_mut(t.slot as usize) {
+                *m = true;
+            }
+        }
         self.names
             .iter()
             .enumerate()
@@ -392,7 +393,7 @@ impl Lb4Tables {
                 flows: load(&self.flows, i),
                 packets: load(&self.packets, i),
                 health: match (
-                    monitored(i),
+                    monitored.get(i).copied().unwrap_or(false),
                     self.up.get(i).map(|u| u.load(Ordering::Relaxed)),
                 ) {
                     (false, _) => MemberHealth::Unmonitored,

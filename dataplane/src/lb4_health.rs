@@ -46,7 +46,7 @@ use arc_swap::ArcSwap;
 use crate::conntrack::tcp::{ACK, RST, SYN};
 use crate::counters::Outcome;
 use crate::lb4::ProbeKind;
-use crate::packet::checksum::{accumulate, finish, internet_checksum};
+use crate::packet::checksum::{accumulate, finish, internet_checksum, pseudo};
 use crate::packet::headers::{
     Mac, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -131,12 +131,12 @@ pub fn build_probe(
 }
 
 fn l4_checksum(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
-    let len = u16::try_from(segment.len()).unwrap_or(u16::MAX);
-    let mut sum = accumulate(0, &src.octets());
-    sum = accumulate(sum, &dst.octets());
-    sum = accumulate(sum, &[0, proto]);
-    sum = accumulate(sum, &len.to_be_bytes());
-    finish(accumulate(sum, segment))
+    let sum = pseudo(&src.octets(), &dst.octets(), proto, segment.len());
+    match finish(accumulate(sum, segment)) {
+        // A zero UDP checksum means "none": sent as all ones (RFC 768).
+        0 if proto == IPPROTO_UDP => 0xffff,
+        c => c,
+    }
 }
 
 /// A member's answer to a probe, addressed to the router (`ip.dst` is one

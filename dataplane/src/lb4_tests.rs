@@ -435,18 +435,24 @@ fn monitors_are_checked_and_members_out_are_skipped() {
     assert_eq!(stats[0].health, crate::lb4::MemberHealth::Down);
 }
 
-#[test]
-fn a_probe_answer_is_counted_and_reset() {
-    use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
+/// vm3 and vm5 behind the VIP over `protocol`, probed by `kind`.
+fn monitored(protocol: LbProtocol, kind: crate::lb4::ProbeKind) -> DesiredState {
     let mut s = state(&["10.0.2.10", "10.0.2.11"]);
+    s.load_balancers[0].protocol = protocol;
     s.load_balancers[0].monitor = Some(crate::lb4::LbMonitorSpec {
-        kind: crate::lb4::ProbeKind::Tcp,
+        kind,
         interval_ms: 1000,
         timeout_ms: 500,
         rise: 1,
         fall: 1,
     });
-    let mut r = Rig::new(&s);
+    s
+}
+
+#[test]
+fn a_probe_answer_is_counted_and_reset() {
+    use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
+    let mut r = Rig::new(&monitored(LbProtocol::Tcp, crate::lb4::ProbeKind::Tcp));
     let gw: Ipv4Addr = "10.0.2.1".parse().unwrap();
     let vm5: Ipv4Addr = "10.0.2.11".parse().unwrap();
     // The probe the worker sends vm5 is a well-formed SYN.
@@ -626,16 +632,10 @@ fn a_client_on_the_members_subnet_is_answered_through_the_router() {
 #[test]
 fn a_refused_datagram_probe_is_counted() {
     use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
-    let mut s = state(&["10.0.2.10", "10.0.2.11"]);
-    s.load_balancers[0].protocol = LbProtocol::Udp;
-    s.load_balancers[0].monitor = Some(crate::lb4::LbMonitorSpec {
-        kind: crate::lb4::ProbeKind::UdpConnect,
-        interval_ms: 1000,
-        timeout_ms: 500,
-        rise: 1,
-        fall: 1,
-    });
-    let mut r = Rig::new(&s);
+    let mut r = Rig::new(&monitored(
+        LbProtocol::Udp,
+        crate::lb4::ProbeKind::UdpConnect,
+    ));
     let gw: Ipv4Addr = "10.0.2.1".parse().unwrap();
     let vm5: Ipv4Addr = "10.0.2.11".parse().unwrap();
     let mut probe = [0u8; PROBE_LEN];

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::conntrack::key::{self, extract, from_v4};
 use crate::conntrack::{CreateError, Dir, Key, TcpState};
 use crate::counters::DropReason;
-use crate::packet::checksum::{accumulate, finish, internet_checksum};
+use crate::packet::checksum::{accumulate, finish, internet_checksum, pseudo};
 use crate::packet::headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use crate::packet::parse::{Ipv4Info, Ipv6Info};
 use crate::packet::Parsed;
@@ -293,14 +293,6 @@ fn rewrite_l4(
         c = 0xffff;
     }
     put(seg, csum_at, &c.to_be_bytes())
-}
-
-fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
-    let mut s = accumulate(0, src);
-    s = accumulate(s, dst);
-    let len = u32::try_from(len).unwrap_or(0);
-    s = accumulate(s, &len.to_be_bytes());
-    accumulate(s, &[0, 0, 0, proto])
 }
 
 fn pick_pool(n: &Nat64, client: u128) -> Option<Ipv4Addr> {

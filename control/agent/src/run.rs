@@ -891,7 +891,7 @@ impl Agent {
             let mut conn = self.store.pool().acquire().await?;
             Ok::<_, StepError>(records::all(&mut conn, loadbalancers::KIND).await?)
         })?;
-        records.retain(|r| r.spec.get("vip_subnet_id").is_none_or(|s| s.is_null()));
+        records.retain(|r| !loadbalancers::on_vpc(r));
         let ids: Vec<String> = records.iter().map(|r| r.meta.id.clone()).collect();
         self.lbs.retain(&ids);
         for record in records {
@@ -971,7 +971,7 @@ impl Agent {
                 let qos = records::all(&mut conn, qos_policies::KIND).await?;
                 let mirrors = records::all(&mut conn, mirror_sessions::KIND).await?;
                 let mut lbs = records::all(&mut conn, loadbalancers::KIND).await?;
-                lbs.retain(|r| r.spec.get("vip_subnet_id").is_some_and(|s| !s.is_null()));
+                lbs.retain(loadbalancers::on_vpc);
                 Ok::<_, StepError>((
                     vms, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs,
                 ))

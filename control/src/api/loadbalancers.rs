@@ -173,6 +173,15 @@ fn fill_ids(items: &mut [Value], children: &[&str]) {
     }
 }
 
+/// Whether a stored load balancer has its VIP on a VPC subnet (served by
+/// the data plane, not by a proxy).
+pub fn on_vpc(record: &Record) -> bool {
+    record
+        .spec
+        .get("vip_subnet_id")
+        .is_some_and(|s| !s.is_null())
+}
+
 /// Builds and checks the proxy's document (with `vpc`, the data plane's):
 /// every error names its place. A VPC VIP not chosen yet is checked as
 /// `0.0.0.0` and set once its port has it.

@@ -22,6 +22,16 @@ pub fn finish(mut sum: u32) -> u16 {
     !u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
+/// The pseudo-header sum of a transport segment of `len` bytes (IPv4 or
+/// IPv6 addresses as given; RFC 768 / RFC 8200 §8.1 lay out the same words).
+pub fn pseudo(src: &[u8], dst: &[u8], proto: u8, len: usize) -> u32 {
+    let mut s = accumulate(0, src);
+    s = accumulate(s, dst);
+    let len = u32::try_from(len).unwrap_or(0);
+    s = accumulate(s, &len.to_be_bytes());
+    accumulate(s, &[0, 0, 0, proto])
+}
+
 /// The Internet checksum of `data`.
 pub fn internet_checksum(data: &[u8]) -> u16 {
     finish(accumulate(0, data))
