@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, version::Version, AppState};
 use crate::state_dir::{StateDir, StateDirError};
-use crate::store::{Store, StoreError, DB_FILE};
+use crate::store::{Backend, Store, StoreError, DB_FILE};
 
 /// After a shutdown signal, in-flight requests get this long to finish; it
 /// matches the per-request timeout, so a request that can finish at all does.
@@ -28,6 +28,10 @@ pub struct UpConfig {
     /// Shared PostgreSQL database (`postgres://…`) instead of the embedded
     /// SQLite file in the state directory.
     pub database: Option<String>,
+    /// The database URL hosts that join are told (`POST /hosts/enroll`),
+    /// when they reach the database at another address than this process;
+    /// default `database`.
+    pub host_database: Option<String>,
     /// Password of the bootstrap `admin` (from `KEEL_ADMIN_PASSWORD`); one is
     /// generated into `<state_dir>/admin-password` when absent.
     pub admin_password: Option<String>,
@@ -134,7 +138,12 @@ pub async fn up(
         }
         None => None,
     };
-    let state = AppState::new(store.clone(), version, state_dir.path().to_owned());
+    let host_database = match store.backend() {
+        Backend::Postgres => config.host_database.clone().or(config.database.clone()),
+        Backend::Sqlite => None,
+    };
+    let state = AppState::new(store.clone(), version, state_dir.path().to_owned())
+        .with_host_database(host_database);
     if let Some(url) = &config.database {
         tokio::spawn(relay_notifications(url.clone(), state.changes.clone()));
     }

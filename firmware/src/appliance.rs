@@ -116,6 +116,9 @@ pub struct ImageConfig {
     pub cmdline: String,
     /// Also build the UEFI disk image.
     pub disk: bool,
+    /// Its boot loader: the signed shim + GRUB by default, so hosts with
+    /// secure boot on boot it.
+    pub loader: crate::disk::BootLoader,
     /// Size of the empty ext4 `KEEL_STATE` partition on the disk image;
     /// 0 leaves it out.
     pub state_mib: u32,
@@ -139,6 +142,7 @@ impl ImageConfig {
             source_date_epoch: source_date_epoch()?,
             cmdline: DEFAULT_CMDLINE.into(),
             disk: true,
+            loader: crate::disk::BootLoader::SignedShimGrub,
             state_mib: 64,
         })
     }
@@ -163,8 +167,13 @@ impl ImageConfig {
             &self.cmdline,
             &self.kernel.version,
             &format!(
-                "{} {} {} {} {}",
-                self.with_qemu, self.source_date_epoch, self.disk, self.state_mib, ZSTD_LEVEL
+                "{} {} {} {} {} {:?}",
+                self.with_qemu,
+                self.source_date_epoch,
+                self.disk,
+                self.state_mib,
+                ZSTD_LEVEL,
+                self.loader
             ),
         ] {
             h.update(part.as_bytes());
@@ -274,6 +283,7 @@ pub fn build(config: &ImageConfig) -> Result<ImageReport, ImageError> {
         let path = out.join("disk.img");
         crate::disk::build(&crate::disk::DiskConfig {
             out: path.clone(),
+            loader: config.loader,
             kernel: kernel.path.clone(),
             initramfs: initramfs.path.clone(),
             cmdline: config.cmdline.clone(),

@@ -1,6 +1,9 @@
-//! The UEFI-bootable GPT disk image: an EFI system partition with
-//! systemd-boot, the kernel and the initramfs, and an optional empty ext4
-//! `KEEL_STATE` partition the appliance mounts for its state.
+//! The bootable GPT disk image: an EFI system partition with a UEFI boot
+//! loader (systemd-boot, or Debian's signed shim and GRUB for firmware with
+//! secure boot on), the kernel and the initramfs, and an optional empty
+//! ext4 `KEEL_STATE` partition the appliance mounts for its state. The same
+//! disk boots on legacy BIOS: SYSLINUX's GPT MBR starts SYSLINUX in the ESP
+//! (marked legacy-BIOS-bootable), which boots the same kernel.
 //!
 //! The file systems are made by Debian's own tools (dosfstools, mtools,
 //! e2fsprogs, gdisk) with every random or time-based field pinned: the
@@ -17,6 +20,22 @@ use sha2::{Digest, Sha256};
 
 /// systemd-boot from Debian's `systemd-boot-efi`.
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// shim from Debian's `shim-signed`, signed by Microsoft's UEFI CA (the
+/// key firmware trusts out of the box); it trusts Debian's key.
+pub const SHIM: &str = "/usr/lib/shim/shimx64.efi.signed";
+/// shim's MOK manager, which shim starts when a key enrollment is pending.
+pub const MOK_MANAGER: &str = "/usr/lib/shim/mmx64.efi.signed";
+/// GRUB from Debian's `grub-efi-amd64-signed`, signed by Debian; under
+/// secure boot it boots only kernels shim verifies (Debian's are signed).
+pub const SIGNED_GRUB: &str = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
+/// SYSLINUX's MBR boot code for GPT disks (`syslinux-common`): it boots the
+/// partition with the legacy-BIOS-bootable attribute.
+pub const GPT_MBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
+/// Bytes of boot code at the start of the MBR (the partition table follows).
+const MBR_CODE_BYTES: usize = 440;
+/// The ESP starts at this sector; SYSLINUX's boot sector finds its files
+/// from the partition's offset, which the FAT's hidden-sector count holds.
+const ESP_FIRST_SECTOR: u64 = 2048;
 /// Label the appliance's init looks for (`keel.state=` overrides).
 pub const STATE_LABEL: &str = "KEEL_STATE";
 
@@ -38,6 +57,13 @@ pub enum DiskError {
     },
     #[error("{cmd} failed: {stderr}")]
     Tool { cmd: String, stderr: String },
+    #[error("Cannot read {path} (install {package})")]
+    Missing {
+        path: PathBuf,
+        package: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Cannot stage {path}")]
     Stage {
         path: PathBuf,
@@ -52,10 +78,62 @@ pub enum DiskError {
     },
 }
 
+/// The UEFI boot loader on the ESP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BootLoader {
+    /// systemd-boot: small and simple, but unsigned, so firmware with secure
+    /// boot on refuses it ("Access Denied").
+    #[default]
+    SystemdBoot,
+    /// shim → GRUB → kernel, each signed by the key its predecessor trusts:
+    /// boots with secure boot on (and off).
+    SignedShimGrub,
+}
+
+impl BootLoader {
+    /// The loader's files on the ESP; the kernel is `/keel/vmlinuz` and the
+    /// initramfs `/keel/initramfs.img` for both.
+    fn files(self, cmdline: &str) -> Result<Vec<(&'static str, Vec<u8>)>, DiskError> {
+        Ok(match self {
+            BootLoader::SystemdBoot => vec![
+                (
+                    "EFI/BOOT/BOOTX64.EFI",
+                    read_from(SYSTEMD_BOOT, "systemd-boot-efi")?,
+                ),
+                ("loader/loader.conf", loader_conf().into_bytes()),
+                (
+                    "loader/entries/keel.conf",
+                    loader_entry(cmdline).into_bytes(),
+                ),
+            ],
+            // shim loads grubx64.efi from its own directory; GRUB reads
+            // grub.cfg from its built-in prefix, /EFI/debian.
+            BootLoader::SignedShimGrub => vec![
+                ("EFI/BOOT/BOOTX64.EFI", read_from(SHIM, "shim-signed")?),
+                ("EFI/BOOT/mmx64.efi", read_from(MOK_MANAGER, "shim-signed")?),
+                (
+                    "EFI/BOOT/grubx64.efi",
+                    read_from(SIGNED_GRUB, "grub-efi-amd64-signed")?,
+                ),
+                ("EFI/debian/grub.cfg", grub_cfg(cmdline).into_bytes()),
+            ],
+        })
+    }
+
+    /// Directories the files go in, parents first.
+    fn dirs(self) -> &'static [&'static str] {
+        match self {
+            BootLoader::SystemdBoot => &["::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"],
+            BootLoader::SignedShimGrub => &["::/EFI", "::/EFI/BOOT", "::/EFI/debian"],
+        }
+    }
+}
+
 /// Inputs of [`build`].
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
     pub out: PathBuf,
+    pub loader: BootLoader,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub cmdline: String,
@@ -134,6 +212,23 @@ pub fn loader_entry(cmdline: &str) -> String {
     )
 }
 
+/// GRUB's configuration: boot the one entry at once; a superuser without a
+/// password means nobody at the console can edit the command line or get a
+/// GRUB shell (the entry itself boots unrestricted).
+pub fn grub_cfg(cmdline: &str) -> String {
+    format!(
+        "set superusers=\"keel\"\nset timeout=0\nmenuentry \"keel appliance\" --unrestricted {{\n\tlinux /keel/vmlinuz {cmdline}\n\tinitrd /keel/initramfs.img\n}}\n"
+    )
+}
+
+/// SYSLINUX's configuration (legacy BIOS): boot the one entry at once,
+/// ignore keys, take no command-line changes from the console.
+pub fn syslinux_cfg(cmdline: &str) -> String {
+    format!(
+        "DEFAULT keel\nPROMPT 0\nTIMEOUT 0\nNOESCAPE 1\nALLOWOPTIONS 0\nLABEL keel\n  LINUX /keel/vmlinuz\n  INITRD /keel/initramfs.img\n  APPEND {cmdline}\n"
+    )
+}
+
 /// Builds the disk image at `config.out`.
 pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     let stage = tempfile::tempdir().map_err(stage_err(Path::new("temporary directory")))?;
@@ -141,16 +236,15 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(epoch);
 
     // Files of the ESP, staged with the fixed mtime mcopy -m preserves.
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        ("EFI/BOOT/BOOTX64.EFI", read(Path::new(SYSTEMD_BOOT))?),
-        ("loader/loader.conf", loader_conf().into_bytes()),
+    let mut files = config.loader.files(&config.cmdline)?;
+    files.extend([
         (
-            "loader/entries/keel.conf",
-            loader_entry(&config.cmdline).into_bytes(),
+            "syslinux/syslinux.cfg",
+            syslinux_cfg(&config.cmdline).into_bytes(),
         ),
         ("keel/vmlinuz", read(&config.kernel)?),
         ("keel/initramfs.img", read(&config.initramfs)?),
-    ];
+    ]);
     let esp_bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
     let layout = Layout::for_content(esp_bytes, config.state_mib);
 
@@ -158,20 +252,20 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     let volume_id = &derived_guid(&config.digest, "esp-volume-id")[..8];
     tool(
         Command::new("mkfs.vfat")
-            .args(["--invariant", "-i", volume_id, "-n", "KEEL-ESP", "-C"])
+            .args(["--invariant", "-i", volume_id, "-n", "KEEL-ESP", "-h"])
+            .arg(ESP_FIRST_SECTOR.to_string())
+            .arg("-C")
             .arg(&esp)
             .arg((layout.esp_mib * 1024).to_string()),
         "dosfstools",
         epoch,
     )?;
     tool(
-        Command::new("mmd").arg("-i").arg(&esp).args([
-            "::/EFI",
-            "::/EFI/BOOT",
-            "::/loader",
-            "::/loader/entries",
-            "::/keel",
-        ]),
+        Command::new("mmd")
+            .arg("-i")
+            .arg(&esp)
+            .args(config.loader.dirs())
+            .args(["::/syslinux", "::/keel"]),
         "mtools",
         epoch,
     )?;
@@ -191,6 +285,17 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
             epoch,
         )?;
     }
+
+    // SYSLINUX's boot sector and ldlinux.sys/.c32 (through mtools: no loop
+    // device, no mount).
+    tool(
+        Command::new("syslinux")
+            .args(["--install", "--directory", "/syslinux"])
+            .arg(&esp),
+        "syslinux",
+        epoch,
+    )?;
+    let gpt_mbr = read_from(GPT_MBR, "syslinux-common")?;
 
     let state = stage.path().join("state.img");
     if layout.state_mib > 0 {
@@ -221,8 +326,8 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
         .arg("-U")
         .arg(derived_guid(&config.digest, "disk"))
         .arg("-n")
-        .arg(format!("1:2048:+{}M", layout.esp_mib))
-        .args(["-t", "1:ef00", "-c", "1:KEEL-ESP", "-u"])
+        .arg(format!("1:{ESP_FIRST_SECTOR}:+{}M", layout.esp_mib))
+        .args(["-t", "1:ef00", "-c", "1:KEEL-ESP", "-A", "1:set:2", "-u"])
         .arg(format!(
             "1:{}",
             derived_guid(&config.digest, "esp-partition")
@@ -238,6 +343,16 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
             ));
     }
     tool(sgdisk.arg(&partial), "gdisk", epoch)?;
+    let code = gpt_mbr
+        .get(..MBR_CODE_BYTES)
+        .ok_or_else(|| DiskError::Tool {
+            cmd: GPT_MBR.into(),
+            stderr: format!("shorter than {MBR_CODE_BYTES} bytes"),
+        })?;
+    (&out)
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| (&out).write_all(code))
+        .map_err(write_err(&partial))?;
     copy_at(&esp, &out, layout.esp_offset(), &partial)?;
     if layout.state_mib > 0 {
         copy_at(&state, &out, layout.state_offset(), &partial)?;
@@ -291,6 +406,15 @@ fn read(path: &Path) -> Result<Vec<u8>, DiskError> {
     fs::read(path).map_err(stage_err(path))
 }
 
+/// A boot loader file a Debian package installs.
+fn read_from(path: &str, package: &'static str) -> Result<Vec<u8>, DiskError> {
+    fs::read(path).map_err(|source| DiskError::Missing {
+        path: path.into(),
+        package,
+        source,
+    })
+}
+
 fn stage_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
     let path = path.to_owned();
     move |source| DiskError::Stage { path, source }
@@ -336,5 +460,29 @@ mod tests {
         let e = loader_entry("console=ttyS0 quiet");
         assert!(e.contains("linux /keel/vmlinuz\n"));
         assert!(e.contains("options console=ttyS0 quiet\n"));
+    }
+
+    #[test]
+    fn syslinux_boots_at_once_and_takes_no_options() {
+        let cfg = syslinux_cfg("console=ttyS0 quiet");
+        for line in [
+            "TIMEOUT 0\n",
+            "NOESCAPE 1\n",
+            "ALLOWOPTIONS 0\n",
+            "  APPEND console=ttyS0 quiet\n",
+        ] {
+            assert!(cfg.contains(line), "{line:?} in {cfg}");
+        }
+    }
+
+    #[test]
+    fn grub_boots_at_once_and_locks_the_console() {
+        let cfg = grub_cfg("console=ttyS0 quiet");
+        assert!(cfg.starts_with("set superusers=\"keel\"\n"), "{cfg}");
+        assert!(!cfg.contains("password"), "no one can log in: {cfg}");
+        assert!(cfg.contains("set timeout=0\n"));
+        assert!(cfg.contains("--unrestricted {"));
+        assert!(cfg.contains("\tlinux /keel/vmlinuz console=ttyS0 quiet\n"));
+        assert!(cfg.contains("\tinitrd /keel/initramfs.img\n"));
     }
 }

@@ -173,11 +173,15 @@ impl BootFirmware {
             }
             BootFirmware::Uefi { secure_boot } => {
                 if *secure_boot {
+                    // OVMF's SMM build hangs before printing anything when
+                    // the machine offers S3 (seen under TCG with QEMU 7.2).
                     args.extend([
                         "-machine".into(),
                         "smm=on".into(),
                         "-global".into(),
                         "driver=cfi.pflash01,property=secure,value=on".into(),
+                        "-global".into(),
+                        "ICH9-LPC.disable_s3=1".into(),
                     ]);
                 }
                 args.extend([
@@ -316,6 +320,7 @@ mod tests {
             .join(" ");
         assert!(sb.contains("smm=on"));
         assert!(sb.contains("property=secure,value=on"));
+        assert!(sb.contains("ICH9-LPC.disable_s3=1"));
         assert!(sb.contains(&files.ovmf_code_secboot.display().to_string()));
         let gone = FirmwareFiles {
             seabios: dir.path().join("nope"),

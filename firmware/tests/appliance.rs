@@ -1,8 +1,9 @@
 //! The appliance image, built and booted for real: twice-built images are
 //! byte-identical; the kernel + initramfs pair (QEMU direct-kernel boot)
-//! and the UEFI disk image (OVMF) both boot to a keel API that answers on a
-//! forwarded loopback port; the state partition keeps keel's identity
-//! across a power cycle.
+//! and the disk image (OVMF with and without secure boot, and SeaBIOS) boot
+//! to a keel API that answers on a forwarded loopback port; the state partition keeps keel's identity
+//! across a power cycle; with an API token on its command line the
+//! appliance joins a control plane outside and its host registers there.
 //!
 //! Needs the `keel` binary built (`cargo build -p keel`, done by
 //! `cargo test --workspace`), QEMU, OVMF and the image tools from keel.sh's
@@ -16,9 +17,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use keel_firmware::appliance::{self, ImageConfig, ImageReport};
+use keel_firmware::disk::BootLoader;
 use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles};
 use keel_firmware::qemu::QemuVm;
-use keel_testkit::{keel_bin, target_dir, Accel};
+use keel_testkit::{keel_bin, target_dir, Accel, KeelProcess, PostgresServer};
 
 /// Boot to API-ready takes ~10 s direct and ~30 s through OVMF under TCG
 /// on an idle machine; CI builds and boots in parallel.
@@ -251,6 +253,199 @@ fn uefi_disk_image_boots_with_ovmf_and_serves_the_api() {
         console.contains("keel-init: state on /dev/vda2 (persistent)"),
         "{console}"
     );
+    assert!(
+        console.contains("keel-init: booted by UEFI, secure boot off"),
+        "{console}"
+    );
+    vm.power_button_and_wait();
+}
+
+/// The disk's boot chain is signed (shim by Microsoft's UEFI CA, GRUB and
+/// the kernel by Debian): OVMF with Microsoft's keys enrolled and secure
+/// boot enforced boots it to the API, with the kernel locked down. The same
+/// kernel and initramfs behind the unsigned systemd-boot are refused by the
+/// firmware: secure boot is really enforced.
+#[test]
+fn secure_boot_firmware_boots_the_signed_disk_and_refuses_an_unsigned_loader() {
+    let (dir, report) = image();
+    let run = tempfile::tempdir().unwrap();
+    let secure = BootFirmware::Uefi { secure_boot: true };
+    let files = FirmwareFiles::default();
+    let boot = |label: &str, disk: &Path| {
+        let vm_dir = run.path().join(label);
+        fs::create_dir(&vm_dir).unwrap();
+        let nvram = secure.ensure_nvram(&files, &vm_dir).unwrap().unwrap();
+        let mut args = secure.qemu_args(&files, Some(&nvram)).unwrap();
+        args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio", disk.display()),
+        ]);
+        Vm::start(label, &args)
+    };
+
+    let signed = run.path().join("signed.img");
+    fs::copy(dir.join("disk.img"), &signed).unwrap();
+    let mut vm = boot("secure-boot", &signed);
+    vm.wait_api();
+    let console = vm.console();
+    assert!(
+        console.contains("keel-init: booted by UEFI, secure boot on"),
+        "{console}"
+    );
+    assert!(
+        console.contains("keel-init: state on /dev/vda2 (persistent)"),
+        "{console}"
+    );
+    assert!(
+        !console.contains("not loaded"),
+        "every module is signed and loads under lockdown: {console}"
+    );
+    vm.power_button_and_wait();
+
+    let unsigned = run.path().join("unsigned.img");
+    keel_firmware::disk::build(&keel_firmware::disk::DiskConfig {
+        out: unsigned.clone(),
+        loader: BootLoader::SystemdBoot,
+        kernel: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.img"),
+        cmdline: report.cmdline.clone(),
+        source_date_epoch: 1_700_000_000,
+        state_mib: 0,
+        digest: report.digest,
+    })
+    .unwrap();
+    let mut vm = boot("secure-boot-unsigned", &unsigned);
+    vm.0.wait_console("Access Denied", BOOT_TIMEOUT).unwrap();
+    assert!(!vm.console().contains("keel-init"), "{}", vm.console());
+}
+
+/// The same disk boots on legacy BIOS (SeaBIOS → SYSLINUX's GPT MBR →
+/// SYSLINUX in the ESP).
+#[test]
+fn bios_boots_the_same_disk_image() {
+    let (dir, _) = image();
+    let run = tempfile::tempdir().unwrap();
+    let disk = run.path().join("disk.img");
+    fs::copy(dir.join("disk.img"), &disk).unwrap();
+    let mut args = BootFirmware::Bios
+        .qemu_args(&FirmwareFiles::default(), None)
+        .unwrap();
+    args.extend([
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", disk.display()),
+    ]);
+    let mut vm = Vm::start("bios-disk", &args);
+    vm.wait_api();
+    let console = vm.console();
+    assert!(
+        console.contains("keel-init: booted by legacy BIOS"),
+        "{console}"
+    );
+    assert!(
+        console.contains("keel-init: state on /dev/vda2 (persistent)"),
+        "{console}"
+    );
+    vm.power_button_and_wait();
+}
+
+#[test]
+fn appliance_joins_a_control_plane_outside_with_an_api_token() {
+    let (dir, report) = image();
+    // The control plane of a cloud of many hosts: PostgreSQL and an API
+    // node on this machine. The appliance reaches this machine's loopback
+    // as 10.0.2.2 through QEMU's user network, so hosts are told that
+    // address for the database.
+    let pg = PostgresServer::start().unwrap();
+    let cp_dir = tempfile::tempdir().unwrap();
+    let host_db = format!("postgres://postgres@10.0.2.2:{}/postgres", pg.port());
+    let cp = KeelProcess::up_with(
+        cp_dir.path(),
+        &[
+            "--database",
+            &pg.url(),
+            "--no-host-agent",
+            "--host-database",
+            &host_db,
+        ],
+    )
+    .unwrap();
+    let password = fs::read_to_string(cp_dir.path().join("admin-password")).unwrap();
+    let login: serde_json::Value = ureq::post(&cp.url("/api/v1/auth/login"))
+        .send_json(serde_json::json!({"username": "admin", "password": password.trim()}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let bearer = format!("Bearer {}", login["access_token"].as_str().unwrap());
+    let token: serde_json::Value = ureq::post(&cp.url("/api/v1/tokens"))
+        .set("Authorization", &bearer)
+        .send_json(serde_json::json!({"name": "appliance-join", "expires_in_days": 1}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let port = cp.url("").rsplit(':').next().unwrap().to_owned();
+    let cmdline = format!(
+        "{} keel.join=http://10.0.2.2:{port} keel.token={} keel.hostname=appliance-1",
+        report.cmdline,
+        token["token"].as_str().unwrap()
+    );
+    let mut vm = Vm::start(
+        "join",
+        &[
+            "-kernel".into(),
+            dir.join("vmlinuz").display().to_string(),
+            "-initrd".into(),
+            dir.join("initramfs.img").display().to_string(),
+            "-append".into(),
+            cmdline,
+        ],
+    );
+    vm.wait_api();
+    let console = vm.console();
+    assert!(
+        console.contains(&format!(
+            "keel-init: starting keel on 0.0.0.0:8080, joining the control plane at http://10.0.2.2:{port}"
+        )),
+        "{console}"
+    );
+    // The host registered outside, with the appliance's inventory, and
+    // beats: it is schedulable.
+    let mut host = serde_json::Value::Null;
+    for _ in 0..240 {
+        let hosts: serde_json::Value = ureq::get(&cp.url("/api/v1/hosts"))
+            .set("Authorization", &bearer)
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        if let Some(h) = hosts["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == "appliance-1" && h["responding"] == true)
+        {
+            host = h.clone();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(host["status"], "ENABLED", "{host}\n{}", vm.console());
+    assert_eq!(host["cpu_arch"], "x86_64", "{host}");
+    assert!(host["memory_bytes"].as_u64().unwrap() > 512 << 20, "{host}");
+    assert!(
+        host["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["driver"] == "virtio_net"),
+        "{host}"
+    );
+    // Its own API serves the same cloud.
+    let cloud: serde_json::Value = ureq::get(&cp.url("/api/v1/version"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(vm.instance_id(), cloud["instance_id"].as_str().unwrap());
     vm.power_button_and_wait();
 }
 

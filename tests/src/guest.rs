@@ -11,6 +11,7 @@
 //! machines where `/dev/kvm` exists but nested guests hang, everything runs
 //! under TCG. Guest RAM is a shared memfd so vhost-user backends can map it.
 
+use keel_firmware::disk::BootLoader;
 use std::fs::{self, File};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
@@ -664,6 +665,17 @@ mod tempfile_dir {
 /// (`/dev/vda2` in the guest) for tests to write to: the image an operator
 /// would upload to keel.
 pub fn guest_disk_image(out: &Path, script: &str, data_mib: u32) -> Result<()> {
+    guest_disk_image_with(out, script, data_mib, BootLoader::SystemdBoot)
+}
+
+/// As [`guest_disk_image`], booted by `loader` (Debian's signed shim and
+/// GRUB boot under secure boot).
+pub fn guest_disk_image_with(
+    out: &Path,
+    script: &str,
+    data_mib: u32,
+    loader: BootLoader,
+) -> Result<()> {
     let image = GuestImage::get()?;
     let stage = tempfile_dir::TempDir::new_in(
         &crate::target_dir().join("keel-guest").join("runs"),
@@ -672,7 +684,7 @@ pub fn guest_disk_image(out: &Path, script: &str, data_mib: u32) -> Result<()> {
     let initrd = stage.path().join("initrd");
     write_initrd_with_script(&image.initramfs, Some(script), &initrd)?;
     let mut key = DefaultHasher::new();
-    (script, data_mib, &image.kernel_version).hash(&mut key);
+    (script, data_mib, &image.kernel_version, loader).hash(&mut key);
     let seed = key.finish().to_le_bytes();
     let mut digest = [0u8; 32];
     for (i, b) in digest.iter_mut().enumerate() {
@@ -680,6 +692,7 @@ pub fn guest_disk_image(out: &Path, script: &str, data_mib: u32) -> Result<()> {
     }
     keel_firmware::disk::build(&keel_firmware::disk::DiskConfig {
         out: out.to_owned(),
+        loader,
         kernel: image.kernel.clone(),
         initramfs: initrd,
         cmdline: "console=ttyS0 panic=-1 quiet loglevel=1".into(),

@@ -21,8 +21,9 @@ pub mod netns;
 pub mod postgres;
 
 pub use cmd::{run, CmdOutput};
-pub use guest::{guest_disk_image, Accel, Guest, GuestConfig};
+pub use guest::{guest_disk_image, guest_disk_image_with, Accel, Guest, GuestConfig};
 pub use keel::{keel_bin, KeelProcess};
+pub use keel_firmware::disk::BootLoader;
 pub use netns::{root_veth, serve_greeting, veth_pair, NetnsHost};
 pub use postgres::PostgresServer;
 

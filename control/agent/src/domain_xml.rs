@@ -163,6 +163,10 @@ pub fn render(spec: &DomainSpec, files: &FirmwareFiles) -> String {
         x.push_str("<smm state='on'/>");
     }
     x.push_str("</features>\n");
+    if matches!(spec.firmware, BootFirmware::Uefi { secure_boot: true }) {
+        // OVMF's SMM build hangs at start when the machine offers S3.
+        x.push_str("  <pm><suspend-to-mem enabled='no'/></pm>\n");
+    }
     // vhost-user devices need guest RAM the backend can map.
     x.push_str("  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n");
     // QEMU runs as root so it can reach keel's sockets in the state dir.
@@ -244,6 +248,20 @@ mod tests {
         assert!(xml.contains("<target dev='vdb' bus='virtio'/>"));
         assert!(xml.contains("<boot order='2'/>"));
         assert!(xml.contains("<access mode='shared'/>"));
+        assert!(xml.contains("secure='no'"));
+        assert!(!xml.contains("<smm") && !xml.contains("<pm>"));
+        let secure = render(
+            &DomainSpec {
+                firmware: BootFirmware::Uefi { secure_boot: true },
+                ..spec
+            },
+            &FirmwareFiles::default(),
+        );
+        assert!(secure.contains(
+            "<loader readonly='yes' secure='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.secboot.fd</loader>"
+        ));
+        assert!(secure.contains("<smm state='on'/>"));
+        assert!(secure.contains("<pm><suspend-to-mem enabled='no'/></pm>"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 mod client;
+mod join;
 use clap::{Parser, Subcommand, ValueEnum};
 use keel_control::server::{up, UpConfig};
 
@@ -81,6 +82,34 @@ enum Command {
             value_name = "NAME=IFACE"
         )]
         uplinks: Vec<String>,
+        /// Join the control plane whose API is at this URL (a new compute
+        /// host): it hands out the shared database this host then runs on
+        /// (the answer is kept in the state directory).
+        #[arg(
+            long,
+            env = "KEEL_JOIN",
+            requires = "join_token",
+            conflicts_with_all = ["database", "no_host_agent"],
+            value_name = "URL"
+        )]
+        join: Option<String>,
+        /// A system admin's API token for --join.
+        #[arg(
+            long,
+            env = "KEEL_JOIN_TOKEN",
+            hide_env_values = true,
+            requires = "join"
+        )]
+        join_token: Option<String>,
+        /// The database URL hosts that join this control plane are told,
+        /// when they reach it at another address (default: --database).
+        #[arg(
+            long,
+            env = "KEEL_HOST_DATABASE",
+            hide_env_values = true,
+            requires = "database"
+        )]
+        host_database: Option<String>,
     },
     /// Print the version.
     Version {
@@ -392,7 +421,17 @@ enum ImageCommand {
         /// Also ship QEMU (about 60 MB uncompressed).
         #[arg(long)]
         with_qemu: bool,
+        /// The disk's boot loader: shim-grub (Debian's signed shim and GRUB:
+        /// boots with secure boot on) or systemd-boot (unsigned).
+        #[arg(long, default_value = "shim-grub")]
+        boot_loader: BootLoaderChoice,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BootLoaderChoice {
+    ShimGrub,
+    SystemdBoot,
 }
 
 fn main() -> std::process::ExitCode {
@@ -444,8 +483,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             no_host_agent,
             host_id,
             uplinks,
+            join,
+            join_token,
+            host_database,
         } => {
             let uplinks = parse_uplinks(&uplinks)?;
+            let database = match (join, join_token) {
+                (Some(api), Some(token)) => Some(join::database_url(&api, &token, &state_dir)?),
+                _ => database,
+            };
             let keel_bin = std::env::current_exe().context("Cannot find the keel binary")?;
             let agent = keel_agent::AgentConfig {
                 state_dir: PathBuf::new(),
@@ -485,6 +531,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         listen,
                         state_dir,
                         database,
+                        host_database,
                         admin_password,
                     },
                     shutdown,
@@ -521,6 +568,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     no_disk,
                     state_mib,
                     with_qemu,
+                    boot_loader,
                 },
         } => {
             let keel_bin = match keel_bin {
@@ -531,6 +579,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             config.disk = !no_disk;
             config.state_mib = state_mib;
             config.with_qemu = with_qemu;
+            config.loader = match boot_loader {
+                BootLoaderChoice::ShimGrub => keel_firmware::disk::BootLoader::SignedShimGrub,
+                BootLoaderChoice::SystemdBoot => keel_firmware::disk::BootLoader::SystemdBoot,
+            };
             println!("{}", keel_firmware::appliance::build(&config)?);
         }
         Command::Bench { suite, json, quick } => bench(&suite, json, quick)?,

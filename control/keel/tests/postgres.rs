@@ -573,3 +573,122 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A new compute host joins with nothing but the control plane's address
+/// and a system admin's API token (the appliance takes both from its boot
+/// configuration): it is told the shared database, its agent registers the
+/// host, which becomes schedulable; it keeps what it was told, so it comes
+/// back while the control plane's API is down. Wrong tokens and a control
+/// plane on an embedded SQLite file are refused with the reason.
+#[test]
+fn a_new_host_joins_with_an_api_token() {
+    let pg = PostgresServer::start().unwrap();
+    let url = pg.url();
+    let cp_dir = tempfile::tempdir().unwrap();
+    let mut cp =
+        KeelProcess::up_with(cp_dir.path(), &["--database", &url, "--no-host-agent"]).unwrap();
+    let api = Api::login(&cp, &password(cp_dir.path()));
+    let token = api.ok("POST", "/api/v1/tokens", Some(json!({"name": "host-join"})));
+    let token = token["token"].as_str().unwrap().to_owned();
+
+    let host_dir = tempfile::tempdir().unwrap();
+    let cp_url = cp.url("");
+    let args = [
+        "--join",
+        &cp_url,
+        "--join-token",
+        &token,
+        "--host-id",
+        "joined-1",
+    ];
+    let mut host = KeelProcess::up_with(host_dir.path(), &args).unwrap();
+    let joined = eventually("the joined host registered and beats", || {
+        let (status, h) = api.send("GET", "/api/v1/hosts/joined-1", &[], None);
+        (status == 200 && h["responding"] == true).then_some(h)
+    });
+    assert_eq!(joined["status"], "ENABLED", "{joined}");
+    assert!(joined["cores"].as_u64().unwrap() > 0, "{joined}");
+    assert!(!joined["cpu_arch"].as_str().unwrap().is_empty(), "{joined}");
+    // The host serves the same cloud's API.
+    let version = |k: &KeelProcess| -> Value {
+        ureq::get(&k.url("/api/v1/version"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    let cloud = version(&cp)["instance_id"].clone();
+    assert_eq!(version(&host)["instance_id"], cloud);
+    // What it was told is kept for root only (it holds the database password).
+    let kept = host_dir.path().join("join.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let kept: Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert_eq!(kept["database_url"], url.as_str());
+
+    // The audit log names who enrolled a host.
+    let audit = api.ok("GET", "/api/v1/audit", None);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "/api/v1/hosts/enroll" && e["status"] == 200),
+        "{audit}"
+    );
+
+    // A wrong token: refused, with the control plane's reason.
+    let other_dir = tempfile::tempdir().unwrap();
+    let refused = |dir: &Path, api_url: String, token: &str| -> String {
+        let d = dir.to_string_lossy().into_owned();
+        let mut keel = KeelProcess::spawn(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            &d,
+            "--join",
+            &api_url,
+            "--join-token",
+            token,
+        ])
+        .unwrap();
+        let status = keel.wait(EXIT_TIMEOUT).unwrap();
+        assert!(!status.success(), "{}", keel.stderr());
+        keel.stderr()
+    };
+    let err = refused(other_dir.path(), cp.url(""), "keelt-not-a-token");
+    assert!(err.contains("refused this host (HTTP 401)"), "{err}");
+
+    // The control plane goes away; the host restarts on the kept database.
+    host.signal(libc::SIGTERM).unwrap();
+    assert!(host.wait(EXIT_TIMEOUT).unwrap().success());
+    cp.signal(libc::SIGTERM).unwrap();
+    assert!(cp.wait(EXIT_TIMEOUT).unwrap().success());
+    let host = KeelProcess::up_with(host_dir.path(), &args).unwrap();
+    assert!(
+        host.stderr()
+            .contains("unreachable: using the database of the last join"),
+        "{}",
+        host.stderr()
+    );
+    assert_eq!(version(&host)["instance_id"], cloud);
+
+    // A control plane on an embedded SQLite file has no database to share.
+    let lone_dir = tempfile::tempdir().unwrap();
+    let lone = KeelProcess::up(lone_dir.path()).unwrap();
+    let lone_api = Api::login(&lone, &password(lone_dir.path()));
+    let lone_token = lone_api.ok("POST", "/api/v1/tokens", Some(json!({"name": "j"})));
+    let err = refused(
+        tempfile::tempdir().unwrap().path(),
+        lone.url(""),
+        lone_token["token"].as_str().unwrap(),
+    );
+    assert!(
+        err.contains("HTTP 409") && err.contains("embedded SQLite"),
+        "{err}"
+    );
+}

@@ -108,7 +108,7 @@ pub const POLICY: &[(Role, Family, &[Action])] = &[
     (Role::SystemAdmin, Family::Token, ALL),
     (Role::SystemAdmin, Family::Network, ALL),
     (Role::SystemAdmin, Family::Compute, ALL),
-    (Role::SystemAdmin, Family::Host, &[Read, Update]),
+    (Role::SystemAdmin, Family::Host, &[Read, Create, Update]),
     (Role::SystemAdmin, Family::Event, &[Read]),
     (Role::SystemAdmin, Family::Audit, &[Read]),
     (Role::SystemAdmin, Family::Role, ALL),

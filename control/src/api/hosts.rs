@@ -260,11 +260,51 @@ pub async fn place(
     )))
 }
 
+/// What a host that joins with an API token is told (`keel up --join`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HostEnrollment {
+    /// The shared PostgreSQL database the host's agent and API run on (it
+    /// holds the password: hand the token only to hosts you trust).
+    pub database_url: String,
+    /// The control plane's instance id: the host checks it joined the cloud
+    /// it meant to.
+    pub instance_id: String,
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
+        .routes(routes!(enroll_host))
         .routes(routes!(list_hosts))
         .routes(routes!(get_host))
         .routes(routes!(host_action))
+}
+
+/// A new host joins: a system admin's API token (from the host's boot
+/// configuration) buys it the shared database, where its agent registers
+/// the host with its inventory and heartbeats, as every host agent does.
+#[utoipa::path(post, path = "/hosts/enroll", tag = "compute",
+    responses(
+        (status = 200, description = "Where the host's agent keeps its state", body = HostEnrollment),
+        (status = 403, description = "System admins only", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "This control plane keeps its state in an embedded SQLite file, which no other host can share", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn enroll_host(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<HostEnrollment>, ApiError> {
+    principal.require(Family::Host, Action::Create)?;
+    let Some(url) = &state.host_database else {
+        return Err(ApiError::Conflict(
+            "this control plane keeps its state in an embedded SQLite file, which no other host \
+             can share: start it with --database postgres://… for hosts to join"
+                .into(),
+        ));
+    };
+    tracing::info!(by = %principal.name, "a host enrolled");
+    Ok(Json(HostEnrollment {
+        database_url: url.to_string(),
+        instance_id: state.version.instance_id.to_string(),
+    }))
 }
 
 #[utoipa::path(get, path = "/hosts", tag = "compute", params(ListQuery),

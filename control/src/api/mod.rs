@@ -112,6 +112,10 @@ pub struct AppState {
     pub changes: Arc<tokio::sync::Notify>,
     /// One-time console tickets (in memory: they live for seconds).
     pub consoles: console::Tickets,
+    /// The shared database URL handed to hosts that join with an API token
+    /// (`POST /hosts/enroll`); `None` on an embedded SQLite store, which no
+    /// other host can share.
+    pub host_database: Option<Arc<String>>,
 }
 
 impl AppState {
@@ -122,7 +126,14 @@ impl AppState {
             version: Arc::new(version),
             changes: Arc::new(tokio::sync::Notify::new()),
             consoles: console::Tickets::default(),
+            host_database: None,
         }
+    }
+
+    /// Lets hosts join this control plane: they are told `url`.
+    pub fn with_host_database(mut self, url: Option<String>) -> AppState {
+        self.host_database = url.map(Arc::new);
+        self
     }
 }
 
