@@ -16,7 +16,7 @@ use keel_control::api::vm_snapshots;
 use keel_control::api::vms::{self, VmSpec};
 use keel_control::api::volumes::{self, VolumeSpec};
 use keel_control::store::Store;
-use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles};
+use keel_firmware::guest_firmware::{BootFirmware, FirmwareFiles, NVRAM_FILE};
 use virt::connect::Connect;
 use virt::domain::Domain;
 
@@ -444,6 +444,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The VM's UEFI NVRAM (absent for BIOS VMs).
+    fn nvram(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join(NVRAM_FILE)
+    }
+
     fn vm_dir(&self, id: &str) -> PathBuf {
         self.config.state_dir.join("vms").join(id)
     }
@@ -654,6 +659,7 @@ impl Agent {
             .ok_or_else(|| StepError::Invalid(format!("snapshot {snapshot_id} is gone")))?;
         let sspec: vm_snapshots::SnapshotSpec = snap.spec()?;
         let dir = self.config.state_dir.clone();
+        let nvram = self.nvram(&record.meta.id);
         let copied = self.with_vm_paused(&record.meta.id, |_| {
             for vol in &sspec.volume_ids {
                 provision::copy_file(
@@ -661,7 +667,10 @@ impl Agent {
                     &vm_snapshots::snapshot_file(&dir, snapshot_id, vol),
                 )?;
             }
-            Ok(())
+            copy_nvram(
+                &nvram,
+                &vm_snapshots::snapshot_dir(&dir, snapshot_id).join(NVRAM_FILE),
+            )
         });
         let status = if copied.is_ok() {
             vm_snapshots::AVAILABLE
@@ -693,7 +702,10 @@ impl Agent {
                 &volumes::volume_path(&dir, vol),
             )?;
         }
-        Ok(())
+        copy_nvram(
+            &vm_snapshots::snapshot_dir(&dir, snapshot_id).join(NVRAM_FILE),
+            &self.nvram(&record.meta.id),
+        )
     }
 
     fn vm_clone(&mut self, record: &Record, params: &serde_json::Value) -> Result<(), StepError> {
@@ -708,12 +720,24 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default();
+        let clones: Vec<String> = params["vm_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        let nvram = self.nvram(&record.meta.id);
+        let clone_nvram: Vec<PathBuf> = clones.iter().map(|vm| self.nvram(vm)).collect();
         let copied = self.with_vm_paused(&record.meta.id, |_| {
             for (from, to) in &copies {
                 provision::copy_file(
                     &volumes::volume_path(&dir, from),
                     &volumes::volume_path(&dir, to),
                 )?;
+            }
+            // A clone starts with the source's boot entries and keys.
+            for to in &clone_nvram {
+                copy_nvram(&nvram, to)?;
             }
             Ok(())
         });
@@ -727,12 +751,7 @@ impl Agent {
         }
         copied?;
         let start = params["start"].as_bool().unwrap_or(true);
-        for vm in params["vm_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-        {
+        for vm in &clones {
             let Some(clone) = self.get(vms::KIND, vm)? else {
                 continue;
             };
@@ -1179,6 +1198,15 @@ async fn beat(store: Store, host_id: String) {
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Copies a UEFI NVRAM file with the VM it belongs to (snapshot, revert,
+/// clone); nothing to do for a BIOS VM, which has none.
+fn copy_nvram(from: &Path, to: &Path) -> Result<(), StepError> {
+    if !from.exists() {
+        return Ok(());
+    }
+    Ok(provision::copy_file(from, to)?)
 }
 
 fn remove_dir(dir: &Path) {

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keel_testkit::{guest_disk_image, root_veth, serve_greeting, Accel, KeelProcess, NetnsHost};
+use keel_testkit::{
+    guest_disk_image, guest_disk_image_with, root_veth, serve_greeting, Accel, BootLoader,
+    KeelProcess, NetnsHost,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -864,6 +867,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let snaps = api.ok("GET", &format!("/api/v1/vms/{vm}/snapshots"), None);
     let snap = snaps["items"][0]["id"].as_str().unwrap().to_owned();
     assert_eq!(snaps["items"][0]["status"], "AVAILABLE", "{snaps}");
+    // The snapshot keeps the UEFI NVRAM of the cut with the disks.
+    let nvram = state.join("vms").join(&vm).join("nvram.fd");
+    let snap_nvram = state.join("snapshots").join(&snap).join("nvram.fd");
+    assert!(same_content(&nvram, &snap_nvram));
 
     api.action(&vm, "start");
     assert_eq!(api.vm_status(&vm).0, "RUNNING");
@@ -1159,6 +1166,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         "the source resumes after the cut"
     );
     assert_eq!(api.vm_status(&clone).0, "RUNNING");
+    assert!(state.join("vms").join(&clone).join("nvram.fd").exists());
     wait_console(&state, &clone, "KEEL-FOUND KEEL-DATA-7", 1);
     let c = api.ok("GET", &format!("/api/v1/vms/{clone}"), None);
     assert_ne!(c["volume_ids"][0], volume_id.as_str(), "{c}");
@@ -1199,6 +1207,10 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     );
     assert_eq!(status, 202, "{body}");
     api.wait_task(&body);
+    assert!(
+        same_content(&nvram, &snap_nvram),
+        "revert brings the NVRAM back too"
+    );
     api.action(&vm, "start");
     wait_console(&state, &vm, "KEEL-WROTE", 2);
     api.action(&vm, "force-stop");
@@ -1776,4 +1788,88 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     // A clean stop of keel also stops the libvirt daemons it started.
     keel.signal(libc::SIGTERM).unwrap();
     assert!(keel.wait(Duration::from_secs(60)).unwrap().success());
+}
+
+/// What the guest of [`vms_boot_with_the_firmware_their_image_names`]
+/// reports: which firmware started it and whether its kernel saw secure
+/// boot enforced.
+const FIRMWARE_SCRIPT: &str = r#"
+if [ -d /sys/firmware/efi ]; then echo "KEEL-FIRMWARE uefi"; else echo "KEEL-FIRMWARE bios"; fi
+if dmesg | grep -q "Secure boot enabled"; then echo "KEEL-SECUREBOOT on"; else echo "KEEL-SECUREBOOT off"; fi
+"#;
+
+/// Guests boot with the firmware their image names, inherited by the VM: a
+/// `bios` image under SeaBIOS; a `uefi-secure` image whose boot chain is
+/// signed (Debian's shim → GRUB → kernel) under OVMF with Microsoft's keys
+/// and secure boot enforced, which the guest's kernel confirms; and a
+/// `uefi-secure` image with an unsigned loader is refused by the firmware.
+#[test]
+fn vms_boot_with_the_firmware_their_image_names() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let accel = match Accel::detect().unwrap() {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let keel =
+        KeelProcess::up_with(&state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
+    let api = login(&keel, &state);
+    let vdc = api.ok("POST", "/api/v1/vdcs", Some(json!({"name": "firmware"})));
+    let vdc_id = vdc["id"].as_str().unwrap();
+    let mut guards = Vec::new();
+    let mut boot = |name: &str, firmware: &str, loader: BootLoader| -> String {
+        let path = work.path().join(format!("{name}.img"));
+        guest_disk_image_with(&path, FIRMWARE_SCRIPT, 0, loader).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let digest: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let img = api.ok(
+            "POST",
+            "/api/v1/images",
+            Some(json!({"name": name, "vdc_id": vdc_id, "format": "raw",
+                "firmware": firmware, "size_bytes": bytes.len(), "sha256": digest})),
+        );
+        let image_id = img["id"].as_str().unwrap();
+        api.upload(image_id, &bytes);
+        let (status, task) = api.call(
+            "POST",
+            "/api/v1/volumes",
+            Some(json!({"name": name, "vdc_id": vdc_id, "image_id": image_id})),
+        );
+        assert_eq!(status, 202, "{task}");
+        let volume_id = api.wait_task(&task)["resource_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (status, task) = api.call(
+            "POST",
+            "/api/v1/vms",
+            Some(
+                json!({"name": name, "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+                "volume_ids": [volume_id]}),
+            ),
+        );
+        assert_eq!(status, 202, "{task}");
+        let vm = task["resource_id"].as_str().unwrap().to_owned();
+        guards.push(DomainGuard(vm.clone()));
+        api.wait_task(&task);
+        let v = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
+        assert_eq!(v["firmware"], firmware, "{v}");
+        vm
+    };
+    let bios = boot("bios", "bios", BootLoader::SystemdBoot);
+    let secure = boot("secure", "uefi-secure", BootLoader::SignedShimGrub);
+    let unsigned = boot("unsigned", "uefi-secure", BootLoader::SystemdBoot);
+
+    wait_console(&state, &bios, "KEEL-FIRMWARE bios", 1);
+    wait_console(&state, &secure, "KEEL-SECUREBOOT on", 1);
+    assert_eq!(console_count(&state, &secure, "KEEL-FIRMWARE uefi"), 1);
+    // The secure-boot keys live in the VM's own NVRAM, made from the
+    // template with Microsoft's keys enrolled.
+    assert!(state.join("vms").join(&secure).join("nvram.fd").exists());
+    wait_console(&state, &unsigned, "Access Denied", 1);
+    assert_eq!(console_count(&state, &unsigned, "KEEL-FIRMWARE"), 0);
+    drop(guards);
 }

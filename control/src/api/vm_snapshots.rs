@@ -87,16 +87,19 @@ fn to_snapshot(record: Record) -> Result<Snapshot, ApiError> {
     })
 }
 
+/// Where a snapshot keeps its copies: one per volume, and the VM's UEFI
+/// NVRAM (boot entries, secure-boot keys) when it has one.
+pub fn snapshot_dir(state_dir: &std::path::Path, snapshot: &str) -> std::path::PathBuf {
+    state_dir.join("snapshots").join(snapshot)
+}
+
 /// Where a snapshot keeps the copy of one volume.
 pub fn snapshot_file(
     state_dir: &std::path::Path,
     snapshot: &str,
     volume: &str,
 ) -> std::path::PathBuf {
-    state_dir
-        .join("snapshots")
-        .join(snapshot)
-        .join(format!("{volume}.raw"))
+    snapshot_dir(state_dir, snapshot).join(format!("{volume}.raw"))
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
