@@ -785,6 +785,7 @@ impl Agent {
             self.disks.stop(vol);
         }
         let state_dir = self.config.state_dir.clone();
+        let mut deleted = Vec::new();
         self.block_on(async {
             let mut tx = self.store.begin_write().await?;
             for vol in &spec.volume_ids {
@@ -792,7 +793,12 @@ impl Agent {
                     continue;
                 };
                 if delete_volumes {
-                    records::delete(&mut tx, &v, volumes::KIND).await?;
+                    // Through the VDC's recycle bin, like a volume's delete.
+                    if let volumes::Discarded::Deleted =
+                        volumes::discard(&mut tx, &v, false).await?
+                    {
+                        deleted.push(vol.clone());
+                    }
                 } else {
                     let mut vspec: VolumeSpec = v.spec()?;
                     vspec.attached_to = None;
@@ -839,10 +845,8 @@ impl Agent {
             tx.commit().await?;
             Ok::<_, StepError>(())
         })?;
-        if delete_volumes {
-            for vol in &spec.volume_ids {
-                volumes::remove_volume_files(&state_dir, vol);
-            }
+        for vol in &deleted {
+            volumes::remove_volume_files(&state_dir, vol);
         }
         for snap in &snapshots {
             remove_dir(&state_dir.join("snapshots").join(&snap.meta.id));

@@ -334,6 +334,7 @@ async fn restore_backup(
                 description: format!("restored from backup {id}"),
                 status_reason: String::new(),
                 host_id,
+                purge_at: None,
             })?,
             status: volumes::CREATING,
         },

@@ -3893,3 +3893,167 @@ async fn floating_ips_count_against_the_vdc_quota() {
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(fip().await.status, 201, "room again after a release");
 }
+
+#[tokio::test]
+async fn deleted_volumes_wait_in_the_recycle_bin_until_restored_or_purged() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({"volumes": 1})).await;
+    let r = api
+        .call(
+            Method::POST,
+            "/api/v1/vdcs",
+            Some(&admin),
+            &[],
+            Some(json!({"name": "bad", "recycle_bin_hours": 9000})),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "recycle_bin_hours");
+    let r = api
+        .change(
+            Method::PATCH,
+            &format!("/api/v1/vdcs/{vdc}"),
+            &admin,
+            Some(json!({"recycle_bin_hours": 24})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["recycle_bin_hours"], 24);
+    let volume = |name: &str| json!({"name": name, "vdc_id": vdc, "size_gib": 1});
+    let r = api.post("/api/v1/volumes", &admin, volume("data")).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    api.agent_did(&r.body, "AVAILABLE").await;
+    let id = r.body["resource_id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/volumes/{id}");
+
+    // Delete: into the bin, with the time it is purged; the quota is free.
+    let before = super::records::now_ms();
+    let r = api.change(Method::DELETE, &path, &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "DELETED");
+    let purge_at = r.body["purge_at"].as_i64().unwrap();
+    assert!(purge_at >= before + 24 * 3_600_000, "{}", r.body);
+    let binned = api
+        .get(
+            &format!("/api/v1/volumes?vdc_id={vdc}&status=DELETED"),
+            &admin,
+        )
+        .await;
+    assert_eq!(
+        binned.body["items"][0]["id"],
+        id.as_str(),
+        "{}",
+        binned.body
+    );
+    let other = api.post("/api/v1/volumes", &admin, volume("other")).await;
+    assert_eq!(other.status, 202, "a binned volume counts against no quota");
+    api.agent_did(&other.body, "AVAILABLE").await;
+
+    // In the bin it is good for nothing but restore and purge.
+    let r = api
+        .post(
+            "/api/v1/vms",
+            &admin,
+            json!({"name": "vm", "vdc_id": vdc, "vcpus": 1, "memory_mib": 128,
+                   "volume_ids": [id], "start": false}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "volume_ids[0]");
+    let r = api
+        .post(
+            &format!("{path}/actions/copy"),
+            &admin,
+            json!({"name": "copy"}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .post(
+            &format!(
+                "/api/v1/volumes/{}/actions/restore",
+                other.body["resource_id"].as_str().unwrap()
+            ),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+
+    // Restore needs room in the quota; with room it is AVAILABLE again.
+    let r = api
+        .post(&format!("{path}/actions/restore"), &admin, json!({}))
+        .await;
+    assert_problem(&r, 409, "quota-exceeded");
+    let other_path = format!(
+        "/api/v1/volumes/{}?purge=true",
+        other.body["resource_id"].as_str().unwrap()
+    );
+    let r = api.change(Method::DELETE, &other_path, &admin, None).await;
+    assert_eq!(r.status, 204, "purge=true skips the bin: {}", r.body);
+    let r = api
+        .post(&format!("{path}/actions/restore"), &admin, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "AVAILABLE");
+    assert!(r.body["purge_at"].is_null(), "{}", r.body);
+
+    // Deleted again, then purged when its time is up (the agent's sweep).
+    let r = api.change(Method::DELETE, &path, &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let purge_at = r.body["purge_at"].as_i64().unwrap();
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        let early = super::volumes::purge_expired(&mut tx, purge_at - 1)
+            .await
+            .unwrap();
+        assert!(early.is_empty(), "{early:?}");
+        let purged = super::volumes::purge_expired(&mut tx, purge_at)
+            .await
+            .unwrap();
+        assert_eq!(purged, vec![id.clone()]);
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(api.get(&path, &admin).await.status, 404);
+
+    // A delete of a volume already in the bin purges it at once; without a
+    // bin a delete is final, as before.
+    let r = api.post("/api/v1/volumes", &admin, volume("third")).await;
+    api.agent_did(&r.body, "AVAILABLE").await;
+    let third = format!(
+        "/api/v1/volumes/{}",
+        r.body["resource_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        api.change(Method::DELETE, &third, &admin, None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        api.change(Method::DELETE, &third, &admin, None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(api.get(&third, &admin).await.status, 404);
+    let plain = api.vdc(&admin, "plain", json!({})).await;
+    let r = api
+        .post(
+            "/api/v1/volumes",
+            &admin,
+            json!({"name": "v", "vdc_id": plain, "size_gib": 1}),
+        )
+        .await;
+    api.agent_did(&r.body, "AVAILABLE").await;
+    let v = format!(
+        "/api/v1/volumes/{}",
+        r.body["resource_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        api.change(Method::DELETE, &v, &admin, None).await.status,
+        204
+    );
+    assert_eq!(api.get(&v, &admin).await.status, 404);
+}

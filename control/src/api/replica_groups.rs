@@ -426,6 +426,7 @@ pub async fn failover_records(
                         ),
                         status_reason: String::new(),
                 host_id: None,
+                        purge_at: None,
                     })?,
                     status: volumes::IN_USE,
                 },

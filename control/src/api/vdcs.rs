@@ -21,7 +21,7 @@ use super::records::{self, Meta, NewRecord, Record, READY};
 use super::respond::{begin_change, created, finish_delete, get_one, list_page, ok, Resource};
 use super::AppState;
 
-const KIND: &str = "vdc";
+pub const KIND: &str = "vdc";
 
 /// Limits per VDC; absent means unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -70,6 +70,21 @@ impl Quota {
 struct VdcSpec {
     description: String,
     quota: Quota,
+    #[serde(default)]
+    recycle_bin_hours: u32,
+}
+
+/// A year: the longest a deleted volume may wait in the recycle bin.
+const MAX_RECYCLE_BIN_HOURS: u32 = 8760;
+
+fn check_recycle_bin_hours(hours: u32) -> Result<(), ApiError> {
+    if hours > MAX_RECYCLE_BIN_HOURS {
+        return Err(ApiError::invalid(
+            "recycle_bin_hours",
+            format!("at most {MAX_RECYCLE_BIN_HOURS} (a year)"),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -79,6 +94,9 @@ pub struct Vdc {
     pub parent_id: Option<String>,
     pub description: String,
     pub quota: Quota,
+    /// Hours a deleted volume of this VDC stays in the recycle bin (status
+    /// `DELETED`, restorable) before it is purged; 0: deleted at once.
+    pub recycle_bin_hours: u32,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -91,6 +109,9 @@ pub struct VdcCreate {
     pub description: String,
     #[serde(default)]
     pub quota: Quota,
+    /// 0..=8760 (default 0: no recycle bin).
+    #[serde(default)]
+    pub recycle_bin_hours: u32,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -99,6 +120,8 @@ pub struct VdcUpdate {
     pub name: Option<String>,
     pub description: Option<String>,
     pub quota: Option<Quota>,
+    /// Applies to volumes deleted from now on.
+    pub recycle_bin_hours: Option<u32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -118,6 +141,7 @@ impl Resource for Vdc {
             parent_id: record.parent_id,
             description: spec.description,
             quota: spec.quota,
+            recycle_bin_hours: spec.recycle_bin_hours,
         })
     }
 }
@@ -125,6 +149,11 @@ impl Resource for Vdc {
 /// The quota of a VDC, for checks by other resource families.
 pub fn quota_of(record: &Record) -> Result<Quota, ApiError> {
     Ok(record.spec::<VdcSpec>()?.quota)
+}
+
+/// How long a deleted volume of the VDC stays restorable (0: not at all).
+pub fn recycle_bin_hours_of(record: &Record) -> Result<u32, ApiError> {
+    Ok(record.spec::<VdcSpec>()?.recycle_bin_hours)
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -149,6 +178,7 @@ async fn create_vdc(
     principal.require(Family::Vdc, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
+    check_recycle_bin_hours(body.recycle_bin_hours)?;
     let mut tx = state.store.begin_write().await?;
     if let Some(parent) = &body.parent_id {
         let parent =
@@ -158,6 +188,7 @@ async fn create_vdc(
     let spec = VdcSpec {
         description: body.description,
         quota: body.quota,
+        recycle_bin_hours: body.recycle_bin_hours,
     };
     let record = records::insert(
         &mut tx,
@@ -241,6 +272,10 @@ async fn update_vdc(
             }
         }
         spec.quota = quota;
+    }
+    if let Some(hours) = body.recycle_bin_hours {
+        check_recycle_bin_hours(hours)?;
+        spec.recycle_bin_hours = hours;
     }
     let spec = serde_json::to_value(&spec).map_err(|e| ApiError::Internal(e.to_string()))?;
     let updated = records::update(&mut tx, &record, KIND, &name, spec).await?;

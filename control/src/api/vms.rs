@@ -203,6 +203,12 @@ async fn create_vm(
                 "volume {id} is attached to VM {other}"
             )));
         }
+        if volume.meta.status == volumes::DELETED {
+            return Err(ApiError::invalid(
+                format!("volume_ids[{i}]"),
+                format!("volume {id} is in the recycle bin; restore it first"),
+            ));
+        }
         if volume.meta.status == volumes::ERROR {
             return Err(ApiError::invalid(
                 format!("volume_ids[{i}]"),

@@ -3,15 +3,21 @@
 //! provisions it (a task, since copying an image takes time) and serves it
 //! to its VM through keel's vhost-user-blk backend. A volume belongs to at
 //! most one VM at a time.
+//!
+//! A VDC with a recycle bin (`recycle_bin_hours` > 0) keeps deleted volumes
+//! `DELETED`, with their data, until `purge_at`: `restore` brings one back,
+//! a second delete (or `?purge=true`) purges it at once, and the host agent
+//! purges the expired ones. Volumes in the bin count against no quota and
+//! cannot be attached, copied, resized or backed up.
 
 use std::path::{Path as FsPath, PathBuf};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -30,6 +36,8 @@ pub const CREATING: &str = "CREATING";
 pub const AVAILABLE: &str = "AVAILABLE";
 pub const IN_USE: &str = "IN_USE";
 pub const ERROR: &str = "ERROR";
+/// In the recycle bin.
+pub const DELETED: &str = "DELETED";
 const MAX_VOLUME_BYTES: u64 = 16 << 40;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -50,6 +58,9 @@ pub struct VolumeSpec {
     /// using it are placed there); none until it is made.
     #[serde(default)]
     pub host_id: Option<String>,
+    /// Unix ms when a volume in the recycle bin is purged.
+    #[serde(default)]
+    pub purge_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -113,7 +124,8 @@ pub async fn check_volume_quota(
     if quota.volumes.is_none() && quota.volume_gb.is_none() {
         return Ok(());
     }
-    let existing = records::in_vdc(conn, KIND, &vdc.meta.id).await?;
+    let mut existing = records::in_vdc(conn, KIND, &vdc.meta.id).await?;
+    existing.retain(|v| v.meta.status != DELETED);
     if let Some(limit) = quota.volumes {
         if existing.len() as u64 >= limit {
             return Err(ApiError::QuotaExceeded {
@@ -143,6 +155,115 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_volume, delete_volume))
         .routes(routes!(resize_volume))
         .routes(routes!(copy_volume))
+        .routes(routes!(restore_volume))
+}
+
+/// What [`discard`] did with a volume.
+#[derive(Debug)]
+pub enum Discarded {
+    /// Into its VDC's recycle bin, until `purge_at`.
+    Binned(Record),
+    /// Gone: its files may be removed.
+    Deleted,
+}
+
+/// Deletes a detached volume: into the recycle bin when its VDC keeps one
+/// (and `purge` is false and it is not already there), for good otherwise.
+pub async fn discard(
+    conn: &mut crate::store::DbConnection,
+    volume: &Record,
+    purge: bool,
+) -> Result<Discarded, ApiError> {
+    let hours = match &volume.meta.vdc_id {
+        Some(vdc) if !purge && volume.meta.status != DELETED => {
+            match records::get(conn, super::vdcs::KIND, vdc).await? {
+                Some(vdc) => super::vdcs::recycle_bin_hours_of(&vdc)?,
+                None => 0,
+            }
+        }
+        _ => 0,
+    };
+    if hours == 0 {
+        records::delete(conn, volume, KIND).await?;
+        return Ok(Discarded::Deleted);
+    }
+    let mut spec: VolumeSpec = volume.spec()?;
+    spec.attached_to = None;
+    spec.purge_at = Some(records::now_ms() + i64::from(hours) * 3_600_000);
+    let binned = records::observe(conn, KIND, &volume.meta.id, DELETED, Some(to_json(&spec)?))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Discarded::Binned(binned))
+}
+
+/// Purges the volumes whose time in the recycle bin ended by `now` (unix
+/// ms); returns their ids (their files are the host agent's to remove).
+pub async fn purge_expired(
+    conn: &mut crate::store::DbConnection,
+    now: i64,
+) -> Result<Vec<String>, ApiError> {
+    let mut purged = Vec::new();
+    for volume in records::all(conn, KIND).await? {
+        if volume.meta.status != DELETED {
+            continue;
+        }
+        let spec: VolumeSpec = volume.spec()?;
+        if spec.purge_at.is_some_and(|at| at <= now) {
+            records::delete(conn, &volume, KIND).await?;
+            purged.push(volume.meta.id);
+        }
+    }
+    Ok(purged)
+}
+
+/// Takes a volume out of the recycle bin: AVAILABLE again, if its VDC's
+/// quota has room for it.
+#[utoipa::path(post, path = "/volumes/{id}/actions/restore", tag = "compute",
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "The volume, AVAILABLE again with its data", body = Volume),
+        (status = 409, description = "The volume is not in the recycle bin, or the VDC quota has no room for it", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+async fn restore_volume(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let mut tx = state.store.begin_write().await?;
+    let volume = load(
+        &mut tx,
+        &principal,
+        Family::Compute,
+        Action::Update,
+        KIND,
+        &id,
+    )
+    .await?;
+    if volume.meta.status != DELETED {
+        return Err(ApiError::Conflict(format!(
+            "the volume is {}, not in the recycle bin",
+            volume.meta.status
+        )));
+    }
+    let mut spec: VolumeSpec = volume.spec()?;
+    if let Some(vdc_id) = &volume.meta.vdc_id {
+        let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", vdc_id).await?;
+        check_volume_quota(&mut tx, &vdc, spec.size_bytes).await?;
+    }
+    spec.purge_at = None;
+    let restored = records::observe(&mut tx, KIND, &id, AVAILABLE, Some(to_json(&spec)?))
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    tx.commit().await?;
+    super::respond::ok::<Volume>(restored)
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct VolumeDeleteQuery {
+    /// Skip the recycle bin: delete for good at once.
+    pub purge: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -197,6 +318,7 @@ async fn copy_volume(
         status_reason: String::new(),
         // Copied where the source's file is.
         host_id: spec.host_id.clone(),
+        purge_at: None,
     };
     let record = records::insert(
         &mut tx,
@@ -385,6 +507,7 @@ async fn create_volume(
         description: body.description,
         status_reason: String::new(),
         host_id: None,
+        purge_at: None,
     };
     let record = records::insert(
         &mut tx,
@@ -437,9 +560,10 @@ async fn get_volume(
 }
 
 #[utoipa::path(delete, path = "/volumes/{id}", tag = "compute",
-    params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
+    params(("id" = String, Path), VolumeDeleteQuery, ("If-Match" = String, Header, description = "ETag from the last read")),
     responses(
-        (status = 204, description = "Deleted with its file"),
+        (status = 200, description = "Moved to the VDC's recycle bin: DELETED until `purge_at`, restorable", body = Volume),
+        (status = 204, description = "Deleted with its file (no recycle bin, `purge=true`, or already in the bin)"),
         (status = 409, description = "Attached to a VM or still being provisioned", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
@@ -447,8 +571,9 @@ async fn delete_volume(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
+    ValidQuery(query): ValidQuery<VolumeDeleteQuery>,
     headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let (mut tx, record) =
         begin_change::<Volume>(&state, &principal, Action::Delete, &id, &headers).await?;
     let spec: VolumeSpec = record.spec()?;
@@ -462,11 +587,17 @@ async fn delete_volume(
             "the volume is still being provisioned".into(),
         ));
     }
-    records::delete(&mut tx, &record, KIND).await?;
-    tx.commit().await?;
-    let dir = state.state_dir.as_path();
-    remove_volume_files(dir, &id);
-    Ok(StatusCode::NO_CONTENT)
+    match discard(&mut tx, &record, query.purge.unwrap_or(false)).await? {
+        Discarded::Binned(binned) => {
+            tx.commit().await?;
+            super::respond::ok::<Volume>(binned)
+        }
+        Discarded::Deleted => {
+            tx.commit().await?;
+            remove_volume_files(state.state_dir.as_path(), &id);
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
 }
 
 /// Removes a volume's file and its changed-block-tracking sidecar.

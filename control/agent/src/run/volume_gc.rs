@@ -23,6 +23,15 @@ impl Agent {
             return Ok(());
         }
         *last = Instant::now();
+        let purged = self.block_on(async {
+            let mut tx = self.store.begin_write().await?;
+            let purged = volumes::purge_expired(&mut tx, records::now_ms()).await?;
+            tx.commit().await?;
+            Ok::<_, StepError>(purged)
+        })?;
+        for id in &purged {
+            tracing::info!(volume = %id, "purged from the recycle bin");
+        }
         let dir = self.config.state_dir.join("volumes");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
