@@ -2,8 +2,9 @@
 //! loader (systemd-boot, or Debian's signed shim and GRUB for firmware with
 //! secure boot on), the kernel and the initramfs, and an optional empty
 //! ext4 `KEEL_STATE` partition the appliance mounts for its state. The same
-//! disk boots on legacy BIOS: SYSLINUX's GPT MBR starts SYSLINUX in the ESP
-//! (marked legacy-BIOS-bootable), which boots the same kernel.
+//! disk boots on legacy BIOS: GRUB's boot sector in the protective MBR and
+//! its core image in a BIOS boot partition boot the same kernel
+//! ([`crate::bios_boot`]).
 //!
 //! The file systems are made by Debian's own tools (dosfstools, mtools,
 //! e2fsprogs, gdisk) with every random or time-based field pinned: the
@@ -18,6 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use crate::bios_boot;
+
 /// systemd-boot from Debian's `systemd-boot-efi`.
 pub const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 /// shim from Debian's `shim-signed`, signed by Microsoft's UEFI CA (the
@@ -28,13 +31,8 @@ pub const MOK_MANAGER: &str = "/usr/lib/shim/mmx64.efi.signed";
 /// GRUB from Debian's `grub-efi-amd64-signed`, signed by Debian; under
 /// secure boot it boots only kernels shim verifies (Debian's are signed).
 pub const SIGNED_GRUB: &str = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
-/// SYSLINUX's MBR boot code for GPT disks (`syslinux-common`): it boots the
-/// partition with the legacy-BIOS-bootable attribute.
-pub const GPT_MBR: &str = "/usr/lib/syslinux/mbr/gptmbr.bin";
-/// Bytes of boot code at the start of the MBR (the partition table follows).
-const MBR_CODE_BYTES: usize = 440;
-/// The ESP starts at this sector; SYSLINUX's boot sector finds its files
-/// from the partition's offset, which the FAT's hidden-sector count holds.
+/// The ESP starts at this sector; the BIOS boot partition fills the gap
+/// before it.
 const ESP_FIRST_SECTOR: u64 = 2048;
 /// Label the appliance's init looks for (`keel.state=` overrides).
 pub const STATE_LABEL: &str = "KEEL_STATE";
@@ -221,14 +219,6 @@ pub fn grub_cfg(cmdline: &str) -> String {
     )
 }
 
-/// SYSLINUX's configuration (legacy BIOS): boot the one entry at once,
-/// ignore keys, take no command-line changes from the console.
-pub fn syslinux_cfg(cmdline: &str) -> String {
-    format!(
-        "DEFAULT keel\nPROMPT 0\nTIMEOUT 0\nNOESCAPE 1\nALLOWOPTIONS 0\nLABEL keel\n  LINUX /keel/vmlinuz\n  INITRD /keel/initramfs.img\n  APPEND {cmdline}\n"
-    )
-}
-
 /// Builds the disk image at `config.out`.
 pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     let stage = tempfile::tempdir().map_err(stage_err(Path::new("temporary directory")))?;
@@ -238,10 +228,6 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     // Files of the ESP, staged with the fixed mtime mcopy -m preserves.
     let mut files = config.loader.files(&config.cmdline)?;
     files.extend([
-        (
-            "syslinux/syslinux.cfg",
-            syslinux_cfg(&config.cmdline).into_bytes(),
-        ),
         ("keel/vmlinuz", read(&config.kernel)?),
         ("keel/initramfs.img", read(&config.initramfs)?),
     ]);
@@ -252,9 +238,7 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
     let volume_id = &derived_guid(&config.digest, "esp-volume-id")[..8];
     tool(
         Command::new("mkfs.vfat")
-            .args(["--invariant", "-i", volume_id, "-n", "KEEL-ESP", "-h"])
-            .arg(ESP_FIRST_SECTOR.to_string())
-            .arg("-C")
+            .args(["--invariant", "-i", volume_id, "-n", "KEEL-ESP", "-C"])
             .arg(&esp)
             .arg((layout.esp_mib * 1024).to_string()),
         "dosfstools",
@@ -265,7 +249,7 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
             .arg("-i")
             .arg(&esp)
             .args(config.loader.dirs())
-            .args(["::/syslinux", "::/keel"]),
+            .arg("::/keel"),
         "mtools",
         epoch,
     )?;
@@ -286,16 +270,21 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
         )?;
     }
 
-    // SYSLINUX's boot sector and ldlinux.sys/.c32 (through mtools: no loop
-    // device, no mount).
-    tool(
-        Command::new("syslinux")
-            .args(["--install", "--directory", "/syslinux"])
-            .arg(&esp),
-        "syslinux",
-        epoch,
+    let mut core = bios_boot::core_image(stage.path(), &config.cmdline)?;
+    let boot_img = read_from(
+        &format!("{}/boot.img", bios_boot::GRUB_PC_DIR),
+        "grub-pc-bin",
     )?;
-    let gpt_mbr = read_from(GPT_MBR, "syslinux-common")?;
+    let mbr_code = bios_boot::patch(&boot_img, &mut core)?;
+    if bios_boot::CORE_FIRST_SECTOR + core.len().div_ceil(512) as u64 > ESP_FIRST_SECTOR {
+        return Err(DiskError::Tool {
+            cmd: "grub-mkimage".into(),
+            stderr: format!(
+                "the core image ({} bytes) does not fit before the ESP",
+                core.len()
+            ),
+        });
+    }
 
     let state = stage.path().join("state.img");
     if layout.state_mib > 0 {
@@ -327,10 +316,22 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
         .arg(derived_guid(&config.digest, "disk"))
         .arg("-n")
         .arg(format!("1:{ESP_FIRST_SECTOR}:+{}M", layout.esp_mib))
-        .args(["-t", "1:ef00", "-c", "1:KEEL-ESP", "-A", "1:set:2", "-u"])
+        .args(["-t", "1:ef00", "-c", "1:KEEL-ESP", "-u"])
         .arg(format!(
             "1:{}",
             derived_guid(&config.digest, "esp-partition")
+        ))
+        // Partition 3, so the state partition stays the second.
+        .args(["-a", "1", "-n"])
+        .arg(format!(
+            "3:{}:{}",
+            bios_boot::CORE_FIRST_SECTOR,
+            ESP_FIRST_SECTOR - 1
+        ))
+        .args(["-t", "3:ef02", "-c", "3:BIOS-BOOT", "-u"])
+        .arg(format!(
+            "3:{}",
+            derived_guid(&config.digest, "bios-boot-partition")
         ));
     if layout.state_mib > 0 {
         sgdisk
@@ -343,15 +344,11 @@ pub fn build(config: &DiskConfig) -> Result<u64, DiskError> {
             ));
     }
     tool(sgdisk.arg(&partial), "gdisk", epoch)?;
-    let code = gpt_mbr
-        .get(..MBR_CODE_BYTES)
-        .ok_or_else(|| DiskError::Tool {
-            cmd: GPT_MBR.into(),
-            stderr: format!("shorter than {MBR_CODE_BYTES} bytes"),
-        })?;
     (&out)
         .seek(SeekFrom::Start(0))
-        .and_then(|_| (&out).write_all(code))
+        .and_then(|_| (&out).write_all(&mbr_code))
+        .and_then(|_| (&out).seek(SeekFrom::Start(bios_boot::CORE_FIRST_SECTOR * 512)))
+        .and_then(|_| (&out).write_all(&core))
         .map_err(write_err(&partial))?;
     copy_at(&esp, &out, layout.esp_offset(), &partial)?;
     if layout.state_mib > 0 {
@@ -460,19 +457,6 @@ mod tests {
         let e = loader_entry("console=ttyS0 quiet");
         assert!(e.contains("linux /keel/vmlinuz\n"));
         assert!(e.contains("options console=ttyS0 quiet\n"));
-    }
-
-    #[test]
-    fn syslinux_boots_at_once_and_takes_no_options() {
-        let cfg = syslinux_cfg("console=ttyS0 quiet");
-        for line in [
-            "TIMEOUT 0\n",
-            "NOESCAPE 1\n",
-            "ALLOWOPTIONS 0\n",
-            "  APPEND console=ttyS0 quiet\n",
-        ] {
-            assert!(cfg.contains(line), "{line:?} in {cfg}");
-        }
     }
 
     #[test]

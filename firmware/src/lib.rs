@@ -3,8 +3,9 @@
 //!
 //! # Design
 //! - [`appliance`]: `keel image build`: the kernel + initramfs pair with an
-//!   iPXE script, reproducible; [`disk`]: the UEFI GPT disk image
-//!   (systemd-boot on an ESP, empty ext4 state partition).
+//!   iPXE script, reproducible; [`disk`]: the GPT disk image (ESP with
+//!   signed shim + GRUB or systemd-boot, empty ext4 state partition) that
+//!   also boots on legacy BIOS ([`bios_boot`]: GRUB i386-pc).
 //! - [`guest_firmware`]: BIOS (SeaBIOS) or UEFI (OVMF, secure boot on/off)
 //!   for a guest, and its per-VM NVRAM created from the template.
 //! - [`cpio`]: a reproducible newc writer ([`cpio::CpioTree`] sorts entries,
@@ -25,6 +26,7 @@
 //! from an installed Debian package or from keel itself.
 
 pub mod appliance;
+pub mod bios_boot;
 pub mod cpio;
 pub mod disk;
 pub mod guest_firmware;

@@ -319,8 +319,8 @@ fn secure_boot_firmware_boots_the_signed_disk_and_refuses_an_unsigned_loader() {
     assert!(!vm.console().contains("keel-init"), "{}", vm.console());
 }
 
-/// The same disk boots on legacy BIOS (SeaBIOS → SYSLINUX's GPT MBR →
-/// SYSLINUX in the ESP).
+/// The same disk boots on legacy BIOS (SeaBIOS → GRUB's boot sector →
+/// GRUB's core image in the BIOS boot partition → the ESP's kernel).
 #[test]
 fn bios_boots_the_same_disk_image() {
     let (dir, _) = image();

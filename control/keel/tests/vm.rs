@@ -1846,8 +1846,10 @@ fn vms_boot_with_the_firmware_their_image_names() {
         let (status, task) = api.call(
             "POST",
             "/api/v1/vms",
+            // OVMF's SMM build and GRUB's decompression need more than the
+            // 256 MiB the other guests get.
             Some(
-                json!({"name": name, "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+                json!({"name": name, "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 512,
                 "volume_ids": [volume_id]}),
             ),
         );
