@@ -16,7 +16,7 @@ TEST_PACKAGES=("${UP_PACKAGES[@]}" iproute2 iputils-ping procps util-linux
     qemu-system-x86 qemu-system-common busybox-static linux-image-amd64 xz-utils
     ethtool tcpdump curl haproxy wrk iperf3 python3-venv python3-scapy nftables
     ovmf systemd-boot-efi shim-signed grub-efi-amd64-signed grub-pc-bin
-    dosfstools mtools gdisk
+    dosfstools mtools gdisk fdisk
     e2fsprogs binutils
     postgresql)
 

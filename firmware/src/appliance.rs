@@ -53,6 +53,12 @@ pub const DEFAULT_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 panic=10 
 /// zstd level: 19 is the highest non-"ultra" level; the kernel decompresses
 /// it as fast as any other level.
 const ZSTD_LEVEL: i32 = 19;
+/// Tools rc.sysinit grows the state partition with (Debian's `fdisk` and
+/// `e2fsprogs`), with their libraries.
+const GROW_TOOLS: [(&str, &str); 2] = [
+    ("/sbin/sfdisk", "sbin/sfdisk"),
+    ("/sbin/resize2fs", "sbin/resize2fs"),
+];
 
 const INITTAB: &str = include_str!("../rootfs/inittab");
 const RC_SYSINIT: &str = include_str!("../rootfs/rc.sysinit");
@@ -179,12 +185,18 @@ impl ImageConfig {
             h.update(part.as_bytes());
             h.update([0]);
         }
+        let grow_tools: Vec<PathBuf> = GROW_TOOLS.iter().map(|(src, _)| src.into()).collect();
         let files = [
             Some(&self.keel_bin),
             Some(&self.kernel.image),
             Some(&self.busybox),
         ];
-        for path in files.into_iter().chain([self.iproute2.as_ref()]).flatten() {
+        for path in files
+            .into_iter()
+            .chain([self.iproute2.as_ref()])
+            .flatten()
+            .chain(&grow_tools)
+        {
             let meta = fs::metadata(path).ok();
             let stamp = meta.as_ref().map(|m| {
                 let mtime = m
@@ -397,6 +409,10 @@ pub fn rootfs(config: &ImageConfig) -> Result<CpioTree, ImageError> {
 
     if let Some(ip) = &config.iproute2 {
         add_elf(&mut tree, ip, "sbin/ip", false)?;
+    }
+    // Growing the state partition to its disk (rc.sysinit).
+    for (src, dest) in GROW_TOOLS {
+        add_elf(&mut tree, Path::new(src), dest, false)?;
     }
     add_elf(&mut tree, &config.keel_bin, "usr/bin/keel", true)?;
     if config.with_qemu {

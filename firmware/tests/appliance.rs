@@ -145,9 +145,14 @@ fn initramfs_holds_the_appliance_and_nothing_to_log_in_with() {
 fn direct_kernel_boot_serves_the_api_and_keeps_state_across_a_power_cycle() {
     let (dir, report) = image();
     let run = tempfile::tempdir().unwrap();
-    // A private copy: the state partition on it is written.
+    // A private copy: the state partition on it is written. The copy is
+    // 64 MiB larger, as when the image is written to a larger disk.
     let disk = run.path().join("disk.img");
     fs::copy(dir.join("disk.img"), &disk).unwrap();
+    let file = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    file.set_len(file.metadata().unwrap().len() + (64 << 20))
+        .unwrap();
+    drop(file);
     let drive = format!("file={},format=raw,if=virtio", disk.display());
     let boot = |label: &str| {
         Vm::start(
@@ -173,6 +178,12 @@ fn direct_kernel_boot_serves_the_api_and_keeps_state_across_a_power_cycle() {
         console.contains("keel-init: state on /dev/vda2 (persistent)"),
         "{console}"
     );
+    // The state partition took the rest of the disk (64 + 64 MiB, less
+    // the backup GPT's sectors).
+    assert!(
+        console.contains("keel-init: state partition /dev/vda2 grown to 127 MiB"),
+        "{console}"
+    );
     assert!(
         console.contains("keel-init: eth0: dhcp 10.0.2.15/24"),
         "{console}"
@@ -195,6 +206,11 @@ fn direct_kernel_boot_serves_the_api_and_keeps_state_across_a_power_cycle() {
         vm.instance_id(),
         first_id,
         "state partition kept keel's identity"
+    );
+    assert!(
+        !vm.console().contains("grown"),
+        "grown once: {}",
+        vm.console()
     );
     vm.power_button_and_wait();
 }
