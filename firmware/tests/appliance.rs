@@ -174,23 +174,16 @@ fn direct_kernel_boot_serves_the_api_and_keeps_state_across_a_power_cycle() {
     vm.wait_api();
     let first_id = vm.instance_id();
     let console = vm.console();
-    assert!(
-        console.contains("keel-init: state on /dev/vda2 (persistent)"),
-        "{console}"
-    );
+    says(&console, &["keel-init: state on /dev/vda2 (persistent)"]);
     // The state partition took the rest of the disk: its 64 MiB, the
     // 1 MiB the image keeps for the backup GPT, and the 64 MiB added.
-    assert!(
-        console.contains("keel-init: state partition /dev/vda2 grown to 128 MiB"),
-        "{console}"
-    );
-    assert!(
-        console.contains("keel-init: eth0: dhcp 10.0.2.15/24"),
-        "{console}"
-    );
-    assert!(
-        console.contains("keel-init: root file system is read-only"),
-        "{console}"
+    says(
+        &console,
+        &[
+            "keel-init: state partition /dev/vda2 grown to 128 MiB",
+            "keel-init: eth0: dhcp 10.0.2.15/24",
+            "keel-init: root file system is read-only",
+        ],
     );
     assert!(!console.contains("login:"), "{console}");
     vm.power_button_and_wait();
@@ -237,9 +230,9 @@ fn direct_kernel_boot_with_a_static_address_and_no_state_disk() {
     let mut vm = Vm::start("direct-static", &args);
     vm.wait_api();
     let console = vm.console();
-    assert!(
-        console.contains("keel-init: eth0: static 10.0.2.15/24 via 10.0.2.2"),
-        "{console}"
+    says(
+        &console,
+        &["keel-init: eth0: static 10.0.2.15/24 via 10.0.2.2"],
     );
     assert!(console.contains("keel-init: state on tmpfs"), "{console}");
     assert!(!console.contains("udhcpc"), "{console}");
@@ -265,13 +258,12 @@ fn uefi_disk_image_boots_with_ovmf_and_serves_the_api() {
     let mut vm = Vm::start("uefi", &args);
     vm.wait_api();
     let console = vm.console();
-    assert!(
-        console.contains("keel-init: state on /dev/vda2 (persistent)"),
-        "{console}"
-    );
-    assert!(
-        console.contains("keel-init: booted by UEFI, secure boot off"),
-        "{console}"
+    says(
+        &console,
+        &[
+            "keel-init: state on /dev/vda2 (persistent)",
+            "keel-init: booted by UEFI, secure boot off",
+        ],
     );
     vm.power_button_and_wait();
 }
@@ -304,13 +296,12 @@ fn secure_boot_firmware_boots_the_signed_disk_and_refuses_an_unsigned_loader() {
     let mut vm = boot("secure-boot", &signed);
     vm.wait_api();
     let console = vm.console();
-    assert!(
-        console.contains("keel-init: booted by UEFI, secure boot on"),
-        "{console}"
-    );
-    assert!(
-        console.contains("keel-init: state on /dev/vda2 (persistent)"),
-        "{console}"
+    says(
+        &console,
+        &[
+            "keel-init: booted by UEFI, secure boot on",
+            "keel-init: state on /dev/vda2 (persistent)",
+        ],
     );
     assert!(
         !console.contains("not loaded"),
@@ -353,13 +344,12 @@ fn bios_boots_the_same_disk_image() {
     let mut vm = Vm::start("bios-disk", &args);
     vm.wait_api();
     let console = vm.console();
-    assert!(
-        console.contains("keel-init: booted by legacy BIOS"),
-        "{console}"
-    );
-    assert!(
-        console.contains("keel-init: state on /dev/vda2 (persistent)"),
-        "{console}"
+    says(
+        &console,
+        &[
+            "keel-init: booted by legacy BIOS",
+            "keel-init: state on /dev/vda2 (persistent)",
+        ],
     );
     vm.power_button_and_wait();
 }
@@ -463,6 +453,16 @@ fn appliance_joins_a_control_plane_outside_with_an_api_token() {
         .unwrap();
     assert_eq!(vm.instance_id(), cloud["instance_id"].as_str().unwrap());
     vm.power_button_and_wait();
+}
+
+/// Every line is on the console (which the failure shows).
+fn says(console: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            console.contains(line),
+            "no {line:?} on the console:\n{console}"
+        );
+    }
 }
 
 /// The library's VM with the accelerator the fixtures detected; test
