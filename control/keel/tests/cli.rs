@@ -174,4 +174,42 @@ fn operator_cli_logs_in_creates_waits_lists_and_deletes() {
     let out = keel(config, &["show", "volumes", volume]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+
+    // A VDC with a recycle bin: delete keeps the volume and its file (the
+    // agent's file collection leaves it alone), restore brings it back.
+    let binned = json(
+        config,
+        &["create", "vdc", "name=careful", "recycle_bin_hours=24"],
+    );
+    let binned_vdc = binned["id"].as_str().unwrap();
+    let task = json(
+        config,
+        &[
+            "create",
+            "volumes",
+            "name=keep",
+            &format!("vdc_id={binned_vdc}"),
+            "size_gib=1",
+            "--wait",
+        ],
+    );
+    let kept = task["resource_id"].as_str().unwrap();
+    let deleted = json(config, &["delete", "volumes", kept]);
+    assert_eq!(deleted["status"], "DELETED", "{deleted}");
+    assert!(deleted["purge_at"].as_i64().is_some(), "{deleted}");
+    let file = state.path().join("volumes").join(format!("{kept}.raw"));
+    // The agent collects the files of volumes that are gone: a stray file
+    // shows when a collection pass ran after the delete.
+    let stray = state.path().join("volumes").join("stray.raw");
+    std::fs::write(&stray, b"no volume has this file").unwrap();
+    server
+        .wait_for_line(
+            "removing the files of a deleted volume",
+            std::time::Duration::from_secs(120),
+        )
+        .unwrap();
+    assert!(!stray.exists());
+    assert!(file.exists(), "a binned volume keeps its file");
+    let restored = json(config, &["action", "volumes", kept, "restore"]);
+    assert_eq!(restored["status"], "AVAILABLE", "{restored}");
 }
