@@ -231,6 +231,8 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
                     icmp_code: None,
                     remote_cidr: Some("10.0.0.0/16".into()),
                     remote_group: None,
+                    remote_address_group: None,
+                    port_set: None,
                     priority: if allow { 0 } else { 1000 + i },
                     action: if allow {
                         RuleAction::Allow

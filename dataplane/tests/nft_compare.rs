@@ -65,6 +65,8 @@ fn rule(direction: RuleDirection, priority: u32, action: RuleAction) -> Security
         icmp_code: None,
         remote_cidr: None,
         remote_group: None,
+        remote_address_group: None,
+        port_set: None,
         priority,
         action,
     }

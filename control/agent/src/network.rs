@@ -101,6 +101,8 @@ fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
             icmp_code: rule.icmp_code,
             remote_cidr: rule.remote_cidr.clone(),
             remote_group: rule.remote_group_id.clone(),
+            remote_address_group: None,
+            port_set: None,
             priority: rule.priority,
             action: match rule.action {
                 api_sg::RuleAction::Allow => RuleAction::Allow,
