@@ -203,8 +203,7 @@ async fn list_address_groups(
     principal: Principal,
     ValidQuery(query): ValidQuery<ListQuery>,
 ) -> Result<Json<AddressGroupPage>, ApiError> {
-    let Page { items, next_cursor } =
-        list_page::<AddressGroup>(&state, &principal, &query).await?;
+    let Page { items, next_cursor } = list_page::<AddressGroup>(&state, &principal, &query).await?;
     Ok(Json(AddressGroupPage { items, next_cursor }))
 }
 

@@ -3908,7 +3908,10 @@ async fn address_groups_and_port_sets_feed_security_group_rules() {
         (json!(["10.0.0.0/33"]), "addresses[0]"),
         (json!(["10.0.0.0/8", "nonsense"]), "addresses[1]"),
         (json!(["10.0.0.1/24"]), "addresses[0]"),
-        (json!(["fd00::/64", "10.1.0.0/16", "FD00::/64"]), "addresses[2]"),
+        (
+            json!(["fd00::/64", "10.1.0.0/16", "FD00::/64"]),
+            "addresses[2]",
+        ),
     ] {
         let r = api
             .post(
@@ -3953,7 +3956,12 @@ async fn address_groups_and_port_sets_feed_security_group_rules() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.body["addresses"],
-        json!(["10.1.0.0/16", "10.9.9.9/32", "192.0.2.7/32", "fd00:0:0:1::/64"])
+        json!([
+            "10.1.0.0/16",
+            "10.9.9.9/32",
+            "192.0.2.7/32",
+            "fd00:0:0:1::/64"
+        ])
     );
     assert_eq!(r.body["revision"], 2);
     let r = api

@@ -233,7 +233,12 @@ async fn check_remote_groups(
 ) -> Result<(), ApiError> {
     for (i, rule) in rules.iter().enumerate() {
         let references = [
-            ("remote_group_id", KIND, "security group", &rule.remote_group_id),
+            (
+                "remote_group_id",
+                KIND,
+                "security group",
+                &rule.remote_group_id,
+            ),
             (
                 "remote_address_group_id",
                 super::address_groups::KIND,
