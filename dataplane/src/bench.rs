@@ -172,6 +172,17 @@ pub enum Stateful {
     /// L2 to `hosts` ports that share a security group of `rules` rules
     /// (the allowing rule is the last one checked), `flows` UDP connections.
     SecurityGroups { hosts: u32, rules: u32, flows: u32 },
+    /// L2 to `hosts` ports whose group has one allowing rule matching an
+    /// address group of `prefixes` prefixes (the sender's one last in
+    /// address order) and a port set of 64 ranges, `flows` UDP connections.
+    /// Off: the same policy expanded into one rule per prefix (port 53
+    /// only), the sender's rule checked last, as a compiler without set
+    /// matches would emit it.
+    SecurityGroupSets {
+        hosts: u32,
+        prefixes: u32,
+        flows: u32,
+    },
     /// Routed to one far host through SNAT, `flows` UDP connections.
     Snat { flows: u32 },
     /// `flows` UDP connections to an L4 load-balancer VIP (10.0.255.100:53
@@ -198,7 +209,8 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
         NatKind, NatRuleSpec, RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec,
     };
     let (base, flows) = match s {
-        Stateful::SecurityGroups { hosts, flows, .. } => (Scenario::L2 { macs: hosts }, flows),
+        Stateful::SecurityGroups { hosts, flows, .. }
+        | Stateful::SecurityGroupSets { hosts, flows, .. } => (Scenario::L2 { macs: hosts }, flows),
         Stateful::Snat { flows } => (Scenario::Routed { hosts: 1 }, flows),
         Stateful::Lb4 { members, flows } => (Scenario::Routed { hosts: members }, flows),
     };
@@ -214,8 +226,13 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
             with_sport(t, 1024 + u16::try_from(f / n).unwrap_or(u16::MAX - 1024))
         })
         .collect();
+    if let Stateful::SecurityGroupSets { prefixes, .. } = s {
+        let group = set_group(&mut state, prefixes, enabled);
+        state.security_groups.push(group);
+    }
     if enabled {
         match s {
+            Stateful::SecurityGroupSets { .. } => {}
             Stateful::SecurityGroups { rules, .. } => {
                 let rule = |i: u32, allow: bool| SecurityRuleSpec {
                     direction: RuleDirection::Ingress,
@@ -231,6 +248,8 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
                     icmp_code: None,
                     remote_cidr: Some("10.0.0.0/16".into()),
                     remote_group: None,
+                    remote_address_group: None,
+                    port_set: None,
                     priority: if allow { 0 } else { 1000 + i },
                     action: if allow {
                         RuleAction::Allow
@@ -292,6 +311,70 @@ pub fn stateful_scenario(s: Stateful, enabled: bool) -> (DesiredState, Vec<Vec<u
         }
     }
     (state, frames)
+}
+
+/// The group of [`Stateful::SecurityGroupSets`] (adding its address group
+/// and port set to `state` when `sets`).
+fn set_group(
+    state: &mut DesiredState,
+    prefixes: u32,
+    sets: bool,
+) -> crate::model::SecurityGroupSpec {
+    use crate::model::{
+        AddressGroupSpec, PortRangeSpec, PortSetSpec, RuleAction, RuleDirection, SecurityGroupSpec,
+        SecurityRuleSpec,
+    };
+    // 172.16.0.0/24, 172.16.1.0/24, ..., then the sender's 10.0.0.0/16.
+    let mut nets: Vec<String> = (0..prefixes.saturating_sub(1))
+        .map(|i| Ipv4Addr::from(0xac10_0000u32 + (i << 8)).to_string() + "/24")
+        .collect();
+    nets.push("10.0.0.0/16".into());
+    let rule = |remote_cidr: Option<String>, sets: bool| SecurityRuleSpec {
+        direction: RuleDirection::Ingress,
+        ethertype: Default::default(),
+        protocol: Some("udp".into()),
+        port_min: (!sets).then_some(53),
+        port_max: None,
+        icmp_type: None,
+        icmp_code: None,
+        remote_cidr,
+        remote_group: None,
+        remote_address_group: sets.then(|| "bench".into()),
+        port_set: sets.then(|| "bench".into()),
+        priority: 0,
+        action: RuleAction::Allow,
+    };
+    let rules = if sets {
+        state.address_groups.push(AddressGroupSpec {
+            name: "bench".into(),
+            addresses: nets,
+        });
+        // Single ports 1000, 1010, ..., 1620, and 50-60 (the frames' 53).
+        let mut ports: Vec<PortRangeSpec> = (0..63u16)
+            .map(|i| PortRangeSpec {
+                min: 1000 + i * 10,
+                max: 1000 + i * 10,
+            })
+            .collect();
+        ports.push(PortRangeSpec { min: 50, max: 60 });
+        state.port_sets.push(PortSetSpec {
+            name: "bench".into(),
+            ports,
+        });
+        vec![rule(None, true)]
+    } else {
+        nets.into_iter().map(|n| rule(Some(n), false)).collect()
+    };
+    SecurityGroupSpec {
+        name: "bench".into(),
+        ports: state
+            .ports
+            .iter()
+            .filter(|p| p.name.starts_with("dst"))
+            .map(|p| p.name.clone())
+            .collect(),
+        rules,
+    }
 }
 
 /// Generator → worker → sink for a stateful scenario: `packets` frames
@@ -747,6 +830,11 @@ mod tests {
                 rules: 100,
                 flows: 2_000,
             },
+            Stateful::SecurityGroupSets {
+                hosts: 16,
+                prefixes: 1000,
+                flows: 2_000,
+            },
             Stateful::Snat { flows: 2_000 },
             Stateful::Lb4 {
                 members: 16,
@@ -817,5 +905,30 @@ mod tests {
             verdict(&state),
             crate::pipeline::Verdict::Drop(crate::counters::DropReason::SecurityGroupDenied)
         );
+        // The set scenario too, both ways: without the sender's prefix (the
+        // set's, or the expansion's last rule) the frame is dropped.
+        for sets in [true, false] {
+            let s = Stateful::SecurityGroupSets {
+                hosts: 1,
+                prefixes: 10,
+                flows: 1,
+            };
+            let (mut state, _) = stateful_scenario(s, sets);
+            assert_eq!(
+                verdict(&state),
+                crate::pipeline::Verdict::Unicast { port: 1 },
+                "sets={sets}"
+            );
+            if sets {
+                state.address_groups[0].addresses.pop();
+            } else {
+                state.security_groups[0].rules.pop();
+            }
+            assert_eq!(
+                verdict(&state),
+                crate::pipeline::Verdict::Drop(crate::counters::DropReason::SecurityGroupDenied),
+                "sets={sets}"
+            );
+        }
     }
 }

@@ -589,6 +589,8 @@ mod tests {
                 icmp_code: None,
                 remote_cidr: None,
                 remote_group: None,
+                remote_address_group: None,
+                port_set: None,
                 priority: 1,
                 action: Default::default(),
             }],

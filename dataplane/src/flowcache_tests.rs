@@ -135,6 +135,8 @@ fn config(variant: u8) -> DesiredState {
                     icmp_code: None,
                     remote_cidr: None,
                     remote_group: None,
+                    remote_address_group: None,
+                    port_set: None,
                     priority: 0,
                     action: crate::model::RuleAction::Allow,
                 }],

@@ -32,7 +32,9 @@
 //!   before delivery to a port, for switched and routed traffic); the
 //!   router's NAT (SNAT with per-connection port allocation, DNAT port
 //!   forwarding, floating IPs) and firewall stage around the route lookup.
-//!   Rules are compiled into the immutable tables at apply time; a
+//!   Rules are compiled into the immutable tables at apply time (address
+//!   groups and port sets as sorted interval sets, one binary search each
+//!   per new connection); a
 //!   configuration change re-checks each tracked connection once, on its next
 //!   packet, and cuts those now denied. Per-rule hit counters:
 //!   `{"op":"rule_stats"}`; one zone's connections are flushed with
@@ -91,6 +93,9 @@
 //!
 //! Stateful services are more fields of the same state, e.g.
 //! `"security_groups":[{"name":"web","ports":["vm1"],"rules":[{"direction":"ingress","protocol":"tcp","port_min":80,"remote_cidr":"10.0.0.0/8"}]}]`,
+//! `"address_groups":[{"name":"admins","addresses":["10.9.0.0/16","fd00:9::/64"]}]` and
+//! `"port_sets":[{"name":"web","ports":[{"min":80,"max":80},{"min":8000,"max":8099}]}]`
+//! named by rules as `"remote_address_group":"admins","port_set":"web"`,
 //! `"nat":[{"router":"r","type":"snat","external_ip":"198.18.0.1","logical_ip":"10.0.1.0/24"},
 //! {"router":"r","type":"dnat_and_snat","external_ip":"198.18.0.50","logical_ip":"10.0.1.10"},
 //! {"router":"r","type":"dnat","external_ip":"198.18.0.1","protocol":"tcp","external_port":8080,"logical_ip":"10.0.1.11","logical_port":80}]`,

@@ -20,6 +20,13 @@ pub struct DesiredState {
     /// Stateful security groups and the ports in them ([`crate::security`]).
     #[serde(default)]
     pub security_groups: Vec<SecurityGroupSpec>,
+    /// Named address lists security rules match as their far end
+    /// (`remote_address_group`; Neutron's address groups).
+    #[serde(default)]
+    pub address_groups: Vec<AddressGroupSpec>,
+    /// Named destination-port lists security rules match (`port_set`).
+    #[serde(default)]
+    pub port_sets: Vec<PortSetSpec>,
     /// SNAT / DNAT / floating IPs on routers ([`crate::nat`]).
     #[serde(default)]
     pub nat: Vec<NatRuleSpec>,
@@ -171,6 +178,35 @@ pub struct SecurityGroupSpec {
     pub rules: Vec<SecurityRuleSpec>,
 }
 
+/// A named set of CIDRs (IPv4 and IPv6 mixed): a rule naming it matches a
+/// far end inside any of them (those of the rule's ethertype). Compiled to
+/// one sorted interval list per family, searched in O(log n).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressGroupSpec {
+    pub name: String,
+    /// `a.b.c.d/len` or `v6addr/len` (host bits must be zero).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// A named set of destination ports and port ranges (TCP and UDP rules).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSetSpec {
+    pub name: String,
+    #[serde(default)]
+    pub ports: Vec<PortRangeSpec>,
+}
+
+/// An inclusive port range (`min == max` for one port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRangeSpec {
+    pub min: u16,
+    pub max: u16,
+}
+
 /// Traffic direction as seen from the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -224,6 +260,14 @@ pub struct SecurityRuleSpec {
     /// The far end is any port of this group (follows membership).
     #[serde(default)]
     pub remote_group: Option<String>,
+    /// The far end is in this address group ([`AddressGroupSpec`]); one of
+    /// `remote_cidr`, `remote_group`, `remote_address_group` at most.
+    #[serde(default)]
+    pub remote_address_group: Option<String>,
+    /// Destination ports from this port set ([`PortSetSpec`]) instead of
+    /// `port_min`/`port_max` (TCP/UDP only).
+    #[serde(default)]
+    pub port_set: Option<String>,
     /// Higher wins; on a tie, deny wins.
     #[serde(default)]
     pub priority: u32,

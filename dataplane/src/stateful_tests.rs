@@ -61,6 +61,8 @@ fn rule(dir: RuleDirection, proto: &str, port: Option<u16>) -> SecurityRuleSpec 
         icmp_code: None,
         remote_cidr: None,
         remote_group: None,
+        remote_address_group: None,
+        port_set: None,
         priority: 0,
         action: RuleAction::Allow,
     }

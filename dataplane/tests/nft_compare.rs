@@ -21,9 +21,13 @@
 //! the stateless nftables rules must then agree frame by frame, and the same
 //! rule must decide each frame (per-rule hit counters are compared).
 //!
-//! Then the rules change on both sides: the same corpus again (keel re-judges
-//! the flows it tracks, cutting those now denied) and a corpus of the new
-//! rules must agree too.
+//! Address groups and port sets become anonymous nftables sets (`ip saddr
+//! { .. }`, `tcp dport { .. }`).
+//!
+//! Then the rules change on both sides (and an address group and a port
+//! set, with the rules naming them unchanged): the same corpus again (keel
+//! re-judges the flows it tracks, cutting those now denied) and a corpus of
+//! the new rules must agree too.
 //!
 //! Found so far (fixed): IPv6 extension headers hid the transport from the
 //! rules; ICMP messages of any type rode on another type's tracked key.
@@ -37,8 +41,8 @@ use std::process::Command;
 
 use keel_dataplane::control::{Request, Response};
 use keel_dataplane::model::{
-    DesiredState, EtherType, PortSpec, RuleAction, RuleDirection, SecurityGroupSpec,
-    SecurityRuleSpec, SwitchSpec,
+    AddressGroupSpec, DesiredState, EtherType, PortRangeSpec, PortSetSpec, PortSpec, RuleAction,
+    RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
 };
 use keel_testkit::{veth_pair, NetnsHost};
 
@@ -65,6 +69,8 @@ fn rule(direction: RuleDirection, priority: u32, action: RuleAction) -> Security
         icmp_code: None,
         remote_cidr: None,
         remote_group: None,
+        remote_address_group: None,
+        port_set: None,
         priority,
         action,
     }
@@ -92,6 +98,8 @@ trait RuleExt {
     fn icmp(self, ty: u8, code: Option<u8>) -> Self;
     fn cidr(self, c: &str) -> Self;
     fn group(self, g: &str) -> Self;
+    fn address_group(self, g: &str) -> Self;
+    fn port_set(self, p: &str) -> Self;
     fn v6(self) -> Self;
 }
 
@@ -125,6 +133,18 @@ impl RuleExt for SecurityRuleSpec {
     fn group(self, g: &str) -> Self {
         SecurityRuleSpec {
             remote_group: Some(g.into()),
+            ..self
+        }
+    }
+    fn address_group(self, g: &str) -> Self {
+        SecurityRuleSpec {
+            remote_address_group: Some(g.into()),
+            ..self
+        }
+    }
+    fn port_set(self, p: &str) -> Self {
+        SecurityRuleSpec {
+            port_set: Some(p.into()),
             ..self
         }
     }
@@ -193,6 +213,13 @@ fn state() -> DesiredState {
         allow_in(3).v6().proto("udp").ports(1000, 2000),
         allow_in(0).v6().cidr("fd00:61::/64"),
         deny_in(50).v6().proto("tcp").ports(22, 22),
+        // Address group and port set: one rule, a prefix set and a port-range
+        // set; the group's IPv6 prefix for another rule.
+        allow_in(10)
+            .proto("tcp")
+            .address_group("partners")
+            .port_set("partner-ports"),
+        allow_in(10).v6().proto("udp").address_group("partners"),
     ];
     let ops = vec![
         allow_in(10).proto("tcp").ports(22, 22).cidr("10.70.0.0/24"),
@@ -245,6 +272,23 @@ fn state() -> DesiredState {
             group("sink-ops", "sink", ops),
             group("client-out", "client", out),
         ],
+        address_groups: vec![AddressGroupSpec {
+            name: "partners".into(),
+            addresses: [
+                "10.80.0.0/24",
+                "10.81.4.0/22",
+                "198.51.100.17/32",
+                "fd00:80::/48",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }],
+        port_sets: vec![PortSetSpec {
+            name: "partner-ports".into(),
+            ports: [(1000, 1000), (3000, 3099), (9443, 9443)]
+                .map(|(min, max)| PortRangeSpec { min, max })
+                .to_vec(),
+        }],
         ..DesiredState::default()
     }
 }
@@ -276,6 +320,19 @@ fn nft_rule(r: &SecurityRuleSpec, name: &str, state: &DesiredState) -> Option<St
         }
         m.push(format!("{family} {far} {{ {} }}", addrs.join(", ")));
     }
+    if let Some(g) = &r.remote_address_group {
+        let group = state.address_groups.iter().find(|s| &s.name == g)?;
+        let nets: Vec<&str> = group
+            .addresses
+            .iter()
+            .map(String::as_str)
+            .filter(|a| a.contains(':') == v6)
+            .collect();
+        if nets.is_empty() {
+            return None;
+        }
+        m.push(format!("{family} {far} {{ {} }}", nets.join(", ")));
+    }
     let proto = r.protocol.as_deref().unwrap_or("any").to_ascii_lowercase();
     let ports = match (r.port_min, r.port_max) {
         (None, None) => None,
@@ -289,6 +346,15 @@ fn nft_rule(r: &SecurityRuleSpec, name: &str, state: &DesiredState) -> Option<St
                 Some((lo, hi)) if lo == hi => m.push(format!("{proto} dport {lo}")),
                 Some((lo, hi)) => m.push(format!("{proto} dport {lo}-{hi}")),
                 None => {}
+            }
+            if let Some(p) = &r.port_set {
+                let set = state.port_sets.iter().find(|s| &s.name == p)?;
+                let ranges: Vec<String> = set
+                    .ports
+                    .iter()
+                    .map(|r| format!("{}-{}", r.min, r.max))
+                    .collect();
+                m.push(format!("{proto} dport {{ {} }}", ranges.join(", ")));
             }
         }
         "icmp" | "icmpv6" => {
@@ -565,6 +631,13 @@ fn changed_state() -> DesiredState {
     g(&mut s, "sink-web").push(allow_in(10).v6().proto("udp").ports(53, 53));
     g(&mut s, "sink-ops")[1].action = RuleAction::Allow;
     g(&mut s, "client-out")[1].priority = 30;
+    // The address group and the port set change, their rules do not.
+    s.address_groups[0].addresses = ["10.80.0.0/25", "10.82.0.0/16", "fd00:81::/48"]
+        .map(String::from)
+        .to_vec();
+    s.port_sets[0].ports = [(1000, 1001), (5432, 5432), (9443, 9443)]
+        .map(|(min, max)| PortRangeSpec { min, max })
+        .to_vec();
     s
 }
 

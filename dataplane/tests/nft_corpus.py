@@ -6,7 +6,8 @@ nftables and compares which arrive. This script derives the frames from the
 rules of a keel desired state, deterministically (fixed seed):
 
 - for every rule: its matches and near misses: port-range edges and their
-  outside neighbours, the first and last address of the remote CIDR and the
+  outside neighbours (of every range of a port set), the first and last
+  address of the remote CIDR (of every prefix of an address group) and the
   addresses just outside it, remote-group members and their neighbours,
   other protocols, ICMP type/code one off;
 - random background over the same addresses, ports and protocols;
@@ -70,6 +71,14 @@ class Corpus:
             name: [a for p in g.get("ports", []) for a in ports[p].get("ips", [])]
             for name, g in self.groups.items()
         }
+        self.address_groups = {
+            g["name"]: [ipaddress.ip_network(a) for a in g.get("addresses", [])]
+            for g in state.get("address_groups", [])
+        }
+        self.port_sets = {
+            s["name"]: [(r["min"], r["max"]) for r in s.get("ports", [])]
+            for s in state.get("port_sets", [])
+        }
         self.sink_ips = {False: [], True: []}
         for a in ports[sink_port].get("ips", []):
             self.sink_ips[":" in a].append(a)
@@ -98,8 +107,12 @@ class Corpus:
     def remote_candidates(self, r):
         v6 = r.get("ethertype") == "ipv6"
         out = []
+        nets = []
         if r.get("remote_cidr"):
-            net = ipaddress.ip_network(r["remote_cidr"], strict=False)
+            nets = [ipaddress.ip_network(r["remote_cidr"], strict=False)]
+        elif r.get("remote_address_group"):
+            nets = [n for n in self.address_groups.get(r["remote_address_group"], []) if (n.version == 6) == v6]
+        for net in nets:
             first, last = net[0], net[-1]
             out += [first, last]
             if int(first) > 0:
@@ -108,7 +121,7 @@ class Corpus:
                 out.append(last + 1)
             for _ in range(2):
                 out.append(net[self.rng.randrange(net.num_addresses)])
-        elif r.get("remote_group"):
+        if r.get("remote_group"):
             for a in self.members.get(r["remote_group"], []):
                 a = ipaddress.ip_address(a)
                 if (a.version == 6) == v6:
@@ -121,18 +134,32 @@ class Corpus:
             return a in ipaddress.ip_network(r["remote_cidr"], strict=False)
         if r.get("remote_group"):
             return str(a) in self.members.get(r["remote_group"], [])
+        if r.get("remote_address_group"):
+            return any(a in n for n in self.address_groups.get(r["remote_address_group"], []) if n.version == a.version)
         return True
 
-    def port_candidates(self, r):
+    def port_ranges(self, r):
+        """The rule's destination port ranges; None when it names none."""
+        if r.get("port_set"):
+            return self.port_sets.get(r["port_set"], [])
         pr = port_range(r)
-        if pr is None:
+        return None if pr is None else [pr]
+
+    def in_ports(self, r, port):
+        ranges = self.port_ranges(r)
+        return ranges is None or any(lo <= port <= hi for lo, hi in ranges)
+
+    def port_candidates(self, r):
+        ranges = self.port_ranges(r)
+        if ranges is None:
             return []
-        lo, hi = pr
-        out = {lo, hi, self.rng.randint(lo, hi)}
-        if lo > 0:
-            out.add(lo - 1)
-        if hi < 65535:
-            out.add(hi + 1)
+        out = set()
+        for lo, hi in ranges:
+            out |= {lo, hi, self.rng.randint(lo, hi)}
+            if lo > 0:
+                out.add(lo - 1)
+            if hi < 65535:
+                out.add(hi + 1)
         return sorted(out)
 
     def any_addr(self, v6):
@@ -221,8 +248,7 @@ class Corpus:
         # Matches vary one field at a time: an address edge with a port
         # inside the range, a port edge from an address inside the remote.
         inside = [a for a in remotes if self.in_remote(r, a)] or remotes
-        pr = port_range(r)
-        in_ports = [p for p in ports if pr is None or pr[0] <= p <= pr[1]] or ports
+        in_ports = [p for p in ports if self.in_ports(r, p)] or ports
         label = f"{group} rule {idx} ({r['direction']}, prio {r.get('priority', 0)}, {r.get('action', 'allow')})"
 
         def local():

@@ -13,8 +13,9 @@ use std::time::Duration;
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
 use keel_dataplane::model::{
-    DesiredState, FirewallRuleSpec, NatKind, NatRuleSpec, PortSpec, RouterPortSpec, RouterSpec,
-    RuleAction, RuleDirection, SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
+    AddressGroupSpec, DesiredState, FirewallRuleSpec, NatKind, NatRuleSpec, PortRangeSpec,
+    PortSetSpec, PortSpec, RouterPortSpec, RouterSpec, RuleAction, RuleDirection,
+    SecurityGroupSpec, SecurityRuleSpec, SwitchSpec,
 };
 
 mod common;
@@ -139,6 +140,8 @@ fn tcp_in(port: u16) -> SecurityRuleSpec {
         icmp_code: None,
         remote_cidr: Some("10.0.1.0/24".into()),
         remote_group: None,
+        remote_address_group: None,
+        port_set: None,
         priority: 10,
         action: RuleAction::Allow,
     }
@@ -246,6 +249,113 @@ fn security_groups_allow_deny_and_cut_on_rule_change() {
         "the zone flush to run",
     );
     deliver(&mut b_client, &mut b_server, b"after-flush").unwrap();
+}
+
+const SET_HOSTS: [HostSpec; 3] = [
+    ("admin", "a", "02:00:00:00:00:10", "10.0.1.10/24", ""),
+    ("server", "a", "02:00:00:00:00:11", "10.0.1.11/24", ""),
+    ("guest", "a", "02:00:00:00:00:12", "10.0.1.12/24", ""),
+];
+
+/// The server's group lets in TCP from address group "admins" to port set
+/// "svc": one rule, matched as a prefix set and a port-range set.
+fn set_state(admins: &[&str], svc: &[(u16, u16)]) -> DesiredState {
+    DesiredState {
+        switches: vec![switch("a", "10.0.1.0/24")],
+        ports: (0..3).map(|i| port(&SET_HOSTS, i, true)).collect(),
+        security_groups: vec![SecurityGroupSpec {
+            name: "web".into(),
+            ports: vec!["server".into()],
+            rules: vec![SecurityRuleSpec {
+                port_min: None,
+                port_max: None,
+                remote_cidr: None,
+                remote_address_group: Some("admins".into()),
+                port_set: Some("svc".into()),
+                ..tcp_in(0)
+            }],
+        }],
+        address_groups: vec![AddressGroupSpec {
+            name: "admins".into(),
+            addresses: admins.iter().map(|a| a.to_string()).collect(),
+        }],
+        port_sets: vec![PortSetSpec {
+            name: "svc".into(),
+            ports: svc
+                .iter()
+                .map(|&(min, max)| PortRangeSpec { min, max })
+                .collect(),
+        }],
+        ..DesiredState::default()
+    }
+}
+
+#[test]
+fn address_group_and_port_set_rule_admits_exactly_its_connections() {
+    // 10.0.1.10 is in the group (with unrelated prefixes around it), .12 not.
+    let lab = lab(
+        &SET_HOSTS,
+        &set_state(
+            &["192.0.2.0/24", "10.0.1.10/32", "fd00:1::/64"],
+            &[(5000, 5000), (6000, 6010)],
+        ),
+    );
+    let (admin, server, guest) = (0, 1, 2);
+    let listeners: Vec<(u16, TcpListener)> = [4999, 5000, 5001, 6000, 6010, 6011, 7000]
+        .into_iter()
+        .map(|p| (p, lab.listen(server, p)))
+        .collect();
+    // Probes run side by side: a denied handshake waits out its timeout.
+    let lab_ref = &lab;
+    let admitted = |from: usize| -> Vec<u16> {
+        let lab = lab_ref;
+        let connected: Vec<_> = std::thread::scope(|s| {
+            let probes: Vec<_> = listeners
+                .iter()
+                .map(|(p, _)| s.spawn(move || lab.connect(from, &format!("10.0.1.11:{p}")).ok()))
+                .collect();
+            probes.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        listeners
+            .iter()
+            .zip(connected)
+            .filter_map(|((p, l), c)| {
+                let client = c?;
+                let (server, _) = accept(l);
+                drop((client, server));
+                Some(*p)
+            })
+            .collect()
+    };
+    assert_eq!(admitted(admin), [5000, 6000, 6010], "the set's ports only");
+    assert_eq!(admitted(guest), Vec::<u16>::new(), "not in the group");
+    let mut kept = lab.connect(admin, "10.0.1.11:5000").unwrap();
+    let (mut kept_peer, _) = accept(&listeners[1].1);
+
+    // The group and the set change (the rule does not): new connections
+    // follow at once, and the admin's connection, no longer allowed, is cut.
+    lab.apply(&set_state(
+        &["10.0.1.12/32", "192.0.2.0/24"],
+        &[(5000, 5001), (7000, 7000)],
+    ));
+    assert_eq!(admitted(guest), [5000, 5001, 7000]);
+    assert_eq!(admitted(admin), Vec::<u16>::new());
+    kept.write_all(b"after").unwrap();
+    let mut buf = [0u8; 5];
+    let err = kept_peer.read_exact(&mut buf).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err:?}"
+    );
+    // The one rule decided every connection admitted since the change
+    // (counters start again with each applied state).
+    match lab.request(&Request::RuleStats) {
+        Response::RuleStats { rules } => {
+            assert_eq!(rules.len(), 1);
+            assert!(rules[0].hits >= 3, "{rules:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 const NAT_HOSTS: [HostSpec; 3] = [

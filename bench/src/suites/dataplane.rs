@@ -282,6 +282,28 @@ fn stateful(scale: Scale, out: &mut Vec<Measurement>) -> Result<(), BenchError> 
             peer.mpps(),
         ),
     );
+    // Set matches against their expansion: one rule naming a 1000-prefix
+    // address group and a 64-range port set, against 1000 CIDR rules.
+    let sets = Stateful::SecurityGroupSets {
+        hosts: 256,
+        prefixes: 1000,
+        flows,
+    };
+    let (mut keel, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        keel.push(run_stateful(sets, true, u64::from(flows)).map_err(io)?.0);
+        peer.push(run_stateful(sets, false, u64::from(flows)).map_err(io)?.0);
+    }
+    let (keel, peer) = (total(&keel), total(&peer));
+    out.push(
+        Measurement::new(
+            "new connections through one rule with a 1000-prefix address group and a 64-range port set",
+            "M conn/s",
+            true,
+            keel.mpps(),
+        )
+        .with_peer("the same policy expanded to 1000 CIDR rules", peer.mpps()),
+    );
     lb4(flows, per_round, out)?;
     out.push(Measurement::new(
         "conntrack memory per connection",
@@ -339,7 +361,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 23);
+        assert_eq!(ms.len(), 24);
         for m in ms
             .iter()
             .filter(|m| m.unit != "bytes" && m.unit != "frames")

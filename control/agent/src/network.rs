@@ -20,11 +20,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keel_control::api::address_groups::AddressGroupSpec;
 use keel_control::api::external_networks::ExternalNetworkSpec;
 use keel_control::api::floating_ips::FloatingIpSpec;
 use keel_control::api::loadbalancers::LoadBalancerSpec as ApiLoadBalancer;
 use keel_control::api::mirror_sessions::{self as api_mirror, MirrorSessionSpec};
 use keel_control::api::networks::SubnetSpec;
+use keel_control::api::port_sets::PortSetSpec;
 use keel_control::api::ports::PortSpec as ApiPort;
 use keel_control::api::qos_policies::{BandwidthLimit, QosPolicySpec};
 use keel_control::api::records::Record;
@@ -101,6 +103,8 @@ fn rules_of(rule: &api_sg::Rule) -> Vec<SecurityRuleSpec> {
             icmp_code: rule.icmp_code,
             remote_cidr: rule.remote_cidr.clone(),
             remote_group: rule.remote_group_id.clone(),
+            remote_address_group: rule.remote_address_group_id.clone(),
+            port_set: rule.port_set_id.clone(),
             priority: rule.priority,
             action: match rule.action {
                 api_sg::RuleAction::Allow => RuleAction::Allow,
@@ -118,6 +122,9 @@ pub struct NetworkView<'a> {
     pub subnets: &'a BTreeMap<String, Record>,
     pub routers: &'a [Record],
     pub groups: &'a BTreeMap<String, Record>,
+    /// Address groups and port sets security-group rules may name.
+    pub address_groups: &'a BTreeMap<String, Record>,
+    pub port_sets: &'a BTreeMap<String, Record>,
     pub external_networks: &'a BTreeMap<String, Record>,
     pub floating_ips: &'a [Record],
     pub qos_policies: &'a BTreeMap<String, Record>,
@@ -463,6 +470,16 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
     // Groups of this host's ports, and the groups their rules name as
     // remote (whose members here give the addresses; members on other
     // hosts are not known to this data plane).
+    let address_groups: BTreeMap<&str, AddressGroupSpec> = view
+        .address_groups
+        .iter()
+        .filter_map(|(id, r)| Some((id.as_str(), r.spec().ok()?)))
+        .collect();
+    let port_sets: BTreeMap<&str, PortSetSpec> = view
+        .port_sets
+        .iter()
+        .filter_map(|(id, r)| Some((id.as_str(), r.spec().ok()?)))
+        .collect();
     let mut wanted: Vec<String> = members.keys().cloned().collect();
     let mut i = 0;
     while let Some(group) = wanted.get(i).cloned() {
@@ -482,8 +499,8 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
         state.security_groups.push(SecurityGroupSpec {
             ports: members.get(&group).cloned().unwrap_or_default(),
             name: group,
-            // A rule naming a group that is gone (the API prevents it)
-            // would make the data plane refuse the whole state.
+            // A rule naming a group or set that is gone (the API prevents
+            // it) would make the data plane refuse the whole state.
             rules: spec
                 .rules
                 .iter()
@@ -491,11 +508,62 @@ pub fn desired_state(view: &NetworkView<'_>) -> DesiredState {
                     r.remote_group_id
                         .as_ref()
                         .is_none_or(|g| view.groups.contains_key(g))
+                        && r.remote_address_group_id
+                            .as_ref()
+                            .is_none_or(|g| address_groups.contains_key(g.as_str()))
+                        && r.port_set_id
+                            .as_ref()
+                            .is_none_or(|p| port_sets.contains_key(p.as_str()))
                 })
                 .flat_map(rules_of)
                 .collect(),
         });
     }
+    // The address groups and port sets those rules name, by id: a change of
+    // one reaches the data plane with the next reconcile, like a rule edit.
+    let named: BTreeSet<&str> = state
+        .security_groups
+        .iter()
+        .flat_map(|g| &g.rules)
+        .filter_map(|r| r.remote_address_group.as_deref())
+        .collect();
+    state.address_groups = named
+        .into_iter()
+        .filter_map(|id| {
+            Some(keel_dataplane::model::AddressGroupSpec {
+                name: id.to_owned(),
+                addresses: address_groups
+                    .get(id)?
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            })
+        })
+        .collect();
+    let named: BTreeSet<&str> = state
+        .security_groups
+        .iter()
+        .flat_map(|g| &g.rules)
+        .filter_map(|r| r.port_set.as_deref())
+        .collect();
+    state.port_sets = named
+        .into_iter()
+        .filter_map(|id| {
+            Some(keel_dataplane::model::PortSetSpec {
+                name: id.to_owned(),
+                ports: port_sets
+                    .get(id)?
+                    .ports
+                    .iter()
+                    .map(|r| keel_dataplane::model::PortRangeSpec {
+                        min: r.min,
+                        max: r.max,
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
     // Mirror sessions whose target and some source this host serves.
     for session in view.mirror_sessions {
         let Ok(spec) = session.spec::<MirrorSessionSpec>() else {
@@ -962,16 +1030,36 @@ mod tests {
                      "port_range_max": 80, "remote_group_id": "others"},
                     {"direction": "ingress", "protocol": "any", "remote_cidr": "10.0.1.6/32",
                      "action": "deny", "priority": 10},
-                    {"direction": "ingress", "protocol": "icmp", "icmp_type": 8}]}),
+                    {"direction": "ingress", "protocol": "icmp", "icmp_type": 8},
+                    {"direction": "ingress", "protocol": "tcp", "remote_address_group_id": "ag1",
+                     "port_set_id": "ps1"},
+                    {"direction": "ingress", "protocol": "udp", "remote_address_group_id": "gone"}]}),
             ),
             record("others", json!({"description": "", "rules": []})),
         ]);
+        // The rules name ag1 and ps1 (and a group that is gone); ag2 is unused.
+        let address_groups = by_id(vec![
+            record(
+                "ag1",
+                json!({"description": "", "addresses": ["10.9.0.0/16", "fd00:9::/64"]}),
+            ),
+            record(
+                "ag2",
+                json!({"description": "", "addresses": ["10.8.0.0/16"]}),
+            ),
+        ]);
+        let port_sets = by_id(vec![record(
+            "ps1",
+            json!({"description": "", "ports": [{"min": 80, "max": 80}, {"min": 8000, "max": 8099}]}),
+        )]);
         let view = NetworkView {
             vms: &vms,
             ports: &ports,
             subnets: &subnets,
             routers: std::slice::from_ref(&router),
             groups: &groups,
+            address_groups: &address_groups,
+            port_sets: &port_sets,
             external_networks: &external,
             floating_ips: &fips,
             qos_policies: &qos,
@@ -1062,8 +1150,36 @@ mod tests {
             .map(|g| (g.name.as_str(), g.ports.len(), g.rules.len()))
             .collect();
         // The remote group comes along (no member here); a rule without a
-        // CIDR covers both families, the ICMP type rule only IPv4.
-        assert_eq!(groups, [("web", 1, 4), ("others", 0, 0)]);
+        // CIDR covers both families (the address-group rule too: its group
+        // holds both), the ICMP type rule only IPv4; the rule naming a gone
+        // address group is left out.
+        assert_eq!(groups, [("web", 1, 6), ("others", 0, 0)]);
+        let set_rule = &state.security_groups[0].rules[4];
+        assert_eq!(
+            (
+                set_rule.remote_address_group.as_deref(),
+                set_rule.port_set.as_deref()
+            ),
+            (Some("ag1"), Some("ps1"))
+        );
+        assert_eq!(
+            state.address_groups,
+            [keel_dataplane::model::AddressGroupSpec {
+                name: "ag1".into(),
+                addresses: vec!["10.9.0.0/16".into(), "fd00:9::/64".into()],
+            }]
+        );
+        assert_eq!(state.port_sets.len(), 1);
+        assert_eq!(
+            state.port_sets[0].ports,
+            [
+                keel_dataplane::model::PortRangeSpec { min: 80, max: 80 },
+                keel_dataplane::model::PortRangeSpec {
+                    min: 8000,
+                    max: 8099
+                }
+            ]
+        );
         let deny = &state.security_groups[0].rules[2];
         assert_eq!((deny.action, deny.priority), (RuleAction::Deny, 10));
         assert_eq!(state.mirrors.len(), 1);
@@ -1139,6 +1255,8 @@ mod tests {
             subnets: &subnets,
             routers: &routers,
             groups: &empty,
+            address_groups: &empty,
+            port_sets: &empty,
             external_networks: &empty,
             floating_ips: &[],
             qos_policies: &empty,

@@ -979,26 +979,37 @@ impl Agent {
 
     /// Brings the data plane to the NICs of every VM in the store.
     fn reconcile_network(&mut self) -> Result<(), StepError> {
-        use keel_control::api::{external_networks, floating_ips, mirror_sessions, qos_policies};
-        let (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs) =
-            self.block_on(async {
-                let mut conn = self.store.pool().acquire().await?;
-                let vms = records::all(&mut conn, vms::KIND).await?;
-                let ports = records::all(&mut conn, "port").await?;
-                let subnets = records::all(&mut conn, "subnet").await?;
-                let routers = records::all(&mut conn, "router").await?;
-                let groups = records::all(&mut conn, "security_group").await?;
-                let vpcs = records::all(&mut conn, "vpc").await?;
-                let externals = records::all(&mut conn, external_networks::KIND).await?;
-                let fips = records::all(&mut conn, floating_ips::KIND).await?;
-                let qos = records::all(&mut conn, qos_policies::KIND).await?;
-                let mirrors = records::all(&mut conn, mirror_sessions::KIND).await?;
-                let mut lbs = records::all(&mut conn, loadbalancers::KIND).await?;
-                lbs.retain(loadbalancers::on_vpc);
-                Ok::<_, StepError>((
+        use keel_control::api::{
+            address_groups, external_networks, floating_ips, mirror_sessions, port_sets,
+            qos_policies,
+        };
+        let (
+            (vm_records, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs),
+            (address_groups, port_sets),
+        ) = self.block_on(async {
+            let mut conn = self.store.pool().acquire().await?;
+            let vms = records::all(&mut conn, vms::KIND).await?;
+            let ports = records::all(&mut conn, "port").await?;
+            let subnets = records::all(&mut conn, "subnet").await?;
+            let routers = records::all(&mut conn, "router").await?;
+            let groups = records::all(&mut conn, "security_group").await?;
+            let vpcs = records::all(&mut conn, "vpc").await?;
+            let externals = records::all(&mut conn, external_networks::KIND).await?;
+            let fips = records::all(&mut conn, floating_ips::KIND).await?;
+            let qos = records::all(&mut conn, qos_policies::KIND).await?;
+            let mirrors = records::all(&mut conn, mirror_sessions::KIND).await?;
+            let mut lbs = records::all(&mut conn, loadbalancers::KIND).await?;
+            lbs.retain(loadbalancers::on_vpc);
+            // Read with the groups, so a rule never names a newer one.
+            let address_groups = records::all(&mut conn, address_groups::KIND).await?;
+            let port_sets = records::all(&mut conn, port_sets::KIND).await?;
+            Ok::<_, StepError>((
+                (
                     vms, ports, subnets, routers, groups, vpcs, externals, fips, qos, mirrors, lbs,
-                ))
-            })?;
+                ),
+                (address_groups, port_sets),
+            ))
+        })?;
         let mut with_nics = Vec::new();
         for vm in vm_records {
             let spec: VmSpec = vm.spec()?;
@@ -1042,6 +1053,8 @@ impl Agent {
             subnets: &by_id(subnets),
             routers: &routers,
             groups: &by_id(groups),
+            address_groups: &by_id(address_groups),
+            port_sets: &by_id(port_sets),
             external_networks: &by_id(externals),
             floating_ips: &fips,
             qos_policies: &by_id(qos),

@@ -1416,6 +1416,52 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     let text = run_in(&vms[0].0, "P3", &format!("ping -c 3 -W 2 {peer}"));
     assert!(text.contains("P3=0"), "allowed again: {text}");
 
+    // An address group as the remote: the rule stays, the group's list
+    // decides. Without the first VM's address the peer does not answer it;
+    // once the address is added (an action on the group, no rule edit) the
+    // agent recompiles the rule's prefix set and it answers.
+    let ag = api.ok(
+        "POST",
+        "/api/v1/address-groups",
+        Some(json!({"name": "pingers", "vdc_id": vdc_id, "addresses": ["192.0.2.0/24"]})),
+    );
+    let ag_id = ag["id"].as_str().unwrap().to_owned();
+    // (As many rules as before: wait for the rule's remote, not a count.)
+    set_rules(json!([{"direction": "ingress", "protocol": "icmp",
+                      "remote_address_group_id": ag_id}]));
+    eventually("the address-group rule reaches the data plane", || {
+        let rule = applied(&state)["security_groups"][0]["rules"][0].clone();
+        (rule["remote_address_group"] == ag_id.as_str())
+            .then_some(())
+            .ok_or_else(|| format!("{rule}"))
+    });
+    let text = run_in(&vms[0].0, "P4", &format!("ping -c 3 -W 2 {peer}"));
+    assert!(
+        text.contains("0 packets received"),
+        "not in the address group: {text}"
+    );
+    api.ok(
+        "POST",
+        &format!("/api/v1/address-groups/{ag_id}/actions/add-addresses"),
+        Some(json!({"addresses": [vms[0].1]})),
+    );
+    eventually("the address group reaches the data plane", || {
+        let list = applied(&state)["address_groups"][0]["addresses"].clone();
+        (list.as_array().map_or(0, Vec::len) == 2)
+            .then_some(())
+            .ok_or_else(|| format!("{list}"))
+    });
+    let text = run_in(&vms[0].0, "P5", &format!("ping -c 3 -W 2 {peer}"));
+    assert!(text.contains("P5=0"), "in the address group: {text}");
+    set_rules(json!([{"direction": "ingress", "protocol": "icmp"}]));
+    eventually("the plain ICMP rule is back in the data plane", || {
+        let rule = applied(&state)["security_groups"][0]["rules"][0].clone();
+        rule["remote_address_group"]
+            .is_null()
+            .then_some(())
+            .ok_or_else(|| format!("{rule}"))
+    });
+
     // Out through the router's gateway: the first VM leaves by SNAT (the
     // outside sees the gateway address); the second gets a floating IP,
     // leaves as it and is reached at it from outside (its group admits

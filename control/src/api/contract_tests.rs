@@ -4057,3 +4057,293 @@ async fn deleted_volumes_wait_in_the_recycle_bin_until_restored_or_purged() {
     );
     assert_eq!(api.get(&v, &admin).await.status, 404);
 }
+
+#[tokio::test]
+async fn address_groups_and_port_sets_feed_security_group_rules() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let other = api.vdc(&admin, "other", json!({})).await;
+    let tenant = api.user(&admin, "ann", "vdc-user", &vdc).await;
+    let stranger = api.user(&admin, "bob", "vdc-user", &other).await;
+
+    // Address groups: bad entries are named, nothing is stored.
+    for (addresses, field) in [
+        (json!(["10.0.0.0/33"]), "addresses[0]"),
+        (json!(["10.0.0.0/8", "nonsense"]), "addresses[1]"),
+        (json!(["10.0.0.1/24"]), "addresses[0]"),
+        (
+            json!(["fd00::/64", "10.1.0.0/16", "FD00::/64"]),
+            "addresses[2]",
+        ),
+    ] {
+        let r = api
+            .post(
+                "/api/v1/address-groups",
+                &tenant,
+                json!({"name": "ag", "addresses": addresses}),
+            )
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{addresses}: {}", r.body);
+    }
+    assert_eq!(
+        api.get("/api/v1/address-groups", &tenant).await.body["items"],
+        json!([])
+    );
+    // Normalized (a bare address is a host prefix, IPv6 canonical) and sorted.
+    let r = api
+        .post(
+            "/api/v1/address-groups",
+            &tenant,
+            json!({"name": "admins", "description": "jump hosts",
+                   "addresses": ["192.0.2.7", "FD00:0:0:1::/64", "10.1.0.0/16"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.headers.contains_key("etag") && r.headers.contains_key("location"));
+    assert_eq!(
+        r.body["addresses"],
+        json!(["10.1.0.0/16", "192.0.2.7/32", "fd00:0:0:1::/64"])
+    );
+    assert_eq!(r.body["vdc_id"], vdc);
+    let ag = r.id();
+    let ag_path = format!("/api/v1/address-groups/{ag}");
+    // Actions: add folds what is there, remove refuses what is not.
+    let r = api
+        .post(
+            &format!("{ag_path}/actions/add-addresses"),
+            &tenant,
+            json!({"addresses": ["10.1.0.0/16", "10.9.9.9/32"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["addresses"],
+        json!([
+            "10.1.0.0/16",
+            "10.9.9.9/32",
+            "192.0.2.7/32",
+            "fd00:0:0:1::/64"
+        ])
+    );
+    assert_eq!(r.body["revision"], 2);
+    let r = api
+        .post(
+            &format!("{ag_path}/actions/remove-addresses"),
+            &tenant,
+            json!({"addresses": ["192.0.2.7/32", "10.2.0.0/16"]}),
+        )
+        .await;
+    assert_problem(&r, 422, "invalid-field");
+    assert_eq!(r.body["field"], "addresses[1]", "{}", r.body);
+    let r = api
+        .post(
+            &format!("{ag_path}/actions/remove-addresses"),
+            &tenant,
+            json!({"addresses": ["192.0.2.7"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["addresses"],
+        json!(["10.1.0.0/16", "10.9.9.9/32", "fd00:0:0:1::/64"])
+    );
+    let r = api
+        .post(
+            &format!("{ag_path}/actions/add-addresses"),
+            &stranger,
+            json!({"addresses": ["10.0.0.0/8"]}),
+        )
+        .await;
+    assert_problem(&r, 404, "not-found");
+    // PATCH replaces the list, guarded by If-Match.
+    let r = api
+        .call(
+            Method::PATCH,
+            &ag_path,
+            Some(&tenant),
+            &[],
+            Some(json!({"addresses": []})),
+        )
+        .await;
+    assert_eq!(r.status, 428, "{}", r.body);
+    let r = api
+        .change(
+            Method::PATCH,
+            &ag_path,
+            &tenant,
+            Some(json!({"name": "ops", "addresses": ["10.1.0.0/16", "fd00:0:0:1::/64"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["name"], "ops");
+    assert_eq!(r.body["description"], "jump hosts");
+    let listed = api.get("/api/v1/address-groups?name=ops", &tenant).await;
+    assert_eq!(listed.body["items"][0]["id"], ag);
+    assert_eq!(
+        api.get("/api/v1/address-groups", &stranger).await.body["items"],
+        json!([])
+    );
+    assert_problem(&api.get(&ag_path, &stranger).await, 404, "not-found");
+
+    // Port sets.
+    for (ports, field) in [
+        (json!([]), "ports"),
+        (json!([{"min": 90, "max": 80}]), "ports[0].min"),
+        (json!([{"min": 0, "max": 80}]), "ports[0].min"),
+        (
+            json!([{"min": 80, "max": 80}, {"min": 8000, "max": 8099}, {"min": 8050, "max": 9000}]),
+            "ports[2]",
+        ),
+    ] {
+        let r = api
+            .post(
+                "/api/v1/port-sets",
+                &tenant,
+                json!({"name": "ps", "ports": ports}),
+            )
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{ports}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/port-sets",
+            &tenant,
+            json!({"name": "web", "ports": [{"min": 8000, "max": 8099}, {"min": 80, "max": 80}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["ports"],
+        json!([{"min": 80, "max": 80}, {"min": 8000, "max": 8099}])
+    );
+    let ps = r.id();
+    let ps_path = format!("/api/v1/port-sets/{ps}");
+    let r = api
+        .change(
+            Method::PATCH,
+            &ps_path,
+            &tenant,
+            Some(json!({"ports": [{"min": 443, "max": 443}, {"min": 80, "max": 80}]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["ports"],
+        json!([{"min": 80, "max": 80}, {"min": 443, "max": 443}])
+    );
+    assert_eq!(
+        api.get("/api/v1/port-sets", &tenant).await.body["items"][0]["id"],
+        ps
+    );
+    let theirs = api
+        .create(
+            "/api/v1/address-groups",
+            &stranger,
+            json!({"name": "theirs", "addresses": ["10.0.0.0/8"]}),
+        )
+        .await;
+    let their_ports = api
+        .create(
+            "/api/v1/port-sets",
+            &stranger,
+            json!({"name": "theirs", "ports": [{"min": 22, "max": 22}]}),
+        )
+        .await;
+
+    // Rules name them; exclusivity and references are checked per field.
+    let rules = |third: Value| {
+        json!({"name": "web", "rules": [
+            {"direction": "ingress", "protocol": "tcp", "remote_address_group_id": ag, "port_set_id": ps},
+            {"direction": "ingress", "protocol": "udp", "port_set_id": ps, "remote_cidr": "10.0.0.0/8"},
+            third,
+        ]})
+    };
+    for (third, field) in [
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "remote_address_group_id": theirs}),
+            "rules[2].remote_address_group_id",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "remote_address_group_id": "nope"}),
+            "rules[2].remote_address_group_id",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "port_set_id": their_ports}),
+            "rules[2].port_set_id",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "remote_cidr": "10.0.0.0/8", "remote_address_group_id": ag}),
+            "rules[2].remote_address_group_id",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "icmp", "port_set_id": ps}),
+            "rules[2].port_set_id",
+        ),
+        (
+            json!({"direction": "ingress", "protocol": "tcp", "port_set_id": ps, "port_range_min": 1, "port_range_max": 2}),
+            "rules[2].port_set_id",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/security-groups", &tenant, rules(third.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{third}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/security-groups",
+            &tenant,
+            rules(json!({"direction": "egress", "protocol": "any", "remote_address_group_id": ag})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["rules"][0]["remote_address_group_id"], ag);
+    assert_eq!(r.body["rules"][0]["port_set_id"], ps);
+    let sg = r.id();
+
+    // In use: deleting is refused, naming the security group.
+    for path in [&ag_path, &ps_path] {
+        let r = api.change(Method::DELETE, path, &tenant, None).await;
+        assert_problem(&r, 409, "conflict");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(&sg),
+            "{}",
+            r.body
+        );
+    }
+    let r = api
+        .change(
+            Method::PATCH,
+            &format!("/api/v1/security-groups/{sg}"),
+            &tenant,
+            Some(json!({"rules": []})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for path in [&ag_path, &ps_path] {
+        let r = api.change(Method::DELETE, path, &tenant, None).await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert_problem(&api.get(path, &tenant).await, 404, "not-found");
+    }
+    // Every change is in the feed and the audit log.
+    let events: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM events WHERE resource_type IN ('address_group', 'port_set')",
+    )
+    .fetch_one(api.state.store.pool())
+    .await
+    .unwrap();
+    // ag: create, add, remove, patch, delete; theirs: create; ps: create,
+    // patch, delete; their_ports: create.
+    assert_eq!(events, 10);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE path LIKE '/api/v1/address-groups%' OR path LIKE '/api/v1/port-sets%'",
+    )
+    .fetch_one(api.state.store.pool())
+    .await
+    .unwrap();
+    assert!(audited >= 10, "{audited}");
+}

@@ -7,6 +7,7 @@
 //! Handlers only read and write the store; they never call a data plane.
 
 pub mod access_rules;
+pub mod address_groups;
 pub mod audit;
 pub mod auth;
 pub mod backup_policies;
@@ -25,6 +26,7 @@ pub mod listing;
 pub mod loadbalancers;
 pub mod mirror_sessions;
 pub mod networks;
+pub mod port_sets;
 pub mod ports;
 pub mod problem;
 pub mod protection_groups;
@@ -153,6 +155,8 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(access_rules::router())
                 .merge(networks::router())
                 .merge(security_groups::router())
+                .merge(address_groups::router())
+                .merge(port_sets::router())
                 .merge(ports::router())
                 .merge(routers::router())
                 .merge(external_networks::router())

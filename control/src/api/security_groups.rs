@@ -4,9 +4,12 @@
 //!
 //! Rules allow by default (OpenStack's white list); `action: deny` with a
 //! `priority` (higher first, deny before allow on a tie) makes black lists.
-//! A rule's peers are a CIDR or the members of another group of the VDC
-//! (`remote_group_id`, followed as membership changes). Ingress that no
-//! rule allows is denied, egress that no rule denies is allowed.
+//! A rule's peers are a CIDR, the members of another group of the VDC
+//! (`remote_group_id`, followed as membership changes) or the CIDRs of an
+//! address group (`remote_address_group_id`, followed as its list
+//! changes); its TCP/UDP ports one range or a port set (`port_set_id`).
+//! Ingress that no rule allows is denied, egress that no rule denies is
+//! allowed.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -54,7 +57,7 @@ pub enum Protocol {
 pub struct Rule {
     pub direction: Direction,
     pub protocol: Protocol,
-    /// TCP/UDP only; both or neither.
+    /// TCP/UDP only; both or neither (or `port_set_id`).
     pub port_range_min: Option<u16>,
     pub port_range_max: Option<u16>,
     /// Peer addresses; absent means any (of the rule's family: any family).
@@ -63,6 +66,14 @@ pub struct Rule {
     /// Peers are the ports of this group (instead of `remote_cidr`).
     #[serde(default)]
     pub remote_group_id: Option<String>,
+    /// Peers are the CIDRs of this address group of the rule's address
+    /// family (instead of `remote_cidr` and `remote_group_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_address_group_id: Option<String>,
+    /// TCP/UDP only: the destination ports of this port set (instead of
+    /// `port_range_min`/`port_range_max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_set_id: Option<String>,
     /// ICMP only: the type, and with it optionally the code (ICMPv4 numbers;
     /// a rule with a type matches IPv4 unless its remote CIDR is IPv6).
     #[serde(default)]
@@ -163,6 +174,28 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
                 "give remote_cidr or remote_group_id, not both",
             ));
         }
+        if rule.remote_address_group_id.is_some()
+            && (rule.remote_cidr.is_some() || rule.remote_group_id.is_some())
+        {
+            return Err(ApiError::invalid(
+                field("remote_address_group_id"),
+                "give one of remote_cidr, remote_group_id and remote_address_group_id",
+            ));
+        }
+        if rule.port_set_id.is_some() {
+            if !ports {
+                return Err(ApiError::invalid(
+                    field("port_set_id"),
+                    "ports only apply to tcp and udp",
+                ));
+            }
+            if rule.port_range_min.is_some() || rule.port_range_max.is_some() {
+                return Err(ApiError::invalid(
+                    field("port_set_id"),
+                    "give port_range_min/port_range_max or port_set_id, not both",
+                ));
+            }
+        }
         if let Some(cidr) = &rule.remote_cidr {
             let net: IpNet = cidr.parse().map_err(|_| {
                 ApiError::invalid(field("remote_cidr"), format!("{cidr:?} is not a CIDR"))
@@ -192,27 +225,65 @@ fn validate_rules(rules: &[Rule]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Remote groups must be groups of the same VDC.
+/// Remote groups, address groups and port sets must be of the same VDC.
 async fn check_remote_groups(
     conn: &mut DbConnection,
     vdc_id: &str,
     rules: &[Rule],
 ) -> Result<(), ApiError> {
     for (i, rule) in rules.iter().enumerate() {
-        let Some(id) = &rule.remote_group_id else {
-            continue;
-        };
-        match records::get(conn, KIND, id).await? {
-            Some(g) if g.meta.vdc_id.as_deref() == Some(vdc_id) => {}
-            _ => {
-                return Err(ApiError::invalid(
-                    format!("rules[{i}].remote_group_id"),
-                    format!("no security group {id} in this VDC"),
-                ))
+        let references = [
+            (
+                "remote_group_id",
+                KIND,
+                "security group",
+                &rule.remote_group_id,
+            ),
+            (
+                "remote_address_group_id",
+                super::address_groups::KIND,
+                "address group",
+                &rule.remote_address_group_id,
+            ),
+            (
+                "port_set_id",
+                super::port_sets::KIND,
+                "port set",
+                &rule.port_set_id,
+            ),
+        ];
+        for (field, kind, noun, id) in references {
+            let Some(id) = id else {
+                continue;
+            };
+            match records::get(conn, kind, id).await? {
+                Some(g) if g.meta.vdc_id.as_deref() == Some(vdc_id) => {}
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!("rules[{i}].{field}"),
+                        format!("no {noun} {id} in this VDC"),
+                    ))
+                }
             }
         }
     }
     Ok(())
+}
+
+/// The first security group of `vdc_id` with a rule `uses` holds (for the
+/// 409 of deleting something rules name).
+pub async fn rule_user(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    uses: impl Fn(&Rule) -> bool,
+) -> Result<Option<String>, ApiError> {
+    for group in records::in_vdc(conn, KIND, vdc_id).await? {
+        let spec: SgSpec = group.spec()?;
+        if spec.rules.iter().any(&uses) {
+            return Ok(Some(group.meta.id));
+        }
+    }
+    Ok(None)
 }
 
 impl Resource for SecurityGroup {
