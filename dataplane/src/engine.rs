@@ -198,6 +198,7 @@ impl Worker {
             c.sync(&tables, core.learned.version());
         }
         core.send_probes(&tables, *shard);
+        core.probe_neighbors(&tables);
         crate::stateful::serve_flush(stats, &mut core.learned.stateful);
         if shard.count > 1 {
             core.apply_learned(fabric, shard.index);
@@ -369,10 +370,10 @@ impl Core {
     /// Sends the MACs learned this round to every other worker.
     fn publish_learned(&mut self, fabric: &Fabric, me: usize) {
         let (generation, learned) = self.learned.take_journal();
-        for (key, lport) in learned {
+        for learn in learned {
             for to in 0..fabric.workers() {
                 if let Some(lane) = fabric.lane(me, to) {
-                    let _ = lane.learned.push((generation, key, lport));
+                    let _ = lane.learned.push((generation, learn));
                 }
             }
         }
@@ -385,8 +386,8 @@ impl Core {
             let Some(lane) = fabric.lane(from, me) else {
                 continue;
             };
-            while let Some((generation, key, lport)) = lane.learned.pop() {
-                self.learned.learn_shared(generation, key, lport);
+            while let Some((generation, learn)) = lane.learned.pop() {
+                self.learned.learn_shared(generation, learn);
             }
         }
     }
@@ -452,6 +453,49 @@ impl Core {
 
     /// Queues the SYN of `target`'s probe, through its port's security
     /// group like routed traffic; false when it cannot be sent from here.
+    /// Asks the neighbors whose last confirmation is getting old, with a
+    /// unicast ARP request to the MAC known for them (as Linux probes a
+    /// stale neighbor), so a neighbor that answers stays and one that moved
+    /// or left is forgotten ([`crate::pipeline::NEIGHBOR_EXPIRE_S`]).
+    fn probe_neighbors(&mut self, tables: &Tables) {
+        while let Some((switch, ip)) = self.learned.next_neighbor_probe() {
+            let Some(sw) = tables.switches.get(switch as usize) else {
+                continue;
+            };
+            let (Some(gw), Some(mac)) = (sw.gateway, self.learned.neighbor(switch, ip)) else {
+                continue;
+            };
+            let out = sw
+                .macs
+                .get(&mac_key(&mac))
+                .copied()
+                .or_else(|| self.learned.lookup(switch, &mac))
+                .and_then(|l| tables.lports.get(l as usize))
+                .map(|l| usize::from(l.port));
+            let Some(out) = out else { continue };
+            let frame = &mut self.probes.frame;
+            let mut len = 0;
+            if !crate::pipeline::arp_request_in_place(frame, &mut len, sw.vlan, gw.mac, gw.ip, ip) {
+                continue;
+            }
+            // Unicast to the MAC known for it: only that neighbor answers.
+            if let Some(dst) = frame.get_mut(..6) {
+                dst.copy_from_slice(&mac);
+            }
+            let Some(frame) = self.probes.frame.get(..len) else {
+                continue;
+            };
+            enqueue(
+                &mut self.ports,
+                &mut self.tx,
+                &mut self.local,
+                out,
+                &[],
+                frame,
+            );
+        }
+    }
+
     fn send_probe(
         &mut self,
         tables: &Tables,
@@ -850,6 +894,58 @@ mod tests {
         assert_eq!(snap.outcomes["routed"], 100);
         assert_eq!(snap.outcomes["l2_flood"], 100);
         assert_eq!(snap.outcomes["l2_unicast"], 100);
+    }
+
+    /// A stale neighbor is probed with an ARP request sent to its own MAC
+    /// out of the port it is behind (not broadcast).
+    #[test]
+    fn stale_neighbors_are_probed_by_unicast_arp() {
+        const HOST: [u8; 6] = [2, 0, 0, 0, 0x77, 1];
+        const GW_A: [u8; 6] = [2, 0, 0, 0, 0xff, 1];
+        const UP: usize = 4;
+        let handle = ConfigHandle::new(interfaces());
+        handle.apply(topology()).unwrap();
+        let host: std::net::Ipv4Addr = "10.0.1.77".parse().unwrap();
+        let gw: std::net::Ipv4Addr = "10.0.1.1".parse().unwrap();
+        let reply = crate::packet::build::arp(2, GW_A, HOST, host, GW_A, gw, None);
+        let ports: Vec<MemPort> = interfaces()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                if i == UP {
+                    MemPort::generator(n, vec![reply.clone()], 1).capturing()
+                } else {
+                    MemPort::sink(n).capturing()
+                }
+            })
+            .collect();
+        let sinks: Vec<_> = ports.iter().map(MemPort::counters).collect();
+        let ports: Vec<Box<dyn Port>> = ports
+            .into_iter()
+            .map(|p| Box::new(p) as Box<dyn Port>)
+            .collect();
+        let stats = Arc::new(Stats::new(&interfaces()));
+        let mut w = Worker::new(ports, handle.tables(), Arc::clone(&stats));
+        while w.poll_once() > 0 {}
+        assert_eq!(w.core.learned.neighbor(0, host), Some(HOST));
+        w.core.learned.queue_neighbor_probe(0, host);
+        let tables = w.tables.load();
+        w.core.probe_neighbors(&tables);
+        w.core.flush_all();
+        let sent = sinks[UP].captured.lock().unwrap();
+        let probe = sent.last().expect("a probe went out of the uplink");
+        assert_eq!(&probe[0..6], &HOST, "to the neighbor's MAC");
+        assert_eq!(&probe[6..12], &GW_A);
+        assert_eq!(&probe[12..14], &[0x08, 0x06]);
+        assert_eq!(&probe[20..22], &[0, 1], "a request");
+        assert_eq!(&probe[22..28], &GW_A, "from the router's leg");
+        assert_eq!(&probe[28..32], &gw.octets());
+        assert_eq!(&probe[38..42], &host.octets());
+        for (i, s) in sinks.iter().enumerate() {
+            if i != UP {
+                assert!(s.captured.lock().unwrap().is_empty(), "port {i}");
+            }
+        }
     }
 }
 

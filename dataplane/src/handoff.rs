@@ -14,7 +14,9 @@
 //! Learned MACs travel the same way (`learned`): a worker shares each MAC
 //! it learns with the others once per round, so a frame towards a MAC
 //! learned on another worker is not flooded (learning tables stay per
-//! worker, lock-free; the copies converge within a round).
+//! worker, lock-free; the copies converge within a round). So do the
+//! routers' neighbors and their confirmations: whichever worker an ARP
+//! reaches, every worker knows the neighbor and keeps it fresh.
 //!
 //! A sleeping owner (idle in `poll(2)`) is woken through its eventfd, only
 //! when it announced it sleeps ([`Wake`]), so a busy owner costs no syscall.
@@ -40,8 +42,26 @@ pub struct Handed {
     pub buf: PacketBuf,
 }
 
-/// A MAC one worker learned: (tables generation, switch+MAC key, logical port).
-pub type LearnedMac = (u64, u64, crate::tables::LportId);
+/// What one worker learned and shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    /// A MAC (switch+MAC key) behind a logical port.
+    Mac {
+        key: u64,
+        lport: crate::tables::LportId,
+    },
+    /// A router's neighbor (switch+IPv4 key) at `mac`, confirmed by its ARP
+    /// at `confirmed` (the sender's conntrack clock, s: workers start
+    /// together, so their clocks agree to the second).
+    Neighbor {
+        key: u64,
+        mac: crate::packet::headers::Mac,
+        confirmed: u32,
+    },
+}
+
+/// A [`Learn`] with the tables generation it was learned under.
+pub type LearnedMac = (u64, Learn);
 
 /// One direction between two workers.
 pub struct Lane {

@@ -88,6 +88,22 @@ pub const JOURNAL: usize = 64;
 /// Neighbors (IP → MAC of hosts without a binding, e.g. behind an uplink)
 /// a worker's routers hold at most.
 pub const NEIGHBORS: usize = 4096;
+/// A neighbor not confirmed by its own ARP for this long (s) is probed
+/// (Linux's base reachable time).
+pub const NEIGHBOR_REACHABLE_S: u32 = 30;
+/// ... and forgotten when still unconfirmed this long after it was last
+/// confirmed (about 15 unanswered probes, one a second): the next packet
+/// towards it asks by broadcast again.
+pub const NEIGHBOR_EXPIRE_S: u32 = 45;
+/// Neighbor probes queued per second per worker; the rest wait a second.
+const PROBES_PER_SECOND: usize = 64;
+
+/// A router's neighbor: its MAC and when its own ARP last confirmed it.
+#[derive(Debug, Clone, Copy)]
+struct Neighbor {
+    mac: Mac,
+    confirmed: u32,
+}
 
 /// MACs learned on ports without bindings; owned by one worker.
 ///
@@ -102,7 +118,7 @@ pub struct Learned {
     map: FastMap<u64, LportId>,
     /// MACs learned here since the engine last shared them with the other
     /// workers ([`crate::handoff`]); bounded, allocated once.
-    journal: Vec<(u64, LportId)>,
+    journal: Vec<crate::handoff::Learn>,
     /// Connection tracking for the stateful stages ([`crate::stateful`]).
     pub stateful: crate::stateful::WorkerState,
     /// Meter buckets ([`crate::qos`]).
@@ -110,8 +126,13 @@ pub struct Learned {
     /// Router policy hit counts ([`crate::policy`]).
     pub policy: crate::policy::PolicyState,
     /// Neighbors learned from ARP on switches with a router leg: hosts
-    /// with no binding (an uplink's far side). Bounded, allocated once.
-    neighbors: FastMap<u64, Mac>,
+    /// with no binding (an uplink's far side). Bounded, allocated once;
+    /// aged once a second ([`NEIGHBOR_REACHABLE_S`], [`NEIGHBOR_EXPIRE_S`]).
+    neighbors: FastMap<u64, Neighbor>,
+    /// Neighbors to probe now (keys), filled by the aging pass.
+    probe: Vec<u64>,
+    /// The clock second the neighbors were last aged.
+    aged_at: u32,
     /// When (conntrack clock, s) a router last asked for an unresolved
     /// neighbor: at most one ARP request per neighbor per second.
     asked: FastMap<u64, u32>,
@@ -130,6 +151,8 @@ impl Learned {
             qos: crate::qos::QosState::new(),
             policy: crate::policy::PolicyState::default(),
             neighbors: fastmap::with_capacity(NEIGHBORS),
+            probe: Vec::with_capacity(PROBES_PER_SECOND),
+            aged_at: 0,
             asked: fastmap::with_capacity(NEIGHBORS),
         }
     }
@@ -153,10 +176,54 @@ impl Learned {
             self.map.clear();
             self.journal.clear();
             self.neighbors.clear();
+            self.probe.clear();
             self.asked.clear();
             self.generation = generation;
             self.version += 1;
         }
+        let now = self.stateful.ct.now();
+        if now != self.aged_at {
+            self.aged_at = now;
+            self.age_neighbors(now);
+        }
+    }
+
+    /// Once a second: forgets the neighbors unconfirmed for
+    /// [`NEIGHBOR_EXPIRE_S`] (cached flows towards them go with the version)
+    /// and queues probes for those unconfirmed for [`NEIGHBOR_REACHABLE_S`].
+    pub(crate) fn age_neighbors(&mut self, now: u32) {
+        let Learned {
+            neighbors, probe, ..
+        } = self;
+        probe.clear();
+        let before = neighbors.len();
+        neighbors.retain(|key, n| {
+            let age = now.saturating_sub(n.confirmed);
+            if (NEIGHBOR_REACHABLE_S..NEIGHBOR_EXPIRE_S).contains(&age)
+                && probe.len() < PROBES_PER_SECOND
+            {
+                probe.push(*key);
+            }
+            age < NEIGHBOR_EXPIRE_S
+        });
+        if neighbors.len() != before {
+            self.version += 1;
+        }
+    }
+
+    /// Queues a probe of `ip` on `switch` as the aging pass would.
+    #[cfg(test)]
+    pub(crate) fn queue_neighbor_probe(&mut self, switch: SwitchId, ip: Ipv4Addr) {
+        self.probe.push(Self::neighbor_key(switch, ip));
+    }
+
+    /// The next neighbor to probe (switch, address), from this second's
+    /// aging pass.
+    pub fn next_neighbor_probe(&mut self) -> Option<(SwitchId, Ipv4Addr)> {
+        let key = self.probe.pop()?;
+        let switch = SwitchId::try_from(key >> 32).ok()?;
+        let ip = u32::try_from(key & 0xffff_ffff).ok()?;
+        Some((switch, Ipv4Addr::from(ip)))
     }
 
     /// Records `mac` behind `lport`; `true` when the entry is new or moved.
@@ -164,22 +231,34 @@ impl Learned {
         let key = Self::key(switch, mac);
         let changed = self.learn_key(key, lport);
         if changed && self.journal.len() < JOURNAL {
-            self.journal.push((key, lport));
+            self.journal.push(crate::handoff::Learn::Mac { key, lport });
         }
         changed
     }
 
-    /// MACs learned since the last call, for the other workers (the
-    /// generation they were learned under, and `(key, lport)` pairs).
-    pub fn take_journal(&mut self) -> (u64, std::vec::Drain<'_, (u64, LportId)>) {
+    /// MACs and neighbors learned since the last call, for the other
+    /// workers (with the generation they were learned under).
+    pub fn take_journal(&mut self) -> (u64, std::vec::Drain<'_, crate::handoff::Learn>) {
         (self.generation, self.journal.drain(..))
     }
 
-    /// Applies a MAC another worker learned under `generation` (ignored when
+    /// Applies what another worker learned under `generation` (ignored when
     /// this worker's tables moved on); not journaled again.
-    pub fn learn_shared(&mut self, generation: u64, key: u64, lport: LportId) {
-        if generation == self.generation {
-            self.learn_key(key, lport);
+    pub fn learn_shared(&mut self, generation: u64, learn: crate::handoff::Learn) {
+        if generation != self.generation {
+            return;
+        }
+        match learn {
+            crate::handoff::Learn::Mac { key, lport } => {
+                self.learn_key(key, lport);
+            }
+            crate::handoff::Learn::Neighbor {
+                key,
+                mac,
+                confirmed,
+            } => {
+                self.set_neighbor(key, mac, confirmed);
+            }
         }
     }
 
@@ -205,18 +284,35 @@ impl Learned {
         (u64::from(switch) << 32) | u64::from(u32::from(ip))
     }
 
-    /// Records that `ip` on `switch` is at `mac`; `true` when new or moved.
+    /// Records that `ip` on `switch` is at `mac`, confirmed now by its own
+    /// ARP (shared with the other workers); `true` when new or moved.
     pub fn learn_neighbor(&mut self, switch: SwitchId, ip: Ipv4Addr, mac: Mac) -> bool {
         let key = Self::neighbor_key(switch, ip);
+        let confirmed = self.stateful.ct.now();
+        let changed = self.set_neighbor(key, mac, confirmed);
+        if self.journal.len() < JOURNAL {
+            self.journal.push(crate::handoff::Learn::Neighbor {
+                key,
+                mac,
+                confirmed,
+            });
+        }
+        changed
+    }
+
+    fn set_neighbor(&mut self, key: u64, mac: Mac, confirmed: u32) -> bool {
         let room = self.neighbors.len() < NEIGHBORS;
         let changed = match self.neighbors.get_mut(&key) {
-            Some(known) if *known == mac => false,
+            Some(known) if known.mac == mac => {
+                known.confirmed = known.confirmed.max(confirmed);
+                false
+            }
             Some(known) => {
-                *known = mac;
+                *known = Neighbor { mac, confirmed };
                 true
             }
             None if room => {
-                self.neighbors.insert(key, mac);
+                self.neighbors.insert(key, Neighbor { mac, confirmed });
                 true
             }
             None => false,
@@ -231,7 +327,9 @@ impl Learned {
 
     /// The MAC learned for `ip` on `switch`.
     pub fn neighbor(&self, switch: SwitchId, ip: Ipv4Addr) -> Option<Mac> {
-        self.neighbors.get(&Self::neighbor_key(switch, ip)).copied()
+        self.neighbors
+            .get(&Self::neighbor_key(switch, ip))
+            .map(|n| n.mac)
     }
 
     /// Whether to send an ARP request for `ip` on `switch` now (not within
@@ -671,7 +769,7 @@ fn arp_reply_in_place(buf: &mut [u8], p: &Parsed, mac: Mac) -> bool {
 
 /// Rewrites the frame into a broadcast ARP request from `mac`/`ip` for
 /// `target` (on `vlan`, 0 = untagged).
-fn arp_request_in_place(
+pub(crate) fn arp_request_in_place(
     buf: &mut [u8],
     len: &mut usize,
     vlan: u16,

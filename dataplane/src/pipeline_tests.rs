@@ -610,3 +610,65 @@ fn router_resolves_unbound_next_hops_by_arp() {
     r.learned.sync(2);
     assert_eq!(r.learned.neighbor(0, ip("10.0.1.77")), None);
 }
+
+/// Neighbors age: probed once unconfirmed for the reachable time (still
+/// used meanwhile), kept while their ARP confirms them, forgotten when they
+/// stay silent, after which the router asks by broadcast again. What one
+/// worker learns or confirms reaches the others through its journal.
+#[test]
+fn neighbors_are_probed_when_stale_and_forgotten_when_silent() {
+    use crate::handoff::Learn;
+    use crate::pipeline::{NEIGHBOR_EXPIRE_S, NEIGHBOR_REACHABLE_S};
+    const HOST: Mac = [2, 0, 0, 0, 0x77, 1];
+    let host = ip("10.0.1.77");
+    let mut r = Rig::new();
+    let reply = arp(2, GW_A, HOST, host, GW_A, ip("10.0.1.1"), None);
+    r.learned.stateful.ct.tick(100);
+    r.run(UP, &reply);
+    assert_eq!(r.learned.neighbor(0, host), Some(HOST));
+    // The journal carries it to the other workers.
+    let (generation, shared) = r.learned.take_journal();
+    let shared: Vec<Learn> = shared.collect();
+    assert!(
+        shared.contains(&Learn::Neighbor {
+            key: (u64::from(u32::from(host))),
+            mac: HOST,
+            confirmed: 100
+        }),
+        "{shared:?}"
+    );
+    let mut other = Learned::new(1024);
+    other.sync(generation);
+    for learn in shared {
+        other.learn_shared(generation, learn);
+    }
+    assert_eq!(other.neighbor(0, host), Some(HOST));
+    assert_eq!(other.take_journal().1.count(), 0, "not shared again");
+
+    r.learned.age_neighbors(100 + NEIGHBOR_REACHABLE_S - 1);
+    assert_eq!(r.learned.next_neighbor_probe(), None, "fresh");
+    r.learned.age_neighbors(100 + NEIGHBOR_REACHABLE_S);
+    assert_eq!(r.learned.next_neighbor_probe(), Some((0, host)));
+    assert_eq!(r.learned.next_neighbor_probe(), None);
+    let frame = ping(GW_B, VM3, "10.0.2.10", "10.0.1.77", 64);
+    let (d, _) = r.run(2, &frame);
+    assert_eq!(
+        d.verdict,
+        Verdict::Unicast { port: UP },
+        "stale is still used"
+    );
+    // Its answer confirms it: fresh again.
+    r.learned.stateful.ct.tick(100 + NEIGHBOR_REACHABLE_S + 1);
+    r.run(UP, &reply);
+    r.learned.age_neighbors(100 + 2 * NEIGHBOR_REACHABLE_S);
+    assert_eq!(r.learned.next_neighbor_probe(), None);
+    // Silent past the expiry: forgotten, and the next packet asks again.
+    let version = r.learned.version();
+    r.learned
+        .age_neighbors(100 + NEIGHBOR_REACHABLE_S + 1 + NEIGHBOR_EXPIRE_S);
+    assert_eq!(r.learned.neighbor(0, host), None);
+    assert!(r.learned.version() > version, "cached flows to it go");
+    r.learned.stateful.ct.tick(500);
+    let (d, _) = r.run(2, &frame);
+    assert_eq!(d.outcome, Some(Outcome::ArpRequested));
+}
