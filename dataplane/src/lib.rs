@@ -165,7 +165,14 @@
 //! - QoS meters are per worker: one flow is policed exactly, but a port whose
 //!   flows spread over N workers may get up to N × its rate (no shared
 //!   token pool yet). Mirror ERSPAN sequence numbers are per worker.
-//! - Next hops are resolved from bindings only (no ARP resolution by the router).
+//! - Next hops are resolved from bindings; hosts without one (an uplink's
+//!   far side) by ARP: the packet towards an unknown one becomes the
+//!   router's broadcast request (one a second; the sender retransmits).
+//!   Learned neighbors are shared between workers with their
+//!   confirmations, probed by unicast ARP once their own ARP is 30 s old
+//!   (still used meanwhile) and forgotten after 45 s of silence (Linux's
+//!   STALE/PROBE, simplified: no probe delay, every neighbor is probed, used
+//!   or not). IPv4 only: IPv6 neighbors come from bindings.
 //! - Stateful services: conntrack keys hold IPv6 addresses and security
 //!   groups filter IPv6, but NAT and the router firewall are IPv4 only (no
 //!   hairpin to a VM's own floating IP; IPv6 clients reach IPv4 through
