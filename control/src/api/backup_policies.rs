@@ -22,7 +22,8 @@ use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, now_ms, to_json, Meta, NewRecord, Record};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, load, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, load, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::{volumes, AppState};
 use crate::store::DbConnection;
@@ -270,10 +271,7 @@ async fn create_policy(
     check_name("name", &body.name)?;
     check_description(&body.description)?;
     check_schedule(body.interval_seconds, body.retention)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     check_volumes(&mut tx, &principal, &vdc_id, &body.volume_ids).await?;

@@ -31,7 +31,8 @@ use super::problem::{ApiError, Problem};
 use super::qos_policies;
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::routers::{self, RouterSpec};
 use super::AppState;
@@ -426,10 +427,7 @@ async fn create_floating_ip(
 ) -> Result<Response, ApiError> {
     principal.require(Family::Network, Action::Create)?;
     check_description(&body.description)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     if let Some(limit) = super::vdcs::quota_of(&vdc)?.floating_ips {

@@ -27,7 +27,9 @@ use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{begin_change, created, list_page, load, ok, referenced_vdc, Resource};
+use super::respond::{
+    begin_change, created, list_page, load, ok, referenced_vdc, target_vdc, Resource,
+};
 use super::AppState;
 
 const KIND: &str = "image";
@@ -226,10 +228,7 @@ async fn create_image(
     if !matches!(body.visibility.as_str(), "private" | "public") {
         return Err(ApiError::invalid("visibility", "must be private or public"));
     }
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let spec = ImageSpec {

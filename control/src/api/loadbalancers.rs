@@ -35,7 +35,8 @@ use super::ports::{self, NewPort, PortSpec};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::routers::RouterSpec;
 use super::AppState;
@@ -417,11 +418,7 @@ async fn create_lb(
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    let vdc_id = body
-        .vdc_id
-        .clone()
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id.clone())?;
     let id = uuid::Uuid::new_v4().to_string();
     let mut config = compile(&id, &body, body.vip_subnet_id.is_some())?;
     let mut tx = state.store.begin_write().await?;

@@ -20,9 +20,10 @@ use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::networks::not_realized;
 use super::problem::{ApiError, Problem};
-use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::records::{self, to_json, Meta, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, create_in_vdc, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::AppState;
 use crate::store::DbConnection;
@@ -224,10 +225,7 @@ async fn create_mirror_session(
 ) -> Result<Response, ApiError> {
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let spec = MirrorSessionSpec {
         description: body.description,
         source_port_ids: body.source_port_ids,
@@ -238,26 +236,15 @@ async fn create_mirror_session(
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     validate(&mut tx, &vdc_id, &spec).await?;
-    let record = records::insert(
-        &mut tx,
-        NewRecord {
-            kind: KIND,
-            vdc_id: Some(&vdc_id),
-            parent_id: Some(&vdc_id),
-            name: &body.name,
-            spec: to_json(&spec)?,
-            status: PENDING,
-        },
+    create_in_vdc::<MirrorSession>(
+        tx,
+        "/api/v1/mirror-sessions",
+        &vdc_id,
+        &body.name,
+        to_json(&spec)?,
+        PENDING,
     )
-    .await?;
-    tx.commit().await?;
-    let location = format!("/api/v1/mirror-sessions/{}", record.meta.id);
-    let revision = record.meta.revision;
-    Ok(created(
-        &location,
-        revision,
-        &MirrorSession::from_record(record)?,
-    ))
+    .await
 }
 
 #[utoipa::path(get, path = "/mirror-sessions", tag = "networks", params(ListQuery),

@@ -23,7 +23,8 @@ use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::AppState;
 
@@ -116,10 +117,7 @@ async fn create_vpc(
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     // Counted inside the transaction that inserts: SQLite serializes

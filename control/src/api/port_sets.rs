@@ -22,9 +22,10 @@ use super::auth::{Action, Family, Principal};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
-use super::records::{self, to_json, Meta, NewRecord, Record};
+use super::records::{self, to_json, Meta, Record};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, create_in_vdc, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::AppState;
 
@@ -148,28 +149,18 @@ async fn create_port_set(
         description: body.description,
         ports: validate_ports(&body.ports)?,
     };
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
-    let record = records::insert(
-        &mut tx,
-        NewRecord {
-            kind: KIND,
-            vdc_id: Some(&vdc_id),
-            parent_id: Some(&vdc_id),
-            name: &body.name,
-            spec: to_json(&spec)?,
-            status: ACTIVE,
-        },
+    create_in_vdc::<PortSet>(
+        tx,
+        "/api/v1/port-sets",
+        &vdc_id,
+        &body.name,
+        to_json(&spec)?,
+        ACTIVE,
     )
-    .await?;
-    tx.commit().await?;
-    let location = format!("/api/v1/port-sets/{}", record.meta.id);
-    let revision = record.meta.revision;
-    Ok(created(&location, revision, &PortSet::from_record(record)?))
+    .await
 }
 
 #[utoipa::path(get, path = "/port-sets", tag = "networks", params(ListQuery),

@@ -35,7 +35,7 @@ use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
 use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, load, load_for_action, ok,
-    referenced_vdc, Resource,
+    referenced_vdc, target_vdc, Resource,
 };
 use super::tasks::{self, Task};
 use super::vms::{self, VmSpec};
@@ -421,11 +421,7 @@ async fn create_group(
 ) -> Result<Response, ApiError> {
     principal.require(Family::Compute, Action::Create)?;
     check_body(&body)?;
-    let vdc_id = body
-        .vdc_id
-        .clone()
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id.clone())?;
     let id = uuid::Uuid::new_v4().to_string();
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;

@@ -187,6 +187,42 @@ pub fn check_revision(record: &Record, expected: i64) -> Result<(), ApiError> {
     }
 }
 
+/// Stores a new `R` of VDC `vdc_id` (its parent too) in `status`, commits,
+/// and answers 201 with its location in `collection` (`/api/v1/port-sets`).
+pub async fn create_in_vdc<R: Resource>(
+    mut tx: DbTransaction,
+    collection: &str,
+    vdc_id: &str,
+    name: &str,
+    spec: serde_json::Value,
+    status: &str,
+) -> Result<Response, ApiError> {
+    let record = records::insert(
+        &mut tx,
+        records::NewRecord {
+            kind: R::KIND,
+            vdc_id: Some(vdc_id),
+            parent_id: Some(vdc_id),
+            name,
+            spec,
+            status,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    let location = format!("{collection}/{}", record.meta.id);
+    let revision = record.meta.revision;
+    Ok(created(&location, revision, &R::from_record(record)?))
+}
+
+/// The VDC a new resource goes in: the one the body names, else the
+/// caller's own (a system admin has none and must name one).
+pub fn target_vdc(principal: &Principal, named: Option<String>) -> Result<String, ApiError> {
+    named
+        .or_else(|| principal.vdc_id.clone())
+        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))
+}
+
 /// Resolves a VDC referenced from a request body: one the caller cannot
 /// see is reported exactly like one that does not exist.
 pub async fn referenced_vdc(

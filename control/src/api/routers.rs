@@ -29,9 +29,10 @@ use super::listing::{ListQuery, Page};
 use super::networks::{not_realized, present, usable, yes, SubnetSpec};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
-use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
+use super::records::{self, to_json, Meta, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, create_in_vdc, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::router_rules::{check_firewall, check_policies, FirewallRule, RouterPolicy};
 use super::AppState;
@@ -400,10 +401,7 @@ async fn create_router(
     principal.require(Family::Network, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let (interfaces, routes) =
@@ -419,22 +417,15 @@ async fn create_router(
         firewall_rules: body.firewall_rules,
         policies: body.policies,
     };
-    let record = records::insert(
-        &mut tx,
-        NewRecord {
-            kind: KIND,
-            vdc_id: Some(&vdc_id),
-            parent_id: Some(&vdc_id),
-            name: &body.name,
-            spec: to_json(&spec)?,
-            status: PENDING,
-        },
+    create_in_vdc::<Router>(
+        tx,
+        "/api/v1/routers",
+        &vdc_id,
+        &body.name,
+        to_json(&spec)?,
+        PENDING,
     )
-    .await?;
-    tx.commit().await?;
-    let location = format!("/api/v1/routers/{}", record.meta.id);
-    let revision = record.meta.revision;
-    Ok(created(&location, revision, &Router::from_record(record)?))
+    .await
 }
 
 #[utoipa::path(get, path = "/routers", tag = "networks", params(ListQuery),

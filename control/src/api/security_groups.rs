@@ -28,7 +28,8 @@ use super::networks::not_realized;
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record, PENDING};
 use super::respond::{
-    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, Resource,
+    begin_change, created, finish_delete, get_one, list_page, ok, referenced_vdc, target_vdc,
+    Resource,
 };
 use super::AppState;
 use crate::store::DbConnection;
@@ -323,10 +324,7 @@ async fn create_sg(
     check_name("name", &body.name)?;
     check_description(&body.description)?;
     validate_rules(&body.rules)?;
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     check_remote_groups(&mut tx, &vdc_id, &body.rules).await?;

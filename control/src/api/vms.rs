@@ -20,7 +20,7 @@ use super::listing::{ListQuery, Page};
 use super::ports::PortSpec;
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{get_one, list_page, load, referenced_vdc, Resource};
+use super::respond::{get_one, list_page, load, referenced_vdc, target_vdc, Resource};
 use super::tasks::{self, Task};
 use super::volumes::{self, VolumeSpec};
 use super::AppState;
@@ -173,10 +173,7 @@ async fn create_vm(
             format!("give 1..={MAX_DISKS} volumes, boot disk first"),
         ));
     }
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     check_compute_quota(&mut tx, &vdc, body.vcpus, body.memory_mib).await?;

@@ -27,7 +27,9 @@ use super::images::{self, ImageSpec};
 use super::listing::{ListQuery, Page};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{begin_change, get_one, list_page, load, referenced_vdc, Resource};
+use super::respond::{
+    begin_change, get_one, list_page, load, referenced_vdc, target_vdc, Resource,
+};
 use super::tasks::{self, Task};
 use super::AppState;
 
@@ -474,10 +476,7 @@ async fn create_volume(
         ),
         None => None,
     };
-    let vdc_id = body
-        .vdc_id
-        .or_else(|| principal.vdc_id.clone())
-        .ok_or_else(|| ApiError::invalid("vdc_id", "required"))?;
+    let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     let vdc = referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
     let size_bytes = match &body.image_id {
