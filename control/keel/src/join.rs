@@ -9,9 +9,7 @@
 //! while the control plane's API is down still comes up on the database it
 //! was given, instead of waiting for an API it does not need.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -125,22 +123,7 @@ fn read(path: &Path) -> anyhow::Result<Option<Joined>> {
     }
 }
 
-/// Written under a temporary name and renamed, readable by root only: it
-/// holds the database password.
+/// Readable by root only: it holds the database password.
 fn write(path: &Path, joined: &Joined) -> anyhow::Result<()> {
-    let dir = path.parent().map(Path::to_owned).unwrap_or_default();
-    std::fs::create_dir_all(&dir).with_context(|| format!("Cannot create {}", dir.display()))?;
-    let partial: PathBuf = path.with_extension("partial");
-    let context = || format!("Cannot write {}", partial.display());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)
-        .with_context(context)?;
-    file.write_all(&serde_json::to_vec_pretty(joined)?)
-        .with_context(context)?;
-    file.sync_all().with_context(context)?;
-    std::fs::rename(&partial, path).with_context(|| format!("Cannot write {}", path.display()))
+    crate::private_file::write(path, &serde_json::to_vec_pretty(joined)?)
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 
 mod client;
 mod join;
+mod private_file;
 use clap::{Parser, Subcommand, ValueEnum};
 use keel_control::server::{up, UpConfig};
 

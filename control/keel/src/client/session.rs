@@ -2,8 +2,6 @@
 //! its owner can read) and authenticated calls that refresh an expired
 //! access token once.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -113,18 +111,8 @@ impl Session {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        if let Some(dir) = self.file.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.file)
-            .with_context(|| format!("write {}", self.file.display()))?;
-        f.write_all(serde_json::to_string(&*self.stored.borrow())?.as_bytes())?;
-        Ok(())
+        let stored = serde_json::to_string(&*self.stored.borrow())?;
+        crate::private_file::write(&self.file, stored.as_bytes())
     }
 
     pub fn url(&self) -> String {
