@@ -29,6 +29,7 @@ mod backups;
 mod disk_attach;
 mod protection;
 mod replicas;
+mod vm_backups;
 mod volume_gc;
 
 /// How the agent reaches the host.
@@ -341,6 +342,7 @@ impl Agent {
             volumes::KIND => self.volume_task(&task),
             vms::KIND => self.vm_task(&task),
             keel_control::api::backups::KIND => self.backup_task(&task),
+            keel_control::api::vm_backups::KIND => self.vm_backup_task(&task),
             keel_control::api::protection_groups::KIND => self.protection_task(&task),
             keel_control::api::replica_groups::KIND => self.replica_task(&task),
             other => Err(StepError::Invalid(format!(
@@ -459,7 +461,10 @@ impl Agent {
         };
         let id = record.meta.id.clone();
         let result = match task.action.as_str() {
-            "create" => self.vm_create(&record, task.params["start"].as_bool().unwrap_or(true)),
+            "create" => self.restore_vm_disks(task).and_then(|()| {
+                self.vm_create(&record, task.params["start"].as_bool().unwrap_or(true))
+            }),
+            "backup" => self.vm_backup(task, &record),
             "start" => self.vm_start(&record),
             "stop" => self.vm_stop(&id, false),
             "force-stop" => self.vm_stop(&id, true),

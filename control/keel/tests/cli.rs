@@ -121,6 +121,38 @@ fn operator_cli_logs_in_creates_waits_lists_and_deletes() {
     );
     assert_eq!(task["state"], "SUCCEEDED", "{task}");
 
+    // Backups are made of a volume (`--of`), restore as an action; the
+    // volume can go while its backup stays.
+    let out = keel(config, &["create", "backups", "name=b1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--of"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let task = json(
+        config,
+        &["create", "backups", "--of", volume, "name=b1", "--wait"],
+    );
+    assert_eq!(task["state"], "SUCCEEDED", "{task}");
+    let backup = task["params"]["backup_id"].as_str().unwrap().to_owned();
+    let table = ok(config, &["list", "backups"]);
+    assert!(table.contains("b1") && table.contains("full"), "{table}");
+    let task = json(
+        config,
+        &[
+            "action",
+            "backups",
+            &backup,
+            "restore",
+            "name=from-b1",
+            "--wait",
+        ],
+    );
+    assert_eq!(task["state"], "SUCCEEDED", "{task}");
+    let out = keel(config, &["create", "vm-backups", "name=v"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("made of a VM"));
+
     // Identity resources: users by name, custom roles, access rules.
     let users = ok(config, &["list", "users"]);
     assert!(
@@ -174,6 +206,8 @@ fn operator_cli_logs_in_creates_waits_lists_and_deletes() {
     let out = keel(config, &["show", "volumes", volume]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+    let kept_backup = json(config, &["show", "backups", &backup]);
+    assert!(kept_backup["parent_id"].is_null(), "{kept_backup}");
 
     // A VDC with a recycle bin: delete keeps the volume and its file (the
     // agent's file collection leaves it alone), restore brings it back.

@@ -1178,6 +1178,29 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert_eq!(status, 202, "{task}");
     api.wait_task(&task);
 
+    // A VM backup of the running VM: every disk at one cut, with the VM's
+    // configuration and UEFI variables. It outlives the VM: restored below,
+    // once the VM and its disks are deleted.
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{vm}/backups"),
+        Some(json!({"name": "vm1-backup"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let task = api.wait_task(&task);
+    let vm_backup = task["params"]["vm_backup_id"].as_str().unwrap().to_owned();
+    let vb = api.ok("GET", &format!("/api/v1/vm-backups/{vm_backup}"), None);
+    assert_eq!(vb["status"], "AVAILABLE", "{vb}");
+    assert!(vb["nvram_point"].is_string(), "UEFI variables kept: {vb}");
+    let disk_backup = vb["disks"][0]["backup_id"].as_str().unwrap().to_owned();
+    let db = api.ok("GET", &format!("/api/v1/backups/{disk_backup}"), None);
+    assert_eq!(db["status"], "AVAILABLE", "{db}");
+    assert_eq!(
+        api.vm_status(&vm).0,
+        "RUNNING",
+        "the source resumes after the cut"
+    );
+
     // The graceful stop takes the shutdown timeout: its task's progress is
     // pushed over a WebSocket until it ends.
     let (status, task) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/stop"), None);
@@ -1249,6 +1272,44 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         .output()
         .unwrap();
     assert!(backends.stdout.is_empty(), "disk backend still running");
+
+    // The VM backup restores into a new VM (new ID, same configuration):
+    // it boots from the restored disk and finds the data the VM wrote.
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vm-backups/{vm_backup}/actions/restore"),
+        Some(json!({"name": "vm1-restored"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let restored = task["resource_id"].as_str().unwrap().to_owned();
+    let _restored_guard = DomainGuard(restored.clone());
+    api.wait_task(&task);
+    assert_eq!(api.vm_status(&restored).0, "RUNNING");
+    let r = api.ok("GET", &format!("/api/v1/vms/{restored}"), None);
+    assert_eq!(r["firmware"], "uefi", "{r}");
+    assert!(state.join("vms").join(&restored).join("nvram.fd").exists());
+    wait_console(&state, &restored, "KEEL-FOUND KEEL-DATA-7", 1);
+    let (status, task) = api.call(
+        "DELETE",
+        &format!("/api/v1/vms/{restored}?delete_volumes=true"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let vb = api.ok("GET", &format!("/api/v1/vm-backups/{vm_backup}"), None);
+    let (status, task) = api.delete_read(&format!("/api/v1/vm-backups/{vm_backup}"), &vb);
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    assert_eq!(
+        api.call("GET", &format!("/api/v1/vm-backups/{vm_backup}"), None)
+            .0,
+        404
+    );
+    assert_eq!(
+        api.call("GET", &format!("/api/v1/backups/{disk_backup}"), None)
+            .0,
+        404
+    );
 
     // Two VMs with NICs on two subnets of one VPC joined by a router: each
     // gets its port's address from keel's DHCP and pings the other through

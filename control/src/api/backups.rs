@@ -58,6 +58,10 @@ pub struct BackupSpec {
     /// The backup policy that took it (its retention applies), if any.
     #[serde(default)]
     pub policy_id: Option<String>,
+    /// The VM backup this disk's point belongs to (`/vm-backups/{id}`):
+    /// deleted with it, not on its own.
+    #[serde(default)]
+    pub vm_backup_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -213,6 +217,17 @@ pub async fn start_delete(
             record.meta.status
         )));
     }
+    let spec: BackupSpec = record.spec()?;
+    if let Some(vm_backup) = &spec.vm_backup_id {
+        if records::get(conn, super::vm_backups::KIND, vm_backup)
+            .await?
+            .is_some()
+        {
+            return Err(ApiError::Conflict(format!(
+                "the backup is a disk of VM backup {vm_backup}; delete that instead"
+            )));
+        }
+    }
     let id = &record.meta.id;
     if let Some(task) = tasks::pending_for(conn, id).await? {
         return Err(ApiError::Conflict(format!(
@@ -260,7 +275,7 @@ async fn get_backup(
     params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
     responses(
         (status = 202, description = "DELETING: the task removes the point and collects chunks no other point uses", body = Task),
-        (status = 409, description = "Still being taken, or a task runs on it", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Still being taken, a task runs on it, or it is a disk of a VM backup (delete that)", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn delete_backup(

@@ -4347,3 +4347,241 @@ async fn address_groups_and_port_sets_feed_security_group_rules() {
     .unwrap();
     assert!(audited >= 10, "{audited}");
 }
+
+#[tokio::test]
+async fn vm_backups_cut_every_disk_and_restore_into_a_new_vm() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
+        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
+        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
+        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
+    }))
+    .unwrap();
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        super::hosts::register(&mut tx, "h1", inventory)
+            .await
+            .unwrap();
+        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let vpc = api
+        .create("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
+        .await;
+    let subnet = api
+        .post(
+            "/api/v1/subnets",
+            &admin,
+            json!({"name": "s", "vpc_id": vpc, "cidr": "10.0.0.0/24"}),
+        )
+        .await;
+    assert_eq!(subnet.status, 201, "{}", subnet.body);
+    let subnet = subnet.id();
+    let sg = api
+        .create(
+            "/api/v1/security-groups",
+            &admin,
+            json!({"name": "web", "vdc_id": vdc, "rules": []}),
+        )
+        .await;
+    let port = api
+        .post(
+            "/api/v1/ports",
+            &admin,
+            json!({"name": "p", "subnet_id": subnet, "fixed_ip": "10.0.0.10",
+                   "security_group_ids": [sg]}),
+        )
+        .await;
+    assert_eq!(port.status, 201, "{}", port.body);
+    let port = port.id();
+    let mut volumes = Vec::new();
+    for (name, gib) in [("boot", 1), ("data", 2)] {
+        let r = api
+            .post(
+                "/api/v1/volumes",
+                &admin,
+                json!({"name": name, "vdc_id": vdc, "size_gib": gib}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        api.agent_did(&r.body, "AVAILABLE").await;
+        volumes.push(r.body["resource_id"].as_str().unwrap().to_owned());
+    }
+    let r = api
+        .post(
+            "/api/v1/vms",
+            &admin,
+            json!({"name": "web1", "vdc_id": vdc, "vcpus": 2, "memory_mib": 256,
+                   "volume_ids": volumes, "port_ids": [port], "start": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.body["resource_id"].as_str().unwrap().to_owned();
+    let backups_of_vm = format!("/api/v1/vms/{vm}/backups");
+    // Still CREATING: not yet.
+    let r = api.post(&backups_of_vm, &admin, json!({"name": "b"})).await;
+    assert_problem(&r, 409, "conflict");
+    api.agent_did(&queued_task(&api, &admin, &vm).await, "STOPPED")
+        .await;
+    for v in &volumes {
+        api.set_status("volume", v, "IN_USE").await;
+    }
+
+    let r = api
+        .post(&backups_of_vm, &admin, json!({"name": "b", "bogus": 1}))
+        .await;
+    assert_problem(&r, 400, "bad-json");
+    let r = api.post(&backups_of_vm, &admin, json!({"name": "b"})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["action"], "backup");
+    assert_eq!(r.body["resource_id"], vm.as_str());
+    let task = r.body.clone();
+    let id = task["params"]["vm_backup_id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/vm-backups/{id}");
+    let b = api.get(&path, &admin).await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(b.body["status"], "CREATING");
+    assert_eq!(b.body["vm_id"], vm.as_str());
+    assert_eq!(b.body["vcpus"], 2);
+    assert_eq!(b.body["memory_mib"], 256);
+    assert_eq!(b.body["host_id"], "h1");
+    assert_eq!(b.body["nics"][0]["subnet_id"], subnet.as_str());
+    assert_eq!(b.body["nics"][0]["fixed_ip"], "10.0.0.10");
+    assert_eq!(b.body["nics"][0]["security_group_ids"][0], sg.as_str());
+    let disks = b.body["disks"].as_array().unwrap().clone();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[1]["volume_id"], volumes[1].as_str());
+    assert_eq!(disks[1]["size_bytes"], 2u64 << 30);
+    let disk_backup = disks[0]["backup_id"].as_str().unwrap().to_owned();
+    let d = api
+        .get(&format!("/api/v1/backups?parent_id={}", volumes[0]), &admin)
+        .await;
+    assert_eq!(d.body["items"][0]["id"], disk_backup.as_str(), "{}", d.body);
+    assert_eq!(d.body["items"][0]["vm_backup_id"], id.as_str());
+    // One operation at a time: no second backup, no delete, no restore yet.
+    let r = api
+        .post(&backups_of_vm, &admin, json!({"name": "b2"}))
+        .await;
+    assert_problem(&r, 409, "conflict");
+    let r = api.change(Method::DELETE, &path, &admin, None).await;
+    assert_problem(&r, 409, "conflict");
+    let restore = format!("{path}/actions/restore");
+    let r = api.post(&restore, &admin, json!({"name": "again"})).await;
+    assert_problem(&r, 409, "conflict");
+
+    // What the agent does once the points are taken.
+    api.agent_did(&task, "STOPPED").await;
+    api.set_status("vm_backup", &id, "AVAILABLE").await;
+    for d in &disks {
+        api.set_status("backup", d["backup_id"].as_str().unwrap(), "AVAILABLE")
+            .await;
+    }
+    let r = api
+        .change(
+            Method::DELETE,
+            &format!("/api/v1/backups/{disk_backup}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains(&id),
+        "{}",
+        r.body
+    );
+
+    // NICs are edited, never added or removed; every edit is checked.
+    for (body, field) in [
+        (json!({"name": "again", "nics": []}), "nics"),
+        (json!({"name": "again", "nics": [{}, {}]}), "nics"),
+        (
+            json!({"name": "again", "nics": [{"subnet_id": "nope"}]}),
+            "nics[0].subnet_id",
+        ),
+        (
+            json!({"name": "again", "nics": [{"security_group_ids": ["nope"]}]}),
+            "nics[0].security_group_ids[0]",
+        ),
+        (
+            json!({"name": "again", "nics": [{"fixed_ip": "10.9.9.9"}]}),
+            "nics[0].fixed_ip",
+        ),
+    ] {
+        let r = api.post(&restore, &admin, body.clone()).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    // The backed-up address is still the source's: a new one by default.
+    let r = api
+        .post(
+            &restore,
+            &admin,
+            json!({"name": "again", "start": false, "nics": [{"fixed_ip": "10.0.0.20"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["action"], "create");
+    let restored = r.body["resource_id"].as_str().unwrap().to_owned();
+    assert_eq!(r.body["params"]["restore"]["vm_backup_id"], id.as_str());
+    assert_eq!(r.body["params"]["start"], false);
+    let v = api.get(&format!("/api/v1/vms/{restored}"), &admin).await;
+    assert_eq!(v.body["status"], "CREATING");
+    assert_eq!(v.body["name"], "again");
+    assert_eq!(v.body["vcpus"], 2);
+    assert_eq!(v.body["host_id"], "h1");
+    let new_volumes = v.body["volume_ids"].as_array().unwrap().clone();
+    assert_eq!(new_volumes.len(), 2);
+    for (i, nv) in new_volumes.iter().enumerate() {
+        assert_ne!(nv, volumes[i].as_str());
+        let vol = api
+            .get(&format!("/api/v1/volumes/{}", nv.as_str().unwrap()), &admin)
+            .await;
+        assert_eq!(vol.body["status"], "CREATING");
+        assert_eq!(vol.body["attached_to"], restored.as_str());
+        assert_eq!(vol.body["size_bytes"], disks[i]["size_bytes"]);
+        assert_eq!(
+            r.body["params"]["restore"]["disks"][i]["backup_id"],
+            disks[i]["backup_id"]
+        );
+    }
+    let nic = api
+        .get(
+            &format!("/api/v1/ports/{}", v.body["port_ids"][0].as_str().unwrap()),
+            &admin,
+        )
+        .await;
+    assert_eq!(nic.body["fixed_ip"], "10.0.0.20");
+    assert_eq!(nic.body["device_id"], restored.as_str());
+    assert_eq!(nic.body["security_group_ids"][0], sg.as_str());
+
+    // The VM and its disks go; the backup stays, and still restores.
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        for (kind, id) in [("vm", &vm), ("volume", &volumes[0])] {
+            let record = super::records::get(&mut tx, kind, id)
+                .await
+                .unwrap()
+                .unwrap();
+            super::records::delete(&mut tx, &record, kind)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let b = api.get(&path, &admin).await;
+    assert_eq!(b.body["status"], "AVAILABLE", "{}", b.body);
+    let d = api
+        .get(&format!("/api/v1/backups/{disk_backup}"), &admin)
+        .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert!(d.body["parent_id"].is_null(), "{}", d.body);
+
+    let r = api.change(Method::DELETE, &path, &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["resource_type"], "vm_backup");
+    assert_eq!(r.body["action"], "delete");
+    assert_eq!(api.get(&path, &admin).await.body["status"], "DELETING");
+}

@@ -44,6 +44,7 @@ pub mod totp;
 pub mod users;
 pub mod vdcs;
 pub mod version;
+pub mod vm_backups;
 pub mod vm_snapshots;
 pub mod vm_volumes;
 pub mod vms;
@@ -168,6 +169,7 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
                 .merge(volumes::router())
                 .merge(vms::router())
                 .merge(vm_snapshots::router())
+                .merge(vm_backups::router())
                 .merge(vm_volumes::router())
                 .merge(loadbalancers::router())
                 .merge(backups::router())

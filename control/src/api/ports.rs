@@ -123,30 +123,26 @@ pub async fn group_in_use(conn: &mut DbConnection, group: &Record) -> Result<boo
     Ok(false)
 }
 
-/// Security groups must exist in the port's own VDC.
-async fn check_groups(
+/// Security groups must exist in the port's own VDC; `field` names the
+/// list in refusals (`security_group_ids`, `nics[0].security_group_ids`).
+pub(super) async fn check_groups(
     conn: &mut DbConnection,
     vdc_id: Option<&str>,
+    field: &str,
     ids: &[String],
 ) -> Result<(), ApiError> {
     if ids.len() > MAX_GROUPS {
-        return Err(ApiError::invalid(
-            "security_group_ids",
-            format!("at most {MAX_GROUPS}"),
-        ));
+        return Err(ApiError::invalid(field, format!("at most {MAX_GROUPS}")));
     }
     for (i, id) in ids.iter().enumerate() {
         if ids[..i].contains(id) {
-            return Err(ApiError::invalid(
-                format!("security_group_ids[{i}]"),
-                "listed twice",
-            ));
+            return Err(ApiError::invalid(format!("{field}[{i}]"), "listed twice"));
         }
         match records::get(conn, "security_group", id).await? {
             Some(g) if g.meta.vdc_id.as_deref() == vdc_id => {}
             _ => {
                 return Err(ApiError::invalid(
-                    format!("security_group_ids[{i}]"),
+                    format!("{field}[{i}]"),
                     format!("no security group {id} in the port's VDC"),
                 ))
             }
@@ -332,6 +328,7 @@ async fn create_port(
     check_groups(
         &mut tx,
         subnet.meta.vdc_id.as_deref(),
+        "security_group_ids",
         &body.security_group_ids,
     )
     .await?;
@@ -413,7 +410,13 @@ async fn update_port(
         spec.description = d;
     }
     if let Some(groups) = body.security_group_ids {
-        check_groups(&mut tx, record.meta.vdc_id.as_deref(), &groups).await?;
+        check_groups(
+            &mut tx,
+            record.meta.vdc_id.as_deref(),
+            "security_group_ids",
+            &groups,
+        )
+        .await?;
         spec.security_group_ids = groups;
     }
     if let Some(policy) = body.qos_policy_id {

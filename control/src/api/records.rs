@@ -299,7 +299,21 @@ pub async fn all(conn: &mut DbConnection, kind: &str) -> Result<Vec<Record>, Api
     rows.iter().map(record_from_row).collect()
 }
 
+/// Kinds that outlive their parent: a backup is there to restore a volume
+/// or VM that was deleted, so deleting the parent only unlinks them.
+const OUTLIVE_PARENT: [&str; 2] = ["backup", "vm_backup"];
+
 pub async fn delete(conn: &mut DbConnection, record: &Record, kind: &str) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE resources SET parent_id = NULL, revision = revision + 1, updated_at = $2 \
+         WHERE parent_id = $1 AND kind IN ($3, $4)",
+    )
+    .bind(&record.meta.id)
+    .bind(now_ms())
+    .bind(OUTLIVE_PARENT[0])
+    .bind(OUTLIVE_PARENT[1])
+    .execute(&mut *conn)
+    .await?;
     let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM resources WHERE parent_id = $1")
         .bind(&record.meta.id)
         .fetch_one(&mut *conn)

@@ -15,7 +15,7 @@ use crate::disk_servers::CBT_GRANULARITY;
 const BITMAP: &str = "keel-backups";
 
 impl Agent {
-    fn repository(&self) -> Result<engine::Repository, StepError> {
+    pub(super) fn repository(&self) -> Result<engine::Repository, StepError> {
         let root = self.config.state_dir.join("backups");
         engine::Repository::create(&root).map_err(|e| {
             StepError::Invalid(format!("backup repository {}: {e}", root.display()))
@@ -177,5 +177,25 @@ impl Agent {
             }
             Ok::<_, StepError>(())
         })
+    }
+}
+
+// MERGE(wip-pit): placeholder until the helper's one-cut implementation lands.
+pub(super) struct DiskBackup<'a> {
+    pub volume: &'a Record,
+    pub incremental: bool,
+}
+
+impl Agent {
+    pub(super) fn take_backups(
+        &mut self,
+        task: &Task,
+        _vm: Option<&str>,
+        disks: &[DiskBackup<'_>],
+    ) -> Result<Vec<engine::BackupReport>, StepError> {
+        disks
+            .iter()
+            .map(|d| self.take_backup(task, d.volume, d.incremental))
+            .collect()
     }
 }

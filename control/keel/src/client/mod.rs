@@ -74,6 +74,10 @@ pub struct CreateArgs {
     /// Start from this JSON body (fields given as arguments override it).
     #[arg(long)]
     pub body_file: Option<PathBuf>,
+    /// The resource a backup is made of (a volume for `backups`, a VM for
+    /// `vm-backups`).
+    #[arg(long)]
+    pub of: Option<String>,
     /// Wait for the task a 202 answer started.
     #[arg(long)]
     pub wait: bool,
@@ -185,7 +189,8 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
         None => Value::Object(Default::default()),
     };
     merge_fields(&mut body, &args.fields)?;
-    let reply = session.call("POST", kind.path, Some(body))?;
+    let path = resources::create_path(kind, args.of.as_deref())?;
+    let reply = session.call("POST", &path, Some(body))?;
     finish(&session, reply.body, args.wait, &args.opts)
 }
 

@@ -68,6 +68,11 @@ pub const ALL: &[Kind] = &[
         columns: &["id", "name", "status", "volume_id", "kind", "chunks_read"],
     },
     Kind {
+        name: "vm-backups",
+        path: "/api/v1/vm-backups",
+        columns: &["id", "name", "status", "vm_id", "vm_name", "bytes_stored"],
+    },
+    Kind {
         name: "vpcs",
         path: "/api/v1/vpcs",
         columns: COMMON,
@@ -145,6 +150,26 @@ pub const ALL: &[Kind] = &[
         ],
     },
 ];
+
+/// Kinds created under another resource (`keel create backups --of VOLUME`):
+/// the kind, what it is made of, and the collection path with `{}` for it.
+const CREATED_UNDER: &[(&str, &str, &str)] = &[
+    ("backups", "a volume", "/api/v1/volumes/{}/backups"),
+    ("vm-backups", "a VM", "/api/v1/vms/{}/backups"),
+];
+
+/// Where `kind` is created: its own collection, or the one under the
+/// resource `of` names for kinds made of another.
+pub fn create_path(kind: &Kind, of: Option<&str>) -> anyhow::Result<String> {
+    match (CREATED_UNDER.iter().find(|(k, _, _)| *k == kind.name), of) {
+        (Some((_, _, path)), Some(id)) => Ok(path.replace("{}", id)),
+        (Some((name, source, _)), None) => {
+            bail!("{name} are made of {source}: name it with --of ID")
+        }
+        (None, Some(_)) => bail!("{} are not made of another resource: drop --of", kind.name),
+        (None, None) => Ok(kind.path.to_owned()),
+    }
+}
 
 /// A kind by its name; singular and plural both work.
 pub fn find(name: &str) -> anyhow::Result<&'static Kind> {
