@@ -1,10 +1,12 @@
 //! `/backup-policies`: scheduled backups with retention. A policy names
-//! volumes of one VDC, an interval and how many of its backups to keep per
-//! volume. The host agent runs [`run_due`] in its loop: each policy that is
-//! due takes an (incremental) backup of each of its volumes and deletes
-//! that volume's oldest policy-made backups beyond the retention. A new
-//! policy is due at once. Volumes a running VM uses are skipped for that
-//! round (backups are not point-in-time yet) and the policy says so.
+//! volumes and VMs of one VDC, a schedule and how many of its backups to
+//! keep per volume or VM. The schedule is one of: an interval (a new policy
+//! is due at once), a cron pattern (five fields, UTC), or a single time
+//! (the policy disables itself after that round). The host agent runs
+//! [`run_due`] in its loop: each policy that is due takes an (incremental)
+//! backup of each volume and a VM backup of each VM, and deletes the
+//! oldest policy-made backups beyond the retention. What cannot be backed
+//! up in a round (a task runs on it, ...) is skipped and the policy says so.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -25,7 +27,7 @@ use super::respond::{
     begin_change, created, finish_delete, get_one, list_page, load, ok, referenced_vdc, target_vdc,
     Resource,
 };
-use super::{volumes, AppState};
+use super::{vm_backups, vms, volumes, AppState};
 use crate::store::DbConnection;
 
 pub const KIND: &str = "backup_policy";
@@ -35,18 +37,109 @@ const MAX_INTERVAL: u64 = 31 * 24 * 3600;
 const MAX_RETENTION: u32 = 1000;
 const MAX_VOLUMES: usize = 100;
 
+/// When a policy runs.
+#[derive(Debug, Clone)]
+enum Schedule {
+    Every(u64),
+    Cron(croner::Cron),
+    Once(i64),
+}
+
+impl Schedule {
+    /// The one schedule the fields name (422 naming the field otherwise).
+    fn of(
+        interval_seconds: Option<u64>,
+        cron: Option<&str>,
+        once_at: Option<i64>,
+    ) -> Result<Schedule, ApiError> {
+        match (interval_seconds, cron, once_at) {
+            (Some(every), None, None) => {
+                if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&every) {
+                    return Err(ApiError::invalid(
+                        "interval_seconds",
+                        format!("must be {MIN_INTERVAL}..={MAX_INTERVAL}"),
+                    ));
+                }
+                Ok(Schedule::Every(every))
+            }
+            (None, Some(pattern), None) => {
+                let parser = croner::parser::CronParser::builder()
+                    .seconds(croner::parser::Seconds::Disallowed)
+                    .build();
+                let cron = parser.parse(pattern).map_err(|e| {
+                    ApiError::invalid(
+                        "cron",
+                        format!("not a five-field cron pattern (minute hour day month weekday, UTC): {e}"),
+                    )
+                })?;
+                Ok(Schedule::Cron(cron))
+            }
+            (None, None, Some(at)) => Ok(Schedule::Once(at)),
+            _ => Err(ApiError::invalid(
+                "interval_seconds",
+                "give exactly one schedule: interval_seconds, cron or once_at",
+            )),
+        }
+    }
+
+    fn of_spec(spec: &PolicySpec) -> Result<Schedule, ApiError> {
+        Schedule::of(spec.interval_seconds, spec.cron.as_deref(), spec.once_at)
+    }
+
+    /// The first round of a policy created or rescheduled at `now` (`last`:
+    /// its last round, if any).
+    fn first(&self, now: i64, last: Option<i64>) -> Option<i64> {
+        match self {
+            Schedule::Every(_) => match last {
+                None => Some(now),
+                Some(last) => self.after(last),
+            },
+            Schedule::Cron(_) => self.after(now),
+            Schedule::Once(at) => Some(*at),
+        }
+    }
+
+    /// The round after one at `at`; none for a single-time schedule.
+    fn after(&self, at: i64) -> Option<i64> {
+        match self {
+            Schedule::Every(every) => Some(
+                at.saturating_add(i64::try_from(every.saturating_mul(1000)).unwrap_or(i64::MAX)),
+            ),
+            Schedule::Cron(cron) => {
+                // Whole seconds: cron times fall on the minute.
+                let t = chrono::DateTime::from_timestamp(at.div_euclid(1000), 0)?;
+                cron.find_next_occurrence(&t, false)
+                    .ok()
+                    .map(|next| next.timestamp_millis())
+            }
+            Schedule::Once(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PolicySpec {
     pub description: String,
+    #[serde(default)]
     pub volume_ids: Vec<String>,
-    /// Seconds between rounds (60 s .. 31 days).
-    pub interval_seconds: u64,
-    /// Policy-made backups kept per volume (1..=1000); older ones are deleted.
+    /// VMs backed up whole (`/vm-backups`), all disks at one cut.
+    #[serde(default)]
+    pub vm_ids: Vec<String>,
+    /// Seconds between rounds (60 s .. 31 days); or `cron`, or `once_at`.
+    #[serde(default)]
+    pub interval_seconds: Option<u64>,
+    /// Five-field cron pattern (minute hour day-of-month month weekday), UTC.
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// Unix ms of the only round; the policy disables itself after it.
+    #[serde(default)]
+    pub once_at: Option<i64>,
+    /// Policy-made backups kept per volume or VM (1..=1000); older ones are deleted.
     pub retention: u32,
     pub incremental: bool,
     pub enabled: bool,
-    /// Unix ms of the next round.
-    pub next_run_at: i64,
+    /// Unix ms of the next round (none once a single-time policy ran).
+    pub next_run_at: Option<i64>,
     /// Unix ms of the last round, if any.
     pub last_run_at: Option<i64>,
     /// What the last round did or why it skipped a volume.
@@ -68,8 +161,14 @@ pub struct PolicyCreate {
     pub vdc_id: Option<String>,
     #[serde(default)]
     pub description: String,
+    #[serde(default)]
     pub volume_ids: Vec<String>,
-    pub interval_seconds: u64,
+    #[serde(default)]
+    pub vm_ids: Vec<String>,
+    /// One of `interval_seconds`, `cron` and `once_at`.
+    pub interval_seconds: Option<u64>,
+    pub cron: Option<String>,
+    pub once_at: Option<i64>,
     pub retention: u32,
     #[serde(default = "yes")]
     pub incremental: bool,
@@ -87,7 +186,12 @@ pub struct PolicyUpdate {
     pub name: Option<String>,
     pub description: Option<String>,
     pub volume_ids: Option<Vec<String>>,
+    pub vm_ids: Option<Vec<String>>,
+    /// A new schedule replaces the old: give one of `interval_seconds`,
+    /// `cron` and `once_at`.
     pub interval_seconds: Option<u64>,
+    pub cron: Option<String>,
+    pub once_at: Option<i64>,
     pub retention: Option<u32>,
     pub incremental: Option<bool>,
     pub enabled: Option<bool>,
@@ -111,13 +215,7 @@ impl Resource for BackupPolicy {
     }
 }
 
-fn check_schedule(interval_seconds: u64, retention: u32) -> Result<(), ApiError> {
-    if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval_seconds) {
-        return Err(ApiError::invalid(
-            "interval_seconds",
-            format!("must be {MIN_INTERVAL}..={MAX_INTERVAL}"),
-        ));
-    }
+fn check_retention(retention: u32) -> Result<(), ApiError> {
     if !(1..=MAX_RETENTION).contains(&retention) {
         return Err(ApiError::invalid(
             "retention",
@@ -127,36 +225,39 @@ fn check_schedule(interval_seconds: u64, retention: u32) -> Result<(), ApiError>
     Ok(())
 }
 
-/// Each volume visible to the caller, in `vdc_id`, named once.
-async fn check_volumes(
+/// Each volume and VM visible to the caller, in `vdc_id`, named once; at
+/// least one of either.
+async fn check_targets(
     conn: &mut DbConnection,
     principal: &Principal,
     vdc_id: &str,
-    ids: &[String],
+    volume_ids: &[String],
+    vm_ids: &[String],
 ) -> Result<(), ApiError> {
-    if ids.is_empty() || ids.len() > MAX_VOLUMES {
+    if volume_ids.is_empty() && vm_ids.is_empty() {
         return Err(ApiError::invalid(
             "volume_ids",
-            format!("1..={MAX_VOLUMES} volumes"),
+            "name volumes (volume_ids) or VMs (vm_ids) to back up",
         ));
     }
-    for (i, id) in ids.iter().enumerate() {
-        let field = format!("volume_ids[{i}]");
-        if ids[..i].contains(id) {
-            return Err(ApiError::invalid(field, "listed twice"));
+    for (field, kind, noun, ids) in [
+        ("volume_ids", volumes::KIND, "volume", volume_ids),
+        ("vm_ids", vms::KIND, "VM", vm_ids),
+    ] {
+        if ids.len() > MAX_VOLUMES {
+            return Err(ApiError::invalid(field, format!("at most {MAX_VOLUMES}")));
         }
-        let volume = load(
-            conn,
-            principal,
-            Family::Compute,
-            Action::Read,
-            volumes::KIND,
-            id,
-        )
-        .await
-        .map_err(|_| ApiError::invalid(field.clone(), format!("no volume {id}")))?;
-        if volume.meta.vdc_id.as_deref() != Some(vdc_id) {
-            return Err(ApiError::invalid(field, "in another VDC than the policy"));
+        for (i, id) in ids.iter().enumerate() {
+            let field = format!("{field}[{i}]");
+            if ids[..i].contains(id) {
+                return Err(ApiError::invalid(field, "listed twice"));
+            }
+            let target = load(conn, principal, Family::Compute, Action::Read, kind, id)
+                .await
+                .map_err(|_| ApiError::invalid(field.clone(), format!("no {noun} {id}")))?;
+            if target.meta.vdc_id.as_deref() != Some(vdc_id) {
+                return Err(ApiError::invalid(field, "in another VDC than the policy"));
+            }
         }
     }
     Ok(())
@@ -167,7 +268,7 @@ async fn check_volumes(
 pub async fn any_due(conn: &mut DbConnection, now: i64) -> Result<bool, ApiError> {
     for policy in records::all(conn, KIND).await? {
         let spec: PolicySpec = policy.spec()?;
-        if spec.enabled && spec.next_run_at <= now {
+        if spec.enabled && spec.next_run_at.is_some_and(|at| at <= now) {
             return Ok(true);
         }
     }
@@ -181,27 +282,23 @@ pub async fn run_due(conn: &mut DbConnection, now: i64) -> Result<usize, ApiErro
     let mut rounds = 0;
     for policy in records::all(conn, KIND).await? {
         let mut spec: PolicySpec = policy.spec()?;
-        if !spec.enabled || spec.next_run_at > now {
+        if !spec.enabled || spec.next_run_at.is_none_or(|at| at > now) {
             continue;
         }
         let mut notes = Vec::new();
+        let name = format!("{}-{now}", policy.meta.name);
+        let new_backup = || NewBackup {
+            name: &name,
+            incremental: spec.incremental,
+            description: format!("by backup policy {}", policy.meta.id),
+            policy_id: Some(policy.meta.id.clone()),
+        };
         for volume_id in &spec.volume_ids {
             let Some(volume) = records::get(conn, volumes::KIND, volume_id).await? else {
                 notes.push(format!("{volume_id}: deleted"));
                 continue;
             };
-            let name = format!("{}-{now}", policy.meta.name);
-            let taken = backups::start_backup(
-                conn,
-                &volume,
-                NewBackup {
-                    name: &name,
-                    incremental: spec.incremental,
-                    description: format!("by backup policy {}", policy.meta.id),
-                    policy_id: Some(policy.meta.id.clone()),
-                },
-            )
-            .await;
+            let taken = backups::start_backup(conn, &volume, new_backup()).await;
             match taken {
                 Ok(_) => notes.push(format!("{volume_id}: backup queued")),
                 Err(ApiError::Conflict(why)) => notes.push(format!("{volume_id}: skipped, {why}")),
@@ -212,10 +309,26 @@ pub async fn run_due(conn: &mut DbConnection, now: i64) -> Result<usize, ApiErro
                 notes.push(format!("{volume_id}: {pruned} old backup(s) deleted"));
             }
         }
+        for vm_id in &spec.vm_ids {
+            let Some(vm) = records::get(conn, vms::KIND, vm_id).await? else {
+                notes.push(format!("{vm_id}: deleted"));
+                continue;
+            };
+            match vm_backups::start_vm_backup(conn, &vm, new_backup()).await {
+                Ok(_) => notes.push(format!("{vm_id}: VM backup queued")),
+                Err(ApiError::Conflict(why)) => notes.push(format!("{vm_id}: skipped, {why}")),
+                Err(e) => return Err(e),
+            }
+            let pruned = prune_vm(conn, &policy.meta.id, vm_id, spec.retention).await?;
+            if pruned > 0 {
+                notes.push(format!("{vm_id}: {pruned} old VM backup(s) deleted"));
+            }
+        }
         spec.last_run_at = Some(now);
-        let interval =
-            i64::try_from(spec.interval_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        spec.next_run_at = now.saturating_add(interval);
+        spec.next_run_at = Schedule::of_spec(&spec)?.after(now);
+        if spec.next_run_at.is_none() {
+            spec.enabled = false;
+        }
         spec.last_result = notes.join("; ");
         records::observe(conn, KIND, &policy.meta.id, ACTIVE, Some(to_json(&spec)?)).await?;
         rounds += 1;
@@ -250,6 +363,33 @@ async fn prune(
     Ok(extra)
 }
 
+/// As [`prune`], for the VM backups `policy_id` took of `vm_id`.
+async fn prune_vm(
+    conn: &mut DbConnection,
+    policy_id: &str,
+    vm_id: &str,
+    keep: u32,
+) -> Result<usize, ApiError> {
+    let mut kept: Vec<Record> = Vec::new();
+    for b in records::all(conn, vm_backups::KIND).await? {
+        let spec: vm_backups::VmBackupSpec = b.spec()?;
+        if b.meta.status == vm_backups::AVAILABLE
+            && spec.vm_id == vm_id
+            && spec.policy_id.as_deref() == Some(policy_id)
+        {
+            kept.push(b);
+        }
+    }
+    kept.sort_by(|x, y| (x.meta.created_at, &x.meta.id).cmp(&(y.meta.created_at, &y.meta.id)));
+    let extra = kept
+        .len()
+        .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
+    for old in &kept[..extra] {
+        vm_backups::start_delete(conn, old).await?;
+    }
+    Ok(extra)
+}
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_policy, list_policies))
@@ -259,7 +399,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/backup-policies", tag = "compute", request_body = PolicyCreate,
     params(("Idempotency-Key" = Option<String>, Header, description = "Replays the first response for the same key and body")),
     responses(
-        (status = 201, description = "Created; its first round is due at once", body = BackupPolicy),
+        (status = 201, description = "Created; an interval policy is due at once, a cron one at its next time, a single-time one at `once_at`", body = BackupPolicy),
         (status = 422, description = "Invalid field (schedule, retention, volumes)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_policy(
@@ -270,11 +410,12 @@ async fn create_policy(
     principal.require(Family::Compute, Action::Create)?;
     check_name("name", &body.name)?;
     check_description(&body.description)?;
-    check_schedule(body.interval_seconds, body.retention)?;
+    let schedule = Schedule::of(body.interval_seconds, body.cron.as_deref(), body.once_at)?;
+    check_retention(body.retention)?;
     let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
-    check_volumes(&mut tx, &principal, &vdc_id, &body.volume_ids).await?;
+    check_targets(&mut tx, &principal, &vdc_id, &body.volume_ids, &body.vm_ids).await?;
     let record = records::insert(
         &mut tx,
         NewRecord {
@@ -285,11 +426,14 @@ async fn create_policy(
             spec: to_json(&PolicySpec {
                 description: body.description,
                 volume_ids: body.volume_ids,
+                vm_ids: body.vm_ids,
                 interval_seconds: body.interval_seconds,
+                cron: body.cron,
+                once_at: body.once_at,
                 retention: body.retention,
                 incremental: body.incremental,
                 enabled: body.enabled,
-                next_run_at: now_ms(),
+                next_run_at: schedule.first(now_ms(), None),
                 last_run_at: None,
                 last_result: String::new(),
             })?,
@@ -334,7 +478,7 @@ async fn get_policy(
 #[utoipa::path(patch, path = "/backup-policies/{id}", tag = "compute", request_body = PolicyUpdate,
     params(("id" = String, Path), ("If-Match" = String, Header, description = "ETag from the last read")),
     responses(
-        (status = 200, description = "Updated; a new interval counts from the last round", body = BackupPolicy),
+        (status = 200, description = "Updated; a new interval counts from the last round, a new cron pattern from now", body = BackupPolicy),
         (status = 412, description = "Changed since read", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn update_policy(
@@ -353,20 +497,23 @@ async fn update_policy(
         check_description(&d)?;
         spec.description = d;
     }
-    let interval = body.interval_seconds.unwrap_or(spec.interval_seconds);
-    let retention = body.retention.unwrap_or(spec.retention);
-    check_schedule(interval, retention)?;
-    if interval != spec.interval_seconds {
-        let base = spec.last_run_at.unwrap_or_else(now_ms);
-        spec.next_run_at =
-            base.saturating_add(i64::try_from(interval.saturating_mul(1000)).unwrap_or(i64::MAX));
+    if body.interval_seconds.is_some() || body.cron.is_some() || body.once_at.is_some() {
+        let schedule = Schedule::of(body.interval_seconds, body.cron.as_deref(), body.once_at)?;
+        let given = (body.interval_seconds, body.cron, body.once_at);
+        if given != (spec.interval_seconds, spec.cron.clone(), spec.once_at) {
+            spec.next_run_at = schedule.first(now_ms(), spec.last_run_at);
+            (spec.interval_seconds, spec.cron, spec.once_at) = given;
+        }
     }
-    spec.interval_seconds = interval;
+    let retention = body.retention.unwrap_or(spec.retention);
+    check_retention(retention)?;
     spec.retention = retention;
-    if let Some(ids) = body.volume_ids {
+    if body.volume_ids.is_some() || body.vm_ids.is_some() {
+        let volume_ids = body.volume_ids.unwrap_or_else(|| spec.volume_ids.clone());
+        let vm_ids = body.vm_ids.unwrap_or_else(|| spec.vm_ids.clone());
         let vdc_id = record.meta.vdc_id.clone().unwrap_or_default();
-        check_volumes(&mut tx, &principal, &vdc_id, &ids).await?;
-        spec.volume_ids = ids;
+        check_targets(&mut tx, &principal, &vdc_id, &volume_ids, &vm_ids).await?;
+        (spec.volume_ids, spec.vm_ids) = (volume_ids, vm_ids);
     }
     if let Some(i) = body.incremental {
         spec.incremental = i;

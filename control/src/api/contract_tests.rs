@@ -4585,3 +4585,179 @@ async fn vm_backups_cut_every_disk_and_restore_into_a_new_vm() {
     assert_eq!(r.body["action"], "delete");
     assert_eq!(api.get(&path, &admin).await.body["status"], "DELETING");
 }
+
+#[tokio::test]
+async fn backup_policies_follow_cron_and_single_time_schedules_and_back_up_vms() {
+    use super::backup_policies::run_due;
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
+        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
+        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
+        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
+    }))
+    .unwrap();
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        super::hosts::register(&mut tx, "h1", inventory)
+            .await
+            .unwrap();
+        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut vols = Vec::new();
+    for name in ["boot", "spare"] {
+        let r = api
+            .post(
+                "/api/v1/volumes",
+                &admin,
+                json!({"name": name, "vdc_id": vdc, "size_gib": 1}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        api.agent_did(&r.body, "AVAILABLE").await;
+        vols.push(r.body["resource_id"].as_str().unwrap().to_owned());
+    }
+    let r = api
+        .post(
+            "/api/v1/vms",
+            &admin,
+            json!({"name": "vm", "vdc_id": vdc, "vcpus": 1, "memory_mib": 128,
+                   "volume_ids": [vols[0]], "start": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.body["resource_id"].as_str().unwrap().to_owned();
+    api.agent_did(&queued_task(&api, &admin, &vm).await, "STOPPED")
+        .await;
+    api.set_status("volume", &vols[0], "IN_USE").await;
+
+    for (body, field) in [
+        (json!({"cron": "61 * * * *"}), "cron"),
+        (json!({"cron": "0 2 * * * *"}), "cron"),
+        (
+            json!({"cron": "0 2 * * *", "interval_seconds": 3600}),
+            "interval_seconds",
+        ),
+        (json!({}), "interval_seconds"),
+        (
+            json!({"cron": "0 2 * * *", "vm_ids": ["nope"]}),
+            "vm_ids[0]",
+        ),
+        (json!({"cron": "0 2 * * *", "vm_ids": []}), "volume_ids"),
+    ] {
+        let mut b = json!({"name": "p", "vdc_id": vdc, "retention": 1, "vm_ids": [vm]});
+        for (k, v) in body.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = api.post("/api/v1/backup-policies", &admin, b).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+
+    let store = &api.state.store;
+    let run = |now: i64| async move {
+        let mut tx = store.begin_write().await.unwrap();
+        let n = run_due(&mut tx, now).await.unwrap();
+        tx.commit().await.unwrap();
+        n
+    };
+    const DAY: i64 = 86_400_000;
+    // Nightly at 02:00 UTC: not due at once, but at the next 02:00.
+    let created = api
+        .post(
+            "/api/v1/backup-policies",
+            &admin,
+            json!({"name": "nightly", "vdc_id": vdc, "vm_ids": [vm], "cron": "0 2 * * *",
+                   "retention": 1}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let policy_path = format!("/api/v1/backup-policies/{}", created.id());
+    let first = created.body["next_run_at"].as_i64().unwrap();
+    assert_eq!(first.rem_euclid(DAY), 2 * 3_600_000, "{}", created.body);
+    assert!(first > super::records::now_ms() && first <= super::records::now_ms() + DAY);
+    assert_eq!(run(first - 1).await, 0);
+    // Three nights; the agent takes each VM backup; retention 1 keeps the
+    // newest taken one (the round's own is not counted until it is taken).
+    for night in 0..3 {
+        assert_eq!(run(first + night * DAY).await, 1);
+        let task = queued_task(&api, &admin, &vm).await;
+        assert_eq!(task["action"], "backup", "{task}");
+        let vb = task["params"]["vm_backup_id"].as_str().unwrap().to_owned();
+        let b = api.get(&format!("/api/v1/vm-backups/{vb}"), &admin).await;
+        assert_eq!(b.body["policy_id"], created.id().as_str(), "{}", b.body);
+        api.agent_did(&task, "STOPPED").await;
+        api.set_status("vm_backup", &vb, "AVAILABLE").await;
+        let p = api.get(&policy_path, &admin).await;
+        assert_eq!(
+            p.body["next_run_at"],
+            first + (night + 1) * DAY,
+            "{}",
+            p.body
+        );
+        assert!(
+            p.body["last_result"]
+                .as_str()
+                .unwrap()
+                .contains("VM backup queued"),
+            "{}",
+            p.body
+        );
+    }
+    let listed = api.get("/api/v1/vm-backups?sort=created_at", &admin).await;
+    let statuses: Vec<&str> = listed.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["DELETING", "AVAILABLE", "AVAILABLE"],
+        "{}",
+        listed.body
+    );
+
+    // Once: due at its time, then disabled for good.
+    let at = super::records::now_ms() + 5 * DAY;
+    let once = api
+        .post(
+            "/api/v1/backup-policies",
+            &admin,
+            json!({"name": "once", "vdc_id": vdc, "volume_ids": [vols[1]], "once_at": at,
+                   "retention": 1}),
+        )
+        .await;
+    assert_eq!(once.status, 201, "{}", once.body);
+    assert_eq!(once.body["next_run_at"], at);
+    api.change(
+        Method::PATCH,
+        &policy_path,
+        &admin,
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(run(at - 1).await, 0);
+    assert_eq!(run(at).await, 1);
+    let p = api
+        .get(&format!("/api/v1/backup-policies/{}", once.id()), &admin)
+        .await;
+    assert_eq!(p.body["enabled"], false, "{}", p.body);
+    assert!(p.body["next_run_at"].is_null(), "{}", p.body);
+    assert_eq!(run(at + 100 * DAY).await, 0);
+    // Rescheduled by PATCH: the new cron pattern counts from now.
+    let r = api
+        .change(
+            Method::PATCH,
+            &policy_path,
+            &admin,
+            Some(json!({"cron": "30 * * * *", "enabled": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let next = r.body["next_run_at"].as_i64().unwrap();
+    assert_eq!(next.rem_euclid(3_600_000), 30 * 60_000, "{}", r.body);
+    assert!(r.body["interval_seconds"].is_null(), "{}", r.body);
+}

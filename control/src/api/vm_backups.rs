@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Action, Family, Principal};
-use super::backups::{self, BackupCreate, BackupSpec};
+use super::backups::{self, BackupCreate, BackupSpec, NewBackup};
 use super::extract::{check_description, check_name, ValidJson, ValidQuery};
 use super::hosts;
 use super::images::Firmware;
@@ -31,6 +31,7 @@ use super::tasks::{self, Task};
 use super::vms::{self, vm_for, VmSpec};
 use super::volumes::{self, VolumeSpec};
 use super::AppState;
+use crate::store::DbConnection;
 
 pub const KIND: &str = "vm_backup";
 pub const CREATING: &str = "CREATING";
@@ -84,6 +85,9 @@ pub struct VmBackupSpec {
     /// How long the running VM was paused for the cut, in milliseconds.
     #[serde(default)]
     pub paused_ms: Option<u64>,
+    /// The backup policy that took it (its retention applies), if any.
+    #[serde(default)]
+    pub policy_id: Option<String>,
     #[serde(default)]
     pub status_reason: String,
 }
@@ -176,13 +180,52 @@ async fn create_vm_backup(
         &[vms::RUNNING, vms::PAUSED, vms::STOPPED],
     )
     .await?;
-    super::protection_groups::refuse_if_member(&mut tx, &id, "back up", false).await?;
+    let task = start_vm_backup(
+        &mut tx,
+        &vm,
+        NewBackup {
+            name: &body.name,
+            incremental: body.incremental,
+            description: body.description,
+            policy_id: None,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    state.changes.notify_waiters();
+    Ok(tasks::accepted(&task))
+}
+
+/// Stores a CREATING VM backup of `vm` (and a CREATING `/backups` record
+/// per disk) and queues the VM's task that takes them, for
+/// `POST /vms/{id}/backups` and backup policies. Refuses (409) a VM not
+/// RUNNING, PAUSED or STOPPED, one with a task on it or its disks, and one
+/// in an active protection group.
+pub async fn start_vm_backup(
+    tx: &mut DbConnection,
+    vm: &Record,
+    new: NewBackup<'_>,
+) -> Result<Task, ApiError> {
+    let id = vm.meta.id.clone();
+    if ![vms::RUNNING, vms::PAUSED, vms::STOPPED].contains(&vm.meta.status.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "cannot back up a VM that is {}; allowed when RUNNING, PAUSED or STOPPED",
+            vm.meta.status
+        )));
+    }
+    if let Some(task) = tasks::pending_for(tx, &id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on VM {id}",
+            task.id, task.action, task.state
+        )));
+    }
+    super::protection_groups::refuse_if_member(tx, &id, "back up", false).await?;
     let spec: VmSpec = vm.spec()?;
     let vdc_id = vm.meta.vdc_id.as_deref();
     let vm_backup_id = uuid::Uuid::new_v4().to_string();
     let mut disks = Vec::with_capacity(spec.volume_ids.len());
     for (i, volume_id) in spec.volume_ids.iter().enumerate() {
-        let volume = records::get(&mut tx, volumes::KIND, volume_id)
+        let volume = records::get(tx, volumes::KIND, volume_id)
             .await?
             .ok_or_else(|| ApiError::Conflict(format!("volume {volume_id} is gone")))?;
         if volume.meta.status != volumes::IN_USE {
@@ -191,7 +234,7 @@ async fn create_vm_backup(
                 volume.meta.status
             )));
         }
-        if let Some(task) = tasks::pending_for(&mut tx, volume_id).await? {
+        if let Some(task) = tasks::pending_for(tx, volume_id).await? {
             return Err(ApiError::Conflict(format!(
                 "task {} ({}) is still {} on volume {volume_id}",
                 task.id, task.action, task.state
@@ -199,15 +242,15 @@ async fn create_vm_backup(
         }
         let vspec: VolumeSpec = volume.spec()?;
         let backup = records::insert(
-            &mut tx,
+            tx,
             NewRecord {
                 kind: backups::KIND,
                 vdc_id,
                 parent_id: Some(volume_id),
-                name: &format!("{}-disk{i}", body.name),
+                name: &format!("{}-disk{i}", new.name),
                 spec: to_json(&BackupSpec {
                     volume_id: volume_id.clone(),
-                    incremental: body.incremental,
+                    incremental: new.incremental,
                     description: format!("disk {i} of VM backup {vm_backup_id}"),
                     size_bytes: vspec.size_bytes,
                     vm_backup_id: Some(vm_backup_id.clone()),
@@ -225,7 +268,7 @@ async fn create_vm_backup(
     }
     let mut nics = Vec::with_capacity(spec.port_ids.len());
     for port_id in &spec.port_ids {
-        let port = records::get(&mut tx, ports::KIND, port_id)
+        let port = records::get(tx, ports::KIND, port_id)
             .await?
             .ok_or_else(|| ApiError::Conflict(format!("port {port_id} is gone")))?;
         let pspec: PortSpec = port.spec()?;
@@ -238,18 +281,18 @@ async fn create_vm_backup(
     }
     // Not a child of the VM: it outlives it.
     records::insert_with_id(
-        &mut tx,
+        tx,
         &vm_backup_id,
         NewRecord {
             kind: KIND,
             vdc_id,
             parent_id: None,
-            name: &body.name,
+            name: new.name,
             spec: to_json(&VmBackupSpec {
                 vm_id: id.clone(),
                 vm_name: vm.meta.name.clone(),
-                incremental: body.incremental,
-                description: body.description,
+                incremental: new.incremental,
+                description: new.description,
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
                 firmware: spec.firmware,
@@ -260,24 +303,50 @@ async fn create_vm_backup(
                 nvram_point: None,
                 bytes_stored: 0,
                 paused_ms: None,
+                policy_id: new.policy_id,
                 status_reason: String::new(),
             })?,
             status: CREATING,
         },
     )
     .await?;
-    let task = tasks::enqueue(
-        &mut tx,
+    tasks::enqueue(
+        tx,
         vdc_id,
         vms::KIND,
         &id,
         "backup",
         serde_json::json!({ "vm_backup_id": vm_backup_id }),
     )
-    .await?;
-    tx.commit().await?;
-    state.changes.notify_waiters();
-    Ok(tasks::accepted(&task))
+    .await
+}
+
+/// Marks an AVAILABLE or ERROR VM backup DELETING and queues the task that
+/// removes its points (for `DELETE /vm-backups/{id}` and policy retention).
+pub async fn start_delete(tx: &mut DbConnection, record: &Record) -> Result<Task, ApiError> {
+    let id = &record.meta.id;
+    if record.meta.status == CREATING || record.meta.status == DELETING {
+        return Err(ApiError::Conflict(format!(
+            "the VM backup is {}",
+            record.meta.status
+        )));
+    }
+    if let Some(task) = tasks::pending_for(tx, id).await? {
+        return Err(ApiError::Conflict(format!(
+            "task {} ({}) is still {} on this VM backup",
+            task.id, task.action, task.state
+        )));
+    }
+    records::observe(tx, KIND, id, DELETING, None).await?;
+    tasks::enqueue(
+        tx,
+        record.meta.vdc_id.as_deref(),
+        KIND,
+        id,
+        "delete",
+        serde_json::json!({}),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/vm-backups", tag = "compute", params(ListQuery),
@@ -319,28 +388,7 @@ async fn delete_vm_backup(
 ) -> Result<Response, ApiError> {
     let (mut tx, record) =
         begin_change::<VmBackup>(&state, &principal, Action::Delete, &id, &headers).await?;
-    if record.meta.status == CREATING || record.meta.status == DELETING {
-        return Err(ApiError::Conflict(format!(
-            "the VM backup is {}",
-            record.meta.status
-        )));
-    }
-    if let Some(task) = tasks::pending_for(&mut tx, &id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this VM backup",
-            task.id, task.action, task.state
-        )));
-    }
-    records::observe(&mut tx, KIND, &id, DELETING, None).await?;
-    let task = tasks::enqueue(
-        &mut tx,
-        record.meta.vdc_id.as_deref(),
-        KIND,
-        &id,
-        "delete",
-        serde_json::json!({}),
-    )
-    .await?;
+    let task = start_delete(&mut tx, &record).await?;
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
