@@ -296,6 +296,7 @@ fn point(id: &str, disk: &str, created_ms: u64, kind: Kind, parent: Option<&str>
         cbt: None,
         fallback: None,
         chunks: vec![None],
+        encryption: None,
     }
 }
 

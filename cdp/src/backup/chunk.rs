@@ -5,15 +5,21 @@
 //! `keel bench backup`), so the hash is not the bottleneck; it also matches
 //! Proxmox Backup Server's chunk ids and adds no dependency.
 //!
-//! File format: `KCH1` | codec (0 raw, 1 zstd) | plaintext length (u32 LE) |
-//! payload. A chunk that zstd cannot shrink is stored raw.
+//! File format: `KCH1` | codec (0 raw, 1 zstd; | 0x80 when sealed) |
+//! plaintext length (u32 LE) | payload. A chunk that zstd cannot shrink is
+//! stored raw. A sealed payload is `nonce | AES-256-GCM(payload)` with the
+//! header as associated data, and the chunk is named by its keyed digest
+//! (see [`crate::backup::key`]).
 
 use sha2::Digest as _;
+
+use crate::backup::key::ChunkKey;
 
 const MAGIC: &[u8; 4] = b"KCH1";
 const HEADER: usize = 9;
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+const SEALED: u8 = 0x80;
 /// Largest chunk the format can describe (u32 length) and the repository
 /// accepts.
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
@@ -89,6 +95,15 @@ pub enum ChunkError {
     /// Compressing failed.
     #[error("Cannot compress chunk")]
     Compress(#[source] std::io::Error),
+    /// The chunk is encrypted and no key was given.
+    #[error("Chunk is encrypted: its point's key is needed")]
+    KeyRequired,
+    /// Decryption failed: another key, or the chunk was altered.
+    #[error("Chunk does not decrypt with the given key (wrong key or altered)")]
+    Unseal,
+    /// Encrypting failed.
+    #[error("Cannot encrypt chunk")]
+    Seal(#[source] crate::backup::key::KeyError),
 }
 
 /// Per-thread compressor (keeps zstd's context across chunks).
@@ -104,8 +119,8 @@ impl Encoder {
         })
     }
 
-    /// The stored form of `data`.
-    pub fn encode(&mut self, data: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    /// The stored form of `data`, sealed with `key` when given.
+    pub fn encode(&mut self, data: &[u8], key: Option<&ChunkKey>) -> Result<Vec<u8>, ChunkError> {
         let len = u32::try_from(data.len()).map_err(|_| ChunkError::Header)?;
         let packed = self.zstd.compress(data).map_err(ChunkError::Compress)?;
         let (codec, payload) = if packed.len() < data.len() {
@@ -113,25 +128,47 @@ impl Encoder {
         } else {
             (CODEC_RAW, data)
         };
-        let mut out = Vec::with_capacity(HEADER + payload.len());
+        let codec = if key.is_some() { codec | SEALED } else { codec };
+        let mut out = Vec::with_capacity(HEADER + payload.len() + 32);
         out.extend_from_slice(MAGIC);
         out.push(codec);
         out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(payload);
+        match key {
+            Some(key) => {
+                let sealed = key.seal(&out, payload).map_err(ChunkError::Seal)?;
+                out.extend_from_slice(&sealed);
+            }
+            None => out.extend_from_slice(payload),
+        }
         Ok(out)
     }
 }
 
-/// Plaintext of a stored chunk, checked against `digest`.
-pub fn decode(stored: &[u8], digest: &Digest) -> Result<Vec<u8>, ChunkError> {
+/// Plaintext of a stored chunk, checked against `digest` (the keyed digest
+/// when `key` is given).
+pub fn decode(
+    stored: &[u8],
+    digest: &Digest,
+    key: Option<&ChunkKey>,
+) -> Result<Vec<u8>, ChunkError> {
     if stored.len() < HEADER || &stored[..4] != MAGIC {
         return Err(ChunkError::Header);
     }
     let mut len = [0u8; 4];
     len.copy_from_slice(&stored[5..HEADER]);
     let want = usize::try_from(u32::from_le_bytes(len)).map_err(|_| ChunkError::Header)?;
-    let payload = &stored[HEADER..];
-    let plain = match stored[4] {
+    let codec = stored[4];
+    let opened;
+    let payload = if codec & SEALED != 0 {
+        let key = key.ok_or(ChunkError::KeyRequired)?;
+        opened = key
+            .open(&stored[..HEADER], &stored[HEADER..])
+            .ok_or(ChunkError::Unseal)?;
+        &opened[..]
+    } else {
+        &stored[HEADER..]
+    };
+    let plain = match codec & !SEALED {
         CODEC_RAW => payload.to_vec(),
         CODEC_ZSTD => zstd::bulk::decompress(payload, want).map_err(ChunkError::Decompress)?,
         _ => return Err(ChunkError::Header),
@@ -142,7 +179,11 @@ pub fn decode(stored: &[u8], digest: &Digest) -> Result<Vec<u8>, ChunkError> {
             got: plain.len(),
         });
     }
-    if Digest::of(&plain) != *digest {
+    let named = match key {
+        Some(key) => key.digest(&plain),
+        None => Digest::of(&plain),
+    };
+    if named != *digest {
         return Err(ChunkError::DigestMismatch);
     }
     Ok(plain)
@@ -156,9 +197,9 @@ mod tests {
     fn roundtrip_compressible_and_random() {
         let mut enc = Encoder::new(1).unwrap();
         let text = b"keel backup ".repeat(1000);
-        let stored = enc.encode(&text).unwrap();
+        let stored = enc.encode(&text, None).unwrap();
         assert!(stored.len() < text.len() / 4, "compressed");
-        assert_eq!(decode(&stored, &Digest::of(&text)).unwrap(), text);
+        assert_eq!(decode(&stored, &Digest::of(&text), None).unwrap(), text);
 
         // incompressible data is stored raw
         let mut x = 0x1234_5678_u32;
@@ -170,9 +211,9 @@ mod tests {
                 x.to_le_bytes()[0]
             })
             .collect();
-        let stored = enc.encode(&random).unwrap();
+        let stored = enc.encode(&random, None).unwrap();
         assert_eq!(stored[4], CODEC_RAW);
-        assert_eq!(decode(&stored, &Digest::of(&random)).unwrap(), random);
+        assert_eq!(decode(&stored, &Digest::of(&random), None).unwrap(), random);
     }
 
     #[test]
@@ -180,17 +221,46 @@ mod tests {
         let mut enc = Encoder::new(1).unwrap();
         let data = b"abcdefgh".repeat(4096);
         let d = Digest::of(&data);
-        let stored = enc.encode(&data).unwrap();
+        let stored = enc.encode(&data, None).unwrap();
         for pos in [0, 4, 6, HEADER + 3, stored.len() - 1] {
             let mut bad = stored.clone();
             bad[pos] ^= 0x40;
-            assert!(decode(&bad, &d).is_err(), "flip at {pos} detected");
+            assert!(decode(&bad, &d, None).is_err(), "flip at {pos} detected");
         }
         assert!(
-            decode(&stored[..stored.len() - 2], &d).is_err(),
+            decode(&stored[..stored.len() - 2], &d, None).is_err(),
             "truncated"
         );
-        assert!(decode(&stored[..3], &d).is_err());
+        assert!(decode(&stored[..3], &d, None).is_err());
         assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+    }
+
+    #[test]
+    fn sealed_chunks_need_their_key_and_hide_their_content() {
+        let key = ChunkKey::from_hex(&"ab".repeat(32)).unwrap();
+        let other = ChunkKey::from_hex(&"cd".repeat(32)).unwrap();
+        let mut enc = Encoder::new(1).unwrap();
+        let data = b"KEEL-SECRET-PAYLOAD ".repeat(2000);
+        let d = key.digest(&data);
+        let stored = enc.encode(&data, Some(&key)).unwrap();
+        assert!(stored.len() < data.len() / 4, "compressed before sealing");
+        assert!(!stored.windows(11).any(|w| w == b"KEEL-SECRET"));
+        assert_eq!(decode(&stored, &d, Some(&key)).unwrap(), data);
+        assert!(matches!(
+            decode(&stored, &d, None),
+            Err(ChunkError::KeyRequired)
+        ));
+        assert!(matches!(
+            decode(&stored, &d, Some(&other)),
+            Err(ChunkError::Unseal)
+        ));
+        for pos in [4, 6, HEADER + 1, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[pos] ^= 0x01;
+            assert!(
+                decode(&bad, &d, Some(&key)).is_err(),
+                "flip at {pos} detected"
+            );
+        }
     }
 }

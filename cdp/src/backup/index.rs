@@ -51,6 +51,10 @@ pub struct BackupIndex {
     pub fallback: Option<String>,
     /// One entry per chunk; `None` is an all-zero chunk (nothing stored).
     pub chunks: Vec<Option<Digest>>,
+    /// Fingerprint of the key its chunks are encrypted with (and named
+    /// under); none for a plain point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 /// Why an index file could not be read.
@@ -129,6 +133,7 @@ mod tests {
             }),
             fallback: None,
             chunks: vec![Some(Digest::of(b"a")), None, Some(Digest::of(b"b"))],
+            encryption: None,
         }
     }
 

@@ -221,6 +221,11 @@ fn run(
             fallback = Some(
                 "dirty bitmap invalid (backend was not shut down cleanly): full backup".to_owned(),
             );
+        } else if p.encryption != repo.encryption() {
+            fallback = Some(format!(
+                "encryption key changed since point {}: full backup",
+                p.id
+            ));
         } else if p.disk_size != size || p.chunk_size != spec.chunk_size {
             fallback = Some(format!(
                 "disk size or chunk size changed since point {}: full backup",
@@ -266,6 +271,7 @@ fn run(
         cbt: bitmap.map(|bitmap| CbtSource { bitmap, generation }),
         fallback: fallback.clone(),
         chunks,
+        encryption: repo.encryption(),
     };
     repo.publish(&mut index).map_err(JobError::Repo)?;
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -334,11 +340,11 @@ fn copy_chunks(
                 stats.zero.fetch_add(1, Ordering::Relaxed);
                 None
             } else {
-                let d = Digest::of(data);
+                let d = repo.digest(data);
                 if repo.has_chunk(&d) {
                     stats.dedup.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    let stored = enc.encode(data).map_err(JobError::Encode)?;
+                    let stored = enc.encode(data, repo.key()).map_err(JobError::Encode)?;
                     let dir = repo.put_chunk(&d, &stored).map_err(JobError::Repo)?;
                     stats.stored.fetch_add(1, Ordering::Relaxed);
                     stats

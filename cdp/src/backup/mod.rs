@@ -10,6 +10,9 @@
 //!   marks, inheriting the rest from the newest point of the chain.
 //! - [`restore`]: to a new sparse file or in place, verified by re-reading.
 //! - [`retention`]: max-count / max-age pruning; GC is mark-and-sweep.
+//! - [`key`]: optional encryption of a repository's points (AES-256-GCM,
+//!   keyed chunk names); a [`Repository`] opened with a key writes and
+//!   reads encrypted points, and its points name the key they need.
 //!
 //! # Threading model
 //! Jobs run on the caller's thread plus `threads` scoped workers that each
@@ -28,6 +31,7 @@
 pub mod chunk;
 pub mod index;
 pub mod job;
+pub mod key;
 pub mod offline;
 pub mod repo;
 pub mod restore;
@@ -36,6 +40,7 @@ pub mod retention;
 pub use chunk::Digest;
 pub use index::{BackupIndex, Kind};
 pub use job::{backup, BackupReport, BackupSpec, JobError, Progress, Tracking};
+pub use key::{ChunkKey, KeyError};
 pub use offline::backup_stopped_disk;
 pub use repo::{GcReport, RepoError, Repository, VerifyReport};
 pub use restore::{restore, RestoreError, RestoreMode, RestoreReport};

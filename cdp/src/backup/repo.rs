@@ -23,9 +23,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::backup::chunk::{self, ChunkError, Digest};
 use crate::backup::index::{BackupIndex, IndexError};
+use crate::backup::key::ChunkKey;
 
 const VERSION_FILE: &str = "keel-backup-repo";
 const VERSION: &str = "1\n";
@@ -74,6 +76,16 @@ pub enum RepoError {
     /// Another job holds the disk.
     #[error("Another backup job of disk {0:?} is running")]
     Busy(String),
+    /// The point's encryption and the given key differ.
+    #[error("Point {point} {}, {}", needs.as_ref().map_or("is not encrypted".to_owned(), |k| format!("is encrypted with key {k}")), given.as_ref().map_or("and no key was given".to_owned(), |k| format!("the key given is {k}")))]
+    Key {
+        /// The point.
+        point: String,
+        /// Fingerprint of the key it needs (none: plain).
+        needs: Option<String>,
+        /// Fingerprint of the key given.
+        given: Option<String>,
+    },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
@@ -105,10 +117,12 @@ pub struct Lock {
     _file: File,
 }
 
-/// An open repository.
+/// An open repository, with the key its new points are encrypted with
+/// and its encrypted points are read with, if any.
 #[derive(Debug, Clone)]
 pub struct Repository {
     root: PathBuf,
+    key: Option<Arc<ChunkKey>>,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -118,6 +132,7 @@ impl Repository {
     pub fn create(root: &Path) -> Result<Self, RepoError> {
         let repo = Self {
             root: root.to_owned(),
+            key: None,
         };
         for d in ["chunks", "points", "tmp", "locks"] {
             let p = root.join(d);
@@ -141,6 +156,7 @@ impl Repository {
         match std::fs::read_to_string(root.join(VERSION_FILE)) {
             Ok(v) if v == VERSION => Ok(Self {
                 root: root.to_owned(),
+                key: None,
             }),
             _ => Err(RepoError::NotARepository(root.to_owned())),
         }
@@ -149,6 +165,43 @@ impl Repository {
     /// Repository directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The same repository, writing and reading points encrypted with `key`.
+    pub fn with_key(mut self, key: ChunkKey) -> Self {
+        self.key = Some(Arc::new(key));
+        self
+    }
+
+    /// The key new points are encrypted with.
+    pub fn key(&self) -> Option<&ChunkKey> {
+        self.key.as_deref()
+    }
+
+    /// The name of a chunk with this plaintext (keyed when encrypting).
+    pub fn digest(&self, data: &[u8]) -> Digest {
+        match self.key() {
+            Some(key) => key.digest(data),
+            None => Digest::of(data),
+        }
+    }
+
+    /// The key fingerprint a point taken now records.
+    pub fn encryption(&self) -> Option<String> {
+        self.key().map(|k| k.fingerprint().to_owned())
+    }
+
+    /// Refuses a point whose encryption differs from this handle's: an
+    /// encrypted point needs its key, a plain one is read without one.
+    pub fn check_key(&self, index: &BackupIndex) -> Result<(), RepoError> {
+        if index.encryption == self.encryption() {
+            return Ok(());
+        }
+        Err(RepoError::Key {
+            point: index.id.clone(),
+            needs: index.encryption.clone(),
+            given: self.encryption(),
+        })
     }
 
     /// Lock for jobs that add or read points (blocks while GC/prune run).
@@ -221,7 +274,8 @@ impl Repository {
     pub fn get_chunk(&self, d: &Digest) -> Result<Vec<u8>, RepoError> {
         let p = self.chunk_path(d);
         let stored = std::fs::read(&p).map_err(io("read chunk", &p))?;
-        chunk::decode(&stored, d).map_err(|source| RepoError::Chunk { digest: *d, source })
+        chunk::decode(&stored, d, self.key())
+            .map_err(|source| RepoError::Chunk { digest: *d, source })
     }
 
     /// tmp + write + fsync + rename (the directory is synced by the caller).
@@ -375,6 +429,7 @@ impl Repository {
         let _lock = self.lock_shared()?;
         let mut users: BTreeMap<Digest, Vec<(String, u64)>> = BTreeMap::new();
         for p in points {
+            self.check_key(p)?;
             for (i, d) in p.chunks.iter().enumerate() {
                 if let Some(d) = d {
                     users

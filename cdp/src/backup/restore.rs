@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::backup::chunk::Digest;
 use crate::backup::index::BackupIndex;
 use crate::backup::job::{source_size, Progress};
 use crate::backup::repo::{RepoError, Repository};
@@ -107,6 +106,7 @@ pub fn restore(
     let start = Instant::now();
     let _lock = repo.lock_shared().map_err(RestoreError::Repo)?;
     let index = repo.load(id).map_err(RestoreError::Repo)?;
+    repo.check_key(&index).map_err(RestoreError::Repo)?;
     let terr = |op| {
         move |source| RestoreError::Target {
             op,
@@ -143,7 +143,7 @@ pub fn restore(
     };
     let result = write_chunks(repo, &index, &file, target, mode, threads, progress).and_then(|r| {
         file.sync_all().map_err(terr("fsync"))?;
-        verify_image(&file, &index, threads)?;
+        verify_image(repo, &file, &index, threads)?;
         Ok(r)
     });
     match result {
@@ -265,8 +265,13 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 }
 
 /// Re-reads `file` and checks every chunk against `index` (zero chunks
-/// must read zero).
-pub fn verify_image(file: &File, index: &BackupIndex, threads: usize) -> Result<(), RestoreError> {
+/// must read zero); `repo` names chunks (keyed for an encrypted point).
+pub fn verify_image(
+    repo: &Repository,
+    file: &File,
+    index: &BackupIndex,
+    threads: usize,
+) -> Result<(), RestoreError> {
     let next = AtomicUsize::new(0);
     let cs = usize::try_from(index.chunk_size).unwrap_or(usize::MAX);
     let zeros = vec![0u8; cs];
@@ -287,7 +292,7 @@ pub fn verify_image(file: &File, index: &BackupIndex, threads: usize) -> Result<
             file.read_exact_at(data, offset).map_err(|_| mismatch())?;
             let ok = match entry {
                 None => *data == zeros[..len],
-                Some(d) => Digest::of(data) == *d,
+                Some(d) => repo.digest(data) == *d,
             };
             if !ok {
                 return Err(mismatch());

@@ -316,6 +316,10 @@ struct BackupArgs {
     /// Backup repository directory (created by `create` if missing).
     #[arg(long, env = "KEEL_BACKUP_REPO")]
     repo: PathBuf,
+    /// Encryption key (64 hex characters, from `keygen`): new points are
+    /// encrypted with it, encrypted points are read with it.
+    #[arg(long, env = "KEEL_BACKUP_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: BackupCommand,
 }
@@ -376,6 +380,12 @@ enum BackupCommand {
     },
     /// Remove chunks no point references.
     Gc,
+    /// Write a new random encryption key to a file (mode 0600; keep a copy
+    /// elsewhere: without it, its points cannot be restored).
+    Keygen {
+        /// The key file to create.
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -808,10 +818,31 @@ fn cdp(command: CdpCommand) -> anyhow::Result<()> {
 fn backup(args: BackupArgs) -> anyhow::Result<()> {
     use keel_cdp::backup as b;
     let print = |v: serde_json::Value| println!("{v}");
+    if let BackupCommand::Keygen { out } = &args.command {
+        anyhow::ensure!(
+            !out.exists(),
+            "{} exists: not overwriting a key",
+            out.display()
+        );
+        crate::private_file::write(out, b::ChunkKey::generate_hex()?.as_bytes())?;
+        let key = b::ChunkKey::from_hex(&std::fs::read_to_string(out)?)?;
+        println!(
+            "{}",
+            serde_json::json!({"key_file": out, "fingerprint": key.fingerprint()})
+        );
+        return Ok(());
+    }
     if let BackupCommand::Create { .. } = args.command {
         b::Repository::create(&args.repo)?;
     }
-    let repo = b::Repository::open(&args.repo)?;
+    let mut repo = b::Repository::open(&args.repo)?;
+    if let Some(path) = &args.key_file {
+        let hex = std::fs::read_to_string(path)
+            .with_context(|| format!("read key file {}", path.display()))?;
+        repo = repo.with_key(
+            b::ChunkKey::from_hex(&hex).with_context(|| format!("key file {}", path.display()))?,
+        );
+    }
     let progress = |p: b::Progress| {
         if p.total > 0 && p.done == p.total {
             eprintln!("{} of {} bytes", p.done, p.total);
@@ -848,6 +879,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
                         "disk_size": p.disk_size, "chunk_size": p.chunk_size,
                         "chunks": p.chunks.len(), "zero_chunks": zero,
                         "parent": p.parent, "cbt": p.cbt, "fallback": p.fallback,
+                        "encryption": p.encryption,
                     })
                 );
             }
@@ -870,7 +902,20 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
         BackupCommand::Verify { point } => {
             let points = match point {
                 Some(id) => vec![repo.load(&id)?],
-                None => repo.points()?,
+                None => {
+                    // Every point this key (or no key) reads.
+                    let (mine, others): (Vec<_>, Vec<_>) = repo
+                        .points()?
+                        .into_iter()
+                        .partition(|p| p.encryption == repo.encryption());
+                    if !others.is_empty() {
+                        eprintln!(
+                            "keel: note: {} point(s) need another key and were not verified",
+                            others.len()
+                        );
+                    }
+                    mine
+                }
             };
             let report = repo.verify(&points)?;
             print(serde_json::to_value(&report)?);
@@ -894,6 +939,7 @@ fn backup(args: BackupArgs) -> anyhow::Result<()> {
             )?)?);
         }
         BackupCommand::Gc => print(serde_json::to_value(repo.gc()?)?),
+        BackupCommand::Keygen { .. } => unreachable!("handled before opening the repository"),
     }
     Ok(())
 }

@@ -234,3 +234,112 @@ fn cli_incremental_uses_the_persisted_bitmap_and_falls_back_after_a_crash() {
     assert_eq!(r["kind"], "full");
     assert!(r["fallback"].as_str().unwrap().contains("invalid"), "{r}");
 }
+
+#[test]
+fn encrypted_points_hide_their_data_and_need_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let img = dir.path().join("disk.raw");
+    let mut data = vec![0u8; 8 << 20];
+    let marker = b"KEEL-PLAINTEXT-MARKER ";
+    for (i, b) in data[..2 << 20].iter_mut().enumerate() {
+        *b = marker[i % marker.len()];
+    }
+    std::fs::write(&img, &data).unwrap();
+    let (key, other) = (dir.path().join("vdc.key"), dir.path().join("other.key"));
+    let run = |args: &[&str]| -> (bool, String, String) {
+        let out = Command::new(keel_bin())
+            .arg("backup")
+            .arg("--repo")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(&["keygen", key.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let fingerprint = json_lines(&out)[0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the key file is private");
+    let (ok, _, err) = run(&["keygen", key.to_str().unwrap()]);
+    assert!(!ok && err.contains("not overwriting"), "{err}");
+    assert!(run(&["keygen", other.to_str().unwrap()]).0);
+
+    let with = |k: &Path, rest: &[&str]| -> (bool, String, String) {
+        let mut args = vec!["--key-file", k.to_str().unwrap()];
+        args.extend_from_slice(rest);
+        run(&args)
+    };
+    let create = ["create", "--disk", "d0", "--image", img.to_str().unwrap()];
+    let (ok, out, err) = with(&key, &create);
+    assert!(ok, "{out}{err}");
+    let point = json_lines(&out)[0]["id"].as_str().unwrap().to_owned();
+    let (_, out, _) = run(&["list"]);
+    assert_eq!(json_lines(&out)[0]["encryption"], fingerprint.as_str());
+    // Nothing in the repository reads as the disk's data.
+    for shard in std::fs::read_dir(repo.join("chunks")).unwrap() {
+        for chunk in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let bytes = std::fs::read(chunk.unwrap().path()).unwrap();
+            assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+        }
+    }
+    // Within one key chunks still deduplicate.
+    let (ok, out, _) = with(&key, &create);
+    assert!(ok);
+    assert_eq!(json_lines(&out)[0]["chunks_stored"], 0, "{out}");
+
+    let target = dir.path().join("restored.raw");
+    let (ok, _, err) = run(&["restore", &point, "--to", target.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains(&format!("encrypted with key {fingerprint}")),
+        "{err}"
+    );
+    let (ok, _, err) = with(
+        &other,
+        &["restore", &point, "--to", target.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("the key given is"), "{err}");
+    assert!(!target.exists(), "a refused restore leaves no file");
+    let (ok, out, err) = with(&key, &["restore", &point, "--to", target.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    let (ok, out, err) = with(&key, &["verify", &point]);
+    assert!(ok, "{out}{err}");
+
+    // A flipped bit in a sealed chunk fails verify with where it is used.
+    let shard = std::fs::read_dir(repo.join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read_dir(p).unwrap().next().is_some())
+        .unwrap();
+    let chunk = std::fs::read_dir(shard)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&chunk, &bytes).unwrap();
+    let (ok, out, _) = with(&key, &["verify", &point]);
+    assert!(!ok);
+    let report = &json_lines(&out)[0];
+    assert_eq!(report["bad"][0]["point"], point.as_str(), "{report}");
+    assert!(
+        report["bad"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("decrypt"),
+        "{report}"
+    );
+}
