@@ -329,3 +329,60 @@ fn retention_count_age_newest_and_full_kept_rules() {
     // no limits: everything stays
     assert!(plan(&pts, Policy::default(), 6 * day).remove.is_empty());
 }
+
+#[test]
+fn encrypted_chain_names_chunks_by_key_and_a_key_change_takes_a_full() {
+    use keel_cdp::backup::ChunkKey;
+    let f = fixture();
+    let key = ChunkKey::from_hex(&"5a".repeat(32)).unwrap();
+    let fingerprint = key.fingerprint().to_owned();
+    let sealed = f.repo.clone().with_key(key);
+    let cbt = Cbt::new(SIZE, 4096).unwrap();
+    cbt.add_bitmap("nightly").unwrap();
+    let track = Tracking::Cbt {
+        cbt: &cbt,
+        bitmap: "nightly",
+    };
+    let full = backup(&sealed, &spec(&f), track, &none).unwrap();
+    assert_eq!(full.encryption.as_deref(), Some(fingerprint.as_str()));
+    let idx = f.repo.load(&full.id).unwrap();
+    assert_eq!(idx.encryption.as_deref(), Some(fingerprint.as_str()));
+    let first = idx.chunks[0].unwrap();
+    assert_ne!(
+        first,
+        Digest::of(&std::fs::read(&f.image).unwrap()[..CHUNK_US]),
+        "named by the keyed digest, not the content hash"
+    );
+    guest_write(&f, &cbt, 3 * CHUNK, b"changed");
+    let inc = backup(&sealed, &spec(&f), track, &none).unwrap();
+    assert_eq!(inc.kind, Kind::Incremental);
+    assert_eq!(inc.chunks_read, 1);
+
+    // Without the key: the chain's parent cannot be inherited from.
+    guest_write(&f, &cbt, 5 * CHUNK, b"again");
+    let plain = backup(&f.repo, &spec(&f), track, &none).unwrap();
+    assert_eq!(plain.kind, Kind::Full);
+    assert!(
+        plain
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("encryption key"),
+        "{plain:?}"
+    );
+    assert!(plain.encryption.is_none());
+
+    let out = f.dir.path().join("inc.raw");
+    assert!(matches!(
+        restore(&f.repo, &inc.id, &out, RestoreMode::NewFile, 2, &none),
+        Err(RestoreError::Repo(RepoError::Key { .. }))
+    ));
+    assert!(!out.exists());
+    restore(&sealed, &inc.id, &out, RestoreMode::NewFile, 2, &none).unwrap();
+    let v = sealed.verify(&[f.repo.load(&inc.id).unwrap()]).unwrap();
+    assert!(v.ok());
+    assert!(matches!(
+        f.repo.verify(&[f.repo.load(&inc.id).unwrap()]),
+        Err(RepoError::Key { .. })
+    ));
+}

@@ -146,6 +146,8 @@ pub struct BackupReport {
     pub bytes_stored: u64,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// Fingerprint of the key the point is encrypted with, if any.
+    pub encryption: Option<String>,
 }
 
 /// Runs one backup of `spec.source` into `repo`: incremental from the
@@ -287,6 +289,7 @@ fn run(
         bytes_read: total,
         bytes_stored: l(&stats.bytes_stored),
         seconds: start.elapsed().as_secs_f64(),
+        encryption: repo.encryption(),
     })
 }
 

@@ -411,3 +411,99 @@ fn backup_policy_takes_its_first_backup_through_the_agent() {
     );
     assert!(p["next_run_at"].as_i64().unwrap() > p["last_run_at"].as_i64().unwrap());
 }
+
+#[test]
+fn a_vdc_that_encrypts_backups_keeps_their_data_unreadable_in_the_repository() {
+    use std::io::{Seek, SeekFrom, Write};
+    let state = tempfile::tempdir().unwrap();
+    let keel = KeelProcess::up(state.path()).unwrap();
+    let token = login(&keel, &admin_password(state.path()));
+    let (vdc, volume) = vdc_with_volume(&keel, &token);
+    let vdc_url = keel.url(&format!("/api/v1/vdcs/{}", vdc["id"].as_str().unwrap()));
+    assert_eq!(vdc["backup_encryption"], false, "{vdc}");
+    let etag = format!("\"{}\"", vdc["revision"]);
+    let r = ureq::request("PATCH", &vdc_url)
+        .set("authorization", &format!("Bearer {token}"))
+        .set("if-match", &etag)
+        .send_json(json!({"backup_encryption": true}))
+        .unwrap();
+    let vdc: Value = r.into_json().unwrap();
+    assert_eq!(vdc["backup_encryption"], true, "{vdc}");
+    assert!(
+        vdc.get("backup_key").is_none(),
+        "the key is never shown: {vdc}"
+    );
+    // Data the repository must not show.
+    let marker = b"KEEL-TENANT-SECRET ";
+    let file = state.path().join("volumes").join(format!("{volume}.raw"));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.seek(SeekFrom::Start(5 << 20)).unwrap();
+    f.write_all(&marker.repeat(50_000)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let backup = |name: &str| -> Value {
+        let (status, task) = send(
+            "POST",
+            &keel.url(&format!("/api/v1/volumes/{volume}/backups")),
+            Some(&token),
+            Some(json!({"name": name})),
+        );
+        assert_eq!(status, 202, "{task}");
+        let done = wait_task(&keel, &token, &task);
+        let id = done["params"]["backup_id"].as_str().unwrap();
+        send(
+            "GET",
+            &keel.url(&format!("/api/v1/backups/{id}")),
+            Some(&token),
+            None,
+        )
+        .1
+    };
+    let sealed = backup("sealed");
+    assert_eq!(sealed["status"], "AVAILABLE", "{sealed}");
+    let fingerprint = sealed["encryption"].as_str().unwrap().to_owned();
+    assert_eq!(fingerprint.len(), 16, "{sealed}");
+    let chunks = state.path().join("backups").join("chunks");
+    let mut stored = 0;
+    for shard in std::fs::read_dir(&chunks).unwrap() {
+        for chunk in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let bytes = std::fs::read(chunk.unwrap().path()).unwrap();
+            assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+            stored += 1;
+        }
+    }
+    assert!(stored > 0);
+
+    // Turned off: new backups are plain, and the encrypted one still
+    // restores with the key the VDC kept.
+    let (_, vdc) = send("GET", &vdc_url, Some(&token), None);
+    let etag = format!("\"{}\"", vdc["revision"]);
+    ureq::request("PATCH", &vdc_url)
+        .set("authorization", &format!("Bearer {token}"))
+        .set("if-match", &etag)
+        .send_json(json!({"backup_encryption": false}))
+        .unwrap();
+    let plain = backup("plain");
+    assert!(plain["encryption"].is_null(), "{plain}");
+    let (status, task) = send(
+        "POST",
+        &keel.url(&format!(
+            "/api/v1/backups/{}/actions/restore",
+            sealed["id"].as_str().unwrap()
+        )),
+        Some(&token),
+        Some(json!({"name": "unsealed"})),
+    );
+    assert_eq!(status, 202, "{task}");
+    wait_task(&keel, &token, &task);
+    let restored = state
+        .path()
+        .join("volumes")
+        .join(format!("{}.raw", task["resource_id"].as_str().unwrap()));
+    assert_eq!(
+        std::fs::read(&restored).unwrap(),
+        std::fs::read(&file).unwrap(),
+        "the encrypted backup restores the volume exactly"
+    );
+}

@@ -58,6 +58,9 @@ pub struct BackupSpec {
     /// The backup policy that took it (its retention applies), if any.
     #[serde(default)]
     pub policy_id: Option<String>,
+    /// Fingerprint of the VDC key the point is encrypted with (none: plain).
+    #[serde(default)]
+    pub encryption: Option<String>,
     /// The VM backup this disk's point belongs to (`/vm-backups/{id}`):
     /// deleted with it, not on its own.
     #[serde(default)]

@@ -72,6 +72,26 @@ struct VdcSpec {
     quota: Quota,
     #[serde(default)]
     recycle_bin_hours: u32,
+    #[serde(default)]
+    backup_encryption: bool,
+    /// The VDC's backup key (hex secret), made the first time encryption is
+    /// turned on and kept after it is turned off: older points need it.
+    /// Never shown by the API.
+    #[serde(default)]
+    backup_key: Option<String>,
+}
+
+impl VdcSpec {
+    fn set_backup_encryption(&mut self, on: bool) -> Result<(), ApiError> {
+        if on && self.backup_key.is_none() {
+            let mut secret = [0u8; 32];
+            getrandom::getrandom(&mut secret)
+                .map_err(|e| ApiError::Internal(format!("random key: {e}")))?;
+            self.backup_key = Some(secret.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        self.backup_encryption = on;
+        Ok(())
+    }
 }
 
 /// A year: the longest a deleted volume may wait in the recycle bin.
@@ -97,6 +117,9 @@ pub struct Vdc {
     /// Hours a deleted volume of this VDC stays in the recycle bin (status
     /// `DELETED`, restorable) before it is purged; 0: deleted at once.
     pub recycle_bin_hours: u32,
+    /// New backups of the VDC's volumes and VMs are encrypted with the
+    /// VDC's key (AES-256-GCM; the key stays with the control plane).
+    pub backup_encryption: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -112,6 +135,9 @@ pub struct VdcCreate {
     /// 0..=8760 (default 0: no recycle bin).
     #[serde(default)]
     pub recycle_bin_hours: u32,
+    /// Encrypt backups with a key of the VDC's own (default false).
+    #[serde(default)]
+    pub backup_encryption: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -122,6 +148,9 @@ pub struct VdcUpdate {
     pub quota: Option<Quota>,
     /// Applies to volumes deleted from now on.
     pub recycle_bin_hours: Option<u32>,
+    /// Applies to backups taken from now on; turned off, the key is kept
+    /// for the encrypted backups already taken.
+    pub backup_encryption: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -142,6 +171,7 @@ impl Resource for Vdc {
             description: spec.description,
             quota: spec.quota,
             recycle_bin_hours: spec.recycle_bin_hours,
+            backup_encryption: spec.backup_encryption,
         })
     }
 }
@@ -149,6 +179,13 @@ impl Resource for Vdc {
 /// The quota of a VDC, for checks by other resource families.
 pub fn quota_of(record: &Record) -> Result<Quota, ApiError> {
     Ok(record.spec::<VdcSpec>()?.quota)
+}
+
+/// The VDC's backup key (hex secret), if it has one, and whether new
+/// backups are encrypted with it (for the host agent).
+pub fn backup_key_of(record: &Record) -> Result<(bool, Option<String>), ApiError> {
+    let spec: VdcSpec = record.spec()?;
+    Ok((spec.backup_encryption, spec.backup_key))
 }
 
 /// How long a deleted volume of the VDC stays restorable (0: not at all).
@@ -185,11 +222,13 @@ async fn create_vdc(
             super::respond::referenced_vdc(&mut tx, &principal, "parent_id", parent).await?;
         body.quota.within(&quota_of(&parent)?)?;
     }
-    let spec = VdcSpec {
+    let mut spec = VdcSpec {
         description: body.description,
         quota: body.quota,
         recycle_bin_hours: body.recycle_bin_hours,
+        ..VdcSpec::default()
     };
+    spec.set_backup_encryption(body.backup_encryption)?;
     let record = records::insert(
         &mut tx,
         NewRecord {
@@ -276,6 +315,9 @@ async fn update_vdc(
     if let Some(hours) = body.recycle_bin_hours {
         check_recycle_bin_hours(hours)?;
         spec.recycle_bin_hours = hours;
+    }
+    if let Some(on) = body.backup_encryption {
+        spec.set_backup_encryption(on)?;
     }
     let spec = serde_json::to_value(&spec).map_err(|e| ApiError::Internal(e.to_string()))?;
     let updated = records::update(&mut tx, &record, KIND, &name, spec).await?;

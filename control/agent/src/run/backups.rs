@@ -24,6 +24,62 @@ impl Agent {
             .map_err(|e| StepError::Invalid(format!("backup repository {}: {e}", root.display())))
     }
 
+    /// The VDC's backup key (hex) and whether it encrypts new backups.
+    fn vdc_backup_key(&self, vdc: Option<&str>) -> Result<(bool, Option<String>), StepError> {
+        let Some(vdc) = vdc else {
+            return Ok((false, None));
+        };
+        match self.get("vdc", vdc)? {
+            Some(record) => Ok(keel_control::api::vdcs::backup_key_of(&record)?),
+            None => Ok((false, None)),
+        }
+    }
+
+    /// The repository for new backups of a resource of `vdc`: encrypting
+    /// with the VDC's key when the VDC asks for it.
+    pub(super) fn repository_writing(
+        &self,
+        vdc: Option<&str>,
+    ) -> Result<engine::Repository, StepError> {
+        let repo = self.repository()?;
+        match self.vdc_backup_key(vdc)? {
+            (true, Some(hex)) => Ok(repo.with_key(
+                engine::ChunkKey::from_hex(&hex)
+                    .map_err(|e| StepError::Invalid(format!("backup key of VDC: {e}")))?,
+            )),
+            _ => Ok(repo),
+        }
+    }
+
+    /// The repository that reads `point`: with the key of `vdc` when the
+    /// point is encrypted (refused, naming both, if the VDC's key is not
+    /// the point's).
+    pub(super) fn repository_reading(
+        &self,
+        point: &str,
+        vdc: Option<&str>,
+    ) -> Result<engine::Repository, StepError> {
+        let repo = self.repository()?;
+        let index = repo
+            .load(point)
+            .map_err(|e| StepError::Invalid(format!("backup point {point}: {e}")))?;
+        let Some(needs) = index.encryption else {
+            return Ok(repo);
+        };
+        let (_, hex) = self.vdc_backup_key(vdc)?;
+        let key = hex
+            .map(|h| engine::ChunkKey::from_hex(&h))
+            .transpose()
+            .map_err(|e| StepError::Invalid(format!("backup key of VDC: {e}")))?
+            .filter(|k| k.fingerprint() == needs)
+            .ok_or_else(|| {
+                StepError::Invalid(format!(
+                    "point {point} is encrypted with key {needs}, which its VDC does not hold"
+                ))
+            })?;
+        Ok(repo.with_key(key))
+    }
+
     /// Reports percent done on the task.
     fn progress<'a>(
         &'a self,
@@ -54,6 +110,7 @@ impl Agent {
                 spec.chunks_total = report.chunks_total;
                 spec.chunks_read = report.chunks_read;
                 spec.bytes_stored = report.bytes_stored;
+                spec.encryption = report.encryption.clone();
                 tracing::info!(backup = %backup_id, volume = %volume.meta.id, kind = ?report.kind, read = report.chunks_read, total = report.chunks_total, "backup taken");
                 self.observe(
                     backups::KIND,
@@ -81,7 +138,7 @@ impl Agent {
         volume: &Record,
         incremental: bool,
     ) -> Result<engine::BackupReport, StepError> {
-        let repo = self.repository()?;
+        let repo = self.repository_writing(volume.meta.vdc_id.as_deref())?;
         let path = volumes::volume_path(&self.config.state_dir, &volume.meta.id);
         let spec = engine::BackupSpec::new(&volume.meta.id, &path);
         let progress = self.progress(task, "reading the volume");
@@ -107,7 +164,7 @@ impl Agent {
         let point = spec
             .point_id
             .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} has no point")))?;
-        let repo = self.repository()?;
+        let repo = self.repository_reading(&point, backup.meta.vdc_id.as_deref())?;
         let dest = volumes::volume_path(&self.config.state_dir, &volume.meta.id);
         if let Some(dir) = dest.parent() {
             std::fs::create_dir_all(dir)

@@ -78,7 +78,7 @@ impl Agent {
             spec.bytes_stored += report.bytes_stored;
         }
         // MERGE(wip-pit): spec.paused_ms = reports.iter().filter_map(|r| r.paused_ms).max();
-        spec.nvram_point = self.backup_nvram(&vm.meta.id)?;
+        spec.nvram_point = self.backup_nvram(vm)?;
         Ok(())
     }
 
@@ -100,6 +100,7 @@ impl Agent {
                 spec.chunks_total = report.chunks_total;
                 spec.chunks_read = report.chunks_read;
                 spec.bytes_stored = report.bytes_stored;
+                spec.encryption = report.encryption.clone();
                 backups::AVAILABLE
             }
             Err(e) => {
@@ -117,13 +118,13 @@ impl Agent {
 
     /// Backs the VM's UEFI variables up as a small point of their own (no
     /// chain: always whole); `None` for a BIOS VM, which has none.
-    fn backup_nvram(&self, vm_id: &str) -> Result<Option<String>, StepError> {
-        let nvram = self.nvram(vm_id);
+    fn backup_nvram(&self, vm: &Record) -> Result<Option<String>, StepError> {
+        let nvram = self.nvram(&vm.meta.id);
         if !nvram.exists() {
             return Ok(None);
         }
-        let repo = self.repository()?;
-        let spec = engine::BackupSpec::new(&format!("nvram-{vm_id}"), &nvram);
+        let repo = self.repository_writing(vm.meta.vdc_id.as_deref())?;
+        let spec = engine::BackupSpec::new(&format!("nvram-{}", vm.meta.id), &nvram);
         let report = engine::backup(&repo, &spec, engine::Tracking::None, &|_| {})
             .map_err(|e| StepError::Invalid(format!("backup of the UEFI variables failed: {e}")))?;
         Ok(Some(report.id))
@@ -177,7 +178,7 @@ impl Agent {
             }
             // A failed earlier attempt may have left one.
             let _ = std::fs::remove_file(&target);
-            let repo = self.repository()?;
+            let repo = self.repository_reading(point, task.vdc_id.as_deref())?;
             engine::restore(
                 &repo,
                 point,
