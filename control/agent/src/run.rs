@@ -27,6 +27,7 @@ use crate::provision;
 
 mod backups;
 mod disk_attach;
+mod in_place;
 mod protection;
 mod replicas;
 mod vm_backups;
@@ -408,6 +409,11 @@ impl Agent {
                 }
             }
             "backup" => self.volume_backup(task, &record),
+            "restore" => self.restore_volume_in_place(
+                task,
+                &record,
+                task.params["backup_id"].as_str().unwrap_or(""),
+            ),
             "resize" => {
                 let size = task.params["size_bytes"].as_u64().unwrap_or(0);
                 self.volume_resize(&record, size)
@@ -465,6 +471,11 @@ impl Agent {
                 self.vm_create(&record, task.params["start"].as_bool().unwrap_or(true))
             }),
             "backup" => self.vm_backup(task, &record),
+            "restore-backup" => self.restore_vm_in_place(
+                task,
+                &record,
+                task.params["vm_backup_id"].as_str().unwrap_or(""),
+            ),
             "start" => self.vm_start(&record),
             "stop" => self.vm_stop(&id, false),
             "force-stop" => self.vm_stop(&id, true),

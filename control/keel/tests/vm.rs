@@ -1239,6 +1239,29 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.action(&vm, "force-stop");
     assert_eq!(api.vm_status(&vm).0, "STOPPED");
 
+    // Pristine again, then the VM backup restored over the VM itself: the
+    // next boot finds the marker the backup holds and writes none.
+    let (status, body) = api.call(
+        "POST",
+        &format!("/api/v1/vms/{vm}/snapshots/{snap}/revert"),
+        None,
+    );
+    assert_eq!(status, 202, "{body}");
+    api.wait_task(&body);
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/vm-backups/{vm_backup}/actions/restore"),
+        Some(json!({"in_place": true})),
+    );
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(task["action"], "restore-backup", "{task}");
+    api.wait_task(&task);
+    let found = console_count(&state, &vm, "KEEL-FOUND KEEL-DATA-7");
+    api.action(&vm, "start");
+    wait_console(&state, &vm, "KEEL-FOUND KEEL-DATA-7", found + 1);
+    assert_eq!(console_count(&state, &vm, "KEEL-WROTE"), 2);
+    api.action(&vm, "force-stop");
+
     // Delete with its volumes: nothing of it is left.
     let (status, task) = api.call(
         "DELETE",

@@ -111,8 +111,29 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRestore {
-    /// Name of the new volume.
-    pub name: String,
+    /// Name of the new volume (not with `in_place`).
+    pub name: Option<String>,
+    /// Restore over the backed-up volume itself (AVAILABLE, or used by a
+    /// STOPPED VM; same size) instead of into a new volume.
+    #[serde(default)]
+    pub in_place: bool,
+}
+
+/// Checks a restore request's name: required for a new resource, refused
+/// in place (the resource keeps its own).
+pub(super) fn restore_name(name: Option<&str>, in_place: bool) -> Result<Option<&str>, ApiError> {
+    match (name, in_place) {
+        (Some(_), true) => Err(ApiError::invalid(
+            "name",
+            "an in-place restore keeps the existing name",
+        )),
+        (None, false) => Err(ApiError::invalid("name", "required")),
+        (Some(name), false) => {
+            check_name("name", name)?;
+            Ok(Some(name))
+        }
+        (None, true) => Ok(None),
+    }
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -298,8 +319,8 @@ async fn delete_backup(
 #[utoipa::path(post, path = "/backups/{id}/actions/restore", tag = "compute", request_body = BackupRestore,
     params(("id" = String, Path)),
     responses(
-        (status = 202, description = "Queued: a new volume (CREATING) is restored from the backup and verified", body = Task),
-        (status = 409, description = "The backup is not AVAILABLE", body = Problem, content_type = "application/problem+json"),
+        (status = 202, description = "Queued: a new volume (CREATING) is restored from the backup and verified; with `in_place`, the backed-up volume is overwritten (its next backup is full)", body = Task),
+        (status = 409, description = "The backup is not AVAILABLE; in place: the volume is gone, in use by a VM that is not STOPPED, busy, or resized since", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn restore_backup(
     State(state): State<AppState>,
@@ -307,7 +328,7 @@ async fn restore_backup(
     Path(id): Path<String>,
     ValidJson(body): ValidJson<BackupRestore>,
 ) -> Result<Response, ApiError> {
-    check_name("name", &body.name)?;
+    let name = restore_name(body.name.as_deref(), body.in_place)?;
     principal.require(Family::Compute, Action::Create)?;
     let mut tx = state.store.begin_write().await?;
     let backup = load(
@@ -327,6 +348,21 @@ async fn restore_backup(
     }
     let spec: BackupSpec = backup.spec()?;
     let vdc_id = backup.meta.vdc_id.clone();
+    let Some(name) = name else {
+        let volume = load_restore_target(&mut tx, &principal, &spec).await?;
+        let task = tasks::enqueue(
+            &mut tx,
+            volume.meta.vdc_id.as_deref(),
+            volumes::KIND,
+            &volume.meta.id,
+            "restore",
+            serde_json::json!({ "backup_id": id }),
+        )
+        .await?;
+        tx.commit().await?;
+        state.changes.notify_waiters();
+        return Ok(tasks::accepted(&task));
+    };
     // Restored on the host holding the repository: its volume's host.
     let host_id = match records::get(&mut tx, volumes::KIND, &spec.volume_id).await? {
         Some(source) => source.spec::<VolumeSpec>()?.host_id,
@@ -343,7 +379,7 @@ async fn restore_backup(
             kind: volumes::KIND,
             vdc_id: vdc_id.as_deref(),
             parent_id: None,
-            name: &body.name,
+            name,
             spec: to_json(&VolumeSpec {
                 size_bytes: spec.size_bytes,
                 image_id: None,
@@ -370,4 +406,37 @@ async fn restore_backup(
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
+}
+
+/// The volume an in-place restore of a backup with `spec` overwrites:
+/// still there, writable by the caller, quiet (AVAILABLE or used by a
+/// STOPPED VM, no task) and of the backed-up size.
+pub(super) async fn load_restore_target(
+    conn: &mut crate::store::DbConnection,
+    principal: &Principal,
+    spec: &BackupSpec,
+) -> Result<Record, ApiError> {
+    let volume = match records::get(conn, volumes::KIND, &spec.volume_id).await? {
+        Some(v) => v,
+        None => {
+            return Err(ApiError::Conflict(format!(
+                "volume {} was deleted; restore into a new volume (give a name)",
+                spec.volume_id
+            )))
+        }
+    };
+    principal.authorize(
+        Family::Compute,
+        Action::Update,
+        volume.meta.vdc_id.as_deref(),
+    )?;
+    volumes::require_quiet(conn, &volume, "restored in place").await?;
+    let size = volume.spec::<VolumeSpec>()?.size_bytes;
+    if size != spec.size_bytes {
+        return Err(ApiError::Conflict(format!(
+            "volume {} has {size} bytes, the backup {}: restore into a new volume",
+            spec.volume_id, spec.size_bytes
+        )));
+    }
+    Ok(volume)
 }

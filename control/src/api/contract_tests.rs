@@ -4557,6 +4557,41 @@ async fn vm_backups_cut_every_disk_and_restore_into_a_new_vm() {
     assert_eq!(nic.body["device_id"], restored.as_str());
     assert_eq!(nic.body["security_group_ids"][0], sg.as_str());
 
+    // In place: over the VM itself (keeps its NICs) or one of its disks.
+    for (body, field) in [
+        (json!({"in_place": true, "name": "x"}), "name"),
+        (json!({"in_place": true, "nics": [{}]}), "nics"),
+        (json!({}), "name"),
+    ] {
+        let r = api.post(&restore, &admin, body.clone()).await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    let r = api.post(&restore, &admin, json!({"in_place": true})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["action"], "restore-backup");
+    assert_eq!(r.body["resource_id"], vm.as_str());
+    let in_place = r.body.clone();
+    // One operation at a time on the VM.
+    let r = api.post(&restore, &admin, json!({"in_place": true})).await;
+    assert_problem(&r, 409, "conflict");
+    api.agent_did(&in_place, "STOPPED").await;
+    let disk_restore = format!("/api/v1/backups/{disk_backup}/actions/restore");
+    let r = api
+        .post(&disk_restore, &admin, json!({"in_place": true}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["action"], "restore");
+    assert_eq!(r.body["resource_id"], volumes[0].as_str());
+    api.agent_did(&r.body, "IN_USE").await;
+    api.set_status("vm", &vm, "RUNNING").await;
+    let r = api.post(&restore, &admin, json!({"in_place": true})).await;
+    assert_problem(&r, 409, "conflict");
+    let r = api
+        .post(&disk_restore, &admin, json!({"in_place": true}))
+        .await;
+    assert_problem(&r, 409, "conflict");
+
     // The VM and its disks go; the backup stays, and still restores.
     {
         let mut tx = api.state.store.begin_write().await.unwrap();
@@ -4573,6 +4608,13 @@ async fn vm_backups_cut_every_disk_and_restore_into_a_new_vm() {
     }
     let b = api.get(&path, &admin).await;
     assert_eq!(b.body["status"], "AVAILABLE", "{}", b.body);
+    let r = api.post(&restore, &admin, json!({"in_place": true})).await;
+    assert_problem(&r, 409, "conflict");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("deleted"),
+        "{}",
+        r.body
+    );
     let d = api
         .get(&format!("/api/v1/backups/{disk_backup}"), &admin)
         .await;

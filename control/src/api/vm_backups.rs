@@ -135,8 +135,13 @@ pub struct NicEdit {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmBackupRestore {
-    /// Name of the new VM.
-    pub name: String,
+    /// Name of the new VM (not with `in_place`).
+    pub name: Option<String>,
+    /// Restore over the backed-up VM itself (STOPPED, with the same disks
+    /// of the same sizes): its disks and UEFI variables go back to the
+    /// backup; its configuration and NICs stay.
+    #[serde(default)]
+    pub in_place: bool,
     /// One entry per NIC of the backup, in order, when any changes.
     pub nics: Option<Vec<NicEdit>>,
     /// Start the VM once restored (default true).
@@ -397,8 +402,8 @@ async fn delete_vm_backup(
 #[utoipa::path(post, path = "/vm-backups/{id}/actions/restore", tag = "compute", request_body = VmBackupRestore,
     params(("id" = String, Path)),
     responses(
-        (status = 202, description = "Queued: a new VM (CREATING) with new volumes restored from the backup's points (verified), new NICs and the backed-up UEFI variables; the task runs on the new VM", body = Task),
-        (status = 409, description = "The backup is not AVAILABLE, no host fits, or a quota has no room", body = Problem, content_type = "application/problem+json"),
+        (status = 202, description = "Queued: a new VM (CREATING) with new volumes restored from the backup's points (verified), new NICs and the backed-up UEFI variables; the task runs on the new VM. With `in_place`, the task overwrites the backed-up VM's disks and UEFI variables (their next backups are full)", body = Task),
+        (status = 409, description = "The backup is not AVAILABLE, no host fits, or a quota has no room; in place: the VM is gone, not STOPPED, busy, or its disks changed since", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field (NIC count, subnet, address, security group)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn restore_vm_backup(
@@ -407,7 +412,7 @@ async fn restore_vm_backup(
     Path(id): Path<String>,
     ValidJson(body): ValidJson<VmBackupRestore>,
 ) -> Result<Response, ApiError> {
-    check_name("name", &body.name)?;
+    let name = backups::restore_name(body.name.as_deref(), body.in_place)?;
     principal.require(Family::Compute, Action::Create)?;
     let mut tx = state.store.begin_write().await?;
     let backup = load(
@@ -426,6 +431,18 @@ async fn restore_vm_backup(
         )));
     }
     let spec: VmBackupSpec = backup.spec()?;
+    let Some(name) = name else {
+        if body.nics.is_some() {
+            return Err(ApiError::invalid(
+                "nics",
+                "an in-place restore keeps the VM's NICs",
+            ));
+        }
+        let task = start_restore_in_place(&mut tx, &principal, &id, &spec).await?;
+        tx.commit().await?;
+        state.changes.notify_waiters();
+        return Ok(tasks::accepted(&task));
+    };
     let edits = match body.nics {
         None => std::iter::repeat_with(NicEdit::default)
             .take(spec.nics.len())
@@ -493,10 +510,10 @@ async fn restore_vm_backup(
             &mut tx,
             &subnet,
             ports::NewPort {
-                name: &format!("{}-nic{i}", body.name),
+                name: &format!("{}-nic{i}", name),
                 fixed_ip: edit.fixed_ip,
                 security_group_ids: groups,
-                description: format!("NIC {i} of {}, restored from VM backup {id}", body.name),
+                description: format!("NIC {i} of {}, restored from VM backup {id}", name),
                 device_id: Some(vm_id.clone()),
                 delete_with_device: true,
                 qos_policy_id,
@@ -524,7 +541,7 @@ async fn restore_vm_backup(
                 kind: volumes::KIND,
                 vdc_id: vdc_id.as_deref(),
                 parent_id: None,
-                name: &format!("{}-disk{i}", body.name),
+                name: &format!("{}-disk{i}", name),
                 spec: to_json(&VolumeSpec {
                     size_bytes: disk.size_bytes,
                     image_id: None,
@@ -550,7 +567,7 @@ async fn restore_vm_backup(
             kind: vms::KIND,
             vdc_id: vdc_id.as_deref(),
             parent_id: None,
-            name: &body.name,
+            name: name,
             spec: to_json(&VmSpec {
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
@@ -582,4 +599,51 @@ async fn restore_vm_backup(
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
+}
+
+/// Queues the restore of VM backup `id` over its own VM: still there,
+/// STOPPED, no task, the same disks in the same order and sizes.
+async fn start_restore_in_place(
+    tx: &mut DbConnection,
+    principal: &Principal,
+    id: &str,
+    spec: &VmBackupSpec,
+) -> Result<Task, ApiError> {
+    if records::get(tx, vms::KIND, &spec.vm_id).await?.is_none() {
+        return Err(ApiError::Conflict(format!(
+            "VM {} was deleted; restore into a new VM (give a name)",
+            spec.vm_id
+        )));
+    }
+    let vm = vm_for(
+        tx,
+        principal,
+        &spec.vm_id,
+        "restore a backup over",
+        &[vms::STOPPED],
+    )
+    .await?;
+    let vm_spec: VmSpec = vm.spec()?;
+    let backed_up: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
+    if vm_spec.volume_ids != backed_up {
+        return Err(ApiError::Conflict(format!(
+            "VM {}'s disks changed since the backup; restore into a new VM (give a name)",
+            spec.vm_id
+        )));
+    }
+    for disk in &spec.disks {
+        let backup = records::get(tx, backups::KIND, &disk.backup_id)
+            .await?
+            .ok_or_else(|| ApiError::Conflict(format!("disk backup {} is gone", disk.backup_id)))?;
+        backups::load_restore_target(tx, principal, &backup.spec()?).await?;
+    }
+    tasks::enqueue(
+        tx,
+        vm.meta.vdc_id.as_deref(),
+        vms::KIND,
+        &spec.vm_id,
+        "restore-backup",
+        serde_json::json!({ "vm_backup_id": id }),
+    )
+    .await
 }

@@ -81,7 +81,7 @@ impl Agent {
     }
 
     /// Reports percent done on the task.
-    fn progress<'a>(
+    pub(super) fn progress<'a>(
         &'a self,
         task: &'a Task,
         note: &'a str,
