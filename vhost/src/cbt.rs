@@ -207,6 +207,14 @@ impl Cbt {
         self.add_with_validity(name, true)
     }
 
+    /// Adds a bitmap for a backup chain whose earlier writes were not
+    /// tracked (the disk's bitmaps were lost or dropped, e.g. after a
+    /// restore in place): invalid, so the chain's next backup reads
+    /// everything instead of trusting an empty bitmap.
+    pub fn add_untracked_bitmap(&self, name: &str) -> Result<(), CbtError> {
+        self.add_with_validity(name, false)
+    }
+
     fn add_with_validity(&self, name: &str, valid: bool) -> Result<(), CbtError> {
         let _g = self.control.lock().unwrap_or_else(|p| p.into_inner());
         if name.is_empty() || name.len() > 255 || self.find(name).is_some() {
@@ -507,6 +515,19 @@ mod tests {
             Cbt::new(SIZE, 1000),
             Err(CbtError::Granularity(1000))
         ));
+    }
+
+    #[test]
+    fn an_untracked_bitmap_is_invalid_until_its_first_freeze() {
+        let cbt = Cbt::new(SIZE, DEFAULT_GRANULARITY).unwrap();
+        cbt.add_untracked_bitmap("chain").unwrap();
+        write(&cbt, 0, 1);
+        let first = cbt.freeze_and_reset("chain").unwrap();
+        assert!(!first.valid, "writes before it were not tracked");
+        write(&cbt, 1 << 16, 1);
+        let second = cbt.freeze_and_reset("chain").unwrap();
+        assert!(second.valid);
+        assert_eq!(second.dirty_granules(), vec![1]);
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub fn backup_stopped_disk(
     }
     let tracker = Cbt::open(&path, size, granularity).map_err(JobError::Cbt)?;
     if tracker.peek(bitmap).is_err() {
-        // A named chain that does not exist yet starts here (first = full).
-        tracker.add_bitmap(bitmap).map_err(JobError::Cbt)?;
+        // The chain may have points taken before this file was made (its
+        // bitmaps lost or dropped): nothing says what changed since them.
+        tracker.add_untracked_bitmap(bitmap).map_err(JobError::Cbt)?;
     }
     let result = backup(
         repo,
