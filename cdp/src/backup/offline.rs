@@ -42,7 +42,9 @@ pub fn backup_stopped_disk(
     if tracker.peek(bitmap).is_err() {
         // The chain may have points taken before this file was made (its
         // bitmaps lost or dropped): nothing says what changed since them.
-        tracker.add_untracked_bitmap(bitmap).map_err(JobError::Cbt)?;
+        tracker
+            .add_untracked_bitmap(bitmap)
+            .map_err(JobError::Cbt)?;
     }
     let result = backup(
         repo,
