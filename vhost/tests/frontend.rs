@@ -60,6 +60,7 @@ fn pattern_roundtrip_and_out_of_range_is_ioerr() {
         queues: 2,
         serial: "frontend-test".into(),
         cbt_granularity: None,
+        control: None,
     };
     let stop = StopHandle::new();
     let server = {
