@@ -133,8 +133,8 @@ impl FrozenBitmap {
     pub fn write_file(&self, path: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let name = self.name.as_bytes();
-        let nlen = u8::try_from(name.len())
-            .map_err(|_| std::io::Error::other("bitmap name too long"))?;
+        let nlen =
+            u8::try_from(name.len()).map_err(|_| std::io::Error::other("bitmap name too long"))?;
         let mut out = Vec::with_capacity(40 + name.len() + self.words.len() * 8);
         out.extend_from_slice(FROZEN_MAGIC);
         out.push(u8::from(self.valid));

@@ -301,7 +301,8 @@ impl Client {
     /// Sends `req`; an answer with `error` set becomes [`ControlError::Refused`].
     pub fn call(&mut self, req: &Request) -> Result<Response, ControlError> {
         let io = |e| ControlError::Io(self.path.clone(), e);
-        let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Answer(self.path.clone(), e))?;
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| ControlError::Answer(self.path.clone(), e))?;
         line.push(b'\n');
         self.writer.write_all(&line).map_err(io)?;
         let mut answer = String::new();
@@ -312,8 +313,8 @@ impl Client {
         if n == 0 {
             return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        let r: Response =
-            serde_json::from_str(&answer).map_err(|e| ControlError::Answer(self.path.clone(), e))?;
+        let r: Response = serde_json::from_str(&answer)
+            .map_err(|e| ControlError::Answer(self.path.clone(), e))?;
         match r.error {
             Some(e) => Err(ControlError::Refused(e)),
             None => Ok(r),
@@ -327,9 +328,7 @@ impl Client {
 
     /// [`Request::AddBitmap`]; true when it was created now.
     pub fn add_bitmap(&mut self, name: &str) -> Result<bool, ControlError> {
-        Ok(self
-            .call(&Request::AddBitmap { name: name.into() })?
-            .added)
+        Ok(self.call(&Request::AddBitmap { name: name.into() })?.added)
     }
 
     /// [`Request::Drain`].
@@ -351,7 +350,8 @@ impl Client {
         frozen
             .write_file(path)
             .map_err(|e| ControlError::Io(path.into(), e))?;
-        self.call(&Request::MergeBack { path: path.into() }).map(drop)
+        self.call(&Request::MergeBack { path: path.into() })
+            .map(drop)
     }
 }
 
@@ -397,7 +397,10 @@ mod tests {
         let file = dir.path().join("frozen");
         let f = c.freeze("b", &file).unwrap();
         assert!(f.valid);
-        assert_eq!(f.dirty_granules(), vec![0, (10 << 20) / DEFAULT_GRANULARITY]);
+        assert_eq!(
+            f.dirty_granules(),
+            vec![0, (10 << 20) / DEFAULT_GRANULARITY]
+        );
         assert_eq!(cbt.peek("b").unwrap().dirty_granules(), Vec::<u64>::new());
         // A write after the freeze lands in the new epoch.
         cbt.on_write(20 << 20, 1, &WriteData::new(&[]));

@@ -42,7 +42,9 @@ pub mod staging;
 
 pub use chunk::Digest;
 pub use index::{BackupIndex, Kind};
-pub use job::{backup, BackupJob, BackupReport, BackupSpec, FrozenCbt, JobError, Progress, Tracking};
+pub use job::{
+    backup, BackupJob, BackupReport, BackupSpec, FrozenCbt, JobError, Progress, Tracking,
+};
 pub use offline::backup_stopped_disk;
 pub use repo::{GcReport, RepoError, Repository, VerifyReport};
 pub use restore::{restore, RestoreError, RestoreMode, RestoreReport};

@@ -80,8 +80,12 @@ pub fn copy_chunks_sparse(
                 break;
             }
             let stop = hole.min(end);
-            copy_range(&src, &dst, data, stop - data, &mut buf)
-                .map_err(|source| StagingError::Copy { offset: data, source })?;
+            copy_range(&src, &dst, data, stop - data, &mut buf).map_err(|source| {
+                StagingError::Copy {
+                    offset: data,
+                    source,
+                }
+            })?;
             copied += stop - data;
             pos = stop;
         }
@@ -145,7 +149,9 @@ fn copy_range(
     let mut in_kernel = true;
     while done < len {
         let at = offset + done;
-        let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(64 << 20);
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(64 << 20);
         if in_kernel {
             let mut off_in = libc::loff_t::try_from(at).map_err(std::io::Error::other)?;
             let mut off_out = off_in;
@@ -238,7 +244,10 @@ mod tests {
         let all: Vec<usize> = (0..33).collect();
         let r = copy_chunks_sparse(&src_path, &dest, CHUNK, &all).unwrap();
         assert_eq!(r.size, size);
-        assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&src_path).unwrap());
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(&src_path).unwrap()
+        );
         let d = File::open(&dest).unwrap();
         if src_extents.len() > 1 {
             assert_eq!(r.bytes_copied, 2 * CHUNK + 4096 + CHUNK + 4096);
@@ -257,12 +266,16 @@ mod tests {
         assert_eq!(r.bytes_copied, 2 * CHUNK);
         let staged = std::fs::read(&dest).unwrap();
         assert_eq!(staged.len() as u64, size);
-        let chunk = |c: u64| &staged[usize::try_from(c * CHUNK).unwrap()..][..usize::try_from(CHUNK).unwrap()];
+        let chunk = |c: u64| {
+            &staged[usize::try_from(c * CHUNK).unwrap()..][..usize::try_from(CHUNK).unwrap()]
+        };
         assert!(chunk(1).iter().all(|&b| b == 0), "chunk 1 not asked");
         assert!(chunk(2).iter().all(|&b| b == 0xa1));
         assert!(chunk(5).iter().all(|&b| b == 0), "chunk 5 not asked");
         assert!(chunk(9).iter().all(|&b| b == 0xa9));
-        assert!(staged[usize::try_from(32 * CHUNK).unwrap()..].iter().all(|&b| b == 0));
+        assert!(staged[usize::try_from(32 * CHUNK).unwrap()..]
+            .iter()
+            .all(|&b| b == 0));
         if src_extents.len() > 1 {
             let d = File::open(&dest).unwrap();
             let ext = extents(&d);

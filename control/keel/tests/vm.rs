@@ -1979,8 +1979,10 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
     let (status, task) = api.call(
         "POST",
         "/api/v1/vms",
-        Some(json!({"name": "live", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
-            "volume_ids": [root, data]})),
+        Some(
+            json!({"name": "live", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+            "volume_ids": [root, data]}),
+        ),
     );
     assert_eq!(status, 202, "{task}");
     let vm = task["resource_id"].as_str().unwrap().to_owned();
@@ -2009,11 +2011,17 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
         let done = api.wait_task(&task);
         let b = api.ok(
             "GET",
-            &format!("/api/v1/backups/{}", done["params"]["backup_id"].as_str().unwrap()),
+            &format!(
+                "/api/v1/backups/{}",
+                done["params"]["backup_id"].as_str().unwrap()
+            ),
             None,
         );
         assert_eq!(b["status"], "AVAILABLE", "{b}");
-        assert!(b["paused_ms"].is_u64(), "the VM was paused for the cut: {b}");
+        assert!(
+            b["paused_ms"].is_u64(),
+            "the VM was paused for the cut: {b}"
+        );
         eprintln!(
             "online backup {name}: kind {} read {}/{} chunks, VM paused {} ms",
             b["kind"], b["chunks_read"], b["chunks_total"], b["paused_ms"]
@@ -2021,6 +2029,15 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
         assert_eq!(api.vm_status(&vm).0, "RUNNING", "resumed after the cut");
         b
     };
+    // Some data for the full backup's cut to copy (its pause is logged).
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "R",
+        "dd if=/dev/urandom of=/dev/vdb bs=1M seek=16 count=32 conv=fsync 2>/dev/null",
+    );
+    assert!(out.contains("R=0"), "{out}");
     write("A", "KEEL-LIVE-A", 256);
     let b1 = backup("live1");
     assert_eq!(b1["kind"], "full", "{b1}");
@@ -2063,7 +2080,10 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
     assert_eq!(&at(&r2, 256), b"KEEL-LIVE-A");
     assert_eq!(&at(&r2, 384), b"KEEL-LIVE-B");
     // The guest no longer writes the disk: the latest backup is the volume.
-    assert!(same_content(&r2, &data_file), "restore of backup 2 equals the volume");
+    assert!(
+        same_content(&r2, &data_file),
+        "restore of backup 2 equals the volume"
+    );
     assert!(
         std::fs::read_dir(state.join("backups").join("staging"))
             .unwrap()
