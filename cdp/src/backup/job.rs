@@ -151,6 +151,10 @@ pub struct BackupReport {
     pub paused_ms: Option<u64>,
 }
 
+/// Gives a frozen bitmap's bits back to its live tracker (the message
+/// says why it could not).
+pub type MergeBack<'a> = Box<dyn FnOnce(&FrozenBitmap) -> Result<(), String> + Send + 'a>;
+
 /// A bitmap already frozen out of a live tracker (e.g. by a disk server
 /// over its control socket), and how to give its bits back.
 pub struct FrozenCbt<'a> {
@@ -158,7 +162,7 @@ pub struct FrozenCbt<'a> {
     pub bitmap: FrozenBitmap,
     /// ORs the bits back into the live bitmap; called when the job fails
     /// (or is dropped unfinished), so the next job copies them again.
-    pub merge_back: Box<dyn FnOnce(&FrozenBitmap) -> Result<(), String> + Send + 'a>,
+    pub merge_back: MergeBack<'a>,
 }
 
 /// Which chunks a job reads and what it inherits (decided before reading).
