@@ -350,10 +350,14 @@ fn staged_jobs_on_a_frozen_bitmap_equal_direct_ones_and_give_bits_back_on_failur
     };
     let staged = f.dir.path().join("staged.raw");
     let stage_and_run = |frozen: Option<FrozenCbt<'_>>| {
-        let mut job = BackupJob::lock(&f.repo, &spec(&f)).unwrap();
+        let mut spec = spec(&f);
+        spec.scratch_source = true;
+        let mut job = BackupJob::lock(&f.repo, &spec).unwrap();
         let chunks = job.plan(SIZE, frozen).unwrap().to_vec();
         copy_chunks_sparse(&f.image, &staged, job.chunk_size(), &chunks).unwrap();
         let r = job.run(&staged, &none).unwrap();
+        // A scratch source is freed as it is read.
+        assert_eq!(std::fs::metadata(&staged).unwrap().blocks(), 0);
         std::fs::remove_file(&staged).unwrap();
         r
     };

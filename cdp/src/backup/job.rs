@@ -83,6 +83,10 @@ pub struct BackupSpec {
     pub threads: usize,
     /// zstd level.
     pub zstd_level: i32,
+    /// The source is a scratch copy (a staging file): each chunk's range
+    /// is punched out once read, so its page-cache pages are dropped
+    /// instead of written back to the disk under the repository's fsyncs.
+    pub scratch_source: bool,
 }
 
 impl BackupSpec {
@@ -94,6 +98,7 @@ impl BackupSpec {
             chunk_size: DEFAULT_CHUNK_SIZE,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             zstd_level: 1,
+            scratch_source: false,
         }
     }
 }
@@ -321,7 +326,11 @@ impl<'a> BackupJob<'a> {
             .as_mut()
             .ok_or(JobError::ChunkSize(spec.chunk_size))?;
         let open_err = |e| JobError::OpenSource(source.to_owned(), e);
-        let file = File::open(source).map_err(open_err)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(spec.scratch_source)
+            .open(source)
+            .map_err(open_err)?;
         let size = source_size(&file).map_err(open_err)?;
         if size != plan.size {
             return Err(JobError::SizeMismatch {
@@ -463,6 +472,9 @@ fn copy_chunks(
             let data = &mut buf[..len];
             file.read_exact_at(data, offset)
                 .map_err(|source| JobError::ReadSource { offset, source })?;
+            if spec.scratch_source {
+                punch(file, offset, len as u64);
+            }
             // A slice compare is a memcmp: cheap even in debug builds.
             let digest = if *data == zeros[..len] {
                 stats.zero.fetch_add(1, Ordering::Relaxed);
@@ -504,6 +516,24 @@ fn copy_chunks(
     let dirs = dirs.into_inner().unwrap_or_default();
     repo.sync_chunk_dirs(&dirs).map_err(JobError::Repo)?;
     Ok(all)
+}
+
+/// Frees `len` bytes at `offset` of a scratch file (best effort: a file
+/// system without hole punching just keeps the data until the file goes).
+fn punch(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        );
+    }
 }
 
 /// Chunks touched by any dirty granule (chunk size is a multiple of the

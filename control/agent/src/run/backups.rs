@@ -225,8 +225,10 @@ impl Agent {
                 StepError::Invalid(format!("backup of volume {id}: {e}"))
             };
             let path = volumes::volume_path(&self.config.state_dir, id);
-            let job = engine::BackupJob::lock(repo, &engine::BackupSpec::new(id, &path))
-                .map_err(|e| err(&e))?;
+            let mut spec = engine::BackupSpec::new(id, &path);
+            // The job reads the staging copy, which need never reach the disk.
+            spec.scratch_source = true;
+            let job = engine::BackupJob::lock(repo, &spec).map_err(|e| err(&e))?;
             let mut client = control::Client::connect(control).map_err(|e| err(&e))?;
             if d.incremental {
                 client.add_bitmap(BITMAP).map_err(|e| err(&e))?;
