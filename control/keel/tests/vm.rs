@@ -2001,13 +2001,13 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
         );
         assert!(out.contains(&format!("{tag}=0")), "{out}");
     };
-    let backup = |name: &str| -> Value {
+    let backup = |name: &str, running: bool| -> Value {
         let (status, task) = api.call(
             "POST",
             &format!("/api/v1/volumes/{data}/backups"),
             Some(json!({"name": name})),
         );
-        assert_eq!(status, 202, "a running VM's volume is backed up: {task}");
+        assert_eq!(status, 202, "{task}");
         let done = api.wait_task(&task);
         let b = api.ok(
             "GET",
@@ -2018,15 +2018,19 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
             None,
         );
         assert_eq!(b["status"], "AVAILABLE", "{b}");
-        assert!(
-            b["paused_ms"].is_u64(),
-            "the VM was paused for the cut: {b}"
-        );
         eprintln!(
             "online backup {name}: kind {} read {}/{} chunks, VM paused {} ms",
             b["kind"], b["chunks_read"], b["chunks_total"], b["paused_ms"]
         );
-        assert_eq!(api.vm_status(&vm).0, "RUNNING", "resumed after the cut");
+        if running {
+            assert!(
+                b["paused_ms"].is_u64(),
+                "the VM was paused for the cut: {b}"
+            );
+            assert_eq!(api.vm_status(&vm).0, "RUNNING", "resumed after the cut");
+        } else {
+            assert!(b["paused_ms"].is_null(), "nothing to pause: {b}");
+        }
         b
     };
     // Some data for the full backup's cut to copy (its pause is logged).
@@ -2039,10 +2043,10 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
     );
     assert!(out.contains("R=0"), "{out}");
     write("A", "KEEL-LIVE-A", 256);
-    let b1 = backup("live1");
+    let b1 = backup("live1", true);
     assert_eq!(b1["kind"], "full", "{b1}");
     write("B", "KEEL-LIVE-B", 384);
-    let b2 = backup("live2");
+    let b2 = backup("live2", true);
     assert_eq!(b2["kind"], "incremental", "{b2}");
     let read = b2["chunks_read"].as_u64().unwrap();
     assert!(
@@ -2092,4 +2096,20 @@ fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
         "no staging file is left"
     );
     assert_eq!(api.vm_status(&vm).0, "RUNNING");
+
+    // Stopped, the VM keeps its disks attached and their servers running:
+    // the backup asks the server for its live bitmap (the bitmap file is
+    // theirs while they run) and finds nothing changed.
+    api.action(&vm, "stop");
+    assert_eq!(api.vm_status(&vm).0, "STOPPED");
+    let b3 = backup("stopped", false);
+    assert_eq!(b3["kind"], "incremental", "{b3}");
+    assert_eq!(b3["chunks_read"], 0, "{b3}");
+    assert!(
+        std::fs::read_dir(state.join("backups").join("staging"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no staging file is left"
+    );
 }

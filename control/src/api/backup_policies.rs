@@ -3,8 +3,11 @@
 //! volume. The host agent runs [`run_due`] in its loop: each policy that is
 //! due takes an (incremental) backup of each of its volumes and deletes
 //! that volume's oldest policy-made backups beyond the retention. A new
-//! policy is due at once. Volumes a running VM uses are skipped for that
-//! round (backups are not point-in-time yet) and the policy says so.
+//! policy is due at once. Volumes of a running VM are backed up at a point
+//! in time (the VM pauses briefly, see [`super::backups`]); volumes that
+//! cannot be backed up now (a task pending on them or their VM, a VM in an
+//! active protection group or in another state) are skipped for that round
+//! and the policy says so.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};

@@ -68,8 +68,17 @@ impl Agent {
             .map_err(|e| StepError::Invalid(format!("backup repository {}: {e}", root.display())))
     }
 
-    /// Reports percent done on the task (for part `k` of `n` equal parts).
+    /// Reports percent done on the task.
     fn progress<'a>(
+        &'a self,
+        task: &'a Task,
+        note: &'a str,
+    ) -> impl Fn(engine::Progress) + Sync + 'a {
+        self.progress_part(task, note, (0, 1))
+    }
+
+    /// Reports percent done on the task for part `k` of `n` equal parts.
+    fn progress_part<'a>(
         &'a self,
         task: &'a Task,
         note: &'a str,
@@ -178,7 +187,7 @@ impl Agent {
             let (jobs, paused_ms) = self.cut(vm, disks, &live, &repo, &staging)?;
             let this: &Self = self;
             for LiveJob { index, job, staged } in jobs {
-                let progress = this.progress(task, "reading the volume", (index as u64, n));
+                let progress = this.progress_part(task, "reading the volume", (index as u64, n));
                 // On an error the jobs not run yet drop here: their frozen
                 // bitmaps merge back and their staging files go.
                 let mut r = job
@@ -192,7 +201,7 @@ impl Agent {
             if reports[i].is_some() {
                 continue;
             }
-            let progress = self.progress(task, "reading the volume", (i as u64, n));
+            let progress = self.progress_part(task, "reading the volume", (i as u64, n));
             let path = volumes::volume_path(&self.config.state_dir, &d.volume.meta.id);
             let spec = engine::BackupSpec::new(&d.volume.meta.id, &path);
             let cbt = d.incremental.then_some((CBT_GRANULARITY, BITMAP));
@@ -332,7 +341,7 @@ impl Agent {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StepError::Invalid(format!("create {}: {e}", dir.display())))?;
         }
-        let progress = self.progress(task, "restoring the backup", (0, 1));
+        let progress = self.progress(task, "restoring the backup");
         let report = engine::restore(
             &repo,
             &point,
