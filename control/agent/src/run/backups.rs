@@ -47,6 +47,9 @@ struct Prepared<'r> {
     job: engine::BackupJob<'r>,
     path: PathBuf,
     size: u64,
+    /// The chain's bitmap was created now: it knows nothing of earlier
+    /// writes, so it must not make an incremental from an older point.
+    bitmap_new: bool,
 }
 
 /// A staging file, removed when dropped (also when a backup fails).
@@ -239,9 +242,7 @@ impl Agent {
             spec.scratch_source = true;
             let job = engine::BackupJob::lock(repo, &spec).map_err(|e| err(&e))?;
             let mut client = control::Client::connect(control).map_err(|e| err(&e))?;
-            if d.incremental {
-                client.add_bitmap(BITMAP).map_err(|e| err(&e))?;
-            }
+            let bitmap_new = d.incremental && client.add_bitmap(BITMAP).map_err(|e| err(&e))?;
             let size = std::fs::metadata(&path).map_err(|e| err(&e))?.len();
             prepared.push(Prepared {
                 index: *index,
@@ -250,6 +251,7 @@ impl Agent {
                 job,
                 path,
                 size,
+                bitmap_new,
             });
         }
         let copy = |prepared: Vec<Prepared<'r>>| -> Result<Vec<LiveJob<'r>>, StepError> {
@@ -266,7 +268,10 @@ impl Agent {
                     let file = staging.join(format!("{id}.frozen"));
                     let bitmap = client.freeze(BITMAP, &file).map_err(|e| err(&e));
                     let _ = std::fs::remove_file(&file);
-                    let bitmap = bitmap?;
+                    let mut bitmap = bitmap?;
+                    if p.bitmap_new {
+                        bitmap.valid = false;
+                    }
                     let control = p.control;
                     Some(engine::FrozenCbt {
                         bitmap,
