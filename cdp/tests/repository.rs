@@ -385,4 +385,81 @@ fn encrypted_chain_names_chunks_by_key_and_a_key_change_takes_a_full() {
         f.repo.verify(&[f.repo.load(&inc.id).unwrap()]),
         Err(RepoError::Key { .. })
     ));
+
+/// The point-in-time path: a bitmap frozen elsewhere (the disk server),
+/// the planned chunks staged to a sparse copy, the job run on the copy.
+/// A failed or abandoned job gives the frozen bits back.
+#[test]
+fn staged_jobs_on_a_frozen_bitmap_equal_direct_ones_and_give_bits_back_on_failure() {
+    use keel_cdp::backup::staging::copy_chunks_sparse;
+    use keel_cdp::backup::{BackupJob, FrozenCbt};
+    let f = fixture();
+    let cbt = Cbt::new(SIZE, 4096).unwrap();
+    cbt.add_bitmap("chain").unwrap();
+    let merged = std::sync::Mutex::new(Vec::new());
+    let (cbt, merged) = (&cbt, &merged);
+    let frozen = move || FrozenCbt {
+        bitmap: cbt.freeze_and_reset("chain").unwrap(),
+        merge_back: Box::new(move |b| {
+            merged.lock().unwrap().push(b.dirty_granules());
+            cbt.merge_back(b).map_err(|e| e.to_string())
+        }),
+    };
+    let staged = f.dir.path().join("staged.raw");
+    let stage_and_run = |frozen: Option<FrozenCbt<'_>>| {
+        let mut spec = spec(&f);
+        spec.scratch_source = true;
+        let mut job = BackupJob::lock(&f.repo, &spec).unwrap();
+        let chunks = job.plan(SIZE, frozen).unwrap().to_vec();
+        copy_chunks_sparse(&f.image, &staged, job.chunk_size(), &chunks).unwrap();
+        let r = job.run(&staged, &none).unwrap();
+        // A scratch source is freed as it is read.
+        assert_eq!(std::fs::metadata(&staged).unwrap().blocks(), 0);
+        std::fs::remove_file(&staged).unwrap();
+        r
+    };
+
+    // Full (no parent in the chain yet), from a staged copy.
+    let full = stage_and_run(Some(frozen()));
+    assert_eq!((full.kind, full.chunks_read), (Kind::Full, 64));
+    let out = f.dir.path().join("r1.raw");
+    restore(&f.repo, &full.id, &out, RestoreMode::NewFile, 2, &none).unwrap();
+    assert_eq!(sha(&out), sha(&f.image));
+
+    // Incremental: only the dirty chunk is staged (the rest of the staging
+    // file is a hole the job never reads).
+    guest_write(&f, cbt, 40 * CHUNK + 5, b"changed");
+    let inc = stage_and_run(Some(frozen()));
+    assert_eq!((inc.kind, inc.chunks_read), (Kind::Incremental, 1));
+    let out = f.dir.path().join("r2.raw");
+    restore(&f.repo, &inc.id, &out, RestoreMode::NewFile, 2, &none).unwrap();
+    assert_eq!(sha(&out), sha(&f.image));
+    assert!(merged.lock().unwrap().is_empty());
+
+    // A job whose source is gone fails and merges its bits back; so does
+    // one dropped after planning (the staging copy failed).
+    guest_write(&f, cbt, 50 * CHUNK, b"again");
+    let mut job = BackupJob::lock(&f.repo, &spec(&f)).unwrap();
+    job.plan(SIZE, Some(frozen())).unwrap();
+    assert!(matches!(
+        job.run(&f.dir.path().join("missing.raw"), &none),
+        Err(JobError::OpenSource(..))
+    ));
+    let mut job = BackupJob::lock(&f.repo, &spec(&f)).unwrap();
+    job.plan(SIZE, Some(frozen())).unwrap();
+    drop(job);
+    let g = 50 * CHUNK / 4096;
+    assert_eq!(*merged.lock().unwrap(), vec![vec![g], vec![g]]);
+    assert_eq!(cbt.peek("chain").unwrap().dirty_granules(), vec![g]);
+    // A bitmap of another granularity than the chunk size allows is refused
+    // at plan, and its bits go back too.
+    let mut job = BackupJob::lock(&f.repo, &spec(&f)).unwrap();
+    let mut odd = frozen();
+    odd.bitmap.granularity = 3 * CHUNK;
+    assert!(matches!(
+        job.plan(SIZE, Some(odd)),
+        Err(JobError::ChunkSize(_))
+    ));
+    drop(job);
+    assert_eq!(merged.lock().unwrap().len(), 3);
 }

@@ -125,6 +125,66 @@ impl FrozenBitmap {
     }
 }
 
+const FROZEN_MAGIC: &[u8; 8] = b"KEELFRZ1";
+
+impl FrozenBitmap {
+    /// Writes the bitmap to `path` (created 0600, replaced atomically), for
+    /// handing it between the disk server and the agent.
+    pub fn write_file(&self, path: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = self.name.as_bytes();
+        let nlen =
+            u8::try_from(name.len()).map_err(|_| std::io::Error::other("bitmap name too long"))?;
+        let mut out = Vec::with_capacity(40 + name.len() + self.words.len() * 8);
+        out.extend_from_slice(FROZEN_MAGIC);
+        out.push(u8::from(self.valid));
+        out.extend_from_slice(&self.granularity.to_le_bytes());
+        out.push(nlen);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(self.words.len() as u64).to_le_bytes());
+        for w in &self.words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        let tmp = path.with_extension("frozen-tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&out)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Reads a bitmap written by [`FrozenBitmap::write_file`].
+    pub fn read_file(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a frozen bitmap");
+        let mut r = Reader(&bytes);
+        if r.take(8).ok_or_else(bad)? != FROZEN_MAGIC {
+            return Err(bad());
+        }
+        let valid = r.u8().ok_or_else(bad)? == 1;
+        let granularity = r.u64().ok_or_else(bad)?;
+        let nlen = usize::from(r.u8().ok_or_else(bad)?);
+        let name = String::from_utf8(r.take(nlen).ok_or_else(bad)?.to_vec()).map_err(|_| bad())?;
+        let nwords = usize::try_from(r.u64().ok_or_else(bad)?).map_err(|_| bad())?;
+        if nwords.checked_mul(8) != Some(r.0.len()) {
+            return Err(bad());
+        }
+        let mut words = Vec::with_capacity(nwords);
+        for _ in 0..nwords {
+            words.push(r.u64().ok_or_else(bad)?);
+        }
+        Ok(Self {
+            name,
+            valid,
+            granularity,
+            words,
+        })
+    }
+}
+
 /// Validity and size of one named bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapStatus {
@@ -455,6 +515,28 @@ mod tests {
 
     fn write(cbt: &Cbt, off: u64, len: u64) {
         cbt.on_write(off, len, &WriteData::new(&[]));
+    }
+
+    #[test]
+    fn frozen_bitmap_file_round_trips_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let cbt = Cbt::new(SIZE, DEFAULT_GRANULARITY).unwrap();
+        cbt.add_bitmap("chain").unwrap();
+        write(&cbt, 0, 1);
+        write(&cbt, SIZE - 1, 1);
+        let f = cbt.freeze_and_reset("chain").unwrap();
+        let path = dir.path().join("f");
+        f.write_file(&path).unwrap();
+        assert_eq!(FrozenBitmap::read_file(&path).unwrap(), f);
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [0, 8, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            assert!(FrozenBitmap::read_file(&path).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        std::fs::write(&path, longer).unwrap();
+        assert!(FrozenBitmap::read_file(&path).is_err());
     }
 
     proptest! {

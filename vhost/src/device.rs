@@ -135,6 +135,23 @@ impl<H: WriteHook> BlockDevice<H> {
     }
 }
 
+/// Waiting for the requests in flight of a device (see `Request::Drain`
+/// in [`crate::control`]).
+pub(crate) trait Drain: Send + Sync {
+    /// Returns once every worker finished the kick it was serving.
+    fn drain(&self);
+}
+
+impl<H: WriteHook> Drain for BlockDevice<H> {
+    fn drain(&self) {
+        // A worker holds its lock for a whole kick, which it serves until
+        // nothing it took is in flight.
+        for w in &self.workers {
+            drop(w.lock());
+        }
+    }
+}
+
 fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::other(e)
 }
@@ -202,6 +219,29 @@ impl<H: WriteHook> VhostUserBackend for BlockDevice<H> {
             masks[q % threads] |= 1 << q;
         }
         masks
+    }
+
+    /// GET_VRING_BASE (the VM pauses, or the frontend stops the device):
+    /// the handler already marked the ring not ready; waiting for the
+    /// worker that serves it (its lock is held for a whole kick) lets the
+    /// requests it took finish and complete to the used ring, so the index
+    /// QEMU gets back covers no request still in flight, and every write
+    /// the guest submitted before a pause has passed the write hook (its
+    /// CBT bits are set) when the pause returns.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let threads = self.workers.len();
+        let Some(worker) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|q| self.workers.get(q % threads.max(1)))
+        else {
+            return Ok(());
+        };
+        drop(
+            worker
+                .lock()
+                .map_err(|_| io::Error::other("worker lock poisoned"))?,
+        );
+        Ok(())
     }
 
     fn handle_event(

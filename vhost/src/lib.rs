@@ -13,7 +13,9 @@
 //!   frontend reconnects.
 //! - [`hook`] is the single write-path seam: every completed write,
 //!   discard, write-zeroes and flush passes a [`WriteHook`]; [`cbt`] is the
-//!   changed-block-tracking implementation on it.
+//!   changed-block-tracking implementation on it; [`control`] is the
+//!   disk server's control socket the agent manages the live bitmaps with
+//!   (online backups).
 //! - [`disk`] creates and opens raw images (thin or thick). An O_DIRECT
 //!   image's page cache is dropped at open: io_uring cannot submit a direct
 //!   write inline while pages of its range are cached and hands it to its
@@ -37,11 +39,16 @@
 //! - Write-back semantics: a completed write may sit in the host page cache
 //!   until the guest's FLUSH (fdatasync). After a failed fdatasync the disk
 //!   is marked failed and every later request fails.
+//! - A stopped ring (GET_VRING_BASE, sent by QEMU when the VM pauses)
+//!   takes no new request, and the stop returns once the requests already
+//!   taken completed: after a pause every write the guest submitted has
+//!   passed the write hook.
 //! - Requests in flight when the backend dies are not in the used ring;
 //!   QEMU resubmits them from the last used index on reconnect.
 
 pub mod cbt;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod disk;
 pub mod frontend;

@@ -10,7 +10,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::device::{BlockDevice, DeviceError, DiskShared, QueueConfig};
+use crate::device::{BlockDevice, DeviceError, DiskShared, Drain, QueueConfig};
 use crate::hook::WriteHook;
 
 /// Errors of the serve loop.
@@ -46,6 +46,7 @@ struct StopInner {
     stopped: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
     socket: Mutex<Option<PathBuf>>,
+    device: Mutex<Option<Arc<dyn Drain>>>,
 }
 
 impl StopHandle {
@@ -57,6 +58,15 @@ impl StopHandle {
     /// True once [`StopHandle::stop`] was called.
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
+    }
+
+    /// Waits until the current frontend connection's workers have nothing
+    /// in flight (returns at once without a connection).
+    pub fn drain(&self) {
+        let device = self.inner.device.lock().ok().and_then(|d| d.clone());
+        if let Some(d) = device {
+            d.drain();
+        }
     }
 
     /// Ends the current connection and makes `serve` return.
@@ -104,6 +114,9 @@ pub fn serve<H: WriteHook + Clone>(
             BlockDevice::new(shared.clone(), hook.clone(), config.queues)
                 .map_err(ServeError::Device)?,
         );
+        if let Ok(mut d) = stop.inner.device.lock() {
+            *d = Some(device.clone());
+        }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("keel-vhost-blk".into(), device, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
@@ -124,6 +137,9 @@ pub fn serve<H: WriteHook + Clone>(
         }
         if let Ok(mut c) = stop.inner.connection.lock() {
             *c = None;
+        }
+        if let Ok(mut d) = stop.inner.device.lock() {
+            *d = None;
         }
         stop_workers(&daemon);
     }
@@ -152,6 +168,8 @@ pub struct DiskServeOptions {
     /// Track changed blocks at this granularity, persisted in
     /// [`cbt_path`]`(image)`.
     pub cbt_granularity: Option<u64>,
+    /// Serve the control channel ([`crate::control`]) on this socket.
+    pub control: Option<PathBuf>,
 }
 
 /// Where the CBT bitmaps of `image` live.
@@ -176,6 +194,9 @@ pub enum ServeDiskError {
     /// Saving the CBT bitmaps at shutdown failed.
     #[error("Cannot save changed-block tracking")]
     PersistCbt(#[source] crate::cbt::CbtError),
+    /// The control socket could not be served.
+    #[error("Cannot serve the control socket")]
+    Control(#[source] crate::control::ControlError),
 }
 
 /// Opens the image (and its CBT file), serves it until `stop`, then
@@ -188,8 +209,23 @@ pub fn serve_disk(opts: &DiskServeOptions, stop: &StopHandle) -> Result<(), Serv
     };
     let capacity = disk.capacity();
     let shared = Arc::new(DiskShared::new(disk, &opts.serial));
+    let control = |cbt: Option<Arc<crate::cbt::Cbt>>| match &opts.control {
+        None => Ok(()),
+        Some(path) => crate::control::spawn(
+            path,
+            crate::control::ControlTarget {
+                cbt,
+                stop: stop.clone(),
+                disk_size: capacity,
+            },
+        )
+        .map_err(ServeDiskError::Control),
+    };
     match opts.cbt_granularity {
-        None => serve(&config, shared, crate::hook::NoHook, stop).map_err(ServeDiskError::Serve),
+        None => {
+            control(None)?;
+            serve(&config, shared, crate::hook::NoHook, stop).map_err(ServeDiskError::Serve)
+        }
         Some(gran) => {
             let cbt = Arc::new(
                 crate::cbt::Cbt::open(&cbt_path(&opts.disk.path), capacity, gran)
@@ -198,6 +234,7 @@ pub fn serve_disk(opts: &DiskServeOptions, stop: &StopHandle) -> Result<(), Serv
             if !cbt.opened_clean() {
                 tracing::warn!("changed-block bitmaps invalid after an unclean shutdown: next backup must be full");
             }
+            control(Some(cbt.clone()))?;
             let served = serve(&config, shared, cbt.clone(), stop).map_err(ServeDiskError::Serve);
             // Only a clean stop (final flush succeeded) marks the bitmaps valid.
             served?;

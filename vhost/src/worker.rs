@@ -165,6 +165,11 @@ impl Worker {
                 continue;
             }
             if in_flight == 0 {
+                if stopped(vring) {
+                    // GET_VRING_BASE stopped the ring (the VM paused or the
+                    // frontend is going away): everything taken is done.
+                    return Ok(());
+                }
                 if poll_avail(vring, &mem)? {
                     continue;
                 }
@@ -220,7 +225,7 @@ impl Worker {
             // New requests end the poll too (when a slot is free to take
             // them): they go on the device now rather than after the next
             // completion.
-            let can_take = !self.free.is_empty();
+            let can_take = !self.free.is_empty() && !stopped(vring);
             if poll_until(self.cq_poll, || {
                 !self.ring.completion().is_empty() || (can_take && avail_pending(vring, mem))
             }) {
@@ -244,6 +249,11 @@ impl Worker {
         let writethrough = !disk.wce.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
+        if !queue.ready() {
+            // A stopped ring takes nothing more; the requests already in
+            // flight still complete (see `BlockDevice::stop_vring`).
+            return Ok(0);
+        }
         let mut iter = queue.iter(mem).map_err(WorkerError::AvailRing)?;
         let mut sqes = 0usize;
         loop {
@@ -497,6 +507,11 @@ fn poll_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
 /// True when the guest made a request available that is not taken yet,
 /// or when the available ring cannot be read (the caller's next refill
 /// reports that error).
+/// True once GET_VRING_BASE stopped the ring.
+fn stopped(vring: &VringRwLock<GuestMem>) -> bool {
+    !vring.get_ref().get_queue().ready()
+}
+
 fn avail_pending(vring: &VringRwLock<GuestMem>, mem: &GuestMemoryMmap<()>) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();

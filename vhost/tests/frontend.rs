@@ -60,6 +60,7 @@ fn pattern_roundtrip_and_out_of_range_is_ioerr() {
         queues: 2,
         serial: "frontend-test".into(),
         cbt_granularity: None,
+        control: None,
     };
     let stop = StopHandle::new();
     let server = {
@@ -161,6 +162,74 @@ fn pattern_roundtrip_and_out_of_range_is_ioerr() {
     assert_eq!(buf, want);
 
     drop(queues);
+    drop(fe);
+    stop.stop();
+    server.join().unwrap().unwrap();
+}
+
+/// GET_VRING_BASE (QEMU sends it when the VM pauses) answers only once
+/// every request the backend took from the ring has completed, so the base
+/// it returns equals the used index, and each completed write has set its
+/// changed-block bits: the point-in-time cut of a paused VM's disk.
+#[test]
+fn ring_stop_completes_the_requests_taken_before_answering() {
+    use vhost::VhostBackend;
+    const WRITE: u32 = 256 << 10;
+    const DEPTH: u16 = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let socket = dir.path().join("blk.sock");
+    let control = dir.path().join("blk.ctl");
+    create_raw_volume(&image, DISK * 2, Provisioning::Thin).unwrap();
+    let opts = DiskServeOptions {
+        socket: socket.clone(),
+        disk: DiskOptions::new(&image),
+        queues: 1,
+        serial: "stop-test".into(),
+        cbt_granularity: Some(64 << 10),
+        control: Some(control.clone()),
+    };
+    let stop = StopHandle::new();
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || serve_disk(&opts, &stop))
+    };
+    wait_for_socket(&socket);
+    let mut fe = Frontend::connect(
+        &socket,
+        FrontendConfig {
+            queues: 1,
+            queue_depth: DEPTH,
+            max_request: WRITE,
+        },
+    )
+    .unwrap();
+    let mut q = fe.take_queues().pop().unwrap();
+    for i in 0..u64::from(DEPTH) {
+        let slot = q
+            .push(RequestKind::Write, i * u64::from(WRITE) / SECTOR, WRITE)
+            .unwrap();
+        q.buffer_mut(slot).fill(0x5a);
+    }
+    q.kick().unwrap();
+    let base = fe.connection().get_vring_base(0).unwrap();
+    let mut done = Vec::new();
+    q.reap(&mut done).unwrap();
+    assert_eq!(
+        done.len() as u32,
+        base,
+        "every request taken before the stop is completed when it answers"
+    );
+    assert!(done.iter().all(|c| c.status == 0));
+    let mut ctl = keel_vhost::control::Client::connect(&control).unwrap();
+    ctl.drain().unwrap();
+    let marked = ctl.status().unwrap().bitmaps[0].dirty_granules;
+    assert_eq!(
+        marked,
+        u64::from(base) * u64::from(WRITE / (64 << 10)),
+        "completed writes are marked, untaken ones not"
+    );
+    drop(q);
     drop(fe);
     stop.stop();
     server.join().unwrap().unwrap();

@@ -83,6 +83,10 @@ pub struct BackupSpec {
     pub threads: usize,
     /// zstd level.
     pub zstd_level: i32,
+    /// The source is a scratch copy (a staging file): each chunk's range
+    /// is punched out once read, so its page-cache pages are dropped
+    /// instead of written back to the disk under the repository's fsyncs.
+    pub scratch_source: bool,
 }
 
 impl BackupSpec {
@@ -94,6 +98,7 @@ impl BackupSpec {
             chunk_size: DEFAULT_CHUNK_SIZE,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             zstd_level: 1,
+            scratch_source: false,
         }
     }
 }
@@ -148,6 +153,257 @@ pub struct BackupReport {
     pub seconds: f64,
     /// Fingerprint of the key the point is encrypted with, if any.
     pub encryption: Option<String>,
+    /// How long the disk's VM was paused for the point-in-time cut (set by
+    /// callers that pause it; None when nothing was paused).
+    pub paused_ms: Option<u64>,
+}
+
+/// Gives a frozen bitmap's bits back to its live tracker (the message
+/// says why it could not).
+pub type MergeBack<'a> = Box<dyn FnOnce(&FrozenBitmap) -> Result<(), String> + Send + 'a>;
+
+/// A bitmap already frozen out of a live tracker (e.g. by a disk server
+/// over its control socket), and how to give its bits back.
+pub struct FrozenCbt<'a> {
+    /// The frozen bits.
+    pub bitmap: FrozenBitmap,
+    /// ORs the bits back into the live bitmap; called when the job fails
+    /// (or is dropped unfinished), so the next job copies them again.
+    pub merge_back: MergeBack<'a>,
+}
+
+/// Which chunks a job reads and what it inherits (decided before reading).
+struct Plan {
+    size: u64,
+    nchunks: usize,
+    kind: Kind,
+    chunks: Vec<Option<Digest>>,
+    todo: Vec<usize>,
+    parent: Option<String>,
+    generation: u64,
+    bitmap: Option<String>,
+    fallback: Option<String>,
+}
+
+/// One backup job in steps: [`BackupJob::lock`] (the disk's job lock),
+/// [`BackupJob::plan`] (what to read, from an optionally frozen bitmap),
+/// [`BackupJob::run`] (read, store, publish). Between plan and run the
+/// caller may move the chunks to read elsewhere (a point-in-time staging
+/// copy of a disk in use) and run on that copy.
+///
+/// A job dropped without a successful `run` merges its frozen bitmap back.
+pub struct BackupJob<'a> {
+    repo: &'a Repository,
+    spec: BackupSpec,
+    frozen: Option<FrozenCbt<'a>>,
+    plan: Option<Plan>,
+    _disk_lock: crate::backup::repo::Lock,
+    _repo_lock: crate::backup::repo::Lock,
+}
+
+impl<'a> BackupJob<'a> {
+    /// Takes the disk's job lock (refused while another job holds it) and
+    /// the repository's shared lock.
+    pub fn lock(repo: &'a Repository, spec: &BackupSpec) -> Result<Self, JobError> {
+        if spec.chunk_size == 0
+            || !spec.chunk_size.is_multiple_of(4096)
+            || spec.chunk_size > chunk::MAX_CHUNK_SIZE
+        {
+            return Err(JobError::ChunkSize(spec.chunk_size));
+        }
+        let _disk_lock = repo.lock_disk(&spec.disk).map_err(JobError::Repo)?;
+        let _repo_lock = repo.lock_shared().map_err(JobError::Repo)?;
+        Ok(Self {
+            repo,
+            spec: spec.clone(),
+            frozen: None,
+            plan: None,
+            _disk_lock,
+            _repo_lock,
+        })
+    }
+
+    /// Decides what to read from a disk of `size` bytes: with a frozen
+    /// bitmap, incremental from the newest point of its chain when the
+    /// bitmap is valid and the geometry is unchanged, full otherwise;
+    /// without one, full. Returns the chunk indices to read, ascending.
+    pub fn plan(&mut self, size: u64, frozen: Option<FrozenCbt<'a>>) -> Result<&[usize], JobError> {
+        // Owned from here: an error below merges the bits back (Drop).
+        self.frozen = frozen;
+        let spec = &self.spec;
+        let frozen = self.frozen.as_ref().map(|f| &f.bitmap);
+        let nchunks = usize::try_from(size.div_ceil(spec.chunk_size))
+            .map_err(|_| JobError::ChunkSize(spec.chunk_size))?;
+        if let Some(f) = frozen {
+            if f.granularity == 0 || !spec.chunk_size.is_multiple_of(f.granularity) {
+                return Err(JobError::ChunkSize(spec.chunk_size));
+            }
+            let covered = f.words.len() as u64 * 64 * f.granularity;
+            if covered < size {
+                return Err(JobError::SizeMismatch {
+                    source_size: size,
+                    bitmap_size: covered,
+                });
+            }
+        }
+
+        // Incremental needs: a valid bitmap and a parent of the same chain and
+        // geometry (the bitmap's epoch started when the parent was taken).
+        let bitmap = frozen.map(|f| f.name.clone());
+        let parent = match &bitmap {
+            Some(name) => latest_point(self.repo, &spec.disk, name)?,
+            None => None,
+        };
+        let (mut fallback, mut incremental) = (None, None);
+        if let (Some(f), Some(p)) = (frozen, parent) {
+            if !f.valid {
+                fallback = Some(
+                    "dirty bitmap invalid (backend was not shut down cleanly, or the bitmap is \
+                     new on a disk whose earlier writes were not tracked): full backup"
+                        .to_owned(),
+                );
+            } else if p.encryption != self.repo.encryption() {
+                fallback = Some(format!(
+                    "encryption key changed since point {}: full backup",
+                    p.id
+                ));
+            } else if p.disk_size != size || p.chunk_size != spec.chunk_size {
+                fallback = Some(format!(
+                    "disk size or chunk size changed since point {}: full backup",
+                    p.id
+                ));
+            } else {
+                incremental = Some((p, dirty_chunks(f, spec.chunk_size, nchunks)));
+            }
+        }
+        let plan = match incremental {
+            Some((p, todo)) => Plan {
+                generation: p.cbt.as_ref().map_or(0, |c| c.generation) + 1,
+                kind: Kind::Incremental,
+                chunks: p.chunks,
+                todo,
+                parent: Some(p.id),
+                size,
+                nchunks,
+                bitmap,
+                fallback,
+            },
+            None => Plan {
+                generation: 0,
+                kind: Kind::Full,
+                chunks: vec![None; nchunks],
+                todo: (0..nchunks).collect(),
+                parent: None,
+                size,
+                nchunks,
+                bitmap,
+                fallback,
+            },
+        };
+        Ok(&self.plan.insert(plan).todo)
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> u64 {
+        self.spec.chunk_size
+    }
+
+    /// Reads the planned chunks from `source` (the disk, or a copy of
+    /// at least those chunks of the same size), stores them and publishes
+    /// the point. On failure the frozen bitmap is merged back.
+    pub fn run(
+        mut self,
+        source: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<BackupReport, JobError> {
+        let report = self.execute(source, progress)?;
+        // Published: the frozen bits are consumed.
+        self.frozen = None;
+        Ok(report)
+    }
+
+    fn execute(
+        &mut self,
+        source: &Path,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<BackupReport, JobError> {
+        let start = Instant::now();
+        let spec = &self.spec;
+        let plan = self
+            .plan
+            .as_mut()
+            .ok_or(JobError::ChunkSize(spec.chunk_size))?;
+        let open_err = |e| JobError::OpenSource(source.to_owned(), e);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(spec.scratch_source)
+            .open(source)
+            .map_err(open_err)?;
+        let size = source_size(&file).map_err(open_err)?;
+        if size != plan.size {
+            return Err(JobError::SizeMismatch {
+                source_size: size,
+                bitmap_size: plan.size,
+            });
+        }
+        let total: u64 = plan
+            .todo
+            .iter()
+            .map(|&i| spec.chunk_size.min(size - i as u64 * spec.chunk_size))
+            .sum();
+        let stats = Stats::default();
+        let results = copy_chunks(
+            self.repo, spec, &file, size, &plan.todo, total, &stats, progress,
+        )?;
+        let mut chunks = std::mem::take(&mut plan.chunks);
+        for (i, d) in results {
+            chunks[i] = d;
+        }
+        let mut index = BackupIndex {
+            id: String::new(),
+            disk: spec.disk.clone(),
+            disk_size: size,
+            chunk_size: spec.chunk_size,
+            created_ms: now_ms(),
+            kind: plan.kind,
+            parent: plan.parent.clone(),
+            cbt: plan.bitmap.clone().map(|bitmap| CbtSource {
+                bitmap,
+                generation: plan.generation,
+            }),
+            fallback: plan.fallback.clone(),
+            chunks,
+            encryption: self.repo.encryption(),
+        };
+        self.repo.publish(&mut index).map_err(JobError::Repo)?;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ok(BackupReport {
+            id: index.id,
+            kind: plan.kind,
+            fallback: plan.fallback.clone(),
+            chunks_total: plan.nchunks as u64,
+            chunks_read: plan.todo.len() as u64,
+            chunks_zero: l(&stats.zero),
+            chunks_dedup: l(&stats.dedup),
+            chunks_stored: l(&stats.stored),
+            bytes_read: total,
+            bytes_stored: l(&stats.bytes_stored),
+            seconds: start.elapsed().as_secs_f64(),
+            paused_ms: None,
+            encryption: self.repo.encryption(),
+        })
+    }
+}
+
+impl Drop for BackupJob<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.frozen.take() {
+            // The bits go back: the next job copies these chunks again.
+            if let Err(e) = (f.merge_back)(&f.bitmap) {
+                tracing::error!(error = %e, "cannot merge dirty bitmap back after a failed backup");
+            }
+        }
+    }
 }
 
 /// Runs one backup of `spec.source` into `repo`: incremental from the
@@ -159,138 +415,26 @@ pub fn backup(
     tracking: Tracking<'_>,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<BackupReport, JobError> {
-    let _disk_lock = repo.lock_disk(&spec.disk).map_err(JobError::Repo)?;
-    let _repo_lock = repo.lock_shared().map_err(JobError::Repo)?;
+    let mut job = BackupJob::lock(repo, spec)?;
+    let open_err = |e| JobError::OpenSource(spec.source.clone(), e);
+    let size = source_size(&File::open(&spec.source).map_err(open_err)?).map_err(open_err)?;
     let frozen = match tracking {
         Tracking::None => None,
         Tracking::Cbt { cbt, bitmap } => {
             if !spec.chunk_size.is_multiple_of(cbt.granularity()) {
                 return Err(JobError::ChunkSize(spec.chunk_size));
             }
-            Some((cbt, cbt.freeze_and_reset(bitmap).map_err(JobError::Cbt)?))
+            let frozen = cbt.freeze_and_reset(bitmap).map_err(JobError::Cbt)?;
+            Some(FrozenCbt {
+                bitmap: frozen,
+                merge_back: Box::new(move |f: &FrozenBitmap| {
+                    cbt.merge_back(f).map_err(|e| e.to_string())
+                }),
+            })
         }
     };
-    let result = run(repo, spec, frozen.as_ref().map(|(_, f)| f), progress);
-    if result.is_err() {
-        if let Some((cbt, f)) = &frozen {
-            // The bits go back: the next job copies these chunks again.
-            if let Err(e) = cbt.merge_back(f) {
-                tracing::error!(error = %e, "cannot merge dirty bitmap back after a failed backup");
-            }
-        }
-    }
-    result
-}
-
-fn run(
-    repo: &Repository,
-    spec: &BackupSpec,
-    frozen: Option<&FrozenBitmap>,
-    progress: &(dyn Fn(Progress) + Sync),
-) -> Result<BackupReport, JobError> {
-    let start = Instant::now();
-    if spec.chunk_size == 0
-        || !spec.chunk_size.is_multiple_of(4096)
-        || spec.chunk_size > chunk::MAX_CHUNK_SIZE
-    {
-        return Err(JobError::ChunkSize(spec.chunk_size));
-    }
-    let open_err = |e| JobError::OpenSource(spec.source.clone(), e);
-    let file = File::open(&spec.source).map_err(open_err)?;
-    let size = source_size(&file).map_err(open_err)?;
-    let nchunks = usize::try_from(size.div_ceil(spec.chunk_size))
-        .map_err(|_| JobError::ChunkSize(spec.chunk_size))?;
-    if let Some(f) = frozen {
-        let covered = f.words.len() as u64 * 64 * f.granularity;
-        if covered < size {
-            return Err(JobError::SizeMismatch {
-                source_size: size,
-                bitmap_size: covered,
-            });
-        }
-    }
-
-    // Incremental needs: a valid bitmap and a parent of the same chain and
-    // geometry (the bitmap's epoch started when the parent was taken).
-    let bitmap = frozen.map(|f| f.name.clone());
-    let parent = match &bitmap {
-        Some(name) => latest_point(repo, &spec.disk, name)?,
-        None => None,
-    };
-    let (mut fallback, mut incremental) = (None, None);
-    if let (Some(f), Some(p)) = (frozen, parent) {
-        if !f.valid {
-            fallback = Some(
-                "dirty bitmap invalid (backend was not shut down cleanly): full backup".to_owned(),
-            );
-        } else if p.encryption != repo.encryption() {
-            fallback = Some(format!(
-                "encryption key changed since point {}: full backup",
-                p.id
-            ));
-        } else if p.disk_size != size || p.chunk_size != spec.chunk_size {
-            fallback = Some(format!(
-                "disk size or chunk size changed since point {}: full backup",
-                p.id
-            ));
-        } else {
-            incremental = Some((p, dirty_chunks(f, spec.chunk_size, nchunks)));
-        }
-    }
-
-    let (kind, mut chunks, todo, parent_id, generation) = match incremental {
-        Some((p, dirty)) => {
-            let generation = p.cbt.as_ref().map_or(0, |c| c.generation) + 1;
-            (Kind::Incremental, p.chunks, dirty, Some(p.id), generation)
-        }
-        None => (
-            Kind::Full,
-            vec![None; nchunks],
-            (0..nchunks).collect(),
-            None,
-            0,
-        ),
-    };
-
-    let total: u64 = todo
-        .iter()
-        .map(|&i| spec.chunk_size.min(size - i as u64 * spec.chunk_size))
-        .sum();
-    let stats = Stats::default();
-    let results = copy_chunks(repo, spec, &file, size, &todo, total, &stats, progress)?;
-    for (i, d) in results {
-        chunks[i] = d;
-    }
-
-    let mut index = BackupIndex {
-        id: String::new(),
-        disk: spec.disk.clone(),
-        disk_size: size,
-        chunk_size: spec.chunk_size,
-        created_ms: now_ms(),
-        kind,
-        parent: parent_id,
-        cbt: bitmap.map(|bitmap| CbtSource { bitmap, generation }),
-        fallback: fallback.clone(),
-        chunks,
-        encryption: repo.encryption(),
-    };
-    repo.publish(&mut index).map_err(JobError::Repo)?;
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    Ok(BackupReport {
-        id: index.id,
-        kind,
-        fallback,
-        chunks_total: nchunks as u64,
-        chunks_read: todo.len() as u64,
-        chunks_zero: l(&stats.zero),
-        chunks_dedup: l(&stats.dedup),
-        chunks_stored: l(&stats.stored),
-        bytes_read: total,
-        bytes_stored: l(&stats.bytes_stored),
-        seconds: start.elapsed().as_secs_f64(),
-        encryption: repo.encryption(),
-    })
+    job.plan(size, frozen)?;
+    job.run(&spec.source, progress)
 }
 
 #[derive(Default)]
@@ -338,6 +482,9 @@ fn copy_chunks(
             let data = &mut buf[..len];
             file.read_exact_at(data, offset)
                 .map_err(|source| JobError::ReadSource { offset, source })?;
+            if spec.scratch_source {
+                punch(file, offset, len as u64);
+            }
             // A slice compare is a memcmp: cheap even in debug builds.
             let digest = if *data == zeros[..len] {
                 stats.zero.fetch_add(1, Ordering::Relaxed);
@@ -379,6 +526,24 @@ fn copy_chunks(
     let dirs = dirs.into_inner().unwrap_or_default();
     repo.sync_chunk_dirs(&dirs).map_err(JobError::Repo)?;
     Ok(all)
+}
+
+/// Frees `len` bytes at `offset` of a scratch file (best effort: a file
+/// system without hole punching just keeps the data until the file goes).
+fn punch(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: fallocate on an fd we own; no memory is passed.
+    unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        );
+    }
 }
 
 /// Chunks touched by any dirty granule (chunk size is a multiple of the

@@ -88,6 +88,17 @@ pub const CBT_GRANULARITY: u64 = 64 << 10;
 /// vhost-blk's GET_ID answer is at most 20 bytes.
 const SERIAL_LEN: usize = 20;
 
+/// Which process serves a volume (see [`DiskServers::server_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskServer {
+    /// No backend runs: the image is idle.
+    None,
+    /// Its own `keel vhost-blk`, with this control socket.
+    Own(PathBuf),
+    /// A protection group's CDP source (no control channel).
+    Group,
+}
+
 pub struct DiskServers {
     keel_bin: PathBuf,
     run_dir: PathBuf,
@@ -107,6 +118,26 @@ impl DiskServers {
 
     pub fn socket(&self, volume: &str) -> PathBuf {
         self.run_dir.join(format!("{volume}.blk.sock"))
+    }
+
+    fn control_socket(&self, volume: &str) -> PathBuf {
+        self.run_dir.join(format!("{volume}.blk.ctl"))
+    }
+
+    /// Who serves `volume` right now.
+    pub fn server_of(&mut self, volume: &str) -> DiskServer {
+        if self.group_of(volume).is_some() {
+            return DiskServer::Group;
+        }
+        let running = self
+            .children
+            .get_mut(volume)
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        if running {
+            DiskServer::Own(self.control_socket(volume))
+        } else {
+            DiskServer::None
+        }
     }
 
     fn log(&self, volume: &str) -> PathBuf {
@@ -155,6 +186,8 @@ impl DiskServers {
             .arg(image)
             .args(["--serial", &serial])
             .args(["--cbt-granularity", &CBT_GRANULARITY.to_string()])
+            .arg("--control")
+            .arg(self.control_socket(volume))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -296,6 +329,7 @@ impl DiskServers {
         };
         terminate(&mut child);
         let _ = std::fs::remove_file(self.socket(volume));
+        let _ = std::fs::remove_file(self.control_socket(volume));
     }
 
     pub fn stop_all(&mut self) {

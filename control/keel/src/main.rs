@@ -411,6 +411,10 @@ struct VhostBlkArgs {
     /// Track changed blocks at this granularity in bytes (bitmaps in IMAGE.cbt).
     #[arg(long)]
     cbt_granularity: Option<u64>,
+    /// Serve the control channel (live changed-block bitmaps, for backups
+    /// while the disk is in use) on this unix socket.
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -653,6 +657,7 @@ fn vhost_blk(args: VhostBlkArgs) -> anyhow::Result<()> {
         queues: args.queues,
         serial: args.serial,
         cbt_granularity: args.cbt_granularity,
+        control: args.control,
     };
     let stop = keel_vhost::StopHandle::new();
     let runtime = tokio::runtime::Builder::new_current_thread()

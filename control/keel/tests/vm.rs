@@ -2005,3 +2005,195 @@ fn vms_boot_with_the_firmware_their_image_names() {
     assert_eq!(console_count(&state, &unsigned, "KEEL-FIRMWARE"), 0);
     drop(guards);
 }
+
+/// Backups of a volume a RUNNING VM writes are cut at a point in time: the
+/// agent pauses the VM for the cut (the disk server drains and freezes its
+/// changed-block bitmap, the chunks to read are copied to staging) and
+/// resumes it before the backup is stored. A full backup, then an
+/// incremental that reads only the chunk the guest changed; each restores
+/// the volume as it was at its cut.
+#[test]
+fn volumes_of_a_running_vm_are_backed_up_at_a_point_in_time() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let image_path = work.path().join("guest.img");
+    guest_disk_image(&image_path, SCRIPT, 4).unwrap();
+    let image = std::fs::read(&image_path).unwrap();
+    let digest: String = Sha256::digest(&image)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let accel = match Accel::detect().unwrap() {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let keel =
+        KeelProcess::up_with(&state, &["--accel", accel, "--vm-shutdown-timeout", "5"]).unwrap();
+    let api = login(&keel, &state);
+    let vdc = api.ok("POST", "/api/v1/vdcs", Some(json!({"name": "live"})));
+    let vdc_id = vdc["id"].as_str().unwrap();
+    let img = api.ok(
+        "POST",
+        "/api/v1/images",
+        Some(json!({"name": "guest", "vdc_id": vdc_id, "format": "raw",
+            "firmware": "uefi", "size_bytes": image.len(), "sha256": digest})),
+    );
+    api.upload(img["id"].as_str().unwrap(), &image);
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "root", "vdc_id": vdc_id, "image_id": img["id"]})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let root = api.wait_task(&task)["resource_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "data", "vdc_id": vdc_id, "size_gib": 1})),
+    );
+    assert_eq!(status, 202, "{task}");
+    let data = api.wait_task(&task)["resource_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let data_file = state.join("volumes").join(format!("{data}.raw"));
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/vms",
+        Some(
+            json!({"name": "live", "vdc_id": vdc_id, "vcpus": 1, "memory_mib": 256,
+            "volume_ids": [root, data]}),
+        ),
+    );
+    assert_eq!(status, 202, "{task}");
+    let vm = task["resource_id"].as_str().unwrap().to_owned();
+    let _guard = DomainGuard(vm.clone());
+    api.wait_task(&task);
+    assert_eq!(api.vm_status(&vm).0, "RUNNING");
+    wait_console(&state, &vm, "KEEL-BOOTED", 1);
+
+    let write = |tag: &str, marker: &str, mib: u64| {
+        let out = guest_run(
+            &api,
+            &keel.url(""),
+            &vm,
+            tag,
+            &format!("echo {marker} | dd of=/dev/vdb bs=1M seek={mib} conv=fsync 2>/dev/null"),
+        );
+        assert!(out.contains(&format!("{tag}=0")), "{out}");
+    };
+    let backup = |name: &str, running: bool| -> Value {
+        let (status, task) = api.call(
+            "POST",
+            &format!("/api/v1/volumes/{data}/backups"),
+            Some(json!({"name": name})),
+        );
+        assert_eq!(status, 202, "{task}");
+        let done = api.wait_task(&task);
+        let b = api.ok(
+            "GET",
+            &format!(
+                "/api/v1/backups/{}",
+                done["params"]["backup_id"].as_str().unwrap()
+            ),
+            None,
+        );
+        assert_eq!(b["status"], "AVAILABLE", "{b}");
+        eprintln!(
+            "online backup {name}: kind {} read {}/{} chunks, VM paused {} ms",
+            b["kind"], b["chunks_read"], b["chunks_total"], b["paused_ms"]
+        );
+        if running {
+            assert!(
+                b["paused_ms"].is_u64(),
+                "the VM was paused for the cut: {b}"
+            );
+            assert_eq!(api.vm_status(&vm).0, "RUNNING", "resumed after the cut");
+        } else {
+            assert!(b["paused_ms"].is_null(), "nothing to pause: {b}");
+        }
+        b
+    };
+    // Some data for the full backup's cut to copy (its pause is logged).
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "R",
+        "dd if=/dev/urandom of=/dev/vdb bs=1M seek=16 count=32 conv=fsync 2>/dev/null",
+    );
+    assert!(out.contains("R=0"), "{out}");
+    write("A", "KEEL-LIVE-A", 256);
+    let b1 = backup("live1", true);
+    assert_eq!(b1["kind"], "full", "{b1}");
+    write("B", "KEEL-LIVE-B", 384);
+    let b2 = backup("live2", true);
+    assert_eq!(b2["kind"], "incremental", "{b2}");
+    let read = b2["chunks_read"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&read),
+        "the incremental reads the chunk the guest changed: {b2}"
+    );
+
+    let restore = |b: &Value, name: &str| -> std::path::PathBuf {
+        let (status, task) = api.call(
+            "POST",
+            &format!(
+                "/api/v1/backups/{}/actions/restore",
+                b["id"].as_str().unwrap()
+            ),
+            Some(json!({"name": name})),
+        );
+        assert_eq!(status, 202, "{task}");
+        api.wait_task(&task);
+        let id = task["resource_id"].as_str().unwrap();
+        state.join("volumes").join(format!("{id}.raw"))
+    };
+    let at = |f: &Path, mib: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 11];
+        std::fs::File::open(f)
+            .unwrap()
+            .read_exact_at(&mut buf, mib << 20)
+            .unwrap();
+        buf
+    };
+    let r1 = restore(&b1, "from-live1");
+    assert_eq!(&at(&r1, 256), b"KEEL-LIVE-A");
+    assert_eq!(at(&r1, 384), [0u8; 11], "backup 1 predates marker B");
+    let r2 = restore(&b2, "from-live2");
+    assert_eq!(&at(&r2, 256), b"KEEL-LIVE-A");
+    assert_eq!(&at(&r2, 384), b"KEEL-LIVE-B");
+    // The guest no longer writes the disk: the latest backup is the volume.
+    assert!(
+        same_content(&r2, &data_file),
+        "restore of backup 2 equals the volume"
+    );
+    assert!(
+        std::fs::read_dir(state.join("backups").join("staging"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no staging file is left"
+    );
+    assert_eq!(api.vm_status(&vm).0, "RUNNING");
+
+    // Stopped, the VM keeps its disks attached and their servers running:
+    // the backup asks the server for its live bitmap (the bitmap file is
+    // theirs while they run) and finds nothing changed.
+    api.action(&vm, "stop");
+    assert_eq!(api.vm_status(&vm).0, "STOPPED");
+    let b3 = backup("stopped", false);
+    assert_eq!(b3["kind"], "incremental", "{b3}");
+    assert_eq!(b3["chunks_read"], 0, "{b3}");
+    assert!(
+        std::fs::read_dir(state.join("backups").join("staging"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no staging file is left"
+    );
+}

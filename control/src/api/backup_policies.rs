@@ -6,7 +6,10 @@
 //! [`run_due`] in its loop: each policy that is due takes an (incremental)
 //! backup of each volume and a VM backup of each VM, and deletes the
 //! oldest policy-made backups beyond the retention. What cannot be backed
-//! up in a round (a task runs on it, ...) is skipped and the policy says so.
+//! up in a round (a task pending on it or its VM, a VM in an active
+//! protection group or in another state) is skipped and the policy says
+//! so. Volumes and VMs that run are backed up at a point in time (the VM
+//! pauses briefly, see [`super::backups`]).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};

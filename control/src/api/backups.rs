@@ -5,9 +5,13 @@
 //! its disk server's changed-block bitmap marks. Every backup point
 //! restores on its own.
 //!
-//! Backups are taken of volumes no running VM writes (AVAILABLE, or used by
-//! a STOPPED VM): the engine has no point-in-time view of a disk being
-//! written yet.
+//! A volume in use by a RUNNING (or PAUSED) VM is backed up at a point in
+//! time: the agent pauses the VM briefly, freezes the changed-block bitmap
+//! in the volume's disk server, copies only the chunks the backup will read
+//! into a staging file, resumes the VM and backs up the copy (crash-
+//! consistent; the pause is reported as `paused_ms`). Volumes of a VM in
+//! an active protection group are refused: their disks are served by the
+//! group's CDP source, which has no backup control channel.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -53,6 +57,10 @@ pub struct BackupSpec {
     pub chunks_read: u64,
     /// Bytes added to the repository (compressed, deduplicated).
     pub bytes_stored: u64,
+    /// How long the VM using the volume was paused for the point-in-time
+    /// cut, in milliseconds (absent when no VM was running).
+    #[serde(default)]
+    pub paused_ms: Option<u64>,
     #[serde(default)]
     pub status_reason: String,
     /// The backup policy that took it (its retention applies), if any.
@@ -147,8 +155,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/volumes/{id}/backups", tag = "compute", request_body = BackupCreate,
     params(("id" = String, Path)),
     responses(
-        (status = 202, description = "Queued: the backup is CREATING; the task reports percent done", body = Task),
-        (status = 409, description = "A running VM uses the volume, the volume is not ready, or a task runs on it", body = Problem, content_type = "application/problem+json"),
+        (status = 202, description = "Queued: the backup is CREATING; the task reports percent done. A running VM using the volume is paused briefly for a point-in-time cut", body = Task),
+        (status = 409, description = "The volume is not AVAILABLE or IN_USE by a STOPPED, RUNNING or PAUSED VM, a task runs on it or its VM, or its VM is in an active protection group", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 async fn create_backup(
     State(state): State<AppState>,
@@ -191,14 +199,59 @@ pub struct NewBackup<'a> {
     pub policy_id: Option<String>,
 }
 
-/// Stores a CREATING backup of a quiet `volume` and queues the task that
-/// takes it (for `POST /volumes/{id}/backups` and backup policies).
+/// Refuses a backup of `volume` unless it is AVAILABLE or IN_USE by a
+/// STOPPED, RUNNING or PAUSED VM that no active protection group
+/// replicates, with no task pending on the volume or its VM.
+async fn require_backup_ready(
+    conn: &mut crate::store::DbConnection,
+    volume: &Record,
+) -> Result<(), ApiError> {
+    use super::vms;
+    let spec: VolumeSpec = volume.spec()?;
+    let mut busy = vec![volume.meta.id.clone()];
+    match (volume.meta.status.as_str(), &spec.attached_to) {
+        (volumes::AVAILABLE, _) => {}
+        (volumes::IN_USE, Some(vm_id)) => {
+            let vm = records::get(conn, vms::KIND, vm_id)
+                .await?
+                .ok_or(ApiError::NotFound)?;
+            let status = vm.meta.status.as_str();
+            if ![vms::STOPPED, vms::RUNNING, vms::PAUSED].contains(&status) {
+                return Err(ApiError::Conflict(format!(
+                    "the volume is used by VM {vm_id}, which is {status}; it can be backed up \
+                     while the VM is STOPPED, RUNNING or PAUSED"
+                )));
+            }
+            super::protection_groups::refuse_if_member(conn, vm_id, "back up a volume of", false)
+                .await?;
+            busy.push(vm_id.clone());
+        }
+        (status, _) => {
+            return Err(ApiError::Conflict(format!(
+                "the volume is {status}; it can be backed up when AVAILABLE or IN_USE"
+            )))
+        }
+    }
+    for resource in &busy {
+        if let Some(task) = tasks::pending_for(conn, resource).await? {
+            return Err(ApiError::Conflict(format!(
+                "task {} ({}) is still {} on {resource}",
+                task.id, task.action, task.state
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Stores a CREATING backup of `volume` and queues the task that takes it
+/// (for `POST /volumes/{id}/backups` and backup policies); see
+/// [`require_backup_ready`] for when it is refused.
 pub async fn start_backup(
     conn: &mut crate::store::DbConnection,
     volume: &Record,
     new: NewBackup<'_>,
 ) -> Result<Task, ApiError> {
-    volumes::require_quiet(conn, volume, "backed up").await?;
+    require_backup_ready(conn, volume).await?;
     let id = &volume.meta.id;
     let backup = records::insert(
         conn,

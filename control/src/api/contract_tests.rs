@@ -2953,6 +2953,36 @@ async fn volumes_attach_detach_and_grow_only_when_safe() {
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.body["params"]["size_bytes"], 2u64 << 30);
+
+    // Backups: the agent cuts a volume of a RUNNING or PAUSED VM at a point
+    // in time (and a STOPPED VM's as before); a VM in another state, and
+    // work pending on the volume, are refused.
+    let backup = format!("/api/v1/volumes/{boot}/backups");
+    api.set_status("vm", &vm, "ERROR").await;
+    let r = api.post(&backup, &admin, json!({"name": "b"})).await;
+    assert_problem(&r, 409, "conflict");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("STOPPED, RUNNING or PAUSED"),
+        "{}",
+        r.body
+    );
+    for status in ["RUNNING", "PAUSED", "STOPPED"] {
+        api.set_status("vm", &vm, status).await;
+        let r = api.post(&backup, &admin, json!({"name": "b"})).await;
+        assert_eq!(r.status, 202, "VM {status}: {}", r.body);
+        assert_eq!(r.body["action"], "backup");
+        let again = api.post(&backup, &admin, json!({"name": "b2"})).await;
+        assert_problem(&again, 409, "conflict");
+        assert!(
+            again.body["detail"].as_str().unwrap().contains("task"),
+            "{}",
+            again.body
+        );
+        api.agent_did(&r.body, "IN_USE").await;
+    }
 }
 
 /// The VM's task that is still queued.

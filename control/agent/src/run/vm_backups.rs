@@ -77,7 +77,7 @@ impl Agent {
             self.record_disk_backup(&disk.backup_id, Ok(report))?;
             spec.bytes_stored += report.bytes_stored;
         }
-        // MERGE(wip-pit): spec.paused_ms = reports.iter().filter_map(|r| r.paused_ms).max();
+        spec.paused_ms = reports.iter().filter_map(|r| r.paused_ms).max();
         spec.nvram_point = self.backup_nvram(vm)?;
         Ok(())
     }
