@@ -385,6 +385,7 @@ fn encrypted_chain_names_chunks_by_key_and_a_key_change_takes_a_full() {
         f.repo.verify(&[f.repo.load(&inc.id).unwrap()]),
         Err(RepoError::Key { .. })
     ));
+}
 
 /// The point-in-time path: a bitmap frozen elsewhere (the disk server),
 /// the planned chunks staged to a sparse copy, the job run on the copy.
