@@ -44,7 +44,7 @@ const MAX_VOLUMES: usize = 100;
 #[derive(Debug, Clone)]
 enum Schedule {
     Every(u64),
-    Cron(croner::Cron),
+    Cron(Box<croner::Cron>),
     Once(i64),
 }
 
@@ -75,7 +75,7 @@ impl Schedule {
                         format!("not a five-field cron pattern (minute hour day month weekday, UTC): {e}"),
                     )
                 })?;
-                Ok(Schedule::Cron(cron))
+                Ok(Schedule::Cron(Box::new(cron)))
             }
             (None, None, Some(at)) => Ok(Schedule::Once(at)),
             _ => Err(ApiError::invalid(

@@ -567,7 +567,7 @@ async fn restore_vm_backup(
             kind: vms::KIND,
             vdc_id: vdc_id.as_deref(),
             parent_id: None,
-            name: name,
+            name,
             spec: to_json(&VmSpec {
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,
