@@ -488,7 +488,9 @@ fn protect_and_replicate(
         "replica never caught up",
         |g| {
             let o = &g["observed"];
-            o["resyncing"] == false
+            // A reconnect while the replica starts up says so for a moment.
+            g["status_reason"] == ""
+                && o["resyncing"] == false
                 && o["dirty_chunks"] == 0
                 && o["last_acked_seq"].as_u64() >= o["last_sealed_seq"].as_u64()
                 && file_contains(&replica_disk, b"KEEL-CDP-MARK-3")

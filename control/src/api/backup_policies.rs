@@ -139,6 +139,10 @@ pub struct PolicySpec {
     pub once_at: Option<i64>,
     /// Policy-made backups kept per volume or VM (1..=1000); older ones are deleted.
     pub retention: u32,
+    /// Policy-made backups older than this many hours are deleted too
+    /// (never the newest, nor a full an unexpired incremental follows).
+    #[serde(default)]
+    pub max_age_hours: Option<u32>,
     pub incremental: bool,
     pub enabled: bool,
     /// Unix ms of the next round (none once a single-time policy ran).
@@ -173,6 +177,8 @@ pub struct PolicyCreate {
     pub cron: Option<String>,
     pub once_at: Option<i64>,
     pub retention: u32,
+    /// 1..=87600 (ten years); default: no age limit.
+    pub max_age_hours: Option<u32>,
     #[serde(default = "yes")]
     pub incremental: bool,
     #[serde(default = "yes")]
@@ -196,6 +202,8 @@ pub struct PolicyUpdate {
     pub cron: Option<String>,
     pub once_at: Option<i64>,
     pub retention: Option<u32>,
+    /// Replaces the age limit; `0` removes it.
+    pub max_age_hours: Option<u32>,
     pub incremental: Option<bool>,
     pub enabled: Option<bool>,
 }
@@ -216,6 +224,18 @@ impl Resource for BackupPolicy {
             meta: record.meta,
         })
     }
+}
+
+const MAX_AGE_HOURS: u32 = 87_600;
+
+fn check_max_age(hours: Option<u32>) -> Result<(), ApiError> {
+    if hours.is_some_and(|h| !(1..=MAX_AGE_HOURS).contains(&h)) {
+        return Err(ApiError::invalid(
+            "max_age_hours",
+            format!("must be 1..={MAX_AGE_HOURS}"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_retention(retention: u32) -> Result<(), ApiError> {
@@ -307,7 +327,7 @@ pub async fn run_due(conn: &mut DbConnection, now: i64) -> Result<usize, ApiErro
                 Err(ApiError::Conflict(why)) => notes.push(format!("{volume_id}: skipped, {why}")),
                 Err(e) => return Err(e),
             }
-            let pruned = prune(conn, &policy.meta.id, volume_id, spec.retention).await?;
+            let pruned = prune(conn, &policy.meta.id, volume_id, Retention::of(&spec, now)).await?;
             if pruned > 0 {
                 notes.push(format!("{volume_id}: {pruned} old backup(s) deleted"));
             }
@@ -322,7 +342,7 @@ pub async fn run_due(conn: &mut DbConnection, now: i64) -> Result<usize, ApiErro
                 Err(ApiError::Conflict(why)) => notes.push(format!("{vm_id}: skipped, {why}")),
                 Err(e) => return Err(e),
             }
-            let pruned = prune_vm(conn, &policy.meta.id, vm_id, spec.retention).await?;
+            let pruned = prune_vm(conn, &policy.meta.id, vm_id, Retention::of(&spec, now)).await?;
             if pruned > 0 {
                 notes.push(format!("{vm_id}: {pruned} old VM backup(s) deleted"));
             }
@@ -339,58 +359,107 @@ pub async fn run_due(conn: &mut DbConnection, now: i64) -> Result<usize, ApiErro
     Ok(rounds)
 }
 
-/// Deletes the oldest AVAILABLE backups `policy_id` took of `volume_id`
-/// beyond `keep`. The backup a round has just queued is not counted until
-/// it is taken, so a failing backup never costs a good one: between a
-/// round and the next there are `keep` + 1.
+/// A policy's retention at a round.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    keep: u32,
+    /// Backups created before this (unix ms) are expired.
+    expired_before: Option<i64>,
+}
+
+impl Retention {
+    fn of(spec: &PolicySpec, now: i64) -> Retention {
+        Retention {
+            keep: spec.retention,
+            expired_before: spec
+                .max_age_hours
+                .map(|h| now.saturating_sub(i64::from(h) * 3_600_000)),
+        }
+    }
+
+    /// Which of `taken` (each with whether it is a full) to delete: those
+    /// beyond the newest `keep` and those expired, but never the newest,
+    /// nor a full (or an incremental between it and a kept one) that a
+    /// kept incremental follows: the reference product's full-kept rule.
+    /// `taken`: (created unix ms, backup, is a full).
+    fn expired<T>(self, mut taken: Vec<(i64, T, bool)>) -> Vec<T> {
+        taken.sort_by_key(|(created, _, _)| *created);
+        let n = taken.len();
+        let by_count = n.saturating_sub(usize::try_from(self.keep).unwrap_or(usize::MAX));
+        let mut kept: Vec<bool> = taken
+            .iter()
+            .enumerate()
+            .map(|(i, (created, _, _))| {
+                i + 1 == n || (i >= by_count && self.expired_before.is_none_or(|t| *created >= t))
+            })
+            .collect();
+        for i in (0..n).rev() {
+            if kept[i] && !taken[i].2 {
+                // Back to the full this incremental follows.
+                let mut j = i;
+                while j > 0 && !taken[j].2 {
+                    j -= 1;
+                    kept[j] = true;
+                }
+            }
+        }
+        taken
+            .into_iter()
+            .zip(kept)
+            .filter_map(|((_, b, _), keep)| (!keep).then_some(b))
+            .collect()
+    }
+}
+
+/// Deletes the AVAILABLE backups `policy_id` took of `volume_id` that its
+/// retention expires. The backup a round has just queued is not counted
+/// until it is taken, so a failing backup never costs a good one: between
+/// a round and the next there are `keep` + 1.
 async fn prune(
     conn: &mut DbConnection,
     policy_id: &str,
     volume_id: &str,
-    keep: u32,
+    retention: Retention,
 ) -> Result<usize, ApiError> {
-    let mut kept: Vec<Record> = Vec::new();
+    let mut taken = Vec::new();
     for b in records::children(conn, backups::KIND, volume_id).await? {
         let spec: BackupSpec = b.spec()?;
         if b.meta.status == backups::AVAILABLE && spec.policy_id.as_deref() == Some(policy_id) {
-            kept.push(b);
+            let full = spec.kind.as_deref() != Some("incremental");
+            taken.push((b.meta.created_at, b, full));
         }
     }
-    kept.sort_by(|x, y| (x.meta.created_at, &x.meta.id).cmp(&(y.meta.created_at, &y.meta.id)));
-    let extra = kept
-        .len()
-        .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
-    for old in &kept[..extra] {
+    let expired = retention.expired(taken);
+    for old in &expired {
         backups::start_delete(conn, old).await?;
     }
-    Ok(extra)
+    Ok(expired.len())
 }
 
-/// As [`prune`], for the VM backups `policy_id` took of `vm_id`.
+/// As [`prune`], for the VM backups `policy_id` took of `vm_id` (each
+/// counts as whole: the full-kept rule applies to each disk's own chain
+/// of volume backups, not across VM backups).
 async fn prune_vm(
     conn: &mut DbConnection,
     policy_id: &str,
     vm_id: &str,
-    keep: u32,
+    retention: Retention,
 ) -> Result<usize, ApiError> {
-    let mut kept: Vec<Record> = Vec::new();
+    let mut taken = Vec::new();
     for b in records::all(conn, vm_backups::KIND).await? {
         let spec: vm_backups::VmBackupSpec = b.spec()?;
         if b.meta.status == vm_backups::AVAILABLE
             && spec.vm_id == vm_id
             && spec.policy_id.as_deref() == Some(policy_id)
         {
-            kept.push(b);
+            taken.push((b.meta.created_at, b, true));
         }
     }
-    kept.sort_by(|x, y| (x.meta.created_at, &x.meta.id).cmp(&(y.meta.created_at, &y.meta.id)));
-    let extra = kept
-        .len()
-        .saturating_sub(usize::try_from(keep).unwrap_or(usize::MAX));
-    for old in &kept[..extra] {
+    let expired = retention.expired(taken);
+    for old in &expired {
         vm_backups::start_delete(conn, old).await?;
     }
-    Ok(extra)
+    Ok(expired.len())
 }
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -415,6 +484,7 @@ async fn create_policy(
     check_description(&body.description)?;
     let schedule = Schedule::of(body.interval_seconds, body.cron.as_deref(), body.once_at)?;
     check_retention(body.retention)?;
+    check_max_age(body.max_age_hours)?;
     let vdc_id = target_vdc(&principal, body.vdc_id)?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
@@ -434,6 +504,7 @@ async fn create_policy(
                 cron: body.cron,
                 once_at: body.once_at,
                 retention: body.retention,
+                max_age_hours: body.max_age_hours,
                 incremental: body.incremental,
                 enabled: body.enabled,
                 next_run_at: schedule.first(now_ms(), None),
@@ -511,6 +582,10 @@ async fn update_policy(
     let retention = body.retention.unwrap_or(spec.retention);
     check_retention(retention)?;
     spec.retention = retention;
+    if let Some(hours) = body.max_age_hours {
+        spec.max_age_hours = (hours != 0).then_some(hours);
+        check_max_age(spec.max_age_hours)?;
+    }
     if body.volume_ids.is_some() || body.vm_ids.is_some() {
         let volume_ids = body.volume_ids.unwrap_or_else(|| spec.volume_ids.clone());
         let vm_ids = body.vm_ids.unwrap_or_else(|| spec.vm_ids.clone());
@@ -544,4 +619,58 @@ async fn delete_policy(
     let (tx, record) =
         begin_change::<BackupPolicy>(&state, &principal, Action::Delete, &id, &headers).await?;
     finish_delete::<BackupPolicy>(tx, &record).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Retention;
+
+    /// Backups 0.. taken an hour apart; `kinds`: F full, I incremental.
+    fn expired(kinds: &str, keep: u32, max_age_hours: Option<i64>) -> Vec<usize> {
+        const HOUR: i64 = 3_600_000;
+        let now = kinds.len() as i64 * HOUR;
+        let r = Retention {
+            keep,
+            expired_before: max_age_hours.map(|h| now - h * HOUR),
+        };
+        let taken = kinds
+            .chars()
+            .enumerate()
+            .map(|(i, k)| ((i as i64 + 1) * HOUR, i, k == 'F'))
+            .collect();
+        let mut out = r.expired(taken);
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn count_age_newest_and_full_kept_rules() {
+        assert_eq!(
+            expired("FIIFI", 2, None),
+            [0, 1, 2],
+            "count: the newest chain stays"
+        );
+        assert_eq!(
+            expired("FII", 1, None),
+            Vec::<usize>::new(),
+            "the kept incremental keeps its full"
+        );
+        assert_eq!(
+            expired("FIFII", 2, None),
+            [0, 1],
+            "a full starts a new chain"
+        );
+        assert_eq!(expired("FIFI", 10, Some(1)), [0, 1], "age: older than 1 h");
+        assert_eq!(
+            expired("FIII", 10, Some(1)),
+            Vec::<usize>::new(),
+            "the full ages, its incrementals keep it"
+        );
+        assert_eq!(
+            expired("FFFF", 10, Some(0)),
+            [0, 1, 2],
+            "the newest always stays"
+        );
+        assert_eq!(expired("", 1, Some(1)), Vec::<usize>::new());
+    }
 }

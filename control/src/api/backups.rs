@@ -57,6 +57,22 @@ pub struct BackupSpec {
     pub chunks_read: u64,
     /// Bytes added to the repository (compressed, deduplicated).
     pub bytes_stored: u64,
+    /// Bytes read from the volume.
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Chunks read that the repository already held.
+    #[serde(default)]
+    pub chunks_dedup: u64,
+    /// Seconds the backup job took (after the cut).
+    #[serde(default)]
+    pub seconds: f64,
+    /// MB read per second.
+    #[serde(default)]
+    pub throughput_mb_s: f64,
+    /// Non-zero chunks read per chunk newly stored (1.0: nothing was
+    /// already there; higher: deduplicated).
+    #[serde(default)]
+    pub dedup_ratio: f64,
     /// How long the VM using the volume was paused for the point-in-time
     /// cut, in milliseconds (absent when no VM was running).
     #[serde(default)]
@@ -288,12 +304,6 @@ pub async fn start_delete(
     conn: &mut crate::store::DbConnection,
     record: &Record,
 ) -> Result<Task, ApiError> {
-    if record.meta.status == CREATING || record.meta.status == DELETING {
-        return Err(ApiError::Conflict(format!(
-            "the backup is {}",
-            record.meta.status
-        )));
-    }
     let spec: BackupSpec = record.spec()?;
     if let Some(vm_backup) = &spec.vm_backup_id {
         if records::get(conn, super::vm_backups::KIND, vm_backup)
@@ -305,18 +315,36 @@ pub async fn start_delete(
             )));
         }
     }
+    queue_delete(conn, record, KIND, "backup").await
+}
+
+/// Marks an AVAILABLE or ERROR backup of `kind` (a volume's or a VM's)
+/// DELETING and queues the task that removes its points; refused while it
+/// is being taken or deleted, or a task runs on it.
+pub(super) async fn queue_delete(
+    conn: &mut crate::store::DbConnection,
+    record: &Record,
+    kind: &str,
+    noun: &str,
+) -> Result<Task, ApiError> {
     let id = &record.meta.id;
+    if record.meta.status == CREATING || record.meta.status == DELETING {
+        return Err(ApiError::Conflict(format!(
+            "the {noun} is {}",
+            record.meta.status
+        )));
+    }
     if let Some(task) = tasks::pending_for(conn, id).await? {
         return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this backup",
+            "task {} ({}) is still {} on this {noun}",
             task.id, task.action, task.state
         )));
     }
-    records::observe(conn, KIND, id, DELETING, None).await?;
+    records::observe(conn, kind, id, DELETING, None).await?;
     tasks::enqueue(
         conn,
         record.meta.vdc_id.as_deref(),
-        KIND,
+        kind,
         id,
         "delete",
         serde_json::json!({}),
@@ -384,21 +412,7 @@ async fn restore_backup(
     let name = restore_name(body.name.as_deref(), body.in_place)?;
     principal.require(Family::Compute, Action::Create)?;
     let mut tx = state.store.begin_write().await?;
-    let backup = load(
-        &mut tx,
-        &principal,
-        Family::Compute,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    if backup.meta.status != AVAILABLE {
-        return Err(ApiError::Conflict(format!(
-            "the backup is {}; only an AVAILABLE one restores",
-            backup.meta.status
-        )));
-    }
+    let backup = load_restorable(&mut tx, &principal, KIND, &id, "backup").await?;
     let spec: BackupSpec = backup.spec()?;
     let vdc_id = backup.meta.vdc_id.clone();
     let Some(name) = name else {
@@ -459,6 +473,25 @@ async fn restore_backup(
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
+}
+
+/// A backup of `kind` (a volume's or a VM's) the caller can read, and
+/// AVAILABLE: only those restore.
+pub(super) async fn load_restorable(
+    conn: &mut crate::store::DbConnection,
+    principal: &Principal,
+    kind: &str,
+    id: &str,
+    noun: &str,
+) -> Result<Record, ApiError> {
+    let backup = load(conn, principal, Family::Compute, Action::Read, kind, id).await?;
+    if backup.meta.status != AVAILABLE {
+        return Err(ApiError::Conflict(format!(
+            "the {noun} is {}; only an AVAILABLE one restores",
+            backup.meta.status
+        )));
+    }
+    Ok(backup)
 }
 
 /// The volume an in-place restore of a backup with `spec` overwrites:

@@ -4718,6 +4718,10 @@ async fn backup_policies_follow_cron_and_single_time_schedules_and_back_up_vms()
             "vm_ids[0]",
         ),
         (json!({"cron": "0 2 * * *", "vm_ids": []}), "volume_ids"),
+        (
+            json!({"cron": "0 2 * * *", "max_age_hours": 0}),
+            "max_age_hours",
+        ),
     ] {
         let mut b = json!({"name": "p", "vdc_id": vdc, "retention": 1, "vm_ids": [vm]});
         for (k, v) in body.as_object().unwrap() {

@@ -26,7 +26,7 @@ use super::listing::{ListQuery, Page};
 use super::ports::{self, PortSpec};
 use super::problem::{ApiError, Problem};
 use super::records::{self, to_json, Meta, NewRecord, Record};
-use super::respond::{begin_change, get_one, list_page, load, Resource};
+use super::respond::{begin_change, get_one, list_page, Resource};
 use super::tasks::{self, Task};
 use super::vms::{self, vm_for, VmSpec};
 use super::volumes::{self, VolumeSpec};
@@ -329,29 +329,7 @@ pub async fn start_vm_backup(
 /// Marks an AVAILABLE or ERROR VM backup DELETING and queues the task that
 /// removes its points (for `DELETE /vm-backups/{id}` and policy retention).
 pub async fn start_delete(tx: &mut DbConnection, record: &Record) -> Result<Task, ApiError> {
-    let id = &record.meta.id;
-    if record.meta.status == CREATING || record.meta.status == DELETING {
-        return Err(ApiError::Conflict(format!(
-            "the VM backup is {}",
-            record.meta.status
-        )));
-    }
-    if let Some(task) = tasks::pending_for(tx, id).await? {
-        return Err(ApiError::Conflict(format!(
-            "task {} ({}) is still {} on this VM backup",
-            task.id, task.action, task.state
-        )));
-    }
-    records::observe(tx, KIND, id, DELETING, None).await?;
-    tasks::enqueue(
-        tx,
-        record.meta.vdc_id.as_deref(),
-        KIND,
-        id,
-        "delete",
-        serde_json::json!({}),
-    )
-    .await
+    backups::queue_delete(tx, record, KIND, "VM backup").await
 }
 
 #[utoipa::path(get, path = "/vm-backups", tag = "compute", params(ListQuery),
@@ -415,21 +393,7 @@ async fn restore_vm_backup(
     let name = backups::restore_name(body.name.as_deref(), body.in_place)?;
     principal.require(Family::Compute, Action::Create)?;
     let mut tx = state.store.begin_write().await?;
-    let backup = load(
-        &mut tx,
-        &principal,
-        Family::Compute,
-        Action::Read,
-        KIND,
-        &id,
-    )
-    .await?;
-    if backup.meta.status != AVAILABLE {
-        return Err(ApiError::Conflict(format!(
-            "the VM backup is {}; only an AVAILABLE one restores",
-            backup.meta.status
-        )));
-    }
+    let backup = backups::load_restorable(&mut tx, &principal, KIND, &id, "VM backup").await?;
     let spec: VmBackupSpec = backup.spec()?;
     let Some(name) = name else {
         if body.nics.is_some() {

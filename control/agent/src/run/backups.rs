@@ -147,7 +147,8 @@ impl Agent {
             if let Some(pct) = p.done.saturating_mul(100).checked_div(p.total) {
                 let overall = (k.saturating_mul(100) + pct) / n.max(1);
                 let pct = i64::try_from(overall).unwrap_or(100).min(99);
-                let _ = self.task_state(&task.id, tasks::RUNNING, pct, note);
+                let note = format!("{note}: {} of {} MiB", p.done >> 20, p.total >> 20);
+                let _ = self.task_state(&task.id, tasks::RUNNING, pct, &note);
             }
         }
     }
@@ -174,15 +175,8 @@ impl Agent {
             });
         match result {
             Ok(report) => {
-                spec.point_id = Some(report.id.clone());
-                spec.kind = Some(format!("{:?}", report.kind).to_lowercase());
-                spec.fallback = report.fallback.clone();
+                record_report(&mut spec, &report);
                 spec.size_bytes = vspec.size_bytes;
-                spec.chunks_total = report.chunks_total;
-                spec.chunks_read = report.chunks_read;
-                spec.bytes_stored = report.bytes_stored;
-                spec.encryption = report.encryption.clone();
-                spec.paused_ms = report.paused_ms;
                 tracing::info!(backup = %backup_id, volume = %volume.meta.id, kind = ?report.kind, read = report.chunks_read, total = report.chunks_total, paused_ms = ?report.paused_ms, seconds = report.seconds, "backup taken");
                 self.observe(
                     backups::KIND,
@@ -385,6 +379,22 @@ impl Agent {
         Ok((jobs, running.then_some(cut_ms)))
     }
 
+    /// A taken backup: its record, spec and repository point.
+    pub(super) fn backup_point(
+        &self,
+        backup_id: &str,
+    ) -> Result<(Record, BackupSpec, String), StepError> {
+        let backup = self
+            .get(backups::KIND, backup_id)?
+            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} was deleted")))?;
+        let spec: BackupSpec = backup.spec()?;
+        let point = spec
+            .point_id
+            .clone()
+            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} has no point")))?;
+        Ok((backup, spec, point))
+    }
+
     /// Fills a new volume from a backup point (verified by re-reading).
     pub(super) fn volume_from_backup(
         &self,
@@ -392,13 +402,7 @@ impl Agent {
         volume: &Record,
         backup_id: &str,
     ) -> Result<u64, StepError> {
-        let backup = self
-            .get(backups::KIND, backup_id)?
-            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} was deleted")))?;
-        let spec: BackupSpec = backup.spec()?;
-        let point = spec
-            .point_id
-            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} has no point")))?;
+        let (backup, spec, point) = self.backup_point(backup_id)?;
         let repo = self.repository_reading(&point, backup.meta.vdc_id.as_deref())?;
         let dest = volumes::volume_path(&self.config.state_dir, &volume.meta.id);
         if let Some(dir) = dest.parent() {
@@ -470,4 +474,26 @@ impl Agent {
             Ok::<_, StepError>(())
         })
     }
+}
+
+/// What a taken backup reports on its `/backups` record.
+pub(super) fn record_report(spec: &mut BackupSpec, report: &engine::BackupReport) {
+    spec.point_id = Some(report.id.clone());
+    spec.kind = Some(format!("{:?}", report.kind).to_lowercase());
+    spec.fallback = report.fallback.clone();
+    spec.chunks_total = report.chunks_total;
+    spec.chunks_read = report.chunks_read;
+    spec.chunks_dedup = report.chunks_dedup;
+    spec.bytes_read = report.bytes_read;
+    spec.bytes_stored = report.bytes_stored;
+    spec.seconds = report.seconds;
+    spec.throughput_mb_s = if report.seconds > 0.0 {
+        report.bytes_read as f64 / 1e6 / report.seconds
+    } else {
+        0.0
+    };
+    let data = report.chunks_read.saturating_sub(report.chunks_zero);
+    spec.dedup_ratio = data as f64 / report.chunks_stored.max(1) as f64;
+    spec.encryption = report.encryption.clone();
+    spec.paused_ms = report.paused_ms;
 }

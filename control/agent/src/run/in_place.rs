@@ -6,7 +6,6 @@
 //! the next backup reads everything.
 
 use keel_cdp::backup as engine;
-use keel_control::api::backups::{self, BackupSpec};
 use keel_control::api::records::Record;
 use keel_control::api::tasks::Task;
 use keel_control::api::vm_backups::{self, VmBackupSpec};
@@ -22,13 +21,7 @@ impl Agent {
         volume: &Record,
         backup_id: &str,
     ) -> Result<(), StepError> {
-        let backup = self
-            .get(backups::KIND, backup_id)?
-            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} was deleted")))?;
-        let spec: BackupSpec = backup.spec()?;
-        let point = spec
-            .point_id
-            .ok_or_else(|| StepError::Invalid(format!("backup {backup_id} has no point")))?;
+        let (backup, _, point) = self.backup_point(backup_id)?;
         let repo = self.repository_reading(&point, backup.meta.vdc_id.as_deref())?;
         self.disks.stop(&volume.meta.id);
         let path = volumes::volume_path(&self.config.state_dir, &volume.meta.id);

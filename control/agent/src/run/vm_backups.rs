@@ -94,13 +94,7 @@ impl Agent {
         let mut spec: BackupSpec = record.spec()?;
         let status = match outcome {
             Ok(report) => {
-                spec.point_id = Some(report.id.clone());
-                spec.kind = Some(format!("{:?}", report.kind).to_lowercase());
-                spec.fallback = report.fallback.clone();
-                spec.chunks_total = report.chunks_total;
-                spec.chunks_read = report.chunks_read;
-                spec.bytes_stored = report.bytes_stored;
-                spec.encryption = report.encryption.clone();
+                super::backups::record_report(&mut spec, report);
                 backups::AVAILABLE
             }
             Err(e) => {
