@@ -231,6 +231,86 @@ fn gc_killed_mid_sweep_leaves_repository_consistent() {
     assert_eq!(stored, 64, "only the kept point's chunks are left");
 }
 
+/// A repository that fills up: the job fails with the reason and
+/// publishes nothing; the earlier point stays intact; GC sweeps the dead
+/// job's chunks. (A 12 MiB tmpfs the test mounts and unmounts.)
+#[test]
+fn a_full_repository_fails_the_job_cleanly_and_keeps_earlier_points() {
+    struct Mount(std::path::PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs (the suite runs as root)");
+    let _mount = Mount(small.clone());
+    let repo = small.join("repo");
+    let mut x = 0x1234_5678_9abc_def1_u64;
+    let mut random = |len: usize| -> Vec<u8> {
+        (0..len / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect()
+    };
+    let (first, second) = (random(2 << 20), random(32 << 20));
+    let img = dir.path().join("disk.raw");
+    let create = |img: &Path| {
+        let out = Command::new(keel_bin())
+            .arg("backup")
+            .arg("--repo")
+            .arg(&repo)
+            .args([
+                "create",
+                "--disk",
+                "d0",
+                "--chunk-size",
+                "1048576",
+                "--image",
+            ])
+            .arg(img)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(&img, &first).unwrap();
+    let (ok, out, err) = create(&img);
+    assert!(ok, "{out}{err}");
+    let point = json_lines(&out)[0]["id"].as_str().unwrap().to_owned();
+    std::fs::write(&img, &second).unwrap();
+    let (ok, out, err) = create(&img);
+    assert!(!ok, "32 MiB of random data cannot fit in 12 MiB: {out}");
+    assert!(err.contains("No space left"), "{err}");
+
+    let (ok, out) = keel(&repo, &["list"]);
+    assert!(ok, "{out}");
+    assert_eq!(json_lines(&out).len(), 1, "no half point: {out}");
+    let (ok, out) = keel(&repo, &["verify"]);
+    assert!(ok, "{out}");
+    let (ok, out) = keel(&repo, &["gc"]);
+    assert!(ok, "{out}");
+    assert_eq!(json_lines(&out)[0]["live_chunks"], 2, "{out}");
+    let to = dir.path().join("first.raw");
+    let (ok, out) = keel(&repo, &["restore", &point, "--to", to.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(std::fs::read(&to).unwrap() == first);
+}
+
 /// Serves the image with `keel vhost-blk --cbt-granularity` (no frontend
 /// connects, so nothing is written) and ends it with `signal`.
 fn serve_and_stop(dir: &Path, img: &Path, signal: i32) {
