@@ -199,9 +199,39 @@ impl KeelProcess {
 
 impl Drop for KeelProcess {
     fn drop(&mut self) {
+        // keel's own helpers (disk servers, CDP source/replica, data plane,
+        // load balancers) are its children running the keel binary; once
+        // keel is killed they are orphans, so find them first.
+        let helpers = keel_children(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in helpers {
+            // SAFETY: kill(2) on a pid we just read as keel's child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
+}
+
+/// Processes whose parent is `parent` and whose program is keel's binary
+/// (libvirt's daemons, which keel may also start, are left alone).
+fn keel_children(parent: u32) -> Vec<i32> {
+    let bin = std::fs::canonicalize(keel_bin()).ok();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(std::result::Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(parent) && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == bin
+        })
+        .collect()
 }
 
 /// The string value of a top-level field in a JSON log line.
