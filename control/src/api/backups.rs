@@ -248,15 +248,7 @@ async fn require_backup_ready(
             )))
         }
     }
-    for resource in &busy {
-        if let Some(task) = tasks::pending_for(conn, resource).await? {
-            return Err(ApiError::Conflict(format!(
-                "task {} ({}) is still {} on {resource}",
-                task.id, task.action, task.state
-            )));
-        }
-    }
-    Ok(())
+    volumes::require_no_task(conn, &busy).await
 }
 
 /// Stores a CREATING backup of `volume` and queues the task that takes it

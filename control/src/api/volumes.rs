@@ -379,7 +379,16 @@ pub async fn require_quiet(
             )))
         }
     }
-    for resource in &busy {
+    require_no_task(conn, &busy).await
+}
+
+/// Refuses (409, naming it) while a task is queued or running on any of
+/// `resources` (a volume and the VM using it).
+pub async fn require_no_task(
+    conn: &mut crate::store::DbConnection,
+    resources: &[String],
+) -> Result<(), ApiError> {
+    for resource in resources {
         if let Some(task) = tasks::pending_for(conn, resource).await? {
             return Err(ApiError::Conflict(format!(
                 "task {} ({}) is still {} on {resource}",
