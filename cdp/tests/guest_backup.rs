@@ -102,6 +102,7 @@ fn guest_disk_full_and_incremental_backups_restore_bit_exact() {
         path: img.clone(),
         readonly: false,
         direct: false,
+        format: keel_vhost::ImageFormat::Raw,
     })
     .unwrap();
     let shared = Arc::new(DiskShared::new(disk, "keel-backup-disk"));

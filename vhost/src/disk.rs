@@ -1,5 +1,5 @@
-//! Raw disk images: creation (thin or thick) and the open file the I/O
-//! engine works on.
+//! Disk images: raw creation (thin or thick), and the open image the I/O
+//! engine works on (raw, or qcow2 through its cluster map).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -43,6 +43,39 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    /// The qcow2 metadata could not be used.
+    #[error("Cannot open qcow2 image {path}")]
+    Qcow2 {
+        /// Image path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: crate::qcow2::Qcow2Error,
+    },
+}
+
+/// How an image file stores the disk. Never guessed from the content: a
+/// guest could write a qcow2 header into a raw disk and name a host file
+/// as its backing file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// The file is the disk, byte for byte.
+    #[default]
+    Raw,
+    /// QEMU's qcow2 (v2 or v3).
+    Qcow2,
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Self::Raw),
+            "qcow2" => Ok(Self::Qcow2),
+            other => Err(format!("unknown image format {other:?} (raw or qcow2)")),
+        }
+    }
 }
 
 /// How a new raw volume reserves space.
@@ -113,6 +146,8 @@ pub struct DiskOptions {
     /// Bypass the host page cache (O_DIRECT). The device then advertises a
     /// 4 KiB logical block size so guest I/O stays aligned.
     pub direct: bool,
+    /// Image format.
+    pub format: ImageFormat,
 }
 
 impl DiskOptions {
@@ -122,14 +157,18 @@ impl DiskOptions {
             path: path.into(),
             readonly: false,
             direct: false,
+            format: ImageFormat::Raw,
         }
     }
 }
 
-/// An open raw disk shared by all queues of a device.
+/// An open disk image shared by all queues of a device.
 #[derive(Debug)]
 pub struct RawDisk {
     file: File,
+    /// The cluster map of a qcow2 image (requests are translated through
+    /// it; `file` then holds clusters, not the disk).
+    qcow2: Option<crate::qcow2::Qcow2>,
     capacity: u64,
     options: DiskOptions,
     /// Set after a failed fdatasync: from then on every request fails, so a
@@ -138,8 +177,8 @@ pub struct RawDisk {
 }
 
 impl RawDisk {
-    /// Opens an existing raw image; its size (rounded down to 512 bytes) is
-    /// the capacity.
+    /// Opens an existing image; the capacity is a raw image's size or a
+    /// qcow2 image's virtual size (rounded down to 512 bytes).
     pub fn open(options: DiskOptions) -> Result<Self, DiskError> {
         let open_err = |source| DiskError::OpenImage {
             path: options.path.clone(),
@@ -151,7 +190,21 @@ impl RawDisk {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = oo.open(&options.path).map_err(open_err)?;
-        let len = file.metadata().map_err(open_err)?.len();
+        let qcow2 = match options.format {
+            ImageFormat::Raw => None,
+            ImageFormat::Qcow2 => Some(
+                crate::qcow2::Qcow2::open(&options.path, options.readonly).map_err(|source| {
+                    DiskError::Qcow2 {
+                        path: options.path.clone(),
+                        source,
+                    }
+                })?,
+            ),
+        };
+        let len = match &qcow2 {
+            Some(q) => q.size(),
+            None => file.metadata().map_err(open_err)?.len(),
+        };
         let capacity = len - len % SECTOR_SIZE;
         if capacity == 0 {
             return Err(DiskError::InvalidSize(len));
@@ -161,6 +214,7 @@ impl RawDisk {
         }
         Ok(Self {
             file,
+            qcow2,
             capacity,
             options,
             failed: AtomicBool::new(false),
@@ -212,7 +266,17 @@ impl RawDisk {
         if self.options.readonly {
             return Ok(());
         }
+        if let Some(q) = &self.qcow2 {
+            q.close()
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .inspect_err(|_| self.mark_failed())?;
+        }
         self.file.sync_data().inspect_err(|_| self.mark_failed())
+    }
+
+    /// The qcow2 cluster map, for a qcow2 image.
+    pub(crate) fn qcow2(&self) -> Option<&crate::qcow2::Qcow2> {
+        self.qcow2.as_ref()
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {

@@ -16,6 +16,9 @@
 //!   changed-block-tracking implementation on it; [`control`] is the
 //!   disk server's control socket the agent manages the live bitmaps with
 //!   (online backups).
+//! - [`qcow2`] maps qcow2 images: requests in one run of allocated
+//!   clusters go to io_uring translated; the rest (holes, backing data,
+//!   allocation, discard) take a synchronous slow path.
 //! - [`disk`] creates and opens raw images (thin or thick). An O_DIRECT
 //!   image's page cache is dropped at open: io_uring cannot submit a direct
 //!   write inline while pages of its range are cached and hands it to its
@@ -54,13 +57,14 @@ pub mod disk;
 pub mod frontend;
 pub mod hook;
 pub mod net;
+pub mod qcow2;
 pub mod request;
 pub mod server;
 pub mod worker;
 
 pub use cbt::{Cbt, CbtError};
 pub use device::{BlockDevice, DiskShared, QueueConfig};
-pub use disk::{create_raw_volume, DiskError, DiskOptions, Provisioning, RawDisk};
+pub use disk::{create_raw_volume, DiskError, DiskOptions, ImageFormat, Provisioning, RawDisk};
 pub use hook::{NoHook, WriteData, WriteHook};
 pub use server::{
     cbt_path, serve, serve_disk, DiskServeOptions, ServeConfig, ServeDiskError, ServeError,

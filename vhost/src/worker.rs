@@ -25,7 +25,9 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::DiskShared;
+use crate::disk::RawDisk;
 use crate::hook::{WriteData, WriteHook};
+use crate::qcow2::{Qcow2, Qcow2Error};
 use crate::request::{DiskView, ParseError, Request, RequestKind, STATUS_IOERR, STATUS_OK};
 
 /// Guest memory as the vhost-user-backend crate hands it to us.
@@ -102,6 +104,9 @@ pub(crate) struct Worker {
     /// Current completion-poll window, adapted to how long completions
     /// take (see [`adapt_poll`]).
     cq_poll: Duration,
+    /// Staging for qcow2 requests served synchronously (grown, never
+    /// shrunk: no allocation once it fits the largest request).
+    bounce: Vec<u8>,
     pub(crate) mem: Option<GuestMem>,
 }
 
@@ -122,6 +127,7 @@ impl Worker {
             free: (0..n).rev().collect(),
             done: Vec::with_capacity(n),
             cq_poll: POLL_BUDGET,
+            bounce: Vec::new(),
             mem: None,
         })
     }
@@ -272,7 +278,16 @@ impl Worker {
             *st = SlotState::default();
             match slot.parse(head, chain, mem, view) {
                 Ok(()) => {
-                    let pushed = push_sqes(&mut self.ring, slot, n, writethrough);
+                    let offset = match disk.disk.qcow2() {
+                        None => Some(slot.offset),
+                        Some(q) => {
+                            qcow2_route(q, &disk.disk, slot, st, &mut self.bounce, writethrough)
+                        }
+                    };
+                    let pushed = match offset {
+                        Some(offset) => push_sqes(&mut self.ring, slot, n, writethrough, offset),
+                        None => 0,
+                    };
                     st.pending = pushed;
                     sqes += pushed as usize;
                     if pushed == 0 {
@@ -377,8 +392,107 @@ impl Worker {
     }
 }
 
-/// Queues the SQEs of one parsed request; returns how many.
-fn push_sqes(ring: &mut IoUring, req: &Request, idx: usize, writethrough: bool) -> u32 {
+/// Routes a request on a qcow2 image: `Some(host offset)` when it goes to
+/// io_uring (data in one run of allocated clusters, after allocating new
+/// ones for a write; a flush after writing the metadata back), `None` when
+/// it was served here synchronously (holes, backing data, discards; the
+/// outcome is in `st`).
+fn qcow2_route(
+    q: &Qcow2,
+    disk: &RawDisk,
+    req: &Request,
+    st: &mut SlotState,
+    bounce: &mut Vec<u8>,
+    writethrough: bool,
+) -> Option<u64> {
+    // Bounded by the parser (seg_max × page size).
+    let len = usize::try_from(req.len).unwrap_or_default();
+    let served: Result<(), Qcow2Error> = match req.kind {
+        RequestKind::GetId => return Some(0),
+        RequestKind::Read => {
+            if let Some(host) = q.map(req.offset, req.len, false) {
+                return Some(host);
+            }
+            bounce.resize(len, 0);
+            q.read_at(req.offset, bounce)
+                .map(|()| scatter(&req.iovecs.0, bounce))
+        }
+        RequestKind::Write => {
+            if let Some(host) = q.map(req.offset, req.len, true) {
+                return Some(host);
+            }
+            let prepared = q.prepare_write(req.offset, req.len).and_then(|()| {
+                // Write-through: the new clusters' metadata is durable
+                // before the write (whose fsync then covers the tables).
+                if writethrough {
+                    q.flush()?;
+                }
+                Ok(())
+            });
+            match prepared.map(|()| q.map(req.offset, req.len, true)) {
+                Ok(Some(host)) => return Some(host),
+                Ok(None) => {
+                    // New clusters not contiguous with the old ones.
+                    bounce.resize(len, 0);
+                    WriteData::new(&req.iovecs.0).copy_to(bounce);
+                    q.write_at(req.offset, bounce).and_then(|()| {
+                        if writethrough {
+                            q.sync()?;
+                        }
+                        Ok(())
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        }
+        RequestKind::Flush => match q.flush() {
+            Ok(()) => return Some(0),
+            Err(e) => {
+                disk.mark_failed();
+                Err(e)
+            }
+        },
+        RequestKind::Discard | RequestKind::WriteZeroes => {
+            let zero = req.kind == RequestKind::WriteZeroes;
+            req.segments[..req.nsegs]
+                .iter()
+                .try_for_each(|s| q.discard(s.offset, s.len, zero, !zero || s.unmap))
+        }
+    };
+    if let Err(e) = served {
+        tracing::warn!(error = %e, offset = req.offset, "qcow2 request failed");
+        st.io_failed = true;
+    }
+    None
+}
+
+/// Copies `data` into the guest buffers of a read.
+fn scatter(iovecs: &[libc::iovec], data: &[u8]) {
+    let mut done = 0;
+    for v in iovecs {
+        let n = v.iov_len.min(data.len() - done);
+        // SAFETY: every iovec was built from a vm-memory `VolatileSlice` of
+        // mapped guest memory that stays mapped while the request is in
+        // flight (see `WriteData::copy_to`); `n` is within both buffers.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n);
+        }
+        done += n;
+        if done == data.len() {
+            break;
+        }
+    }
+}
+
+/// Queues the SQEs of one parsed request (its data at image byte
+/// `offset`); returns how many.
+fn push_sqes(
+    ring: &mut IoUring,
+    req: &Request,
+    idx: usize,
+    writethrough: bool,
+    offset: u64,
+) -> u32 {
     let fd = DISK_FILE;
     let ud = (idx as u64) << 1;
     let mut entries: [Option<squeue::Entry>; MAX_SQES_PER_REQUEST] =
@@ -402,7 +516,7 @@ fn push_sqes(ring: &mut IoUring, req: &Request, idx: usize, writethrough: bool) 
         RequestKind::Read => {
             entries[0] = Some(
                 opcode::Readv::new(fd, iov_ptr, iov_cnt)
-                    .offset(req.offset)
+                    .offset(offset)
                     .build()
                     .user_data(ud | UD_DATA),
             );
@@ -410,7 +524,7 @@ fn push_sqes(ring: &mut IoUring, req: &Request, idx: usize, writethrough: bool) 
         }
         RequestKind::Write => {
             let w = opcode::Writev::new(fd, iov_ptr, iov_cnt)
-                .offset(req.offset)
+                .offset(offset)
                 .build()
                 .user_data(ud | UD_DATA);
             if writethrough {

@@ -108,6 +108,7 @@ fn setup(readonly: bool, fill: Option<u8>) -> Setup {
         path: img.clone(),
         readonly,
         direct: false,
+        format: keel_vhost::ImageFormat::Raw,
     })
     .unwrap();
     let shared = Arc::new(DiskShared::new(disk, "keel-test-disk"));

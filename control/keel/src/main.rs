@@ -393,9 +393,12 @@ struct VhostBlkArgs {
     /// vhost-user socket to listen on (QEMU connects to it).
     #[arg(long)]
     socket: PathBuf,
-    /// Raw image file.
+    /// Image file.
     #[arg(long)]
     image: PathBuf,
+    /// Image format: raw or qcow2 (never guessed from the content).
+    #[arg(long, default_value = "raw")]
+    format: keel_vhost::ImageFormat,
     /// Expose the disk read-only.
     #[arg(long)]
     readonly: bool,
@@ -653,6 +656,7 @@ fn vhost_blk(args: VhostBlkArgs) -> anyhow::Result<()> {
             path: args.image,
             readonly: args.readonly,
             direct: args.direct,
+            format: args.format,
         },
         queues: args.queues,
         serial: args.serial,
