@@ -343,3 +343,112 @@ fn backend_restart_with_reconnect_loses_no_io() {
         );
     }
 }
+
+/// Runs `qemu-img` and returns its stdout; a failure fails the test.
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn guest_on_a_qcow2_image_over_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // The backing file: 16 MiB of a pattern, then zeros; qcow2 by qemu-img.
+    let mut base = vec![0u8; usize::try_from(DISK_SIZE).unwrap()];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in base.iter_mut().take(16 << 20) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x.to_le_bytes()[0];
+    }
+    std::fs::write(p("base.raw"), &base).unwrap();
+    let path = |n: &str| p(n).to_str().unwrap().to_owned();
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &path("base.raw"),
+        &path("base.qcow2"),
+    ]);
+    // The disk: keel's qcow2 (128 KiB clusters) over it.
+    keel_vhost::qcow2::create(
+        &p("top.qcow2"),
+        &keel_vhost::qcow2::CreateOptions {
+            size: DISK_SIZE,
+            cluster_size: 128 << 10,
+            backing: Some(("base.qcow2".into(), "qcow2".into())),
+        },
+    )
+    .unwrap();
+    let disk = RawDisk::open(DiskOptions {
+        path: p("top.qcow2"),
+        readonly: false,
+        direct: true,
+        format: keel_vhost::ImageFormat::Qcow2,
+    })
+    .unwrap();
+    let shared = Arc::new(DiskShared::new(disk, "keel-qcow2"));
+    let cbt = Cbt::open(&p("top.cbt"), DISK_SIZE, DEFAULT_GRANULARITY).unwrap();
+    let hook: Hook = (Arc::new(cbt), Arc::new(Recorder::default()));
+    let sock = p("vhost.sock");
+    let backend = Backend::start(&sock, &shared, &hook, 2);
+    let mut guest = boot("keel-qcow2", &sock, "", 2);
+    let md5 = |g: &mut Guest, skip: u64, count: u64| {
+        first_word(
+            &g.run(&format!(
+                "dd if=/dev/vda bs=4096 skip={skip} count={count} 2>/dev/null | md5sum"
+            ))
+            .unwrap(),
+        )
+    };
+
+    // The backing file's data shows through.
+    assert_eq!(md5(&mut guest, 0, 4096), host_md5(&p("base.raw"), 0, 4096));
+    // A 4 KiB write inside a cluster of backing data (the rest of the
+    // cluster is copied up), 1 MiB over zeros, a discard of whole clusters.
+    guest
+        .run(
+            "dd if=/dev/urandom of=/tmp/pat bs=4096 count=256 2>/dev/null && \
+             dd if=/tmp/pat of=/dev/vda bs=4096 count=1 seek=3 oflag=direct 2>/dev/null && \
+             dd if=/tmp/pat of=/dev/vda bs=4096 seek=8192 conv=fsync 2>/dev/null && \
+             blkdiscard -o 50331648 -l 1048576 /dev/vda && \
+             sync && echo 3 > /proc/sys/vm/drop_caches",
+        )
+        .unwrap();
+    let pat = first_word(&guest.run("md5sum /tmp/pat").unwrap());
+    let pat0 = first_word(&guest.run("head -c 4096 /tmp/pat | md5sum").unwrap());
+    assert_eq!(md5(&mut guest, 3, 1), pat0);
+    assert_eq!(md5(&mut guest, 8192, 256), pat);
+    let first = md5(&mut guest, 0, 4096);
+    assert_eq!(
+        md5(&mut guest, 12288, 256),
+        host_md5(Path::new("/dev/zero"), 0, 256),
+        "the discarded clusters read zeros"
+    );
+    guest.poweroff(EXIT_TIMEOUT).unwrap();
+    backend.stop();
+
+    // QEMU agrees: a clean image holding what the guest saw.
+    qemu_img(&["check", &path("top.qcow2")]);
+    qemu_img(&["convert", "-O", "raw", &path("top.qcow2"), &path("top.raw")]);
+    let top = p("top.raw");
+    assert_eq!(host_md5(&top, 0, 4096), first);
+    assert_eq!(host_md5(&top, 3, 1), pat0);
+    assert_eq!(host_md5(&top, 8192, 256), pat);
+    assert_eq!(host_md5(&top, 4, 4092), host_md5(&p("base.raw"), 4, 4092));
+    // Only what was written took space in the top image.
+    let info = qemu_img(&["info", "--output=json", &path("top.qcow2")]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let used = v["actual-size"].as_u64().unwrap();
+    assert!(used < 4 << 20, "top image uses {used} bytes");
+}
