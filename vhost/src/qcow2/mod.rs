@@ -62,8 +62,9 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// Backing chains longer than this are refused (and loops with them).
 const MAX_CHAIN: usize = 16;
-/// The file grows in steps of this much (a cluster past the end must read
-/// as zeros right after it is handed out, before its data write lands).
+/// The file grows in steps of this much, allocated (a cluster past the end
+/// must read as zeros right after it is handed out, before its data write
+/// lands); the unused tail is trimmed at close.
 const GROW_STEP: u64 = 8 << 20;
 
 /// Errors of qcow2 images.
@@ -926,7 +927,17 @@ impl Meta {
             let end = self.next_free * cs;
             if end > self.file_len {
                 let grown = end.next_multiple_of(GROW_STEP.max(cs));
-                file.set_len(grown)?;
+                // Allocated, not just a longer file: a direct write into a
+                // hole must allocate blocks, which io_uring cannot do
+                // inline (it hands such writes to its worker threads, one
+                // at a time per file). Measured: allocating 4 KiB writes
+                // at QD32 0.63x keel raw with set_len, 1.14x with this.
+                if let Err(e) = fallocate(file, 0, self.file_len, grown - self.file_len) {
+                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        return Err(e.into());
+                    }
+                    file.set_len(grown)?;
+                }
                 self.file_len = grown;
             }
             if self.refcounts.len() <= c as usize {
