@@ -184,6 +184,7 @@ impl DiskServers {
             .arg(&socket)
             .arg("--image")
             .arg(image)
+            .args(["--format", image_format(image)])
             .args(["--serial", &serial])
             .args(["--cbt-granularity", &CBT_GRANULARITY.to_string()])
             .arg("--control")
@@ -341,6 +342,16 @@ impl DiskServers {
         for g in groups {
             self.stop_group(&g);
         }
+    }
+}
+
+/// The format a volume file is served as: its name says (see
+/// `volumes::volume_path`), never its content.
+fn image_format(image: &Path) -> &'static str {
+    if image.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
     }
 }
 

@@ -58,8 +58,48 @@ fn prepare(dest: &Path) -> Result<(), ProvisionError> {
     Ok(())
 }
 
-pub fn create_blank(dest: &Path, size: u64, thick: bool) -> Result<(), ProvisionError> {
+/// The file a volume is made as.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// `raw` or `qcow2`.
+    pub format: &'a str,
+    /// qcow2 cluster size in bytes.
+    pub cluster_size: Option<u64>,
+    /// Raw only: allocate every block now.
+    pub thick: bool,
+}
+
+impl Target<'_> {
+    fn qcow2(&self) -> bool {
+        self.format == "qcow2"
+    }
+
+    /// qemu-img's creation options for this target.
+    fn options(&self) -> String {
+        if self.qcow2() {
+            format!("cluster_size={}", self.cluster_size.unwrap_or(64 << 10))
+        } else {
+            prealloc(self.thick).into()
+        }
+    }
+}
+
+/// A blank volume: raw through qemu-img, qcow2 through keel's own qcow2
+/// code (the one that serves it).
+pub fn create_blank(dest: &Path, size: u64, target: Target<'_>) -> Result<(), ProvisionError> {
     prepare(dest)?;
+    if target.qcow2() {
+        let opts = keel_vhost::qcow2::CreateOptions {
+            size,
+            cluster_size: target.cluster_size.unwrap_or(64 << 10),
+            backing: None,
+        };
+        return keel_vhost::qcow2::create(dest, &opts).map_err(|e| ProvisionError::Failed {
+            step: "create",
+            stderr: e.to_string(),
+        });
+    }
+    let thick = target.thick;
     run(
         "create",
         Command::new("qemu-img")
@@ -69,16 +109,18 @@ pub fn create_blank(dest: &Path, size: u64, thick: bool) -> Result<(), Provision
     )
 }
 
-/// Grows a raw volume to `size` bytes (thick: the new space allocated).
-pub fn grow(dest: &Path, size: u64, thick: bool) -> Result<(), ProvisionError> {
-    run(
-        "resize",
-        Command::new("qemu-img")
-            .args(["resize", "-q", "-f", "raw", "--preallocation"])
-            .arg(if thick { "falloc" } else { "off" })
-            .arg(dest)
-            .arg(size.to_string()),
-    )
+/// Grows a volume to `size` bytes (thick raw: the new space allocated;
+/// qcow2: the L1 table grows, nothing else is written). Not while served.
+pub fn grow(dest: &Path, size: u64, target: Target<'_>) -> Result<(), ProvisionError> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["resize", "-q", "-f", qemu_format(target.format)]);
+    if !target.qcow2() {
+        cmd.args([
+            "--preallocation",
+            if target.thick { "falloc" } else { "off" },
+        ]);
+    }
+    run("resize", cmd.arg(dest).arg(size.to_string()))
 }
 
 /// The virtual size qemu-img reports for an image file.
@@ -107,14 +149,14 @@ pub fn virtual_size(image: &Path, format: &str) -> Result<u64, ProvisionError> {
         })
 }
 
-/// Copies `image` to a raw `dest` of at least `size` bytes, calling
-/// `progress` with whole percents as qemu-img reports them.
+/// Copies `image` to `dest` (raw or qcow2) of at least `size` bytes,
+/// calling `progress` with whole percents as qemu-img reports them.
 pub fn copy_image(
     image: &Path,
     format: &str,
     dest: &Path,
     size: u64,
-    thick: bool,
+    target: Target<'_>,
     mut progress: impl FnMut(u8),
 ) -> Result<(), ProvisionError> {
     prepare(dest)?;
@@ -126,9 +168,9 @@ pub fn copy_image(
             "-f",
             qemu_format(format),
             "-O",
-            "raw",
+            qemu_format(target.format),
             "-o",
-            prealloc(thick),
+            &target.options(),
         ])
         .arg(image)
         .arg(&partial)
@@ -168,19 +210,15 @@ pub fn copy_image(
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
-    let current = std::fs::metadata(&partial)
-        .map_err(|source| ProvisionError::Io {
-            path: partial.display().to_string(),
-            source,
-        })?
-        .len();
+    let current = virtual_size(&partial, target.format)?;
     if size > current {
-        run(
-            "resize",
-            Command::new("qemu-img")
-                .args(["resize", "-q", "-f", "raw"])
-                .arg(&partial)
-                .arg(size.to_string()),
+        grow(
+            &partial,
+            size,
+            Target {
+                thick: false,
+                ..target
+            },
         )?;
     }
     std::fs::rename(&partial, dest).map_err(|source| ProvisionError::Io {

@@ -374,11 +374,22 @@ impl Agent {
                     (Some(backup), _) => self
                         .volume_from_backup(task, &record, backup)
                         .map(|size| spec.size_bytes = size),
-                    (None, Some(source)) => provision::copy_file(
-                        &volumes::volume_path(&self.config.state_dir, source),
-                        &volumes::volume_path(&self.config.state_dir, &record.meta.id),
-                    )
-                    .map_err(StepError::from),
+                    (None, Some(source)) => {
+                        if spec.format == volumes::QCOW2 {
+                            // Its server (a STOPPED VM's) writes the cluster
+                            // map back as it ends: the copy is then complete.
+                            self.disks.stop(source);
+                        }
+                        provision::copy_file(
+                            &volumes::volume_path(&self.config.state_dir, source),
+                            &volumes::volume_file(
+                                &self.config.state_dir,
+                                &record.meta.id,
+                                &spec.format,
+                            ),
+                        )
+                        .map_err(StepError::from)
+                    }
                     (None, None) => self.provision(task, &record.meta.id, &mut spec),
                 };
                 match made {
@@ -423,10 +434,14 @@ impl Agent {
     }
 
     fn provision(&self, task: &Task, id: &str, spec: &mut VolumeSpec) -> Result<(), StepError> {
-        let dest = volumes::volume_path(&self.config.state_dir, id);
-        let thick = spec.provisioning == "thick";
+        let dest = volumes::volume_file(&self.config.state_dir, id, &spec.format);
+        let target = provision::Target {
+            format: &spec.format,
+            cluster_size: spec.cluster_size,
+            thick: spec.provisioning == "thick",
+        };
         match &spec.image_id {
-            None => provision::create_blank(&dest, spec.size_bytes, thick)?,
+            None => provision::create_blank(&dest, spec.size_bytes, target)?,
             Some(image_id) => {
                 let image = self
                     .get("image", image_id)?
@@ -438,7 +453,7 @@ impl Agent {
                     .unwrap_or_default();
                 let path = images::image_path(&self.config.state_dir.join("images"), image_id);
                 let size = provision::virtual_size(&path, &format)?.max(spec.size_bytes);
-                provision::copy_image(&path, &format, &dest, size, thick, |pct| {
+                provision::copy_image(&path, &format, &dest, size, target, |pct| {
                     let _ = self.task_state(
                         &task.id,
                         tasks::RUNNING,

@@ -957,30 +957,30 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     api.wait_task(&task);
     let hot = task["resource_id"].as_str().unwrap().to_owned();
     let hot_file = state.join("volumes").join(format!("{hot}.raw"));
-    let attach = |api: &Api| {
+    let attach = |api: &Api, vol: &str| {
         let (status, task) = api.call(
             "POST",
             &format!("/api/v1/vms/{vm}/volumes"),
-            Some(json!({"volume_id": hot})),
+            Some(json!({"volume_id": vol})),
         );
         assert_eq!(status, 202, "{task}");
         api.wait_task(&task);
-        let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
+        let v = api.ok("GET", &format!("/api/v1/volumes/{vol}"), None);
         assert_eq!(v["status"], "IN_USE", "{v}");
         let spec = api.ok("GET", &format!("/api/v1/vms/{vm}"), None);
-        assert_eq!(spec["volume_ids"][1], hot.as_str(), "{spec}");
+        assert_eq!(spec["volume_ids"][1], vol, "{spec}");
     };
-    let detach = |api: &Api| {
-        let (status, task) = api.call("DELETE", &format!("/api/v1/vms/{vm}/volumes/{hot}"), None);
+    let detach = |api: &Api, vol: &str| {
+        let (status, task) = api.call("DELETE", &format!("/api/v1/vms/{vm}/volumes/{vol}"), None);
         assert_eq!(status, 202, "{task}");
         api.wait_task(&task);
-        let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
+        let v = api.ok("GET", &format!("/api/v1/volumes/{vol}"), None);
         assert_eq!(v["status"], "AVAILABLE", "{v}");
         assert!(v["attached_to"].is_null(), "{v}");
     };
     let wait_vdb =
         "i=0; while [ ! -e /sys/block/vdb ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done";
-    attach(&api);
+    attach(&api, &hot);
     let out = guest_run(
         &api,
         &keel.url(""),
@@ -993,7 +993,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         "1 GiB disk in the guest: {out}"
     );
     assert!(out.contains("H1=0"), "{out}");
-    detach(&api);
+    detach(&api, &hot);
     let out = guest_run(
         &api,
         &keel.url(""),
@@ -1030,7 +1030,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     };
     let b1 = backup(&api, "b1");
     assert_eq!(b1["kind"], "full", "{b1}");
-    attach(&api);
+    attach(&api, &hot);
     let out = guest_run(
         &api,
         &keel.url(""),
@@ -1041,7 +1041,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
         ),
     );
     assert!(out.contains("H4=0"), "{out}");
-    detach(&api);
+    detach(&api, &hot);
     let b2 = backup(&api, "b2");
     assert_eq!(b2["kind"], "incremental", "{b2}");
     let (read, total) = (
@@ -1116,7 +1116,7 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     assert_eq!(status, 202, "{task}");
     api.wait_task(&task);
     assert_eq!(std::fs::metadata(&hot_file).unwrap().len(), 2 << 30);
-    attach(&api);
+    attach(&api, &hot);
     let out = guest_run(
         &api,
         &keel.url(""),
@@ -1126,12 +1126,107 @@ fn vm_from_an_uploaded_image_boots_on_keel_disks_and_follows_its_lifecycle() {
     );
     assert!(out.contains("SECTORS=4194304"), "grown to 2 GiB: {out}");
     assert!(out.contains("KEEL-HOTPLUG"), "data kept: {out}");
-    detach(&api);
+    detach(&api, &hot);
     let v = api.ok("GET", &format!("/api/v1/volumes/{hot}"), None);
     assert_eq!(v["size_bytes"], 2u64 << 30);
     let (status, body) = api.delete_read(&format!("/api/v1/volumes/{hot}"), &v);
     assert_eq!(status, 204, "{body}");
     assert!(!hot_file.exists());
+
+    // A qcow2 volume (keel's qcow2 engine behind the same disk server):
+    // hot-plugged, written by the guest across clusters, detached (the
+    // server writes its cluster map back), clean by qemu-img's check and
+    // holding the guest's bytes; grown while detached, back bigger with
+    // its data.
+    let (status, task) = api.call(
+        "POST",
+        "/api/v1/volumes",
+        Some(json!({"name": "q", "vdc_id": vdc_id, "size_gib": 1,
+                    "format": "qcow2", "cluster_size_kib": 128})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let q = task["resource_id"].as_str().unwrap().to_owned();
+    let q_file = state.join("volumes").join(format!("{q}.qcow2"));
+    assert!(q_file.exists(), "a .qcow2 file");
+    attach(&api, &q);
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "Q1",
+        &format!(
+            "{wait_vdb}; echo SECTORS=$(cat /sys/block/vdb/size); \
+             dd if=/dev/urandom of=/tmp/q bs=4096 count=100 2>/dev/null; \
+             dd if=/tmp/q of=/dev/vdb bs=4096 seek=5 conv=fsync 2>/dev/null; \
+             echo KEEL-QCOW2 | dd of=/dev/vdb bs=1M seek=700 conv=fsync 2>/dev/null; \
+             echo 3 > /proc/sys/vm/drop_caches; \
+             echo WROTE=$(md5sum < /tmp/q | cut -c1-32) \
+             READ=$(dd if=/dev/vdb bs=4096 skip=5 count=100 2>/dev/null | md5sum | cut -c1-32)"
+        ),
+    );
+    assert!(out.contains("SECTORS=2097152"), "1 GiB qcow2 disk: {out}");
+    let md5_of = |key: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let wrote = md5_of("WROTE=");
+    assert_eq!(wrote.len(), 32, "{out}");
+    assert_eq!(
+        md5_of("READ="),
+        wrote,
+        "the guest reads back its write: {out}"
+    );
+    detach(&api, &q);
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", q_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let q_raw = work.path().join("q.raw");
+    let convert = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-O",
+            "raw",
+            q_file.to_str().unwrap(),
+            q_raw.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(convert.success());
+    let raw = std::fs::read(&q_raw).unwrap();
+    assert_eq!(&raw[700 << 20..(700 << 20) + 10], b"KEEL-QCOW2");
+    assert_eq!(raw.len(), 1 << 30);
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/volumes/{q}/actions/resize"),
+        Some(json!({"size_gib": 2})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    attach(&api, &q);
+    let out = guest_run(
+        &api,
+        &keel.url(""),
+        &vm,
+        "Q2",
+        &format!("{wait_vdb}; echo SECTORS=$(cat /sys/block/vdb/size); dd if=/dev/vdb bs=1M skip=700 count=1 2>/dev/null | head -c 10; echo"),
+    );
+    assert!(out.contains("SECTORS=4194304"), "grown to 2 GiB: {out}");
+    assert!(out.contains("KEEL-QCOW2"), "data kept: {out}");
+    detach(&api, &q);
+    let v = api.ok("GET", &format!("/api/v1/volumes/{q}"), None);
+    assert_eq!(v["format"], "qcow2", "{v}");
+    let (status, body) = api.delete_read(&format!("/api/v1/volumes/{q}"), &v);
+    assert_eq!(status, 204, "{body}");
+    assert!(!q_file.exists());
 
     protect_and_replicate(&api, work.path(), &state, accel, vdc_id, &vm, &volume_id);
 

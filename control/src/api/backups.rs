@@ -224,6 +224,7 @@ async fn require_backup_ready(
 ) -> Result<(), ApiError> {
     use super::vms;
     let spec: VolumeSpec = volume.spec()?;
+    volumes::require_raw(conn, std::slice::from_ref(&volume.meta.id), "a backup").await?;
     let mut busy = vec![volume.meta.id.clone()];
     match (volume.meta.status.as_str(), &spec.attached_to) {
         (volumes::AVAILABLE, _) => {}
@@ -443,6 +444,8 @@ async fn restore_backup(
                 size_bytes: spec.size_bytes,
                 image_id: None,
                 provisioning: "thin".into(),
+                format: volumes::RAW.into(),
+                cluster_size: None,
                 attached_to: None,
                 description: format!("restored from backup {id}"),
                 status_reason: String::new(),

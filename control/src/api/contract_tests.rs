@@ -3001,6 +3001,144 @@ async fn queued_task(api: &Api, token: &str, vm: &str) -> Value {
 }
 
 #[tokio::test]
+async fn qcow2_volumes_are_checked_and_kept_from_raw_only_features() {
+    let api = Api::new().await;
+    let admin = api.admin().await;
+    let vdc = api.vdc(&admin, "acme", json!({})).await;
+    let create = |body: Value| {
+        let mut b = json!({"name": "v", "vdc_id": vdc, "size_gib": 1});
+        for (k, v) in body.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (body, field) in [
+        (json!({"format": "vmdk"}), "format"),
+        (json!({"cluster_size_kib": 128}), "cluster_size_kib"),
+        (
+            json!({"format": "qcow2", "cluster_size_kib": 96}),
+            "cluster_size_kib",
+        ),
+        (
+            json!({"format": "qcow2", "cluster_size_kib": 4096}),
+            "cluster_size_kib",
+        ),
+        (
+            json!({"format": "qcow2", "cluster_size_kib": 32}),
+            "cluster_size_kib",
+        ),
+        (
+            json!({"format": "qcow2", "provisioning": "thick"}),
+            "provisioning",
+        ),
+    ] {
+        let r = api
+            .post("/api/v1/volumes", &admin, create(body.clone()))
+            .await;
+        assert_problem(&r, 422, "invalid-field");
+        assert_eq!(r.body["field"], field, "{body}: {}", r.body);
+    }
+    let r = api
+        .post(
+            "/api/v1/volumes",
+            &admin,
+            create(json!({"format": "qcow2", "cluster_size_kib": 256})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    api.agent_did(&r.body, "AVAILABLE").await;
+    let q = r.body["resource_id"].as_str().unwrap().to_owned();
+    let v = api.get(&format!("/api/v1/volumes/{q}"), &admin).await;
+    assert_eq!(v.body["format"], "qcow2");
+    assert_eq!(v.body["cluster_size"], 256 << 10);
+    let r = api.post("/api/v1/volumes", &admin, create(json!({}))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let raw = r.body["resource_id"].as_str().unwrap().to_owned();
+    let v = api.get(&format!("/api/v1/volumes/{raw}"), &admin).await;
+    assert_eq!(v.body["format"], "raw");
+    assert!(v.body.get("cluster_size").is_none(), "{}", v.body);
+
+    // Backups read the file as the disk: refused, with the reason.
+    let r = api
+        .post(
+            &format!("/api/v1/volumes/{q}/backups"),
+            &admin,
+            json!({"name": "b"}),
+        )
+        .await;
+    assert_problem(&r, 409, "conflict");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("raw volumes only"),
+        "{}",
+        r.body
+    );
+    // A copy keeps the format.
+    let r = api
+        .post(
+            &format!("/api/v1/volumes/{q}/actions/copy"),
+            &admin,
+            json!({"name": "c"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let c = r.body["resource_id"].as_str().unwrap();
+    let v = api.get(&format!("/api/v1/volumes/{c}"), &admin).await;
+    assert_eq!(v.body["format"], "qcow2");
+    assert_eq!(v.body["cluster_size"], 256 << 10);
+
+    // A VM on it: snapshots, clones and VM backups copy or read its disks
+    // as raw files, so they are refused too.
+    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
+        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
+        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
+        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
+    }))
+    .unwrap();
+    {
+        let mut tx = api.state.store.begin_write().await.unwrap();
+        super::hosts::register(&mut tx, "h1", inventory)
+            .await
+            .unwrap();
+        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let r = api
+        .post(
+            "/api/v1/vms",
+            &admin,
+            json!({"name": "vm", "vdc_id": vdc, "vcpus": 1, "memory_mib": 128,
+                   "volume_ids": [q], "start": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.body["resource_id"].as_str().unwrap().to_owned();
+    api.agent_did(&queued_task(&api, &admin, &vm).await, "STOPPED")
+        .await;
+    api.set_status("volume", &q, "IN_USE").await;
+    for (path, body) in [
+        ("snapshots", json!({"name": "s"})),
+        ("clone", json!({"name": "c"})),
+        ("backups", json!({"name": "b"})),
+    ] {
+        let r = api
+            .post(&format!("/api/v1/vms/{vm}/{path}"), &admin, body)
+            .await;
+        assert_problem(&r, 409, "conflict");
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("raw volumes only"),
+            "{path}: {}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
 async fn volume_and_compute_quotas_are_enforced() {
     let api = Api::new().await;
     let admin = api.admin().await;

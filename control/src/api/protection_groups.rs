@@ -394,6 +394,7 @@ async fn check_members(
         if spec.volume_ids.is_empty() {
             return Err(ApiError::invalid(field, "the VM has no disks to protect"));
         }
+        super::volumes::require_raw(conn, &spec.volume_ids, "continuous data protection").await?;
         if let Some((other, _)) = groups_of(conn, &m.vm_id, Some(group_id))
             .await?
             .into_iter()

@@ -415,6 +415,8 @@ pub async fn failover_records(
                         size_bytes: d.size_bytes,
                         image_id: None,
                         provisioning: "thin".into(),
+                        format: volumes::RAW.into(),
+                        cluster_size: None,
                         attached_to: Some(vm_id.clone()),
                         description: format!(
                             "failed over from volume {} (replica group {}, recovery point {recovery_point})",

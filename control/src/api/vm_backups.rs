@@ -226,6 +226,7 @@ pub async fn start_vm_backup(
     }
     super::protection_groups::refuse_if_member(tx, &id, "back up", false).await?;
     let spec: VmSpec = vm.spec()?;
+    volumes::require_raw(tx, &spec.volume_ids, "a VM backup").await?;
     let vdc_id = vm.meta.vdc_id.as_deref();
     let vm_backup_id = uuid::Uuid::new_v4().to_string();
     let mut disks = Vec::with_capacity(spec.volume_ids.len());
@@ -510,6 +511,8 @@ async fn restore_vm_backup(
                     size_bytes: disk.size_bytes,
                     image_id: None,
                     provisioning: "thin".into(),
+                    format: volumes::RAW.into(),
+                    cluster_size: None,
                     attached_to: Some(vm_id.clone()),
                     description: format!("disk {i} restored from VM backup {id}"),
                     status_reason: String::new(),

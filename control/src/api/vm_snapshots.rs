@@ -133,6 +133,7 @@ async fn create_snapshot(
     )
     .await?;
     let vm_spec: VmSpec = vm.spec()?;
+    volumes::require_raw(&mut tx, &vm_spec.volume_ids, "a VM snapshot").await?;
     let snap = records::insert(
         &mut tx,
         NewRecord {
@@ -306,6 +307,7 @@ async fn clone_vm(
     )
     .await?;
     let spec: VmSpec = vm.spec()?;
+    volumes::require_raw(&mut tx, &spec.volume_ids, "a VM clone").await?;
     // The clone's disks are copied from the source's, on the source's host.
     let host = hosts::place(
         &mut tx,

@@ -50,6 +50,13 @@ pub struct VolumeSpec {
     pub image_id: Option<String>,
     /// `thin` (sparse file) or `thick` (allocated at creation).
     pub provisioning: String,
+    /// `raw` (the file is the disk) or `qcow2` (clusters allocated as
+    /// written; served by keel's qcow2 engine).
+    #[serde(default = "raw_format")]
+    pub format: String,
+    /// qcow2 cluster size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
     /// The VM using it.
     pub attached_to: Option<String>,
     pub description: String,
@@ -83,12 +90,78 @@ pub struct VolumeCreate {
     pub image_id: Option<String>,
     #[serde(default = "default_provisioning")]
     pub provisioning: String,
+    /// `raw` (default) or `qcow2`.
+    #[serde(default = "raw_format")]
+    pub format: String,
+    /// qcow2 only: cluster size in KiB, a power of two from 64 (default)
+    /// to 2048.
+    pub cluster_size_kib: Option<u64>,
     #[serde(default)]
     pub description: String,
 }
 
 fn default_provisioning() -> String {
     "thin".into()
+}
+
+/// Volume file formats.
+pub const RAW: &str = "raw";
+pub const QCOW2: &str = "qcow2";
+
+fn raw_format() -> String {
+    RAW.into()
+}
+
+/// The qcow2 cluster size (bytes) a create request asks for, checked.
+fn cluster_size(body: &VolumeCreate) -> Result<Option<u64>, ApiError> {
+    match (body.format.as_str(), body.cluster_size_kib) {
+        (RAW, None) => Ok(None),
+        (RAW, Some(_)) => Err(ApiError::invalid(
+            "cluster_size_kib",
+            "only qcow2 volumes have clusters",
+        )),
+        (QCOW2, kib) => {
+            let kib = kib.unwrap_or(64);
+            if !kib.is_power_of_two() || !(64..=2048).contains(&kib) {
+                return Err(ApiError::invalid(
+                    "cluster_size_kib",
+                    "must be a power of two from 64 to 2048",
+                ));
+            }
+            if body.provisioning == "thick" {
+                return Err(ApiError::invalid(
+                    "provisioning",
+                    "qcow2 volumes allocate clusters as they are written; thick applies to raw volumes",
+                ));
+            }
+            Ok(Some(kib << 10))
+        }
+        (other, _) => Err(ApiError::invalid(
+            "format",
+            format!("must be raw or qcow2, not {other:?}"),
+        )),
+    }
+}
+
+/// Refuses `what` when one of `ids` is not a raw volume: backups, CDP,
+/// snapshots and copies read and copy the volume file as the disk itself.
+pub async fn require_raw(
+    conn: &mut crate::store::DbConnection,
+    ids: &[String],
+    what: &str,
+) -> Result<(), ApiError> {
+    for id in ids {
+        if let Some(v) = records::get(conn, KIND, id).await? {
+            let spec: VolumeSpec = v.spec()?;
+            if spec.format != RAW {
+                return Err(ApiError::Conflict(format!(
+                    "{what} works on raw volumes only; volume {id} is {}",
+                    spec.format
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -109,9 +182,22 @@ impl Resource for Volume {
     }
 }
 
-/// Where volume files live: `<state dir>/volumes/<id>.raw`.
+/// Where volume files live: `<state dir>/volumes/<id>.raw`, or
+/// `<id>.qcow2` for a qcow2 volume (the name says the format; the
+/// content never does: a guest could write a qcow2 header into a raw disk).
 pub fn volume_path(state_dir: &FsPath, id: &str) -> PathBuf {
-    state_dir.join("volumes").join(format!("{id}.raw"))
+    let qcow2 = volume_file(state_dir, id, QCOW2);
+    if qcow2.exists() {
+        qcow2
+    } else {
+        volume_file(state_dir, id, RAW)
+    }
+}
+
+/// The file of a volume of `format`.
+pub fn volume_file(state_dir: &FsPath, id: &str, format: &str) -> PathBuf {
+    let ext = if format == QCOW2 { QCOW2 } else { RAW };
+    state_dir.join("volumes").join(format!("{id}.{ext}"))
 }
 
 /// The VDC's volume count and volume GiB quotas leave room for one more
@@ -315,6 +401,8 @@ async fn copy_volume(
         size_bytes: spec.size_bytes,
         image_id: spec.image_id.clone(),
         provisioning: spec.provisioning.clone(),
+        format: spec.format.clone(),
+        cluster_size: spec.cluster_size,
         attached_to: None,
         description: body.description,
         status_reason: String::new(),
@@ -476,6 +564,7 @@ async fn create_volume(
     if !matches!(body.provisioning.as_str(), "thin" | "thick") {
         return Err(ApiError::invalid("provisioning", "must be thin or thick"));
     }
+    let cluster_size = cluster_size(&body)?;
     let requested = match body.size_gib {
         Some(0) => return Err(ApiError::invalid("size_gib", "must be at least 1")),
         Some(g) => Some(
@@ -511,6 +600,8 @@ async fn create_volume(
         size_bytes,
         image_id: body.image_id,
         provisioning: body.provisioning,
+        format: body.format,
+        cluster_size,
         attached_to: None,
         description: body.description,
         status_reason: String::new(),

@@ -104,7 +104,17 @@ impl Agent {
     ) -> Result<(), StepError> {
         let mut spec: VolumeSpec = volume.spec()?;
         let path = volumes::volume_path(&self.config.state_dir, &volume.meta.id);
-        let result = provision::grow(&path, size_bytes, spec.provisioning == "thick");
+        if spec.format == volumes::QCOW2 {
+            // qemu-img rewrites the metadata the server keeps in memory:
+            // the server (a STOPPED VM's) must be gone first.
+            self.disks.stop(&volume.meta.id);
+        }
+        let target = provision::Target {
+            format: &spec.format,
+            cluster_size: spec.cluster_size,
+            thick: spec.provisioning == "thick",
+        };
+        let result = provision::grow(&path, size_bytes, target);
         let status = volume.meta.status.clone();
         match result {
             Ok(()) => {
