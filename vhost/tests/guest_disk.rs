@@ -346,14 +346,9 @@ fn backend_restart_with_reconnect_loses_no_io() {
 
 /// Runs `qemu-img` and returns its stdout; a failure fails the test.
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    keel_testkit::run(&[&["qemu-img"], args].concat())
+        .unwrap()
+        .stdout
 }
 
 #[test]

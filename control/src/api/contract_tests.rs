@@ -200,6 +200,22 @@ impl Api {
         r.id()
     }
 
+    /// Registers a live x86_64 host (4 cores, 8 GiB) as its agent would.
+    async fn host(&self, name: &str) {
+        let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
+            "hostname": name, "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
+            "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
+            "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
+        }))
+        .unwrap();
+        let mut tx = self.state.store.begin_write().await.unwrap();
+        super::hosts::register(&mut tx, name, inventory)
+            .await
+            .unwrap();
+        super::hosts::heartbeat(&mut tx, name).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
     async fn vdc(&self, admin: &str, name: &str, quota: Value) -> String {
         let r = self
             .post("/api/v1/vdcs", admin, json!({"name": name, "quota": quota}))
@@ -2836,20 +2852,7 @@ async fn volumes_attach_detach_and_grow_only_when_safe() {
     let api = Api::new().await;
     let admin = api.admin().await;
     let vdc = api.vdc(&admin, "acme", json!({})).await;
-    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
-        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
-        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
-        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
-    }))
-    .unwrap();
-    {
-        let mut tx = api.state.store.begin_write().await.unwrap();
-        super::hosts::register(&mut tx, "h1", inventory)
-            .await
-            .unwrap();
-        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    api.host("h1").await;
     let mut volumes = Vec::new();
     for name in ["boot", "data", "spare"] {
         let r = api
@@ -3091,20 +3094,7 @@ async fn qcow2_volumes_are_checked_and_kept_from_raw_only_features() {
 
     // A VM on it: snapshots, clones and VM backups copy or read its disks
     // as raw files, so they are refused too.
-    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
-        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
-        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
-        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
-    }))
-    .unwrap();
-    {
-        let mut tx = api.state.store.begin_write().await.unwrap();
-        super::hosts::register(&mut tx, "h1", inventory)
-            .await
-            .unwrap();
-        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    api.host("h1").await;
     let r = api
         .post(
             "/api/v1/vms",
@@ -4521,20 +4511,7 @@ async fn vm_backups_cut_every_disk_and_restore_into_a_new_vm() {
     let api = Api::new().await;
     let admin = api.admin().await;
     let vdc = api.vdc(&admin, "acme", json!({})).await;
-    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
-        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
-        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
-        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
-    }))
-    .unwrap();
-    {
-        let mut tx = api.state.store.begin_write().await.unwrap();
-        super::hosts::register(&mut tx, "h1", inventory)
-            .await
-            .unwrap();
-        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    api.host("h1").await;
     let vpc = api
         .create("/api/v1/vpcs", &admin, json!({"name": "n", "vdc_id": vdc}))
         .await;
@@ -4802,20 +4779,7 @@ async fn backup_policies_follow_cron_and_single_time_schedules_and_back_up_vms()
     let api = Api::new().await;
     let admin = api.admin().await;
     let vdc = api.vdc(&admin, "acme", json!({})).await;
-    let inventory: super::hosts::HostInventory = serde_json::from_value(json!({
-        "hostname": "h1", "cpu_arch": "x86_64", "cpu_vendor": "v", "cpu_model": "m",
-        "cores": 4, "sockets": 1, "memory_bytes": 8u64 << 30, "numa_nodes": [], "nics": [],
-        "disks": [], "gpus": [], "kvm": false, "agent_version": "test"
-    }))
-    .unwrap();
-    {
-        let mut tx = api.state.store.begin_write().await.unwrap();
-        super::hosts::register(&mut tx, "h1", inventory)
-            .await
-            .unwrap();
-        super::hosts::heartbeat(&mut tx, "h1").await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    api.host("h1").await;
     let mut vols = Vec::new();
     for name in ["boot", "spare"] {
         let r = api

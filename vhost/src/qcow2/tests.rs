@@ -13,14 +13,9 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    keel_testkit::run(&[&["qemu-img"], args].concat())
+        .unwrap()
+        .stdout
 }
 
 /// Deterministic bytes (xorshift), so failures reproduce.
