@@ -268,4 +268,43 @@ mod tests {
         assert_eq!(parse_progress(b"    (100.00/100%)"), Some(100));
         assert_eq!(parse_progress(b"garbage"), None);
     }
+
+    /// An image copied into a qcow2 volume (bigger than the image) and a
+    /// blank qcow2 volume: both read back through keel's qcow2 code as
+    /// the image's bytes followed by zeros, at the cluster size asked.
+    #[test]
+    fn qcow2_volumes_from_an_image_and_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.raw");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let target = Target {
+            format: "qcow2",
+            cluster_size: Some(128 << 10),
+            thick: false,
+        };
+        let dest = dir.path().join("v.qcow2");
+        let mut seen = Vec::new();
+        copy_image(&image, "raw", &dest, 8 << 20, target, |p| seen.push(p)).unwrap();
+        assert_eq!(virtual_size(&dest, "qcow2").unwrap(), 8 << 20);
+        let q = keel_vhost::qcow2::Qcow2::open(&dest, true).unwrap();
+        let mut got = vec![0xffu8; 8 << 20];
+        q.read_at(0, &mut got).unwrap();
+        assert!(got[..data.len()] == data[..]);
+        assert!(got[data.len()..].iter().all(|&b| b == 0));
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&dest)
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["cluster-size"], 128 << 10, "{info}");
+
+        let blank = dir.path().join("b.qcow2");
+        create_blank(&blank, 1 << 30, target).unwrap();
+        assert_eq!(virtual_size(&blank, "qcow2").unwrap(), 1 << 30);
+        grow(&blank, 2 << 30, target).unwrap();
+        assert_eq!(virtual_size(&blank, "qcow2").unwrap(), 2 << 30);
+        assert!(keel_vhost::qcow2::Qcow2::open(&blank, false).is_ok());
+    }
 }
