@@ -1,7 +1,7 @@
 //! Serving one disk on a vhost-user socket until stopped, across frontend
 //! reconnects (QEMU `reconnect=` on its chardev).
 
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +45,9 @@ pub struct StopHandle {
 struct StopInner {
     stopped: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
-    socket: Mutex<Option<PathBuf>>,
+    /// The listening socket while `serve` runs (cleared, under the lock,
+    /// before it is closed: a stop never touches a reused descriptor).
+    listener: Mutex<Option<RawFd>>,
     device: Mutex<Option<Arc<dyn Drain>>>,
 }
 
@@ -77,10 +79,15 @@ impl StopHandle {
                 h.shutdown();
             }
         }
-        // Wake a serve loop blocked in accept().
-        if let Ok(s) = self.inner.socket.lock() {
-            if let Some(path) = s.as_ref() {
-                let _ = UnixStream::connect(path);
+        // Wake a serve loop blocked in accept(): shutting the listening
+        // socket down makes accept() fail at once. (Connecting to its path
+        // would not do when the path is gone, e.g. its directory removed
+        // under a disk server: the server then never exited.)
+        if let Ok(l) = self.inner.listener.lock() {
+            if let Some(fd) = *l {
+                // SAFETY: `fd` is the open listener of a running `serve`:
+                // it is cleared under this lock before being closed.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
             }
         }
     }
@@ -106,9 +113,26 @@ pub fn serve<H: WriteHook + Clone>(
 ) -> Result<(), ServeError> {
     let mut listener = Listener::new(&config.socket, true)
         .map_err(|e| ServeError::Listen(config.socket.clone(), e))?;
-    if let Ok(mut s) = stop.inner.socket.lock() {
-        *s = Some(config.socket.clone());
+    if let Ok(mut l) = stop.inner.listener.lock() {
+        *l = Some(listener.as_raw_fd());
     }
+    let served = serve_connections(config, &shared, &hook, stop, &mut listener);
+    if let Ok(mut l) = stop.inner.listener.lock() {
+        *l = None;
+    }
+    drop(listener);
+    served?;
+    shared.disk.sync().map_err(ServeError::Flush)
+}
+
+/// The connection loop of [`serve`].
+fn serve_connections<H: WriteHook + Clone>(
+    config: &ServeConfig,
+    shared: &Arc<DiskShared>,
+    hook: &H,
+    stop: &StopHandle,
+    listener: &mut Listener,
+) -> Result<(), ServeError> {
     while !stop.is_stopped() {
         let device = Arc::new(
             BlockDevice::new(shared.clone(), hook.clone(), config.queues)
@@ -120,9 +144,13 @@ pub fn serve<H: WriteHook + Clone>(
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("keel-vhost-blk".into(), device, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        if let Err(e) = daemon.start(&mut listener) {
+        if let Err(e) = daemon.start(listener) {
             // Worker threads are joined when the daemon drops: end them first.
             stop_workers(&daemon);
+            if stop.is_stopped() {
+                // The stop shut the listener down under accept().
+                return Ok(());
+            }
             return Err(ServeError::Accept(e.to_string()));
         }
         if let Ok(mut c) = stop.inner.connection.lock() {
@@ -143,7 +171,7 @@ pub fn serve<H: WriteHook + Clone>(
         }
         stop_workers(&daemon);
     }
-    shared.disk.sync().map_err(ServeError::Flush)
+    Ok(())
 }
 
 /// Ends the worker threads of a daemon (they are joined on drop).

@@ -234,3 +234,38 @@ fn ring_stop_completes_the_requests_taken_before_answering() {
     stop.stop();
     server.join().unwrap().unwrap();
 }
+
+/// A stop reaches a server waiting for its first frontend even when its
+/// socket's directory was removed under it (it used to wake accept() by
+/// connecting to the socket path, and then never returned).
+#[test]
+fn stop_ends_a_server_whose_directory_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("run");
+    std::fs::create_dir(&sub).unwrap();
+    let image = dir.path().join("disk.raw");
+    let socket = sub.join("blk.sock");
+    create_raw_volume(&image, DISK, Provisioning::Thin).unwrap();
+    let opts = DiskServeOptions {
+        socket: socket.clone(),
+        disk: DiskOptions::new(&image),
+        queues: 1,
+        serial: "gone".into(),
+        cbt_granularity: None,
+        control: None,
+    };
+    let stop = StopHandle::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || tx.send(serve_disk(&opts, &stop).is_ok()));
+    }
+    wait_for_socket(&socket);
+    std::fs::remove_dir_all(&sub).unwrap();
+    stop.stop();
+    // A bound on a hang, not a timing check: a stop returns at once.
+    let clean = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the server returned after the stop");
+    assert!(clean, "a stopped server ends cleanly");
+}

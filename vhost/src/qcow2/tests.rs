@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // small test sizes; patterns wrap on purpose
 
 use std::path::Path;
-use std::process::Command;
 
 use proptest::prelude::*;
 
