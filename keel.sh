@@ -90,11 +90,15 @@ test_totals() {
 }
 
 no_leftovers() {
-    local ns procs
+    local ns procs keels
     ns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep '^keelt-' || true)
     procs=$(pgrep -a -f 'keel-guest/runs|keel-fw-' || true)
+    # keel processes the tests started from this tree's binary (keel up and
+    # its helpers: disk servers, data planes, load balancers, CDP).
+    keels=$(pgrep -a -f "^$PWD/target/debug/keel (up|vhost-blk|dataplane|lb|cdp)( |\$)" || true)
     [ -z "$ns" ] || { echo "leftover namespaces: $ns" >&2; return 1; }
     [ -z "$procs" ] || { echo "leftover guests: $procs" >&2; return 1; }
+    [ -z "$keels" ] || { echo "leftover keel processes: $keels" >&2; return 1; }
 }
 
 cmd_test() {
@@ -108,7 +112,7 @@ cmd_test() {
     step "format (cargo fmt --check)" cargo fmt --all --check
     step "lint (clippy -D warnings)" cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
     step "tests (cargo test)" run_tests
-    step "no leftover netns/guests" no_leftovers
+    step "no leftover netns/guests/keel processes" no_leftovers
 
     echo
     echo "keel test summary"
