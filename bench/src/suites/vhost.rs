@@ -502,14 +502,15 @@ fn fill(image: &Path, size: u64) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Random 4 KiB O_DIRECT reads at QD1 with nothing but io_uring (the floor
-/// a backend's QD1 latency is measured against); returns reads per second.
-fn plain_uring_qd1(image: &Path, time: Duration) -> Result<Rate, BenchError> {
+/// Random 4 KiB reads at QD1 with nothing but io_uring (the floor a
+/// backend's QD1 latency is measured against), O_DIRECT or through the
+/// page cache; returns reads per second.
+fn plain_uring_qd1(image: &Path, time: Duration, direct: bool) -> Result<Rate, BenchError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(image)?;
     let mut offsets = Offsets::new(f.metadata()?.len(), 4096, true, 0);
     let layout = std::alloc::Layout::from_size_align(4096, 4096).map_err(err)?;
@@ -702,6 +703,20 @@ fn ram_rows(size: u64, time: Duration, n: usize) -> Result<Vec<Measurement>, Ben
         m[1],
         true,
     ));
+    // QD1 on RAM: the latency the backend adds, without a device's spread.
+    let m = rounds(2, n, |i| {
+        if i == 0 {
+            keel_side.run(RANDREAD_QD1, time, 1)
+        } else {
+            plain_uring_qd1(&image, time, false)
+        }
+    })?;
+    latency_row(
+        &mut out,
+        "4 KiB random read QD1 latency, RAM-backed",
+        m[0],
+        m[1],
+    );
     let w = random4k(
         "4 KiB random read QD32 per queue, RAM-backed, 2 queues on 2 workers",
         RequestKind::Read,
@@ -717,6 +732,21 @@ fn ram_rows(size: u64, time: Duration, n: usize) -> Result<Vec<Measurement>, Ben
     let m = compare(&mut [&mut cbt_side, &mut keel_side], w, time, n)?;
     out.extend(rows(w.name, &w, m[0], "keel, CBT off", m[1], true));
     Ok(out)
+}
+
+/// A QD1 latency row (µs per request) against plain io_uring.
+fn latency_row(out: &mut Vec<Measurement>, name: &str, ours: Rate, plain: Rate) {
+    let latency = |r: Rate| {
+        if r.per_sec > 0.0 {
+            1e6 / r.per_sec
+        } else {
+            0.0
+        }
+    };
+    out.push(
+        Measurement::new(name, "us", false, latency(ours))
+            .with_peer("plain io_uring, same file", latency(plain)),
+    );
 }
 
 fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
@@ -745,20 +775,10 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         if i == 0 {
             keel_side.run(RANDREAD_QD1, time, 1)
         } else {
-            plain_uring_qd1(&image, time)
+            plain_uring_qd1(&image, time, true)
         }
     })?;
-    let latency = |r: Rate| {
-        if r.per_sec > 0.0 {
-            1e6 / r.per_sec
-        } else {
-            0.0
-        }
-    };
-    results.push(
-        Measurement::new("4 KiB random read QD1 latency", "us", false, latency(m[0]))
-            .with_peer("plain io_uring, same file", latency(m[1])),
-    );
+    latency_row(&mut results, "4 KiB random read QD1 latency", m[0], m[1]);
     // Anonymous memory is what each further disk costs; the rest of the
     // resident set is the binary's pages, shared by every disk server.
     for (name, field) in [
