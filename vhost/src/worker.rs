@@ -409,6 +409,8 @@ fn qcow2_route(
     let len = usize::try_from(req.len).unwrap_or_default();
     let served: Result<(), Qcow2Error> = match req.kind {
         RequestKind::GetId => return Some(0),
+        // Nothing moves: no cluster to map (a raw disk completes these too).
+        RequestKind::Read | RequestKind::Write if req.len == 0 => return Some(0),
         RequestKind::Read => {
             if let Some(host) = q.map(req.offset, req.len, false) {
                 return Some(host);
