@@ -366,6 +366,17 @@ impl Controller {
             Verdict::Unicast { port } => (format!("output to {}", name(port)), Some(&buf[..len])),
             Verdict::Reply => (format!("reply out {interface}"), Some(&buf[..len])),
             Verdict::Consumed => ("taken by the data plane".to_string(), None),
+            Verdict::Tunnel { endpoint, vni, .. } => {
+                let o = tables.overlay.as_ref();
+                let ep = o
+                    .and_then(|o| o.endpoints.get(usize::from(endpoint)))
+                    .map_or_else(|| "?".to_string(), |e| e.ip.to_string());
+                let out = o.map(|o| name(o.port)).unwrap_or_default();
+                (
+                    format!("encapsulate VNI {vni} to remote endpoint {ep}, output to {out}"),
+                    Some(&buf[..len]),
+                )
+            }
             Verdict::Flood { switch, .. } => {
                 let sw = tables
                     .switches

@@ -626,6 +626,7 @@ impl Core {
         if d.learned {
             outcomes[Outcome::MacLearned.index()] += 1;
         }
+        outcomes[Outcome::OverlayDecap.index()] += std::mem::take(&mut learned.decapped);
         let frame = buf.frame();
         match d.verdict {
             Verdict::Drop(reason) => {
@@ -647,6 +648,28 @@ impl Core {
                 }
             }
             Verdict::Consumed => {}
+            Verdict::Tunnel {
+                endpoint,
+                vni,
+                entropy,
+            } => {
+                let header = tables
+                    .overlay
+                    .as_ref()
+                    .and_then(|o| Some((o.port, o.header(endpoint, vni, entropy, frame.len())?)));
+                match header {
+                    Some((out, h)) => {
+                        if enqueue(ports, tx, local, usize::from(out), &h, frame) {
+                            outcomes[Outcome::OverlayEncap.index()] += 1;
+                        }
+                    }
+                    None => {
+                        if let Some(c) = local.get_mut(i) {
+                            c.drops[DropReason::OverlayUnknownVni.index()] += 1;
+                        }
+                    }
+                }
+            }
             Verdict::Flood { switch, except } => {
                 let Some(sw) = tables.switches.get(switch as usize) else {
                     return;
@@ -654,7 +677,11 @@ impl Core {
                 // Never back out the ingress interface, and once per interface.
                 let mut sent: u64 = 1 << (i % 64);
                 for m in sw.members.iter().filter(|m| **m != except) {
-                    let Some(lp) = tables.lports.get(*m as usize) else {
+                    let Some(lp) = tables
+                        .lports
+                        .get(*m as usize)
+                        .filter(|l| l.remote.is_none())
+                    else {
                         continue;
                     };
                     let bit = 1u64 << (lp.port % 64);
@@ -665,6 +692,12 @@ impl Core {
                         if let Some(taps) = mirrors.tx.get(out).filter(|t| !t.is_empty()) {
                             mirror_copies(mirrors, taps, frame, false, ports, tx, local, mirror);
                         }
+                    }
+                }
+                // Head-end replication, never for what came out of a tunnel.
+                if let (Some(o), Some(vni)) = (tables.overlay.as_ref(), sw.vni) {
+                    if i != usize::from(o.port) && !sw.flood_endpoints.is_empty() {
+                        replicate(o, sw, vni, frame, i, ports, tx, local, outcomes);
                     }
                 }
             }
@@ -729,6 +762,38 @@ fn cached_slow_path(
         c.insert(&miss, &d, out, unchanged);
     }
     d
+}
+
+/// Sends a flooded frame encapsulated to every endpoint holding a port of `sw`.
+// hot path (overlay floods only): one header per endpoint, on the stack.
+#[allow(clippy::too_many_arguments)]
+fn replicate(
+    o: &crate::overlay::OverlayTables,
+    sw: &crate::tables::Switch,
+    vni: u32,
+    frame: &[u8],
+    in_port: usize,
+    ports: &mut [Box<dyn Port>],
+    tx: &mut [TxQueue],
+    local: &mut [LocalPortCounters],
+    outcomes: &mut [u64; Outcome::COUNT],
+) {
+    if !o.fits(frame.len()) {
+        if let Some(c) = local.get_mut(in_port) {
+            c.drops[DropReason::OverlayTooBig.index()] += 1;
+        }
+        return;
+    }
+    let entropy = frame
+        .get(6..12)
+        .map_or(0, |m| u16::from_be_bytes([m[4] ^ m[0], m[5] ^ m[2]]));
+    for ep in &sw.flood_endpoints {
+        if let Some(h) = o.header(*ep, vni, entropy, frame.len()) {
+            if enqueue(ports, tx, local, usize::from(o.port), &h, frame) {
+                outcomes[Outcome::OverlayEncap.index()] += 1;
+            }
+        }
+    }
 }
 
 /// Queues `prefix` + `frame` for interface `out`; `false` when it did not fit a buffer.

@@ -219,6 +219,7 @@ pub mod mirror;
 pub mod model;
 pub mod nat;
 pub mod nat64;
+pub mod overlay;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]
