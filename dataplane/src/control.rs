@@ -21,6 +21,8 @@ use crate::pipeline::{process, Learned, RecordTrace, TraceStep, Verdict};
 use crate::port::BUF_SIZE;
 
 /// A control request.
+// One per control-socket request, never in bulk: boxing the state buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {

@@ -220,6 +220,8 @@ pub mod model;
 pub mod nat;
 pub mod nat64;
 pub mod overlay;
+#[cfg(test)]
+mod overlay_tests;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub struct DesiredState {
     pub load_balancers: Vec<crate::lb4::LoadBalancerSpec>,
     /// Overlay between hosts: VNIs, tunnel endpoints, remote ports ([`crate::overlay`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub overlay: Option<crate::overlay::OverlaySpec>,
+    pub overlay: Option<Box<crate::overlay::OverlaySpec>>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -1441,7 +1441,7 @@ fn entropy(p: &Parsed) -> u16 {
             u32::try_from(h.finish() >> 32).unwrap_or(0)
         }
     };
-    (h ^ (h >> 16)) as u16
+    u16::try_from((h ^ (h >> 16)) & 0xffff).unwrap_or(0)
 }
 
 /// Replaces the frame with an ICMPv6 "packet too big" (RFC 4443 3.2) to its
@@ -1491,8 +1491,8 @@ fn packet_too_big(
         &[
             0,
             0,
-            (icmp_len >> 8) as u8,
-            icmp_len as u8,
+            icmp_len16.to_be_bytes()[0],
+            icmp_len16.to_be_bytes()[1],
             0,
             0,
             0,

@@ -24,7 +24,17 @@ mod common;
 use common::{bin, in_netns, wait_for};
 
 /// (name, host index, switch, MAC, IPv4/len, IPv6, IPv4 gateway, IPv6 gateway)
-const VMS: [(&str, usize, &str, &str, &str, &str, &str, &str); 3] = [
+type VmRow = (
+    &'static str,
+    usize,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+const VMS: [VmRow; 3] = [
     (
         "vm_a0",
         0,
@@ -124,7 +134,7 @@ fn desired(h: usize, encap: Encapsulation) -> DesiredState {
             ],
             static_routes: vec![],
         }],
-        overlay: Some(OverlaySpec {
+        overlay: Some(Box::new(OverlaySpec {
             interface: "ul0".into(),
             local_ip: HOSTS[h].0.into(),
             local_mac: HOSTS[h].1.into(),
@@ -145,7 +155,7 @@ fn desired(h: usize, encap: Encapsulation) -> DesiredState {
                 mac: HOSTS[other].1.into(),
             }],
             remote_ports,
-        }),
+        })),
         ..DesiredState::default()
     }
 }
