@@ -280,3 +280,75 @@ proptest! {
         let _ = run(&t, UL, &tail);
     }
 }
+
+/// Runs `frames` from interface `from` through a worker on `t`; returns
+/// what each interface got.
+fn run_worker(
+    t: crate::model::DesiredState,
+    from: usize,
+    frames: Vec<Vec<u8>>,
+) -> Vec<Vec<Vec<u8>>> {
+    use crate::port::{MemPort, Port};
+    use std::sync::Arc;
+    let names = overlay_interfaces();
+    let config = ConfigHandle::new(names.clone());
+    config.apply(t).unwrap();
+    let n = frames.len() as u64;
+    let mut sinks = Vec::new();
+    let ports: Vec<Box<dyn Port>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let p = if i == from {
+                MemPort::generator(name, frames.clone(), n)
+            } else {
+                MemPort::sink(name).capturing()
+            };
+            sinks.push(p.counters());
+            Box::new(p) as Box<dyn Port>
+        })
+        .collect();
+    let mut w = crate::engine::Worker::new(
+        ports,
+        config.tables(),
+        Arc::new(crate::counters::Stats::new(&names)),
+    );
+    while w.poll_once() > 0 {}
+    sinks
+        .iter()
+        .map(|s| s.captured.lock().unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn floods_are_replicated_to_endpoints_but_never_back_into_the_tunnel() {
+    let state = overlay_topology(Encapsulation::Geneve);
+    let t = compile(&state, &overlay_interfaces(), 1).unwrap();
+    let bcast = udp64([0xff; 6], VM1, ip("10.0.1.10"), ip("10.0.1.255"));
+    let got = run_worker(state.clone(), usize::from(P0), vec![bcast.clone()]);
+    // Local members of switch a (vm2 on p1, the uplink) and one copy to 198.18.0.2.
+    assert_eq!(got[1].len(), 1);
+    assert_eq!(got[4].len(), 1);
+    let ul = &got[usize::from(UL)];
+    assert_eq!(ul.len(), 1, "one copy per endpoint");
+    let (vni, hlen) = crate::overlay::parse_tunnel(Encapsulation::Geneve, &ul[0][42..]).unwrap();
+    assert_eq!((vni, hlen), (100, 8));
+    assert_eq!(&ul[0][50..], &bcast[..]);
+    assert_eq!(&ul[0][30..34], &[198, 18, 0, 2]);
+    // Unicast to the remote port: encapsulated, on the underlay only.
+    let f = udp64(RVM_A, VM1, ip("10.0.1.10"), ip("10.0.1.50"));
+    let got = run_worker(state.clone(), usize::from(P0), vec![f.clone(), f.clone()]);
+    assert_eq!(
+        got[usize::from(UL)].len(),
+        2,
+        "the second one from the flow cache"
+    );
+    assert!(got[usize::from(UL)].iter().all(|o| o[50..] == f[..]));
+    assert_eq!(got[usize::from(UL)][0], got[usize::from(UL)][1]);
+    // A broadcast out of the tunnel reaches the local members only.
+    let inner = udp64([0xff; 6], RVM_A, ip("10.0.1.50"), ip("10.0.1.255"));
+    let got = run_worker(state, usize::from(UL), vec![from_remote(&t, 100, &inner)]);
+    assert_eq!(got[usize::from(P0)], vec![inner.clone()]);
+    assert_eq!(got[1], vec![inner]);
+    assert!(got[usize::from(UL)].is_empty());
+}
