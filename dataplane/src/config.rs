@@ -553,8 +553,10 @@ pub fn compile(
         .map(|n| n.external_ip.as_str())
         .collect();
     let qos = crate::qos::compile(&desired.qos, &names, &floating_ips)?;
+    // Remote and tunnel ports have no interface of their own to tap or mirror to.
     let taps: Vec<_> = lports
         .iter()
+        .filter(|l| l.remote.is_none() && !l.tunnel)
         .map(|l| (l.name.as_str(), l.port, l.mac))
         .collect();
     let mirror = crate::mirror::compile(&desired.mirrors, &taps, interfaces)?;
@@ -594,8 +596,9 @@ fn compile_overlay(
         .map(|p| (p.name.as_str(), p.interface.as_str()))
         .collect();
     let c = crate::overlay::compile(spec, &names, interfaces, &local)?;
+    let mut seen = HashSet::new();
     for r in &c.remote_ports {
-        if desired.ports.iter().any(|p| p.name == r.name) {
+        if !seen.insert(r.name.as_str()) || desired.ports.iter().any(|p| p.name == r.name) {
             return Err(ConfigError::DuplicateName {
                 kind: "port",
                 name: r.name.clone(),

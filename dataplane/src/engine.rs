@@ -526,13 +526,10 @@ impl Core {
         let (Some(lport), Some(sport)) = (lport, probe_port(target.slot)) else {
             return false;
         };
-        let Some(out) = tables
-            .lports
-            .get(lport as usize)
-            .map(|l| usize::from(l.port))
-        else {
+        let Some(out_lp) = tables.lports.get(lport as usize) else {
             return false;
         };
+        let out = usize::from(out_lp.port);
         let seq = u32::try_from(round & 0xffff_ffff).unwrap_or(0);
         let n = build_probe(
             &mut self.probes.frame,
@@ -564,6 +561,15 @@ impl Core {
         {
             return false;
         }
+        // A member on another host: the probe goes through its tunnel.
+        let tunnel = match (out_lp.remote, tables.overlay.as_ref(), sw.vni) {
+            (None, _, _) => None,
+            (Some(ep), Some(o), Some(vni)) => match o.header(ep, vni, sport, n) {
+                Some(h) => Some(h),
+                None => return false,
+            },
+            _ => return false,
+        };
         if let Some(c) = tables.stateful.lb.probes_sent.get(target.slot as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -572,7 +578,7 @@ impl Core {
             &mut self.tx,
             &mut self.local,
             out,
-            &[],
+            tunnel.as_ref().map_or(&[][..], |h| &h[..]),
             frame,
         )
     }

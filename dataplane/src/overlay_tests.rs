@@ -240,6 +240,8 @@ fn invalid_overlay_is_named() {
     ));
     let e = overlay_err(|s| ov(s).remote_ports[0].name = "vm1".into());
     assert!(matches!(e, ConfigError::DuplicateName { .. }));
+    let e = overlay_err(|s| ov(s).remote_ports[1].name = "rvm_a".into());
+    assert!(matches!(e, ConfigError::DuplicateName { ref name, .. } if name == "rvm_a"));
     let e = overlay_err(|s| ov(s).remote_ports[0].ips = vec!["10.0.9.9".into()]);
     assert!(matches!(e, ConfigError::IpOutsideSubnet { .. }));
     let e = overlay_err(|s| ov(s).remote_ports[0].mac = "02:00:00:00:00:01".into());
