@@ -228,9 +228,9 @@
 //!   (also counted drops). Received UDP checksums are not verified (Linux
 //!   sends 0 over IPv4; the inner frame carries its own checksums);
 //!   non-critical Geneve options are skipped, critical ones and OAM frames
-//!   dropped. Steering hashes the outer headers, so with several workers
-//!   stateful services on decapsulated traffic may see the two directions
-//!   of a connection on different workers: use `--workers 1` with them.
+//!   dropped. With several workers, tunnel frames to the local endpoint
+//!   are steered by their inner frame ([`steer`]), so both directions of
+//!   a connection meet on one worker.
 //! - IPv6: port security, an ND responder (bindings and gateway addresses)
 //!   and forwarding between attached subnets (hop-limit decrement); no IPv6
 //!   static routes, no ICMPv6 errors (expiring hop limits are dropped and

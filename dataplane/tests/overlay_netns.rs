@@ -175,6 +175,11 @@ struct Lab {
 
 impl Lab {
     fn start(encap: Encapsulation) -> Lab {
+        Lab::start_with(encap, 1)
+    }
+
+    /// [`Lab::start`] with `workers` data-plane workers per host.
+    fn start_with(encap: Encapsulation, workers: usize) -> Lab {
         let host_ns: Vec<NetnsHost> = (0..2)
             .map(|h| NetnsHost::new(&format!("ovh{h}")).unwrap())
             .collect();
@@ -225,6 +230,8 @@ impl Lab {
                 config.display().to_string(),
                 "--socket".into(),
                 socket.display().to_string(),
+                "--workers".into(),
+                workers.to_string(),
             ]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             ns.spawn(&args).unwrap();
@@ -391,6 +398,56 @@ fn geneve_two_hosts_switched_and_routed_ipv4_ipv6() {
     assert!(text.contains("overlay_encap"), "{text}");
     assert!(text.contains("VNI 100"), "{text}");
     assert!(text.contains("198.18.0.2"), "{text}");
+}
+
+/// Two workers per host: tunnel frames are steered by their inner flow,
+/// so each connection's two directions meet on one worker. Host B's VMs
+/// are in a security group admitting only TCP 5000 and ICMP: the replies
+/// to their own connections (vm_b0 → vm_a0) come back through the tunnel
+/// and pass only if they meet the connection's entry.
+#[test]
+fn geneve_two_hosts_with_two_workers() {
+    use keel_dataplane::model::{EtherType, RuleDirection, SecurityGroupSpec, SecurityRuleSpec};
+    let lab = Lab::start_with(Encapsulation::Geneve, 2);
+    let rule = |ethertype: EtherType, protocol: &str, port: Option<u16>| SecurityRuleSpec {
+        direction: RuleDirection::Ingress,
+        ethertype,
+        protocol: Some(protocol.into()),
+        port_min: port,
+        port_max: port,
+        icmp_type: None,
+        icmp_code: None,
+        remote_cidr: None,
+        remote_group: None,
+        remote_address_group: None,
+        port_set: None,
+        priority: 0,
+        action: Default::default(),
+    };
+    let mut state = desired(1, Encapsulation::Geneve);
+    state.security_groups.push(SecurityGroupSpec {
+        name: "b".into(),
+        ports: vec!["vm_b0".into(), "vm_b1".into()],
+        rules: vec![
+            rule(EtherType::Ipv4, "tcp", Some(5000)),
+            rule(EtherType::Ipv4, "icmp", None),
+            rule(EtherType::Ipv6, "tcp", Some(5000)),
+            rule(EtherType::Ipv6, "icmpv6", None),
+        ],
+    });
+    match request(&lab.hosts[1].socket, &Request::Apply { state }).unwrap() {
+        Response::Applied { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    same_subnet_and_routed(&lab);
+    for h in 0..2 {
+        let s = lab.stats(h);
+        assert_eq!(s.workers.len(), 2, "{s:?}");
+        assert!(s.workers.iter().all(|w| w["processed"] > 0), "{s:?}");
+    }
+    let b = lab.stats(1);
+    assert_eq!(drops(&b, "ul0", "security_group_denied"), 0, "{b:?}");
+    assert_eq!(drops(&b, "ul0", "ct_invalid"), 0, "{b:?}");
 }
 
 #[test]
