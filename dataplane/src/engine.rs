@@ -15,7 +15,7 @@ use crate::handoff::{Fabric, Handed, LANE_DEPTH};
 use crate::lb4::{ProbeKind, ProbeTarget};
 use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
-use crate::pipeline::{process, Learned, NoTrace, Verdict};
+use crate::pipeline::{process, process_from_tunnel, strip_tunnel, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
 use crate::steer::Shard;
 use crate::tables::Tables;
@@ -35,6 +35,10 @@ const TX_DEPTH: usize = BATCH;
 pub const FOLD_ROUNDS: u32 = 16;
 /// Handed-over frames taken from one lane per round.
 const LANE_DRAIN: usize = LANE_DEPTH / 4;
+/// Flow-cache key "interface" of frames out of a tunnel: this plus their
+/// tunnel port, beyond every real interface index
+/// ([`crate::config::MAX_INTERFACES`]).
+const TUNNEL_KEY_BASE: u16 = 64;
 /// Idle wait when no port had traffic (bounds the latency of a stop request).
 const IDLE_POLL_MS: i32 = 10;
 
@@ -615,16 +619,50 @@ impl Core {
             mirror_copies(mirrors, taps, buf.frame(), true, ports, tx, local, mirror);
         }
         let (data, len) = buf.parts_mut();
-        let d = match cache.as_mut() {
-            None => process(tables, learned, in_port, data, len, &mut NoTrace),
-            Some(c) => match c.lookup(in_port, data, *len) {
-                Ok(d) => d,
-                Err(miss) => {
-                    let d = cached_slow_path(c, miss, tables, learned, in_port, data, len, tail);
-                    c.sync(tables, learned.version());
-                    d
+        let from_tunnel = tables
+            .overlay
+            .as_ref()
+            .is_some_and(|o| usize::from(o.port) == i);
+        let d = if from_tunnel {
+            // Stripped first, then cached on the inner frame, keyed by its
+            // tunnel port (beyond any interface index, so no clash).
+            match strip_tunnel(tables, learned, data, len, &mut NoTrace) {
+                Err(d) => d,
+                Ok(lport) => {
+                    let run = |l: &mut Learned, b: &mut [u8], n: &mut usize| {
+                        process_from_tunnel(tables, l, lport, b, n, &mut NoTrace)
+                    };
+                    let key = u16::try_from(lport)
+                        .ok()
+                        .and_then(|l| l.checked_add(TUNNEL_KEY_BASE));
+                    match (cache.as_mut(), key) {
+                        (Some(c), Some(key)) => match c.lookup(key, data, *len) {
+                            Ok(d) => d,
+                            Err(miss) => {
+                                let d = cached_slow_path(c, miss, learned, data, len, tail, run);
+                                c.sync(tables, learned.version());
+                                d
+                            }
+                        },
+                        _ => run(learned, data, len),
+                    }
                 }
-            },
+            }
+        } else {
+            let run = |l: &mut Learned, b: &mut [u8], n: &mut usize| {
+                process(tables, l, in_port, b, n, &mut NoTrace)
+            };
+            match cache.as_mut() {
+                None => run(learned, data, len),
+                Some(c) => match c.lookup(in_port, data, *len) {
+                    Ok(d) => d,
+                    Err(miss) => {
+                        let d = cached_slow_path(c, miss, learned, data, len, tail, run);
+                        c.sync(tables, learned.version());
+                        d
+                    }
+                },
+            }
         };
         if let Some(o) = d.outcome {
             outcomes[o.index()] += 1;
@@ -738,19 +776,17 @@ impl Core {
 /// Runs the pipeline on a cache miss and stores the result when it can be
 /// replayed exactly (see [`crate::flowcache`]).
 // hot path (misses): one copy of the frame's tail to prove it unchanged.
-#[allow(clippy::too_many_arguments)]
 fn cached_slow_path(
     c: &mut FlowCache,
     miss: Option<flowcache::Miss>,
-    tables: &crate::tables::Tables,
     learned: &mut Learned,
-    in_port: u16,
     data: &mut [u8],
     len: &mut usize,
     tail: &mut [u8],
+    run: impl FnOnce(&mut Learned, &mut [u8], &mut usize) -> crate::pipeline::Decision,
 ) -> crate::pipeline::Decision {
     let Some(miss) = miss else {
-        return process(tables, learned, in_port, data, len, &mut NoTrace);
+        return run(learned, data, len);
     };
     let in_len = *len;
     let keyed = in_len.min(flowcache::KEY_BYTES);
@@ -761,7 +797,7 @@ fn cached_slow_path(
         }
         _ => false,
     };
-    let d = process(tables, learned, in_port, data, len, &mut NoTrace);
+    let d = run(learned, data, len);
     let unchanged =
         saved && *len == in_len && data.get(keyed..in_len) == tail.get(..in_len - keyed);
     if let Some(out) = data.get(..*len) {

@@ -76,7 +76,9 @@
 //!   from the flow hash. Floods on an overlay switch are replicated head-end
 //!   to each endpoint holding a port of it. Frames for the local endpoint
 //!   are validated, stripped and delivered to local ports only (a frame
-//!   out of a tunnel never goes back into one: `overlay_loop`). **MTU:**
+//!   out of a tunnel never goes back into one: `overlay_loop`); the
+//!   flow cache sees them after the strip, keyed on the inner frame and
+//!   the VNI's tunnel port. **MTU:**
 //!   encapsulation adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 +
 //!   Geneve/VXLAN 8; Geneve options are not sent), so with underlay MTU
 //!   1500 the inner MTU is 1450 (1446 on a VLAN switch). A larger IPv4

@@ -290,6 +290,15 @@ fn run_worker(
     from: usize,
     frames: Vec<Vec<u8>>,
 ) -> Vec<Vec<Vec<u8>>> {
+    run_worker_stats(t, from, frames).0
+}
+
+/// [`run_worker`], also returning the counters.
+fn run_worker_stats(
+    t: crate::model::DesiredState,
+    from: usize,
+    frames: Vec<Vec<u8>>,
+) -> (Vec<Vec<Vec<u8>>>, crate::counters::StatsSnapshot) {
     use crate::port::{MemPort, Port};
     use std::sync::Arc;
     let names = overlay_interfaces();
@@ -310,16 +319,46 @@ fn run_worker(
             Box::new(p) as Box<dyn Port>
         })
         .collect();
-    let mut w = crate::engine::Worker::new(
-        ports,
-        config.tables(),
-        Arc::new(crate::counters::Stats::new(&names)),
-    );
+    let stats = Arc::new(crate::counters::Stats::new(&names));
+    let mut w = crate::engine::Worker::new(ports, config.tables(), Arc::clone(&stats));
     while w.poll_once() > 0 {}
-    sinks
+    let got = sinks
         .iter()
         .map(|s| s.captured.lock().unwrap().clone())
-        .collect()
+        .collect();
+    (got, stats.snapshot())
+}
+
+#[test]
+fn decapsulated_flows_are_replayed_from_the_flow_cache() {
+    let state = overlay_topology(Encapsulation::Geneve);
+    let t = compile(&state, &overlay_interfaces(), 1).unwrap();
+    let inner = udp64(VM1, RVM_A, ip("10.0.1.50"), ip("10.0.1.10"));
+    let loopy = udp64(RVM_A, [2, 0, 0, 0, 0, 2], ip("10.0.1.11"), ip("10.0.1.50"));
+    let outer = from_remote(&t, 100, &inner);
+    let frames = vec![
+        outer.clone(),
+        outer.clone(),
+        outer,
+        from_remote(&t, 100, &loopy),
+        from_remote(&t, 100, &loopy),
+    ];
+    let (got, snap) = run_worker_stats(state, usize::from(UL), frames);
+    assert_eq!(
+        got[usize::from(P0)],
+        vec![inner.clone(), inner.clone(), inner]
+    );
+    assert!(
+        got[usize::from(UL)].is_empty(),
+        "never back into the tunnel"
+    );
+    assert_eq!(snap.outcomes["overlay_decap"], 5, "{snap:?}");
+    assert_eq!(snap.flow_cache["hits"], 3, "{snap:?}");
+    assert_eq!(
+        snap.port("ul").unwrap().drops["overlay_loop"],
+        2,
+        "{snap:?}"
+    );
 }
 
 #[test]
