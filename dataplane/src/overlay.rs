@@ -313,7 +313,7 @@ pub struct Compiled {
     pub tables: OverlayTables,
     /// VNI per switch (indexed like the switches).
     pub vnis: Vec<Option<u32>>,
-    /// Remote ports: (spec index, switch, endpoint index, MAC, IPv4s, IPv6s).
+    /// The remote ports, validated.
     pub remote_ports: Vec<RemotePort>,
 }
 
