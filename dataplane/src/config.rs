@@ -106,6 +106,8 @@ pub enum ConfigError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Lb4(#[from] crate::lb4::Lb4Error),
+    #[error(transparent)]
+    Overlay(#[from] crate::overlay::OverlayError),
     #[error("Too many {what}: {count} (limit {limit})")]
     TooMany {
         what: &'static str,
@@ -207,6 +209,9 @@ pub fn compile(
             nd: fastmap::with_capacity(0),
             gateway: None,
             dhcp: None,
+            vni: None,
+            tunnel_lport: None,
+            flood_endpoints: Vec::new(),
             subnet6: s
                 .subnet6
                 .as_deref()
@@ -315,8 +320,11 @@ pub fn compile(
             ips6,
             port_security: p.port_security,
             learning: mac.is_none(),
+            remote: None,
+            tunnel: false,
         });
     }
+    let overlay = compile_overlay(desired, interfaces, &mut switches, &mut lports)?;
     let mut ip6_owner: HashMap<(u32, std::net::Ipv6Addr), String> = HashMap::new();
     for (id, lp) in lports.iter().enumerate() {
         let id = u32::try_from(id).unwrap_or(u32::MAX);
@@ -451,6 +459,7 @@ pub fn compile(
                     router: rid,
                     mac,
                     ip,
+                    ip6: rp.ip6.as_deref().and_then(|v| v.parse().ok()),
                 });
             }
         }
@@ -544,8 +553,10 @@ pub fn compile(
         .map(|n| n.external_ip.as_str())
         .collect();
     let qos = crate::qos::compile(&desired.qos, &names, &floating_ips)?;
+    // Remote and tunnel ports have no interface of their own to tap or mirror to.
     let taps: Vec<_> = lports
         .iter()
+        .filter(|l| l.remote.is_none() && !l.tunnel)
         .map(|l| (l.name.as_str(), l.port, l.mac))
         .collect();
     let mirror = crate::mirror::compile(&desired.mirrors, &taps, interfaces)?;
@@ -562,7 +573,93 @@ pub fn compile(
         mirror,
         nat64,
         policies,
+        overlay,
     })
+}
+
+/// The overlay section: VNIs on switches, remote ports appended to the
+/// logical ports (bound like local ones, so the responders and the router
+/// know them) and one tunnel ingress port per overlay switch.
+fn compile_overlay(
+    desired: &DesiredState,
+    interfaces: &[String],
+    switches: &mut [Switch],
+    lports: &mut Vec<Lport>,
+) -> Result<Option<crate::overlay::OverlayTables>, ConfigError> {
+    let Some(spec) = &desired.overlay else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = desired.switches.iter().map(|s| s.name.as_str()).collect();
+    let local: Vec<(&str, &str)> = desired
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.interface.as_str()))
+        .collect();
+    let c = crate::overlay::compile(spec, &names, interfaces, &local)?;
+    let mut seen = HashSet::new();
+    for r in &c.remote_ports {
+        if !seen.insert(r.name.as_str()) || desired.ports.iter().any(|p| p.name == r.name) {
+            return Err(ConfigError::DuplicateName {
+                kind: "port",
+                name: r.name.clone(),
+            });
+        }
+    }
+    let too_many = || ConfigError::TooMany {
+        what: "ports",
+        count: desired.ports.len() + spec.remote_ports.len(),
+        limit: u32::MAX as usize,
+    };
+    for r in c.remote_ports {
+        let owner = format!("Remote port {:?}", r.name);
+        let Some(sw) = switches.get_mut(r.switch as usize) else {
+            continue;
+        };
+        for ip in &r.ips {
+            if !sw.subnet.contains(*ip) {
+                return Err(ConfigError::IpOutsideSubnet {
+                    owner,
+                    ip: *ip,
+                    subnet: sw.subnet,
+                });
+            }
+        }
+        let id = u32::try_from(lports.len()).map_err(|_| too_many())?;
+        sw.members.push(id);
+        if !sw.flood_endpoints.contains(&r.endpoint) {
+            sw.flood_endpoints.push(r.endpoint);
+        }
+        lports.push(Lport {
+            name: r.name,
+            switch: r.switch,
+            port: c.tables.port,
+            mac: Some(r.mac),
+            ips: r.ips,
+            ips6: r.ips6,
+            port_security: false,
+            learning: false,
+            remote: Some(r.endpoint),
+            tunnel: false,
+        });
+    }
+    for (id, (sw, vni)) in switches.iter_mut().zip(c.vnis).enumerate() {
+        let Some(vni) = vni else { continue };
+        sw.vni = Some(vni);
+        sw.tunnel_lport = Some(u32::try_from(lports.len()).map_err(|_| too_many())?);
+        lports.push(Lport {
+            name: format!("tunnel:{}", sw.name),
+            switch: u32::try_from(id).map_err(|_| too_many())?,
+            port: c.tables.port,
+            mac: None,
+            ips: Vec::new(),
+            ips6: Vec::new(),
+            port_security: false,
+            learning: false,
+            remote: None,
+            tunnel: true,
+        });
+    }
+    Ok(Some(c.tables))
 }
 
 /// Security groups, NAT and firewall (their own modules; one call here).
@@ -603,6 +700,10 @@ fn build_ingress(
 ) -> Result<fastmap::FastMap<u32, Ingress>, ConfigError> {
     let mut groups: HashMap<u32, Vec<u32>> = HashMap::new();
     for (id, lp) in lports.iter().enumerate() {
+        // Remote and tunnel ports are reached through the underlay, not by ingress lookup.
+        if lp.remote.is_some() || lp.tunnel {
+            continue;
+        }
         let vlan = switches.get(lp.switch as usize).map_or(0, |s| s.vlan);
         groups
             .entry(ingress_key(lp.port, vlan))

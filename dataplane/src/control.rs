@@ -21,6 +21,8 @@ use crate::pipeline::{process, Learned, RecordTrace, TraceStep, Verdict};
 use crate::port::BUF_SIZE;
 
 /// A control request.
+// One per control-socket request, never in bulk: boxing the state buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -366,6 +368,17 @@ impl Controller {
             Verdict::Unicast { port } => (format!("output to {}", name(port)), Some(&buf[..len])),
             Verdict::Reply => (format!("reply out {interface}"), Some(&buf[..len])),
             Verdict::Consumed => ("taken by the data plane".to_string(), None),
+            Verdict::Tunnel { endpoint, vni, .. } => {
+                let o = tables.overlay.as_ref();
+                let ep = o
+                    .and_then(|o| o.endpoints.get(usize::from(endpoint)))
+                    .map_or_else(|| "?".to_string(), |e| e.ip.to_string());
+                let out = o.map(|o| name(o.port)).unwrap_or_default();
+                (
+                    format!("encapsulate VNI {vni} to remote endpoint {ep}, output to {out}"),
+                    Some(&buf[..len]),
+                )
+            }
             Verdict::Flood { switch, .. } => {
                 let sw = tables
                     .switches

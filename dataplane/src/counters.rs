@@ -68,6 +68,11 @@ counted_enum!(
         PolicyDropped => "router_policy_dropped",
         HandoffFull => "handoff_full",
         LbNoMemberUp => "lb_no_member_up",
+        OverlayNotForUs => "overlay_not_for_us",
+        OverlayMalformed => "overlay_malformed",
+        OverlayUnknownVni => "overlay_unknown_vni",
+        OverlayLoop => "overlay_loop",
+        OverlayTooBig => "overlay_too_big",
     }
 );
 
@@ -92,6 +97,10 @@ counted_enum!(
         NeighborLearned => "neighbor_learned",
         LbProbeAnswered => "lb_probe_answered",
         LbProbeRefused => "lb_probe_refused",
+        OverlayEncap => "overlay_encap",
+        OverlayDecap => "overlay_decap",
+        IcmpFragNeeded => "icmp_frag_needed_sent",
+        Icmp6PacketTooBig => "icmp6_packet_too_big_sent",
     }
 );
 

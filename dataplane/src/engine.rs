@@ -15,7 +15,7 @@ use crate::handoff::{Fabric, Handed, LANE_DEPTH};
 use crate::lb4::{ProbeKind, ProbeTarget};
 use crate::lb4_health::{build_probe, probe_port, PROBE_LEN};
 use crate::mirror::{erspan_header, MirrorState, MirrorTables, Tap, Target};
-use crate::pipeline::{process, Learned, NoTrace, Verdict};
+use crate::pipeline::{process, process_from_tunnel, strip_tunnel, Learned, NoTrace, Verdict};
 use crate::port::{PacketBuf, Port, BATCH};
 use crate::steer::Shard;
 use crate::tables::Tables;
@@ -35,6 +35,10 @@ const TX_DEPTH: usize = BATCH;
 pub const FOLD_ROUNDS: u32 = 16;
 /// Handed-over frames taken from one lane per round.
 const LANE_DRAIN: usize = LANE_DEPTH / 4;
+/// Flow-cache key "interface" of frames out of a tunnel: this plus their
+/// tunnel port, beyond every real interface index
+/// ([`crate::config::MAX_INTERFACES`]).
+const TUNNEL_KEY_BASE: u16 = 64;
 /// Idle wait when no port had traffic (bounds the latency of a stop request).
 const IDLE_POLL_MS: i32 = 10;
 
@@ -526,13 +530,10 @@ impl Core {
         let (Some(lport), Some(sport)) = (lport, probe_port(target.slot)) else {
             return false;
         };
-        let Some(out) = tables
-            .lports
-            .get(lport as usize)
-            .map(|l| usize::from(l.port))
-        else {
+        let Some(out_lp) = tables.lports.get(lport as usize) else {
             return false;
         };
+        let out = usize::from(out_lp.port);
         let seq = u32::try_from(round & 0xffff_ffff).unwrap_or(0);
         let n = build_probe(
             &mut self.probes.frame,
@@ -564,6 +565,15 @@ impl Core {
         {
             return false;
         }
+        // A member on another host: the probe goes through its tunnel.
+        let tunnel = match (out_lp.remote, tables.overlay.as_ref(), sw.vni) {
+            (None, _, _) => None,
+            (Some(ep), Some(o), Some(vni)) => match o.header(ep, vni, sport, n) {
+                Some(h) => Some(h),
+                None => return false,
+            },
+            _ => return false,
+        };
         if let Some(c) = tables.stateful.lb.probes_sent.get(target.slot as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -572,7 +582,7 @@ impl Core {
             &mut self.tx,
             &mut self.local,
             out,
-            &[],
+            tunnel.as_ref().map_or(&[][..], |h| &h[..]),
             frame,
         )
     }
@@ -609,16 +619,50 @@ impl Core {
             mirror_copies(mirrors, taps, buf.frame(), true, ports, tx, local, mirror);
         }
         let (data, len) = buf.parts_mut();
-        let d = match cache.as_mut() {
-            None => process(tables, learned, in_port, data, len, &mut NoTrace),
-            Some(c) => match c.lookup(in_port, data, *len) {
-                Ok(d) => d,
-                Err(miss) => {
-                    let d = cached_slow_path(c, miss, tables, learned, in_port, data, len, tail);
-                    c.sync(tables, learned.version());
-                    d
+        let from_tunnel = tables
+            .overlay
+            .as_ref()
+            .is_some_and(|o| usize::from(o.port) == i);
+        let d = if from_tunnel {
+            // Stripped first, then cached on the inner frame, keyed by its
+            // tunnel port (beyond any interface index, so no clash).
+            match strip_tunnel(tables, learned, data, len, &mut NoTrace) {
+                Err(d) => d,
+                Ok(lport) => {
+                    let run = |l: &mut Learned, b: &mut [u8], n: &mut usize| {
+                        process_from_tunnel(tables, l, lport, b, n, &mut NoTrace)
+                    };
+                    let key = u16::try_from(lport)
+                        .ok()
+                        .and_then(|l| l.checked_add(TUNNEL_KEY_BASE));
+                    match (cache.as_mut(), key) {
+                        (Some(c), Some(key)) => match c.lookup(key, data, *len) {
+                            Ok(d) => d,
+                            Err(miss) => {
+                                let d = cached_slow_path(c, miss, learned, data, len, tail, run);
+                                c.sync(tables, learned.version());
+                                d
+                            }
+                        },
+                        _ => run(learned, data, len),
+                    }
                 }
-            },
+            }
+        } else {
+            let run = |l: &mut Learned, b: &mut [u8], n: &mut usize| {
+                process(tables, l, in_port, b, n, &mut NoTrace)
+            };
+            match cache.as_mut() {
+                None => run(learned, data, len),
+                Some(c) => match c.lookup(in_port, data, *len) {
+                    Ok(d) => d,
+                    Err(miss) => {
+                        let d = cached_slow_path(c, miss, learned, data, len, tail, run);
+                        c.sync(tables, learned.version());
+                        d
+                    }
+                },
+            }
         };
         if let Some(o) = d.outcome {
             outcomes[o.index()] += 1;
@@ -626,6 +670,7 @@ impl Core {
         if d.learned {
             outcomes[Outcome::MacLearned.index()] += 1;
         }
+        outcomes[Outcome::OverlayDecap.index()] += std::mem::take(&mut learned.decapped);
         let frame = buf.frame();
         match d.verdict {
             Verdict::Drop(reason) => {
@@ -647,6 +692,28 @@ impl Core {
                 }
             }
             Verdict::Consumed => {}
+            Verdict::Tunnel {
+                endpoint,
+                vni,
+                entropy,
+            } => {
+                let header = tables
+                    .overlay
+                    .as_ref()
+                    .and_then(|o| Some((o.port, o.header(endpoint, vni, entropy, frame.len())?)));
+                match header {
+                    Some((out, h)) => {
+                        if enqueue(ports, tx, local, usize::from(out), &h, frame) {
+                            outcomes[Outcome::OverlayEncap.index()] += 1;
+                        }
+                    }
+                    None => {
+                        if let Some(c) = local.get_mut(i) {
+                            c.drops[DropReason::OverlayUnknownVni.index()] += 1;
+                        }
+                    }
+                }
+            }
             Verdict::Flood { switch, except } => {
                 let Some(sw) = tables.switches.get(switch as usize) else {
                     return;
@@ -654,7 +721,11 @@ impl Core {
                 // Never back out the ingress interface, and once per interface.
                 let mut sent: u64 = 1 << (i % 64);
                 for m in sw.members.iter().filter(|m| **m != except) {
-                    let Some(lp) = tables.lports.get(*m as usize) else {
+                    let Some(lp) = tables
+                        .lports
+                        .get(*m as usize)
+                        .filter(|l| l.remote.is_none())
+                    else {
                         continue;
                     };
                     let bit = 1u64 << (lp.port % 64);
@@ -665,6 +736,12 @@ impl Core {
                         if let Some(taps) = mirrors.tx.get(out).filter(|t| !t.is_empty()) {
                             mirror_copies(mirrors, taps, frame, false, ports, tx, local, mirror);
                         }
+                    }
+                }
+                // Head-end replication, never for what came out of a tunnel.
+                if let (Some(o), Some(vni)) = (tables.overlay.as_ref(), sw.vni) {
+                    if i != usize::from(o.port) && !sw.flood_endpoints.is_empty() {
+                        replicate(o, sw, vni, frame, i, ports, tx, local, outcomes);
                     }
                 }
             }
@@ -699,19 +776,17 @@ impl Core {
 /// Runs the pipeline on a cache miss and stores the result when it can be
 /// replayed exactly (see [`crate::flowcache`]).
 // hot path (misses): one copy of the frame's tail to prove it unchanged.
-#[allow(clippy::too_many_arguments)]
 fn cached_slow_path(
     c: &mut FlowCache,
     miss: Option<flowcache::Miss>,
-    tables: &crate::tables::Tables,
     learned: &mut Learned,
-    in_port: u16,
     data: &mut [u8],
     len: &mut usize,
     tail: &mut [u8],
+    run: impl FnOnce(&mut Learned, &mut [u8], &mut usize) -> crate::pipeline::Decision,
 ) -> crate::pipeline::Decision {
     let Some(miss) = miss else {
-        return process(tables, learned, in_port, data, len, &mut NoTrace);
+        return run(learned, data, len);
     };
     let in_len = *len;
     let keyed = in_len.min(flowcache::KEY_BYTES);
@@ -722,13 +797,45 @@ fn cached_slow_path(
         }
         _ => false,
     };
-    let d = process(tables, learned, in_port, data, len, &mut NoTrace);
+    let d = run(learned, data, len);
     let unchanged =
         saved && *len == in_len && data.get(keyed..in_len) == tail.get(..in_len - keyed);
     if let Some(out) = data.get(..*len) {
         c.insert(&miss, &d, out, unchanged);
     }
     d
+}
+
+/// Sends a flooded frame encapsulated to every endpoint holding a port of `sw`.
+// hot path (overlay floods only): one header per endpoint, on the stack.
+#[allow(clippy::too_many_arguments)]
+fn replicate(
+    o: &crate::overlay::OverlayTables,
+    sw: &crate::tables::Switch,
+    vni: u32,
+    frame: &[u8],
+    in_port: usize,
+    ports: &mut [Box<dyn Port>],
+    tx: &mut [TxQueue],
+    local: &mut [LocalPortCounters],
+    outcomes: &mut [u64; Outcome::COUNT],
+) {
+    if !o.fits(frame.len()) {
+        if let Some(c) = local.get_mut(in_port) {
+            c.drops[DropReason::OverlayTooBig.index()] += 1;
+        }
+        return;
+    }
+    let entropy = frame
+        .get(6..12)
+        .map_or(0, |m| u16::from_be_bytes([m[4] ^ m[0], m[5] ^ m[2]]));
+    for ep in &sw.flood_endpoints {
+        if let Some(h) = o.header(*ep, vni, entropy, frame.len()) {
+            if enqueue(ports, tx, local, usize::from(o.port), &h, frame) {
+                outcomes[Outcome::OverlayEncap.index()] += 1;
+            }
+        }
+    }
 }
 
 /// Queues `prefix` + `frame` for interface `out`; `false` when it did not fit a buffer.

@@ -205,7 +205,10 @@ impl FlowCache {
     pub fn insert(&mut self, miss: &Miss, d: &Decision, out: &[u8], tail_unchanged: bool) {
         let replayable = matches!(
             d.verdict,
-            Verdict::Unicast { .. } | Verdict::Flood { .. } | Verdict::Drop(_)
+            Verdict::Unicast { .. }
+                | Verdict::Flood { .. }
+                | Verdict::Tunnel { .. }
+                | Verdict::Drop(_)
         );
         if !replayable || d.learned || !tail_unchanged || out.len() != usize::from(miss.len) {
             return;
@@ -244,7 +247,7 @@ impl FlowCache {
 pub fn trace_note(t: &Tables, frame: &[u8], d: &Decision, out_len: usize) -> String {
     let replayable = matches!(
         d.verdict,
-        Verdict::Unicast { .. } | Verdict::Flood { .. } | Verdict::Drop(_)
+        Verdict::Unicast { .. } | Verdict::Flood { .. } | Verdict::Tunnel { .. } | Verdict::Drop(_)
     );
     let why_not = if !tables_cacheable(t) {
         Some("stateful, QoS, policy or NAT64 stages are configured")

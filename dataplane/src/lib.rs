@@ -63,6 +63,33 @@
 //!   `{"op":"policy_stats"}`). Their decisions appear in the trace (`qos_out`, `qos_in`,
 //!   `nat64`, `router_policy`) and in the drop/outcome counters (`qos_meter_dropped`,
 //!   `nat64_no_session`, `nat64_translated_6to4` …).
+//! - **Overlay between hosts** ([`overlay`]): switches stretched over an
+//!   IPv4 underlay with Geneve (default, UDP 6081) or VXLAN (UDP 4789), a
+//!   VNI per switch, the local tunnel endpoint on one underlay interface,
+//!   and a remote port location table (ports on other hosts with their
+//!   MAC/IP bindings and endpoint), so ARP/ND are answered locally and
+//!   routing between subnets happens on the sending host (then the frame is
+//!   encapsulated with the destination switch's VNI). Encapsulation is a
+//!   verdict ([`pipeline::Verdict::Tunnel`], cacheable like the others): the
+//!   engine writes the 50-byte outer header in front of the frame as it
+//!   copies it into the transmit buffer (no allocation), the UDP source port
+//!   from the flow hash. Floods on an overlay switch are replicated head-end
+//!   to each endpoint holding a port of it. Frames for the local endpoint
+//!   are validated, stripped and delivered to local ports only (a frame
+//!   out of a tunnel never goes back into one: `overlay_loop`); the
+//!   flow cache sees them after the strip, keyed on the inner frame and
+//!   the VNI's tunnel port. **MTU:**
+//!   encapsulation adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 +
+//!   Geneve/VXLAN 8; Geneve options are not sent), so with underlay MTU
+//!   1500 the inner MTU is 1450 (1446 on a VLAN switch). A larger IPv4
+//!   packet with DF is answered with ICMP "fragmentation needed" (MTU 1450)
+//!   and an IPv6 one with ICMPv6 "packet too big", from the sender's
+//!   gateway, so path MTU discovery works; otherwise it is a counted
+//!   `overlay_too_big` drop. Trace stages `overlay_encap` (VNI, remote
+//!   endpoint) and `overlay_decap`; outcomes `overlay_encap`,
+//!   `overlay_decap`, `icmp_frag_needed_sent`, `icmp6_packet_too_big_sent`;
+//!   drops `overlay_not_for_us`, `overlay_malformed`, `overlay_unknown_vni`,
+//!   `overlay_loop`, `overlay_too_big`.
 //! - **Flow cache** ([`flowcache`]): per worker, in front of the pipeline;
 //!   exact match on (in-port, length, first 64 frame bytes) → the verdict and
 //!   the rewritten header bytes. Fixed size (16k entries, 2-way set
@@ -112,6 +139,12 @@
 //! `"load_balancers":[{"name":"web","router":"r","vip":"10.0.1.100","protocol":"tcp","port":80,
 //! "members":[{"ip":"10.0.2.21","port":8080,"weight":1},{"ip":"10.0.2.22","port":8080,"weight":2}]}]`
 //! (weight 0 drains a member: no new connections, its open ones stay).
+//! The overlay (one per data plane; the underlay interface carries no
+//! logical port):
+//! `"overlay":{"interface":"ul0","local_ip":"198.18.0.1","local_mac":"02:00:00:00:aa:01",
+//! "encapsulation":"geneve","mtu":1500,"switches":[{"switch":"a","vni":100}],
+//! "endpoints":[{"ip":"198.18.0.2","mac":"02:00:00:00:aa:02"}],
+//! "remote_ports":[{"name":"vm7","switch":"a","endpoint":"198.18.0.2","mac":"02:00:00:00:01:20","ips":["10.0.1.20","fd00:1::20"]}]}`.
 //!
 //! # Threading model
 //!
@@ -189,6 +222,17 @@
 //! - QoS meters police, they do not shape (no queueing); flooded frames are
 //!   not metered. Mirror copies to an ERSPAN
 //!   collector add 50 bytes: its link needs MTU ≥ 1550 for full-size frames.
+//! - Overlay: IPv4 underlay only; the underlay next-hop MAC of each
+//!   endpoint is configured (static; ARP requests for the local endpoint
+//!   address are answered, but the data plane does not ask). Inner IPv4
+//!   packets without DF that do not fit are dropped (no fragmentation);
+//!   switches without a router have no address to send ICMP errors from
+//!   (also counted drops). Received UDP checksums are not verified (Linux
+//!   sends 0 over IPv4; the inner frame carries its own checksums);
+//!   non-critical Geneve options are skipped, critical ones and OAM frames
+//!   dropped. With several workers, tunnel frames to the local endpoint
+//!   are steered by their inner frame ([`steer`]), so both directions of
+//!   a connection meet on one worker.
 //! - IPv6: port security, an ND responder (bindings and gateway addresses)
 //!   and forwarding between attached subnets (hop-limit decrement); no IPv6
 //!   static routes, no ICMPv6 errors (expiring hop limits are dropped and
@@ -219,6 +263,9 @@ pub mod mirror;
 pub mod model;
 pub mod nat;
 pub mod nat64;
+pub mod overlay;
+#[cfg(test)]
+mod overlay_tests;
 pub mod packet;
 pub mod pipeline;
 #[cfg(test)]

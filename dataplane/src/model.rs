@@ -48,6 +48,9 @@ pub struct DesiredState {
     /// L4 load balancers on routers ([`crate::lb4`]).
     #[serde(default)]
     pub load_balancers: Vec<crate::lb4::LoadBalancerSpec>,
+    /// Overlay between hosts: VNIs, tunnel endpoints, remote ports ([`crate::overlay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Box<crate::overlay::OverlaySpec>>,
 }
 
 /// A logical switch: one IPv4 subnet, optionally a VLAN ("classic" network).

@@ -44,6 +44,13 @@ pub enum Verdict {
     Reply,
     /// Taken by the data plane itself (an ARP reply to a router).
     Consumed,
+    /// Encapsulated with `vni` to overlay endpoint `endpoint`, out the
+    /// underlay interface; `entropy` (a flow hash) picks the UDP source port.
+    Tunnel {
+        endpoint: u16,
+        vni: u32,
+        entropy: u16,
+    },
 }
 
 /// Receives per-stage decisions; [`NoTrace`] on the forwarding path.
@@ -136,6 +143,10 @@ pub struct Learned {
     /// When (conntrack clock, s) a router last asked for an unresolved
     /// neighbor: at most one ARP request per neighbor per second.
     asked: FastMap<u64, u32>,
+    /// Frames decapsulated since the engine last took the count.
+    pub decapped: u64,
+    /// The frame being processed came out of a tunnel.
+    from_tunnel: bool,
 }
 
 impl Learned {
@@ -154,6 +165,8 @@ impl Learned {
             probe: Vec::with_capacity(PROBES_PER_SECOND),
             aged_at: 0,
             asked: fastmap::with_capacity(NEIGHBORS),
+            decapped: 0,
+            from_tunnel: false,
         }
     }
 
@@ -421,6 +434,107 @@ pub fn process<T: Tracer>(
     len: &mut usize,
     tr: &mut T,
 ) -> Decision {
+    learned.from_tunnel = false;
+    let d = process_frame(t, learned, in_port, buf, len, tr);
+    loop_check(learned, d, tr)
+}
+
+/// Loop prevention: what came out of a tunnel goes to local ports only.
+fn loop_check<T: Tracer>(learned: &Learned, d: Decision, tr: &mut T) -> Decision {
+    if learned.from_tunnel && matches!(d.verdict, Verdict::Tunnel { .. } | Verdict::Reply) {
+        tr.note("overlay_decap", || {
+            "drop: would go back into the tunnel (delivered to local ports only)".into()
+        });
+        return drop_(DropReason::OverlayLoop);
+    }
+    d
+}
+
+/// The first half of [`process`] for a frame on the underlay interface:
+/// validates the tunnel header and strips it in place (the inner frame is
+/// then `buf[..*len]`); returns the VNI's tunnel port, or the frame's
+/// decision (a counted drop, an ARP reply for the local endpoint). The
+/// engine runs the second half, [`process_from_tunnel`], behind its flow
+/// cache, keyed on the inner frame.
+// hot path: one outer parse, one 20-byte checksum, one move of the inner frame.
+pub fn strip_tunnel<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Result<LportId, Decision> {
+    let Some(o) = t.overlay.as_ref() else {
+        return Err(drop_(DropReason::UnknownIngress));
+    };
+    let p = match buf.get(..*len).map(parse) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            tr.note("parse", || format!("drop: {e}"));
+            return Err(drop_(DropReason::from(e)));
+        }
+        None => return Err(drop_(DropReason::Oversize)),
+    };
+    tr.note("parse", || describe(&p));
+    decap(t, o, learned, &p, buf, len, tr)
+}
+
+/// The second half: the inner frame from tunnel port `lport` through the
+/// pipeline (local ports only).
+pub fn process_from_tunnel<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Decision {
+    learned.qos.sync(t.generation, &t.qos);
+    learned.from_tunnel = true;
+    let d = from_tunnel_port(t, learned, lport, buf, len, tr);
+    loop_check(learned, d, tr)
+}
+
+/// Parses the (decapsulated) frame and runs it from tunnel port `lport`.
+fn from_tunnel_port<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Decision {
+    let p = match buf.get(..*len).map(parse) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            tr.note("parse", || format!("drop: inner frame: {e}"));
+            return drop_(DropReason::from(e));
+        }
+        None => return drop_(DropReason::OverlayMalformed),
+    };
+    tr.note("parse", || describe(&p));
+    let (Some(lp), Some(sw)) = (
+        t.lports.get(lport as usize),
+        t.lports
+            .get(lport as usize)
+            .and_then(|lp| t.switches.get(lp.switch as usize)),
+    ) else {
+        return drop_(DropReason::OverlayUnknownVni);
+    };
+    tr.note("ingress", || {
+        format!("logical port {:?} on switch {:?}", lp.name, sw.name)
+    });
+    forward(t, learned, lport, lp, sw, &p, buf, len, tr)
+}
+
+fn process_frame<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    in_port: u16,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Decision {
     learned.qos.sync(t.generation, &t.qos);
     let Some(frame) = buf.get(..*len) else {
         return drop_(DropReason::Oversize);
@@ -434,24 +548,17 @@ pub fn process<T: Tracer>(
     };
     tr.note("parse", || describe(&p));
 
-    let vlan = p.vlan.unwrap_or(0);
-    let lport_id = match t.ingress.get(&ingress_key(in_port, vlan)) {
-        Some(Ingress::One(id)) => *id,
-        Some(Ingress::BySourceMac(by_mac)) => match by_mac.get(&mac_key(&p.src)) {
-            Some(id) => *id,
-            None => {
-                tr.note("ingress", || {
-                    "drop: source MAC matches no port on this interface".into()
-                });
-                return drop_(DropReason::UnknownIngress);
+    let lport_id = match t.overlay.as_ref().filter(|o| o.port == in_port) {
+        Some(o) => {
+            return match decap(t, o, learned, &p, buf, len, tr) {
+                Ok(lport) => from_tunnel_port(t, learned, lport, buf, len, tr),
+                Err(d) => d,
             }
-        },
-        None => {
-            tr.note("ingress", || {
-                format!("drop: no logical port on interface {in_port} VLAN {vlan}")
-            });
-            return drop_(DropReason::UnknownIngress);
         }
+        None => match ingress(t, in_port, &p, tr) {
+            Ok(id) => id,
+            Err(d) => return d,
+        },
     };
     let (Some(lp), Some(sw)) = (
         t.lports.get(lport_id as usize),
@@ -464,6 +571,142 @@ pub fn process<T: Tracer>(
     tr.note("ingress", || {
         format!("logical port {:?} on switch {:?}", lp.name, sw.name)
     });
+    forward(t, learned, lport_id, lp, sw, &p, buf, len, tr)
+}
+
+/// Strips the tunnel header of a frame arriving on the underlay: the inner
+/// frame moves to the buffer's start; returns the switch's tunnel port.
+/// ARP for the local endpoint is answered.
+fn decap<T: Tracer>(
+    t: &Tables,
+    o: &crate::overlay::OverlayTables,
+    learned: &mut Learned,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Result<LportId, Decision> {
+    let ip = match p.l3 {
+        L3::Ipv4(ip) if ip.dst == o.local_ip => ip,
+        L3::Arp(a) if a.op == ARP_REQUEST && a.tpa == o.local_ip => {
+            if arp_reply_in_place(buf, p, o.local_mac) {
+                tr.note("overlay_decap", || {
+                    format!("ARP for tunnel endpoint {}: reply", o.local_ip)
+                });
+                return Err(Decision {
+                    verdict: Verdict::Reply,
+                    outcome: Some(Outcome::ArpReplied),
+                    learned: false,
+                });
+            }
+            return Err(drop_(DropReason::MalformedArp));
+        }
+        _ => {
+            tr.note("overlay_decap", || {
+                format!("drop: not for tunnel endpoint {}", o.local_ip)
+            });
+            return Err(drop_(DropReason::OverlayNotForUs));
+        }
+    };
+    let L4::Udp { dport, .. } = p.l4 else {
+        tr.note("overlay_decap", || "drop: not UDP".into());
+        return Err(drop_(DropReason::OverlayNotForUs));
+    };
+    if dport != o.udp_port {
+        tr.note("overlay_decap", || format!("drop: UDP port {dport}"));
+        return Err(drop_(DropReason::OverlayNotForUs));
+    }
+    let l3 = p.l3_offset;
+    let fragment = buf.get(l3 + 6).is_some_and(|f| f & 0x20 != 0) || ip.later_fragment;
+    let header_ok = buf
+        .get(l3..l3 + ip.header_len)
+        .is_some_and(|h| internet_checksum(h) == 0);
+    let udp_len = get16(buf, p.l4_offset + 4).map_or(0, usize::from);
+    let udp_end = p.l4_offset + udp_len;
+    let malformed = |why: &'static str, tr: &mut T| {
+        tr.note("overlay_decap", || format!("drop: {why}"));
+        drop_(DropReason::OverlayMalformed)
+    };
+    if fragment || !header_ok {
+        return Err(malformed("fragmented or bad outer IPv4 header", tr));
+    }
+    if udp_len < 8 || udp_end > l3 + ip.total_len {
+        return Err(malformed("bad UDP length", tr));
+    }
+    let payload = buf.get(p.l4_offset + 8..udp_end).unwrap_or(&[]);
+    let (vni, hlen) = match crate::overlay::parse_tunnel(o.encap, payload) {
+        Ok(x) => x,
+        Err(e) => {
+            tr.note("overlay_decap", || format!("drop: {e}"));
+            return Err(drop_(DropReason::OverlayMalformed));
+        }
+    };
+    let Some(sw_id) = o.vni_switch.get(&vni).copied() else {
+        tr.note("overlay_decap", || format!("drop: unknown VNI {vni}"));
+        return Err(drop_(DropReason::OverlayUnknownVni));
+    };
+    let Some(tunnel_port) = t.switches.get(sw_id as usize).and_then(|s| s.tunnel_lport) else {
+        return Err(drop_(DropReason::OverlayUnknownVni));
+    };
+    let start = p.l4_offset + 8 + hlen;
+    if start >= udp_end || udp_end > buf.len() {
+        return Err(malformed("no inner frame", tr));
+    }
+    buf.copy_within(start..udp_end, 0);
+    *len = udp_end - start;
+    learned.from_tunnel = true;
+    learned.decapped += 1;
+    tr.note("overlay_decap", || {
+        format!(
+            "VNI {vni} from remote endpoint {}: {} inner bytes",
+            ip.src, *len
+        )
+    });
+    Ok(tunnel_port)
+}
+
+/// The logical port a frame on (`in_port`, its VLAN) belongs to.
+fn ingress<T: Tracer>(
+    t: &Tables,
+    in_port: u16,
+    p: &Parsed,
+    tr: &mut T,
+) -> Result<LportId, Decision> {
+    let vlan = p.vlan.unwrap_or(0);
+    Ok(match t.ingress.get(&ingress_key(in_port, vlan)) {
+        Some(Ingress::One(id)) => *id,
+        Some(Ingress::BySourceMac(by_mac)) => match by_mac.get(&mac_key(&p.src)) {
+            Some(id) => *id,
+            None => {
+                tr.note("ingress", || {
+                    "drop: source MAC matches no port on this interface".into()
+                });
+                return Err(drop_(DropReason::UnknownIngress));
+            }
+        },
+        None => {
+            tr.note("ingress", || {
+                format!("drop: no logical port on interface {in_port} VLAN {vlan}")
+            });
+            return Err(drop_(DropReason::UnknownIngress));
+        }
+    })
+}
+
+/// Everything after ingress: the frame `p` came from logical port `lp` on `sw`.
+#[allow(clippy::too_many_arguments)]
+fn forward<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport_id: LportId,
+    lp: &crate::tables::Lport,
+    sw: &crate::tables::Switch,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Decision {
+    let p = *p;
 
     if lp.port_security {
         if lp.mac != Some(p.src) {
@@ -658,6 +901,15 @@ pub fn process<T: Tracer>(
             }
             if let Err(reason) = qos_ingress(t, learned, d, *len, tr) {
                 return drop_(reason);
+            }
+            if out.remote.is_some() {
+                tr.note("l2_forward", || {
+                    format!("{} → remote port {:?}", mac_to_string(&p.dst), out.name)
+                });
+                if let Some(d) = too_big(t, sw, sw.gateway, &p, buf, len, tr) {
+                    return d;
+                }
+                return tunnel(t, out, sw, &p, Outcome::L2Unicast, tr);
             }
             tr.note("l2_forward", || {
                 format!(
@@ -921,6 +1173,7 @@ fn route<T: Tracer>(
             gw,
             ICMP_TIME_EXCEEDED,
             0,
+            [0; 4],
             Outcome::IcmpTimeExceeded,
         );
     }
@@ -967,6 +1220,7 @@ fn route<T: Tracer>(
             gw,
             ICMP_DEST_UNREACHABLE,
             0,
+            [0; 4],
             Outcome::IcmpNetUnreachable,
         );
     };
@@ -1084,6 +1338,11 @@ fn route<T: Tracer>(
             return drop_(reason);
         }
     }
+    if out.remote.is_some() {
+        if let Some(d) = too_big(t, out_sw, Some(*gw), p, buf, len, tr) {
+            return d;
+        }
+    }
 
     // TTL is the high byte of the 16-bit word at offset 8 (TTL, protocol).
     let ttl_word = u16::from_be_bytes([ip.ttl, ip.proto]);
@@ -1111,9 +1370,218 @@ fn route<T: Tracer>(
             out.name
         )
     });
+    if out.remote.is_some() {
+        return tunnel(t, out, out_sw, p, Outcome::Routed, tr);
+    }
     Decision {
         verdict: Verdict::Unicast { port: out.port },
         outcome: Some(Outcome::Routed),
+        learned: false,
+    }
+}
+
+/// The frame's length once forwarded onto `out_sw` (its VLAN tag added or removed).
+fn forwarded_len(p: &Parsed, len: usize, out_sw: &crate::tables::Switch) -> usize {
+    let tagged_in = if p.vlan.is_some() { 4 } else { 0 };
+    let tagged_out = if out_sw.vlan != 0 { 4 } else { 0 };
+    (len + tagged_out).saturating_sub(tagged_in)
+}
+
+/// When the frame, encapsulated, would exceed the underlay MTU: the ICMP
+/// "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big" to its
+/// sender from the ingress gateway `gw`, announcing the inner MTU; else a
+/// counted drop (IPv4 without DF: no fragmentation here; no gateway to
+/// answer from).
+fn too_big<T: Tracer>(
+    t: &Tables,
+    out_sw: &crate::tables::Switch,
+    gw: Option<Gateway>,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+) -> Option<Decision> {
+    let o = t.overlay.as_ref()?;
+    let frame_len = forwarded_len(p, *len, out_sw);
+    if o.fits(frame_len) {
+        return None;
+    }
+    let vlan = if out_sw.vlan != 0 { 4 } else { 0 };
+    let mtu = o.inner_mtu().saturating_sub(vlan);
+    let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
+    let df = buf.get(p.l3_offset + 6).is_some_and(|f| f & 0x40 != 0);
+    match (p.l3, gw) {
+        (L3::Ipv4(ip), Some(gw)) if df => {
+            tr.note("overlay_encap", || {
+                format!(
+                    "{frame_len}-byte frame exceeds underlay MTU {}: ICMP fragmentation needed (MTU {mtu}) to {}",
+                    o.mtu, ip.src
+                )
+            });
+            let [hi, lo] = mtu16.to_be_bytes();
+            Some(icmp_error(
+                buf,
+                len,
+                p,
+                &ip,
+                &gw,
+                ICMP_DEST_UNREACHABLE,
+                4,
+                [0, 0, hi, lo],
+                Outcome::IcmpFragNeeded,
+            ))
+        }
+        (
+            L3::Ipv6(ip6),
+            Some(Gateway {
+                mac,
+                ip6: Some(from),
+                ..
+            }),
+        ) => {
+            tr.note("overlay_encap", || {
+                format!(
+                    "{frame_len}-byte frame exceeds underlay MTU {}: ICMPv6 packet too big (MTU {mtu}) to {}",
+                    o.mtu, ip6.src
+                )
+            });
+            Some(packet_too_big(buf, len, p, &ip6, mac, from, mtu16))
+        }
+        _ => {
+            tr.note("overlay_encap", || {
+                format!(
+                    "drop: {frame_len}-byte frame exceeds underlay MTU {} (no DF or no gateway to answer from)",
+                    o.mtu
+                )
+            });
+            Some(drop_(DropReason::OverlayTooBig))
+        }
+    }
+}
+
+/// The verdict sending the (forwarded) frame to remote port `out` on `out_sw`.
+fn tunnel<T: Tracer>(
+    t: &Tables,
+    out: &crate::tables::Lport,
+    out_sw: &crate::tables::Switch,
+    p: &Parsed,
+    outcome: Outcome,
+    tr: &mut T,
+) -> Decision {
+    let (Some(o), Some(endpoint), Some(vni)) = (t.overlay.as_ref(), out.remote, out_sw.vni) else {
+        return drop_(DropReason::OverlayUnknownVni);
+    };
+    tr.note("overlay_encap", || {
+        let ep = o
+            .endpoints
+            .get(usize::from(endpoint))
+            .map_or_else(|| "?".to_string(), |e| e.ip.to_string());
+        format!(
+            "{:?} VNI {vni} to remote endpoint {ep} ({:?} is there)",
+            o.encap, out.name
+        )
+    });
+    Decision {
+        verdict: Verdict::Tunnel {
+            endpoint,
+            vni,
+            entropy: entropy(p),
+        },
+        outcome: Some(outcome),
+        learned: false,
+    }
+}
+
+/// A flow hash for the outer UDP source port (same flow, same port).
+fn entropy(p: &Parsed) -> u16 {
+    use std::hash::Hasher;
+    let h = match p.l3 {
+        L3::Ipv4(ip) => flow_hash(p, &ip),
+        L3::Ipv6(ip6) => {
+            let (sport, dport) = match p.l4 {
+                L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
+                _ => (0, 0),
+            };
+            let mut h = fastmap::FastHasher::default();
+            h.write_u128(u128::from(ip6.src));
+            h.write_u128(u128::from(ip6.dst));
+            h.write_u32((u32::from(sport) << 16) | u32::from(dport));
+            u32::try_from(h.finish() >> 32).unwrap_or(0)
+        }
+        _ => {
+            let mut h = fastmap::FastHasher::default();
+            h.write_u64(mac_key(&p.src));
+            h.write_u64(mac_key(&p.dst));
+            u32::try_from(h.finish() >> 32).unwrap_or(0)
+        }
+    };
+    u16::try_from((h ^ (h >> 16)) & 0xffff).unwrap_or(0)
+}
+
+/// Replaces the frame with an ICMPv6 "packet too big" (RFC 4443 3.2) to its
+/// sender from gateway `from`/`mac`, quoting as much of it as keeps the
+/// error within the IPv6 minimum MTU.
+fn packet_too_big(
+    buf: &mut [u8],
+    len: &mut usize,
+    p: &Parsed,
+    ip6: &crate::packet::parse::Ipv6Info,
+    mac: Mac,
+    from: std::net::Ipv6Addr,
+    mtu: u16,
+) -> Decision {
+    let about_error = matches!(p.l4, L4::Icmpv6 { ty, .. } if ty < 128);
+    if about_error || ip6.src.is_unspecified() || ip6.src.is_multicast() || is_group(&p.src) {
+        return drop_(DropReason::IcmpErrorSuppressed);
+    }
+    let l3 = p.l3_offset;
+    let quote = (*len - l3).min(1280 - 48);
+    let new_len = l3 + 48 + quote;
+    if new_len > buf.len() || l3 + quote > *len {
+        return drop_(DropReason::IcmpErrorSuppressed);
+    }
+    buf.copy_within(l3..l3 + quote, l3 + 48);
+    let icmp_len = 8 + quote;
+    let icmp_len16 = u16::try_from(icmp_len).unwrap_or(u16::MAX);
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&icmp_len16.to_be_bytes());
+    ip[6] = crate::packet::headers::IPPROTO_ICMPV6;
+    ip[7] = 255;
+    ip[8..24].copy_from_slice(&from.octets());
+    ip[24..40].copy_from_slice(&ip6.src.octets());
+    let mut icmp = [0u8; 8];
+    icmp[0] = 2; // packet too big
+    icmp[4..8].copy_from_slice(&u32::from(mtu).to_be_bytes());
+    let ok =
+        put(buf, 0, &p.src) && put(buf, 6, &mac) && put(buf, l3, &ip) && put(buf, l3 + 40, &icmp);
+    let Some(body) = buf.get(l3 + 40..new_len) else {
+        return drop_(DropReason::IcmpErrorSuppressed);
+    };
+    let mut sum = checksum::accumulate(0, &from.octets());
+    sum = checksum::accumulate(sum, &ip6.src.octets());
+    sum = checksum::accumulate(
+        sum,
+        &[
+            0,
+            0,
+            icmp_len16.to_be_bytes()[0],
+            icmp_len16.to_be_bytes()[1],
+            0,
+            0,
+            0,
+            crate::packet::headers::IPPROTO_ICMPV6,
+        ],
+    );
+    sum = checksum::accumulate(sum, body);
+    let c = checksum::finish(sum);
+    if !(ok && put(buf, l3 + 42, &c.to_be_bytes())) {
+        return drop_(DropReason::IcmpErrorSuppressed);
+    }
+    *len = new_len;
+    Decision {
+        verdict: Verdict::Reply,
+        outcome: Some(Outcome::Icmp6PacketTooBig),
         learned: false,
     }
 }
@@ -1209,6 +1677,11 @@ fn route6<T: Tracer>(
             return drop_(reason);
         }
     }
+    if out.remote.is_some() {
+        if let Some(d) = too_big(t, out_sw, Some(*gw), p, buf, len, tr) {
+            return d;
+        }
+    }
     if !(put(buf, p.l3_offset + 7, &[ip6.hop_limit - 1])
         && set_vlan(buf, len, p.vlan.is_some(), out_sw.vlan)
         && put(buf, 0, &nh_mac)
@@ -1226,6 +1699,9 @@ fn route6<T: Tracer>(
             out.name
         )
     });
+    if out.remote.is_some() {
+        return tunnel(t, out, out_sw, p, Outcome::Routed, tr);
+    }
     Decision {
         verdict: Verdict::Unicast { port: out.port },
         outcome: Some(Outcome::Routed),
@@ -1367,6 +1843,7 @@ fn icmp_error(
     gw: &Gateway,
     ty: u8,
     code: u8,
+    rest: [u8; 4],
     outcome: Outcome,
 ) -> Decision {
     // RFC 1812 4.3.2.7: never about ICMP errors, non-first fragments, or
@@ -1399,7 +1876,7 @@ fn icmp_error(
     hdr[16..20].copy_from_slice(&ip.src.octets());
     let c = internet_checksum(&hdr);
     hdr[10..12].copy_from_slice(&c.to_be_bytes());
-    let icmp_hdr = [ty, code, 0, 0, 0, 0, 0, 0];
+    let icmp_hdr = [ty, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
     let ok = put(buf, 0, &p.src)
         && put(buf, 6, &gw.mac)
         && put(buf, l3, &hdr)

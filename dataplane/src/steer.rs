@@ -145,6 +145,21 @@ fn plain_ipv4_l4(f: &[u8]) -> Option<Key> {
     })
 }
 
+/// The inner frame of a Geneve/VXLAN frame to the local tunnel endpoint
+/// (untagged outer IPv4 without options, as [`crate::overlay`] sends).
+fn tunnel_inner<'f>(o: &crate::overlay::OverlayTables, frame: &'f [u8]) -> Option<&'f [u8]> {
+    let k = plain_ipv4_l4(frame)?;
+    let ours = k.proto == crate::packet::headers::IPPROTO_UDP
+        && k.dport == o.udp_port
+        && k.dst == from_v4(o.local_ip);
+    if !ours {
+        return None;
+    }
+    let payload = frame.get(42..)?;
+    let (_, hlen) = crate::overlay::parse_tunnel(o.encap, payload).ok()?;
+    payload.get(hlen..)
+}
+
 fn mac_u128(m: &[u8; 6]) -> u128 {
     let mut b = [0u8; 16];
     b[10..].copy_from_slice(m);
@@ -158,6 +173,13 @@ pub fn frame_worker(t: &Tables, frame: &[u8], workers: usize) -> usize {
     if workers <= 1 {
         return 0;
     }
+    // Tunnel frames steer by the frame inside, so they meet the local
+    // side's replies (stateful services see whole connections).
+    let frame = t
+        .overlay
+        .as_ref()
+        .and_then(|o| tunnel_inner(o, frame))
+        .unwrap_or(frame);
     if let Some(k) = plain_ipv4_l4(frame) {
         return key_worker(t, &k, workers);
     }
@@ -181,6 +203,38 @@ pub fn frame_worker(t: &Tables, frame: &[u8], workers: usize) -> usize {
 mod tests {
     use super::*;
     use crate::packet::build::ipv4;
+
+    /// A tunnel frame steers like the frame inside it, so a remote VM's
+    /// packets meet the local VM's replies.
+    #[test]
+    fn tunnel_frames_steer_by_the_inner_flow() {
+        use crate::overlay::Encapsulation;
+        use crate::testutil::{overlay_interfaces, overlay_topology};
+        for encap in [Encapsulation::Geneve, Encapsulation::Vxlan] {
+            let t =
+                crate::config::compile(&overlay_topology(encap), &overlay_interfaces(), 1).unwrap();
+            let mut o = t.overlay.clone().unwrap();
+            o.local_ip = "198.18.0.2".parse().unwrap();
+            o.endpoints[0].ip = "198.18.0.1".parse().unwrap();
+            for sport in 1000..1064u16 {
+                let mut l4 = [0u8; 8];
+                l4[0..2].copy_from_slice(&sport.to_be_bytes());
+                l4[2..4].copy_from_slice(&53u16.to_be_bytes());
+                l4[4..6].copy_from_slice(&8u16.to_be_bytes());
+                let src = "10.0.1.50".parse().unwrap();
+                let dst = "10.0.1.10".parse().unwrap();
+                let inner = ipv4([2; 6], [4; 6], None, src, dst, 64, 17, &l4);
+                let mut outer = o.header(0, 100, sport, inner.len()).unwrap().to_vec();
+                outer.extend_from_slice(&inner);
+                for workers in [2, 3] {
+                    assert_eq!(
+                        frame_worker(&t, &outer, workers),
+                        frame_worker(&t, &inner, workers)
+                    );
+                }
+            }
+        }
+    }
 
     /// The fixed-offset fast path reads the same tuple as the full parse.
     #[test]

@@ -44,6 +44,12 @@ pub struct Lport {
     pub port_security: bool,
     /// MACs seen from this port are learned (it has no bound MAC).
     pub learning: bool,
+    /// A remote port: the index of the overlay endpoint holding it
+    /// (`port` is then the underlay interface).
+    pub remote: Option<u16>,
+    /// The ingress of frames decapsulated for this port's switch (one
+    /// per overlay switch, not a flood member).
+    pub tunnel: bool,
 }
 
 /// Where a switch meets its router.
@@ -52,6 +58,8 @@ pub struct Gateway {
     pub router: u32,
     pub mac: Mac,
     pub ip: Ipv4Addr,
+    /// The gateway's IPv6 address, when it has one (ICMPv6 errors).
+    pub ip6: Option<std::net::Ipv6Addr>,
 }
 
 /// A compiled logical switch.
@@ -74,6 +82,12 @@ pub struct Switch {
     pub subnet6: Option<(u128, u8)>,
     /// DHCPv4 server settings, when the switch serves DHCP.
     pub dhcp: Option<crate::dhcp::DhcpConfig>,
+    /// The switch's VNI when it spans hosts ([`crate::overlay`]).
+    pub vni: Option<u32>,
+    /// Its tunnel ingress port (decapsulated frames come from it).
+    pub tunnel_lport: Option<LportId>,
+    /// Endpoints holding ports of the switch: head-end replication of floods.
+    pub flood_endpoints: Vec<u16>,
 }
 
 /// One next hop of a route.
@@ -137,6 +151,8 @@ pub struct Tables {
     pub nat64: Vec<Option<crate::nat64::Nat64>>,
     /// Router policies ([`crate::policy`]).
     pub policies: crate::policy::PolicyTables,
+    /// Tunnels to other hosts ([`crate::overlay`]).
+    pub overlay: Option<crate::overlay::OverlayTables>,
 }
 
 impl Tables {

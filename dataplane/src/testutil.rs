@@ -100,3 +100,62 @@ pub fn topology() -> DesiredState {
         ..DesiredState::default()
     }
 }
+
+/// Interfaces of [`overlay_topology`]: [`interfaces`] plus the underlay `ul`.
+pub fn overlay_interfaces() -> Vec<String> {
+    let mut i = interfaces();
+    i.push("ul".into());
+    i
+}
+
+/// [`topology`] on host 198.18.0.1 (underlay `ul`): switches a (VNI 100)
+/// and b (VNI 200) span hosts; `rvm_a` (10.0.1.50) and `rvm_b`
+/// (10.0.2.50) are on the host at 198.18.0.2.
+pub fn overlay_topology(encapsulation: crate::overlay::Encapsulation) -> DesiredState {
+    use crate::overlay::{EndpointSpec, OverlaySpec, OverlaySwitchSpec, RemotePortSpec};
+    let remote = |name: &str, switch: &str, mac: &str, ips: &[&str]| RemotePortSpec {
+        name: name.into(),
+        switch: switch.into(),
+        endpoint: "198.18.0.2".into(),
+        mac: mac.into(),
+        ips: ips.iter().map(|s| s.to_string()).collect(),
+    };
+    DesiredState {
+        overlay: Some(Box::new(OverlaySpec {
+            interface: "ul".into(),
+            local_ip: "198.18.0.1".into(),
+            local_mac: "02:00:00:00:aa:01".into(),
+            encapsulation,
+            mtu: 1500,
+            switches: vec![
+                OverlaySwitchSpec {
+                    switch: "a".into(),
+                    vni: 100,
+                },
+                OverlaySwitchSpec {
+                    switch: "b".into(),
+                    vni: 200,
+                },
+            ],
+            endpoints: vec![EndpointSpec {
+                ip: "198.18.0.2".into(),
+                mac: "02:00:00:00:aa:02".into(),
+            }],
+            remote_ports: vec![
+                remote(
+                    "rvm_a",
+                    "a",
+                    "02:00:00:00:00:50",
+                    &["10.0.1.50", "fd00:1::50"],
+                ),
+                remote(
+                    "rvm_b",
+                    "b",
+                    "02:00:00:00:00:51",
+                    &["10.0.2.50", "fd00:2::50"],
+                ),
+            ],
+        })),
+        ..topology()
+    }
+}

@@ -21,11 +21,18 @@
 //! same process, so the workers' ratio can be read against what the
 //! machine gave two threads at that moment.
 //!
+//! Overlay: "Geneve encap+decap" is host A's worker (switch, encapsulate)
+//! then host B's worker (decapsulate, switch) on the same core, 64-byte
+//! inner frames to 256 remote ports; its Mpps and cycles per packet cover
+//! both halves (goal ≥ 7 Mpps/core). The peer switches the same frames on
+//! each host without a tunnel (two L2 passes). Cycles are TSC cycles.
+//!
 //! Rounds of keel and peer alternate so noise hits both alike.
 
 use keel_dataplane::bench::{
-    run_baseline, run_baseline_threads, run_pipeline, run_pipeline_with_cache, run_service,
-    run_stateful, run_workers, Feed, Run, Scenario, Service, Stateful,
+    run_baseline, run_baseline_threads, run_overlay, run_overlay_peer, run_pipeline,
+    run_pipeline_with_cache, run_service, run_stateful, run_workers, Feed, Run, Scenario, Service,
+    Stateful,
 };
 
 use crate::{BenchError, Measurement, Scale, Suite};
@@ -84,11 +91,59 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
             .with_peer(PEER, peer.ns_per_packet()),
         );
     }
+    overlay(per_round, &mut out)?;
     flow_cache(per_round, &mut out)?;
     scaling(per_round, &mut out)?;
     stateful(scale, &mut out)?;
     services(scale, &mut out)?;
     Ok(out)
+}
+
+/// Geneve and VXLAN encap + decap against two plain L2 passes.
+fn overlay(per_round: u64, out: &mut Vec<Measurement>) -> Result<(), BenchError> {
+    use keel_dataplane::overlay::Encapsulation;
+    const PEER: &str = "same frames L2-switched on each host, no tunnel";
+    for (name, encap) in [
+        (
+            "Geneve encap+decap, 256 remote ports",
+            Encapsulation::Geneve,
+        ),
+        ("VXLAN encap+decap, 256 remote ports", Encapsulation::Vxlan),
+    ] {
+        let (mut keel, mut peer) = (Vec::new(), Vec::new());
+        let (mut kc, mut pc) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let (r, c) = run_overlay(256, encap, per_round).map_err(io)?;
+            keel.push(r);
+            kc.extend(c);
+            let (r, c) = run_overlay_peer(256, per_round).map_err(io)?;
+            peer.push(r);
+            pc.extend(c);
+        }
+        let (keel, peer) = (total(&keel), total(&peer));
+        out.push(
+            Measurement::new(&format!("{name}: throughput"), "Mpps", true, keel.mpps())
+                .with_peer(PEER, peer.mpps()),
+        );
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        if !kc.is_empty() && !pc.is_empty() {
+            out.push(
+                Measurement::new(&format!("{name}: cost"), "cycles/packet", false, mean(&kc))
+                    .with_peer(PEER, mean(&pc)),
+            );
+        } else {
+            out.push(
+                Measurement::new(
+                    &format!("{name}: cost"),
+                    "ns/packet",
+                    false,
+                    keel.ns_per_packet(),
+                )
+                .with_peer(PEER, peer.ns_per_packet()),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Flow cache on (sized for the flows) against the same pipeline with it off.
