@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
-use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
+use keel_dataplane::model::{DesiredState, PortSpec, SwitchSpec};
 use keel_testkit::{veth_pair, NetnsHost};
 
 struct Vm {
@@ -76,24 +76,7 @@ fn desired() -> DesiredState {
                 port_security: true,
             })
             .collect(),
-        routers: vec![RouterSpec {
-            name: "r".into(),
-            ports: vec![
-                RouterPortSpec {
-                    switch: "a".into(),
-                    mac: "02:00:00:00:ff:01".into(),
-                    ip: "10.0.1.1".into(),
-                    ip6: Some("fd00:1::1".into()),
-                },
-                RouterPortSpec {
-                    switch: "b".into(),
-                    mac: "02:00:00:00:ff:02".into(),
-                    ip: "10.0.2.1".into(),
-                    ip6: Some("fd00:2::1".into()),
-                },
-            ],
-            static_routes: vec![],
-        }],
+        routers: vec![common::router_ab()],
         ..DesiredState::default()
     }
 }

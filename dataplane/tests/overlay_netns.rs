@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use keel_dataplane::control::{request, Request, Response};
 use keel_dataplane::counters::StatsSnapshot;
-use keel_dataplane::model::{DesiredState, PortSpec, RouterPortSpec, RouterSpec, SwitchSpec};
+use keel_dataplane::model::{DesiredState, PortSpec, SwitchSpec};
 use keel_dataplane::overlay::{
     Encapsulation, EndpointSpec, OverlaySpec, OverlaySwitchSpec, RemotePortSpec,
 };
@@ -116,24 +116,7 @@ fn desired(h: usize, encap: Encapsulation) -> DesiredState {
     DesiredState {
         switches: vec![switch("a", 1), switch("b", 2)],
         ports,
-        routers: vec![RouterSpec {
-            name: "r".into(),
-            ports: vec![
-                RouterPortSpec {
-                    switch: "a".into(),
-                    mac: "02:00:00:00:ff:01".into(),
-                    ip: "10.0.1.1".into(),
-                    ip6: Some("fd00:1::1".into()),
-                },
-                RouterPortSpec {
-                    switch: "b".into(),
-                    mac: "02:00:00:00:ff:02".into(),
-                    ip: "10.0.2.1".into(),
-                    ip6: Some("fd00:2::1".into()),
-                },
-            ],
-            static_routes: vec![],
-        }],
+        routers: vec![common::router_ab()],
         overlay: Some(Box::new(OverlaySpec {
             interface: "ul0".into(),
             local_ip: HOSTS[h].0.into(),

@@ -46,6 +46,23 @@ fn wait_for_socket(p: &Path) {
     panic!("socket {} never appeared", p.display());
 }
 
+/// Serves `opts` on a thread; returns once its socket is there.
+fn start(
+    opts: DiskServeOptions,
+) -> (
+    StopHandle,
+    std::thread::JoinHandle<Result<(), keel_vhost::ServeDiskError>>,
+) {
+    let socket = opts.socket.clone();
+    let stop = StopHandle::new();
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || serve_disk(&opts, &stop))
+    };
+    wait_for_socket(&socket);
+    (stop, server)
+}
+
 #[test]
 fn pattern_roundtrip_and_out_of_range_is_ioerr() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,12 +79,7 @@ fn pattern_roundtrip_and_out_of_range_is_ioerr() {
         cbt_granularity: None,
         control: None,
     };
-    let stop = StopHandle::new();
-    let server = {
-        let stop = stop.clone();
-        std::thread::spawn(move || serve_disk(&opts, &stop))
-    };
-    wait_for_socket(&socket);
+    let (stop, server) = start(opts);
 
     let mut fe = Frontend::connect(
         &socket,
@@ -189,12 +201,7 @@ fn ring_stop_completes_the_requests_taken_before_answering() {
         cbt_granularity: Some(64 << 10),
         control: Some(control.clone()),
     };
-    let stop = StopHandle::new();
-    let server = {
-        let stop = stop.clone();
-        std::thread::spawn(move || serve_disk(&opts, &stop))
-    };
-    wait_for_socket(&socket);
+    let (stop, server) = start(opts);
     let mut fe = Frontend::connect(
         &socket,
         FrontendConfig {
@@ -301,12 +308,7 @@ fn qcow2_requests_fast_and_slow_path_through_the_virtqueues() {
         cbt_granularity: Some(CLUSTER),
         control: None,
     };
-    let stop = StopHandle::new();
-    let server = {
-        let stop = stop.clone();
-        std::thread::spawn(move || serve_disk(&opts, &stop))
-    };
-    wait_for_socket(&socket);
+    let (stop, server) = start(opts);
     let mut fe = Frontend::connect(
         &socket,
         FrontendConfig {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keel_dataplane::control::{request, Request, Response};
-use keel_dataplane::model::DesiredState;
+use keel_dataplane::model::{DesiredState, RouterPortSpec, RouterSpec};
 use keel_testkit::{veth_pair, NetnsHost};
 
 /// One host namespace of a lab.
@@ -28,6 +28,22 @@ pub struct Lab {
     _dir: tempfile::TempDir,
     // Dropped last: kills the data plane, then removes the namespace.
     _switch: NetnsHost,
+}
+
+/// Router `r` between switches `a` (10.0.1.1, fd00:1::1) and `b`
+/// (10.0.2.1, fd00:2::1), the gateways of the two-subnet tests.
+pub fn router_ab() -> RouterSpec {
+    let port = |switch: &str, n: u8| RouterPortSpec {
+        switch: switch.into(),
+        mac: format!("02:00:00:00:ff:{n:02x}"),
+        ip: format!("10.0.{n}.1"),
+        ip6: Some(format!("fd00:{n}::1")),
+    };
+    RouterSpec {
+        name: "r".into(),
+        ports: vec![port("a", 1), port("b", 2)],
+        static_routes: vec![],
+    }
 }
 
 pub fn bin() -> &'static str {
