@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn quick_run_reports_every_scenario_with_its_peer() {
         let ms = run(Scale::Quick).unwrap();
-        assert_eq!(ms.len(), 24);
+        assert_eq!(ms.len(), 28);
         for m in ms
             .iter()
             .filter(|m| m.unit != "bytes" && m.unit != "frames")
