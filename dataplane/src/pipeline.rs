@@ -513,18 +513,42 @@ fn from_tunnel_port<T: Tracer>(
         None => return drop_(DropReason::OverlayMalformed),
     };
     tr.note("parse", || describe(&p));
-    let (Some(lp), Some(sw)) = (
-        t.lports.get(lport as usize),
-        t.lports
-            .get(lport as usize)
-            .and_then(|lp| t.switches.get(lp.switch as usize)),
-    ) else {
-        return drop_(DropReason::OverlayUnknownVni);
+    forward_from(
+        t,
+        learned,
+        lport,
+        &p,
+        buf,
+        len,
+        tr,
+        DropReason::OverlayUnknownVni,
+    )
+}
+
+/// Runs a parsed frame from logical port `lport` (its switch looked up);
+/// `unknown` is the drop when the port or its switch does not exist.
+#[allow(clippy::too_many_arguments)]
+fn forward_from<T: Tracer>(
+    t: &Tables,
+    learned: &mut Learned,
+    lport: LportId,
+    p: &Parsed,
+    buf: &mut [u8],
+    len: &mut usize,
+    tr: &mut T,
+    unknown: DropReason,
+) -> Decision {
+    let Some((lp, sw)) = t
+        .lports
+        .get(lport as usize)
+        .and_then(|lp| Some((lp, t.switches.get(lp.switch as usize)?)))
+    else {
+        return drop_(unknown);
     };
     tr.note("ingress", || {
         format!("logical port {:?} on switch {:?}", lp.name, sw.name)
     });
-    forward(t, learned, lport, lp, sw, &p, buf, len, tr)
+    forward(t, learned, lport, lp, sw, p, buf, len, tr)
 }
 
 fn process_frame<T: Tracer>(
@@ -560,18 +584,16 @@ fn process_frame<T: Tracer>(
             Err(d) => return d,
         },
     };
-    let (Some(lp), Some(sw)) = (
-        t.lports.get(lport_id as usize),
-        t.lports
-            .get(lport_id as usize)
-            .and_then(|lp| t.switches.get(lp.switch as usize)),
-    ) else {
-        return drop_(DropReason::UnknownIngress);
-    };
-    tr.note("ingress", || {
-        format!("logical port {:?} on switch {:?}", lp.name, sw.name)
-    });
-    forward(t, learned, lport_id, lp, sw, &p, buf, len, tr)
+    forward_from(
+        t,
+        learned,
+        lport_id,
+        &p,
+        buf,
+        len,
+        tr,
+        DropReason::UnknownIngress,
+    )
 }
 
 /// Strips the tunnel header of a frame arriving on the underlay: the inner

@@ -167,15 +167,7 @@ impl Lab {
             dir,
             _switch: switch,
         };
-        wait_for(
-            || {
-                matches!(
-                    request(&lab.socket, &Request::Get),
-                    Ok(Response::State { .. })
-                )
-            },
-            "the data plane to come up",
-        );
+        common::wait_up(&lab.socket);
         lab
     }
 

@@ -21,7 +21,7 @@ use keel_testkit::{veth_pair, NetnsHost};
 
 mod common;
 
-use common::{bin, in_netns, wait_for};
+use common::{bin, in_netns};
 
 /// (name, host index, switch, MAC, IPv4/len, IPv6, IPv4 gateway, IPv6 gateway)
 type VmRow = (
@@ -226,15 +226,7 @@ impl Lab {
         }
         let lab = Lab { vms, hosts };
         for h in &lab.hosts {
-            wait_for(
-                || {
-                    matches!(
-                        request(&h.socket, &Request::Get),
-                        Ok(Response::State { .. })
-                    )
-                },
-                "the data plane to come up",
-            );
+            common::wait_up(&h.socket);
         }
         lab
     }

@@ -58,6 +58,14 @@ pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
     }
 }
 
+/// Waits until the data plane behind `socket` answers its control socket.
+pub fn wait_up(socket: &std::path::Path) {
+    wait_for(
+        || matches!(request(socket, &Request::Get), Ok(Response::State { .. })),
+        "the data plane to come up",
+    );
+}
+
 /// Runs `f` on a thread inside namespace `ns`; sockets it opens live there.
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
@@ -134,15 +142,7 @@ impl Lab {
             _dir: dir,
             _switch: switch,
         };
-        wait_for(
-            || {
-                matches!(
-                    request(&lab.socket, &Request::Get),
-                    Ok(Response::State { .. })
-                )
-            },
-            "the data plane to come up",
-        );
+        wait_up(&lab.socket);
         lab
     }
 
