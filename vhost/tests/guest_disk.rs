@@ -356,14 +356,8 @@ fn guest_on_a_qcow2_image_over_a_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     // The backing file: 16 MiB of a pattern, then zeros; qcow2 by qemu-img.
-    let mut base = vec![0u8; usize::try_from(DISK_SIZE).unwrap()];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in base.iter_mut().take(16 << 20) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x.to_le_bytes()[0];
-    }
+    let mut base = keel_testkit::pseudo_random(16 << 20, 0x9e37_79b9_7f4a_7c15);
+    base.resize(usize::try_from(DISK_SIZE).unwrap(), 0);
     std::fs::write(p("base.raw"), &base).unwrap();
     let path = |n: &str| p(n).to_str().unwrap().to_owned();
     qemu_img(&[

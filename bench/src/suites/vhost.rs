@@ -704,19 +704,14 @@ fn ram_rows(size: u64, time: Duration, n: usize) -> Result<Vec<Measurement>, Ben
         true,
     ));
     // QD1 on RAM: the latency the backend adds, without a device's spread.
-    let m = rounds(2, n, |i| {
-        if i == 0 {
-            keel_side.run(RANDREAD_QD1, time, 1)
-        } else {
-            plain_uring_qd1(&image, time, false)
-        }
-    })?;
-    latency_row(
-        &mut out,
+    out.push(qd1_latency(
         "4 KiB random read QD1 latency, RAM-backed",
-        m[0],
-        m[1],
-    );
+        &mut keel_side,
+        &image,
+        false,
+        time,
+        n,
+    )?);
     let w = random4k(
         "4 KiB random read QD32 per queue, RAM-backed, 2 queues on 2 workers",
         RequestKind::Read,
@@ -734,8 +729,24 @@ fn ram_rows(size: u64, time: Duration, n: usize) -> Result<Vec<Measurement>, Ben
     Ok(out)
 }
 
-/// A QD1 latency row (µs per request) against plain io_uring.
-fn latency_row(out: &mut Vec<Measurement>, name: &str, ours: Rate, plain: Rate) {
+/// QD1 latency (µs per request) of `side` against plain io_uring on the
+/// same `image` (`direct`: O_DIRECT, else through the page cache), in
+/// alternating rounds.
+fn qd1_latency(
+    name: &str,
+    side: &mut Side,
+    image: &Path,
+    direct: bool,
+    time: Duration,
+    n: usize,
+) -> Result<Measurement, BenchError> {
+    let m = rounds(2, n, |i| {
+        if i == 0 {
+            side.run(RANDREAD_QD1, time, 1)
+        } else {
+            plain_uring_qd1(image, time, direct)
+        }
+    })?;
     let latency = |r: Rate| {
         if r.per_sec > 0.0 {
             1e6 / r.per_sec
@@ -743,10 +754,8 @@ fn latency_row(out: &mut Vec<Measurement>, name: &str, ours: Rate, plain: Rate) 
             0.0
         }
     };
-    out.push(
-        Measurement::new(name, "us", false, latency(ours))
-            .with_peer("plain io_uring, same file", latency(plain)),
-    );
+    Ok(Measurement::new(name, "us", false, latency(m[0]))
+        .with_peer("plain io_uring, same file", latency(m[1])))
 }
 
 fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
@@ -771,14 +780,14 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         results.extend(rows(w.name, w, m[0], peer, m[1], w.depth == 32));
     }
     // QD1 latency against the floor: io_uring alone on the same file.
-    let m = rounds(2, n, |i| {
-        if i == 0 {
-            keel_side.run(RANDREAD_QD1, time, 1)
-        } else {
-            plain_uring_qd1(&image, time, true)
-        }
-    })?;
-    latency_row(&mut results, "4 KiB random read QD1 latency", m[0], m[1]);
+    results.push(qd1_latency(
+        "4 KiB random read QD1 latency",
+        &mut keel_side,
+        &image,
+        true,
+        time,
+        n,
+    )?);
     // Anonymous memory is what each further disk costs; the rest of the
     // resident set is the binary's pages, shared by every disk server.
     for (name, field) in [

@@ -101,15 +101,7 @@ fn backup_killed_mid_job_leaves_repository_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let img = dir.path().join("disk.raw");
-    let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    let data: Vec<u8> = (0..(96 << 20) / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = keel_testkit::pseudo_random(96 << 20, 0x2545_f491_4f6c_dd1d_u64);
     std::fs::write(&img, &data[..1 << 20]).unwrap();
     let img_s = img.to_str().unwrap();
     let create = [
@@ -169,17 +161,9 @@ fn backup_killed_mid_job_leaves_repository_consistent() {
 fn gc_killed_mid_sweep_leaves_repository_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut random = |len: usize| -> Vec<u8> {
-        (0..len / 8)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect()
-    };
+    // A seed per length: the two images share no chunk.
+    let random =
+        |len: usize| keel_testkit::pseudo_random(len, 0x9e37_79b9_7f4a_7c15_u64 ^ len as u64);
     let (kept, dropped) = (random(4 << 20), random(64 << 20));
     let mut ids = Vec::new();
     for (name, data) in [("kept", &kept), ("dropped", &dropped)] {
@@ -253,17 +237,9 @@ fn a_full_repository_fails_the_job_cleanly_and_keeps_earlier_points() {
     assert!(mounted.success(), "mount a tmpfs (the suite runs as root)");
     let _mount = Mount(small.clone());
     let repo = small.join("repo");
-    let mut x = 0x1234_5678_9abc_def1_u64;
-    let mut random = |len: usize| -> Vec<u8> {
-        (0..len / 8)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x.to_le_bytes()
-            })
-            .collect()
-    };
+    // A seed per length: the two images share no chunk.
+    let random =
+        |len: usize| keel_testkit::pseudo_random(len, 0x1234_5678_9abc_def1_u64 ^ len as u64);
     let (first, second) = (random(2 << 20), random(32 << 20));
     let img = dir.path().join("disk.raw");
     let create = |img: &Path| {

@@ -17,17 +17,9 @@ fn qemu_img(args: &[&str]) -> String {
         .stdout
 }
 
-/// Deterministic bytes (xorshift), so failures reproduce.
+/// Deterministic bytes, so failures reproduce.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    keel_testkit::pseudo_random(len, seed)
 }
 
 /// A raw disk with data clusters, zero clusters and unaligned data.
