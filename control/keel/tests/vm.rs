@@ -617,6 +617,8 @@ fn protect_and_replicate(
     );
     assert_eq!(pattern(&out), written, "{out}");
 
+    reprotect_and_fail_back(api, &dr, vdc_id, dr_vdc, vm, volume_id, &dr_vm, state);
+
     // Clean up both sites through their APIs.
     let v = dr.ok("GET", &format!("/api/v1/vms/{dr_vm}"), None);
     let (status, task) = dr.send(
@@ -639,6 +641,161 @@ fn protect_and_replicate(
             Ok(())
         }
     });
+}
+
+/// Reprotect: the VM recovered at the DR site is protected back to the
+/// primary, where a replica group receives into the original VM's own
+/// volume (the VM stopped meanwhile). Failback: the DR VM shuts down, its
+/// protection stops (drains), and failover at the primary starts the
+/// original VM on its volume, with what was written at the DR site.
+#[allow(clippy::too_many_arguments)]
+fn reprotect_and_fail_back(
+    api: &Api,
+    dr: &Api,
+    vdc_id: &str,
+    dr_vdc: &str,
+    vm: &str,
+    volume_id: &str,
+    dr_vm: &str,
+    state: &Path,
+) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    api.action(vm, "force-stop");
+    let back = dr.ok(
+        "POST",
+        "/api/v1/protection-groups",
+        Some(json!({"name": "back", "vdc_id": dr_vdc, "rpo_seconds": 1,
+            "replica_address": address, "members": [{"vm_id": dr_vm, "boot_priority": 1}]})),
+    );
+    let back_id = back["id"].as_str().unwrap().to_owned();
+    let pairing = eventually("replica credentials of the reverse group", || {
+        let (status, c) = dr.call(
+            "GET",
+            &format!("/api/v1/protection-groups/{back_id}/replica-credentials"),
+            None,
+        );
+        if status == 200 {
+            return Ok(c);
+        }
+        Err(c.to_string())
+    });
+    assert_eq!(
+        pairing["vms"][0]["origin_vm_id"], vm,
+        "the DR VM knows where it came from: {pairing}"
+    );
+    let mut fresh = pairing.clone();
+    fresh["vms"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("origin_vm_id");
+    let (status, problem) = api.call(
+        "POST",
+        "/api/v1/replica-groups",
+        Some(
+            json!({"name": "x", "vdc_id": vdc_id, "listen_address": address,
+            "pairing": fresh, "adopt_volumes": true}),
+        ),
+    );
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["field"], "pairing.vms[0].origin_vm_id", "{problem}");
+    let rg = api.ok(
+        "POST",
+        "/api/v1/replica-groups",
+        Some(
+            json!({"name": "back-from-dr", "vdc_id": vdc_id, "listen_address": address,
+            "pairing": pairing, "adopt_volumes": true}),
+        ),
+    );
+    assert_eq!(rg["adopted"]["vm_ids"][0], vm, "{rg}");
+    assert_eq!(rg["adopted"]["volume_ids"][0], volume_id, "{rg}");
+    let rg_path = format!("/api/v1/replica-groups/{}", rg["id"].as_str().unwrap());
+    let (status, problem) = api.call("POST", &format!("/api/v1/vms/{vm}/actions/start"), None);
+    assert_eq!(
+        status, 409,
+        "its volume receives the DR site's data: {problem}"
+    );
+    wait_for(api, &rg_path, "reverse replica never listened", |g| {
+        g["status"] == "RECEIVING"
+    });
+    let (status, task) = dr.call(
+        "POST",
+        &format!("/api/v1/protection-groups/{back_id}/actions/start"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    dr.wait_task(&task);
+    let out = guest_run(
+        dr,
+        &dr.base,
+        dr_vm,
+        "B1",
+        "echo KEEL-CDP-BACK-5 | dd of=/dev/vda2 bs=4096 seek=340 conv=fsync 2>/dev/null",
+    );
+    assert!(out.contains("B1=0"), "{out}");
+    let g = wait_for(
+        dr,
+        &format!("/api/v1/protection-groups/{back_id}"),
+        "the reverse copy never finished",
+        |g| {
+            let o = &g["observed"];
+            g["status_reason"] == ""
+                && o["resyncing"] == false
+                && o["dirty_chunks"] == 0
+                && o["last_acked_seq"].as_u64() >= o["last_sealed_seq"].as_u64()
+        },
+    );
+    eprintln!("reverse protection caught up: {}", g["observed"]);
+
+    // Failback: the DR VM shuts down, its protection drains and stops;
+    // failover at the primary starts the original VM on its own volume.
+    dr.action(dr_vm, "force-stop");
+    let (status, task) = dr.call(
+        "POST",
+        &format!("/api/v1/protection-groups/{back_id}/actions/stop"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    dr.wait_task(&task);
+    let boots = console_count(state, vm, "KEEL-BOOTED");
+    let (status, task) = api.call(
+        "POST",
+        &format!("{rg_path}/actions/failover"),
+        Some(json!({})),
+    );
+    assert_eq!(status, 202, "{task}");
+    api.wait_task(&task);
+    let rgv = api.ok("GET", &rg_path, None);
+    assert_eq!(rgv["status"], "FAILED_OVER", "{rgv}");
+    assert_eq!(rgv["failover"]["vm_ids"][0], vm, "the original VM: {rgv}");
+    assert_eq!(api.vm_status(vm).0, "RUNNING");
+    wait_console(state, vm, "KEEL-BOOTED", boots + 1);
+    let out = guest_run(
+        api,
+        &api.base,
+        vm,
+        "B2",
+        "dd if=/dev/vda2 bs=4096 skip=340 count=1 2>/dev/null | head -c 15; echo; \
+         dd if=/dev/vda2 bs=4096 skip=330 count=1 2>/dev/null | head -c 15; echo",
+    );
+    assert!(
+        out.contains("KEEL-CDP-BACK-5"),
+        "written at the DR site, back at the primary: {out}"
+    );
+    assert!(out.contains("KEEL-CDP-LAST-4"), "{out}");
+
+    // The reverse groups go; the original volume stays.
+    let (status, problem) = api.delete_read(&rg_path, &rgv);
+    assert_eq!(status, 204, "{problem}");
+    let g = dr.ok("GET", &format!("/api/v1/protection-groups/{back_id}"), None);
+    let (status, problem) = dr.delete_read(&format!("/api/v1/protection-groups/{back_id}"), &g);
+    assert_eq!(status, 204, "{problem}");
+    let v = api.ok("GET", &format!("/api/v1/volumes/{volume_id}"), None);
+    assert_eq!(v["status"], "IN_USE", "{v}");
 }
 
 /// Runs `cmd` in the guest over its serial-console WebSocket (the guest's

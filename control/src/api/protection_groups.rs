@@ -118,6 +118,12 @@ pub struct PairedVm {
     pub boot_priority: u8,
     /// Boot disk first.
     pub disks: Vec<PairedDisk>,
+    /// Set when this VM was itself made by a failover: the VM at the
+    /// other site it recovered. A replica group there created with
+    /// `adopt_volumes` receives into that VM's volumes (reprotect), and
+    /// its failover starts that VM again (failback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_vm_id: Option<String>,
 }
 
 /// Everything the DR site needs to receive a group and fail it over: the
@@ -705,6 +711,7 @@ pub async fn protected_vms(
             cpu_arch: vspec.cpu_arch.clone(),
             boot_priority: m.boot_priority,
             disks,
+            origin_vm_id: super::replica_groups::failed_over_from(conn, &m.vm_id).await?,
         });
     }
     Ok(vms_out)

@@ -8,6 +8,13 @@
 //! Failover promotes the replica at the latest (or a chosen) recovery
 //! point and turns it into ordinary resources of this site: a volume per
 //! protected disk and a VM per protected VM, booted in boot-priority order.
+//!
+//! Reprotect and failback: after a failover the recovered VMs can be
+//! protected back to the old primary (a protection group at this site).
+//! There, a replica group created with `adopt_volumes` receives into the
+//! original VMs' own volumes (stopped meanwhile; the source's first copy
+//! only sends chunks whose digests differ), and its failover promotes
+//! them in place and starts the original VMs again.
 
 use std::net::SocketAddr;
 
@@ -57,12 +64,23 @@ pub struct Failover {
     pub volume_ids: Vec<String>,
 }
 
+/// This site's VMs and volumes an adopting replica group receives into.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Adopted {
+    /// The original VMs, in the pairing's boot order.
+    pub vm_ids: Vec<String>,
+    /// Their volumes, by disk index.
+    pub volume_ids: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplicaGroupSpec {
     pub description: String,
     pub listen_address: String,
     pub keep: usize,
     pub pairing: ReplicaPairing,
+    #[serde(default)]
+    pub adopted: Option<Adopted>,
     /// The replica's status as the agent last read it.
     #[serde(default)]
     pub observed: Option<Value>,
@@ -91,6 +109,8 @@ pub struct ReplicaGroup {
     pub observed: Option<Value>,
     pub status_reason: String,
     pub failover: Option<Failover>,
+    /// Reprotect: the original VMs and volumes this group receives into.
+    pub adopted: Option<Adopted>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -110,6 +130,12 @@ pub struct ReplicaGroupCreate {
     pub keep: usize,
     /// The protected site's `replica-credentials` answer, whole.
     pub pairing: ReplicaPairing,
+    /// Reprotect: receive into the volumes of the VMs the paired VMs were
+    /// failed over from (`pairing.vms[i].origin_vm_id`, VMs of this site,
+    /// stopped, same disks), so only what differs is copied, and fail
+    /// back by starting those VMs. Default false: new volumes.
+    #[serde(default)]
+    pub adopt_volumes: bool,
 }
 
 fn default_keep() -> usize {
@@ -147,6 +173,7 @@ impl Resource for ReplicaGroup {
             observed: spec.observed,
             status_reason: spec.status_reason,
             failover: spec.failover,
+            adopted: spec.adopted,
         })
     }
 }
@@ -226,6 +253,11 @@ async fn create_group(
     let vdc_id = target_vdc(&principal, body.vdc_id.clone())?;
     let mut tx = state.store.begin_write().await?;
     referenced_vdc(&mut tx, &principal, "vdc_id", &vdc_id).await?;
+    let adopted = if body.adopt_volumes {
+        Some(adoptable(&mut tx, &vdc_id, &body.pairing).await?)
+    } else {
+        None
+    };
     for other in records::all(&mut tx, KIND).await? {
         if other.meta.status == FAILED_OVER {
             continue;
@@ -245,6 +277,14 @@ async fn create_group(
                 other.meta.id
             )));
         }
+        if let (Some(a), Some(b)) = (&o.adopted, &adopted) {
+            if let Some(vm) = a.vm_ids.iter().find(|v| b.vm_ids.contains(v)) {
+                return Err(ApiError::Conflict(format!(
+                    "replica group {} already receives into VM {vm}",
+                    other.meta.id
+                )));
+            }
+        }
     }
     let record = records::insert(
         &mut tx,
@@ -258,6 +298,7 @@ async fn create_group(
                 listen_address: body.listen_address,
                 keep: body.keep,
                 pairing: body.pairing,
+                adopted,
                 observed: None,
                 status_reason: String::new(),
                 failover: None,
@@ -381,6 +422,122 @@ async fn failover(
     Ok(tasks::accepted(&task))
 }
 
+/// The pairing's VMs in the order failover boots them (stable: equal
+/// priorities keep the pairing's order).
+pub fn boot_order(pairing: &ReplicaPairing) -> Vec<&PairedVm> {
+    let mut order: Vec<&PairedVm> = pairing.vms.iter().collect();
+    order.sort_by_key(|vm| vm.boot_priority);
+    order
+}
+
+/// The VM at the other site that a failover here recovered `vm_id` from.
+pub async fn failed_over_from(
+    conn: &mut DbConnection,
+    vm_id: &str,
+) -> Result<Option<String>, ApiError> {
+    for group in records::all(conn, KIND).await? {
+        let spec: ReplicaGroupSpec = group.spec()?;
+        let Some(done) = &spec.failover else {
+            continue;
+        };
+        if let Some(pos) = done.vm_ids.iter().position(|v| v == vm_id) {
+            return Ok(boot_order(&spec.pairing)
+                .get(pos)
+                .map(|vm| vm.vm_id.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// The replica groups that receive into `vm_id`'s volumes right now.
+pub async fn adopting(conn: &mut DbConnection, vm_id: &str) -> Result<Option<String>, ApiError> {
+    for group in records::all(conn, KIND).await? {
+        if group.meta.status == FAILED_OVER {
+            continue;
+        }
+        let spec: ReplicaGroupSpec = group.spec()?;
+        if spec
+            .adopted
+            .is_some_and(|a| a.vm_ids.iter().any(|v| v == vm_id))
+        {
+            return Ok(Some(group.meta.id));
+        }
+    }
+    Ok(None)
+}
+
+/// Checks that every paired VM names a stopped VM of this site (in
+/// `vdc_id`, in no protection group that protects, its disks matching the
+/// pairing's) and returns what the group will receive into.
+async fn adoptable(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    pairing: &ReplicaPairing,
+) -> Result<Adopted, ApiError> {
+    let disks: usize = pairing.vms.iter().map(|vm| vm.disks.len()).sum();
+    let mut volume_ids = vec![String::new(); disks];
+    for (i, vm) in pairing.vms.iter().enumerate() {
+        let field = format!("pairing.vms[{i}].origin_vm_id");
+        let Some(origin) = &vm.origin_vm_id else {
+            return Err(ApiError::invalid(
+                field,
+                "this VM was not failed over from another site: nothing to adopt",
+            ));
+        };
+        let local = match records::get(conn, vms::KIND, origin).await? {
+            Some(r) if r.meta.vdc_id.as_deref() == Some(vdc_id) => r,
+            _ => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("no VM {origin} in VDC {vdc_id}"),
+                ))
+            }
+        };
+        if local.meta.status != vms::STOPPED {
+            return Err(ApiError::Conflict(format!(
+                "VM {origin} is {}: stop it before its volumes receive the other site's data",
+                local.meta.status
+            )));
+        }
+        super::protection_groups::refuse_if_member(conn, origin, "adopt", false).await?;
+        let lspec: VmSpec = local.spec()?;
+        volumes::require_raw(conn, &lspec.volume_ids, "Receiving replicated data").await?;
+        if lspec.volume_ids.len() != vm.disks.len() {
+            return Err(ApiError::invalid(
+                format!("pairing.vms[{i}].disks"),
+                format!(
+                    "VM {origin} has {} disks, the recovered VM {}",
+                    lspec.volume_ids.len(),
+                    vm.disks.len()
+                ),
+            ));
+        }
+        for (d, volume_id) in vm.disks.iter().zip(&lspec.volume_ids) {
+            let vol = records::get(conn, volumes::KIND, volume_id)
+                .await?
+                .ok_or_else(|| ApiError::Conflict(format!("volume {volume_id} is gone")))?;
+            let vspec: VolumeSpec = vol.spec()?;
+            if vspec.size_bytes != d.size_bytes {
+                return Err(ApiError::invalid(
+                    format!("pairing.vms[{i}].disks[{}]", d.index),
+                    format!(
+                        "volume {volume_id} has {} bytes, the recovered disk {}",
+                        vspec.size_bytes, d.size_bytes
+                    ),
+                ));
+            }
+            if let Some(slot) = volume_ids.get_mut(usize::from(d.index)) {
+                slot.clone_from(volume_id);
+            }
+        }
+    }
+    let vm_ids = boot_order(pairing)
+        .iter()
+        .filter_map(|vm| vm.origin_vm_id.clone())
+        .collect();
+    Ok(Adopted { vm_ids, volume_ids })
+}
+
 /// The failover's resources, in one transaction with the group's
 /// `failover` record (so a re-run of the task finds them instead of making
 /// them twice): a volume per promoted disk, attached to a VM per protected
@@ -394,9 +551,29 @@ pub async fn failover_records(
     if let Some(done) = spec.failover {
         return Ok(done);
     }
+    if let Some(a) = spec.adopted {
+        // Failback: the disks are the original volumes, the VMs the
+        // original VMs.
+        let done = Failover {
+            recovery_point,
+            vm_ids: a.vm_ids,
+            volume_ids: a.volume_ids,
+        };
+        let record = done.clone();
+        records::observe_spec(
+            conn,
+            KIND,
+            &group.meta.id,
+            None,
+            |s: &mut ReplicaGroupSpec| {
+                s.failover = Some(record);
+            },
+        )
+        .await?;
+        return Ok(done);
+    }
     let vdc_id = group.meta.vdc_id.clone().unwrap_or_default();
-    let mut order: Vec<&PairedVm> = spec.pairing.vms.iter().collect();
-    order.sort_by_key(|vm| vm.boot_priority);
+    let order = boot_order(&spec.pairing);
     let mut volume_ids = vec![String::new(); order.iter().map(|vm| vm.disks.len()).sum()];
     let mut vm_ids = Vec::with_capacity(order.len());
     for vm in order {

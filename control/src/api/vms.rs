@@ -413,6 +413,13 @@ async fn vm_action(
     };
     let mut tx = state.store.begin_write().await?;
     let record = vm_for(&mut tx, &principal, &id, &action, allowed).await?;
+    if action == "start" {
+        if let Some(group) = super::replica_groups::adopting(&mut tx, &id).await? {
+            return Err(ApiError::Conflict(format!(
+                "replica group {group} receives into this VM's volumes: fail it over to start the VM"
+            )));
+        }
+    }
     let task = tasks::enqueue(
         &mut tx,
         record.meta.vdc_id.as_deref(),

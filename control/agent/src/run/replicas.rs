@@ -2,6 +2,12 @@
 //! [`ReplicaServers`](crate::replica_servers)), its status reported back,
 //! and failover: promote at a recovery point, the disks become volumes of
 //! this site, the protected VMs are made and booted here by priority.
+//!
+//! An adopting group (reprotect) receives into existing volumes: each is
+//! hard-linked into the replica's directory as its disk file before the
+//! replica starts (same file, so applied segments land in the volume; the
+//! link goes with the group's directory), and failover (failback) starts
+//! the original VMs on them.
 
 use keel_control::api::records::{self, PENDING};
 use keel_control::api::replica_groups::{
@@ -37,6 +43,20 @@ impl Agent {
             }
             wanted.push(id.clone());
             let spec: ReplicaGroupSpec = record.spec()?;
+            if let Some(adopted) = &spec.adopted {
+                if let Err(reason) = self.link_adopted(id, &adopted.volume_ids) {
+                    tracing::warn!(group = %id, error = %reason, "cannot adopt volumes");
+                    self.observe_spec(
+                        KIND,
+                        id,
+                        Some((&[PENDING, RECEIVING, ERROR], ERROR)),
+                        |s: &mut ReplicaGroupSpec| {
+                            s.status_reason = reason;
+                        },
+                    )?;
+                    continue;
+                }
+            }
             let run = ReplicaRun {
                 listen: spec.listen_address.clone(),
                 keep: spec.keep,
@@ -87,6 +107,36 @@ impl Agent {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Hard-links each adopted volume into the replica's directory as
+    /// disk `index` (once; a link already there is the same file). The
+    /// volume's changed-block bitmap goes: the replica writes it without
+    /// CBT, so its next backup must be full.
+    fn link_adopted(&self, id: &str, volume_ids: &[String]) -> Result<(), String> {
+        let data = self.replicas.data_dir(id);
+        std::fs::create_dir_all(&data).map_err(|e| format!("create {}: {e}", data.display()))?;
+        for (index, volume) in volume_ids.iter().enumerate() {
+            let link = data.join(format!("disk-{index}.raw"));
+            if link.exists() {
+                continue;
+            }
+            let image = volumes::volume_path(&self.config.state_dir, volume);
+            match std::fs::remove_file(keel_vhost::cbt_path(&image)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("remove the CBT bitmap of volume {volume}: {e}"))
+                }
+                _ => {}
+            }
+            std::fs::hard_link(&image, &link).map_err(|e| {
+                format!(
+                    "link volume {volume} ({}) into {}: {e}",
+                    image.display(),
+                    data.display()
+                )
+            })?;
         }
         Ok(())
     }
@@ -166,7 +216,12 @@ impl Agent {
             let Some(vm_record) = self.get(vms::KIND, vm)? else {
                 continue;
             };
-            self.vm_create(&vm_record, true)?;
+            if spec.adopted.is_some() {
+                // Failback: the original VM, on its own volumes.
+                self.vm_start(&vm_record)?;
+            } else {
+                self.vm_create(&vm_record, true)?;
+            }
             let current = self.get(vms::KIND, vm)?.unwrap_or(vm_record);
             self.observe_vm(&current, true)?;
         }
