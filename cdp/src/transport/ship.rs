@@ -258,7 +258,9 @@ impl Shipper {
                         .counters
                         .last_sealed_seq
                         .load(Ordering::Acquire);
-                    if sealed >= next {
+                    // The writer renames before it counts the seal: a
+                    // segment sealed since the read is there now.
+                    if sealed >= next && !path.exists() {
                         return Err(ShipError::Behind {
                             replica: next - 1,
                             oldest: sealed,
