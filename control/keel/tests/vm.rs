@@ -410,10 +410,48 @@ fn protect_and_replicate(
     );
     assert_eq!(status, 422, "{problem}");
     assert_eq!(problem["field"], "pairing.credentials.key_pem", "{problem}");
+
+    // Network mapping: the recovered NIC goes to a subnet of the DR site.
+    // (This VM has no NIC; its pairing is given the one a VM with a port
+    // on a primary subnet carries.)
+    let dr_vpc = dr.ok(
+        "POST",
+        "/api/v1/vpcs",
+        Some(json!({"name": "dr-vpc", "vdc_id": dr_vdc})),
+    );
+    let dr_subnet = dr.ok(
+        "POST",
+        "/api/v1/subnets",
+        Some(json!({"name": "dr-a", "vpc_id": dr_vpc["id"], "cidr": "10.77.0.0/24"})),
+    );
+    let dr_subnet = dr_subnet["id"].as_str().unwrap().to_owned();
+    let mut pairing = pairing;
+    pairing["vms"][0]["nics"] = json!([{"subnet_id": "primary-subnet", "fixed_ip": "10.77.0.20"}]);
+    let rg_body = |maps: Value| {
+        json!({"name": "from-a", "vdc_id": dr_vdc, "listen_address": address,
+            "pairing": pairing, "network_mappings": maps})
+    };
+    for (maps, field) in [
+        (json!([]), "network_mappings"),
+        (
+            json!([{"source_subnet_id": "primary-subnet", "subnet_id": "no-such-subnet"}]),
+            "network_mappings[0].subnet_id",
+        ),
+        (
+            json!([{"source_subnet_id": "elsewhere", "subnet_id": dr_subnet}]),
+            "network_mappings[0].source_subnet_id",
+        ),
+    ] {
+        let (status, problem) = dr.call("POST", "/api/v1/replica-groups", Some(rg_body(maps)));
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["field"], field, "{problem}");
+    }
     let rg = dr.ok(
         "POST",
         "/api/v1/replica-groups",
-        Some(json!({"name": "from-a", "vdc_id": dr_vdc, "listen_address": address, "pairing": pairing})),
+        Some(rg_body(
+            json!([{"source_subnet_id": "primary-subnet", "subnet_id": dr_subnet}]),
+        )),
     );
     let rg_path = format!("/api/v1/replica-groups/{}", rg["id"].as_str().unwrap());
     wait_for(&dr, &rg_path, "replica never listened", |g| {
@@ -608,8 +646,21 @@ fn protect_and_replicate(
         "R1",
         "dd if=/dev/vda2 bs=4096 skip=320 count=1 2>/dev/null | head -c 15; echo; \
          dd if=/dev/vda2 bs=4096 skip=330 count=1 2>/dev/null | head -c 15; echo; \
+         echo NICS=$(ls /sys/class/net | tr '\n' ' '); \
          echo PATTERN=$(dd if=/dev/vda2 bs=4096 skip=256 count=64 2>/dev/null | md5sum)",
     );
+    assert!(
+        out.contains("NICS=") && out.contains("eth0"),
+        "the mapped NIC: {out}"
+    );
+    let v = dr.ok("GET", &format!("/api/v1/vms/{dr_vm}"), None);
+    let port = dr.ok(
+        "GET",
+        &format!("/api/v1/ports/{}", v["port_ids"][0].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(port["subnet_id"], dr_subnet.as_str(), "{port}");
+    assert_eq!(port["fixed_ip"], "10.77.0.20", "the address it had: {port}");
     assert!(out.contains("KEEL-CDP-MARK-3"), "{out}");
     assert!(
         out.contains("KEEL-CDP-LAST-4"),
@@ -687,6 +738,10 @@ fn reprotect_and_fail_back(
     assert_eq!(
         pairing["vms"][0]["origin_vm_id"], vm,
         "the DR VM knows where it came from: {pairing}"
+    );
+    assert_eq!(
+        pairing["vms"][0]["nics"][0]["fixed_ip"], "10.77.0.20",
+        "its NIC goes with it: {pairing}"
     );
     let mut fresh = pairing.clone();
     fresh["vms"][0]

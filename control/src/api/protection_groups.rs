@@ -124,6 +124,22 @@ pub struct PairedVm {
     /// its failover starts that VM again (failback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_vm_id: Option<String>,
+    /// NICs in order; the DR site's `network_mappings` say which of its
+    /// subnets each goes to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<PairedNic>,
+}
+
+/// A NIC of a protected VM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PairedNic {
+    /// The subnet at the protected site.
+    pub subnet_id: String,
+    /// Its address there: kept at the DR site when the mapped subnet has
+    /// it free.
+    #[schema(value_type = String)]
+    pub fixed_ip: std::net::IpAddr,
 }
 
 /// Everything the DR site needs to receive a group and fail it over: the
@@ -702,6 +718,17 @@ pub async fn protected_vms(
                 .checked_add(1)
                 .ok_or_else(|| ApiError::Conflict("too many disks in one group".into()))?;
         }
+        let mut nics = Vec::with_capacity(vspec.port_ids.len());
+        for p in &vspec.port_ids {
+            let port = records::get(conn, super::ports::KIND, p)
+                .await?
+                .ok_or_else(|| ApiError::Conflict(format!("port {p} is gone")))?;
+            let pspec: super::ports::PortSpec = port.spec()?;
+            nics.push(PairedNic {
+                subnet_id: pspec.subnet_id,
+                fixed_ip: pspec.fixed_ip,
+            });
+        }
         vms_out.push(PairedVm {
             vm_id: m.vm_id.clone(),
             name: vm.meta.name.clone(),
@@ -712,6 +739,7 @@ pub async fn protected_vms(
             boot_priority: m.boot_priority,
             disks,
             origin_vm_id: super::replica_groups::failed_over_from(conn, &m.vm_id).await?,
+            nics,
         });
     }
     Ok(vms_out)

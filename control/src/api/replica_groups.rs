@@ -9,6 +9,10 @@
 //! point and turns it into ordinary resources of this site: a volume per
 //! protected disk and a VM per protected VM, booted in boot-priority order.
 //!
+//! `network_mappings` name this site's subnet for each subnet the protected
+//! NICs are on: failover gives each recovered VM a port per NIC there
+//! (its old address when the subnet has it free).
+//!
 //! Reprotect and failback: after a failover the recovered VMs can be
 //! protected back to the old primary (a protection group at this site).
 //! There, a replica group created with `adopt_volumes` receives into the
@@ -64,6 +68,16 @@ pub struct Failover {
     pub volume_ids: Vec<String>,
 }
 
+/// Where the NICs of one protected subnet go at failover.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkMapping {
+    /// A subnet of the protected site (`pairing.vms[].nics[].subnet_id`).
+    pub source_subnet_id: String,
+    /// A subnet of this site, in the group's VDC.
+    pub subnet_id: String,
+}
+
 /// This site's VMs and volumes an adopting replica group receives into.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 pub struct Adopted {
@@ -81,6 +95,8 @@ pub struct ReplicaGroupSpec {
     pub pairing: ReplicaPairing,
     #[serde(default)]
     pub adopted: Option<Adopted>,
+    #[serde(default)]
+    pub network_mappings: Vec<NetworkMapping>,
     /// The replica's status as the agent last read it.
     #[serde(default)]
     pub observed: Option<Value>,
@@ -111,6 +127,7 @@ pub struct ReplicaGroup {
     pub failover: Option<Failover>,
     /// Reprotect: the original VMs and volumes this group receives into.
     pub adopted: Option<Adopted>,
+    pub network_mappings: Vec<NetworkMapping>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -136,6 +153,11 @@ pub struct ReplicaGroupCreate {
     /// back by starting those VMs. Default false: new volumes.
     #[serde(default)]
     pub adopt_volumes: bool,
+    /// A subnet of this site for every subnet the paired VMs' NICs are on
+    /// (required when they have NICs; not with `adopt_volumes`, whose VMs
+    /// keep their own).
+    #[serde(default)]
+    pub network_mappings: Vec<NetworkMapping>,
 }
 
 fn default_keep() -> usize {
@@ -174,6 +196,7 @@ impl Resource for ReplicaGroup {
             status_reason: spec.status_reason,
             failover: spec.failover,
             adopted: spec.adopted,
+            network_mappings: spec.network_mappings,
         })
     }
 }
@@ -258,6 +281,7 @@ async fn create_group(
     } else {
         None
     };
+    check_mappings(&mut tx, &vdc_id, &body).await?;
     for other in records::all(&mut tx, KIND).await? {
         if other.meta.status == FAILED_OVER {
             continue;
@@ -299,6 +323,7 @@ async fn create_group(
                 keep: body.keep,
                 pairing: body.pairing,
                 adopted,
+                network_mappings: body.network_mappings,
                 observed: None,
                 status_reason: String::new(),
                 failover: None,
@@ -420,6 +445,109 @@ async fn failover(
     tx.commit().await?;
     state.changes.notify_waiters();
     Ok(tasks::accepted(&task))
+}
+
+/// Every mapping names a paired NIC's subnet once and a subnet of this
+/// site in `vdc_id`; every paired NIC's subnet is mapped.
+async fn check_mappings(
+    conn: &mut DbConnection,
+    vdc_id: &str,
+    body: &ReplicaGroupCreate,
+) -> Result<(), ApiError> {
+    let maps = &body.network_mappings;
+    if body.adopt_volumes && !maps.is_empty() {
+        return Err(ApiError::invalid(
+            "network_mappings",
+            "adopted VMs keep their own NICs: no mappings with adopt_volumes",
+        ));
+    }
+    let nic_subnets: Vec<&str> = body
+        .pairing
+        .vms
+        .iter()
+        .flat_map(|vm| vm.nics.iter().map(|n| n.subnet_id.as_str()))
+        .collect();
+    for (i, m) in maps.iter().enumerate() {
+        if maps[..i]
+            .iter()
+            .any(|o| o.source_subnet_id == m.source_subnet_id)
+        {
+            return Err(ApiError::invalid(
+                format!("network_mappings[{i}].source_subnet_id"),
+                "mapped twice",
+            ));
+        }
+        if !nic_subnets.contains(&m.source_subnet_id.as_str()) {
+            return Err(ApiError::invalid(
+                format!("network_mappings[{i}].source_subnet_id"),
+                format!("no protected NIC is on subnet {}", m.source_subnet_id),
+            ));
+        }
+        match records::get(conn, "subnet", &m.subnet_id).await? {
+            Some(s) if s.meta.vdc_id.as_deref() == Some(vdc_id) => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("network_mappings[{i}].subnet_id"),
+                    format!("no subnet {} in VDC {vdc_id}", m.subnet_id),
+                ))
+            }
+        }
+    }
+    if body.adopt_volumes {
+        return Ok(());
+    }
+    for (i, vm) in body.pairing.vms.iter().enumerate() {
+        for (j, nic) in vm.nics.iter().enumerate() {
+            if !maps.iter().any(|m| m.source_subnet_id == nic.subnet_id) {
+                return Err(ApiError::invalid(
+                    "network_mappings",
+                    format!(
+                        "pairing.vms[{i}].nics[{j}] is on subnet {}, which has no mapping",
+                        nic.subnet_id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The port a recovered VM's NIC `i` gets on its mapped subnet: the old
+/// address when that subnet has it free, else one from its pools.
+async fn recovered_port(
+    conn: &mut DbConnection,
+    spec: &ReplicaGroupSpec,
+    vm: &PairedVm,
+    i: usize,
+    nic: &super::protection_groups::PairedNic,
+    vm_id: &str,
+) -> Result<String, ApiError> {
+    let target = spec
+        .network_mappings
+        .iter()
+        .find(|m| m.source_subnet_id == nic.subnet_id)
+        .ok_or_else(|| ApiError::Conflict(format!("subnet {} has no mapping", nic.subnet_id)))?;
+    let subnet = records::get(conn, "subnet", &target.subnet_id)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(format!("subnet {} is gone", target.subnet_id)))?;
+    let name = format!("{}-nic{i}", vm.name);
+    let new = |fixed_ip| super::ports::NewPort {
+        name: &name,
+        fixed_ip,
+        security_group_ids: Vec::new(),
+        description: format!("NIC {i} of {}, recovered by a failover", vm.name),
+        device_id: Some(vm_id.to_owned()),
+        delete_with_device: true,
+        qos_policy_id: None,
+    };
+    let port = match super::ports::insert_port(conn, &subnet, new(Some(nic.fixed_ip))).await {
+        Ok(p) => p,
+        Err(ApiError::InvalidField { .. } | ApiError::Conflict(_)) => {
+            super::ports::insert_port(conn, &subnet, new(None)).await?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(port.meta.id)
 }
 
 /// The pairing's VMs in the order failover boots them (stable: equal
@@ -612,6 +740,10 @@ pub async fn failover_records(
             }
             disks.push(volume.meta.id);
         }
+        let mut port_ids = Vec::with_capacity(vm.nics.len());
+        for (i, nic) in vm.nics.iter().enumerate() {
+            port_ids.push(recovered_port(conn, &spec, vm, i, nic, &vm_id).await?);
+        }
         records::insert_with_id(
             conn,
             &vm_id,
@@ -626,7 +758,7 @@ pub async fn failover_records(
                     firmware: vm.firmware,
                     cpu_arch: vm.cpu_arch.clone(),
                     volume_ids: disks,
-                    port_ids: Vec::new(),
+                    port_ids,
                     host_id: host.meta.id.clone(),
                     vnc_port: None,
                     description: format!(
