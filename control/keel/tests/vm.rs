@@ -394,6 +394,36 @@ fn protect_and_replicate(
     assert_eq!(pairing["vms"][0]["vm_id"], vm, "{pairing}");
     assert_eq!(pairing["vms"][0]["disks"][0]["volume_id"], volume_id);
 
+    // The connectivity check: nothing listens at the DR address yet.
+    let (status, task) = api.call(
+        "POST",
+        &format!("/api/v1/protection-groups/{gid}/actions/start"),
+        None,
+    );
+    assert_eq!(status, 202, "{task}");
+    let failed = eventually("the start to fail", || {
+        let t = api.ok(
+            "GET",
+            &format!("/api/v1/tasks/{}", task["id"].as_str().unwrap()),
+            None,
+        );
+        match t["state"].as_str() {
+            Some("FAILED") => Ok(t),
+            _ => Err(t.to_string()),
+        }
+    });
+    assert!(
+        failed["message"].as_str().unwrap().contains("unreachable"),
+        "{failed}"
+    );
+    let g = api.ok("GET", &format!("/api/v1/protection-groups/{gid}"), None);
+    assert_eq!(g["status"], "UNPROTECTED", "{g}");
+    assert_eq!(g["protecting"], false, "{g}");
+    assert!(
+        g["status_reason"].as_str().unwrap().contains("unreachable"),
+        "{g}"
+    );
+
     // The DR site: a second keel, its replica group paired with the first.
     let dr_state = work.join("dr-site");
     let dr_keel =

@@ -121,6 +121,21 @@ impl Agent {
         let id = record.meta.id.clone();
         match task.action.as_str() {
             "start" => {
+                // Checked once here: a group that starts keeps protecting
+                // (journaling) through later outages of the DR site.
+                if let Err(e) = self.cdp_group(&record).and_then(|g| reachable(&g.replica)) {
+                    let reason = e.to_string();
+                    self.observe_spec(
+                        KIND,
+                        &id,
+                        Some((&[STARTING], UNPROTECTED)),
+                        |s: &mut ProtectionGroupSpec| {
+                            s.protecting = false;
+                            s.status_reason = reason;
+                        },
+                    )?;
+                    return Err(e);
+                }
                 let started = self.ensure_credentials(&record).and_then(|()| {
                     let group = self.cdp_group(&record)?;
                     self.disks.serve_group(&group)?;
@@ -295,4 +310,20 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The connectivity check before protection starts: the DR site's replica
+/// accepts a TCP connection (the shipper's own TLS greeting comes later).
+fn reachable(address: &str) -> Result<(), StepError> {
+    let unreachable = |why: String| {
+        StepError::Invalid(format!(
+            "the DR site's replica at {address} is unreachable ({why}): create the replica group there (and let it listen) first"
+        ))
+    };
+    let addr: std::net::SocketAddr = address
+        .parse()
+        .map_err(|e: std::net::AddrParseError| unreachable(e.to_string()))?;
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map(drop)
+        .map_err(|e| unreachable(e.to_string()))
 }
