@@ -514,3 +514,44 @@ fn sync_mode_releases_a_write_only_when_the_replica_has_it_and_falls_back_withou
     h.shutdown().unwrap();
     stop_replica(r);
 }
+
+/// Cut times far ahead of the replica's clock, or far behind the segment
+/// before, are refused (nothing applied); the same segment passes once
+/// the times agree.
+#[test]
+fn replica_refuses_segments_whose_cut_time_is_skewed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open(dir.path(), GROUP, SITE, 4).unwrap();
+    let header = |seq, prev| SegmentHeader {
+        group_id: GROUP,
+        site_id: SITE,
+        seq,
+        prev_checksum: prev,
+        flags: 0,
+        disks: vec![format::DiskEntry { id: 0, size: DISK }],
+    };
+    let now = keel_cdp::journal::now_ms();
+    let ahead = build_segment(&header(1, 0), &write_body(0, 1), now + 3_600_000);
+    match r.receive(&ahead) {
+        Err(StoreError::Refused(Refusal::ClockAhead { ahead_ms })) => {
+            assert!(ahead_ms > 3_500_000, "{ahead_ms}");
+        }
+        other => panic!("not refused: {other:?}"),
+    }
+    assert_eq!(r.state().last_seq, 0);
+    let s1 = build_segment(&header(1, 0), &write_body(0, 1), now);
+    assert_eq!(r.receive(&s1).unwrap(), 1);
+    let back = build_segment(
+        &header(2, checksum(&s1)),
+        &write_body(0, 2),
+        now - 3_600_000,
+    );
+    assert!(matches!(
+        r.receive(&back),
+        Err(StoreError::Refused(Refusal::ClockBack { .. }))
+    ));
+    let disk = std::fs::read(r.disk_path(0)).unwrap();
+    assert!(disk[..4096].iter().all(|&b| b == 1), "nothing applied");
+    let s2 = build_segment(&header(2, checksum(&s1)), &write_body(0, 2), now + 10);
+    assert_eq!(r.receive(&s2).unwrap(), 2);
+}

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::journal::format::{DiskEntry, Record, RecordKind, Segment};
 
 const UNDO_MAGIC: &[u8; 8] = b"KEELUND1";
+/// How far a segment's cut time may be ahead of this host's clock, or
+/// behind the segment before it.
+pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Zero-fill / copy granularity.
 const IO_CHUNK: usize = 1 << 20;
 
@@ -74,6 +77,20 @@ pub enum Refusal {
     /// The replica was promoted: it takes no more segments.
     #[error("Replica promoted")]
     Promoted,
+    /// The segment was cut at a time far ahead of this host's clock.
+    #[error("Segment cut {ahead_ms} ms in the future of this host's clock: clocks skewed")]
+    ClockAhead {
+        /// How far ahead.
+        ahead_ms: u64,
+    },
+    /// The segment was cut long before the segment it follows.
+    #[error(
+        "Segment cut {back_ms} ms before the segment it follows: the source's clock went back"
+    )]
+    ClockBack {
+        /// How far back.
+        back_ms: u64,
+    },
 }
 
 /// Errors of the replica store.
@@ -254,6 +271,23 @@ impl Replica {
         }
         if h.prev_checksum != st.last_checksum {
             return Err(Refusal::Chain(h.seq));
+        }
+        // Cut times order the recovery points and give the lag: a source
+        // clock far off would make both lie. Refused, not applied; the
+        // source retries, and the same segment passes once the clocks agree.
+        let cut = seg.trailer.cut_ms;
+        let now = crate::journal::now_ms();
+        if cut > now.saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(Refusal::ClockAhead {
+                ahead_ms: cut - now,
+            });
+        }
+        if let Some(last) = st.history.last() {
+            if last.cut_ms > cut.saturating_add(MAX_CLOCK_SKEW_MS) {
+                return Err(Refusal::ClockBack {
+                    back_ms: last.cut_ms - cut,
+                });
+            }
         }
         let table: Vec<(u16, u64)> = h.disks.iter().map(|d| (d.id, d.size)).collect();
         if !st.disks.is_empty() && st.disks != table {
