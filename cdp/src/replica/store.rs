@@ -1,15 +1,21 @@
 //! The replica's directory: raw replica disks, the applied state, and one
 //! undo log per applied segment (the recovery points).
 //!
-//! Applying segment `k` (only whole, verified segments, strictly in order):
-//! 1. the received segment is written to `incoming-<k>.seg` and fsynced;
-//! 2. the old content of every range it touches is saved to `undo-<k>` and
+//! Applying segment `k` (only whole, verified segments, strictly in order,
+//! from the received bytes in memory):
+//! 1. the old content of every range it touches is saved to `undo-<k>` and
 //!    fsynced (checksummed, so a torn undo log is recognised);
-//! 3. the records are applied in order to `disk-<id>.raw`, which are
+//! 2. the records are applied in order to `disk-<id>.raw`, which are
 //!    fsynced;
-//! 4. `state.json` is replaced atomically with `last_seq = k`.
+//! 3. `state.json` is replaced atomically with `last_seq = k`;
+//! 4. only then is the segment acknowledged.
 //!
-//! A crash between 2 and 4 leaves `undo-<last+1>`: [`Replica::open`] rolls
+//! The segment itself is not stored: until the acknowledgement the source
+//! keeps it and sends it again after a crash. (Earlier versions wrote it
+//! to `incoming-<k>.seg` first, a copy nothing read; stale ones are
+//! removed at open.)
+//!
+//! A crash between 1 and 3 leaves `undo-<last+1>`: [`Replica::open`] rolls
 //! it back, so the disks are always at the end of a whole segment. Undo
 //! logs of the last `keep` segments are kept: rolling back through them
 //! reaches any of those recovery points ([`Replica::promote`]).
@@ -304,8 +310,6 @@ impl Replica {
         if self.state.disks.is_empty() {
             self.create_disks(&seg.header.disks)?;
         }
-        let incoming = self.dir.join(format!("incoming-{seq:016}.seg"));
-        write_synced(&incoming, bytes)?;
         let mut disks = self.open_disks()?;
         let undo = self.undo_path(seq);
         self.write_undo(&undo, seq, &seg, &mut disks)?;
@@ -332,7 +336,6 @@ impl Replica {
         for s in old {
             let _ = std::fs::remove_file(self.undo_path(s));
         }
-        std::fs::remove_file(&incoming).map_err(ioe(&incoming))?;
         Ok(seq)
     }
 
@@ -386,11 +389,14 @@ impl Replica {
             w.put(UNDO_MAGIC)?;
             w.put(&seq.to_le_bytes())?;
             let mut buf = vec![0u8; IO_CHUNK];
+            // A range written again later in the segment: its old content
+            // is already saved (every entry holds pre-segment content).
+            let mut saved = std::collections::HashSet::new();
             for rec in seg.records() {
                 let Some((_, file, _)) = disks.iter().find(|d| d.0 == rec.disk) else {
                     continue;
                 };
-                if !touches_data(rec.kind) {
+                if !touches_data(rec.kind) || !saved.insert((rec.disk, rec.offset, rec.len)) {
                     continue;
                 }
                 w.put(&rec.disk.to_le_bytes())?;
