@@ -551,12 +551,11 @@ fn writes_during_the_digest_pass_and_resync_are_not_lost() {
     let writer = {
         let (j, a, stop) = (j.clone(), a.clone(), stop_writes.clone());
         std::thread::spawn(move || {
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            let random = keel_testkit::pseudo_random(8 * 4096, 7);
             let mut n = 0u64;
             while !stop.load(Ordering::Acquire) || n < 200 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let i = usize::try_from(n % 4096).unwrap() * 8;
+                let x = u64::from_le_bytes(random[i..i + 8].try_into().unwrap());
                 let offset = (x % (BIG / 4096)) * 4096;
                 guest_write(&j, &a, 0, offset, &[(x >> 32) as u8; 4096]);
                 n += 1;

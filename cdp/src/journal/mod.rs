@@ -200,6 +200,8 @@ pub struct JournalCounters {
     pub digest_equal: AtomicU64,
     /// Bytes of those chunks.
     pub digest_bytes_saved: AtomicU64,
+    /// Digest passes cut short by a connection failure.
+    pub digest_interrupted: AtomicU64,
 }
 
 /// The journal of one consistency group, shared by its hooks, writer,

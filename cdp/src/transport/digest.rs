@@ -24,7 +24,8 @@
 //!
 //! A replica that answers garbage (wrong disk, range or count, unknown
 //! version, malformed entries) is refused: the pass stops, the hold ends,
-//! and the resync copies every chunk not yet proven equal.
+//! and the resync copies every chunk not yet proven equal. So does a
+//! replica whose connection drops during [`MAX_INTERRUPTED`] passes.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -39,6 +40,10 @@ use crate::journal::{ChunkMap, Journal};
 
 /// Largest chunk a replica hashes on request (bounds one request's work).
 pub const MAX_DIGEST_CHUNK: u64 = 1 << 20;
+/// Passes cut short by the connection before the resync goes ahead in
+/// full (a replica that drops every digest request, e.g. an older keel,
+/// must not hold the resync forever).
+pub const MAX_INTERRUPTED: u64 = 3;
 
 /// Errors of a digest pass.
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +86,28 @@ pub fn digest(bytes: &[u8]) -> [u8; DIGEST_LEN] {
 pub fn pass<S: Read + Write>(journal: &Journal, s: &mut S) -> Result<PassReport, DigestError> {
     let mut report = PassReport::default();
     let r = pass_inner(journal, s, &mut report);
-    if matches!(
-        r,
-        Ok(()) | Err(DigestError::Invalid(_) | DigestError::Refused(_))
-    ) {
+    let interrupted = match &r {
+        Err(DigestError::Wire(_)) => {
+            journal
+                .counters
+                .digest_interrupted
+                .fetch_add(1, Ordering::Relaxed)
+                + 1
+        }
+        _ => 0,
+    };
+    if interrupted >= MAX_INTERRUPTED {
+        tracing::warn!(
+            interrupted,
+            "digest comparison keeps failing: resyncing in full"
+        );
+    }
+    if interrupted >= MAX_INTERRUPTED
+        || matches!(
+            r,
+            Ok(()) | Err(DigestError::Invalid(_) | DigestError::Refused(_))
+        )
+    {
         journal.release_resync_hold();
     }
     tracing::info!(
