@@ -86,6 +86,13 @@ pub fn digest(bytes: &[u8]) -> [u8; DIGEST_LEN] {
 pub fn pass<S: Read + Write>(journal: &Journal, s: &mut S) -> Result<PassReport, DigestError> {
     let mut report = PassReport::default();
     let r = pass_inner(journal, s, &mut report);
+    // What a cut-short pass cleared stays cleared: count it too.
+    let jc = &journal.counters;
+    jc.digest_compared
+        .fetch_add(report.compared, Ordering::Relaxed);
+    jc.digest_equal.fetch_add(report.equal, Ordering::Relaxed);
+    jc.digest_bytes_saved
+        .fetch_add(report.bytes_saved, Ordering::Relaxed);
     let interrupted = match &r {
         Err(DigestError::Wire(_)) => {
             journal
@@ -175,12 +182,6 @@ fn pass_inner<S: Read + Write>(
             from = first + count;
         }
     }
-    let jc = &journal.counters;
-    jc.digest_compared
-        .fetch_add(report.compared, Ordering::Relaxed);
-    jc.digest_equal.fetch_add(report.equal, Ordering::Relaxed);
-    jc.digest_bytes_saved
-        .fetch_add(report.bytes_saved, Ordering::Relaxed);
     Ok(())
 }
 
@@ -324,4 +325,64 @@ pub fn answer(dir: &Path, request: &Frame) -> Result<Frame, String> {
         first_chunk,
         digests,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: u8, chunk_bytes: u64, disk_size: u64, first: u64, count: u32) -> Frame {
+        Frame::DigestRequest {
+            version,
+            disk: 0,
+            chunk_bytes,
+            disk_size,
+            first_chunk: first,
+            count,
+        }
+    }
+
+    #[test]
+    fn replica_answers_its_disk_and_refuses_out_of_range_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 4096u64;
+        // The replica disk holds 2.5 chunks of a 4-chunk source disk.
+        let data: Vec<u8> = [[1u8; 4096], [2; 4096], [3; 4096]].concat()[..10240].to_vec();
+        std::fs::write(dir.path().join("disk-0.raw"), &data).unwrap();
+        let Ok(Frame::Digests { digests, .. }) =
+            answer(dir.path(), &request(DIGEST_VERSION, chunk, 4 * chunk, 0, 4))
+        else {
+            panic!("no digests");
+        };
+        assert_eq!(digests[0], Some(digest(&data[..4096])));
+        assert_eq!(digests[1], Some(digest(&data[4096..8192])));
+        assert_eq!(digests[2], None, "short chunk: differs");
+        assert_eq!(digests[3], None, "beyond the replica disk: differs");
+        // The source disk ends mid-chunk: the last chunk is hashed to there.
+        let Ok(Frame::Digests { digests, .. }) =
+            answer(dir.path(), &request(DIGEST_VERSION, chunk, 6000, 1, 1))
+        else {
+            panic!("no digests");
+        };
+        assert_eq!(digests, vec![Some(digest(&data[4096..6000]))]);
+        // A missing disk: every chunk differs.
+        let Ok(Frame::Digests { digests, .. }) = answer(
+            &dir.path().join("none"),
+            &request(DIGEST_VERSION, chunk, 4 * chunk, 0, 2),
+        ) else {
+            panic!("no digests");
+        };
+        assert_eq!(digests, vec![None, None]);
+        for bad in [
+            request(DIGEST_VERSION + 1, chunk, 4 * chunk, 0, 1),
+            request(DIGEST_VERSION, 1000, 4 * chunk, 0, 1),
+            request(DIGEST_VERSION, 2 * MAX_DIGEST_CHUNK, 1 << 30, 0, 1),
+            request(DIGEST_VERSION, chunk, 4 * chunk, 3, 2),
+            request(DIGEST_VERSION, chunk, 4 * chunk, u64::MAX - 1, 1),
+            request(DIGEST_VERSION, chunk, 1 << 40, 0, MAX_DIGEST_BATCH + 1),
+            request(DIGEST_VERSION, chunk, 0, 0, 1),
+        ] {
+            assert!(answer(dir.path(), &bad).is_err(), "{bad:?} answered");
+        }
+    }
 }
