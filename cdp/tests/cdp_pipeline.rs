@@ -586,14 +586,20 @@ fn writes_during_the_digest_pass_and_resync_are_not_lost() {
     h.shutdown().unwrap();
 }
 
-/// One end of a connection whose peer's frames are canned.
+/// One end of a connection whose peer's frames are canned; `on_read`
+/// runs when the source first reads the answer (after it took the dirty
+/// bits out and hashed its chunks, before it compares).
 struct Canned {
     input: std::io::Cursor<Vec<u8>>,
     output: Vec<u8>,
+    on_read: Option<Box<dyn FnOnce()>>,
 }
 
 impl std::io::Read for Canned {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(f) = self.on_read.take() {
+            f();
+        }
         self.input.read(buf)
     }
 }
@@ -648,6 +654,7 @@ fn a_replica_answering_garbage_digests_is_refused_and_nothing_is_skipped() {
         let mut peer = Canned {
             input: std::io::Cursor::new(answer),
             output: Vec::new(),
+            on_read: None,
         };
         let r = digest::pass(&j, &mut peer);
         assert!(
@@ -662,4 +669,49 @@ fn a_replica_answering_garbage_digests_is_refused_and_nothing_is_skipped() {
         assert!(!j.resync_held(), "answer {i}: the full resync goes ahead");
         h.shutdown().unwrap();
     }
+}
+
+#[test]
+fn a_write_completing_while_a_chunk_is_compared_is_resent() {
+    use keel_cdp::transport::digest;
+    use keel_cdp::transport::wire::{Frame, DIGEST_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.raw", 9);
+    let chunks = DISK / 65536;
+    // The replica holds exactly the source's content.
+    let mut answer = Vec::new();
+    Frame::Digests {
+        version: DIGEST_VERSION,
+        disk: 0,
+        first_chunk: 0,
+        digests: std::fs::read(&a)
+            .unwrap()
+            .chunks(65536)
+            .map(|c| Some(digest::digest(c)))
+            .collect(),
+    }
+    .write_to(&mut answer)
+    .unwrap();
+    let (j, h) = Journal::start(delta_config(dir.path(), vec![a.clone()])).unwrap();
+    // A guest write to chunk 3 completes after the source hashed chunk 3
+    // (still equal to the replica's) and before it compares.
+    let on_read: Box<dyn FnOnce()> = {
+        let (j, a) = (j.clone(), a.clone());
+        Box::new(move || guest_write(&j, &a, 0, 3 * 65536 + 4096, &[0xEE; 4096]))
+    };
+    let mut peer = Canned {
+        input: std::io::Cursor::new(answer),
+        output: Vec::new(),
+        on_read: Some(on_read),
+    };
+    let report = digest::pass(&j, &mut peer).unwrap();
+    assert_eq!(report.compared, chunks);
+    assert_eq!(report.equal, chunks, "every chunk matched when hashed");
+    assert_eq!(
+        j.dirty_chunks(),
+        1,
+        "the concurrent write's chunk is resent"
+    );
+    assert!(!j.resync_held());
+    h.shutdown().unwrap();
 }
