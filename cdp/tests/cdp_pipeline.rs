@@ -656,7 +656,7 @@ fn a_replica_answering_garbage_digests_is_refused_and_nothing_is_skipped() {
             output: Vec::new(),
             on_read: None,
         };
-        let r = digest::pass(&j, &mut peer);
+        let r = digest::pass(&j, &mut peer, &AtomicBool::new(false));
         assert!(
             matches!(r, Err(DigestError::Invalid(_))),
             "answer {i} not refused: {r:?}"
@@ -704,7 +704,7 @@ fn a_write_completing_while_a_chunk_is_compared_is_resent() {
         output: Vec::new(),
         on_read: Some(on_read),
     };
-    let report = digest::pass(&j, &mut peer).unwrap();
+    let report = digest::pass(&j, &mut peer, &AtomicBool::new(false)).unwrap();
     assert_eq!(report.compared, chunks);
     assert_eq!(report.equal, chunks, "every chunk matched when hashed");
     assert_eq!(

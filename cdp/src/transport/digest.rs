@@ -31,7 +31,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest as _, Sha256};
 
@@ -52,6 +52,9 @@ pub enum DigestError {
     /// connection).
     #[error("Digest exchange failed")]
     Wire(#[from] WireError),
+    /// The shipper is stopping (the pass runs again after a restart).
+    #[error("Stopped during the digest comparison")]
+    Stopped,
     /// Reading a source disk failed.
     #[error("Cannot read source disk {0}")]
     Read(PathBuf, #[source] std::io::Error),
@@ -81,11 +84,16 @@ pub fn digest(bytes: &[u8]) -> [u8; DIGEST_LEN] {
 
 /// Runs one pass over every dirty chunk of `journal` against the replica
 /// on `s`, then ends the hold; a garbage answer also ends it (full resync).
-/// On a connection or source-read error the hold stays and the pass runs
-/// again on the next connection; bits taken out are put back first.
-pub fn pass<S: Read + Write>(journal: &Journal, s: &mut S) -> Result<PassReport, DigestError> {
+/// On a connection or source-read error, or when `stop` is set, the hold
+/// stays and the pass runs again on the next connection; bits taken out
+/// are put back first.
+pub fn pass<S: Read + Write>(
+    journal: &Journal,
+    s: &mut S,
+    stop: &AtomicBool,
+) -> Result<PassReport, DigestError> {
     let mut report = PassReport::default();
-    let r = pass_inner(journal, s, &mut report);
+    let r = pass_inner(journal, s, stop, &mut report);
     // What a cut-short pass cleared stays cleared: count it too.
     let jc = &journal.counters;
     jc.digest_compared
@@ -123,7 +131,8 @@ pub fn pass<S: Read + Write>(journal: &Journal, s: &mut S) -> Result<PassReport,
         equal = report.equal,
         bytes_saved = report.bytes_saved,
         dirty_left = journal.dirty_chunks(),
-        "digest comparison with the replica done"
+        complete = r.is_ok(),
+        "digest comparison with the replica"
     );
     r.map(|()| report)
 }
@@ -131,6 +140,7 @@ pub fn pass<S: Read + Write>(journal: &Journal, s: &mut S) -> Result<PassReport,
 fn pass_inner<S: Read + Write>(
     journal: &Journal,
     s: &mut S,
+    stop: &AtomicBool,
     report: &mut PassReport,
 ) -> Result<(), DigestError> {
     let cfg = journal.config();
@@ -144,6 +154,10 @@ fn pass_inner<S: Read + Write>(
         let file = File::open(path).map_err(|e| DigestError::Read(path.clone(), e))?;
         let mut from = 0;
         while let Some(first) = dirty.next_set(from) {
+            // A large disk takes a while: a stop must not wait for it.
+            if stop.load(Ordering::Acquire) {
+                return Err(DigestError::Stopped);
+            }
             let count = (dirty.chunks() - first).min(u64::from(MAX_DIGEST_BATCH));
             Frame::DigestRequest {
                 version: DIGEST_VERSION,

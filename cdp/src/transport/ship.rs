@@ -271,7 +271,7 @@ impl Shipper {
                     // The replica holds every sealed segment: the moment to
                     // compare digests before a pending full resync.
                     if self.journal.resync_held() {
-                        super::digest::pass(&self.journal, &mut s)?;
+                        super::digest::pass(&self.journal, &mut s, stop)?;
                         continue;
                     }
                     std::thread::sleep(POLL);
