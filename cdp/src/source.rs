@@ -71,10 +71,16 @@ pub enum SourceError {
     /// A thread could not start or panicked.
     #[error("Thread {0} failed")]
     Thread(&'static str),
+    /// Synchronous mode needs a replica to wait for.
+    #[error("Synchronous mode needs a replica address")]
+    SyncWithoutReplica,
 }
 
 /// Serves the group until `stop` is stopped; then seals the journal.
 pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
+    if config.journal.sync_timeout.is_some() && config.ship.is_none() {
+        return Err(SourceError::SyncWithoutReplica);
+    }
     let mut jc = config.journal.clone();
     jc.disks = config.disks.iter().map(|d| d.image.clone()).collect();
     // A shipper compares digests with the replica before a full resync.
@@ -104,12 +110,18 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
         Some(sc) => {
             let s = Shipper::new(journal.clone(), sc.clone()).map_err(SourceError::Tls)?;
             let counters = s.counters.clone();
-            let st = ship_stop.clone();
+            let (st, watch, watch_stop) = (ship_stop.clone(), s.clone(), ship_stop.clone());
+            // Synchronous mode's watchdog; returns at once when async.
+            let watchdog = std::thread::Builder::new()
+                .name("cdp-sync".into())
+                .spawn(move || watch.watch_sync(&watch_stop))
+                .map_err(|_| SourceError::Thread("sync watchdog"))?;
             Some((
                 std::thread::Builder::new()
                     .name("cdp-ship".into())
                     .spawn(move || s.run(st))
                     .map_err(|_| SourceError::Thread("ship"))?,
+                watchdog,
                 counters,
             ))
         }
@@ -168,10 +180,11 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
         }
     }
     let sealed = handle.shutdown().map_err(SourceError::Writer);
-    if let Some((s, counters)) = shipper {
+    if let Some((s, watchdog, counters)) = shipper {
         drain(&journal, &counters);
         ship_stop.store(true, Ordering::Release);
         let _ = s.join();
+        let _ = watchdog.join();
     }
     result.and(sealed)
 }

@@ -715,3 +715,129 @@ fn a_write_completing_while_a_chunk_is_compared_is_resent() {
     assert!(!j.resync_held());
     h.shutdown().unwrap();
 }
+
+type ReplicaThread = (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Result<(), keel_cdp::replica::ServeError>>,
+);
+
+fn serve_replica(c: &replica::ReplicaConfig) -> ReplicaThread {
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = {
+        let (c, s) = (c.clone(), stop.clone());
+        std::thread::spawn(move || replica::serve(&c, &s))
+    };
+    (stop, t)
+}
+
+fn stop_replica((stop, t): ReplicaThread) {
+    stop.store(true, Ordering::Release);
+    t.join().unwrap().unwrap();
+}
+
+fn block_at(path: &Path, offset: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 4096];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    b
+}
+
+/// Synchronous mode: a write's completion is released only once the
+/// replica has applied it (checked the moment the gate lets it go); with
+/// the replica gone, held writes go after the timeout (fallback, counted)
+/// and synchronous mode comes back once the replica caught up.
+#[test]
+fn sync_mode_releases_a_write_only_when_the_replica_has_it_and_falls_back_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.raw", 9);
+    let (src_tls, rep_tls) = generate_pki(&dir.path().join("pki"), "dr.keel").unwrap();
+    let listen: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let rcfg = replica::ReplicaConfig {
+        listen,
+        dir: dir.path().join("replica"),
+        group_id: GROUP,
+        source_site: SITE,
+        keep: 4,
+        tls: rep_tls,
+    };
+    let rdisk = rcfg.dir.join("disk-0.raw");
+    let r = serve_replica(&rcfg);
+    let mut jc = config(dir.path(), vec![a.clone()]);
+    jc.sync_timeout = Some(Duration::from_secs(1));
+    let (j, h) = Journal::start(jc).unwrap();
+    let ship = Shipper::new(
+        j.clone(),
+        ShipConfig {
+            replica: listen.to_string(),
+            server_name: "dr.keel".into(),
+            tls: src_tls,
+            zstd_level: None,
+            max_bytes_per_sec: None,
+            status_file: None,
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let shipper = {
+        let (s, st) = (ship.clone(), stop.clone());
+        std::thread::spawn(move || s.run(st))
+    };
+    let watchdog = {
+        let (s, st) = (ship.clone(), stop.clone());
+        std::thread::spawn(move || s.watch_sync(&st))
+    };
+    let gate = j.gate();
+    assert!(gate.is_open(), "open until the replica is consistent");
+    wait("synchronous mode engaged", || !gate.is_open());
+    assert_eq!(ship.status().replication, "sync");
+
+    for i in 0..16u64 {
+        let data = vec![0xA0 ^ i as u8; 4096];
+        guest_write(&j, &a, 0, i * 8192, &data);
+        let ticket = gate.issued();
+        wait("the write's release", || !gate.holds(ticket));
+        assert_eq!(
+            block_at(&rdisk, i * 8192),
+            data,
+            "write {i} is on the replica when its completion is released"
+        );
+    }
+    assert_eq!(j.counters.sync_fallbacks.load(Ordering::Relaxed), 0);
+
+    // The DR site goes away: the write is held, then let go after the
+    // timeout; the status says so.
+    stop_replica(r);
+    guest_write(&j, &a, 0, 1 << 20, &[0x33; 4096]);
+    let ticket = gate.issued();
+    assert!(
+        gate.holds(ticket),
+        "held while the replica may still answer"
+    );
+    wait("the fallback", || !gate.holds(ticket));
+    assert!(gate.is_open());
+    assert_eq!(j.counters.sync_fallbacks.load(Ordering::Relaxed), 1);
+    assert_eq!(ship.status().replication, "sync-fallback");
+    guest_write(&j, &a, 0, 2 << 20, &[0x44; 4096]);
+    assert!(!gate.holds(gate.issued()), "asynchronous meanwhile");
+
+    // Back: the replica catches up and synchronous mode engages again.
+    let r = serve_replica(&rcfg);
+    wait("synchronous mode again", || !gate.is_open());
+    guest_write(&j, &a, 0, 3 << 20, &[0x55; 4096]);
+    let ticket = gate.issued();
+    wait("the write's release", || !gate.holds(ticket));
+    assert_eq!(block_at(&rdisk, 3 << 20), vec![0x55; 4096]);
+    assert_eq!(block_at(&rdisk, 1 << 20), vec![0x33; 4096]);
+    assert_eq!(block_at(&rdisk, 2 << 20), vec![0x44; 4096]);
+
+    stop.store(true, Ordering::Release);
+    watchdog.join().unwrap();
+    shipper.join().unwrap();
+    h.shutdown().unwrap();
+    stop_replica(r);
+}

@@ -65,7 +65,7 @@ pub mod worker;
 pub use cbt::{Cbt, CbtError};
 pub use device::{BlockDevice, DiskShared, QueueConfig};
 pub use disk::{create_raw_volume, DiskError, DiskOptions, ImageFormat, Provisioning, RawDisk};
-pub use hook::{NoHook, WriteData, WriteHook};
+pub use hook::{CompletionGate, NoHook, WriteData, WriteHook};
 pub use server::{
     cbt_path, serve, serve_disk, DiskServeOptions, ServeConfig, ServeDiskError, ServeError,
     StopHandle,

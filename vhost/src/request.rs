@@ -117,6 +117,14 @@ pub enum RequestKind {
     WriteZeroes,
 }
 
+impl RequestKind {
+    /// Whether the request changes the disk or its durability (what the
+    /// write hook sees and a completion gate holds).
+    pub fn modifies(self) -> bool {
+        !matches!(self, RequestKind::Read | RequestKind::GetId)
+    }
+}
+
 /// One discard / write-zeroes range, in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Segment {

@@ -14,19 +14,27 @@
 //! scheduler (and, in a VM, a halted vCPU) costs about as much as a fast
 //! device I/O, so at low queue depth polling saves a wake-up per request
 //! on both sides; it is bounded so an idle disk costs no CPU.
+//!
+//! Synchronous replication: when the hook has a [`CompletionGate`], a
+//! finished write waits in `held` (slot still taken) until the gate
+//! releases its ticket; the worker sleeps on its own eventfd, polled
+//! through the same io_uring as its I/O, and a kick still returns only
+//! once nothing it took is held (so a ring stop covers held writes too).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::DiskShared;
 use crate::disk::RawDisk;
-use crate::hook::{WriteData, WriteHook};
+use crate::hook::{CompletionGate, WriteData, WriteHook};
 use crate::qcow2::{Qcow2, Qcow2Error};
 use crate::request::{DiskView, ParseError, Request, RequestKind, STATUS_IOERR, STATUS_OK};
 
@@ -60,6 +68,15 @@ const DISK_FILE: types::Fixed = types::Fixed(0);
 /// user_data layout: slot index << 1 | 1 for the data op, 0 for an fsync.
 const UD_DATA: u64 = 1;
 
+/// user_data of the poll on the worker's gate eventfd.
+const UD_GATE: u64 = u64::MAX;
+
+/// How long a worker with only held completions sleeps before it looks at
+/// the available ring again: the guest does not kick while the worker
+/// serves the queue (notifications are off), and its reads must not wait
+/// a whole replication round trip behind held writes.
+const GATE_TICK: Duration = Duration::from_micros(250);
+
 /// Errors of the worker (the queue is left as is; the guest sees no
 /// completion for the batch in flight only if the ring itself broke).
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +99,9 @@ pub enum WorkerError {
     /// Notifying the guest failed.
     #[error("Cannot signal used queue")]
     Signal(#[source] std::io::Error),
+    /// The eventfd a held completion waits on could not be created.
+    #[error("Cannot create the completion gate eventfd")]
+    GateEvent(#[source] std::io::Error),
 }
 
 /// Per-request outcome state that lives next to the slot.
@@ -101,6 +121,12 @@ pub(crate) struct Worker {
     free: Vec<usize>,
     /// Slots whose request finished and still need a used-ring entry.
     done: Vec<usize>,
+    /// Finished writes waiting for the hook's gate: (ticket, slot).
+    held: Vec<(u64, usize)>,
+    /// Wakes this worker when the gate moves (made on first use).
+    gate_fd: Option<Arc<EventFd>>,
+    /// A poll on `gate_fd` is in the ring.
+    gate_armed: bool,
     /// Current completion-poll window, adapted to how long completions
     /// take (see [`adapt_poll`]).
     cq_poll: Duration,
@@ -126,6 +152,9 @@ impl Worker {
             states: vec![SlotState::default(); n],
             free: (0..n).rev().collect(),
             done: Vec::with_capacity(n),
+            held: Vec::with_capacity(n),
+            gate_fd: None,
+            gate_armed: false,
             cq_poll: POLL_BUDGET,
             bounce: Vec::new(),
             mem: None,
@@ -171,6 +200,11 @@ impl Worker {
                 continue;
             }
             if in_flight == 0 {
+                if let (false, Some(gate)) = (self.held.is_empty(), hook.gate()) {
+                    self.wait_gate(gate)?;
+                    self.complete(vring, &mem, hook, event_idx)?;
+                    continue;
+                }
                 if stopped(vring) {
                     // GET_VRING_BASE stopped the ring (the VM paused or the
                     // frontend is going away): everything taken is done.
@@ -303,13 +337,63 @@ impl Worker {
         Ok(sqes)
     }
 
+    /// Sleeps until `gate` may have released a held completion (or an
+    /// I/O completion arrived): a poll on this worker's eventfd goes into
+    /// the ring with whatever is in flight.
+    fn wait_gate(&mut self, gate: &CompletionGate) -> Result<(), WorkerError> {
+        let fd = match &self.gate_fd {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd =
+                    Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(WorkerError::GateEvent)?);
+                gate.subscribe(&fd);
+                self.gate_fd = Some(fd.clone());
+                fd
+            }
+        };
+        if !self.gate_armed {
+            let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                .build()
+                .user_data(UD_GATE);
+            // SAFETY: a poll carries no buffer; the eventfd outlives the
+            // ring's use of it (the worker owns both; a poll still armed
+            // when the ring is dropped is cancelled with it).
+            if unsafe { self.ring.submission().push(&poll) }.is_err() {
+                self.ring.submit().map_err(WorkerError::Submit)?;
+                return Ok(());
+            }
+            self.gate_armed = true;
+        }
+        // A release after this check has written the eventfd: the poll
+        // fires at once, no wake-up is lost.
+        if self.held.iter().all(|&(t, _)| gate.holds(t)) {
+            let tick = types::Timespec::from(GATE_TICK);
+            let args = types::SubmitArgs::new().timespec(&tick);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => {}
+                Err(e) => return Err(WorkerError::Submit(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Takes every available CQE; requests whose last SQE finished go to
-    /// `done`. Returns the number of CQEs taken.
+    /// `done`. Returns the number of I/O CQEs taken.
     fn reap(&mut self, disk: &DiskShared) -> usize {
         let mut taken = 0usize;
         for cqe in self.ring.completion() {
-            taken += 1;
             let ud = cqe.user_data();
+            if ud == UD_GATE {
+                self.gate_armed = false;
+                if let Some(fd) = &self.gate_fd {
+                    // Resets the counter (EAGAIN when a racing read of an
+                    // earlier wake-up already did).
+                    let _ = fd.read();
+                }
+                continue;
+            }
+            taken += 1;
             let Ok(idx) = usize::try_from(ud >> 1) else {
                 continue;
             };
@@ -344,8 +428,9 @@ impl Worker {
         taken
     }
 
-    /// Completes the finished requests to the guest (hook first), frees
-    /// their slots and signals the guest once for all of them.
+    /// Completes the finished requests to the guest (hook first; those the
+    /// hook's gate holds wait in `held`) and the held ones the gate
+    /// released, frees their slots and signals the guest once for all.
     fn complete<H: WriteHook>(
         &mut self,
         vring: &VringRwLock<GuestMem>,
@@ -353,11 +438,14 @@ impl Worker {
         hook: &H,
         event_idx: bool,
     ) -> Result<(), WorkerError> {
-        if self.done.is_empty() {
+        let gate = hook.gate();
+        let releasable = gate.is_some_and(|g| self.held.iter().any(|&(t, _)| !g.holds(t)));
+        if self.done.is_empty() && !releasable {
             return Ok(());
         }
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
+        let mut completed = 0usize;
         for &i in &self.done {
             let (slot, st) = (&self.slots[i], self.states[i]);
             let status = match st.parse {
@@ -365,19 +453,38 @@ impl Worker {
                 None if st.io_failed => Some(STATUS_IOERR),
                 None => {
                     run_hook(hook, slot);
+                    if let Some(g) = gate.filter(|_| slot.kind.modifies()) {
+                        let ticket = g.issued();
+                        if g.holds(ticket) {
+                            self.held.push((ticket, i));
+                            continue;
+                        }
+                    }
                     Some(STATUS_OK)
                 }
             };
-            let used = match (status, slot.status_addr) {
-                (Some(s), Some(addr)) if mem.write_slice(&[s], addr).is_ok() => slot.used_len(s),
-                _ => 0,
-            };
-            queue
-                .add_used(mem, slot.head, used)
-                .map_err(WorkerError::AddUsed)?;
+            finish(queue, mem, slot, status)?;
             self.free.push(i);
+            completed += 1;
         }
         self.done.clear();
+        if let Some(g) = gate {
+            let mut k = 0;
+            while k < self.held.len() {
+                let (ticket, i) = self.held[k];
+                if g.holds(ticket) {
+                    k += 1;
+                    continue;
+                }
+                self.held.swap_remove(k);
+                finish(queue, mem, &self.slots[i], Some(STATUS_OK))?;
+                self.free.push(i);
+                completed += 1;
+            }
+        }
+        if completed == 0 {
+            return Ok(());
+        }
         let notify = if event_idx {
             queue
                 .needs_notification(mem)
@@ -390,6 +497,22 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Writes the status byte and puts the request on the used ring.
+fn finish(
+    queue: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap<()>,
+    slot: &Request,
+    status: Option<u8>,
+) -> Result<(), WorkerError> {
+    let used = match (status, slot.status_addr) {
+        (Some(s), Some(addr)) if mem.write_slice(&[s], addr).is_ok() => slot.used_len(s),
+        _ => 0,
+    };
+    queue
+        .add_used(mem, slot.head, used)
+        .map_err(WorkerError::AddUsed)
 }
 
 /// Routes a request on a qcow2 image: `Some(host offset)` when it goes to

@@ -382,3 +382,123 @@ fn qcow2_requests_fast_and_slow_path_through_the_virtqueues() {
         "qemu-img reads what was written"
     );
 }
+
+/// A hook that takes a ticket per modifying request, like synchronous
+/// replication does, and holds completions at its gate.
+#[derive(Clone, Default)]
+struct Gated(std::sync::Arc<keel_vhost::CompletionGate>);
+
+impl keel_vhost::WriteHook for Gated {
+    fn on_write(&self, _: u64, _: u64, _: &keel_vhost::WriteData<'_>) {
+        self.0.issue();
+    }
+    fn on_flush(&self) {
+        self.0.issue();
+    }
+    fn gate(&self) -> Option<&keel_vhost::CompletionGate> {
+        Some(&self.0)
+    }
+}
+
+/// Completions a gate holds reach the guest only when released, up to the
+/// released ticket; reads pass held writes; an open gate holds nothing.
+#[test]
+fn held_writes_complete_when_their_gate_releases_them_and_reads_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let socket = dir.path().join("blk.sock");
+    create_raw_volume(&image, DISK, Provisioning::Thin).unwrap();
+    let mut disk = DiskOptions::new(&image);
+    disk.direct = false;
+    let shared = std::sync::Arc::new(keel_vhost::DiskShared::new(
+        keel_vhost::RawDisk::open(disk).unwrap(),
+        "gate-test",
+    ));
+    let hook = Gated::default();
+    let gate = hook.0.clone();
+    let stop = StopHandle::new();
+    let server = {
+        let (stop, socket) = (stop.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let sc = keel_vhost::ServeConfig {
+                socket,
+                queues: keel_vhost::QueueConfig::new(1),
+            };
+            keel_vhost::serve(&sc, shared, hook, &stop)
+        })
+    };
+    wait_for_socket(&socket);
+    let mut fe = Frontend::connect(
+        &socket,
+        FrontendConfig {
+            queues: 1,
+            queue_depth: 8,
+            max_request: 4096,
+        },
+    )
+    .unwrap();
+    let mut q = fe.take_queues().pop().unwrap();
+    let mut done: Vec<Completion> = Vec::new();
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+
+    // Two writes and a flush: done on the disk, held from the guest.
+    for (i, kind) in [RequestKind::Write, RequestKind::Write, RequestKind::Flush]
+        .into_iter()
+        .enumerate()
+    {
+        let slot = q.push(kind, i as u64 * 8, 4096).unwrap();
+        q.buffer_mut(slot).fill(0x40 + i as u8);
+    }
+    q.kick().unwrap();
+    let wait_issued = |n: u64| {
+        for _ in 0..500 {
+            if gate.issued() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the hook saw {} of {n} requests", gate.issued());
+    };
+    wait_issued(3);
+    settle();
+    q.reap(&mut done).unwrap();
+    assert!(done.is_empty(), "held: {done:?}");
+    let mut on_disk = [0u8; 4];
+    std::fs::File::open(&image)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 4096)
+        .unwrap();
+    assert_eq!(on_disk, [0x41; 4], "the write itself is done");
+
+    // A read is not held behind them.
+    let (status, data) = one(&mut q, RequestKind::Read, 8, None, 4096);
+    assert_eq!((status, &data[..4]), (0, &[0x41u8; 4][..]));
+
+    // Tickets follow completion order (the flush's fsync may finish
+    // first): releasing ticket 2 completes two of the three.
+    gate.release(2);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        q.wait(&mut done).unwrap();
+        got.extend(done.iter().map(|c| (c.slot, c.status)));
+    }
+    settle();
+    done.clear();
+    q.reap(&mut done).unwrap();
+    assert!(done.is_empty(), "the third stays held: {done:?}");
+    assert!(got.iter().all(|&(_, s)| s == 0));
+    gate.release(3);
+    q.wait(&mut done).unwrap();
+    assert_eq!(done.len(), 1);
+
+    // Open: a write completes at once, without a release.
+    gate.set_open(true);
+    let (status, _) = one(&mut q, RequestKind::Write, 64, Some(&[7u8; 4096]), 4096);
+    assert_eq!(status, 0);
+    assert_eq!(gate.pending(), 0);
+
+    drop(q);
+    drop(fe);
+    stop.stop();
+    server.join().unwrap().unwrap();
+}

@@ -12,7 +12,10 @@
 //! - the link the capacity formula asks for at the measured cache speed;
 //! - the resync of a 256 MiB disk the replica already holds but for 1 % of
 //!   its chunks (a restart after a crash, a reprotect): with the digest
-//!   comparison vs copying every chunk, time and bytes on the wire.
+//!   comparison vs copying every chunk, time and bytes on the wire;
+//! - synchronous mode (RPO 0): a QD1 write until the replica acknowledged
+//!   it, against a plain TCP round trip on the same loopback (the link's
+//!   share of the cost; the rest is sealing, TLS and the replica's apply).
 //!
 //! Writes land in the page cache (no O_DIRECT, no fsync per write) for
 //! keel and peer alike, so the ratio is the capture's share of a cheap
@@ -198,6 +201,17 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         lag_s,
     ));
 
+    let (sync_us, rtt_us) = sync_qd1(dir, &image, &file, &order[..order.len() / 16], &data)?;
+    out.push(
+        Measurement::new(
+            "sync mode: 4 KiB QD1 write until the replica acknowledged it",
+            "µs",
+            false,
+            sync_us,
+        )
+        .with_peer("TCP round trip on the same loopback", rtt_us),
+    );
+
     // The capacity formula at the measured cache speed, for a guest
     // writing 20 MB/s steadily (SUM grows with the RPO, so the link it
     // needs is the same for every RPO the cache can absorb).
@@ -234,13 +248,18 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
 }
 
 /// A new group on a 256 MiB disk whose replica directory already holds
-/// the disk but for 1 % of its 64 KiB chunks (every 100th); returns the seconds until the
-/// replica acknowledged the end of the resync and the bytes shipped.
+/// the disk but for 1 % of its 64 KiB chunks (every 100th); returns the
+/// seconds until the replica acknowledged the end of the resync and the
+/// bytes shipped.
 fn delta_resync(dir: &Path, digest: bool) -> Result<(f64, u64), BenchError> {
     const SIZE: u64 = 256 << 20;
     const CHUNK: u64 = 64 << 10;
-    let name = if digest { "delta" } else { "full" };
-    let base = dir.join(format!("resync-{name}"));
+    let name = if digest {
+        "resync-delta"
+    } else {
+        "resync-full"
+    };
+    let base = dir.join(name);
     let rdir = base.join("replica");
     std::fs::create_dir_all(&rdir)?;
     let image = base.join("disk.raw");
@@ -248,45 +267,19 @@ fn delta_resync(dir: &Path, digest: bool) -> Result<(f64, u64), BenchError> {
         .map(|i| u8::try_from((i / 4096) % 251).unwrap_or(0))
         .collect();
     std::fs::write(&image, &data)?;
-    let chunks = SIZE / CHUNK;
-    for c in (0..chunks).step_by(100) {
+    for c in (0..SIZE / CHUNK).step_by(100) {
         data[usize::try_from(c * CHUNK + 17).unwrap_or(0)] ^= 0xFF;
     }
     std::fs::write(rdir.join("disk-0.raw"), &data)?;
     drop(data);
-    let (src_tls, rep_tls) = generate_pki(&base.join("pki"), "dr.keel").map_err(err)?;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let group = GROUP + 2;
-    let rcfg = replica::ReplicaConfig {
-        listen,
-        dir: rdir,
-        group_id: group,
-        source_site: SITE,
-        keep: 4,
-        tls: rep_tls,
-    };
-    let rstop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let (c, s) = (rcfg.clone(), rstop.clone());
-        std::thread::spawn(move || replica::serve(&c, &s))
-    };
+    let group = GROUP + 3;
+    let (tls, listen, rstop, server) = replica_server(&base, "replica", group)?;
     let mut config = journal_config(&base.join("journal"), &image, 2 * SIZE);
     config.group_id = group;
     config.digest_before_resync = digest;
     let t = Instant::now();
     let (journal, handle) = Journal::start(config).map_err(err)?;
-    let shipper = Shipper::new(
-        journal.clone(),
-        ShipConfig {
-            replica: listen.to_string(),
-            server_name: "dr.keel".into(),
-            tls: src_tls,
-            zstd_level: None,
-            max_bytes_per_sec: None,
-            status_file: None,
-        },
-    )
-    .map_err(err)?;
+    let shipper = Shipper::new(journal.clone(), ship_config(listen, tls)).map_err(err)?;
     let sstop = Arc::new(AtomicBool::new(false));
     let shipping = {
         let (s, st) = (shipper.clone(), sstop.clone());
@@ -306,13 +299,147 @@ fn delta_resync(dir: &Path, digest: bool) -> Result<(f64, u64), BenchError> {
     rstop.store(true, Ordering::Release);
     let _ = server.join();
     done?;
-    if std::fs::read(&image)? != std::fs::read(rcfg.dir.join("disk-0.raw"))? {
+    if std::fs::read(&image)? != std::fs::read(rdir.join("disk-0.raw"))? {
         return Err(BenchError::Io(std::io::Error::other(
             "the replica differs from the source after the resync",
         )));
     }
     std::fs::remove_dir_all(&base)?;
     Ok((secs, bytes))
+}
+
+/// A replica server on loopback for group `group` (its directory `name`);
+/// returns the source's TLS files, the address, and the server's stop
+/// flag and thread.
+#[allow(clippy::type_complexity)]
+fn replica_server(
+    dir: &Path,
+    name: &str,
+    group: u64,
+) -> Result<
+    (
+        keel_cdp::transport::tls::TlsFiles,
+        std::net::SocketAddr,
+        Arc<AtomicBool>,
+        std::thread::JoinHandle<Result<(), replica::ServeError>>,
+    ),
+    BenchError,
+> {
+    let (src_tls, rep_tls) =
+        generate_pki(&dir.join(format!("pki-{name}")), "dr.keel").map_err(err)?;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let rcfg = replica::ReplicaConfig {
+        listen,
+        dir: dir.join(name),
+        group_id: group,
+        source_site: SITE,
+        keep: 16,
+        tls: rep_tls,
+    };
+    let rstop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let s = rstop.clone();
+        std::thread::spawn(move || replica::serve(&rcfg, &s))
+    };
+    Ok((src_tls, listen, rstop, server))
+}
+
+fn ship_config(
+    listen: std::net::SocketAddr,
+    tls: keel_cdp::transport::tls::TlsFiles,
+) -> ShipConfig {
+    ShipConfig {
+        replica: listen.to_string(),
+        server_name: "dr.keel".into(),
+        tls,
+        zstd_level: None,
+        max_bytes_per_sec: None,
+        status_file: None,
+    }
+}
+
+/// Synchronous mode: each write of `order` waits until the replica
+/// acknowledged it (the completion gate released its ticket); returns µs
+/// per write, and µs per TCP round trip of 8 bytes on loopback.
+fn sync_qd1(
+    dir: &Path,
+    image: &Path,
+    file: &std::fs::File,
+    order: &[u64],
+    data: &[u8],
+) -> Result<(f64, f64), BenchError> {
+    let group = GROUP + 2;
+    let (tls, listen, rstop, server) = replica_server(dir, "sync-replica", group)?;
+    let mut config = journal_config(&dir.join("journal-sync"), image, 8 << 30);
+    config.group_id = group;
+    config.sync_timeout = Some(Duration::from_secs(60));
+    let (journal, handle) = Journal::start(config).map_err(err)?;
+    let shipper = Shipper::new(journal.clone(), ship_config(listen, tls)).map_err(err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = [
+        {
+            let (s, st) = (shipper.clone(), stop.clone());
+            std::thread::spawn(move || s.run(st))
+        },
+        {
+            let (s, st) = (shipper.clone(), stop.clone());
+            std::thread::spawn(move || s.watch_sync(&st))
+        },
+    ];
+    let gate = journal.gate();
+    wait("synchronous mode to engage", || !gate.is_open())?;
+    let t = Instant::now();
+    for &off in order {
+        file.write_all_at(data, off)?;
+        journal.record_write(0, off, data);
+        let ticket = gate.issued();
+        while gate.holds(ticket) {
+            std::thread::yield_now();
+        }
+    }
+    let sync_us = t.elapsed().as_secs_f64() * 1e6 / order.len().max(1) as f64;
+    let fallbacks = journal.counters.sync_fallbacks.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        let _ = t.join();
+    }
+    handle.shutdown().map_err(err)?;
+    rstop.store(true, Ordering::Release);
+    let _ = server.join();
+    if fallbacks > 0 {
+        return Err(BenchError::Io(std::io::Error::other(
+            "synchronous mode fell back to asynchronous during the run",
+        )));
+    }
+    Ok((sync_us, tcp_round_trip_us(2000)?))
+}
+
+/// µs per 8-byte ping-pong over a loopback TCP connection (TCP_NODELAY).
+fn tcp_round_trip_us(n: u32) -> Result<f64, BenchError> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 8];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut b = [7u8; 8];
+    let t = Instant::now();
+    for _ in 0..n {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    drop(c);
+    let _ = echo.join();
+    Ok(us)
 }
 
 /// Writes `order` through a second journal whose shipper sends to a
@@ -326,36 +453,11 @@ fn ship(
     order: &[u64],
     data: &[u8],
 ) -> Result<(f64, f64), BenchError> {
-    let (src_tls, rep_tls) = generate_pki(&dir.join("pki"), "dr.keel").map_err(err)?;
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let rcfg = replica::ReplicaConfig {
-        listen,
-        dir: dir.join("shipped"),
-        group_id: GROUP + 1,
-        source_site: SITE,
-        keep: 16,
-        tls: rep_tls,
-    };
-    let rstop = Arc::new(AtomicBool::new(false));
-    let server = {
-        let (c, s) = (rcfg.clone(), rstop.clone());
-        std::thread::spawn(move || replica::serve(&c, &s))
-    };
+    let (src_tls, listen, rstop, server) = replica_server(dir, "shipped", GROUP + 1)?;
     let mut config = journal_config(&dir.join("journal-shipped"), image, 8 << 30);
     config.group_id = GROUP + 1;
     let (journal, handle) = Journal::start(config).map_err(err)?;
-    let shipper = Shipper::new(
-        journal.clone(),
-        ShipConfig {
-            replica: listen.to_string(),
-            server_name: "dr.keel".into(),
-            tls: src_tls,
-            zstd_level: None,
-            max_bytes_per_sec: None,
-            status_file: None,
-        },
-    )
-    .map_err(err)?;
+    let shipper = Shipper::new(journal.clone(), ship_config(listen, src_tls)).map_err(err)?;
     let sstop = Arc::new(AtomicBool::new(false));
     let shipping = {
         let (s, st) = (shipper.clone(), sstop.clone());

@@ -22,6 +22,17 @@
 //!   boundary: at the end of a buffer (size seal) or when the writer takes
 //!   the active buffer under the lock (period seal). Flush records are kept
 //!   so the replica knows which prefix the guest had made durable.
+//! - **Synchronous mode** ([`JournalConfig::sync_timeout`]): each journaled
+//!   guest record takes a ticket of the group's [`CompletionGate`] (under
+//!   the same lock, so tickets follow journal order); the vhost worker
+//!   holds the request's completion until the gate releases its ticket.
+//!   The writer seals as soon as records wait (group commit: whatever
+//!   arrived during the previous seal goes into the next segment) and
+//!   notes each segment's last ticket; the shipper releases it when the
+//!   replica acknowledged the segment (fsynced and applied). When the DR
+//!   site does not acknowledge within the timeout, or the group falls
+//!   back to the dirty bitmap, the gate opens (asynchronous, with a log
+//!   line and a counter) until the replica has caught up again.
 //! - **Cache full / buffers exhausted / link down too long**: the group
 //!   switches to *dirty mode*: the hook only sets a bit per chunk in
 //!   [`ChunkMap`]s (guest I/O never blocks or fails for replication).
@@ -47,13 +58,14 @@ pub mod format;
 pub mod resync;
 pub mod writer;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use keel_vhost::{WriteData, WriteHook};
+use keel_vhost::{CompletionGate, WriteData, WriteHook};
 
 pub use chunkmap::ChunkMap;
 use format::{encode_record, record_len, DiskEntry, RecordKind};
@@ -64,6 +76,10 @@ pub const RPO_MIN: Duration = Duration::from_secs(1);
 pub const RPO_MAX: Duration = Duration::from_secs(24 * 3600);
 /// Default RPO period (the reference product's floor).
 pub const RPO_DEFAULT: Duration = Duration::from_secs(30);
+/// Shortest and longest synchronous-mode timeout.
+pub const SYNC_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+/// See [`SYNC_TIMEOUT_MIN`].
+pub const SYNC_TIMEOUT_MAX: Duration = Duration::from_secs(300);
 
 /// Errors of opening a journal.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +128,10 @@ pub struct JournalConfig {
     /// compared chunk digests with the replica and cleared the chunks it
     /// already holds (`transport::digest`): set when a shipper runs.
     pub digest_before_resync: bool,
+    /// Synchronous mode: guest writes complete only once the replica
+    /// acknowledged them; after this long without an acknowledgement the
+    /// group falls back to asynchronous. `None`: asynchronous.
+    pub sync_timeout: Option<Duration>,
 }
 
 impl JournalConfig {
@@ -130,6 +150,7 @@ impl JournalConfig {
             buffers: 8,
             chunk_bytes: 64 << 10,
             digest_before_resync: false,
+            sync_timeout: None,
         }
     }
 
@@ -157,6 +178,12 @@ impl JournalConfig {
         if self.cache_limit_bytes < 2 * self.pool_bytes() {
             return bad("cache limit must be at least twice the buffer pool");
         }
+        if self
+            .sync_timeout
+            .is_some_and(|t| !(SYNC_TIMEOUT_MIN..=SYNC_TIMEOUT_MAX).contains(&t))
+        {
+            return bad("the synchronous-mode timeout must be between 1 s and 5 min");
+        }
         Ok(())
     }
 }
@@ -177,6 +204,24 @@ struct Active {
     free: Vec<Vec<u8>>,
     /// Between ResyncBegin and ResyncEnd (the replica is inconsistent).
     resync_open: bool,
+    /// Guest records journaled since the last cut (synchronous mode).
+    uncut: bool,
+    /// The writer sleeps on `Journal::wake` (synchronous mode).
+    writer_waiting: bool,
+}
+
+/// What the writer thread receives, in journal order.
+pub(crate) enum ToWriter {
+    /// A full buffer.
+    Full(Vec<u8>),
+    /// The active buffer taken for a seal; `ticket`: the gate's last
+    /// ticket, every record up to it is in this or an earlier buffer.
+    Cut {
+        /// The buffer.
+        buf: Vec<u8>,
+        /// See above.
+        ticket: u64,
+    },
 }
 
 /// Counters of one group (read by the status writer).
@@ -202,6 +247,8 @@ pub struct JournalCounters {
     pub digest_bytes_saved: AtomicU64,
     /// Digest passes cut short by a connection failure.
     pub digest_interrupted: AtomicU64,
+    /// Times synchronous mode fell back to asynchronous.
+    pub sync_fallbacks: AtomicU64,
 }
 
 /// The journal of one consistency group, shared by its hooks, writer,
@@ -210,7 +257,16 @@ pub struct Journal {
     config: JournalConfig,
     disks: Vec<DiskEntry>,
     active: Mutex<Active>,
-    full_tx: SyncSender<Vec<u8>>,
+    /// The writer waits here for records to cut (synchronous mode).
+    wake: Condvar,
+    full_tx: SyncSender<ToWriter>,
+    /// Holds guest completions in synchronous mode (open otherwise).
+    gate: CompletionGate,
+    /// Sealed segments and their last gate ticket, oldest first, until
+    /// the replica acknowledges them (synchronous mode).
+    sealed_tickets: Mutex<VecDeque<(u64, u64)>>,
+    /// The last sealed segment, for a shipper waiting for the next one.
+    sealed: (Mutex<u64>, Condvar),
     /// Chunks to resend, per disk.
     dirty: Vec<ChunkMap>,
     /// Chunks written while a resync was open, per disk.
@@ -265,7 +321,8 @@ impl Journal {
             files.push(f);
         }
         let recovered = writer::recover(&config.dir)?;
-        let (full_tx, full_rx): (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) =
+        // Room for every buffer of the pool plus one cut.
+        let (full_tx, full_rx): (SyncSender<ToWriter>, Receiver<ToWriter>) =
             std::sync::mpsc::sync_channel(config.buffers + 1);
         let free = (0..config.buffers)
             .map(|_| Vec::with_capacity(config.buffer_bytes))
@@ -285,8 +342,15 @@ impl Journal {
                 buf: Vec::new(),
                 free,
                 resync_open: false,
+                uncut: false,
+                writer_waiting: false,
             }),
+            wake: Condvar::new(),
             full_tx,
+            // Open until the shipper sees the replica caught up.
+            gate: CompletionGate::new(true),
+            sealed_tickets: Mutex::new(VecDeque::new()),
+            sealed: (Mutex::new(recovered.chain.seq), Condvar::new()),
             cache_used: AtomicU64::new(recovered.cache_bytes),
             stop: AtomicBool::new(false),
             resync_hold: AtomicBool::new(false),
@@ -425,11 +489,12 @@ impl Journal {
         };
         let full = std::mem::replace(&mut st.buf, fresh);
         if full.capacity() > 0 {
-            if let Err(TrySendError::Full(b) | TrySendError::Disconnected(b)) =
-                self.full_tx.try_send(full)
+            if let Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) =
+                self.full_tx.try_send(ToWriter::Full(full))
             {
                 // Cannot happen (the channel holds the whole pool); keep
                 // the buffer rather than lose its records.
+                let (ToWriter::Full(b) | ToWriter::Cut { buf: b, .. }) = m;
                 st.free.push(std::mem::replace(&mut st.buf, b));
                 self.enter_dirty(st);
                 return false;
@@ -447,7 +512,88 @@ impl Journal {
                 cache_used = self.cache_used(),
                 "journal full or out of buffers: tracking writes in the dirty bitmap"
             );
+            // Writes that are not journaled cannot wait for the replica.
+            self.fall_back_to_async("the journal fell back to the dirty bitmap");
         }
+    }
+
+    /// The gate synchronous mode holds completions with.
+    pub fn gate(&self) -> &CompletionGate {
+        &self.gate
+    }
+
+    /// Whether the group is configured synchronous.
+    pub fn is_sync(&self) -> bool {
+        self.config.sync_timeout.is_some()
+    }
+
+    /// Synchronous mode gives up waiting for the replica (completions go
+    /// at once) until [`Journal::engage_sync`].
+    pub fn fall_back_to_async(&self, why: &str) {
+        if self.is_sync() && !self.gate.is_open() {
+            self.gate.set_open(true);
+            self.counters.sync_fallbacks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                group = self.config.group_id,
+                reason = why,
+                "synchronous replication fell back to asynchronous"
+            );
+        }
+    }
+
+    /// Synchronous mode holds completions again (the replica has caught
+    /// up: everything sealed is acknowledged).
+    pub fn engage_sync(&self) {
+        if self.is_sync() && self.gate.is_open() {
+            self.gate.set_open(false);
+            tracing::info!(
+                group = self.config.group_id,
+                "synchronous replication engaged: writes complete once the DR site has them"
+            );
+        }
+    }
+
+    /// The replica acknowledged every segment up to `seq`: releases the
+    /// completions they carry.
+    pub fn acknowledged(&self, seq: u64) {
+        let mut t = self
+            .sealed_tickets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut ticket = None;
+        while let Some(&(s, tk)) = t.front() {
+            if s > seq {
+                break;
+            }
+            ticket = Some(tk);
+            t.pop_front();
+        }
+        drop(t);
+        if let Some(tk) = ticket {
+            self.gate.release(tk);
+        }
+    }
+
+    /// Waits up to `timeout` for a segment after `seq` to be sealed.
+    pub fn wait_sealed(&self, seq: u64, timeout: Duration) {
+        let (m, cv) = &self.sealed;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        if *g <= seq {
+            let _ = cv.wait_timeout(g, timeout);
+        }
+    }
+
+    /// The writer sealed `seq`, whose last record has gate ticket `ticket`.
+    fn note_sealed(&self, seq: u64, ticket: Option<u64>) {
+        if let (Some(tk), true) = (ticket, self.is_sync()) {
+            self.sealed_tickets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back((seq, tk));
+        }
+        let (m, cv) = &self.sealed;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = seq;
+        cv.notify_all();
     }
 
     /// hot path: journals one record of disk `disk`, or marks its range
@@ -478,6 +624,16 @@ impl Journal {
             self.counters
                 .bytes
                 .fetch_add(record_len(data_len) as u64, Ordering::Relaxed);
+            if self.is_sync() {
+                self.gate.issue();
+                st.uncut = true;
+                if st.writer_waiting {
+                    // A futex wake only when the writer sleeps: a busy
+                    // writer cuts these records with its next seal.
+                    st.writer_waiting = false;
+                    self.wake.notify_one();
+                }
+            }
         } else if kind != RecordKind::Flush {
             dmap.set_range(offset, len);
         }
@@ -529,9 +685,38 @@ impl Journal {
         self.lock().free.push(buf);
     }
 
-    /// The writer takes the active buffer for a period seal.
-    fn take_active(&self) -> Vec<u8> {
-        std::mem::take(&mut self.lock().buf)
+    /// The writer cuts the journal for a seal: the active buffer goes into
+    /// the channel behind every full buffer queued before it (under the
+    /// lock, so no record that follows it can be written before it).
+    /// False when the channel refused it (cannot happen, see `start`).
+    fn cut(&self) -> bool {
+        let mut st = self.lock();
+        let buf = std::mem::take(&mut st.buf);
+        st.uncut = false;
+        let ticket = self.gate.issued();
+        match self.full_tx.try_send(ToWriter::Cut { buf, ticket }) {
+            Ok(()) => true,
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                let (ToWriter::Full(b) | ToWriter::Cut { buf: b, .. }) = m;
+                st.buf = b;
+                false
+            }
+        }
+    }
+
+    /// Synchronous mode: the writer sleeps until records wait to be cut,
+    /// or `timeout`. True when records wait.
+    fn wait_uncut(&self, timeout: Duration) -> bool {
+        let mut st = self.lock();
+        if !st.uncut {
+            st.writer_waiting = true;
+            st = self
+                .wake
+                .wait_timeout(st, timeout)
+                .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            st.writer_waiting = false;
+        }
+        st.uncut
     }
 }
 
@@ -598,6 +783,9 @@ impl WriteHook for CdpHook {
     fn on_flush(&self) {
         self.journal
             .append(RecordKind::Flush, self.disk, 0, 0, 0, |_| {});
+    }
+    fn gate(&self) -> Option<&CompletionGate> {
+        self.journal.is_sync().then_some(&self.journal.gate)
     }
 }
 

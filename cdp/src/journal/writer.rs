@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::format::{self, encode_trailer, SegmentHeader};
-use super::{now_ms, segment_path, Journal, JournalError};
+use super::{now_ms, segment_path, Journal, JournalError, ToWriter};
 
 /// Marks a journal shut down cleanly (nothing dirty, nothing in resync).
 pub(crate) const CLEAN_FILE: &str = "CLEAN";
@@ -173,7 +173,7 @@ struct OpenSegment {
 /// See the module docs.
 pub struct Writer {
     journal: Arc<Journal>,
-    full_rx: Receiver<Vec<u8>>,
+    full_rx: Receiver<ToWriter>,
     chain: Chain,
     open: Option<OpenSegment>,
     last_seal: Instant,
@@ -183,7 +183,7 @@ pub struct Writer {
 const STOP_POLL: Duration = Duration::from_millis(100);
 
 impl Writer {
-    pub(crate) fn new(journal: Arc<Journal>, full_rx: Receiver<Vec<u8>>, chain: Chain) -> Self {
+    pub(crate) fn new(journal: Arc<Journal>, full_rx: Receiver<ToWriter>, chain: Chain) -> Self {
         Self {
             journal,
             full_rx,
@@ -220,19 +220,19 @@ impl Writer {
                 return Ok(());
             }
             let wait = rpo.saturating_sub(self.last_seal.elapsed()).min(STOP_POLL);
-            match self.full_rx.recv_timeout(wait) {
-                Ok(buf) => {
-                    self.write_buffer(&buf)?;
-                    self.journal.recycle(buf);
-                    let full = self
-                        .open
-                        .as_ref()
-                        .is_some_and(|o| o.len >= self.journal.config.max_segment_bytes);
-                    if full {
-                        // Size seal: the end of a buffer is a record boundary.
-                        self.seal()?;
-                    }
+            if self.journal.is_sync() {
+                // Group commit: cut as soon as records wait; what arrives
+                // while this seal runs goes into the next one.
+                while let Ok(m) = self.full_rx.try_recv() {
+                    self.take(m)?;
                 }
+                if self.journal.wait_uncut(wait) || self.last_seal.elapsed() >= rpo {
+                    self.seal_period()?;
+                }
+                continue;
+            }
+            match self.full_rx.recv_timeout(wait) {
+                Ok(m) => self.take(m)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
@@ -242,19 +242,46 @@ impl Writer {
         }
     }
 
-    /// Period seal: everything journaled until now (the active buffer,
-    /// taken under the lock, after every buffer queued before it).
+    /// Writes one message: a full buffer (sealing at the size limit; the
+    /// end of a buffer is a record boundary) or a cut (sealing).
+    fn take(&mut self, m: ToWriter) -> Result<(), WriterError> {
+        match m {
+            ToWriter::Full(buf) => {
+                self.write_buffer(&buf)?;
+                self.journal.recycle(buf);
+                let full = self
+                    .open
+                    .as_ref()
+                    .is_some_and(|o| o.len >= self.journal.config.max_segment_bytes);
+                if full {
+                    self.seal(None)?;
+                }
+                Ok(())
+            }
+            ToWriter::Cut { buf, ticket } => {
+                self.write_buffer(&buf)?;
+                if buf.capacity() > 0 {
+                    self.journal.recycle(buf);
+                }
+                self.seal(Some(ticket))
+            }
+        }
+    }
+
+    /// Period seal: everything journaled until now. The cut goes into the
+    /// channel behind the full buffers queued before it, so the segment
+    /// ends exactly there, with every record in journal order.
     fn seal_period(&mut self) -> Result<(), WriterError> {
-        let active = self.journal.take_active();
-        while let Ok(buf) = self.full_rx.try_recv() {
-            self.write_buffer(&buf)?;
-            self.journal.recycle(buf);
+        if !self.journal.cut() {
+            return self.seal(None);
         }
-        self.write_buffer(&active)?;
-        if active.capacity() > 0 {
-            self.journal.recycle(active);
+        loop {
+            match self.full_rx.recv() {
+                Ok(m @ ToWriter::Full(_)) => self.take(m)?,
+                Ok(m @ ToWriter::Cut { .. }) => return self.take(m),
+                Err(_) => return self.seal(None),
+            }
         }
-        self.seal()
     }
 
     fn write_buffer(&mut self, buf: &[u8]) -> Result<(), WriterError> {
@@ -306,7 +333,7 @@ impl Writer {
     /// Writes the trailer, fsyncs, renames to `.seg`, records the chain.
     /// An empty period still seals a (header-only) segment: it is the
     /// heartbeat the replica measures its lag with.
-    fn seal(&mut self) -> Result<(), WriterError> {
+    fn seal(&mut self, ticket: Option<u64>) -> Result<(), WriterError> {
         self.last_seal = Instant::now();
         if self.open.is_none() {
             self.write_buffer(&[])?;
@@ -330,6 +357,7 @@ impl Writer {
         let c = &self.journal.counters;
         c.segments_sealed.fetch_add(1, Ordering::Relaxed);
         c.last_sealed_seq.store(seq, Ordering::Release);
+        self.journal.note_sealed(seq, ticket);
         tracing::debug!(seq, bytes = o.len, records = o.records, "segment sealed");
         Ok(())
     }

@@ -7,6 +7,11 @@
 //! with the next. One segment is in flight at a time (the replica applies
 //! whole segments in order anyway); optional zstd; a bandwidth cap
 //! averaged over the connection; counters and a status file.
+//!
+//! Synchronous mode: each acknowledgement releases the guest completions
+//! the segment carries ([`Journal::acknowledged`]); [`Shipper::watch_sync`]
+//! opens the gate when the replica stops acknowledging for the timeout
+//! and closes it again once the replica has caught up.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -146,6 +151,14 @@ pub struct SourceStatus {
     pub digest_bytes_saved: u64,
     /// Bytes sent in each of the last 60 seconds, oldest first.
     pub rate_history: Vec<u64>,
+    /// `async`; `sync` (writes complete once the replica has them) or
+    /// `sync-fallback` (synchronous, but waiting for the replica to catch
+    /// up: writes complete at once).
+    pub replication: &'static str,
+    /// Guest writes waiting for the replica's acknowledgement.
+    pub held_writes: u64,
+    /// Times synchronous mode fell back to asynchronous.
+    pub sync_fallbacks: u64,
 }
 
 /// Running shipper.
@@ -160,6 +173,8 @@ pub struct Shipper {
 }
 
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the synchronous-mode watchdog looks.
+const SYNC_WATCH: Duration = Duration::from_millis(50);
 const POLL: Duration = Duration::from_millis(20);
 /// A replica applying a large segment answers within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
@@ -274,7 +289,7 @@ impl Shipper {
                         super::digest::pass(&self.journal, &mut s, stop)?;
                         continue;
                     }
-                    std::thread::sleep(POLL);
+                    self.journal.wait_sealed(next - 1, POLL);
                     continue;
                 }
                 Err(e) => return Err(ShipError::Segment(path, e)),
@@ -317,6 +332,7 @@ impl Shipper {
                 }
                 other => return Err(ShipError::Protocol(format!("unexpected {other:?}"))),
             }
+            self.journal.acknowledged(next);
             std::fs::remove_file(&path).map_err(|e| ShipError::Segment(path.clone(), e))?;
             self.journal.release_cache(bytes.len() as u64);
             let c = &self.counters;
@@ -349,7 +365,51 @@ impl Shipper {
                     .fetch_max(seq, Ordering::Relaxed);
             }
         }
+        self.journal.acknowledged(last_seq);
         Ok(())
+    }
+
+    /// Synchronous mode's watchdog (its own thread, until `stop`): opens
+    /// the gate when held writes saw no acknowledgement for the timeout
+    /// (the DR site is unreachable or too slow: guest I/O must not hang on
+    /// it), closes it once the replica is consistent and at most one
+    /// segment behind.
+    pub fn watch_sync(&self, stop: &AtomicBool) {
+        let Some(timeout) = self.journal.config().sync_timeout else {
+            return;
+        };
+        let gate = self.journal.gate();
+        let mut seen = (gate.released(), Instant::now());
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(SYNC_WATCH);
+            if gate.is_open() {
+                let sealed = self
+                    .journal
+                    .counters
+                    .last_sealed_seq
+                    .load(Ordering::Acquire);
+                let acked = self.counters.last_acked_seq.load(Ordering::Acquire);
+                if self.counters.connected.load(Ordering::Acquire)
+                    && self.journal.mode() == Mode::Journal
+                    && !self.journal.resyncing()
+                    && self.journal.dirty_chunks() == 0
+                    && sealed.saturating_sub(acked) <= 1
+                {
+                    self.journal.engage_sync();
+                    seen = (gate.released(), Instant::now());
+                }
+                continue;
+            }
+            let released = gate.released();
+            if gate.pending() == 0 || released != seen.0 {
+                seen = (released, Instant::now());
+            } else if seen.1.elapsed() >= timeout {
+                self.journal.fall_back_to_async(&format!(
+                    "no acknowledgement from the DR site for {} s",
+                    timeout.as_secs()
+                ));
+            }
+        }
     }
 
     fn add_history(&self, n: u64) {
@@ -418,6 +478,13 @@ impl Shipper {
             digest_equal: jc.digest_equal.load(Ordering::Relaxed),
             digest_bytes_saved: jc.digest_bytes_saved.load(Ordering::Relaxed),
             rate_history,
+            replication: match (j.is_sync(), j.gate().is_open()) {
+                (false, _) => "async",
+                (true, false) => "sync",
+                (true, true) => "sync-fallback",
+            },
+            held_writes: j.gate().pending(),
+            sync_fallbacks: jc.sync_fallbacks.load(Ordering::Relaxed),
         }
     }
 

@@ -64,6 +64,8 @@ pub struct CdpGroup {
     /// `source.pem`, `source.key`, `ca.pem`.
     pub pki: PathBuf,
     pub rpo_seconds: u64,
+    /// Synchronous mode's fallback timeout; `None`: asynchronous.
+    pub sync_timeout_seconds: Option<u64>,
     pub max_mbit: Option<u64>,
     pub replica: String,
     pub server_name: String,
@@ -260,6 +262,9 @@ impl DiskServers {
             .arg("--ca")
             .arg(group.pki.join("ca.pem"))
             .args(["--cbt-granularity", &CBT_GRANULARITY.to_string()]);
+        if let Some(t) = group.sync_timeout_seconds {
+            cmd.args(["--sync-timeout-secs", &t.to_string()]);
+        }
         if let Some(m) = group.max_mbit {
             cmd.args(["--max-mbit", &m.to_string()]);
         }

@@ -274,6 +274,12 @@ struct CdpSourceArgs {
     /// Status file (JSON, rewritten every second); default JOURNAL/status.json.
     #[arg(long)]
     status: Option<PathBuf>,
+    /// Synchronous mode (RPO 0): a guest write completes only once the
+    /// replica has it; after this many seconds without an acknowledgement
+    /// the group falls back to asynchronous until the replica caught up
+    /// (1 .. 300).
+    #[arg(long, value_name = "SECS")]
+    sync_timeout_secs: Option<u64>,
     #[command(flatten)]
     tls: Option<CdpTlsArgs>,
 }
@@ -702,6 +708,7 @@ fn cdp(command: CdpCommand) -> anyhow::Result<()> {
             journal.rpo = std::time::Duration::from_secs(a.rpo_secs);
             journal.max_segment_bytes = a.max_segment_mib << 20;
             journal.cache_limit_bytes = a.cache_mib << 20;
+            journal.sync_timeout = a.sync_timeout_secs.map(std::time::Duration::from_secs);
             let ship = match (a.replica, a.tls) {
                 (Some(replica), Some(tls)) => Some(keel_cdp::transport::ship::ShipConfig {
                     replica,

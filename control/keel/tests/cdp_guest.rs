@@ -36,9 +36,56 @@ struct Sites {
     dr: NetnsHost,
     work: PathBuf,
     certs: Value,
+    /// Extra `keel cdp source` arguments.
+    source_args: Vec<String>,
 }
 
 impl Sites {
+    /// Two namespaces (`<tag>s`, `<tag>r`) joined by a veth, a blank
+    /// source image and the group's certificates, under `work`.
+    fn new(tag: &str, work: &Path) -> Self {
+        std::fs::File::create(work.join("source.raw"))
+            .unwrap()
+            .set_len(DISK)
+            .unwrap();
+        let out = std::process::Command::new(keel_bin())
+            .args(["cdp", "certs", "--out"])
+            .arg(work.join("pki"))
+            .args(["--replica-name", "keel-replica"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let certs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let src = NetnsHost::new(&format!("{tag}s")).unwrap();
+        let dr = NetnsHost::new(&format!("{tag}r")).unwrap();
+        veth_pair(&src, "eth0", &dr, "eth0").unwrap();
+        src.add_addr("eth0", "198.18.7.1/24").unwrap();
+        dr.add_addr("eth0", "198.18.7.2/24").unwrap();
+        Sites {
+            src,
+            dr,
+            work: work.to_owned(),
+            certs,
+            source_args: Vec::new(),
+        }
+    }
+
+    /// A guest with the source's disk as /dev/vda.
+    fn boot_guest(&self, name: &str) -> Guest {
+        let chardev = format!("socket,id=vub,path={},reconnect=1", self.socket().display());
+        Guest::boot(GuestConfig::new(name).qemu_args([
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-blk-pci,chardev=vub",
+        ]))
+        .unwrap()
+    }
+
     fn keel(&self, args: &[&str]) -> Vec<String> {
         let mut v = vec![keel_bin().display().to_string()];
         v.extend(args.iter().map(|s| s.to_string()));
@@ -135,6 +182,7 @@ impl Sites {
             "1",
         ]);
         args.extend(self.tls("source"));
+        args.extend(self.source_args.iter().cloned());
         let pid = self.spawn(host, args, &format!("{journal}.log"));
         wait("the source's socket", || socket.exists());
         pid
@@ -240,46 +288,10 @@ fn writes(from: usize, to: usize) -> String {
 fn guest_writes_reach_the_dr_site_as_a_flush_ordered_prefix_across_a_source_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().to_owned();
-    std::fs::File::create(work.join("source.raw"))
-        .unwrap()
-        .set_len(DISK)
-        .unwrap();
-    let out = std::process::Command::new(keel_bin())
-        .args(["cdp", "certs", "--out"])
-        .arg(work.join("pki"))
-        .args(["--replica-name", "keel-replica"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let certs: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let src = NetnsHost::new("cdps").unwrap();
-    let dr = NetnsHost::new("cdpr").unwrap();
-    veth_pair(&src, "eth0", &dr, "eth0").unwrap();
-    src.add_addr("eth0", "198.18.7.1/24").unwrap();
-    dr.add_addr("eth0", "198.18.7.2/24").unwrap();
-    let sites = Sites {
-        src,
-        dr,
-        work: work.clone(),
-        certs,
-    };
+    let sites = Sites::new("cdp", &work);
     let replica = sites.start_replica();
     let source = sites.start_source();
-    let chardev = format!(
-        "socket,id=vub,path={},reconnect=1",
-        sites.socket().display()
-    );
-    let mut guest = Guest::boot(GuestConfig::new("cdp").qemu_args([
-        "-chardev",
-        &chardev,
-        "-device",
-        "vhost-user-blk-pci,chardev=vub",
-    ]))
-    .unwrap();
+    let mut guest = sites.boot_guest("cdp");
 
     // Written and shipped: the replica equals the source.
     guest.run(&writes(0, FIRST)).unwrap();
@@ -424,4 +436,67 @@ fn guest_writes_reach_the_dr_site_as_a_flush_ordered_prefix_across_a_source_cras
         same(&replica_disk, &back.join("disk-0.raw")),
         "the old primary's disk equals the DR disk again"
     );
+}
+
+/// Synchronous mode (RPO 0) with a real guest: its direct (uncached)
+/// writes complete only once the DR site has them, so after `kill -9` of
+/// the source every write the guest saw complete is on the replica.
+#[test]
+fn sync_mode_loses_no_acknowledged_write_when_the_source_dies() {
+    const N: usize = 100_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().to_owned();
+    let mut sites = Sites::new("cdq", &work);
+    sites.source_args = vec!["--sync-timeout-secs".into(), "60".into()];
+    let replica = sites.start_replica();
+    let source = sites.start_source();
+    let mut guest = sites.boot_guest("cdpsync");
+    wait("synchronous replication to engage", || {
+        sites.status()["replication"] == "sync"
+    });
+
+    // Each block written with O_DIRECT (the completion is the virtio
+    // write's own, no flush); the guest notes it only once dd returned.
+    let script = format!(
+        "i=0; while [ $i -lt {N} ]; do printf 'BLOCK-%06d' $i | dd of=/dev/vda bs=4096 seek=$i oflag=direct conv=notrunc 2>/dev/null && echo $i > /tmp/acked; i=$((i+1)); done"
+    );
+    guest
+        .run(&format!(
+            "echo '{}' > /tmp/stream.sh; setsid sh /tmp/stream.sh > /dev/null 2>&1 < /dev/null &",
+            script.replace('\'', "\"")
+        ))
+        .unwrap();
+    wait("the stream to be under way", || {
+        block(&sites.image(), 30) == pattern(30)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    kill(source, libc::SIGKILL);
+    wait_gone(source);
+    let out = guest.run("cat /tmp/acked").unwrap();
+    // The console may interleave kernel messages about the lost device.
+    let acked: usize = out
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no acknowledged index in {out:?}"));
+    std::thread::sleep(Duration::from_secs(1));
+    kill(replica, libc::SIGTERM);
+    wait_gone(replica);
+    let replica_disk = sites.replica_disk();
+    let held = (0..N)
+        .find(|&i| block(&replica_disk, i) != pattern(i))
+        .unwrap_or(N);
+    eprintln!(
+        "sync: guest saw {} writes complete, the replica holds {held}",
+        acked + 1
+    );
+    assert!(acked >= 30);
+    for i in 0..=acked {
+        assert_eq!(
+            block(&replica_disk, i),
+            pattern(i),
+            "block {i} completed to the guest before the crash"
+        );
+    }
+    drop(guest);
 }

@@ -346,7 +346,11 @@ fn protect_and_replicate(
         b
     };
     for (bad, field) in [
-        (json!({"mode": "sync"}), "mode"),
+        (json!({"mode": "semi-sync"}), "mode"),
+        (
+            json!({"mode": "sync", "sync_timeout_seconds": 0}),
+            "sync_timeout_seconds",
+        ),
         (json!({"rpo_seconds": 0}), "rpo_seconds"),
         (json!({"replica_address": "dr-site"}), "replica_address"),
         (json!({"members": []}), "members"),
@@ -359,8 +363,13 @@ fn protect_and_replicate(
         assert_eq!(status, 422, "{problem}");
         assert_eq!(problem["field"], field, "{problem}");
     }
-    let group = api.ok("POST", "/api/v1/protection-groups", Some(body(json!({}))));
+    let group = api.ok(
+        "POST",
+        "/api/v1/protection-groups",
+        Some(body(json!({"mode": "sync", "sync_timeout_seconds": 60}))),
+    );
     assert_eq!(group["status"], "UNPROTECTED", "{group}");
+    assert_eq!(group["mode"], "sync", "{group}");
     let gid = group["id"].as_str().unwrap().to_owned();
     let (status, problem) = api.call(
         "POST",
@@ -509,6 +518,28 @@ fn protect_and_replicate(
     assert!(
         rgv["observed"]["segments_applied"].as_u64().unwrap() >= 2,
         "{rgv}"
+    );
+
+    // Synchronous mode: once the guest's write returned, the DR site has
+    // it (no waiting here).
+    let g = wait_for(
+        api,
+        &format!("/api/v1/protection-groups/{gid}"),
+        "synchronous replication never engaged",
+        |g| g["observed"]["replication"] == "sync",
+    );
+    assert_eq!(g["observed"]["sync_fallbacks"], 0, "{g}");
+    let out = guest_run(
+        api,
+        base,
+        vm,
+        "P1S",
+        "echo KEEL-CDP-SYNC-MARK | dd of=/dev/vda2 bs=4096 seek=330 oflag=direct 2>/dev/null",
+    );
+    assert!(out.contains("P1S=0"), "{out}");
+    assert!(
+        file_contains(&replica_disk, b"KEEL-CDP-SYNC-MARK"),
+        "a write the guest saw complete is on the DR site"
     );
 
     // Planned switchover: a write just before the stop still reaches the

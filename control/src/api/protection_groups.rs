@@ -134,6 +134,8 @@ pub struct ProtectionGroupSpec {
     pub description: String,
     pub mode: String,
     pub rpo_seconds: u64,
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_seconds: u64,
     pub max_mbit: Option<u64>,
     pub replica_address: String,
     pub replica_server_name: String,
@@ -155,9 +157,14 @@ pub struct ProtectionGroup {
     #[serde(flatten)]
     pub meta: Meta,
     pub description: String,
-    /// `async` (RPO ≥ 1 s).
+    /// `async` (RPO ≥ 1 s) or `sync` (RPO 0: a guest write completes only
+    /// once the DR site has it durably).
     pub mode: String,
     pub rpo_seconds: u64,
+    /// `sync`: after this long without an acknowledgement from the DR
+    /// site, writes go on asynchronously (`observed.replication`
+    /// `sync-fallback`) until the replica caught up.
+    pub sync_timeout_seconds: u64,
     /// Shipping bandwidth cap.
     pub max_mbit: Option<u64>,
     /// The DR site's `keel cdp replica` listener (IP:port).
@@ -185,13 +192,18 @@ pub struct ProtectionGroupCreate {
     pub vdc_id: Option<String>,
     #[serde(default)]
     pub description: String,
-    /// Only `async` so far.
+    /// `async` (default) or `sync`.
     #[serde(default = "async_mode")]
     pub mode: String,
-    /// 1 .. 86400, default 30.
+    /// 1 .. 86400, default 30. In `sync` mode the period of the heartbeat
+    /// segments the lag is measured with.
     #[serde(default = "default_rpo")]
     #[schema(minimum = 1, maximum = 86400)]
     pub rpo_seconds: u64,
+    /// `sync` only: 1 .. 300, default 10.
+    #[serde(default = "default_sync_timeout")]
+    #[schema(minimum = 1, maximum = 300)]
+    pub sync_timeout_seconds: u64,
     /// Shipping bandwidth cap in Mbit/s.
     #[schema(minimum = 1)]
     pub max_mbit: Option<u64>,
@@ -208,6 +220,9 @@ fn async_mode() -> String {
 }
 fn default_rpo() -> u64 {
     30
+}
+fn default_sync_timeout() -> u64 {
+    10
 }
 fn default_server_name() -> String {
     "keel-replica".into()
@@ -241,6 +256,7 @@ impl Resource for ProtectionGroup {
             description: spec.description,
             mode: spec.mode,
             rpo_seconds: spec.rpo_seconds,
+            sync_timeout_seconds: spec.sync_timeout_seconds,
             max_mbit: spec.max_mbit,
             replica_address: spec.replica_address,
             replica_server_name: spec.replica_server_name,
@@ -266,17 +282,19 @@ fn check_body(body: &ProtectionGroupCreate) -> Result<(), ApiError> {
     check_name("name", &body.name)?;
     check_description(&body.description)?;
     match body.mode.as_str() {
-        "async" => {}
-        "sync" => return Err(ApiError::invalid(
-            "mode",
-            "synchronous replication (RPO 0) is not available yet; use async with rpo_seconds ≥ 1",
-        )),
+        "async" | "sync" => {}
         other => {
             return Err(ApiError::invalid(
                 "mode",
-                format!("{other:?} is not a mode; use async"),
+                format!("{other:?} is not a mode; use async or sync"),
             ))
         }
+    }
+    if !(1..=300).contains(&body.sync_timeout_seconds) {
+        return Err(ApiError::invalid(
+            "sync_timeout_seconds",
+            "must be 1 .. 300",
+        ));
     }
     if !(RPO_MIN..=RPO_MAX).contains(&body.rpo_seconds) {
         return Err(ApiError::invalid(
@@ -439,6 +457,7 @@ async fn create_group(
                 description: body.description,
                 mode: body.mode,
                 rpo_seconds: body.rpo_seconds,
+                sync_timeout_seconds: body.sync_timeout_seconds,
                 max_mbit: body.max_mbit,
                 replica_address: body.replica_address,
                 replica_server_name: body.replica_server_name,
@@ -514,6 +533,7 @@ async fn replace_group(
         description: body.description,
         mode: body.mode,
         rpo_seconds: body.rpo_seconds,
+        sync_timeout_seconds: body.sync_timeout_seconds,
         max_mbit: body.max_mbit,
         replica_address: body.replica_address,
         // The certificates name the replica: a new name needs new ones.

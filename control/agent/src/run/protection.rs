@@ -84,6 +84,7 @@ impl Agent {
             journal: dir.join("journal"),
             pki: dir.join("pki"),
             rpo_seconds: spec.rpo_seconds,
+            sync_timeout_seconds: (spec.mode == "sync").then_some(spec.sync_timeout_seconds),
             max_mbit: spec.max_mbit,
             replica: spec.replica_address,
             server_name: spec.replica_server_name,
@@ -104,6 +105,9 @@ impl Agent {
             ),
             Some(s) if s["resyncing"].as_bool() == Some(true) => {
                 "copying the disks to the replica (full resync)".to_owned()
+            }
+            Some(s) if s["replication"] == "sync-fallback" => {
+                "synchronous mode is waiting for the replica to catch up: writes complete without it meanwhile".to_owned()
             }
             Some(_) => String::new(),
         };
