@@ -83,6 +83,8 @@ pub fn run(config: SourceConfig, stop: &StopHandle) -> Result<(), SourceError> {
     }
     let mut jc = config.journal.clone();
     jc.disks = config.disks.iter().map(|d| d.image.clone()).collect();
+    // A shipper compares digests with the replica before a full resync.
+    jc.digest_before_resync |= config.ship.is_some();
     let mut shared = Vec::new();
     let mut cbts = Vec::new();
     for d in &config.disks {

@@ -389,6 +389,333 @@ fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     rthread2.join().unwrap().unwrap();
 }
 
+/// A replica server and a shipper on loopback; stopped (and joined) on drop,
+/// also when the test fails.
+struct Link {
+    ship: Arc<Shipper>,
+    rstop: Arc<AtomicBool>,
+    sstop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Link {
+    fn start(dir: &Path, j: &Arc<Journal>, replica_dir: &Path) -> Link {
+        let (src_tls, rep_tls) = generate_pki(&dir.join("pki"), "dr.keel").unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let rcfg = replica::ReplicaConfig {
+            listen,
+            dir: replica_dir.to_owned(),
+            group_id: GROUP,
+            source_site: SITE,
+            keep: 4,
+            tls: rep_tls,
+        };
+        let rstop = Arc::new(AtomicBool::new(false));
+        let sstop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let s = rstop.clone();
+            threads.push(std::thread::spawn(move || {
+                replica::serve(&rcfg, &s).unwrap();
+            }));
+        }
+        let ship = Shipper::new(
+            j.clone(),
+            ShipConfig {
+                replica: listen.to_string(),
+                server_name: "dr.keel".into(),
+                tls: src_tls,
+                zstd_level: None,
+                max_bytes_per_sec: None,
+                status_file: Some(dir.join("status.json")),
+            },
+        )
+        .unwrap();
+        {
+            let (s, st) = (ship.clone(), sstop.clone());
+            threads.push(std::thread::spawn(move || s.run(st)));
+        }
+        Link {
+            ship,
+            rstop,
+            sstop,
+            threads,
+        }
+    }
+
+    /// Waits until the resync ended and the replica applied everything
+    /// journaled until now.
+    fn settle(&self, j: &Journal) {
+        wait("resync complete", || {
+            j.mode() == Mode::Journal && !j.resyncing() && j.dirty_chunks() == 0
+        });
+        let target = j.counters.last_sealed_seq.load(Ordering::Acquire) + 1;
+        wait("shipped", || {
+            self.ship.counters.last_acked_seq.load(Ordering::Acquire) >= target
+        });
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.sstop.store(true, Ordering::Release);
+        self.rstop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn delta_config(dir: &Path, disks: Vec<PathBuf>) -> JournalConfig {
+    let mut c = config(dir, disks);
+    c.digest_before_resync = true;
+    c
+}
+
+#[test]
+fn delta_resync_sends_only_the_chunks_the_replica_lacks() {
+    const DIFFERENT: [u64; 5] = [0, 7, 8, 40, 63];
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.raw", 6);
+    let b = image(dir.path(), "b.raw", 7);
+    // Adopted replica disks: disk 0 the same data except 5 chunks (and its
+    // tail shorter than the source), disk 1 missing altogether.
+    let rdir = dir.path().join("replica");
+    std::fs::create_dir_all(&rdir).unwrap();
+    let mut old = std::fs::read(&a).unwrap();
+    for c in DIFFERENT {
+        let at = usize::try_from(c * 65536 + 100).unwrap();
+        old[at] ^= 0xFF;
+    }
+    old.truncate(old.len() - 1000); // the last chunk is short: it differs too
+    std::fs::write(rdir.join("disk-0.raw"), &old).unwrap();
+
+    let (j, h) = Journal::start(delta_config(dir.path(), vec![a.clone(), b.clone()])).unwrap();
+    assert!(
+        j.resync_held(),
+        "a new group waits for the digest comparison"
+    );
+    let link = Link::start(dir.path(), &j, &rdir);
+    link.settle(&j);
+    let chunks = DISK / 65536;
+    let c = &j.counters;
+    assert_eq!(c.digest_compared.load(Ordering::Relaxed), 2 * chunks);
+    let differing = DIFFERENT.len() as u64; // 63 is also the short last chunk
+    assert_eq!(
+        c.digest_equal.load(Ordering::Relaxed),
+        chunks - differing,
+        "disk 0 equal except the changed chunks; disk 1 missing: nothing equal"
+    );
+    assert_eq!(
+        c.resync_chunks.load(Ordering::Relaxed),
+        differing + chunks,
+        "only the differing chunks were resent"
+    );
+    assert_eq!(
+        c.digest_bytes_saved.load(Ordering::Relaxed),
+        (chunks - differing) * 65536
+    );
+    assert!(same(&a, &rdir.join("disk-0.raw")), "disk 0 repaired");
+    assert!(same(&b, &rdir.join("disk-1.raw")), "disk 1 copied");
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["digest_equal"].as_u64(), Some(chunks - differing));
+    drop(link);
+    h.shutdown().unwrap();
+    let r = Replica::open_existing(&rdir).unwrap();
+    assert!(!r.state().in_resync, "replica consistent after the resync");
+}
+
+#[test]
+fn writes_during_the_digest_pass_and_resync_are_not_lost() {
+    const BIG: u64 = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.raw");
+    let data: Vec<u8> = (0..BIG).map(|i| (i / 4096) as u8 ^ 0x33).collect();
+    std::fs::write(&a, &data).unwrap();
+    let rdir = dir.path().join("replica");
+    std::fs::create_dir_all(&rdir).unwrap();
+    std::fs::write(rdir.join("disk-0.raw"), &data).unwrap();
+
+    let mut c = delta_config(dir.path(), vec![a.clone()]);
+    c.buffer_bytes = 1 << 20;
+    c.buffers = 8;
+    let (j, h) = Journal::start(c).unwrap();
+    let stop_writes = Arc::new(AtomicBool::new(false));
+    // The guest writes from before the shipper connects until after the
+    // resync ended: through the hold, the digest pass and the resync.
+    let writer = {
+        let (j, a, stop) = (j.clone(), a.clone(), stop_writes.clone());
+        std::thread::spawn(move || {
+            let random = keel_testkit::pseudo_random(8 * 4096, 7);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) || n < 200 {
+                let i = usize::try_from(n % 4096).unwrap() * 8;
+                let x = u64::from_le_bytes(random[i..i + 8].try_into().unwrap());
+                let offset = (x % (BIG / 4096)) * 4096;
+                guest_write(&j, &a, 0, offset, &[(x >> 32) as u8; 4096]);
+                n += 1;
+                if n.is_multiple_of(16) {
+                    j.record_flush();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    let link = Link::start(dir.path(), &j, &rdir);
+    wait("digest pass done", || !j.resync_held());
+    // Writes go on into the resync (a resync started by now, or even done).
+    let resent = j.counters.resync_chunks.load(Ordering::Relaxed);
+    wait("resync under way", || {
+        j.counters.resync_chunks.load(Ordering::Relaxed) > resent + 20
+            || (!j.resyncing() && j.mode() == Mode::Journal)
+    });
+    stop_writes.store(true, Ordering::Release);
+    let writes = writer.join().unwrap();
+    link.settle(&j);
+    assert!(writes >= 200);
+    let c = &j.counters;
+    assert_eq!(c.digest_compared.load(Ordering::Relaxed), BIG / 65536);
+    assert!(same(&a, &rdir.join("disk-0.raw")), "no write lost");
+    drop(link);
+    h.shutdown().unwrap();
+}
+
+/// One end of a connection whose peer's frames are canned; `on_read`
+/// runs when the source first reads the answer (after it took the dirty
+/// bits out and hashed its chunks, before it compares).
+struct Canned {
+    input: std::io::Cursor<Vec<u8>>,
+    output: Vec<u8>,
+    on_read: Option<Box<dyn FnOnce()>>,
+}
+
+impl std::io::Read for Canned {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(f) = self.on_read.take() {
+            f();
+        }
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for Canned {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_replica_answering_garbage_digests_is_refused_and_nothing_is_skipped() {
+    use keel_cdp::transport::digest::{self, DigestError};
+    use keel_cdp::transport::wire::{Frame, DIGEST_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.raw", 8);
+    let chunks = DISK / 65536;
+    // Digests of the right content, but for the wrong range / disk / count,
+    // a wrong version, and bytes that are no frame at all.
+    let right: Vec<_> = std::fs::read(&a)
+        .unwrap()
+        .chunks(65536)
+        .map(|c| Some(digest::digest(c)))
+        .collect();
+    let answers: Vec<Vec<u8>> = vec![
+        (1, 0, 1, chunks),
+        (0, 1, 1, chunks),
+        (0, 0, 1, chunks - 1),
+        (0, 0, 2, chunks),
+    ]
+    .into_iter()
+    .map(|(disk, first, version, n)| {
+        let mut b = Vec::new();
+        Frame::Digests {
+            version: if version == 1 { DIGEST_VERSION } else { 99 },
+            disk,
+            first_chunk: first,
+            digests: right[..usize::try_from(n).unwrap()].to_vec(),
+        }
+        .write_to(&mut b)
+        .unwrap();
+        b
+    })
+    .chain([b"\x06\x03\x00\x00\x00abc".to_vec()])
+    .collect();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let jdir = dir.path().join(format!("j{i}"));
+        let (j, h) = Journal::start(delta_config(&jdir, vec![a.clone()])).unwrap();
+        let mut peer = Canned {
+            input: std::io::Cursor::new(answer),
+            output: Vec::new(),
+            on_read: None,
+        };
+        let r = digest::pass(&j, &mut peer, &AtomicBool::new(false));
+        assert!(
+            matches!(r, Err(DigestError::Invalid(_))),
+            "answer {i} not refused: {r:?}"
+        );
+        assert_eq!(
+            j.dirty_chunks(),
+            chunks,
+            "answer {i}: every chunk still resent"
+        );
+        assert!(!j.resync_held(), "answer {i}: the full resync goes ahead");
+        h.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn a_write_completing_while_a_chunk_is_compared_is_resent() {
+    use keel_cdp::transport::digest;
+    use keel_cdp::transport::wire::{Frame, DIGEST_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.raw", 9);
+    let chunks = DISK / 65536;
+    // The replica holds exactly the source's content.
+    let mut answer = Vec::new();
+    Frame::Digests {
+        version: DIGEST_VERSION,
+        disk: 0,
+        first_chunk: 0,
+        digests: std::fs::read(&a)
+            .unwrap()
+            .chunks(65536)
+            .map(|c| Some(digest::digest(c)))
+            .collect(),
+    }
+    .write_to(&mut answer)
+    .unwrap();
+    let (j, h) = Journal::start(delta_config(dir.path(), vec![a.clone()])).unwrap();
+    // A guest write to chunk 3 completes after the source hashed chunk 3
+    // (still equal to the replica's) and before it compares.
+    let on_read: Box<dyn FnOnce()> = {
+        let (j, a) = (j.clone(), a.clone());
+        Box::new(move || guest_write(&j, &a, 0, 3 * 65536 + 4096, &[0xEE; 4096]))
+    };
+    let mut peer = Canned {
+        input: std::io::Cursor::new(answer),
+        output: Vec::new(),
+        on_read: Some(on_read),
+    };
+    let report = digest::pass(&j, &mut peer, &AtomicBool::new(false)).unwrap();
+    assert_eq!(report.compared, chunks);
+    assert_eq!(report.equal, chunks, "every chunk matched when hashed");
+    assert_eq!(
+        j.dirty_chunks(),
+        1,
+        "the concurrent write's chunk is resent"
+    );
+    assert!(!j.resync_held());
+    h.shutdown().unwrap();
+}
+
 type ReplicaThread = (
     Arc<AtomicBool>,
     std::thread::JoinHandle<Result<(), keel_cdp::replica::ServeError>>,

@@ -10,6 +10,9 @@
 //! - shipping the segments over mutual TLS on loopback to a replica that
 //!   applies them, vs the capture rate;
 //! - the link the capacity formula asks for at the measured cache speed;
+//! - the resync of a 256 MiB disk the replica already holds but for 1 % of
+//!   its chunks (a restart after a crash, a reprotect): with the digest
+//!   comparison vs copying every chunk, time and bytes on the wire;
 //! - synchronous mode (RPO 0): a QD1 write until the replica acknowledged
 //!   it, against a plain TCP round trip on the same loopback (the link's
 //!   share of the cost; the rest is sealing, TLS and the replica's apply).
@@ -225,7 +228,90 @@ fn run(scale: Scale) -> Result<Vec<Measurement>, BenchError> {
         false,
         z,
     ));
+
+    // Resync of a disk the replica holds but for 1 % of its chunks.
+    let (delta_s, delta_bytes) = delta_resync(dir, true)?;
+    let (full_s, full_bytes) = delta_resync(dir, false)?;
+    out.push(
+        Measurement::new(
+            "resync 256 MiB, replica differs in 1 % of chunks: digest comparison",
+            "s",
+            false,
+            delta_s,
+        )
+        .with_peer("copying every chunk", full_s),
+    );
+    out.push(
+        Measurement::new(
+            "resync 256 MiB, 1 % differing: bytes on the wire",
+            "MB",
+            false,
+            delta_bytes as f64 / 1e6,
+        )
+        .with_peer("copying every chunk", full_bytes as f64 / 1e6),
+    );
     Ok(out)
+}
+
+/// A new group on a 256 MiB disk whose replica directory already holds
+/// the disk but for 1 % of its 64 KiB chunks (every 100th); returns the
+/// seconds until the replica acknowledged the end of the resync and the
+/// bytes shipped.
+fn delta_resync(dir: &Path, digest: bool) -> Result<(f64, u64), BenchError> {
+    const SIZE: u64 = 256 << 20;
+    const CHUNK: u64 = 64 << 10;
+    let name = if digest {
+        "resync-delta"
+    } else {
+        "resync-full"
+    };
+    let base = dir.join(name);
+    let rdir = base.join("replica");
+    std::fs::create_dir_all(&rdir)?;
+    let image = base.join("disk.raw");
+    let mut data: Vec<u8> = (0..SIZE)
+        .map(|i| u8::try_from((i / 4096) % 251).unwrap_or(0))
+        .collect();
+    std::fs::write(&image, &data)?;
+    for c in (0..SIZE / CHUNK).step_by(100) {
+        data[usize::try_from(c * CHUNK + 17).unwrap_or(0)] ^= 0xFF;
+    }
+    std::fs::write(rdir.join("disk-0.raw"), &data)?;
+    drop(data);
+    let group = GROUP + 3;
+    let (tls, listen, rstop, server) = replica_server(&base, "replica", group)?;
+    let mut config = journal_config(&base.join("journal"), &image, 2 * SIZE);
+    config.group_id = group;
+    config.digest_before_resync = digest;
+    let t = Instant::now();
+    let (journal, handle) = Journal::start(config).map_err(err)?;
+    let shipper = Shipper::new(journal.clone(), ship_config(listen, tls)).map_err(err)?;
+    let sstop = Arc::new(AtomicBool::new(false));
+    let shipping = {
+        let (s, st) = (shipper.clone(), sstop.clone());
+        std::thread::spawn(move || s.run(st))
+    };
+    let done = wait("the resync to reach the replica", || {
+        journal.mode() == Mode::Journal && !journal.resyncing() && journal.dirty_chunks() == 0 && {
+            let sealed = journal.counters.last_sealed_seq.load(Ordering::Acquire);
+            sealed > 0 && shipper.counters.last_acked_seq.load(Ordering::Acquire) >= sealed
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let bytes = shipper.counters.bytes_sent.load(Ordering::Relaxed);
+    sstop.store(true, Ordering::Release);
+    let _ = shipping.join();
+    handle.shutdown().map_err(err)?;
+    rstop.store(true, Ordering::Release);
+    let _ = server.join();
+    done?;
+    if std::fs::read(&image)? != std::fs::read(rdir.join("disk-0.raw"))? {
+        return Err(BenchError::Io(std::io::Error::other(
+            "the replica differs from the source after the resync",
+        )));
+    }
+    std::fs::remove_dir_all(&base)?;
+    Ok((secs, bytes))
 }
 
 /// A replica server on loopback for group `group` (its directory `name`);

@@ -124,6 +124,10 @@ pub struct JournalConfig {
     pub buffers: usize,
     /// Dirty-bitmap / resync granularity.
     pub chunk_bytes: u64,
+    /// A full resync (new group, unclean stop) waits until the shipper
+    /// compared chunk digests with the replica and cleared the chunks it
+    /// already holds (`transport::digest`): set when a shipper runs.
+    pub digest_before_resync: bool,
     /// Synchronous mode: guest writes complete only once the replica
     /// acknowledged them; after this long without an acknowledgement the
     /// group falls back to asynchronous. `None`: asynchronous.
@@ -145,6 +149,7 @@ impl JournalConfig {
             buffer_bytes: 4 << 20,
             buffers: 8,
             chunk_bytes: 64 << 10,
+            digest_before_resync: false,
             sync_timeout: None,
         }
     }
@@ -234,6 +239,14 @@ pub struct JournalCounters {
     pub segments_sealed: AtomicU64,
     /// Sequence number of the last sealed segment.
     pub last_sealed_seq: AtomicU64,
+    /// Dirty chunks compared with the replica's digests.
+    pub digest_compared: AtomicU64,
+    /// Of those, chunks the replica already held (not resent).
+    pub digest_equal: AtomicU64,
+    /// Bytes of those chunks.
+    pub digest_bytes_saved: AtomicU64,
+    /// Digest passes cut short by a connection failure.
+    pub digest_interrupted: AtomicU64,
     /// Times synchronous mode fell back to asynchronous.
     pub sync_fallbacks: AtomicU64,
 }
@@ -261,6 +274,8 @@ pub struct Journal {
     /// Bytes of segment files on the cache directory.
     cache_used: AtomicU64,
     stop: AtomicBool,
+    /// The pending full resync waits for a digest comparison.
+    resync_hold: AtomicBool,
     /// Counters.
     pub counters: JournalCounters,
 }
@@ -338,6 +353,7 @@ impl Journal {
             sealed: (Mutex::new(recovered.chain.seq), Condvar::new()),
             cache_used: AtomicU64::new(recovered.cache_bytes),
             stop: AtomicBool::new(false),
+            resync_hold: AtomicBool::new(false),
             counters: JournalCounters::default(),
             config,
         });
@@ -354,6 +370,11 @@ impl Journal {
                 d.set_all();
             }
             journal.lock().mode = Mode::Dirty;
+            // Before any hook exists: nothing is journaled until the hold
+            // ends, so the replica is at the journal's end when compared.
+            if journal.config.digest_before_resync {
+                journal.resync_hold.store(true, Ordering::SeqCst);
+            }
         }
         let w = writer::Writer::new(journal.clone(), full_rx, recovered.chain);
         let writer = std::thread::Builder::new()
@@ -401,6 +422,22 @@ impl Journal {
     /// Whether a resync is open (replica not consistent until it ends).
     pub fn resyncing(&self) -> bool {
         self.lock().resync_open
+    }
+
+    /// Whether the pending full resync waits for a digest comparison
+    /// (the group is in dirty mode and journals nothing meanwhile).
+    pub fn resync_held(&self) -> bool {
+        self.resync_hold.load(Ordering::SeqCst)
+    }
+
+    /// Ends the hold: the resync thread may open the resync.
+    pub fn release_resync_hold(&self) {
+        self.resync_hold.store(false, Ordering::SeqCst);
+    }
+
+    /// The dirty map of disk `disk`.
+    pub(crate) fn dirty_map(&self, disk: usize) -> Option<&ChunkMap> {
+        self.dirty.get(disk)
     }
 
     /// Chunks waiting for resync, all disks.

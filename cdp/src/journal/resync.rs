@@ -52,7 +52,7 @@ impl Resync {
     /// buffers are free; opens a resync.
     fn resume_if_room(&self) {
         let j = &self.journal;
-        if j.mode() != Mode::Dirty || !j.cache_has_room(3, 4) {
+        if j.mode() != Mode::Dirty || !j.cache_has_room(3, 4) || j.resync_held() {
             return;
         }
         let mut st = j.lock();

@@ -208,7 +208,12 @@ impl Writer {
         loop {
             if self.journal.stop.load(Ordering::Acquire) {
                 self.seal_period()?;
-                if self.journal.dirty_chunks() == 0 && !self.journal.resyncing() {
+                // The hold first: a digest pass takes dirty bits out while
+                // it compares, and releases the hold only once settled.
+                if !self.journal.resync_held()
+                    && self.journal.dirty_chunks() == 0
+                    && !self.journal.resyncing()
+                {
                     let p = self.journal.config.dir.join(CLEAN_FILE);
                     write_atomic(&p, b"clean\n").map_err(|e| WriterError::Seal(p, e))?;
                 }

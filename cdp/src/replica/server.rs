@@ -232,8 +232,30 @@ fn connection(
             }
             Err(e) => return Err(e.into()),
         };
-        let Frame::Segment { seq, flags, bytes } = frame else {
-            return Err(ConnError::Protocol);
+        let (seq, flags, bytes) = match frame {
+            Frame::Segment { seq, flags, bytes } => (seq, flags, bytes),
+            // Between segments: the disks are at the applied state.
+            req @ Frame::DigestRequest { .. } => {
+                let reason = if replica.state().promoted {
+                    "replica promoted".to_owned()
+                } else {
+                    match crate::transport::digest::answer(&config.dir, &req) {
+                        Ok(answer) => {
+                            answer.write_to(&mut s)?;
+                            continue;
+                        }
+                        Err(r) => r,
+                    }
+                };
+                stats.refused += 1;
+                tracing::error!(reason, "digest request refused");
+                let _ = Frame::Refuse {
+                    reason: reason.clone(),
+                }
+                .write_to(&mut s);
+                return Err(ConnError::Refused(reason));
+            }
+            _ => return Err(ConnError::Protocol),
         };
         let bytes = if flags & FLAG_ZSTD != 0 {
             match zstd::bulk::decompress(&bytes, MAX_FRAME as usize) {

@@ -53,6 +53,9 @@ pub enum ShipError {
     /// Reading or deleting a segment file failed.
     #[error("Cannot access segment {0}")]
     Segment(PathBuf, #[source] std::io::Error),
+    /// Comparing chunk digests with the replica failed.
+    #[error("Delta resync comparison failed")]
+    Digest(#[from] super::digest::DigestError),
     /// The replica needs segments this journal no longer holds.
     #[error("Replica at segment {replica}, journal holds from {oldest}: re-seed the replica")]
     Behind {
@@ -138,6 +141,14 @@ pub struct SourceStatus {
     pub resync_chunks: u64,
     /// Times the group fell back to the dirty bitmap.
     pub dirty_entries: u64,
+    /// A full resync waits for the digest comparison with the replica.
+    pub digest_pending: bool,
+    /// Dirty chunks compared with the replica's digests.
+    pub digest_compared: u64,
+    /// Of those, chunks the replica already held (not resent).
+    pub digest_equal: u64,
+    /// Bytes not resent thanks to the comparison.
+    pub digest_bytes_saved: u64,
     /// Bytes sent in each of the last 60 seconds, oldest first.
     pub rate_history: Vec<u64>,
     /// `async`; `sync` (writes complete once the replica has them) or
@@ -192,7 +203,12 @@ impl Shipper {
             match self.connection(&stop) {
                 Ok(()) => {}
                 Err(e) => {
-                    if let ShipError::Refused { .. } = e {
+                    if let ShipError::Refused { .. }
+                    | ShipError::Digest(
+                        super::digest::DigestError::Invalid(_)
+                        | super::digest::DigestError::Refused(_),
+                    ) = e
+                    {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(error = %e, "shipping interrupted; retrying");
@@ -268,6 +284,12 @@ impl Shipper {
                     }
                     if stop.load(Ordering::Acquire) {
                         return Ok(());
+                    }
+                    // The replica holds every sealed segment: the moment to
+                    // compare digests before a pending full resync.
+                    if self.journal.resync_held() {
+                        super::digest::pass(&self.journal, &mut s, stop)?;
+                        continue;
                     }
                     self.journal.wait_sealed(next - 1, POLL);
                     continue;
@@ -453,6 +475,10 @@ impl Shipper {
             refused: c.refused.load(Ordering::Relaxed),
             resync_chunks: jc.resync_chunks.load(Ordering::Relaxed),
             dirty_entries: jc.dirty_entries.load(Ordering::Relaxed),
+            digest_pending: j.resync_held(),
+            digest_compared: jc.digest_compared.load(Ordering::Relaxed),
+            digest_equal: jc.digest_equal.load(Ordering::Relaxed),
+            digest_bytes_saved: jc.digest_bytes_saved.load(Ordering::Relaxed),
             rate_history,
             replication: match (j.is_sync(), j.gate().is_open()) {
                 (false, _) => "async",

@@ -9,8 +9,10 @@
 //! of the source in the middle of a write stream, the replica holds a
 //! prefix of that stream (blocks 0..k written, nothing after: never a torn
 //! or reordered state); the restarted source recovers (resync) and the
-//! replica converges to the source exactly; promote leaves a plain disk
-//! image equal to the source.
+//! replica converges to the source exactly, resending only the chunks that
+//! differ (delta resync); promote leaves a plain disk image equal to the
+//! source; reprotect (the DR disk as source, the old primary's image
+//! adopted as replica disk) sends only the chunks written at the DR site.
 //!
 //! The guest is stopped before the source restarts: without vhost-user
 //! inflight tracking (not built yet) requests in flight at the kill are not
@@ -114,39 +116,66 @@ impl Sites {
     }
 
     fn start_replica(&self) -> u32 {
+        self.replica_at(&self.dr, "198.18.7.2:7700", "replica", "1")
+    }
+
+    /// A replica in `host` listening on `listen`, directory `dir` of the
+    /// work directory, for source site `site`.
+    fn replica_at(&self, host: &NetnsHost, listen: &str, dir: &str, site: &str) -> u32 {
         let mut args = self.keel(&[
             "cdp",
             "replica",
             "--listen",
-            "198.18.7.2:7700",
+            listen,
             "--dir",
-            self.work.join("replica").to_str().unwrap(),
+            self.work.join(dir).to_str().unwrap(),
             "--group",
             "1",
             "--source-site",
-            "1",
+            site,
         ]);
         args.extend(self.tls("replica"));
-        self.spawn(&self.dr, args, "replica.log")
+        self.spawn(host, args, &format!("{dir}.log"))
     }
 
     fn start_source(&self) -> u32 {
-        let disk = format!("{}={}", self.socket().display(), self.image().display());
+        self.source_at(
+            &self.src,
+            &self.socket(),
+            &self.image(),
+            "journal",
+            "1",
+            "198.18.7.2:7700",
+        )
+    }
+
+    /// A source in `host` serving `image` on `socket`, journal `journal` of
+    /// the work directory, as site `site`, shipping to `replica`.
+    fn source_at(
+        &self,
+        host: &NetnsHost,
+        socket: &Path,
+        image: &Path,
+        journal: &str,
+        site: &str,
+        replica: &str,
+    ) -> u32 {
+        let disk = format!("{}={}", socket.display(), image.display());
         let mut args = self.keel(&[
             "cdp",
             "source",
             "--disk",
             &disk,
             "--journal",
-            self.work.join("journal").to_str().unwrap(),
+            self.work.join(journal).to_str().unwrap(),
             "--group",
             "1",
             "--site",
-            "1",
+            site,
             "--rpo-secs",
             "1",
             "--replica",
-            "198.18.7.2:7700",
+            replica,
             "--server-name",
             "keel-replica",
             "--zstd",
@@ -154,8 +183,8 @@ impl Sites {
         ]);
         args.extend(self.tls("source"));
         args.extend(self.source_args.iter().cloned());
-        let pid = self.spawn(&self.src, args, "source.log");
-        wait("the source's socket", || self.socket().exists());
+        let pid = self.spawn(host, args, &format!("{journal}.log"));
+        wait("the source's socket", || socket.exists());
         pid
     }
 
@@ -172,7 +201,12 @@ impl Sites {
     }
 
     fn status(&self) -> Value {
-        std::fs::read(self.work.join("journal").join("status.json"))
+        self.status_of("journal")
+    }
+
+    /// The status file of the source whose journal is `journal`.
+    fn status_of(&self, journal: &str) -> Value {
+        std::fs::read(self.work.join(journal).join("status.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null)
@@ -180,11 +214,18 @@ impl Sites {
 
     /// Waits until everything journaled so far is acknowledged by the replica.
     fn wait_shipped(&self) {
+        self.wait_shipped_of("journal");
+    }
+
+    /// [`Sites::wait_shipped`] for the source whose journal is `journal`.
+    fn wait_shipped_of(&self, journal: &str) {
         // One RPO period seals what the guest wrote.
         std::thread::sleep(Duration::from_millis(1500));
-        let sealed = self.status()["last_sealed_seq"].as_u64().unwrap_or(0);
+        let sealed = self.status_of(journal)["last_sealed_seq"]
+            .as_u64()
+            .unwrap_or(0);
         wait("the replica to acknowledge every sealed segment", || {
-            let s = self.status();
+            let s = self.status_of(journal);
             s["mode"] == "journal"
                 && s["resyncing"] == false
                 && s["dirty_chunks"] == 0
@@ -311,6 +352,18 @@ fn guest_writes_reach_the_dr_site_as_a_flush_ordered_prefix_across_a_source_cras
     let replica = sites.start_replica();
     let source = sites.start_source();
     sites.wait_shipped();
+    // Delta resync: every chunk compared with the replica, only the ones
+    // the crash left different resent (at most the stream's chunks).
+    let status = sites.status();
+    let chunks = DISK / (64 << 10);
+    assert_eq!(status["digest_compared"].as_u64(), Some(chunks), "{status}");
+    let resent = status["resync_chunks"].as_u64().unwrap();
+    let stream_chunks = (STREAM * BLOCK) as u64 / (64 << 10) + 1;
+    assert!(
+        resent <= stream_chunks && resent < chunks / 10,
+        "the restart resent {resent} of {chunks} chunks: {status}"
+    );
+    eprintln!("restart after kill -9: {resent} of {chunks} chunks resent");
     kill(source, libc::SIGTERM);
     wait_gone(source);
     kill(replica, libc::SIGTERM);
@@ -337,6 +390,51 @@ fn guest_writes_reach_the_dr_site_as_a_flush_ordered_prefix_across_a_source_cras
     assert!(
         same(&sites.image(), &replica_disk),
         "promoted disk equals the source"
+    );
+
+    // Reprotect: the promoted DR disk (written on at the DR site
+    // meanwhile) becomes the source, the old primary's image the disk of a
+    // new replica directory; only the chunks that differ travel.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&replica_disk)
+            .unwrap();
+        f.write_all_at(&pattern(9_003), 3 * BLOCK as u64).unwrap();
+        for i in 2000..2010 {
+            f.write_all_at(&pattern(9_000 + i), (i * BLOCK) as u64)
+                .unwrap();
+        }
+    }
+    let back = work.join("reverse");
+    std::fs::create_dir_all(&back).unwrap();
+    std::fs::rename(sites.image(), back.join("disk-0.raw")).unwrap();
+    let replica = sites.replica_at(&sites.src, "198.18.7.1:7701", "reverse", "2");
+    let source = sites.source_at(
+        &sites.dr,
+        &work.join("dr.sock"),
+        &replica_disk,
+        "journal-reverse",
+        "2",
+        "198.18.7.1:7701",
+    );
+    sites.wait_shipped_of("journal-reverse");
+    let status = sites.status_of("journal-reverse");
+    kill(source, libc::SIGTERM);
+    wait_gone(source);
+    kill(replica, libc::SIGTERM);
+    wait_gone(replica);
+    assert_eq!(status["digest_compared"].as_u64(), Some(chunks), "{status}");
+    assert_eq!(
+        status["resync_chunks"].as_u64(),
+        Some(2),
+        "only chunks 0 and 125 differ: {status}"
+    );
+    assert_eq!(status["digest_equal"].as_u64(), Some(chunks - 2));
+    assert!(
+        same(&replica_disk, &back.join("disk-0.raw")),
+        "the old primary's disk equals the DR disk again"
     );
 }
 

@@ -103,8 +103,12 @@ impl Agent {
                 "no segment acknowledged by the replica at {} yet",
                 group.replica
             ),
+            Some(s) if s["digest_pending"].as_bool() == Some(true) => {
+                "comparing the disks with the replica's (only differing chunks will be copied)"
+                    .to_owned()
+            }
             Some(s) if s["resyncing"].as_bool() == Some(true) => {
-                "copying the disks to the replica (full resync)".to_owned()
+                "copying the chunks that differ to the replica (resync)".to_owned()
             }
             Some(s) if s["replication"] == "sync-fallback" => {
                 "synchronous mode is waiting for the replica to catch up: writes complete without it meanwhile".to_owned()
