@@ -807,6 +807,16 @@ fn reprotect_and_fail_back(
     wait_for(api, &rg_path, "reverse replica never listened", |g| {
         g["status"] == "RECEIVING"
     });
+    // Written at the DR site while nothing protected it: the first copy
+    // back finds this chunk different, the rest equal.
+    let out = guest_run(
+        dr,
+        &dr.base,
+        dr_vm,
+        "B0",
+        "echo KEEL-CDP-DR-6 | dd of=/dev/vda2 bs=4096 seek=350 conv=fsync 2>/dev/null",
+    );
+    assert!(out.contains("B0=0"), "{out}");
     let (status, task) = dr.call(
         "POST",
         &format!("/api/v1/protection-groups/{back_id}/actions/start"),
@@ -835,6 +845,12 @@ fn reprotect_and_fail_back(
         },
     );
     eprintln!("reverse protection caught up: {}", g["observed"]);
+    let o = &g["observed"];
+    assert!(
+        o["digest_equal"].as_u64().unwrap() > 0
+            && o["digest_equal"].as_u64() < o["digest_compared"].as_u64(),
+        "only what differs goes back: {o}"
+    );
 
     // Failback: the DR VM shuts down, its protection drains and stops;
     // failover at the primary starts the original VM on its own volume.
@@ -865,8 +881,10 @@ fn reprotect_and_fail_back(
         vm,
         "B2",
         "dd if=/dev/vda2 bs=4096 skip=340 count=1 2>/dev/null | head -c 15; echo; \
+         dd if=/dev/vda2 bs=4096 skip=350 count=1 2>/dev/null | head -c 15; echo; \
          dd if=/dev/vda2 bs=4096 skip=330 count=1 2>/dev/null | head -c 15; echo",
     );
+    assert!(out.contains("KEEL-CDP-DR-6"), "{out}");
     assert!(
         out.contains("KEEL-CDP-BACK-5"),
         "written at the DR site, back at the primary: {out}"
