@@ -72,6 +72,23 @@ fn apply_all(j: &Journal, r: &mut Replica) -> u64 {
     }
 }
 
+/// Where a test's shipper sends: the replica on `listen`, named "dr.keel".
+fn ship_to(
+    listen: std::net::SocketAddr,
+    tls: keel_cdp::transport::tls::TlsFiles,
+    zstd_level: Option<i32>,
+    status_file: Option<PathBuf>,
+) -> ShipConfig {
+    ShipConfig {
+        replica: listen.to_string(),
+        server_name: "dr.keel".into(),
+        tls,
+        zstd_level,
+        max_bytes_per_sec: None,
+        status_file,
+    }
+}
+
 fn same(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
@@ -304,14 +321,12 @@ fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     let (j, h) = Journal::start(config(dir.path(), vec![a.clone()])).unwrap();
     let ship = Shipper::new(
         j.clone(),
-        ShipConfig {
-            replica: listen.to_string(),
-            server_name: "dr.keel".into(),
-            tls: src_tls.clone(),
-            zstd_level: Some(1),
-            max_bytes_per_sec: None,
-            status_file: Some(dir.path().join("status.json")),
-        },
+        ship_to(
+            listen,
+            src_tls.clone(),
+            Some(1),
+            Some(dir.path().join("status.json")),
+        ),
     )
     .unwrap();
     let sstop = Arc::new(AtomicBool::new(false));
@@ -358,18 +373,7 @@ fn segments_ship_over_mutual_tls_and_resume_after_reconnect() {
     // With the replica free again, a client with a certificate from another
     // CA is refused by TLS and ships nothing.
     let (other, _) = generate_pki(&dir.path().join("other"), "dr.keel").unwrap();
-    let rogue = Shipper::new(
-        j.clone(),
-        ShipConfig {
-            replica: listen.to_string(),
-            server_name: "dr.keel".into(),
-            tls: other,
-            zstd_level: None,
-            max_bytes_per_sec: None,
-            status_file: None,
-        },
-    )
-    .unwrap();
+    let rogue = Shipper::new(j.clone(), ship_to(listen, other, None, None)).unwrap();
     let rstop3 = Arc::new(AtomicBool::new(false));
     let rt = {
         let (r, s) = (rogue.clone(), rstop3.clone());
@@ -425,14 +429,7 @@ impl Link {
         }
         let ship = Shipper::new(
             j.clone(),
-            ShipConfig {
-                replica: listen.to_string(),
-                server_name: "dr.keel".into(),
-                tls: src_tls,
-                zstd_level: None,
-                max_bytes_per_sec: None,
-                status_file: Some(dir.join("status.json")),
-            },
+            ship_to(listen, src_tls, None, Some(dir.join("status.json"))),
         )
         .unwrap();
         {
@@ -770,18 +767,7 @@ fn sync_mode_releases_a_write_only_when_the_replica_has_it_and_falls_back_withou
     let mut jc = config(dir.path(), vec![a.clone()]);
     jc.sync_timeout = Some(Duration::from_secs(1));
     let (j, h) = Journal::start(jc).unwrap();
-    let ship = Shipper::new(
-        j.clone(),
-        ShipConfig {
-            replica: listen.to_string(),
-            server_name: "dr.keel".into(),
-            tls: src_tls,
-            zstd_level: None,
-            max_bytes_per_sec: None,
-            status_file: None,
-        },
-    )
-    .unwrap();
+    let ship = Shipper::new(j.clone(), ship_to(listen, src_tls, None, None)).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let shipper = {
         let (s, st) = (ship.clone(), stop.clone());

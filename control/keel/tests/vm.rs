@@ -143,10 +143,15 @@ impl Api {
         }
     }
 
-    fn action(&self, vm: &str, action: &str) -> Value {
-        let (status, task) = self.call("POST", &format!("/api/v1/vms/{vm}/actions/{action}"), None);
-        assert_eq!(status, 202, "{action}: {task}");
+    /// POSTs an action at `path` (no body) and waits for its task.
+    fn run_action(&self, path: &str) -> Value {
+        let (status, task) = self.call("POST", path, None);
+        assert_eq!(status, 202, "{path}: {task}");
         self.wait_task(&task)
+    }
+
+    fn action(&self, vm: &str, action: &str) -> Value {
+        self.run_action(&format!("/api/v1/vms/{vm}/actions/{action}"))
     }
 
     fn vm_status(&self, vm: &str) -> (String, String) {
@@ -489,13 +494,7 @@ fn protect_and_replicate(
     });
 
     let serial_before = guest_run(api, base, vm, "P0", "cat /sys/block/vda/serial; echo");
-    let (status, task) = api.call(
-        "POST",
-        &format!("/api/v1/protection-groups/{gid}/actions/start"),
-        None,
-    );
-    assert_eq!(status, 202, "{task}");
-    api.wait_task(&task);
+    api.run_action(&format!("/api/v1/protection-groups/{gid}/actions/start"));
     let g = api.ok("GET", &format!("/api/v1/protection-groups/{gid}"), None);
     assert_eq!(g["status"], "PROTECTING", "{g}");
     let (status, problem) = api.call(
@@ -621,13 +620,7 @@ fn protect_and_replicate(
         "echo KEEL-CDP-LAST-4 | dd of=/dev/vda2 bs=4096 seek=330 conv=fsync 2>/dev/null",
     );
     assert!(out.contains("P3=0"), "{out}");
-    let (status, task) = api.call(
-        "POST",
-        &format!("/api/v1/protection-groups/{gid}/actions/stop"),
-        None,
-    );
-    assert_eq!(status, 202, "{task}");
-    api.wait_task(&task);
+    api.run_action(&format!("/api/v1/protection-groups/{gid}/actions/stop"));
     let out = guest_run(
         api,
         base,
@@ -817,13 +810,9 @@ fn reprotect_and_fail_back(
         "echo KEEL-CDP-DR-6 | dd of=/dev/vda2 bs=4096 seek=350 conv=fsync 2>/dev/null",
     );
     assert!(out.contains("B0=0"), "{out}");
-    let (status, task) = dr.call(
-        "POST",
-        &format!("/api/v1/protection-groups/{back_id}/actions/start"),
-        None,
-    );
-    assert_eq!(status, 202, "{task}");
-    dr.wait_task(&task);
+    dr.run_action(&format!(
+        "/api/v1/protection-groups/{back_id}/actions/start"
+    ));
     let out = guest_run(
         dr,
         &dr.base,
@@ -855,13 +844,7 @@ fn reprotect_and_fail_back(
     // Failback: the DR VM shuts down, its protection drains and stops;
     // failover at the primary starts the original VM on its own volume.
     dr.action(dr_vm, "force-stop");
-    let (status, task) = dr.call(
-        "POST",
-        &format!("/api/v1/protection-groups/{back_id}/actions/stop"),
-        None,
-    );
-    assert_eq!(status, 202, "{task}");
-    dr.wait_task(&task);
+    dr.run_action(&format!("/api/v1/protection-groups/{back_id}/actions/stop"));
     let boots = console_count(state, vm, "KEEL-BOOTED");
     let (status, task) = api.call(
         "POST",

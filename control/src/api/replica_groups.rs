@@ -687,18 +687,7 @@ pub async fn failover_records(
             vm_ids: a.vm_ids,
             volume_ids: a.volume_ids,
         };
-        let record = done.clone();
-        records::observe_spec(
-            conn,
-            KIND,
-            &group.meta.id,
-            None,
-            |s: &mut ReplicaGroupSpec| {
-                s.failover = Some(record);
-            },
-        )
-        .await?;
-        return Ok(done);
+        return record_failover(conn, &group.meta.id, done).await;
     }
     let vdc_id = group.meta.vdc_id.clone().unwrap_or_default();
     let order = boot_order(&spec.pairing);
@@ -778,16 +767,20 @@ pub async fn failover_records(
         vm_ids,
         volume_ids,
     };
+    record_failover(conn, &group.meta.id, done).await
+}
+
+/// Stores what a failover made (or took over) in the group, so a re-run
+/// finds it.
+async fn record_failover(
+    conn: &mut DbConnection,
+    group_id: &str,
+    done: Failover,
+) -> Result<Failover, ApiError> {
     let record = done.clone();
-    records::observe_spec(
-        conn,
-        KIND,
-        &group.meta.id,
-        None,
-        |s: &mut ReplicaGroupSpec| {
-            s.failover = Some(record);
-        },
-    )
+    records::observe_spec(conn, KIND, group_id, None, |s: &mut ReplicaGroupSpec| {
+        s.failover = Some(record);
+    })
     .await?;
     Ok(done)
 }
